@@ -1,0 +1,33 @@
+# queue-manager: `make run` serves the dashboard, `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+
+.PHONY: run test bench migrate worker clean
+
+# The virtualenv is rebuilt when a requirements file changes.
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+migrate: $(BIN)/.installed
+	$(BIN)/flask --app wsgi db upgrade
+
+# Embedded mode unless REDIS_URL is set: one process, Huey on SQLite.
+run: migrate
+	PORT=$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+# A consumer for the distributed mode (REDIS_URL set); QUEUE picks the queue.
+worker: migrate
+	$(BIN)/huey_consumer huey_tasks.huey --workers 4 --worker-type thread
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

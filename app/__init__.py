@@ -1,0 +1,62 @@
+"""queue-manager: a job queue on Huey with a ledger in SQL and a live dashboard."""
+import logging
+import os
+
+from flask import Flask
+from sqlalchemy import event
+
+from . import broker, config as config_module, events, ledger
+from .extensions import db, migrate, sock
+
+
+def create_app(test_config=None):
+    """Build the Flask app; the only place configuration is read."""
+    config = config_module.load(test_config)
+    app = Flask(__name__, instance_path=config['INSTANCE_PATH'],
+                template_folder='../templates', static_folder='../static')
+    os.makedirs(app.instance_path, exist_ok=True)
+    app.config.update(config)
+    app.config['SECRET_KEY'] = config_module.secret_key(config)
+    app.config['SQLALCHEMY_DATABASE_URI'] = config['DATABASE_URL']
+    app.config['SQLALCHEMY_ENGINE_OPTIONS'] = _engine_options(config['DATABASE_URL'])
+    logging.basicConfig(level=config['LOG_LEVEL'],
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+
+    import huey_tasks  # noqa: F401  (declares the task types)
+    broker.configure(config)
+    events.configure(broker.redis_client())
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=os.path.join(config_module.ROOT, 'migrations'))
+    sock.init_app(app)
+    with app.app_context():
+        if db.engine.dialect.name == 'sqlite':
+            event.listen(db.engine, 'connect', _sqlite_pragmas)
+
+    from . import api, errors, pages
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(api.health)
+    errors.register(app)
+    return app
+
+
+def _engine_options(url):
+    if url.startswith('sqlite'):
+        return {'connect_args': {'timeout': 30}}
+    return {'pool_pre_ping': True, 'pool_size': 10, 'max_overflow': 20}
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    # WAL lets the dashboard read while the ledger writer writes; the busy
+    # timeout makes writers from several processes queue instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute('PRAGMA journal_mode=WAL')
+    cursor.execute('PRAGMA synchronous=NORMAL')
+    cursor.execute('PRAGMA busy_timeout=30000')
+    cursor.execute('PRAGMA foreign_keys=ON')
+    cursor.close()
+
+
+# How a consumer process builds its app, once, when its first worker starts.
+ledger.app_factory = create_app

@@ -1,0 +1,317 @@
+"""Declared task types: their parameters, defaults and limits.
+
+A task type is declared once, in ``huey_tasks.py``, with :class:`Param`
+objects. The submit form, the JSON API, ``GET /api/tasks`` and validation all
+read that one declaration.
+"""
+import datetime as dt
+import math
+from dataclasses import dataclass, field
+
+REQUIRED = object()
+
+# Job-level fields of a submission; task parameters may not reuse these names.
+OPTION_NAMES = ('task', 'params', 'queue', 'priority', 'delay', 'eta', 'retries',
+                'retry_delay')
+
+# Limits on job-level options.
+MAX_PRIORITY = 100
+MAX_RETRIES = 100
+MAX_RETRY_DELAY = 7 * 86400.0
+MAX_DELAY = 366 * 86400.0
+
+_TYPE_NAMES = {int: 'integer', float: 'number', str: 'string', bool: 'boolean'}
+
+
+class ValidationError(Exception):
+    """A submission with bad fields; ``fields`` maps field name to message."""
+
+    def __init__(self, fields, message='invalid job'):
+        self.fields = fields
+        self.message = message
+        super().__init__(f'{message}: {fields}')
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter of a task type."""
+    name: str
+    type: type = str
+    default: object = REQUIRED
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    max_length: int = 1000
+    help: str = ''
+
+    def __post_init__(self):
+        if self.type not in _TYPE_NAMES:
+            raise TypeError(f'{self.name}: type must be one of int, float, str, bool')
+        if self.name in OPTION_NAMES:
+            raise ValueError(f'{self.name!r} is reserved for job options')
+        if self.default is not REQUIRED:
+            self.parse(self.default)  # a bad default is a declaration bug
+
+    @property
+    def required(self):
+        return self.default is REQUIRED
+
+    @property
+    def type_name(self):
+        return _TYPE_NAMES[self.type]
+
+    def parse(self, raw, from_form=False):
+        """Return the value of ``raw`` for this parameter or raise ``ValueError``.
+
+        JSON values must already have the right type (an integer parameter
+        does not take ``"3"``); form values are strings and are converted.
+        """
+        if from_form:
+            raw = self._from_form(raw)
+        if raw is None:
+            if self.required:
+                raise ValueError('is required')
+            return self.default
+        value = self._coerce(raw)
+        if self.choices is not None and value not in self.choices:
+            raise ValueError('must be one of ' + ', '.join(map(str, self.choices)))
+        if self.min is not None and value < self.min:
+            raise ValueError(f'must be at least {_fmt(self.min)}')
+        if self.max is not None and value > self.max:
+            raise ValueError(f'must be at most {_fmt(self.max)}')
+        if self.type is str and len(value) > self.max_length:
+            raise ValueError(f'must be at most {self.max_length} characters')
+        return value
+
+    def _from_form(self, raw):
+        if self.type is bool:
+            # An unchecked checkbox sends nothing at all.
+            return raw not in (None, '', 'off', 'false', '0')
+        if raw is None or (raw == '' and self.type is not str):
+            return None
+        if raw == '' and self.type is str and self.required:
+            return None
+        if self.type is int:
+            try:
+                return int(raw.strip())
+            except ValueError:
+                raise ValueError('must be a whole number') from None
+        if self.type is float:
+            try:
+                return float(raw.strip())
+            except ValueError:
+                raise ValueError('must be a number') from None
+        return raw
+
+    def _coerce(self, raw):
+        if self.type is bool:
+            if not isinstance(raw, bool):
+                raise ValueError('must be true or false')
+            return raw
+        if self.type is int:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                if isinstance(raw, float) and raw.is_integer():
+                    return int(raw)
+                raise ValueError('must be a whole number')
+            return raw
+        if self.type is float:
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                raise ValueError('must be a number')
+            if not math.isfinite(raw):
+                raise ValueError('must be a finite number')
+            return float(raw)
+        if not isinstance(raw, str):
+            raise ValueError('must be a string')
+        return raw
+
+    def to_dict(self):
+        return {
+            'name': self.name,
+            'type': self.type_name,
+            'required': self.required,
+            'default': None if self.required else self.default,
+            'min': self.min,
+            'max': self.max,
+            'choices': list(self.choices) if self.choices is not None else None,
+            'max_length': self.max_length if self.type is str else None,
+            'help': self.help,
+        }
+
+
+def _fmt(number):
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+@dataclass
+class TaskType:
+    """A declared task type; ``huey_tasks`` registers one per function."""
+    name: str
+    func: object
+    params: tuple[Param, ...]
+    description: str = ''
+    retries: int | None = None       # None: the configured default
+    retry_delay: float | None = None
+    priority: int = 0
+    timeout: float | None = None
+    # Exceptions that mean "retrying cannot help": the job fails at once.
+    no_retry: tuple = ()
+    wrappers: dict = field(default_factory=dict)  # queue -> Huey TaskWrapper
+
+    def param(self, name):
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def to_dict(self, defaults):
+        return {
+            'name': self.name,
+            'description': self.description,
+            'params': [p.to_dict() for p in self.params],
+            'retries': defaults['DEFAULT_RETRIES'] if self.retries is None else self.retries,
+            'retry_delay': defaults['DEFAULT_RETRY_DELAY'] if self.retry_delay is None else self.retry_delay,
+            'priority': self.priority,
+            'timeout': self.timeout,
+        }
+
+
+# Every declared task type by name, filled in as huey_tasks is imported.
+TASKS: dict[str, TaskType] = {}
+
+
+def register(task_type):
+    if task_type.name in TASKS:
+        raise ValueError(f'task {task_type.name!r} is declared twice')
+    TASKS[task_type.name] = task_type
+    return task_type
+
+
+@dataclass
+class Submission:
+    """A validated request to run a job."""
+    task: TaskType
+    params: dict
+    queue: str
+    priority: int
+    eta: dt.datetime | None  # naive UTC; None runs at once
+    retries: int
+    retry_delay: float
+
+
+def _option(name, typ, lo=None, hi=None, max_length=1000):
+    # Job-level options are parsed with the same rules as task parameters; the
+    # underscore keeps them clear of the reserved-name check.
+    return Param('_' + name, typ, default=None, min=lo, max=hi, max_length=max_length)
+
+
+_OPTIONS = {
+    'priority': _option('priority', int, 0, MAX_PRIORITY),
+    'delay': _option('delay', float, 0, MAX_DELAY),
+    'retries': _option('retries', int, 0, MAX_RETRIES),
+    'retry_delay': _option('retry_delay', float, 0, MAX_RETRY_DELAY),
+    'eta': _option('eta', str, max_length=64),
+    'queue': _option('queue', str, max_length=32),
+}
+
+
+def validate(data, config, from_form=False, now=None):
+    """Check a submission and return a :class:`Submission`.
+
+    ``data`` is the JSON body (``params`` nested) or, with ``from_form``, a
+    flat mapping of form fields where parameters are named ``params.<name>``.
+    Raises :class:`ValidationError` with every bad field at once.
+    """
+    errors = {}
+    if not isinstance(data, dict):
+        raise ValidationError({'body': 'must be a JSON object'})
+
+    name = data.get('task')
+    task_type = TASKS.get(name) if isinstance(name, str) else None
+    if name in (None, ''):
+        errors['task'] = 'is required'
+    elif task_type is None:
+        errors['task'] = 'unknown task; one of ' + ', '.join(sorted(TASKS))
+
+    if from_form:
+        raw_params = {k[len('params.'):]: v for k, v in data.items() if k.startswith('params.')}
+        unknown = []
+    else:
+        unknown = [k for k in data if k not in OPTION_NAMES]
+        raw_params = data.get('params', {})
+        if raw_params is None:
+            raw_params = {}
+        if not isinstance(raw_params, dict):
+            errors['params'] = 'must be an object'
+            raw_params = {}
+    for key in unknown:
+        errors[key] = 'unknown field'
+
+    params = {}
+    if task_type is not None:
+        for key in raw_params:
+            if task_type.param(key) is None:
+                errors[f'params.{key}'] = 'unknown parameter'
+        for p in task_type.params:
+            try:
+                params[p.name] = p.parse(raw_params.get(p.name), from_form=from_form)
+            except ValueError as exc:
+                errors[f'params.{p.name}'] = str(exc)
+
+    options = {}
+    for key, spec in _OPTIONS.items():
+        raw = data.get(key)
+        if from_form and raw == '':
+            raw = None
+        try:
+            options[key] = spec.parse(raw, from_form=from_form)
+        except ValueError as exc:
+            errors[key] = str(exc)
+
+    queue = options.get('queue') or 'default'
+    if 'queue' not in errors and queue not in config['QUEUES']:
+        errors['queue'] = 'unknown queue; one of ' + ', '.join(config['QUEUES'])
+
+    eta = None
+    now = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    if options.get('eta') is not None and 'eta' not in errors:
+        try:
+            eta = parse_eta(options['eta'])
+        except ValueError as exc:
+            errors['eta'] = str(exc)
+        else:
+            if eta - now > dt.timedelta(seconds=MAX_DELAY):
+                errors['eta'] = 'must be within a year'
+    if options.get('delay') is not None:
+        if options.get('eta') is not None:
+            errors['delay'] = 'give delay or eta, not both'
+        else:
+            eta = now + dt.timedelta(seconds=options['delay'])
+    if eta is not None and eta <= now:
+        eta = None  # due already: run at once
+
+    if errors:
+        raise ValidationError(errors)
+
+    retries = options['retries']
+    if retries is None:
+        retries = config['DEFAULT_RETRIES'] if task_type.retries is None else task_type.retries
+    retry_delay = options['retry_delay']
+    if retry_delay is None:
+        retry_delay = (config['DEFAULT_RETRY_DELAY'] if task_type.retry_delay is None
+                       else task_type.retry_delay)
+    priority = options['priority']
+    if priority is None:
+        priority = task_type.priority
+    return Submission(task=task_type, params=params, queue=queue, priority=priority,
+                      eta=eta, retries=retries, retry_delay=float(retry_delay))
+
+
+def parse_eta(text):
+    """An ISO 8601 time as naive UTC; a time without an offset is taken as UTC."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace('Z', '+00:00'))
+    except ValueError:
+        raise ValueError('must be an ISO 8601 time, e.g. 2026-01-31T12:00:00Z') from None
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value

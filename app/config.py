@@ -1,0 +1,138 @@
+"""Configuration: documented defaults, then the environment, then a test override.
+
+Both the web app (``create_app``) and ``huey_tasks`` (which must build its Huey
+instances at import time, before any app exists) read configuration through
+:func:`load`, so a web process and a consumer started with the same environment
+agree on the broker, the queues and the database.
+"""
+import os
+import secrets
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Every key, its default, and how to parse it from the environment. The README's
+# configuration table mirrors this list.
+DEFAULTS = {
+    # Redis for the Huey queues and the event channel. Unset: the embedded mode
+    # (Huey on SQLite, consumer threads inside the web process).
+    'REDIS_URL': None,
+    # The ledger. SQLite (WAL) by default; postgresql://... when hosts share it.
+    'DATABASE_URL': None,  # -> sqlite:///<INSTANCE_PATH>/queue-manager.db
+    # Signs sessions and flashed messages. Unset: a random key is generated once
+    # and kept in INSTANCE_PATH/secret_key, so restarts and workers agree.
+    'SECRET_KEY': None,
+    # Where gunicorn listens (gunicorn.conf.py reads these).
+    'HOST': '127.0.0.1',
+    'PORT': 8000,
+    # gunicorn worker processes (distributed mode; embedded uses one) and
+    # threads per process; every open WebSocket holds a thread.
+    'WEB_CONCURRENCY': 2,
+    'WEB_THREADS': 64,
+    # Local state: the SQLite ledger, the embedded Huey database, the secret key.
+    'INSTANCE_PATH': str(ROOT / 'instance'),
+    # Embedded mode only: the Huey SQLite file and worker threads per queue.
+    'HUEY_SQLITE_PATH': None,  # -> <INSTANCE_PATH>/huey.db
+    'EMBEDDED_WORKERS': 4,
+    # Named queues, comma separated; each is its own Huey instance.
+    'QUEUES': 'default',
+    # Largest accepted request body (bytes); bigger API bodies get a 413.
+    'MAX_CONTENT_LENGTH': 64 * 1024,
+    # Retry policy when neither the task nor the submission says otherwise:
+    # 2 retries (3 attempts in all), first retry after 5 s, doubling, +-25%.
+    'DEFAULT_RETRIES': 2,
+    'DEFAULT_RETRY_DELAY': 5.0,
+    'RETRY_BACKOFF': 2.0,
+    'RETRY_JITTER': 0.25,
+    # How often the consumer's ledger writer flushes buffered changes (s).
+    'LEDGER_FLUSH_INTERVAL': 0.05,
+    # Rows per page on the jobs list and the API's default/maximum limit.
+    'PAGE_SIZE': 50,
+    'MAX_PAGE_SIZE': 500,
+    'LOG_LEVEL': 'INFO',
+}
+
+_INT = {'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES',
+        'PAGE_SIZE', 'MAX_PAGE_SIZE'}
+_FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
+          'LEDGER_FLUSH_INTERVAL'}
+
+
+class ConfigError(ValueError):
+    """A configuration value from the environment could not be used."""
+
+
+def _parse(key, raw):
+    try:
+        if key in _INT:
+            return int(raw)
+        if key in _FLOAT:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f'{key}={raw!r} is not a number') from None
+    return raw
+
+
+def load(test_config=None, environ=None):
+    """Return the configuration as a dict: defaults, environment, overrides.
+
+    Derived values (the SQLite paths, the queue list, the secret key) are
+    filled in here so every consumer of the config sees the same result.
+    """
+    environ = os.environ if environ is None else environ
+    config = dict(DEFAULTS)
+    for key in DEFAULTS:
+        raw = environ.get(key)
+        if raw not in (None, ''):
+            config[key] = _parse(key, raw)
+    config.update(test_config or {})
+
+    instance = Path(config['INSTANCE_PATH'])
+    config['INSTANCE_PATH'] = str(instance)
+    if not config['DATABASE_URL']:
+        config['DATABASE_URL'] = f'sqlite:///{instance / "queue-manager.db"}'
+    if config['DATABASE_URL'].startswith('postgres://'):
+        # The scheme Heroku-style platforms hand out; SQLAlchemy wants the long one.
+        config['DATABASE_URL'] = 'postgresql://' + config['DATABASE_URL'][len('postgres://'):]
+    if config['DATABASE_URL'].startswith('postgresql://'):
+        # psycopg 3 is the driver we ship.
+        config['DATABASE_URL'] = 'postgresql+psycopg://' + config['DATABASE_URL'][len('postgresql://'):]
+    if not config['HUEY_SQLITE_PATH']:
+        config['HUEY_SQLITE_PATH'] = str(instance / 'huey.db')
+
+    queues = config['QUEUES']
+    if isinstance(queues, str):
+        queues = [q.strip() for q in queues.split(',') if q.strip()]
+    for name in queues:
+        if not name.replace('_', '').isalnum() or not name.islower() or len(name) > 32:
+            raise ConfigError(f'queue name {name!r}: use 1-32 lowercase letters, digits, _')
+    if 'default' not in queues:
+        queues.insert(0, 'default')
+    config['QUEUES'] = list(dict.fromkeys(queues))
+    config['EMBEDDED'] = not config['REDIS_URL']
+    return config
+
+
+def secret_key(config):
+    """The configured SECRET_KEY, or one generated once and kept on disk."""
+    if config.get('SECRET_KEY'):
+        return config['SECRET_KEY']
+    path = Path(config['INSTANCE_PATH']) / 'secret_key'
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside, then linked into place: when several workers start at
+    # once exactly one link succeeds and nobody reads a half-written file.
+    tmp = path.with_name(f'.secret_key.{os.getpid()}')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, 'w') as f:
+        f.write(secrets.token_hex(32))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()

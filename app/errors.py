@@ -1,0 +1,56 @@
+"""Error handlers: JSON for the API, pages or fragments (for htmx) for people."""
+import logging
+
+from flask import jsonify, render_template, request
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from . import broker, catalog, jobs, states
+from .extensions import db
+
+logger = logging.getLogger(__name__)
+
+
+def _wants_json():
+    return request.path.startswith('/api/') or request.path == '/healthz'
+
+
+def _respond(status, message, **extra):
+    if _wants_json():
+        return jsonify({'error': message, **extra}), status
+    template = '_error.html' if request.headers.get('HX-Request') else 'error.html'
+    return render_template(template, status=status, message=message), status
+
+
+def register(app):
+    @app.errorhandler(catalog.ValidationError)
+    def invalid(exc):
+        return _respond(400, exc.message, fields=exc.fields)
+
+    @app.errorhandler(jobs.BadQuery)
+    def bad_query(exc):
+        return _respond(400, str(exc), fields={})
+
+    @app.errorhandler(states.StateConflict)
+    def conflict(exc):
+        db.session.rollback()
+        return _respond(409, str(exc), state=exc.state)
+
+    @app.errorhandler(broker.BrokerUnavailable)
+    def unavailable(exc):
+        db.session.rollback()
+        logger.warning('broker unavailable: %s', exc)
+        return _respond(503, 'the job broker is unreachable; nothing was changed, '
+                             'try again shortly', detail=str(exc))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        if exc.code == 413:
+            limit = app.config['MAX_CONTENT_LENGTH']
+            return _respond(413, f'request body larger than {limit} bytes')
+        return _respond(exc.code, exc.description)
+
+    @app.errorhandler(Exception)
+    def server_error(exc):
+        db.session.rollback()
+        logger.exception('unhandled error on %s %s', request.method, request.path)
+        return _respond(500, InternalServerError.description)

@@ -1,0 +1,127 @@
+"""The ledger: one ``Job`` row per job, one ``Attempt`` row per execution."""
+import datetime as dt
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from .extensions import db
+
+
+def utcnow():
+    """Naive UTC, the form every timestamp in the ledger takes."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def isoformat(value):
+    """A ledger timestamp as ISO 8601 with an explicit UTC offset."""
+    return None if value is None else value.isoformat(timespec='milliseconds') + 'Z'
+
+
+class Job(db.Model):
+    __tablename__ = 'job'
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)  # the Huey task id
+    task: Mapped[str] = mapped_column(sa.String(64))
+    queue: Mapped[str] = mapped_column(sa.String(32))
+    params: Mapped[dict] = mapped_column(sa.JSON(none_as_null=True))
+    state: Mapped[str] = mapped_column(sa.String(16))
+    priority: Mapped[int] = mapped_column(default=0)
+    # Fraction done (0..1) of the current attempt, and what the task said about it.
+    progress: Mapped[float | None]
+    progress_message: Mapped[str | None] = mapped_column(sa.String(200))
+    result: Mapped[object | None] = mapped_column(sa.JSON(none_as_null=True))
+    # The latest failed attempt's "Type: message", for lists and grouping.
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    # Number of the latest attempt (0 before the first one starts).
+    attempts: Mapped[int] = mapped_column(default=0)
+    # Retries allowed after an attempt fails, and the first retry's delay (s).
+    retries: Mapped[int]
+    retry_delay: Mapped[float]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    scheduled_for: Mapped[dt.datetime | None]
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    worker: Mapped[str | None] = mapped_column(sa.String(200))
+    # Grows with every change, so a reader can tell a newer row from an older one.
+    version: Mapped[int] = mapped_column(default=1)
+
+    attempt_rows: Mapped[list['Attempt']] = relationship(
+        back_populates='job', order_by='Attempt.number',
+        cascade='all, delete-orphan', passive_deletes=True)
+
+    __table_args__ = (
+        # Keyset pagination walks (created_at, id) newest first, alone or
+        # within one state, queue or task.
+        sa.Index('ix_job_created', 'created_at', 'id'),
+        sa.Index('ix_job_state_created', 'state', 'created_at', 'id'),
+        sa.Index('ix_job_queue_created', 'queue', 'created_at', 'id'),
+        sa.Index('ix_job_task_created', 'task', 'created_at', 'id'),
+        # Counts by queue and state (the dashboard) from the index alone.
+        sa.Index('ix_job_queue_state', 'queue', 'state'),
+    )
+
+    def to_dict(self, attempts=None):
+        data = {
+            'id': self.id,
+            'task': self.task,
+            'queue': self.queue,
+            'params': self.params,
+            'state': self.state,
+            'priority': self.priority,
+            'progress': self.progress,
+            'progress_message': self.progress_message,
+            'result': self.result,
+            'error': self.error,
+            'retries': self.retries,
+            'retry_delay': self.retry_delay,
+            'attempt_count': self.attempts,
+            'worker': self.worker,
+            'created_at': isoformat(self.created_at),
+            'scheduled_for': isoformat(self.scheduled_for),
+            'started_at': isoformat(self.started_at),
+            'finished_at': isoformat(self.finished_at),
+            'updated_at': isoformat(self.updated_at),
+            'version': self.version,
+        }
+        if attempts is not None:
+            data['attempts'] = [a.to_dict() for a in attempts]
+        return data
+
+
+class Attempt(db.Model):
+    __tablename__ = 'attempt'
+
+    job_id: Mapped[str] = mapped_column(
+        sa.ForeignKey('job.id', ondelete='CASCADE'), primary_key=True)
+    number: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    worker: Mapped[str | None] = mapped_column(sa.String(200))
+    outcome: Mapped[str] = mapped_column(sa.String(16))
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    duration: Mapped[float | None]  # seconds
+    error_type: Mapped[str | None] = mapped_column(sa.String(200))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    traceback: Mapped[str | None] = mapped_column(sa.Text)
+
+    job: Mapped[Job] = relationship(back_populates='attempt_rows')
+
+    @property
+    def error(self):
+        if not self.error_type:
+            return None
+        return f'{self.error_type}: {self.error_message}' if self.error_message else self.error_type
+
+    def to_dict(self):
+        return {
+            'number': self.number,
+            'state': self.outcome,
+            'worker': self.worker,
+            'started_at': isoformat(self.started_at),
+            'finished_at': isoformat(self.finished_at),
+            'duration': self.duration,
+            'error': self.error,
+            'error_type': self.error_type,
+            'error_message': self.error_message,
+            'traceback': self.traceback,
+        }

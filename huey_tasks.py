@@ -1,0 +1,97 @@
+"""The Huey instances and every task type.
+
+Run a consumer with ``huey_consumer huey_tasks.huey`` (the ``default`` queue;
+``QUEUE=name`` picks another). Each task declares its parameters once; the
+submit form, the API and validation are generated from these declarations.
+Tasks raise to fail and let Huey retry; they report progress with
+:func:`progress`.
+"""
+import random
+import time
+
+from app import broker, config
+from app.catalog import Param
+from app.context import current, progress
+
+# One Huey per queue, from the environment; the web app re-points them at the
+# configuration it was given, which in production is the same environment.
+broker.configure(config.load())
+huey = broker.consumer_huey()
+task = broker.task
+
+
+class CardDeclined(Exception):
+    """The issuer refused the payment: retrying cannot help."""
+
+
+class GatewayTimeout(Exception):
+    """The payment gateway did not answer in time: worth retrying."""
+
+
+@task()
+def noop():
+    """Do nothing: measures the queue itself."""
+    return None
+
+
+@task(params=[
+    Param('seconds', float, default=5.0, min=0, max=3600, help='Total time to sleep'),
+    Param('steps', int, default=10, min=1, max=1000, help='Progress reports along the way'),
+])
+def sleep(seconds, steps):
+    """Sleep, reporting progress after each step."""
+    for step in range(steps):
+        time.sleep(seconds / steps)
+        progress(step + 1, steps, f'step {step + 1} of {steps}')
+    return {'slept': seconds}
+
+
+@task(params=[
+    Param('failures', int, default=2, min=0, max=100,
+          help='Attempts that fail before one succeeds'),
+])
+def flaky(failures):
+    """Fail the first `failures` attempts, then succeed."""
+    running = current()
+    attempt = running.attempt if running else 1
+    if attempt <= failures:
+        raise RuntimeError(f'attempt {attempt} of a job set to fail {failures} times')
+    return {'succeeded_on_attempt': attempt}
+
+
+@task(params=[
+    Param('message', str, default='this job always fails', max_length=500,
+          help='The error message to raise'),
+])
+def fail(message):
+    """Always raise RuntimeError(message)."""
+    raise RuntimeError(message)
+
+
+@task(no_retry=(CardDeclined,), params=[
+    Param('amount', float, default=25.0, min=0.01, max=1_000_000, help='Amount to charge'),
+    Param('currency', str, default='EUR', choices=('EUR', 'USD', 'GBP', 'JPY')),
+    Param('card', str, default='4242 4242 4242 4242', max_length=32, help='Card number'),
+    Param('failure_rate', float, default=0.2, min=0, max=1,
+          help='Chance the gateway times out (retried)'),
+])
+def payment(amount, currency, card, failure_rate):
+    """Charge a card through a simulated gateway: slow, sometimes times out.
+
+    Amounts over 10,000 are declined by the issuer (fails at once, no retry);
+    gateway timeouts happen at `failure_rate` and are retried.
+    """
+    digits = ''.join(ch for ch in card if ch.isdigit())
+    if not 12 <= len(digits) <= 19:
+        raise CardDeclined(f'card number has {len(digits)} digits')
+    progress(0.1, message='authorizing')
+    time.sleep(random.uniform(0.05, 0.3))
+    if random.random() < failure_rate:
+        raise GatewayTimeout('no answer from the gateway within 30 s')
+    if amount > 10_000:
+        raise CardDeclined(f'issuer declined {amount:.2f} {currency}: over the card limit')
+    progress(0.8, message='capturing')
+    time.sleep(random.uniform(0.02, 0.1))
+    return {'charged': round(amount, 2), 'currency': currency, 'card': '**** ' + digits[-4:],
+            'authorization': f'AUTH-{random.randrange(16 ** 8):08X}'}
+
