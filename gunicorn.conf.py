@@ -24,7 +24,17 @@ def post_worker_init(worker):
         embedded.start(worker.wsgi)
 
 
+_quick = False
+
+
+def worker_int(worker):
+    # SIGINT/SIGQUIT (Ctrl-C) mean "stop now": running jobs are put back in
+    # the queue at once instead of being given the grace period.
+    global _quick
+    _quick = True
+
+
 def worker_exit(server, worker):
     if _config['EMBEDDED']:
         from app import embedded
-        embedded.stop(timeout=graceful_timeout - 5)
+        embedded.stop(timeout=1 if _quick else graceful_timeout - 5)

@@ -134,9 +134,12 @@ class Recorder:
         try:
             if signal == S.SIGNAL_EXECUTING:
                 now = utcnow()
-                self._started[task.id] = (time.monotonic(), now)
+                number = context.attempt_number(task)
+                # Kept for the end of the attempt: a task may change its own
+                # retries (no_retry), which the number is computed from.
+                self._started[task.id] = (time.monotonic(), now, number)
                 meta = task.kwargs.get('meta') or {}
-                self._ops.append(('start', task.id, context.attempt_number(task),
+                self._ops.append(('start', task.id, number,
                                   f'{self.consumer}/{threading.current_thread().name}',
                                   now, (task.name, queue, task.kwargs.get('params') or {},
                                         task.priority or 0, meta.get('retries', task.retries),
@@ -173,8 +176,10 @@ class Recorder:
     def _interrupted(self, huey, task):
         # Huey drops a task cut off by a shutdown; we put it back as the next
         # attempt (at-least-once), or fail it visibly if the broker is gone.
+        started = self._started.get(task.id)
         meta = dict(task.kwargs.get('meta') or {})
-        meta.update(base=context.attempt_number(task), retries=task.retries)
+        meta.update(base=started[2] if started else context.attempt_number(task),
+                    retries=task.retries)
         again = type(task)((), {'params': task.kwargs.get('params') or {}, 'meta': meta},
                            id=task.id, retries=task.retries, retry_delay=task.retry_delay,
                            retry_backoff=task.retry_backoff, priority=task.priority,
@@ -198,13 +203,14 @@ class Recorder:
         now = utcnow()
         started = self._started.pop(task.id, None)
         duration = time.monotonic() - started[0] if started else None
+        number = started[2] if started else context.attempt_number(task)
         etype = emsg = tb = None
         if exc is not None:
             etype = _error_type(exc)
             emsg = str(exc)[:MAX_MESSAGE]
             if exc.__traceback__ is not None:
                 tb = ''.join(tb_module.format_exception(exc))[-MAX_TRACEBACK:]
-        self._ops.append(('finish', task.id, context.attempt_number(task), outcome, now,
+        self._ops.append(('finish', task.id, number, outcome, now,
                           duration, etype, emsg, tb, result, final))
         if len(self._ops) >= self.max_batch:
             self._wake.set()

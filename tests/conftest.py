@@ -1,0 +1,102 @@
+"""Fixtures: an app on a temporary database, private Redis servers, PostgreSQL."""
+import os
+import tempfile
+import uuid
+
+import pytest
+
+# In-process apps must never reach services the developer runs: drop
+# connection settings inherited from the shell before anything imports the
+# app (huey_tasks builds its Huey instances from the environment at import).
+for _key in ('REDIS_URL', 'DATABASE_URL', 'QUEUE', 'QUEUES', 'SECRET_KEY'):
+    os.environ.pop(_key, None)
+_IMPORT_DIR = tempfile.mkdtemp(prefix='qm-import-')
+os.environ['INSTANCE_PATH'] = _IMPORT_DIR
+
+from helpers import IN_CI, RedisServer, need  # noqa: E402
+
+from app import create_app, embedded  # noqa: E402
+from app.extensions import db  # noqa: E402
+
+
+def pytest_report_header(config):
+    pg = os.environ.get('TEST_DATABASE_URL')
+    return [f'PostgreSQL ledger tests: {"on " + pg if pg else "off (TEST_DATABASE_URL unset)"}',
+            f'CI: {IN_CI}']
+
+
+@pytest.fixture(scope='session')
+def postgres_server():
+    """The PostgreSQL server named by TEST_DATABASE_URL (required in CI)."""
+    url = os.environ.get('TEST_DATABASE_URL')
+    need(url, 'TEST_DATABASE_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/test)')
+    return url
+
+
+def _admin_url(url):
+    return url.replace('postgresql+psycopg://', 'postgresql://', 1)
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    import psycopg
+    name = f'qm_test_{uuid.uuid4().hex[:12]}'
+    with psycopg.connect(_admin_url(postgres_server), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE {name}')
+    base, _, _ = postgres_server.rpartition('/')
+    yield f'{base}/{name}'
+    with psycopg.connect(_admin_url(postgres_server), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
+
+
+def make_app(tmp_path, **overrides):
+    from flask_migrate import upgrade
+    config = {'INSTANCE_PATH': str(tmp_path), 'SECRET_KEY': 'test',
+              'DATABASE_URL': f'sqlite:///{tmp_path}/ledger.db',
+              'HUEY_SQLITE_PATH': str(tmp_path / 'huey.db'), 'REDIS_URL': None,
+              'TESTING': True}
+    config.update(overrides)
+    app = create_app(config)
+    with app.app_context():
+        upgrade()
+    return app
+
+
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def ledger_url(request, tmp_path):
+    """The ledger on SQLite, then on PostgreSQL."""
+    if request.param == 'sqlite':
+        return f'sqlite:///{tmp_path}/ledger.db'
+    return request.getfixturevalue('postgres_url')
+
+
+@pytest.fixture
+def app(tmp_path):
+    """An embedded-mode app on a temporary SQLite ledger; no consumer runs."""
+    app = make_app(tmp_path)
+    yield app
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def worker(app):
+    """Consumer threads and the ledger recorder inside this test process."""
+    embedded.start(app)
+    yield app
+    embedded.stop(timeout=5)
+
+
+@pytest.fixture(scope='session')
+def redis_server(tmp_path_factory):
+    """A private redis-server for the session (tests that stop Redis use their own)."""
+    server = RedisServer(tmp_path_factory.mktemp('redis'))
+    yield server
+    server.stop()

@@ -1,0 +1,216 @@
+"""Test helpers: waiting with deadlines, real processes, a tiny JSON client."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+
+
+def need(condition, reason):
+    """Skip on a developer machine that lacks something; fail loudly in CI."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f'{reason} (CI must provide it)', pytrace=False)
+    pytest.skip(reason)
+
+
+def wait_for(predicate, timeout=20.0, interval=0.05, message='condition'):
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f'timed out after {timeout} s waiting for {message}; last value: {last!r}')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process with its output in a log file, stopped on request."""
+
+    def __init__(self, name, args, env, log_dir, cwd=ROOT):
+        self.name = name
+        self.log_path = Path(log_dir) / f'{name}.log'
+        self._log = open(self.log_path, 'ab')
+        self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def log(self):
+        return self.log_path.read_text(errors='replace')
+
+    def send_signal(self, signum):
+        if self.alive():
+            os.kill(self.proc.pid, signum)
+
+    def wait(self, timeout):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, signum=signal.SIGTERM, timeout=20):
+        """Stop gracefully; kill the whole process group if it does not exit."""
+        if self.alive():
+            os.kill(self.proc.pid, signum)
+            if self.wait(timeout) is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+class RedisServer:
+    """A private redis-server on a free port; never someone else's Redis."""
+
+    def __init__(self, workdir):
+        exe = shutil.which('redis-server')
+        need(exe, 'redis-server is not installed (apt-get install redis-server)')
+        self.exe = exe
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f'redis://127.0.0.1:{self.port}/0'
+        self.process = None
+        self.start()
+
+    def start(self):
+        self.process = Process(f'redis-{self.port}', [
+            self.exe, '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
+            '--appendonly', 'no', '--dir', str(self.dir)], dict(os.environ), self.dir)
+        wait_for(self.ping, 10, message=f'redis-server on port {self.port}')
+
+    def ping(self):
+        try:
+            with socket.create_connection(('127.0.0.1', self.port), timeout=0.5) as s:
+                s.sendall(b'PING\r\n')
+                return s.recv(16).startswith(b'+PONG')
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.process is not None:
+            self.process.stop(signal.SIGTERM, 10)
+            wait_for(lambda: not self.ping(), 10, message='redis-server to stop')
+            self.process = None
+
+
+class Api:
+    """A minimal JSON client over urllib (no extra dependency)."""
+
+    def __init__(self, base_url):
+        self.base = base_url.rstrip('/')
+
+    def request(self, method, path, body=None, headers=None, raw=None):
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header('Content-Type', 'application/json')
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                status, text = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            status, text = err.code, err.read().decode()
+        try:
+            payload = json.loads(text) if text else None
+        except ValueError:
+            payload = text
+        return status, payload
+
+    def get(self, path):
+        return self.request('GET', path)
+
+    def post(self, path, body=None, **kw):
+        return self.request('POST', path, body, **kw)
+
+    def delete(self, path):
+        return self.request('DELETE', path)
+
+    def submit(self, task, params=None, **options):
+        status, job = self.post('/api/jobs', {'task': task, 'params': params or {}, **options})
+        assert status == 201, (status, job)
+        return job
+
+    def job(self, job_id):
+        status, job = self.get(f'/api/jobs/{job_id}')
+        assert status == 200, (status, job)
+        return job
+
+    def wait_state(self, job_id, states, timeout=30):
+        states = (states,) if isinstance(states, str) else tuple(states)
+        return wait_for(lambda: (lambda j: j if j['state'] in states else None)(self.job(job_id)),
+                        timeout, 0.1, message=f'job {job_id} to reach {states}')
+
+    def healthy(self):
+        try:
+            return self.get('/healthz')[0] == 200
+        except OSError:
+            return False
+
+
+def service_env(tmp, redis_url=None, database_url=None, **extra):
+    """Environment for a web or consumer process of one test deployment."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('REDIS_URL', 'DATABASE_URL', 'QUEUE', 'QUEUES')}
+    env.update({'INSTANCE_PATH': str(tmp), 'SECRET_KEY': 'test-secret',
+                'LOG_LEVEL': 'INFO', 'PYTHONUNBUFFERED': '1',
+                'DATABASE_URL': database_url or f'sqlite:///{tmp}/ledger.db'})
+    if redis_url:
+        env['REDIS_URL'] = redis_url
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def migrate(env, log_dir):
+    proc = Process('migrate', [str(BIN / 'flask'), '--app', 'wsgi', 'db', 'upgrade'], env, log_dir)
+    assert proc.wait(120) == 0, proc.log()
+    proc.stop()
+
+
+def start_web(env, log_dir, name='web', workers=None):
+    port = free_port()
+    env = dict(env, PORT=str(port), HOST='127.0.0.1')
+    if workers is not None:
+        env['WEB_CONCURRENCY'] = str(workers)
+    proc = Process(name, [str(BIN / 'gunicorn'), '-c', 'gunicorn.conf.py', 'wsgi:app'], env, log_dir)
+    api = Api(f'http://127.0.0.1:{port}')
+    wait_for(lambda: api.healthy() or not proc.alive(), 30, 0.1, message=f'{name} to answer')
+    assert proc.alive(), proc.log()
+    return proc, api
+
+
+def start_consumer(env, log_dir, name='consumer', workers=4, extra_args=()):
+    proc = Process(name, [str(BIN / 'huey_consumer'), 'huey_tasks.huey', '--workers', str(workers),
+                          '--worker-type', 'thread', *extra_args], env, log_dir)
+    wait_for(lambda: 'Huey consumer started' in proc.log() or not proc.alive(), 30,
+             message=f'{name} to start')
+    assert proc.alive(), proc.log()
+    return proc

@@ -1,0 +1,203 @@
+"""The JSON API contract, in-process on the embedded broker (no consumer)."""
+import datetime as dt
+import json
+import sqlite3
+import uuid
+
+import pytest
+
+from app.extensions import db
+from app.models import Attempt, Job, utcnow
+
+
+def post(client, body, **kw):
+    return client.post('/api/jobs', json=body, **kw)
+
+
+def test_submit_answers_201_with_the_job_and_its_location(client):
+    resp = post(client, {'task': 'sleep', 'params': {'seconds': 1}, 'priority': 3})
+    assert resp.status_code == 201
+    job = resp.get_json()
+    assert resp.headers['Location'] == f'/api/jobs/{job["id"]}'
+    assert (job['task'], job['state'], job['queue'], job['priority']) == ('sleep', 'queued', 'default', 3)
+    assert job['params'] == {'seconds': 1.0, 'steps': 10}
+    assert (job['retries'], job['retry_delay'], job['attempts']) == (2, 5.0, [])
+    for field in ('id', 'progress', 'result', 'created_at', 'started_at', 'finished_at'):
+        assert field in job
+    assert client.get(f'/api/jobs/{job["id"]}').get_json()['state'] == 'queued'
+
+
+def test_delayed_job_is_scheduled(client):
+    job = post(client, {'task': 'noop', 'delay': 600}).get_json()
+    assert job['state'] == 'scheduled'
+    due = dt.datetime.fromisoformat(job['scheduled_for'].rstrip('Z'))
+    assert 590 < (due - utcnow()).total_seconds() <= 600
+
+
+def test_bad_submission_is_400_with_fields_and_writes_nothing(client, app):
+    resp = post(client, {'task': 'sleep', 'params': {'seconds': 'soon'}, 'retries': -1})
+    assert resp.status_code == 400
+    assert resp.get_json() == {'error': 'invalid job', 'fields': {
+        'params.seconds': 'must be a number', 'retries': 'must be at least 0'}}
+    assert post(client, {'task': 'launch-rockets'}).status_code == 400
+    with app.app_context():
+        assert db.session.query(Job).count() == 0
+
+
+def test_non_json_body_is_400(client):
+    resp = client.post('/api/jobs', data='task=noop', content_type='application/x-www-form-urlencoded')
+    assert resp.status_code == 400
+    assert resp.get_json()['fields'] == {'body': 'must be a JSON object (Content-Type: application/json)'}
+    resp = client.post('/api/jobs', data='{not json', content_type='application/json')
+    assert resp.status_code == 400
+
+
+def test_oversized_body_is_413(client, app):
+    body = json.dumps({'task': 'fail', 'params': {'message': 'x' * 70_000}})
+    resp = client.post('/api/jobs', data=body, content_type='application/json')
+    assert resp.status_code == 413
+    assert resp.get_json() == {'error': 'request body larger than 65536 bytes'}
+    with app.app_context():
+        assert db.session.query(Job).count() == 0
+
+
+def test_unknown_job_is_404_everywhere(client):
+    missing = str(uuid.uuid4())
+    for method, path in [('get', f'/api/jobs/{missing}'), ('post', f'/api/jobs/{missing}/retry'),
+                         ('post', f'/api/jobs/{missing}/cancel'), ('delete', f'/api/jobs/{missing}'),
+                         ('get', '/api/jobs/' + 'x' * 300)]:
+        resp = getattr(client, method)(path)
+        assert resp.status_code == 404, path
+        assert resp.get_json()['error'].startswith('no job with id')
+
+
+def test_cancel_a_queued_job_then_retry_it(client, app):
+    job = post(client, {'task': 'noop'}).get_json()
+    resp = client.post(f'/api/jobs/{job["id"]}/cancel')
+    assert resp.status_code == 200 and resp.get_json()['state'] == 'canceled'
+    from app import broker
+    assert broker.hueys['default'].pending_count() == 0  # withdrawn from the queue
+    again = client.post(f'/api/jobs/{job["id"]}/cancel')
+    assert again.status_code == 409
+    assert again.get_json() == {'error': 'cannot cancel a canceled job; only queued, scheduled, '
+                                         'retrying jobs can be canceled', 'state': 'canceled'}
+    resp = client.post(f'/api/jobs/{job["id"]}/retry')
+    assert resp.status_code == 200 and resp.get_json()['state'] == 'queued'
+    assert broker.hueys['default'].pending_count() == 1
+
+
+def test_cancel_a_scheduled_job_removes_it_from_the_schedule(client):
+    from app import broker
+    huey = broker.hueys['default']
+    job = post(client, {'task': 'noop', 'delay': 3600}).get_json()
+    # Huey parks a future job in its schedule once a worker has seen it.
+    huey.add_schedule(huey.dequeue())
+    assert huey.scheduled_count() == 1
+    assert client.post(f'/api/jobs/{job["id"]}/cancel').get_json()['state'] == 'canceled'
+    assert huey.scheduled_count() == 0 and huey.pending_count() == 0
+
+
+def test_state_rules_give_409(client, app):
+    job = post(client, {'task': 'noop'}).get_json()
+    assert client.post(f'/api/jobs/{job["id"]}/retry').status_code == 409
+    resp = client.delete(f'/api/jobs/{job["id"]}')
+    assert resp.status_code == 409
+    assert resp.get_json()['error'] == ('cannot delete a queued job; only succeeded, failed, '
+                                        'canceled jobs can be deleted')
+
+
+def test_delete_a_finished_job_and_its_attempts(client, app):
+    job = post(client, {'task': 'noop'}).get_json()
+    with app.app_context():
+        row = db.session.get(Job, job['id'])
+        row.state, row.attempts = 'failed', 1
+        db.session.add(Attempt(job_id=row.id, number=1, outcome='failed', error_type='E'))
+        db.session.commit()
+    assert client.delete(f'/api/jobs/{job["id"]}').status_code == 204
+    assert client.get(f'/api/jobs/{job["id"]}').status_code == 404
+    with app.app_context():
+        assert db.session.query(Attempt).count() == 0
+
+
+def _insert_jobs(app, count, **fields):
+    start = utcnow() - dt.timedelta(hours=1)
+    with app.app_context():
+        db.session.add_all(Job(
+            id=str(uuid.uuid4()), task=fields.get('task', 'noop'), queue='default',
+            params={'n': i}, state=fields.get('state', 'succeeded'), retries=2, retry_delay=5.0,
+            # Pairs share a timestamp: the id must break ties.
+            created_at=start + dt.timedelta(seconds=i // 2), updated_at=start)
+            for i in range(count))
+        db.session.commit()
+
+
+def test_keyset_pages_cover_every_job_once_newest_first(client, app):
+    _insert_jobs(app, 23)
+    seen, cursor, pages = [], None, 0
+    while True:
+        url = '/api/jobs?limit=5' + (f'&cursor={cursor}' if cursor else '')
+        body = client.get(url).get_json()
+        seen.extend(body['jobs'])
+        pages += 1
+        cursor = body['next']
+        if not cursor:
+            break
+    assert pages == 5 and len(seen) == 23 and len({j['id'] for j in seen}) == 23
+    keys = [(j['created_at'], j['id']) for j in seen]
+    assert keys == sorted(keys, reverse=True)
+
+
+def test_filters_and_search(client, app):
+    _insert_jobs(app, 4, state='failed', task='fail')
+    _insert_jobs(app, 3, state='succeeded', task='noop')
+    assert len(client.get('/api/jobs?state=failed').get_json()['jobs']) == 4
+    assert len(client.get('/api/jobs?task=noop').get_json()['jobs']) == 3
+    assert len(client.get('/api/jobs?state=failed&task=noop').get_json()['jobs']) == 0
+    some = client.get('/api/jobs?limit=1').get_json()['jobs'][0]
+    assert [j['id'] for j in client.get(f'/api/jobs?q={some["id"][:8]}').get_json()['jobs']] == [some['id']]
+    assert len(client.get('/api/jobs?q="n": 2').get_json()['jobs']) == 2  # one per task
+
+
+def test_bad_list_queries_are_400(client):
+    for query in ('state=exploded', 'limit=0', 'limit=100000', 'limit=ten', 'cursor=%%%'):
+        resp = client.get(f'/api/jobs?{query}')
+        assert resp.status_code == 400, query
+        assert resp.get_json()['error']
+
+
+def test_tasks_and_stats(client):
+    tasks = client.get('/api/tasks').get_json()
+    names = [t['name'] for t in tasks['tasks']]
+    assert {'noop', 'sleep', 'flaky', 'fail', 'payment'} <= set(names)
+    assert tasks['queues'] == ['default']
+    post(client, {'task': 'noop'})
+    post(client, {'task': 'noop', 'delay': 60})
+    stats = client.get('/api/stats').get_json()
+    assert stats['states']['queued'] == 1 and stats['states']['scheduled'] == 1
+    assert stats['queues']['default']['queued'] == 1 and stats['total'] == 2
+
+
+def test_healthz_reports_broker_and_database(client):
+    body = client.get('/healthz').get_json()
+    assert body == {'status': 'ok', 'broker': 'ok', 'broker_kind': 'sqlite (embedded)',
+                    'database': 'ok'}
+
+
+def test_broker_refusal_is_503_and_leaves_no_row(client, app):
+    # Hold the embedded broker's write lock, as a stuck writer would.
+    from app import broker
+    storage = broker.hueys['default'].storage
+    storage._timeout = 0.2
+    storage.close()
+    blocker = sqlite3.connect(storage.filename, isolation_level=None)
+    blocker.execute('BEGIN EXCLUSIVE')
+    try:
+        resp = post(client, {'task': 'noop'})
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert resp.status_code == 503
+    assert resp.get_json()['error'].startswith('the job broker is unreachable')
+    with app.app_context():
+        assert db.session.query(Job).count() == 0
+    assert post(client, {'task': 'noop'}).status_code == 201

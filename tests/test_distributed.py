@@ -1,0 +1,49 @@
+"""The distributed mode when Redis goes away: clear 503s, no phantom rows, recovery."""
+import pytest
+from helpers import RedisServer, migrate, service_env, start_consumer, start_web
+
+
+@pytest.fixture
+def stack(tmp_path):
+    redis = RedisServer(tmp_path / 'redis')
+    env = service_env(tmp_path, redis.url)
+    migrate(env, tmp_path)
+    web, api = start_web(env, tmp_path, workers=1)
+    consumer = start_consumer(env, tmp_path)
+    yield redis, api
+    for proc in (consumer, web):
+        proc.stop()
+        print(f'--- {proc.name} ---\n{proc.log()[-3000:]}')
+    redis.stop()
+
+
+def test_redis_stopped_gives_503_and_no_phantom_row(stack):
+    redis, api = stack
+    before = api.wait_state(api.submit('noop')['id'], 'succeeded')
+    redis.stop()
+
+    status, body = api.post('/api/jobs', {'task': 'noop'})
+    assert status == 503
+    assert body['error'] == ('the job broker is unreachable; nothing was changed, try again shortly')
+    status, page = api.get('/api/jobs')
+    assert status == 200 and [j['id'] for j in page['jobs']] == [before['id']]
+    status, health = api.get('/healthz')
+    assert status == 503 and health['broker'].startswith('unreachable') and health['database'] == 'ok'
+
+    # Redis comes back on the same port: no restart of web or consumer needed.
+    redis.start()
+    job = api.wait_state(api.submit('flaky', {'failures': 1}, retry_delay=0)['id'], 'succeeded', 60)
+    assert [a['state'] for a in job['attempts']] == ['failed', 'succeeded']
+    assert api.get('/healthz')[0] == 200
+
+
+def test_cancel_while_redis_is_down_changes_nothing(stack):
+    redis, api = stack
+    job = api.submit('noop', delay=600)
+    redis.stop()
+    status, body = api.post(f'/api/jobs/{job["id"]}/cancel')
+    assert status == 503
+    assert api.job(job['id'])['state'] == 'scheduled'
+    redis.start()
+    status, body = api.post(f'/api/jobs/{job["id"]}/cancel')
+    assert status == 200 and body['state'] == 'canceled'

@@ -1,0 +1,46 @@
+"""The embedded mode as `make run` starts it: one gunicorn process does everything."""
+import signal
+import sqlite3
+
+from helpers import migrate, service_env, start_web, wait_for
+
+
+def test_ctrl_c_stops_cleanly_and_the_running_job_resumes_after_restart(tmp_path):
+    env = service_env(tmp_path)
+    migrate(env, tmp_path)
+    web, api = start_web(env, tmp_path, workers=1)
+    try:
+        job = api.submit('sleep', {'seconds': 6, 'steps': 6})
+        wait_for(lambda: (api.job(job['id'])['progress'] or 0) > 0, 15, 0.1, 'the job to report progress')
+        web.send_signal(signal.SIGINT)
+        assert web.wait(15) == 0, web.log()
+    finally:
+        web.stop()
+    assert 're-enqueue' in web.log()
+
+    web, api = start_web(env, tmp_path, name='web-again', workers=1)
+    try:
+        done = api.wait_state(job['id'], 'succeeded', 30)
+    finally:
+        web.stop()
+    assert [(a['number'], a['state']) for a in done['attempts']] == [(1, 'interrupted'), (2, 'succeeded')]
+
+
+def test_a_locked_broker_gives_503_and_no_row(tmp_path):
+    env = service_env(tmp_path)
+    migrate(env, tmp_path)
+    web, api = start_web(env, tmp_path, workers=1)
+    try:
+        api.wait_state(api.submit('noop')['id'], 'succeeded')
+        blocker = sqlite3.connect(tmp_path / 'huey.db', isolation_level=None, timeout=30)
+        blocker.execute('BEGIN EXCLUSIVE')
+        try:
+            status, body = api.post('/api/jobs', {'task': 'fail'})
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert status == 503 and 'broker is unreachable' in body['error']
+        assert [j['task'] for j in api.get('/api/jobs')[1]['jobs']] == ['noop']
+        api.wait_state(api.submit('noop')['id'], 'succeeded')
+    finally:
+        web.stop()

@@ -1,0 +1,230 @@
+"""The ledger recorder: Huey's signals become Job and Attempt rows.
+
+Jobs run through Huey's real execute path (what a consumer worker does,
+minus the thread), on SQLite and on PostgreSQL.
+"""
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+from conftest import make_app
+
+import huey_tasks
+from app import broker, catalog, jobs, ledger
+from app.extensions import db
+from app.models import Attempt, Job, utcnow
+
+
+@pytest.fixture
+def ledger_app(tmp_path, ledger_url):
+    app = make_app(tmp_path, DATABASE_URL=ledger_url)
+    with app.app_context():
+        recorder = ledger.start(app)
+        yield app, recorder
+        ledger.stop()
+        db.session.remove()
+        db.engine.dispose()
+
+
+def submit(app, task, params=None, **options):
+    sub = catalog.validate({'task': task, 'params': params or {}, **options}, app.config)
+    return jobs.submit(sub)
+
+
+def run_next(huey=None):
+    """Take the next message and execute it, as a worker thread would."""
+    huey = huey or broker.hueys['default']
+    task = huey.dequeue()
+    assert task is not None, 'nothing queued'
+    huey.execute(task)
+    return task
+
+
+def flushed(recorder):
+    while recorder.pending:
+        recorder.flush()
+    db.session.expire_all()
+
+
+def attempts_of(job_id):
+    return db.session.scalars(sa.select(Attempt).where(Attempt.job_id == job_id)
+                              .order_by(Attempt.number)).all()
+
+
+def test_noop_succeeds_with_one_attempt(ledger_app):
+    app, recorder = ledger_app
+    job = submit(app, 'noop')
+    run_next()
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    assert (row.state, row.attempts, row.progress, row.error) == ('succeeded', 1, 1.0, None)
+    assert row.started_at <= row.finished_at and row.version > 1
+    [attempt] = attempts_of(job.id)
+    assert attempt.outcome == 'succeeded' and attempt.duration >= 0
+    assert attempt.worker.startswith(ledger.consumer_id())
+
+
+def test_flaky_job_records_each_failed_attempt_then_succeeds(ledger_app):
+    app, recorder = ledger_app
+    job = submit(app, 'flaky', {'failures': 2}, retry_delay=0)
+    for _ in range(2):
+        run_next()
+        flushed(recorder)
+        assert db.session.get(Job, job.id).state == 'retrying'
+    run_next()
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    assert (row.state, row.attempts, row.result) == ('succeeded', 3, {'succeeded_on_attempt': 3})
+    outcomes = [(a.number, a.outcome, a.error_type) for a in attempts_of(job.id)]
+    assert outcomes == [(1, 'failed', 'RuntimeError'), (2, 'failed', 'RuntimeError'),
+                        (3, 'succeeded', None)]
+
+
+def test_failed_attempt_keeps_traceback_and_last_retry_ends_failed(ledger_app):
+    app, recorder = ledger_app
+    job = submit(app, 'fail', {'message': 'boom <b>'}, retries=1, retry_delay=0)
+    run_next()
+    run_next()
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    assert (row.state, row.attempts) == ('failed', 2)
+    assert row.error == 'RuntimeError: boom <b>' and row.finished_at is not None
+    for attempt in attempts_of(job.id):
+        assert attempt.outcome == 'failed'
+        assert attempt.error_message == 'boom <b>'
+        assert 'Traceback (most recent call last)' in attempt.traceback
+        assert 'huey_tasks.py' in attempt.traceback and 'in fail' in attempt.traceback
+    assert broker.hueys['default'].pending_count() == 0
+
+
+def test_permanent_error_fails_without_retrying(ledger_app):
+    app, recorder = ledger_app
+    job = submit(app, 'payment', {'amount': 20000, 'failure_rate': 0})
+    run_next()
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    assert (row.state, row.attempts) == ('failed', 1)
+    assert row.error.startswith('huey_tasks.CardDeclined: issuer declined 20000.00 EUR')
+    assert broker.hueys['default'].pending_count() == 0
+
+
+def test_retry_delay_is_scheduled_with_backoff_and_jitter(ledger_app):
+    app, recorder = ledger_app
+    huey = broker.hueys['default']
+    job = submit(app, 'fail', retries=2, retry_delay=10)
+    before = utcnow()
+    run_next()
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    assert row.state == 'retrying'
+    wait = (row.scheduled_for - before).total_seconds()
+    assert 7.4 <= wait <= 12.6, wait  # 10 s +-25 %
+    [task] = huey.read_schedule(row.scheduled_for + dt.timedelta(seconds=1))
+    assert task.retry_delay == 20  # doubled for the next retry
+    assert huey.scheduled_count() == 0
+
+
+def test_jitter_spreads_retries():
+    huey = broker.hueys['default']
+    now = utcnow()
+    etas = set()
+    for _ in range(20):
+        task = huey_tasks.noop.task_type.wrappers[huey.name].s()
+        task.retries, task.retry_delay, task.retry_backoff = 1, 10, 2
+        huey.storage.add_to_schedule = lambda data, ts: etas.add(ts)
+        try:
+            huey._requeue_task(task, now)
+        finally:
+            del huey.storage.add_to_schedule
+    assert len(etas) > 15
+    assert all(7.5 <= (eta - now).total_seconds() <= 12.5 for eta in etas)
+
+
+def test_progress_keeps_the_latest_report_of_the_running_attempt(ledger_app):
+    app, recorder = ledger_app
+    job = submit(app, 'noop')
+    task = broker.hueys['default'].dequeue()
+    from app import context
+    recorder.on_signal(None, 'default', 'executing', task)
+    with context.running(task):
+        context.progress(1, 4, 'a quarter')
+        context.progress(3, 4, 'three quarters')
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    assert (row.state, row.progress, row.progress_message) == ('running', 0.75, 'three quarters')
+
+
+def test_a_late_write_about_an_earlier_attempt_does_not_regress_the_job(ledger_app):
+    # Attempt 1 fails on consumer A, attempt 2 starts on consumer B, and B's
+    # writer flushes before A's.
+    app, recorder = ledger_app
+    a = ledger.Recorder(recorder.engine)
+    b = ledger.Recorder(recorder.engine)
+    job = submit(app, 'fail', retries=2, retry_delay=0)
+    task = broker.hueys['default'].dequeue()
+    a.on_signal(None, 'default', 'executing', task)
+    a.on_post_execute(task, None, RuntimeError('first'))
+    task.retries -= 1  # what Huey does before it re-enqueues
+    b.on_signal(None, 'default', 'executing', task)
+    b.flush()
+    a.flush()
+    db.session.expire_all()
+    row = db.session.get(Job, job.id)
+    assert (row.state, row.attempts) == ('running', 2)
+    assert [(x.number, x.outcome) for x in attempts_of(job.id)] == [(1, 'failed'), (2, 'running')]
+
+
+def test_job_enqueued_around_the_api_gets_a_row(ledger_app):
+    app, recorder = ledger_app
+    huey_tasks.sleep.task_type.wrappers['qm.default'].schedule(
+        kwargs={'params': {'seconds': 0, 'steps': 1}}, delay=0)
+    task = run_next()
+    flushed(recorder)
+    row = db.session.get(Job, task.id)
+    assert (row.task, row.queue, row.state, row.params) == (
+        'sleep', 'default', 'succeeded', {'seconds': 0, 'steps': 1})
+
+
+def test_interrupted_attempt_is_requeued_as_the_next_attempt(ledger_app):
+    app, recorder = ledger_app
+    huey = broker.hueys['default']
+    job = submit(app, 'noop')
+    task = huey.dequeue()
+    recorder.on_signal(huey, 'default', 'executing', task)
+    recorder.on_signal(huey, 'default', 'interrupted', task)
+    flushed(recorder)
+    assert db.session.get(Job, job.id).state == 'queued'
+    assert huey.pending_count() == 1
+    run_next()
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    assert (row.state, row.attempts) == ('succeeded', 2)
+    assert [(x.number, x.outcome) for x in attempts_of(job.id)] == [
+        (1, 'interrupted'), (2, 'succeeded')]
+
+
+def test_a_failed_flush_keeps_every_change(ledger_app, tmp_path):
+    app, recorder = ledger_app
+    job = submit(app, 'noop')
+    broken = ledger.Recorder(sa.create_engine(f'sqlite:///{tmp_path}/missing/dir/x.db'))
+    task = broker.hueys['default'].dequeue()
+    broken.on_signal(None, 'default', 'executing', task)
+    broken.on_post_execute(task, 42, None)
+    with pytest.raises(sa.exc.OperationalError):
+        broken.flush()
+    assert broken.pending == 2
+    broken.engine = recorder.engine
+    broken.flush()
+    db.session.expire_all()
+    row = db.session.get(Job, job.id)
+    assert (row.state, row.result) == ('succeeded', 42)
+
+
+def test_unserializable_result_is_kept_as_its_repr(ledger_app):
+    app, recorder = ledger_app
+    job = submit(app, 'noop')
+    task = broker.hueys['default'].dequeue()
+    recorder.on_signal(None, 'default', 'executing', task)
+    recorder.on_post_execute(task, {1, 2}, None)
+    flushed(recorder)
+    assert db.session.get(Job, job.id).result == {'repr': '{1, 2}'}
