@@ -19,6 +19,8 @@ def create_app(test_config=None):
     app.config['SECRET_KEY'] = config_module.secret_key(config)
     app.config['SQLALCHEMY_DATABASE_URI'] = config['DATABASE_URL']
     app.config['SQLALCHEMY_ENGINE_OPTIONS'] = _engine_options(config['DATABASE_URL'])
+    # Pings find peers that vanished without closing (a laptop lid, a NAT).
+    app.config['SOCK_SERVER_OPTIONS'] = {'ping_interval': 25}
     logging.basicConfig(level=config['LOG_LEVEL'],
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
 
@@ -33,8 +35,9 @@ def create_app(test_config=None):
         if db.engine.dialect.name == 'sqlite':
             event.listen(db.engine, 'connect', _sqlite_pragmas)
 
-    from . import api, errors, pages
+    from . import api, errors, live, pages
     app.register_blueprint(pages.bp)
+    app.register_blueprint(live.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api.health)
     errors.register(app)

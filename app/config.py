@@ -26,9 +26,10 @@ DEFAULTS = {
     'HOST': '127.0.0.1',
     'PORT': 8000,
     # gunicorn worker processes (distributed mode; embedded uses one) and
-    # threads per process; every open WebSocket holds a thread.
+    # threads per process; every open WebSocket holds a thread, so this is
+    # also the most live pages one process serves.
     'WEB_CONCURRENCY': 2,
-    'WEB_THREADS': 64,
+    'WEB_THREADS': 1000,
     # Local state: the SQLite ledger, the embedded Huey database, the secret key.
     'INSTANCE_PATH': str(ROOT / 'instance'),
     # Embedded mode only: the Huey SQLite file and worker threads per queue.

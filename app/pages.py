@@ -68,6 +68,7 @@ def dashboard():
     """Counts by state, the submit form and the newest jobs."""
     recent, _ = jobs.list_jobs(limit=RECENT)
     return render_template('dashboard.html', stats=jobs.stats(), recent=recent,
+                           live_url=url_for('live.live_socket', view='dashboard'),
                            **_form_context())
 
 
@@ -84,9 +85,12 @@ def job_list():
     filters = {k: args.get(k) or None for k in ('state', 'queue', 'task', 'q')}
     limit = current_app.config['PAGE_SIZE']
     page, next_cursor = jobs.list_jobs(**filters, limit=limit, cursor=args.get('cursor') or None)
+    cursor = args.get('cursor') or None
+    live = {k: v for k, v in filters.items() if v}
     return render_template('jobs.html', jobs=page, next_cursor=next_cursor, filters=filters,
-                           cursor=args.get('cursor'), task_names=jobs.task_names(),
-                           queues=current_app.config['QUEUES'])
+                           cursor=cursor, task_names=jobs.task_names(),
+                           queues=current_app.config['QUEUES'],
+                           live_url=url_for('live.live_socket', view='jobs', cursor=cursor, **live))
 
 
 @bp.get('/jobs/new')
@@ -128,7 +132,8 @@ def create_job():
 def job_page(job_id):
     """One job: parameters, state, progress, result and every attempt."""
     job = jobs.get(job_id)
-    return render_template('job.html', job=job, attempts=jobs.attempts(job))
+    return render_template('job.html', job=job, attempts=jobs.attempts(job),
+                           live_url=url_for('live.live_socket', view='job', id=job.id))
 
 
 @bp.get('/jobs/<job_id>/row')

@@ -214,3 +214,45 @@ def start_consumer(env, log_dir, name='consumer', workers=4, extra_args=()):
              message=f'{name} to start')
     assert proc.alive(), proc.log()
     return proc
+
+
+class Deployment:
+    """A whole deployment in one mode, with its logs printed on close.
+
+    distributed: a private redis-server, gunicorn and huey_consumer sharing a
+    SQLite ledger; embedded: gunicorn alone, consumers in-process.
+    """
+
+    def __init__(self, mode, tmp, web_workers=2, **env):
+        self.mode, self.tmp, self.processes = mode, tmp, []
+        self.redis = RedisServer(tmp / 'redis') if mode == 'distributed' else None
+        self.env = service_env(tmp, self.redis.url if self.redis else None,
+                               WEB_CONCURRENCY=web_workers, **env)
+        migrate(self.env, tmp)
+        self.web, self.api = start_web(self.env, tmp)
+        self.port = int(self.api.base.rsplit(':', 1)[1])
+        self.processes.append(self.web)
+        if self.redis:
+            self.processes.append(start_consumer(self.env, tmp))
+
+    @property
+    def ws_base(self):
+        return self.api.base.replace('http://', 'ws://')
+
+    def restart_web(self, signum=signal.SIGTERM):
+        """Stop the web server and start another on the same port."""
+        self.web.stop(signum)
+        self.processes.remove(self.web)
+        env = dict(self.env, PORT=str(self.port), HOST='127.0.0.1')
+        self.web = Process('web-restarted', [str(BIN / 'gunicorn'), '-c', 'gunicorn.conf.py',
+                                             'wsgi:app'], env, self.tmp)
+        self.processes.append(self.web)
+        wait_for(lambda: self.api.healthy() or not self.web.alive(), 30, 0.1, 'web to restart')
+        assert self.web.alive(), self.web.log()
+
+    def close(self):
+        for proc in reversed(self.processes):
+            proc.stop()
+            print(f'--- {proc.name} log (tail) ---\n{proc.log()[-3000:]}')
+        if self.redis:
+            self.redis.stop()

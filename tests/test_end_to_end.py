@@ -8,26 +8,7 @@ import datetime as dt
 import time
 
 import pytest
-from helpers import RedisServer, migrate, service_env, start_consumer, start_web, wait_for
-
-
-class Deployment:
-    def __init__(self, mode, tmp):
-        self.mode, self.tmp, self.processes = mode, tmp, []
-        self.redis = RedisServer(tmp / 'redis') if mode == 'distributed' else None
-        self.env = service_env(tmp, self.redis.url if self.redis else None)
-        migrate(self.env, tmp)
-        web, self.api = start_web(self.env, tmp, workers=2)
-        self.processes.append(web)
-        if self.redis:
-            self.processes.append(start_consumer(self.env, tmp))
-
-    def close(self):
-        for proc in reversed(self.processes):
-            proc.stop()
-            print(f'--- {proc.name} log (tail) ---\n{proc.log()[-3000:]}')
-        if self.redis:
-            self.redis.stop()
+from helpers import Deployment, wait_for
 
 
 @pytest.fixture(scope='module', params=['distributed', 'embedded'])

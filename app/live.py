@@ -1,0 +1,330 @@
+"""Live pages: a WebSocket per page that pushes re-rendered fragments.
+
+Each web process runs one relay thread: it listens on the event channel and
+tells the :class:`Hub`, which bumps the version of every *view* (a page with
+its filters) the event concerns and wakes that view's sockets. Each socket's
+own thread then re-renders the view's fragments from the ledger (shared by
+every socket on the same view) and sends them as ``<hx-partial>`` swaps.
+
+Pressure: a socket sends at most once per ``WINDOW`` (leading edge: a change
+reaching an idle socket goes out at once), a view renders at most once per
+``MIN_RENDER``, and nothing queues per socket but "its view changed", so a
+burst of events costs a few messages per client and constant memory. A slow
+client only blocks its own thread.
+"""
+import logging
+import os
+import socket
+import threading
+import time
+
+from flask import Blueprint, current_app, render_template, request
+from simple_websocket import ConnectionClosed
+
+from . import events, jobs, states
+from .extensions import db, sock
+from .models import Job
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint('live', __name__)
+
+WINDOW = 0.25      # at most one message per socket per WINDOW seconds
+MIN_RENDER = 0.2   # a view re-renders at most this often
+IDLE_WAKE = 5.0    # how often an idle socket checks that its peer is still there
+RECENT = 20        # rows in the dashboard's recent list
+CLOSE_RESTART = 1012
+CLOSE_POLICY = 1008
+
+NODE = f'{socket.gethostname()}:{os.getpid()}'
+
+
+def partial(target, html):
+    """Wrap a fragment so htmx swaps it for the element with id ``target``."""
+    return f'<hx-partial hx-target="#{target}" hx-swap="outerHTML">{html}</hx-partial>'
+
+
+class View:
+    """What one kind of page shows; sockets on the same view share renders."""
+
+    def __init__(self, key):
+        self.key = key
+        self.version = 0
+        self.clients = set()
+        self.displayed = frozenset()  # job ids in the last render
+        self._lock = threading.Lock()
+        self._cache = (-1, 0.0, '')  # (version, monotonic time, html)
+
+    def concerns(self, changed, deleted):
+        raise NotImplementedError
+
+    def render_html(self):
+        raise NotImplementedError
+
+    def render(self, force=False):
+        """``(version, html)``, fresh or at most ``MIN_RENDER`` old."""
+        with self._lock:
+            version, at, html = self._cache
+            if version == self.version and not force:
+                return version, html
+            if not force and version >= 0 and time.monotonic() - at < MIN_RENDER:
+                return version, html
+            version = self.version  # read first: a change during render stays pending
+            try:
+                html = self.render_html()
+            finally:
+                db.session.rollback()  # no transaction (or stale objects) between renders
+            self._cache = (version, time.monotonic(), html)
+            return version, html
+
+
+class DashboardView(View):
+    def concerns(self, changed, deleted):
+        return True  # every change moves a count
+
+    def render_html(self):
+        recent, _ = jobs.list_jobs(limit=RECENT)
+        self.displayed = frozenset(j.id for j in recent)
+        return (partial('queue-stats', render_template('_stats.html', stats=jobs.stats()))
+                + partial('recent-jobs', render_template(
+                    '_job_rows.html', jobs=recent, tbody_id='recent-jobs', filtered=False)))
+
+
+class ListView(View):
+    def __init__(self, key, filters, cursor):
+        super().__init__(key)
+        self.filters, self.cursor = filters, cursor
+
+    def concerns(self, changed, deleted):
+        if self.displayed & (set(deleted) | {c['id'] for c in changed}):
+            return True
+        if self.cursor:  # older pages only follow the rows they show
+            return False
+        f = self.filters
+        return any((not f['state'] or c['state'] == f['state'])
+                   and (not f['queue'] or c['queue'] == f['queue'])
+                   and (not f['task'] or c['task'] == f['task']) for c in changed)
+
+    def render_html(self):
+        page, next_cursor = jobs.list_jobs(**self.filters, cursor=self.cursor,
+                                           limit=current_app.config['PAGE_SIZE'])
+        self.displayed = frozenset(j.id for j in page)
+        filtered = any(self.filters.values())
+        return (partial('jobs-page-rows', render_template(
+                    '_job_rows.html', jobs=page, tbody_id='jobs-page-rows', filtered=filtered))
+                + partial('pager', render_template(
+                    '_pager.html', filters=self.filters, cursor=self.cursor,
+                    next_cursor=next_cursor)))
+
+
+class JobView(View):
+    def __init__(self, key, job_id):
+        super().__init__(key)
+        self.job_id = job_id
+        self.displayed = frozenset({job_id})
+
+    def concerns(self, changed, deleted):
+        return self.job_id in deleted or any(c['id'] == self.job_id for c in changed)
+
+    def render_html(self):
+        job = db.session.get(Job, self.job_id)
+        if job is None:
+            return partial(f'job-{self.job_id}-summary', render_template(
+                '_job_gone.html', job_id=self.job_id))
+        return (partial(f'job-{job.id}-summary', render_template('_job_summary.html', job=job))
+                + partial(f'job-{job.id}-attempts', render_template(
+                    '_attempts.html', job=job, attempts=jobs.attempts(job))))
+
+
+def view_for(args, config):
+    """The view a socket asks for in its query string; ValueError if malformed."""
+    kind = args.get('view')
+    if kind == 'dashboard':
+        return ('dashboard',), DashboardView
+    if kind == 'job':
+        job_id = args.get('id', '')
+        if not job_id or len(job_id) > 36:
+            raise ValueError('view=job needs an id')
+        return ('job', job_id), lambda key: JobView(key, job_id)
+    if kind == 'jobs':
+        filters = {k: args.get(k) or None for k in ('state', 'queue', 'task', 'q')}
+        if filters['state'] and filters['state'] not in states.JOB_STATES:
+            raise ValueError('unknown state')
+        cursor = args.get('cursor') or None
+        if cursor:
+            jobs.decode_cursor(cursor)
+        key = ('jobs', *filters.values(), cursor)
+        return key, lambda key: ListView(key, filters, cursor)
+    raise ValueError('view must be dashboard, jobs or job')
+
+
+class Client:
+    __slots__ = ('view', 'wake', 'sent_version', 'last_send')
+
+    def __init__(self, view):
+        self.view = view
+        self.wake = threading.Event()
+        self.sent_version = -1
+        self.last_send = 0.0
+
+
+class Hub:
+    """This process's live sockets, grouped by view."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.views = {}
+        self.stopping = threading.Event()
+        self.relay = None
+        self.connected = False  # whether the event channel is reachable
+
+    def join(self, key, factory):
+        with self._lock:
+            view = self.views.get(key)
+            if view is None:
+                view = self.views[key] = factory(key)
+            client = Client(view)
+            view.clients.add(client)
+            return client
+
+    def leave(self, client):
+        with self._lock:
+            view = client.view
+            view.clients.discard(client)
+            if not view.clients and self.views.get(view.key) is view:
+                del self.views[view.key]
+
+    @property
+    def sockets(self):
+        with self._lock:
+            return sum(len(v.clients) for v in self.views.values())
+
+    def on_event(self, event):
+        """Called for every event; cheap: bump versions, wake sockets."""
+        changed = event.get('jobs') or []
+        deleted = event.get('deleted') or []
+        with self._lock:
+            views = list(self.views.values())
+        for view in views:
+            try:
+                relevant = view.concerns(changed, deleted)
+            except Exception:
+                logger.exception('live: relevance check failed; refreshing %s', view.key)
+                relevant = True
+            if relevant:
+                self.touch(view)
+
+    def touch(self, view):
+        view.version += 1
+        for client in list(view.clients):
+            client.wake.set()
+
+    def resync(self):
+        """Refresh every view: events may have been missed."""
+        with self._lock:
+            views = list(self.views.values())
+        for view in views:
+            self.touch(view)
+
+    def shutdown(self):
+        """Ask every socket to close with 1012 so its page reconnects elsewhere."""
+        self.stopping.set()
+        with self._lock:
+            views = list(self.views.values())
+        for view in views:
+            for client in list(view.clients):
+                client.wake.set()
+
+    def start(self, app):
+        """Start listening for events (once per process)."""
+        with self._lock:
+            if self.relay is not None:
+                return
+            bus = events.bus
+            bus.subscribe(self.on_event)
+            if isinstance(bus, events.RedisBus):
+                self.relay = threading.Thread(target=self._relay, args=(bus,), name='live-relay',
+                                              daemon=True)
+                self.relay.start()
+            else:
+                self.relay = 'local'
+                self.connected = True
+
+    def _relay(self, bus):
+        failures = 0
+        while not self.stopping.is_set():
+            pubsub = bus.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(events.CHANNEL)
+                if failures:
+                    logger.info('live: event channel back after %d failed attempts', failures)
+                    self.resync()  # what happened meanwhile was not heard
+                failures = 0
+                self.connected = True
+                while not self.stopping.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message['type'] == 'message':
+                        bus.deliver(message['data'])
+            except Exception as exc:
+                failures += 1
+                if self.connected:
+                    logger.warning('live: event channel lost (%s); retrying', exc)
+                self.connected = False
+                self.stopping.wait(min(5.0, 0.2 * 2 ** min(failures, 5)))
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:
+                    pass
+
+
+hub = Hub()
+
+
+def _send(ws, client, html):
+    ws.send(html)
+    client.last_send = time.monotonic()
+
+
+@sock.route('/ws', bp=bp)
+def live_socket(ws):
+    """Push the fragments of the page that opened this socket as they change."""
+    try:
+        key, factory = view_for(request.args, current_app.config)
+    except ValueError as exc:
+        ws.close(CLOSE_POLICY, f'bad view: {exc}'[:120])
+        return
+    hub.start(current_app._get_current_object())
+    client = hub.join(key, factory)
+    view = client.view
+    try:
+        # A fresh snapshot on every (re)connect heals whatever was missed.
+        version, html = view.render()
+        _send(ws, client, partial('live-status', render_template(
+            '_live_status.html', node=NODE, live=True)) + html)
+        client.sent_version = version
+        while True:
+            if hub.stopping.is_set():
+                ws.close(CLOSE_RESTART, 'server restarting')
+                return
+            if not ws.connected:
+                return
+            if client.sent_version < view.version:
+                wait = WINDOW - (time.monotonic() - client.last_send)
+                if wait > 0:
+                    # Trailing edge: whatever else arrives meanwhile is merged.
+                    hub.stopping.wait(wait)
+                    continue
+                version, html = view.render()
+                if version > client.sent_version:
+                    _send(ws, client, html)
+                    client.sent_version = version
+                else:  # the view rendered moments ago; take the next one
+                    hub.stopping.wait(MIN_RENDER / 2)
+                continue
+            client.wake.wait(IDLE_WAKE)
+            client.wake.clear()
+    except ConnectionClosed:
+        pass
+    finally:
+        hub.leave(client)

@@ -1,0 +1,152 @@
+"""The dashboard in a real Chromium (Debian's), driven by Playwright.
+
+Everything here happens without reloading the page: the WebSocket pushes
+fragments and htmx swaps them in.
+"""
+import os
+import re
+
+import pytest
+from helpers import Deployment, need
+from playwright.sync_api import expect, sync_playwright
+
+CHROMIUM = '/usr/bin/chromium'
+# Chromium's own background traffic is refused on this network; keep it quiet.
+ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
+        '--disable-component-update', '--disable-sync', '--no-first-run']
+
+
+@pytest.fixture(scope='session')
+def browser():
+    need(os.path.exists(CHROMIUM), f'{CHROMIUM} is missing (apt-get install chromium)')
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={'width': 1300, 'height': 900})
+    page = context.new_page()
+    errors = []
+    page.on('pageerror', lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert errors == [], errors
+
+
+@pytest.fixture(scope='module', params=['distributed', 'embedded'])
+def deployment(request, tmp_path_factory):
+    dep = Deployment(request.param, tmp_path_factory.mktemp(f'browser-{request.param}'))
+    yield dep
+    dep.close()
+
+
+def live(page):
+    expect(page.locator('#live-status')).to_have_text('live', timeout=10_000)
+
+
+def submit_from_dashboard(page, task, **fields):
+    page.select_option('#f-task', task)
+    page.wait_for_selector(f'#task-fields legend:has-text("{task} parameters")')
+    for name, value in fields.items():
+        if name in ('retries', 'retry_delay', 'delay', 'priority'):
+            page.locator('details.options').evaluate('d => d.open = true')
+        page.fill(f'#f-{name}', str(value))
+    page.click('#submit-form button[type=submit]')
+    note = page.locator('#submit-form .flash-ok a')
+    expect(note).to_be_visible(timeout=10_000)
+    return note.get_attribute('href').rsplit('/', 1)[1]
+
+
+def test_submitted_job_appears_and_succeeds_without_reload(deployment, page):
+    page.goto(deployment.api.base + '/')
+    live(page)
+    marker = page.evaluate('() => (window.__marker = Math.random())')
+    job_id = submit_from_dashboard(page, 'sleep', seconds=1, steps=2)
+    row = page.locator(f'#job-{job_id}')
+    expect(row).to_be_visible(timeout=5_000)
+    expect(row).to_have_attribute('data-state', 'succeeded', timeout=20_000)
+    expect(page.locator('#queue-stats [data-state="succeeded"]')).not_to_have_text('0')
+    assert page.evaluate('() => window.__marker') == marker  # same page, never reloaded
+
+
+def test_flaky_job_page_shows_three_attempts_appear_live(deployment, page):
+    job = deployment.api.submit('flaky', {'failures': 2}, retry_delay=1.5)
+    page.goto(f'{deployment.api.base}/jobs/{job["id"]}')
+    live(page)
+    attempts = page.locator('.timeline .attempt')
+    seen = set()
+    for count in (1, 2, 3):
+        expect(attempts).to_have_count(count, timeout=20_000)
+        seen.add(count)
+    expect(page.locator(f'#job-{job["id"]}-summary')).to_have_attribute('data-state', 'succeeded',
+                                                                         timeout=20_000)
+    assert [a.get_attribute('data-outcome') for a in attempts.all()] == ['failed', 'failed', 'succeeded']
+    expect(page.locator('.attempt-error').first).to_contain_text('RuntimeError: attempt 1')
+
+
+def test_sleep_progress_bar_advances(deployment, page):
+    job = deployment.api.submit('sleep', {'seconds': 5, 'steps': 10})
+    page.goto(f'{deployment.api.base}/jobs/{job["id"]}')
+    live(page)
+    bar = page.locator(f'#job-{job["id"]}-summary .progress')
+    values = []
+    for _ in range(3):
+        page.wait_for_function(
+            '([sel, last]) => { const b = document.querySelector(sel);'
+            ' return b && Number(b.getAttribute("aria-valuenow")) > last; }',
+            arg=[f'#job-{job["id"]}-summary .progress', values[-1] if values else 0],
+            timeout=10_000)
+        values.append(int(bar.get_attribute('aria-valuenow')))
+    assert values == sorted(values) and len(set(values)) == 3 and values[-1] <= 100
+
+
+def test_two_windows_both_update(deployment, browser):
+    contexts = [browser.new_context() for _ in range(2)]
+    try:
+        pages = [c.new_page() for c in contexts]
+        for p in pages:
+            p.goto(deployment.api.base + '/')
+            live(p)
+        job_id = submit_from_dashboard(pages[0], 'noop')
+        for p in pages:
+            expect(p.locator(f'#job-{job_id}')).to_have_attribute('data-state', 'succeeded',
+                                                                   timeout=15_000)
+    finally:
+        for c in contexts:
+            c.close()
+
+
+def test_restarted_web_process_leaves_the_page_reconnected_and_current(tmp_path, page):
+    dep = Deployment('distributed', tmp_path, web_workers=1)
+    try:
+        job = dep.api.submit('sleep', {'seconds': 3, 'steps': 3})
+        page.goto(f'{dep.api.base}/jobs/{job["id"]}')
+        live(page)
+        node = page.locator('#live-status').get_attribute('data-node')
+        dep.restart_web()
+        # The job finished while the page's server was away; the snapshot
+        # sent on reconnect brings the page up to date.
+        dep.api.wait_state(job['id'], 'succeeded', 30)
+        expect(page.locator(f'#job-{job["id"]}-summary')).to_have_attribute(
+            'data-state', 'succeeded', timeout=20_000)
+        live(page)
+        assert page.locator('#live-status').get_attribute('data-node') != node
+        assert re.search(r'100%', page.locator(f'#job-{job["id"]}-summary .progress').inner_text())
+    finally:
+        dep.close()
+
+
+def test_jobs_list_follows_its_filter(deployment, page):
+    page.goto(deployment.api.base + '/jobs?state=scheduled')
+    live(page)
+    job = deployment.api.submit('noop', delay=600)
+    row = page.locator(f'#job-{job["id"]}')
+    expect(row).to_have_attribute('data-state', 'scheduled', timeout=15_000)
+    other = deployment.api.submit('noop')
+    deployment.api.wait_state(other['id'], 'succeeded')
+    deployment.api.post(f'/api/jobs/{job["id"]}/cancel')
+    expect(row).to_have_count(0, timeout=15_000)  # canceled: no longer in this list
+    expect(page.locator(f'#job-{other["id"]}')).to_have_count(0)

@@ -1,0 +1,207 @@
+"""Live updates over /ws: scoping, coalescing, fan-out, resilience.
+
+WebSocket clients here are plain ones (simple-websocket); the browser tests
+drive the same endpoint through htmx in Chromium.
+"""
+import re
+import signal
+import threading
+import time
+
+import pytest
+import simple_websocket
+from helpers import Deployment, wait_for
+
+from app import live
+
+ROW = re.compile(r'<tr id="job-([0-9a-f-]+)" data-state="(\w+)"')
+
+
+class Socket:
+    """A WebSocket client that collects every message on a thread."""
+
+    def __init__(self, url):
+        self.ws = simple_websocket.Client.connect(url)
+        self.messages = []
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            while True:
+                msg = self.ws.receive()
+                if msg is None:
+                    break
+                self.messages.append((time.monotonic(), msg))
+        except simple_websocket.ConnectionClosed:
+            pass
+        self.closed.set()
+
+    @property
+    def close_code(self):
+        return self.ws.close_reason
+
+    def rows(self):
+        """job id -> latest state seen in any pushed row."""
+        seen = {}
+        for _, msg in self.messages:
+            seen.update(ROW.findall(msg))
+        return seen
+
+    def node(self):
+        return re.search(r'data-node="([^"]+)"', self.messages[0][1]).group(1)
+
+    def close(self):
+        try:
+            self.ws.close()
+        except simple_websocket.ConnectionClosed:
+            pass
+
+
+@pytest.fixture(scope='module')
+def stack(tmp_path_factory):
+    dep = Deployment('distributed', tmp_path_factory.mktemp('live'), web_workers=2)
+    yield dep
+    dep.close()
+
+
+def test_snapshot_on_connect_carries_what_the_page_shows(stack):
+    job = stack.api.wait_state(stack.api.submit('noop')['id'], 'succeeded')
+    sock = Socket(f'{stack.ws_base}/ws?view=dashboard')
+    try:
+        wait_for(lambda: sock.messages, 10, message='the snapshot')
+        first = sock.messages[0][1]
+        assert '<hx-partial hx-target="#live-status"' in first and 'class="live live-on"' in first
+        assert '<hx-partial hx-target="#queue-stats"' in first
+        assert '<hx-partial hx-target="#recent-jobs"' in first
+        assert sock.rows()[job['id']] == 'succeeded'
+    finally:
+        sock.close()
+
+
+def test_every_socket_on_every_worker_sees_every_change(stack):
+    sockets = [Socket(f'{stack.ws_base}/ws?view=dashboard') for _ in range(12)]
+    try:
+        wait_for(lambda: all(s.messages for s in sockets), 15, message='snapshots')
+        nodes = {s.node() for s in sockets}
+        assert len(nodes) == 2, f'sockets landed on one worker only: {nodes}'
+        ids = [stack.api.submit('flaky', {'failures': 1}, retry_delay=0)['id'] for _ in range(5)]
+        for s in sockets:
+            wait_for(lambda: all(s.rows().get(i) == 'succeeded' for i in ids), 30,
+                     message=f'socket on {s.node()} to see every job succeed')
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_a_job_page_only_hears_about_its_job(stack):
+    job = stack.api.submit('sleep', {'seconds': 30, 'steps': 30})
+    watched = Socket(f'{stack.ws_base}/ws?view=job&id={job["id"]}')
+    try:
+        wait_for(lambda: watched.messages, 10, message='the snapshot')
+        for _ in range(3):
+            stack.api.wait_state(stack.api.submit('noop')['id'], 'succeeded')
+        before = len(watched.messages)
+        other = stack.api.submit('noop')
+        stack.api.wait_state(other['id'], 'succeeded')
+        # the sleeping job reports progress every second, so messages do come,
+        # but never about another job
+        assert all(other['id'] not in m for _, m in watched.messages[before:])
+        assert all(f'job-{job["id"]}-' in m for _, m in watched.messages[1:])
+        progress = wait_for(lambda: re.findall(r'aria-valuenow="(\d+)"', watched.messages[-1][1]),
+                            15, message='progress on the job page')
+        assert progress
+    finally:
+        watched.close()
+        stack.api.post(f'/api/jobs/{job["id"]}/cancel')
+
+
+def test_flaky_attempts_arrive_one_by_one(stack):
+    job = stack.api.submit('flaky', {'failures': 2}, retry_delay=1)
+    sock = Socket(f'{stack.ws_base}/ws?view=job&id={job["id"]}')
+    try:
+        def counts():
+            return [int(c) for _, m in sock.messages
+                    for c in re.findall(r'class="panel attempts" data-count="(\d+)"', m)]
+        wait_for(lambda: 3 in counts(), 30, message='three attempts')
+        assert {1, 2, 3} <= set(counts()), counts()
+        assert 'data-state="succeeded"' in sock.messages[-1][1]
+    finally:
+        sock.close()
+
+
+def test_a_burst_of_500_jobs_sends_a_bounded_number_of_messages(stack):
+    sock = Socket(f'{stack.ws_base}/ws?view=dashboard')
+    try:
+        wait_for(lambda: sock.messages, 10, message='the snapshot')
+        start = time.monotonic()
+        before = stack.api.get('/api/stats')[1]['states']['succeeded']
+        for _ in range(500):
+            stack.api.submit('noop')
+        wait_for(lambda: stack.api.get('/api/stats')[1]['states']['succeeded'] >= before + 500,
+                 120, 0.2, 'the burst to finish')
+        # the last change reaches the socket too
+        wait_for(lambda: f'data-state="succeeded">{before + 500}<' in sock.messages[-1][1], 10,
+                 message='final counts on the socket')
+        elapsed = time.monotonic() - start
+        sent = [t for t, _ in sock.messages if t >= start]
+        assert len(sent) <= elapsed / live.WINDOW + 2, (len(sent), elapsed)
+        gaps = [b - a for a, b in zip(sent, sent[1:])]
+        assert min(gaps) >= live.WINDOW * 0.8, min(gaps)
+    finally:
+        sock.close()
+
+
+def test_an_idle_socket_gets_a_change_at_once(stack):
+    sock = Socket(f'{stack.ws_base}/ws?view=dashboard')
+    try:
+        wait_for(lambda: sock.messages, 10, message='the snapshot')
+        time.sleep(live.WINDOW * 2)  # let the socket go idle: this is the condition under test
+        sent_at = time.monotonic()
+        job = stack.api.submit('noop')
+        wait_for(lambda: job['id'] in sock.rows(), 5, 0.01, 'the new row')
+        arrived = next(t for t, m in sock.messages if job['id'] in m)
+        assert arrived - sent_at < live.WINDOW, arrived - sent_at
+    finally:
+        sock.close()
+
+
+def test_a_bad_view_is_refused_with_1008(stack):
+    sock = Socket(f'{stack.ws_base}/ws?view=everything')
+    assert sock.closed.wait(10)
+    assert sock.close_code == 1008 and sock.messages == []
+
+
+def test_redis_restart_resumes_the_relay_without_restarting_web(tmp_path):
+    dep = Deployment('distributed', tmp_path, web_workers=1)
+    try:
+        sock = Socket(f'{dep.ws_base}/ws?view=dashboard')
+        wait_for(lambda: sock.messages, 10, message='the snapshot')
+        dep.redis.stop()
+        dep.redis.start()
+        job = dep.api.submit('noop')
+        wait_for(lambda: sock.rows().get(job['id']) == 'succeeded', 60, message='the relay to resume')
+        assert dep.web.alive()
+        sock.close()
+    finally:
+        dep.close()
+
+
+def test_shutdown_closes_sockets_with_1012_and_clients_reconnect(tmp_path):
+    dep = Deployment('distributed', tmp_path, web_workers=1)
+    try:
+        sock = Socket(f'{dep.ws_base}/ws?view=dashboard')
+        wait_for(lambda: sock.messages, 10, message='the snapshot')
+        started = time.monotonic()
+        dep.web.send_signal(signal.SIGTERM)
+        assert sock.closed.wait(10)
+        assert sock.close_code == 1012
+        assert dep.web.wait(20) == 0, dep.web.log()
+        assert time.monotonic() - started < 10  # not the whole graceful timeout
+        dep.restart_web()
+        again = Socket(f'{dep.ws_base}/ws?view=dashboard')
+        wait_for(lambda: again.messages, 10, message='a snapshot after restart')
+        again.close()
+    finally:
+        dep.close()
