@@ -84,12 +84,12 @@ def payment(amount, currency, card, failure_rate):
     digits = ''.join(ch for ch in card if ch.isdigit())
     if not 12 <= len(digits) <= 19:
         raise CardDeclined(f'card number has {len(digits)} digits')
+    if amount > 10_000:
+        raise CardDeclined(f'issuer declined {amount:.2f} {currency}: over the card limit')
     progress(0.1, message='authorizing')
     time.sleep(random.uniform(0.05, 0.3))
     if random.random() < failure_rate:
         raise GatewayTimeout('no answer from the gateway within 30 s')
-    if amount > 10_000:
-        raise CardDeclined(f'issuer declined {amount:.2f} {currency}: over the card limit')
     progress(0.8, message='capturing')
     time.sleep(random.uniform(0.02, 0.1))
     return {'charged': round(amount, 2), 'currency': currency, 'card': '**** ' + digits[-4:],

@@ -42,7 +42,7 @@ def list_jobs():
     page, next_cursor = jobs.list_jobs(
         state=args.get('state') or None, queue=args.get('queue') or None,
         task=args.get('task') or None, q=args.get('q') or None,
-        limit=_limit(), cursor=args.get('cursor') or None)
+        limit=_limit(), cursor=args.get('cursor') or None, with_result=True)
     return {'jobs': [j.to_dict() for j in page], 'next': next_cursor}
 
 

@@ -6,10 +6,12 @@ instances at import time, before any app exists) read configuration through
 agree on the broker, the queues and the database.
 """
 import os
+import re
 import secrets
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+QUEUE_NAME = re.compile(r'[a-z][a-z0-9_]{0,31}')
 
 # Every key, its default, and how to parse it from the environment. The README's
 # configuration table mirrors this list.
@@ -37,7 +39,7 @@ DEFAULTS = {
     'EMBEDDED_WORKERS': 4,
     # Named queues, comma separated; each is its own Huey instance.
     'QUEUES': 'default',
-    # Largest accepted request body (bytes); bigger API bodies get a 413.
+    # Largest accepted request body (bytes), forms and API alike; bigger get a 413.
     'MAX_CONTENT_LENGTH': 64 * 1024,
     # Retry policy when neither the task nor the submission says otherwise:
     # 2 retries (3 attempts in all), first retry after 5 s, doubling, +-25%.
@@ -105,8 +107,9 @@ def load(test_config=None, environ=None):
     if isinstance(queues, str):
         queues = [q.strip() for q in queues.split(',') if q.strip()]
     for name in queues:
-        if not name.replace('_', '').isalnum() or not name.islower() or len(name) > 32:
-            raise ConfigError(f'queue name {name!r}: use 1-32 lowercase letters, digits, _')
+        if not QUEUE_NAME.fullmatch(name):
+            raise ConfigError(f'queue name {name!r}: use a lowercase letter, then up to 31 '
+                              f'lowercase letters, digits or _')
     if 'default' not in queues:
         queues.insert(0, 'default')
     config['QUEUES'] = list(dict.fromkeys(queues))

@@ -35,6 +35,13 @@ MAX_TRACEBACK = 64 * 1024
 MAX_MESSAGE = 8 * 1024
 MAX_RESULT = 64 * 1024
 
+
+
+def transient(exc):
+    """Whether ``exc`` means "the database is away", not "this change is bad"."""
+    return (isinstance(exc, (sa.exc.OperationalError, sa.exc.DisconnectionError))
+            or getattr(exc, 'connection_invalidated', False))
+
 job_t = Job.__table__
 attempt_t = Attempt.__table__
 b = sa.bindparam
@@ -102,8 +109,10 @@ _QUEUED = job_t.update().where(
     job_t.c.id == b('j_id'), job_t.c.state == states.SCHEDULED
 ).values(state=states.QUEUED, version=job_t.c.version + 1, updated_at=b('j_now'))
 
+# No IN (...) here: executemany cannot expand a list parameter.
 _SCHEDULED = job_t.update().where(
-    job_t.c.id == b('j_id'), job_t.c.state.in_([states.RETRYING, states.SCHEDULED])
+    job_t.c.id == b('j_id'),
+    sa.or_(job_t.c.state == states.RETRYING, job_t.c.state == states.SCHEDULED)
 ).values(scheduled_for=b('j_eta'), version=job_t.c.version + 1, updated_at=b('j_now'))
 
 _FINISH_ATTEMPT = attempt_t.update().where(
@@ -257,7 +266,14 @@ class Recorder:
                 self._stop.wait(min(5.0, 0.1 * 2 ** self.failures))
 
     def flush(self):
-        """Write one batch; on error the batch goes back to the front of the queue."""
+        """Write one batch.
+
+        When the database is unreachable the batch goes back to the front of
+        the queue, to be retried. Any other error is a bad change, not a bad
+        database: the batch is then written change by change and only the
+        changes that fail on their own are dropped (and logged), so one bad
+        change cannot stop the recording of everything after it.
+        """
         with self._flush_lock:
             ops = []
             while self._ops and len(ops) < self.max_batch:
@@ -267,9 +283,22 @@ class Recorder:
             try:
                 with self.engine.begin() as conn:
                     changed = apply(conn, ops)
-            except Exception:
-                self._ops.extendleft(reversed(ops))
-                raise
+            except Exception as exc:
+                if transient(exc):
+                    self._ops.extendleft(reversed(ops))
+                    raise
+                logger.exception('ledger: batch of %d changes failed; writing them one by one',
+                                 len(ops))
+                changed = set()
+                for i, op in enumerate(ops):
+                    try:
+                        with self.engine.begin() as conn:
+                            changed |= apply(conn, [op])
+                    except Exception as exc:
+                        if transient(exc):
+                            self._ops.extendleft(reversed(ops[i:]))
+                            raise
+                        logger.exception('ledger: dropped a change it cannot write: %.300r', op)
         announce(self.engine, changed)
         return len(ops)
 

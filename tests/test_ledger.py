@@ -228,3 +228,26 @@ def test_unserializable_result_is_kept_as_its_repr(ledger_app):
     recorder.on_post_execute(task, {1, 2}, None)
     flushed(recorder)
     assert db.session.get(Job, job.id).result == {'repr': '{1, 2}'}
+
+
+def test_many_retries_scheduled_in_one_batch(ledger_app):
+    app, recorder = ledger_app
+    ids = [submit(app, 'fail', retries=1, retry_delay=30).id for _ in range(3)]
+    for _ in ids:
+        run_next()
+    flushed(recorder)
+    for job_id in ids:
+        row = db.session.get(Job, job_id)
+        assert row.state == 'retrying' and row.scheduled_for is not None
+
+
+def test_a_bad_change_is_dropped_without_blocking_the_rest(ledger_app):
+    app, recorder = ledger_app
+    job = submit(app, 'noop')
+    task = broker.hueys['default'].dequeue()
+    recorder._ops.append(('progress', job.id, 1, object(), None))  # cannot be stored
+    recorder.on_signal(None, 'default', 'executing', task)
+    recorder.on_post_execute(task, 'done', None)
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    assert (row.state, row.result) == ('succeeded', 'done')
