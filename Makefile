@@ -27,7 +27,8 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
+	$(BIN)/python bench/live.py
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

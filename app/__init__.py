@@ -23,6 +23,10 @@ def create_app(test_config=None):
     app.config['SOCK_SERVER_OPTIONS'] = {'ping_interval': 25}
     logging.basicConfig(level=config['LOG_LEVEL'],
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    if logging.getLogger('huey').handlers:
+        # huey_consumer gave Huey's logger a handler of its own; without
+        # this every line of it would be written twice.
+        logging.getLogger('huey').propagate = False
 
     import huey_tasks  # noqa: F401  (declares the task types)
     broker.configure(config)

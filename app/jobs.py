@@ -35,8 +35,17 @@ def submit(sub):
               created_at=now, updated_at=now, scheduled_for=sub.eta, version=1)
     db.session.add(job)
     db.session.flush()
+    return _commit_if_handed_over(job, lambda: broker.enqueue(job))
+
+
+def _commit_if_handed_over(job, hand_over):
+    """Commit the pending change to ``job`` once ``hand_over()`` reached the broker.
+
+    The broker is told first and the row committed after: a refusal rolls
+    the change back, so no row claims what the broker does not hold.
+    """
     try:
-        broker.enqueue(job)
+        hand_over()
     except broker.BrokerUnavailable:
         db.session.rollback()
         raise
@@ -84,15 +93,11 @@ def retry(job_id):
     job, _ = _transition(job_id, 'retry', dict(
         state=states.QUEUED, finished_at=None, scheduled_for=None, result=None, error=None,
         progress=None, progress_message=None))
-    try:
+
+    def hand_over():
         broker.restore(job)
         broker.enqueue(job, base=job.attempts)
-    except broker.BrokerUnavailable:
-        db.session.rollback()
-        raise
-    db.session.commit()
-    _announce(job)
-    return job
+    return _commit_if_handed_over(job, hand_over)
 
 
 def cancel(job_id):

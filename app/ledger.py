@@ -12,6 +12,7 @@ whose writers flush independently. Every job update is guarded by the attempt
 number (``job.attempts``), so a late write about attempt 1 never overwrites
 attempt 2 that another consumer already recorded.
 """
+import atexit
 import collections
 import datetime as dt
 import json
@@ -27,7 +28,7 @@ from huey import signals as S
 from huey.exceptions import CancelExecution, TaskTimeout
 
 from . import context, events, states
-from .models import Attempt, Job, utcnow
+from .models import Job, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +37,13 @@ MAX_MESSAGE = 8 * 1024
 MAX_RESULT = 64 * 1024
 
 
-
 def transient(exc):
     """Whether ``exc`` means "the database is away", not "this change is bad"."""
     return (isinstance(exc, (sa.exc.OperationalError, sa.exc.DisconnectionError))
             or getattr(exc, 'connection_invalidated', False))
 
+
 job_t = Job.__table__
-attempt_t = Attempt.__table__
-b = sa.bindparam
 
 
 def consumer_id():
@@ -76,56 +75,82 @@ def _chunks(items, size=500):
         yield items[i:i + size]
 
 
-# Statements, each run with executemany over a batch.
-_START = job_t.update().where(
-    job_t.c.id == b('j_id'), job_t.c.attempts < b('j_n')
-).values(
-    state=states.RUNNING, attempts=b('j_n'), started_at=b('j_at'), finished_at=None,
-    scheduled_for=None, worker=b('j_worker'), progress=None, progress_message=None,
-    version=job_t.c.version + 1, updated_at=b('j_now'))
+# Every job update is one statement run with executemany over the batch, in
+# the driver's own SQL: at thousands of jobs a second the writer's time (and
+# its hold on the GIL, which Huey's worker threads wait for) is the cost of
+# recording, so rows go to the driver as plain tuples.
+_SQL = {
+    # attempt n started (a later attempt may already be recorded: guard)
+    'start': 'UPDATE job SET state = {running}, attempts = ?, started_at = ?, finished_at = NULL, '
+             'scheduled_for = NULL, worker = ?, progress = NULL, progress_message = NULL, '
+             'version = version + 1, updated_at = ? WHERE id = ? AND attempts < ?',
+    # attempt n started and ended within one batch (fast jobs)
+    'ran': 'UPDATE job SET state = ?, attempts = ?, started_at = ?, finished_at = ?, '
+           'scheduled_for = NULL, worker = ?, result = ?, error = ?, progress = ?, '
+           'progress_message = NULL, version = version + 1, updated_at = ? '
+           'WHERE id = ? AND attempts < ?',
+    # attempt n ended; the job moves only if no later attempt started meanwhile
+    'finish': 'UPDATE job SET state = ?, finished_at = ?, result = ?, error = ?, '
+              'progress = COALESCE(?, progress), version = version + 1, updated_at = ? '
+              'WHERE id = ? AND attempts = ?',
+    'progress': 'UPDATE job SET progress = ?, progress_message = ?, version = version + 1, '
+                'updated_at = ? WHERE id = ? AND attempts = ? AND state = {running}',
+    # the scheduler moved a due job into the queue
+    'queued': 'UPDATE job SET state = {queued}, version = version + 1, updated_at = ? '
+              'WHERE id = ? AND state = {scheduled}',
+    # when a retry (or a scheduled job) is due
+    'scheduled': 'UPDATE job SET scheduled_for = ?, version = version + 1, updated_at = ? '
+                 'WHERE id = ? AND (state = {retrying} OR state = {scheduled})',
+    'attempt': 'INSERT INTO attempt (job_id, number, worker, outcome, started_at, finished_at, '
+               'duration, error_type, error_message, traceback) '
+               'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+    'end_attempt': 'UPDATE attempt SET outcome = ?, finished_at = ?, duration = ?, '
+                   'error_type = ?, error_message = ?, traceback = ? '
+                   'WHERE job_id = ? AND number = ?',
+    # rows for jobs Huey runs that the ledger has not seen; the API's wins
+    'job': 'INSERT INTO job (id, task, queue, params, state, priority, attempts, retries, '
+           'retry_delay, created_at, updated_at, version) '
+           'VALUES (?, ?, ?, ?, {queued}, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING',
+}
 
-_FINISH = job_t.update().where(
-    job_t.c.id == b('j_id'), job_t.c.attempts == b('j_n')
-).values(
-    state=b('j_state'), finished_at=b('j_finished'), result=b('j_result'),
-    error=b('j_error'), progress=sa.func.coalesce(b('j_progress', type_=sa.Float), job_t.c.progress),
-    version=job_t.c.version + 1, updated_at=b('j_now'))
 
-# Start and finish in one batch (fast jobs): one write instead of two.
-_RAN = job_t.update().where(
-    job_t.c.id == b('j_id'), job_t.c.attempts < b('j_n')
-).values(
-    state=b('j_state'), attempts=b('j_n'), started_at=b('j_at'),
-    finished_at=b('j_finished'), scheduled_for=None, worker=b('j_worker'),
-    result=b('j_result'), error=b('j_error'), progress=b('j_progress'),
-    progress_message=None, version=job_t.c.version + 1, updated_at=b('j_now'))
+class _Dialect:
+    """The statements and value conversions of one database driver."""
 
-_PROGRESS = job_t.update().where(
-    job_t.c.id == b('j_id'), job_t.c.attempts == b('j_n'), job_t.c.state == states.RUNNING
-).values(progress=b('j_progress'), progress_message=b('j_message'),
-         version=job_t.c.version + 1, updated_at=b('j_now'))
+    def __init__(self, dialect):
+        literals = {name: f"'{value}'" for name, value in (
+            ('running', states.RUNNING), ('queued', states.QUEUED),
+            ('scheduled', states.SCHEDULED), ('retrying', states.RETRYING))}
+        self.sql = {k: v.format(**literals) for k, v in _SQL.items()}
+        if dialect.paramstyle != 'qmark':
+            self.sql = {k: v.replace('%', '%%').replace('?', '%s') for k, v in self.sql.items()}
+        if dialect.name == 'sqlite':
+            # SQLAlchemy's storage format for DateTime on SQLite, which
+            # pages and keyset pagination compare as text.
+            self.ts = lambda v: None if v is None else v.strftime('%Y-%m-%d %H:%M:%S.%f')
+        else:
+            self.ts = lambda v: v
 
-_QUEUED = job_t.update().where(
-    job_t.c.id == b('j_id'), job_t.c.state == states.SCHEDULED
-).values(state=states.QUEUED, version=job_t.c.version + 1, updated_at=b('j_now'))
+    @staticmethod
+    def json(value):
+        return None if value is None else json.dumps(value)
 
-# No IN (...) here: executemany cannot expand a list parameter.
-_SCHEDULED = job_t.update().where(
-    job_t.c.id == b('j_id'),
-    sa.or_(job_t.c.state == states.RETRYING, job_t.c.state == states.SCHEDULED)
-).values(scheduled_for=b('j_eta'), version=job_t.c.version + 1, updated_at=b('j_now'))
 
-_FINISH_ATTEMPT = attempt_t.update().where(
-    attempt_t.c.job_id == b('a_job'), attempt_t.c.number == b('a_n')
-).values(outcome=b('a_outcome'), finished_at=b('a_finished'), duration=b('a_duration'),
-         error_type=b('a_etype'), error_message=b('a_emsg'), traceback=b('a_tb'))
+_dialects = {}
+
+
+def _dialect(conn):
+    d = conn.dialect
+    if d.name not in _dialects:
+        _dialects[d.name] = _Dialect(d)
+    return _dialects[d.name]
 
 
 class Recorder:
     """Buffers ledger changes from Huey's threads and writes them in batches."""
 
-    def __init__(self, engine, flush_interval=0.05, max_batch=5000):
-        self.engine = engine
+    def __init__(self, writer, flush_interval=0.05, max_batch=5000):
+        self.writer = writer if not isinstance(writer, sa.engine.Engine) else Writer(writer)
         self.flush_interval = flush_interval
         self.max_batch = max_batch
         self.consumer = consumer_id()
@@ -146,7 +171,7 @@ class Recorder:
                 number = context.attempt_number(task)
                 # Kept for the end of the attempt: a task may change its own
                 # retries (no_retry), which the number is computed from.
-                self._started[task.id] = (time.monotonic(), now, number)
+                self._started[task.id] = (time.monotonic(), now, number, queue)
                 meta = task.kwargs.get('meta') or {}
                 self._ops.append(('start', task.id, number,
                                   f'{self.consumer}/{threading.current_thread().name}',
@@ -156,9 +181,9 @@ class Recorder:
             elif signal == S.SIGNAL_ENQUEUED:
                 # The scheduler moving a due job into the queue.
                 if task.eta is None or task.eta <= utcnow():
-                    self._ops.append(('queued', task.id))
+                    self._ops.append(('queued', task.id, task.name, queue))
             elif signal == S.SIGNAL_SCHEDULED:
-                self._ops.append(('scheduled', task.id, task.eta))
+                self._ops.append(('scheduled', task.id, task.eta, task.name, queue))
             # REVOKED needs nothing: the web process marked the job canceled
             # before it revoked the message.
             elif signal == S.SIGNAL_INTERRUPTED:
@@ -213,6 +238,7 @@ class Recorder:
         started = self._started.pop(task.id, None)
         duration = time.monotonic() - started[0] if started else None
         number = started[2] if started else context.attempt_number(task)
+        queue = started[3] if started else None
         etype = emsg = tb = None
         if exc is not None:
             etype = _error_type(exc)
@@ -220,7 +246,7 @@ class Recorder:
             if exc.__traceback__ is not None:
                 tb = ''.join(tb_module.format_exception(exc))[-MAX_TRACEBACK:]
         self._ops.append(('finish', task.id, number, outcome, now,
-                          duration, etype, emsg, tb, result, final))
+                          duration, etype, emsg, tb, result, final, task.name, queue))
         if len(self._ops) >= self.max_batch:
             self._wake.set()
 
@@ -245,6 +271,7 @@ class Recorder:
             except Exception:
                 logger.exception('ledger: final flush failed; %d changes unwritten', len(self._ops))
                 break
+        self.writer.close(max(0.0, deadline - time.monotonic()))
 
     @property
     def pending(self):
@@ -255,7 +282,12 @@ class Recorder:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             try:
-                while self._ops and not self._stop.is_set():
+                # One batch per interval: under load batches grow, rather than
+                # the writer flushing small ones back to back (holding the GIL
+                # the worker threads need). Only a full batch waiting is
+                # written at once.
+                self.flush()
+                while len(self._ops) >= self.max_batch and not self._stop.is_set():
                     self.flush()
                 self.failures = 0
             except Exception:
@@ -266,14 +298,7 @@ class Recorder:
                 self._stop.wait(min(5.0, 0.1 * 2 ** self.failures))
 
     def flush(self):
-        """Write one batch.
-
-        When the database is unreachable the batch goes back to the front of
-        the queue, to be retried. Any other error is a bad change, not a bad
-        database: the batch is then written change by change and only the
-        changes that fail on their own are dropped (and logged), so one bad
-        change cannot stop the recording of everything after it.
-        """
+        """Hand one batch to the writer; what it could not write is kept."""
         with self._flush_lock:
             ops = []
             while self._ops and len(ops) < self.max_batch:
@@ -281,31 +306,128 @@ class Recorder:
             if not ops:
                 return 0
             try:
-                with self.engine.begin() as conn:
-                    changed = apply(conn, ops)
-            except Exception as exc:
-                if transient(exc):
-                    self._ops.extendleft(reversed(ops))
-                    raise
-                logger.exception('ledger: batch of %d changes failed; writing them one by one',
-                                 len(ops))
-                changed = set()
-                for i, op in enumerate(ops):
-                    try:
-                        with self.engine.begin() as conn:
-                            changed |= apply(conn, [op])
-                    except Exception as exc:
-                        if transient(exc):
-                            self._ops.extendleft(reversed(ops[i:]))
-                            raise
-                        logger.exception('ledger: dropped a change it cannot write: %.300r', op)
-        announce(self.engine, changed)
-        return len(ops)
+                self.writer.write(ops)
+            except Unwritten as exc:
+                self._ops.extendleft(reversed(exc.ops))
+                raise
+            return len(ops)
+
+
+class Unwritten(Exception):
+    """The database is unreachable; ``ops`` are the changes not yet written."""
+
+    def __init__(self, ops, cause):
+        super().__init__(f'{len(ops)} changes not written: {cause}')
+        self.ops = ops
+
+
+class Writer:
+    """Writes batches of changes to the ledger and announces them."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def write(self, ops):
+        """Write ``ops`` in one transaction; raise :class:`Unwritten` if the database is away.
+
+        Any other error is a bad change, not a bad database: the batch is
+        then written change by change and only the changes that fail on
+        their own are dropped (and logged), so one bad change cannot stop
+        the recording of everything after it.
+        """
+        try:
+            with self.engine.begin() as conn:
+                changed = apply(conn, ops)
+        except Exception as exc:
+            if transient(exc):
+                raise Unwritten(ops, exc) from exc
+            logger.exception('ledger: batch of %d changes failed; writing them one by one',
+                             len(ops))
+            changed = {}
+            for i, op in enumerate(ops):
+                try:
+                    with self.engine.begin() as conn:
+                        changed.update(apply(conn, [op]))
+                except Exception as exc:
+                    if transient(exc):
+                        raise Unwritten(ops[i:], exc) from exc
+                    logger.exception('ledger: dropped a change it cannot write: %.300r', op)
+        announce(changed)
+
+    def close(self, timeout):
+        pass
+
+
+class ProcessWriter:
+    """Writes the ledger from a child process of its own.
+
+    A consumer's worker threads share one GIL; writing thousands of rows a
+    second in the same process starves them (the writer's database work
+    releases and retakes the GIL row by row). Batches go over a pipe
+    instead, and a child process writes them. If the consumer dies, the
+    child still writes everything it was sent, then exits.
+    """
+
+    def __init__(self):
+        import multiprocessing
+        ctx = multiprocessing.get_context('spawn')  # no fork of a threaded process
+        receive, self._send = ctx.Pipe(duplex=False)
+        self._child = ctx.Process(target=_write_in_child, args=(receive,),
+                                  name='ledger-writer')
+        self._child.start()
+        receive.close()
+
+    def write(self, ops):
+        if not self._child.is_alive():
+            raise Unwritten(ops, f'the ledger writer process exited ({self._child.exitcode})')
+        try:
+            self._send.send(ops)
+        except OSError as exc:
+            raise Unwritten(ops, exc) from exc
+
+    def close(self, timeout):
+        try:
+            self._send.send(None)
+            self._send.close()
+        except OSError:
+            pass
+        self._child.join(timeout)
+
+
+def _write_in_child(receive):
+    """The ledger writer process: write every batch received until told to stop."""
+    from . import create_app
+    from .extensions import db
+    app = create_app()
+    with app.app_context():
+        writer = Writer(db.engine)
+    while True:
+        try:
+            ops = receive.recv()
+        except EOFError:  # the consumer is gone; everything it sent is written
+            return
+        if ops is None:
+            return
+        failures = 0
+        while ops:
+            try:
+                writer.write(ops)
+                ops = None
+            except Unwritten as exc:
+                failures += 1
+                logger.error('ledger: %s (%d failures in a row); retrying', exc, failures)
+                ops = exc.ops
+                time.sleep(min(5.0, 0.1 * 2 ** failures))
 
 
 def apply(conn, ops):
-    """Apply a batch of recorded changes on ``conn``; return the touched job ids."""
-    now = utcnow()
+    """Apply a batch of recorded changes on ``conn``; return what changed.
+
+    Returns ``{job id: (state, queue, task)}`` as this batch left them (a
+    hint for the live pages, which re-read the ledger).
+    """
+    d = _dialect(conn)
+    ts, now = d.ts, d.ts(utcnow())
     starts = {}      # (job, n) -> start op
     finishes = {}    # (job, n) -> finish op
     progress = {}    # job -> latest progress op
@@ -323,77 +445,87 @@ def apply(conn, ops):
         elif kind == 'scheduled':
             scheduled[op[1]] = op
 
-    if starts:
-        _insert_missing_jobs(conn, starts.values(), now)
-
-    attempt_rows, attempt_updates = [], []
-    start_rows, ran_rows, finish_rows = [], [], []
+    changed = {}
+    attempts, ended, start_rows, ran_rows, finish_rows = [], [], [], [], []
     for key, s in starts.items():
-        _, job_id, n, worker, at, _info = s
-        row = {'job_id': job_id, 'number': n, 'worker': worker, 'outcome': states.ATTEMPT_RUNNING,
-               'started_at': at, 'finished_at': None, 'duration': None,
-               'error_type': None, 'error_message': None, 'traceback': None}
+        _, job_id, n, worker, at, info = s
         f = finishes.pop(key, None)
         if f is None:
-            start_rows.append({'j_id': job_id, 'j_n': n, 'j_at': at, 'j_worker': worker,
-                               'j_now': now})
+            attempts.append((job_id, n, worker, states.ATTEMPT_RUNNING, ts(at),
+                             None, None, None, None, None))
+            start_rows.append((n, ts(at), worker, now, job_id, n))
+            changed[job_id] = (states.RUNNING, info[1], info[0])
         else:
-            row.update(outcome=f[3], finished_at=f[4], duration=f[5], error_type=f[6],
-                       error_message=f[7], traceback=f[8])
-            ran_rows.append(dict(_job_end(f, now), j_at=at, j_worker=worker))
-        attempt_rows.append(row)
+            attempts.append((job_id, n, worker, f[3], ts(at), ts(f[4]), f[5], f[6], f[7], f[8]))
+            state, finished, result, error, prog = _job_end(f)
+            ran_rows.append((state, n, ts(at), ts(finished), worker, d.json(result), error, prog,
+                             now, job_id, n))
+            changed[job_id] = (state, info[1], info[0])
     for f in finishes.values():
-        attempt_updates.append({'a_job': f[1], 'a_n': f[2], 'a_outcome': f[3], 'a_finished': f[4],
-                                'a_duration': f[5], 'a_etype': f[6], 'a_emsg': f[7], 'a_tb': f[8]})
-        finish_rows.append(_job_end(f, now))
+        ended.append((f[3], ts(f[4]), f[5], f[6], f[7], f[8], f[1], f[2]))
+        state, finished, result, error, prog = _job_end(f)
+        finish_rows.append((state, ts(finished), d.json(result), error, prog, now, f[1], f[2]))
+        changed[f[1]] = (state, f[12], f[11])
 
-    if attempt_rows:
-        _insert_attempts(conn, attempt_rows)
+    # Job rows first: a start that matches no row means a job the ledger has
+    # not seen, whose row the attempt needs.
+    updated = 0
     if start_rows:
-        conn.execute(_START, start_rows)
+        updated += _executemany(conn, d.sql['start'], start_rows)
     if ran_rows:
-        conn.execute(_RAN, ran_rows)
+        updated += _executemany(conn, d.sql['ran'], ran_rows)
+    if updated < len(start_rows) + len(ran_rows):
+        created = _insert_missing_jobs(conn, d, starts.values(), now)
+        if created:
+            _executemany(conn, d.sql['start'], [r for r in start_rows if r[4] in created])
+            _executemany(conn, d.sql['ran'], [r for r in ran_rows if r[9] in created])
+    if attempts:
+        _insert_attempts(conn, d, attempts)
     if progress:
-        conn.execute(_PROGRESS, [{'j_id': p[1], 'j_n': p[2], 'j_progress': p[3],
-                                  'j_message': p[4], 'j_now': now} for p in progress.values()])
-    if attempt_updates:
-        conn.execute(_FINISH_ATTEMPT, attempt_updates)
+        _executemany(conn, d.sql['progress'], [(p[3], p[4], now, p[1], p[2])
+                                               for p in progress.values()])
+        for p in progress.values():
+            changed.setdefault(p[1], (states.RUNNING, None, None))
+    if ended:
+        _executemany(conn, d.sql['end_attempt'], ended)
     if finish_rows:
-        conn.execute(_FINISH, finish_rows)
+        _executemany(conn, d.sql['finish'], finish_rows)
     if queued:
-        conn.execute(_QUEUED, [{'j_id': i, 'j_now': now} for i in queued])
+        _executemany(conn, d.sql['queued'], [(now, i) for i in queued])
+        for q in queued.values():
+            changed.setdefault(q[1], (states.QUEUED, q[3], q[2]))
     if scheduled:
-        conn.execute(_SCHEDULED, [{'j_id': s[1], 'j_eta': s[2], 'j_now': now}
-                                  for s in scheduled.values()])
+        _executemany(conn, d.sql['scheduled'], [(ts(s[2]), now, s[1])
+                                                for s in scheduled.values()])
+        for s in scheduled.values():
+            changed.setdefault(s[1], (None, s[4], s[3]))
+    return changed
 
-    return ({s[1] for s in starts.values()} | {f[1] for f in finishes.values()}
-            | set(progress) | set(queued) | set(scheduled)
-            | {r['j_id'] for r in ran_rows})
+
+def _executemany(conn, sql, rows):
+    """Run ``sql`` once per row; return the number of rows it changed."""
+    if not rows:
+        return 0
+    return conn.exec_driver_sql(sql, rows).rowcount
 
 
-def _job_end(f, now):
-    """Job columns after attempt ``f`` ended."""
-    _, job_id, n, outcome, at, _dur, etype, emsg, _tb, result, final = f
+def _job_end(f):
+    """``(state, finished_at, result, error, progress)`` after attempt ``f`` ended."""
+    outcome, at, etype, emsg, result, final = f[3], f[4], f[6], f[7], f[9], f[10]
     if outcome == states.ATTEMPT_SUCCEEDED:
-        state, error, prog = states.SUCCEEDED, None, 1.0
-    elif outcome == states.ATTEMPT_INTERRUPTED and not final:
-        state, error, prog = states.QUEUED, None, None
-    else:
-        error = f'{etype}: {emsg}' if emsg else etype
-        prog = None
-        if not final:
-            state = states.RETRYING
-        elif outcome == states.ATTEMPT_CANCELED:
-            state = states.CANCELED
-        else:
-            state = states.FAILED
-    return {'j_id': job_id, 'j_n': n, 'j_state': state,
-            'j_finished': at if state in states.FINISHED else None,
-            'j_result': result, 'j_error': error, 'j_progress': prog, 'j_now': now}
+        return states.SUCCEEDED, at, result, None, 1.0
+    if outcome == states.ATTEMPT_INTERRUPTED and not final:
+        return states.QUEUED, None, None, None, None
+    error = f'{etype}: {emsg}' if emsg else etype
+    if not final:
+        return states.RETRYING, None, None, error, None
+    if outcome == states.ATTEMPT_CANCELED:
+        return states.CANCELED, at, None, error, None
+    return states.FAILED, at, None, error, None
 
 
-def _insert_missing_jobs(conn, start_ops, now):
-    """Create rows for jobs Huey runs that the ledger has not seen.
+def _insert_missing_jobs(conn, d, start_ops, now):
+    """Create rows for jobs Huey runs that the ledger has not seen; return their ids.
 
     The API writes a row before it enqueues, so this only happens for jobs
     enqueued around the API (``huey_tasks.sleep(...)`` from a shell) or when
@@ -405,62 +537,41 @@ def _insert_missing_jobs(conn, start_ops, now):
         known.update(conn.execute(sa.select(job_t.c.id).where(job_t.c.id.in_(chunk))).scalars())
     rows = []
     for job_id, s in by_id.items():
-        if job_id in known:
-            continue
-        task, queue, params, priority, retries, retry_delay = s[5]
-        rows.append({'id': job_id, 'task': task, 'queue': queue, 'params': params,
-                     'state': states.QUEUED, 'priority': priority, 'attempts': s[2] - 1,
-                     'retries': retries, 'retry_delay': retry_delay, 'created_at': s[4],
-                     'updated_at': now, 'version': 1})
-    if rows:
-        # The API may commit the same row meanwhile; its row wins.
-        if conn.dialect.name == 'postgresql':
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        conn.execute(insert(job_t).on_conflict_do_nothing(index_elements=['id']), rows)
+        if job_id not in known:
+            task, queue, params, priority, retries, retry_delay = s[5]
+            rows.append((job_id, task, queue, d.json(params), priority, s[2] - 1, retries,
+                         retry_delay, d.ts(s[4]), now))
+    _executemany(conn, d.sql['job'], rows)
+    return {r[0] for r in rows}
 
 
-def _insert_attempts(conn, rows):
+def _insert_attempts(conn, d, rows):
     try:
         with conn.begin_nested():
-            conn.execute(attempt_t.insert(), rows)
+            _executemany(conn, d.sql['attempt'], rows)
     except sa.exc.IntegrityError:
         # An attempt number already taken (a message enqueued twice, or a job
         # deleted under a running attempt): insert one by one, skipping those.
         for row in rows:
             try:
                 with conn.begin_nested():
-                    conn.execute(attempt_t.insert(), row)
+                    _executemany(conn, d.sql['attempt'], [row])
             except sa.exc.IntegrityError:
                 logger.warning('ledger: attempt %s of job %s not recorded (exists, or job deleted)',
-                               row['number'], row['job_id'])
+                               row[1], row[0])
 
 
-def announce(engine, job_ids, deleted=()):
-    """Publish the current version, state, queue and task of ``job_ids``."""
-    if not job_ids and not deleted:
-        return
-    rows = []
-    try:
-        with engine.connect() as conn:
-            for chunk in _chunks(job_ids):
-                rows.extend(
-                    {'id': r.id, 'version': r.version, 'state': r.state, 'queue': r.queue,
-                     'task': r.task}
-                    for r in conn.execute(sa.select(job_t.c.id, job_t.c.version, job_t.c.state,
-                                                    job_t.c.queue, job_t.c.task)
-                                          .where(job_t.c.id.in_(chunk))))
-    except Exception:
-        logger.exception('ledger: changes written but not announced')
-        return
-    events.publish(rows, deleted)
+def announce(changed, deleted=()):
+    """Publish what a batch changed (ids with state, queue and task as written)."""
+    events.publish([{'id': job_id, 'state': state, 'queue': queue, 'task': task}
+                    for job_id, (state, queue, task) in changed.items()], deleted)
 
 
 # -- wiring -------------------------------------------------------------------
 
 recorder = None
 _recorder_lock = threading.Lock()
+_startup_lock = threading.Lock()
 _attached = set()
 app_factory = None  # how a consumer builds its app; set by create_app's module
 
@@ -471,10 +582,16 @@ def start(app):
     from .extensions import db
     with _recorder_lock:
         if recorder is None:
-            with app.app_context():
-                engine = db.engine
-            recorder = Recorder(engine, app.config['LEDGER_FLUSH_INTERVAL']).start()
+            if app.config['EMBEDDED']:
+                # One process, in-process events: write from a thread.
+                with app.app_context():
+                    writer = Writer(db.engine)
+            else:
+                writer = ProcessWriter()
+            recorder = Recorder(writer, app.config['LEDGER_FLUSH_INTERVAL']).start()
             context.sink = recorder.on_progress
+            # Changes made as the process stops (interrupted jobs) still land.
+            atexit.register(stop)
     return recorder
 
 
@@ -490,8 +607,9 @@ def stop():
 
 def _on_consumer_startup():
     # Runs in each consumer worker; the first one builds the app and recorder.
-    if recorder is None:
-        start(app_factory())
+    with _startup_lock:
+        if recorder is None:
+            start(app_factory())
 
 
 def _on_consumer_shutdown():

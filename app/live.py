@@ -6,11 +6,16 @@ its filters) the event concerns and wakes that view's sockets. Each socket's
 own thread then re-renders the view's fragments from the ledger (shared by
 every socket on the same view) and sends them as ``<hx-partial>`` swaps.
 
-Pressure: a socket sends at most once per ``WINDOW`` (leading edge: a change
-reaching an idle socket goes out at once), a view renders at most once per
-``MIN_RENDER``, and nothing queues per socket but "its view changed", so a
-burst of events costs a few messages per client and constant memory. A slow
-client only blocks its own thread.
+Pressure: each socket has a token bucket of ``BURST`` messages refilled at
+``RATE`` per second. A change reaching an idle socket goes out at once (so do
+the few that follow it closely, such as a short job's queued, running and
+succeeded); under a stream of changes the socket sends ``RATE`` messages a
+second, each carrying everything that changed since the last. A view's
+renders are shared by its sockets and limited the same way (``RENDER_RATE``),
+whatever number of sockets show it, and nothing
+queues per socket but "its view changed", so a burst of events costs a few
+messages per client and constant memory. A slow client only blocks its own
+thread.
 """
 import logging
 import os
@@ -29,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 bp = Blueprint('live', __name__)
 
-WINDOW = 0.25      # at most one message per socket per WINDOW seconds
-MIN_RENDER = 0.2   # a view re-renders at most this often
+RATE = 4.0         # sustained messages per second per socket
+BURST = 3          # messages an idle socket may send back to back
+RENDER_RATE = 5.0  # sustained renders per second per view (BURST back to back)
 IDLE_WAKE = 5.0    # how often an idle socket checks that its peer is still there
 RECENT = 20        # rows in the dashboard's recent list
 CLOSE_RESTART = 1012
@@ -44,6 +50,25 @@ def partial(target, html):
     return f'<hx-partial hx-target="#{target}" hx-swap="outerHTML">{html}</hx-partial>'
 
 
+class Bucket:
+    """A token bucket: ``burst`` at once, then ``rate`` per second."""
+    __slots__ = ('rate', 'burst', 'tokens', 'at')
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = float(burst), time.monotonic()
+
+    def wait(self):
+        """Seconds until a token is free (0: now)."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def take(self):
+        self.tokens -= 1
+
+
 class View:
     """What one kind of page shows; sockets on the same view share renders."""
 
@@ -53,7 +78,8 @@ class View:
         self.clients = set()
         self.displayed = frozenset()  # job ids in the last render
         self._lock = threading.Lock()
-        self._cache = (-1, 0.0, '')  # (version, monotonic time, html)
+        self._cache = (-1, '')  # (version, html)
+        self._renders = Bucket(RENDER_RATE, BURST)
 
     def concerns(self, changed, deleted):
         raise NotImplementedError
@@ -61,20 +87,19 @@ class View:
     def render_html(self):
         raise NotImplementedError
 
-    def render(self, force=False):
-        """``(version, html)``, fresh or at most ``MIN_RENDER`` old."""
+    def render(self):
+        """``(version, html)``: current, or the last render when renders are rationed."""
         with self._lock:
-            version, at, html = self._cache
-            if version == self.version and not force:
+            version, html = self._cache
+            if version == self.version or (version >= 0 and self._renders.wait() > 0):
                 return version, html
-            if not force and version >= 0 and time.monotonic() - at < MIN_RENDER:
-                return version, html
+            self._renders.take()
             version = self.version  # read first: a change during render stays pending
             try:
                 html = self.render_html()
             finally:
                 db.session.rollback()  # no transaction (or stale objects) between renders
-            self._cache = (version, time.monotonic(), html)
+            self._cache = (version, html)
             return version, html
 
 
@@ -159,13 +184,13 @@ def view_for(args, config):
 
 
 class Client:
-    __slots__ = ('view', 'wake', 'sent_version', 'last_send')
+    __slots__ = ('view', 'wake', 'sent_version', 'sends')
 
     def __init__(self, view):
         self.view = view
         self.wake = threading.Event()
         self.sent_version = -1
-        self.last_send = 0.0
+        self.sends = Bucket(RATE, BURST)
 
 
 class Hub:
@@ -282,8 +307,8 @@ hub = Hub()
 
 
 def _send(ws, client, html):
+    client.sends.take()
     ws.send(html)
-    client.last_send = time.monotonic()
 
 
 @sock.route('/ws', bp=bp)
@@ -310,17 +335,17 @@ def live_socket(ws):
             if not ws.connected:
                 return
             if client.sent_version < view.version:
-                wait = WINDOW - (time.monotonic() - client.last_send)
+                wait = client.sends.wait()
                 if wait > 0:
-                    # Trailing edge: whatever else arrives meanwhile is merged.
+                    # Whatever else changes meanwhile goes out in one message.
                     hub.stopping.wait(wait)
                     continue
                 version, html = view.render()
                 if version > client.sent_version:
                     _send(ws, client, html)
                     client.sent_version = version
-                else:  # the view rendered moments ago; take the next one
-                    hub.stopping.wait(MIN_RENDER / 2)
+                else:  # the view's renders are rationed; take the next one
+                    hub.stopping.wait(1 / RENDER_RATE / 2)
                 continue
             client.wake.wait(IDLE_WAKE)
             client.wake.clear()

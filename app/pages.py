@@ -5,7 +5,7 @@ from flask import (Blueprint, current_app, flash, redirect, render_template, req
                    url_for)
 
 from . import catalog, jobs, states
-from .models import utcnow
+from .models import isoformat, utcnow
 
 bp = Blueprint('pages', __name__)
 
@@ -20,6 +20,10 @@ def format_ts(value):
 @bp.app_template_filter('iso')
 def format_iso(value):
     return '' if value is None else value.isoformat(timespec='seconds') + 'Z'
+
+
+# Millisecond precision, as in the JSON API (the benchmark reads it).
+bp.app_template_filter('iso_ms')(lambda value: isoformat(value) or '')
 
 
 @bp.app_template_filter('duration')

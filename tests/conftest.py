@@ -1,5 +1,7 @@
 """Fixtures: an app on a temporary database, private Redis servers, PostgreSQL."""
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 
@@ -11,6 +13,7 @@ import pytest
 for _key in ('REDIS_URL', 'DATABASE_URL', 'QUEUE', 'QUEUES', 'SECRET_KEY'):
     os.environ.pop(_key, None)
 _IMPORT_DIR = tempfile.mkdtemp(prefix='qm-import-')
+atexit.register(shutil.rmtree, _IMPORT_DIR, ignore_errors=True)
 os.environ['INSTANCE_PATH'] = _IMPORT_DIR
 
 from helpers import IN_CI, RedisServer, need  # noqa: E402

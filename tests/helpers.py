@@ -202,17 +202,24 @@ def start_web(env, log_dir, name='web', workers=None):
         env['WEB_CONCURRENCY'] = str(workers)
     proc = Process(name, [str(BIN / 'gunicorn'), '-c', 'gunicorn.conf.py', 'wsgi:app'], env, log_dir)
     api = Api(f'http://127.0.0.1:{port}')
-    wait_for(lambda: api.healthy() or not proc.alive(), 30, 0.1, message=f'{name} to answer')
-    assert proc.alive(), proc.log()
+    _started(proc, lambda: api.healthy())
     return proc, api
+
+
+def _started(proc, ready, timeout=30):
+    """Wait until ``proc`` is ready; stop it (and say why) if it never is."""
+    try:
+        wait_for(lambda: ready() or not proc.alive(), timeout, 0.1, message=f'{proc.name} to start')
+        assert proc.alive(), f'{proc.name} exited:\n{proc.log()}'
+    except AssertionError:
+        proc.stop()
+        raise
 
 
 def start_consumer(env, log_dir, name='consumer', workers=4, extra_args=()):
     proc = Process(name, [str(BIN / 'huey_consumer'), 'huey_tasks.huey', '--workers', str(workers),
                           '--worker-type', 'thread', *extra_args], env, log_dir)
-    wait_for(lambda: 'Huey consumer started' in proc.log() or not proc.alive(), 30,
-             message=f'{name} to start')
-    assert proc.alive(), proc.log()
+    _started(proc, lambda: 'Huey consumer started' in proc.log())
     return proc
 
 

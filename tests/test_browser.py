@@ -5,6 +5,7 @@ fragments and htmx swaps them in.
 """
 import os
 import re
+import time
 
 import pytest
 from helpers import Deployment, need
@@ -31,6 +32,7 @@ def page(browser):
     page = context.new_page()
     errors = []
     page.on('pageerror', lambda exc: errors.append(str(exc)))
+    trace(page)
     yield page
     context.close()
     assert errors == [], errors
@@ -43,8 +45,19 @@ def deployment(request, tmp_path_factory):
     dep.close()
 
 
+def trace(page):
+    """Print the page's socket and console events: shown when a test fails."""
+    def on_socket(ws):
+        print(f'{time.monotonic():.3f} ws open {ws.url}')
+        ws.on('close', lambda _: print(f'{time.monotonic():.3f} ws closed {ws.url}'))
+        ws.on('socketerror', lambda err: print(f'{time.monotonic():.3f} ws error {err}'))
+        ws.on('framereceived', lambda frame: print(f'{time.monotonic():.3f} ws frame {len(frame)} chars'))
+    page.on('websocket', on_socket)
+    page.on('console', lambda msg: print(f'{time.monotonic():.3f} console {msg.text}'))
+
+
 def live(page):
-    expect(page.locator('#live-status')).to_have_text('live', timeout=10_000)
+    expect(page.locator('#live-status')).to_have_text('live', timeout=20_000)
 
 
 def submit_from_dashboard(page, task, **fields):
@@ -108,6 +121,7 @@ def test_two_windows_both_update(deployment, browser):
     try:
         pages = [c.new_page() for c in contexts]
         for p in pages:
+            trace(p)
             p.goto(deployment.api.base + '/')
             live(p)
         job_id = submit_from_dashboard(pages[0], 'noop')
@@ -150,3 +164,12 @@ def test_jobs_list_follows_its_filter(deployment, page):
     deployment.api.post(f'/api/jobs/{job["id"]}/cancel')
     expect(row).to_have_count(0, timeout=15_000)  # canceled: no longer in this list
     expect(page.locator(f'#job-{other["id"]}')).to_have_count(0)
+
+
+def test_the_socket_opens_even_when_the_extension_arrives_late(deployment, page):
+    def slow(route):
+        time.sleep(0.5)  # the extension's script arrives after htmx's
+        route.continue_()
+    page.route('**/hx-ws-*.js', slow)
+    page.goto(deployment.api.base + '/')
+    live(page)

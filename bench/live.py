@@ -1,0 +1,217 @@
+"""Live-update benchmark: push latency and idle sockets per web process.
+
+Runs a private redis-server, one gunicorn worker process and one huey_consumer
+(4 threads), all real, and measures:
+
+1. latency from a job's completion being recorded in the ledger (the row's
+   ``updated_at``, written in the same transaction) to its fragment arriving
+   at a WebSocket client, at light load (one job at a time) and while the
+   consumer drains a backlog at full speed;
+2. how many idle sockets one web process holds, and its memory before,
+   with them open, and after they have idled a while.
+
+Usage: python bench/live.py [--light 200] [--burst 5000] [--sockets 1000]
+"""
+import argparse
+import datetime as dt
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import simple_websocket
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'tests'))
+sys.path.insert(0, str(ROOT))
+from helpers import (RedisServer, migrate, service_env, start_consumer,  # noqa: E402
+                     start_web, wait_for)
+
+ROW = re.compile(r'<tr id="job-([0-9a-f-]+)" data-state="(\w+)" data-version="\d+" '
+                 r'data-updated="([^"]+)"')
+SUMMARY = re.compile(r'id="job-([0-9a-f-]+)-summary" class="panel summary" data-state="(\w+)" '
+                     r'data-version="\d+" data-updated="([^"]+)"')
+
+
+def utc_seconds(text):
+    when = dt.datetime.fromisoformat(text.rstrip('Z')).replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+class Listener:
+    """A WebSocket client recording when each job is first seen succeeded."""
+
+    def __init__(self, url, pattern):
+        self.ws = simple_websocket.Client.connect(url)
+        self.pattern = pattern
+        self.seen = {}      # job id -> latency in seconds
+        self.messages = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while True:
+                msg = self.ws.receive()
+                now = time.time()
+                if msg is None:
+                    return
+                self.messages += 1
+                for job_id, state, updated in self.pattern.findall(msg):
+                    if state == 'succeeded' and job_id not in self.seen:
+                        self.seen[job_id] = now - utc_seconds(updated)
+        except simple_websocket.ConnectionClosed:
+            pass
+
+    def close(self):
+        try:
+            self.ws.close()
+        except simple_websocket.ConnectionClosed:
+            pass
+
+
+def percentile(values, p):
+    values = sorted(values)
+    if not values:
+        return float('nan')
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def rss_kib(pid):
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1])
+    return 0
+
+
+def worker_pid(master_pid):
+    children = Path(f'/proc/{master_pid}/task/{master_pid}/children').read_text().split()
+    return int(children[0])
+
+
+def light_load(api, ws_base, count):
+    """One job at a time: the dashboard and the job page each see it finish."""
+    dash = Listener(f'{ws_base}/ws?view=dashboard', ROW)
+    wait_for(lambda: dash.messages, 10, message='dashboard snapshot')
+    page_latency = []
+    for _ in range(count):
+        job = api.submit('noop')
+        page = Listener(f'{ws_base}/ws?view=job&id={job["id"]}', SUMMARY)
+        wait_for(lambda: job['id'] in dash.seen and job['id'] in page.seen, 10, 0.005,
+                 'the job to show as succeeded')
+        page_latency.append(page.seen[job['id']])
+        page.close()
+        time.sleep(0.5)  # light load: let every socket go idle before the next job
+    dash.close()
+    return list(dash.seen.values()), page_latency
+
+
+def burst(api, ws_base, count, consumer_factory):
+    """A backlog drained at the consumer's full speed, watched from the dashboard.
+
+    The jobs are submitted through the API while no consumer runs; then one
+    starts and drains them as fast as it can.
+    """
+    ids = []
+    lock = threading.Lock()
+
+    def submit(n):
+        for _ in range(n):
+            job_id = api.submit('noop')['id']
+            with lock:
+                ids.append(job_id)
+
+    threads = [threading.Thread(target=submit, args=(count // 8,)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dash = Listener(f'{ws_base}/ws?view=dashboard', ROW)
+    wait_for(lambda: dash.messages, 10, message='dashboard snapshot')
+    before = dash.messages
+    start = time.monotonic()
+    consumer = consumer_factory()
+
+    def drained():
+        counts = api.get('/api/stats')[1]['states']
+        return counts['queued'] == 0 and counts['running'] == 0
+    wait_for(drained, 600, 0.1, 'the backlog to drain')
+    elapsed = time.monotonic() - start
+    wait_for(lambda: any(i in dash.seen for i in ids[-5:]), 10, 0.05, 'the last rows')
+    dash.close()
+    wanted = set(ids)
+    return ([lat for job_id, lat in dash.seen.items() if job_id in wanted],
+            dash.messages - before, elapsed, len(ids), consumer)
+
+
+def idle_sockets(ws_base, web_pid, count):
+    pid = worker_pid(web_pid)
+    base = rss_kib(pid)
+    clients = []
+    start = time.monotonic()
+    for i in range(count):
+        clients.append(Listener(f'{ws_base}/ws?view=dashboard', ROW))
+    wait_for(lambda: all(c.messages for c in clients), 120, 0.1, 'every socket snapshot')
+    opened = time.monotonic() - start
+    with_sockets = rss_kib(pid)
+    time.sleep(20)  # idle: memory should hold steady
+    idle = rss_kib(pid)
+    alive = sum(1 for c in clients if c.ws.connected)
+    for c in clients:
+        c.close()
+    return {'sockets': count, 'alive_after_idle': alive, 'open_seconds': opened,
+            'rss_base_mib': base / 1024, 'rss_open_mib': with_sockets / 1024,
+            'rss_idle_mib': idle / 1024}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--light', type=int, default=200, help='jobs at light load')
+    parser.add_argument('--burst', type=int, default=3000, help='jobs in the full-speed burst')
+    parser.add_argument('--sockets', type=int, default=1000, help='idle sockets to open')
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix='qm-bench-live-'))
+    redis = RedisServer(tmp / 'redis')
+    env = service_env(tmp, redis.url, WEB_CONCURRENCY=1, LOG_LEVEL='WARNING')
+    migrate(env, tmp)
+    web, api = start_web(env, tmp)
+    consumer = start_consumer(env, tmp)
+    ws_base = api.base.replace('http://', 'ws://')
+    try:
+        dash, page = light_load(api, ws_base, args.light)
+        consumer.stop()
+        burst_latency, burst_messages, burst_seconds, burst_jobs, consumer = burst(
+            api, ws_base, args.burst, lambda: start_consumer(env, tmp, name='consumer-burst'))
+        idle = idle_sockets(ws_base, web.pid, args.sockets)
+    finally:
+        consumer.stop()
+        web.stop()
+        redis.stop()
+
+    ms = lambda s: f'{s * 1000:7.1f} ms'  # noqa: E731
+    print('\nLive updates: ledger commit -> fragment at a WebSocket client')
+    print(f'  {"":34} {"p50":>10} {"p99":>10} {"samples":>8}')
+    for label, values in [('light load, job page', page), ('light load, dashboard', dash),
+                          ('full-speed burst, dashboard', burst_latency)]:
+        print(f'  {label:34} {ms(percentile(values, 50)):>10} {ms(percentile(values, 99)):>10} '
+              f'{len(values):>8}')
+    print(f'  targets at light load: p50 < 50 ms, p99 < 250 ms')
+    print(f'\nBurst: a backlog of {burst_jobs} jobs drained in {burst_seconds:.1f} s '
+          f'({burst_jobs / burst_seconds:.0f} jobs/s); the dashboard socket got '
+          f'{burst_messages} messages meanwhile ({burst_messages / burst_seconds:.1f}/s)')
+    print(f'\nIdle sockets on one web process: {idle["sockets"]} opened in '
+          f'{idle["open_seconds"]:.1f} s, {idle["alive_after_idle"]} still open after 20 s idle')
+    print(f'  worker RSS: {idle["rss_base_mib"]:.1f} MiB before, {idle["rss_open_mib"]:.1f} MiB '
+          f'with them open, {idle["rss_idle_mib"]:.1f} MiB after idling '
+          f'({(idle["rss_open_mib"] - idle["rss_base_mib"]) * 1024 / idle["sockets"]:.0f} KiB per socket)')
+    print('  target: at least 500 idle sockets per web process')
+
+
+if __name__ == '__main__':
+    os.environ.pop('REDIS_URL', None)
+    main()
