@@ -155,6 +155,7 @@ class Recorder:
         self.max_batch = max_batch
         self.consumer = consumer_id()
         self._ops = collections.deque()
+        self._local = threading.local()
         self._started = {}  # task id -> (monotonic start, utc start)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -173,8 +174,7 @@ class Recorder:
                 # retries (no_retry), which the number is computed from.
                 self._started[task.id] = (time.monotonic(), now, number, queue)
                 meta = task.kwargs.get('meta') or {}
-                self._ops.append(('start', task.id, number,
-                                  f'{self.consumer}/{threading.current_thread().name}',
+                self._ops.append(('start', task.id, number, self._worker_name(),
                                   now, (task.name, queue, task.kwargs.get('params') or {},
                                         task.priority or 0, meta.get('retries', task.retries),
                                         task.retry_delay or 0.0)))
@@ -191,11 +191,17 @@ class Recorder:
         except Exception:
             logger.exception('ledger: %s of %s not recorded', signal, getattr(task, 'id', task))
 
+    def _worker_name(self):
+        name = getattr(self._local, 'name', None)
+        if name is None:
+            name = self._local.name = f'{self.consumer}/{threading.current_thread().name}'
+        return name
+
     def on_post_execute(self, task, value, exc):
         try:
             if exc is None:
                 self._finish(task, states.ATTEMPT_SUCCEEDED, None, final=True,
-                             result=_jsonable(value))
+                             result=None if value is None else _jsonable(value))
             else:
                 if isinstance(exc, TaskTimeout):
                     outcome = states.ATTEMPT_TIMEOUT
@@ -634,7 +640,10 @@ def attach(huey, queue):
         if recorder is not None:
             recorder.on_post_execute(task, value, exc)
 
-    huey.signal()(on_signal)
+    # Only the signals the ledger uses: COMPLETE and ERROR come through
+    # the post-execute hook, which also sees the result and the exception.
+    huey.signal(S.SIGNAL_EXECUTING, S.SIGNAL_ENQUEUED, S.SIGNAL_SCHEDULED,
+                S.SIGNAL_INTERRUPTED)(on_signal)
     huey.post_execute('qm_ledger')(on_post_execute)
     huey.on_startup('qm_ledger')(_on_consumer_startup)
     huey.on_shutdown('qm_ledger')(_on_consumer_shutdown)
