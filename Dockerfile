@@ -32,4 +32,11 @@ VOLUME /data
 USER app
 
 EXPOSE 8000
+# SIGTERM (docker stop) is a graceful stop for both commands: gunicorn
+# closes live pages' sockets with 1012 and finishes requests within 30 s;
+# huey_consumer lets running jobs finish for GRACE_PERIOD (25 s), then puts
+# the rest back in the queue. Docker's grace period must be longer than
+# that (docker-compose.yml gives 35 s), or SIGKILL cuts the job off and the
+# reaper has to recover it as lost.
+STOPSIGNAL SIGTERM
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]

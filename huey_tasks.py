@@ -6,6 +6,7 @@ submit form, the API and validation are generated from these declarations.
 Tasks raise to fail and let Huey retry; they report progress with
 :func:`progress`.
 """
+import logging
 import random
 import time
 
@@ -18,6 +19,11 @@ from app.context import current, progress
 broker.configure(config.load())
 huey = broker.consumer_huey()
 task = broker.task
+
+# What tasks log through this logger is kept with their attempt and shown on
+# the job page (INFO and up, whatever the process's own log level).
+log = logging.getLogger('huey_tasks')
+log.setLevel(logging.INFO)
 
 
 class CardDeclined(Exception):
@@ -42,6 +48,7 @@ def sleep(seconds, steps):
     """Sleep, reporting progress after each step."""
     for step in range(steps):
         time.sleep(seconds / steps)
+        log.info('step %d of %d done', step + 1, steps)
         progress(step + 1, steps, f'step {step + 1} of {steps}')
     return {'slept': seconds}
 
@@ -68,14 +75,18 @@ def fail(message):
     raise RuntimeError(message)
 
 
-@task(no_retry=(CardDeclined,), params=[
+# A charge must not run twice: if its worker is lost mid-run it fails
+# visibly instead of being re-run (rerun=False).
+@task(no_retry=(CardDeclined,), rerun=False, params=[
     Param('amount', float, default=25.0, min=0.01, max=1_000_000, help='Amount to charge'),
     Param('currency', str, default='EUR', choices=('EUR', 'USD', 'GBP', 'JPY')),
     Param('card', str, default='4242 4242 4242 4242', max_length=32, help='Card number'),
     Param('failure_rate', float, default=0.2, min=0, max=1,
           help='Chance the gateway times out (retried)'),
+    Param('latency', float, default=0, min=0, max=600,
+          help='Seconds the gateway takes to authorize (0: 0.05 to 0.3 at random)'),
 ])
-def payment(amount, currency, card, failure_rate):
+def payment(amount, currency, card, failure_rate, latency):
     """Charge a card through a simulated gateway: slow, sometimes times out.
 
     Amounts over 10,000 are declined by the issuer (fails at once, no retry);
@@ -86,8 +97,9 @@ def payment(amount, currency, card, failure_rate):
         raise CardDeclined(f'card number has {len(digits)} digits')
     if amount > 10_000:
         raise CardDeclined(f'issuer declined {amount:.2f} {currency}: over the card limit')
+    log.info('authorizing %.2f %s on card ending %s', amount, currency, digits[-4:])
     progress(0.1, message='authorizing')
-    time.sleep(random.uniform(0.05, 0.3))
+    time.sleep(latency or random.uniform(0.05, 0.3))
     if random.random() < failure_rate:
         raise GatewayTimeout('no answer from the gateway within 30 s')
     progress(0.8, message='capturing')

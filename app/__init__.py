@@ -5,7 +5,7 @@ import os
 from flask import Flask
 from sqlalchemy import event
 
-from . import broker, config as config_module, events, ledger
+from . import broker, config as config_module, events
 from .extensions import db, migrate, sock
 
 
@@ -64,6 +64,3 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cursor.execute('PRAGMA foreign_keys=ON')
     cursor.close()
 
-
-# How a consumer process builds its app, once, when its first worker starts.
-ledger.app_factory = create_app

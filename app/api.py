@@ -87,6 +87,13 @@ def stats():
     return jobs.stats()
 
 
+@bp.get('/workers')
+def list_workers():
+    """Every consumer that reported in: online ones first, then offline."""
+    lost_after = current_app.config['LOST_AFTER']
+    return {'workers': [w.to_dict(lost_after) for w in jobs.workers(lost_after)]}
+
+
 @health.get('/healthz')
 def healthz():
     """Whether the broker and the database answer."""

@@ -7,15 +7,19 @@ configuration names: Redis, or SQLite in the embedded mode.
 import datetime as dt
 import os
 import random
+import signal
 import sqlite3
+import threading
 
 import redis
 from huey import Huey
+from huey.consumer import Consumer
 from huey.storage import PriorityRedisStorage, SqliteStorage
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import catalog, config as config_module, context, ledger
+from .leader import leadership
 
 
 class BrokerUnavailable(Exception):
@@ -26,14 +30,57 @@ BROKER_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
                  sqlite3.OperationalError)
 
 
+PAUSED_KEY = 'qm:paused'
+
+
+class TrackedConsumer(Consumer):
+    """``huey_consumer`` as we run it: SIGTERM and SIGINT both stop gracefully.
+
+    Running jobs get ``GRACE_PERIOD`` seconds to finish (Huey's
+    ``shutdown_timeout``); then the consumer stops and the jobs still running
+    are put back in the queue (see the ledger's INTERRUPTED handling). A
+    second signal stops at once. Docker's stop signal is SIGTERM, Ctrl-C is
+    SIGINT: both mean "finish up".
+    """
+
+    def __init__(self, huey, **options):
+        if options.get('shutdown_timeout') is None:
+            options['shutdown_timeout'] = _settings['grace']
+        super().__init__(huey, **options)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._signal_actions[signum] = (False, True)
+        ledger.serving(queue_of(huey), self.workers)
+
+
 class TrackedHuey(Huey):
-    """Huey with jittered exponential retry delays.
+    """Huey with jittered exponential retry delays, pausing, and one periodic scheduler.
 
     Huey grows ``retry_delay`` by ``retry_backoff`` on each retry; we spread
     each delay by +-``retry_jitter`` so a burst of jobs failing together does
-    not come back together.
+    not come back together. A paused queue keeps its messages: its workers
+    take none. Periodic tasks are enqueued by the leading consumer only.
     """
     retry_jitter = 0.25
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.paused = threading.Event()  # refreshed from the broker by the consumer
+
+    def create_consumer(self, **options):
+        return TrackedConsumer(self, **options)
+
+    def dequeue(self):
+        if self.paused.is_set():
+            # Idle like an empty queue; resuming is seen within a second.
+            _resumed.wait(0.5)
+            return None
+        return super().dequeue()
+
+    def read_periodic(self, timestamp):
+        if not leadership.leading:
+            return []
+        return [t for t in super().read_periodic(timestamp)
+                if not is_periodic_paused(t.name)]
 
     def _requeue_task(self, task, timestamp, retry_eta=None):
         if retry_eta is None and task.retry_delay:
@@ -46,7 +93,12 @@ class TrackedHuey(Huey):
 
 # queue name -> Huey instance, in this process.
 hueys: dict[str, TrackedHuey] = {}
-_settings = {'backoff': 2.0, 'spec': None}
+_settings = {'backoff': 2.0, 'spec': None, 'grace': 25.0}
+_resumed = threading.Event()  # never set: paused workers wait on it, with a timeout
+
+
+def queue_of(huey):
+    return huey.name.split('.', 1)[1]
 _pool = {'url': None, 'pool': None}
 
 
@@ -81,6 +133,7 @@ def _storage_args(spec):
 def configure(config):
     """Point every queue's Huey at the configured broker (idempotent)."""
     _settings['backoff'] = config['RETRY_BACKOFF']
+    _settings['grace'] = config['GRACE_PERIOD']
     spec = _storage_spec(config)
     changed = spec != _settings['spec']
     _settings['spec'] = spec
@@ -94,10 +147,16 @@ def configure(config):
             for task_type in catalog.TASKS.values():
                 _register(huey, task_type)
             ledger.attach(huey, name)
+            huey.on_startup('qm_consumer')(_on_worker_startup)
         elif changed:
             huey.storage_class, huey.storage_kwargs = storage_class, storage_kwargs
             huey.storage = huey.create_storage()
         huey.retry_jitter = config['RETRY_JITTER']
+
+
+def _on_worker_startup():
+    from . import consumer
+    consumer.on_worker_startup()
 
 
 def consumer_huey():
@@ -110,12 +169,15 @@ def consumer_huey():
 
 
 def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
-         no_retry=()):
+         no_retry=(), rerun=True):
     """Declare a task type and register it on every queue's Huey.
 
     ``retries`` and ``retry_delay`` default to the configured policy; a
     submission may override both. ``no_retry`` lists exceptions that retrying
-    cannot fix: the job fails on the spot.
+    cannot fix: the job fails on the spot. ``timeout`` (seconds) stops an
+    attempt at its next ``progress()`` once it is over time. ``rerun=False``
+    marks a task that must not run twice: if its worker is lost mid-run the
+    job fails instead of running again.
     """
     def decorator(func):
         doc = (func.__doc__ or '').strip().splitlines()
@@ -123,7 +185,7 @@ def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
             name=func.__name__, func=func, params=tuple(params),
             description=doc[0] if doc else '', retries=retries,
             retry_delay=retry_delay, priority=priority, timeout=timeout,
-            no_retry=tuple(no_retry)))
+            no_retry=tuple(no_retry), rerun=rerun))
         for huey in hueys.values():
             _register(huey, task_type)
         func.task_type = task_type
@@ -133,7 +195,7 @@ def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
 
 def _register(huey, task_type):
     def run(params, meta=None, task=None):
-        with context.running(task):
+        with context.running(task, huey):
             try:
                 return task_type.func(**params)
             except task_type.no_retry:
@@ -148,20 +210,24 @@ def _register(huey, task_type):
     task_type.wrappers[huey.name] = wrapper
 
 
-def enqueue(job, base=0):
+def enqueue(job, base=0, retries=None):
     """Hand ``job`` (a ledger row) to Huey as a new message.
 
     ``base`` is the number of attempts already made, so attempt numbers keep
-    counting up across manual retries. Raises :class:`BrokerUnavailable`.
+    counting up across manual retries; ``retries`` overrides the job's (what
+    is left of them, for a job put back after its worker was lost). Raises
+    :class:`BrokerUnavailable`.
     """
     huey = hueys[job.queue]
     task_type = catalog.TASKS[job.task]
     task_class = task_type.wrappers[huey.name].task_class
+    retries = job.retries if retries is None else retries
     message = task_class(
-        (), {'params': job.params, 'meta': {'base': base, 'retries': job.retries}},
-        id=job.id, eta=job.scheduled_for, retries=job.retries,
+        (), {'params': job.params, 'meta': {'base': base, 'retries': retries}},
+        id=job.id, eta=job.scheduled_for, retries=retries,
         retry_delay=job.retry_delay, retry_backoff=_settings['backoff'],
-        priority=job.priority or None)
+        priority=job.priority or None,
+        timeout=job.timeout if job.timeout is not None else task_type.timeout)
     try:
         huey.enqueue(message)
     except BROKER_ERRORS as exc:
@@ -207,9 +273,98 @@ def withdraw(job):
 
 
 def restore(job):
-    """Clear a revoke flag :func:`withdraw` may have left for the job."""
+    """Clear what :func:`withdraw` or a cancel request may have left for the job."""
     try:
-        hueys[job.queue].restore_by_id(job.id)
+        huey = hueys[job.queue]
+        huey.restore_by_id(job.id)
+        huey.storage.delete_data(context.CANCEL_KEY.format(job.id))
+    except BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
+
+
+def request_cancel(job):
+    """Ask the running job to stop at its next progress report."""
+    try:
+        hueys[job.queue].storage.put_data(context.CANCEL_KEY.format(job.id), b'1')
+    except BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
+
+
+def _flag(huey, key, on):
+    try:
+        if on:
+            huey.storage.put_data(key, b'1')
+        else:
+            huey.storage.delete_data(key)
+    except BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
+
+
+def _has(huey, key):
+    try:
+        return huey.storage.has_data_for_key(key)
+    except BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
+
+
+def set_paused(queue, paused):
+    """Pause or resume a queue: its messages stay, no worker takes one."""
+    _flag(hueys[queue], PAUSED_KEY, paused)
+
+
+def is_paused(queue):
+    return _has(hueys[queue], PAUSED_KEY)
+
+
+def set_periodic_paused(name, paused):
+    _flag(hueys['default'], f'qm:periodic-paused:{name}', paused)
+
+
+def is_periodic_paused(name):
+    try:
+        return _has(hueys['default'], f'qm:periodic-paused:{name}')
+    except BrokerUnavailable:
+        return False
+
+
+def refresh_paused():
+    """Copy each queue's paused flag from the broker into this process."""
+    for name, huey in hueys.items():
+        try:
+            paused = is_paused(name)
+        except BrokerUnavailable:
+            continue
+        if paused:
+            huey.paused.set()
+        else:
+            huey.paused.clear()
+
+
+def message_ids(queue):
+    """Ids of every job Huey holds a message for in ``queue`` (queued or scheduled)."""
+    huey = hueys[queue]
+    storage = huey.storage
+    ids = set()
+    try:
+        if isinstance(storage, SqliteStorage):
+            for table in ('task', 'schedule'):
+                for (data,) in storage.sql(f'select data from {table} where queue = ?',
+                                           (storage.name,), results=True):
+                    ids.add(huey.serializer.deserialize(bytes(data)).id)
+        else:
+            for key, skip in ((storage.queue_key, 8), (storage.schedule_key, 0)):
+                for member, _score in storage.conn.zscan_iter(key, count=1000):
+                    ids.add(huey.serializer.deserialize(member[skip:]).id)
+    except BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
+    return ids
+
+
+def depth(queue):
+    """Messages waiting in Huey for ``queue``: ``(queued, scheduled)``."""
+    huey = hueys[queue]
+    try:
+        return huey.pending_count(), huey.scheduled_count()
     except BROKER_ERRORS as exc:
         raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
 

@@ -155,6 +155,8 @@ class TaskType:
     timeout: float | None = None
     # Exceptions that mean "retrying cannot help": the job fails at once.
     no_retry: tuple = ()
+    # Whether a job whose worker was lost mid-run may run again.
+    rerun: bool = True
     wrappers: dict = field(default_factory=dict)  # queue -> Huey TaskWrapper
 
     def param(self, name):
@@ -172,6 +174,7 @@ class TaskType:
             'retry_delay': defaults['DEFAULT_RETRY_DELAY'] if self.retry_delay is None else self.retry_delay,
             'priority': self.priority,
             'timeout': self.timeout,
+            'rerun': self.rerun,
         }
 
 

@@ -49,16 +49,30 @@ DEFAULTS = {
     'RETRY_JITTER': 0.25,
     # How often the consumer's ledger writer flushes buffered changes (s).
     'LEDGER_FLUSH_INTERVAL': 0.05,
+    # Consumers heartbeat this often (s); a consumer silent for LOST_AFTER s
+    # is gone, and the reaper (run by one consumer, checking every
+    # REAP_INTERVAL s) re-runs or fails its running jobs: found within 60 s.
+    'HEARTBEAT_INTERVAL': 5.0,
+    'LOST_AFTER': 45.0,
+    'REAP_INTERVAL': 10.0,
+    # Offline consumers leave the workers page after this long (s).
+    'WORKER_RETENTION': 3600.0,
+    # On SIGTERM or SIGINT a consumer lets running jobs finish for this long
+    # (s), then puts the rest back in the queue.
+    'GRACE_PERIOD': 25.0,
+    # Lines of log kept per attempt.
+    'LOG_LINES': 1000,
     # Rows per page on the jobs list and the API's default/maximum limit.
     'PAGE_SIZE': 50,
     'MAX_PAGE_SIZE': 500,
     'LOG_LEVEL': 'INFO',
 }
 
-_INT = {'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES',
+_INT = {'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
         'PAGE_SIZE', 'MAX_PAGE_SIZE'}
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
-          'LEDGER_FLUSH_INTERVAL'}
+          'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',
+          'WORKER_RETENTION', 'GRACE_PERIOD'}
 
 
 class ConfigError(ValueError):

@@ -1,12 +1,37 @@
-"""What a task can know about the job it is running, and how it reports progress."""
+"""What a task can know about the job it is running, and how it talks back.
+
+``progress()`` reports how far the job is; it is also the task's checkpoint:
+it raises when an operator canceled the job or the attempt ran out of time.
+What the task logs through :mod:`logging` while it runs is kept with its
+attempt.
+"""
+import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
+from huey.exceptions import CancelExecution
 
 _local = threading.local()
 
-# Set by the ledger recorder of a consumer; progress reports go nowhere when
-# no recorder runs (a task called directly, or Huey's immediate mode).
+# Set by the ledger recorder of a consumer; reports go nowhere when no
+# recorder runs (a task called directly, or Huey's immediate mode).
 sink = None
+log_sink = None
+
+CANCEL_CHECK = 0.5  # seconds between looks for a cancel request
+CANCEL_KEY = 'qm:cancel:{}'
+
+
+class Canceled(CancelExecution):
+    """An operator canceled the running job; it ends ``canceled``, not retried."""
+
+    def __init__(self, message):
+        super().__init__(retry=False)
+        self.message = message
+
+    def __str__(self):
+        return self.message
 
 
 @dataclass
@@ -14,6 +39,10 @@ class Running:
     job_id: str
     attempt: int
     task: object  # the Huey Task instance
+    huey: object = None
+    fraction: float = 0.0
+    message: str | None = None
+    checked: float = field(default_factory=time.monotonic)
 
 
 def attempt_number(task):
@@ -35,8 +64,8 @@ def current():
 class running:
     """Context manager marking ``task`` as this thread's running job."""
 
-    def __init__(self, task):
-        self.running = Running(task.id, attempt_number(task), task)
+    def __init__(self, task, huey=None):
+        self.running = Running(task.id, attempt_number(task), task, huey)
 
     def __enter__(self):
         _local.running = self.running
@@ -50,11 +79,45 @@ def progress(done, total=None, message=None):
     """Report progress of the running job: ``done`` of ``total``, or a fraction.
 
     Cheap enough to call in a tight loop: reports are buffered and only the
-    latest per job reaches the ledger.
+    latest per job reaches the ledger. Raises :class:`Canceled` when an
+    operator canceled the job, and Huey's ``TaskTimeout`` when the attempt
+    is past its timeout, so a long task stops at its next report.
     """
     job = current()
-    if job is None or sink is None:
+    if job is None:
         return
     fraction = done / total if total else done
-    fraction = min(1.0, max(0.0, float(fraction)))
-    sink(job, fraction, None if message is None else str(message)[:200])
+    job.fraction = min(1.0, max(0.0, float(fraction)))
+    job.message = None if message is None else str(message)[:200]
+    if sink is not None:
+        sink(job, job.fraction, job.message)
+    checkpoint()
+
+
+def checkpoint():
+    """Raise if the running job was canceled or ran out of time (no report)."""
+    job = current()
+    if job is None:
+        return
+    job.task.check_timeout()
+    now = time.monotonic()
+    if job.huey is not None and now - job.checked >= CANCEL_CHECK:
+        job.checked = now
+        key = CANCEL_KEY.format(job.job_id)
+        if job.huey.storage.has_data_for_key(key):
+            job.huey.storage.delete_data(key)
+            where = f' at {job.fraction:.0%}' + (f' ({job.message})' if job.message else '')
+            raise Canceled(f'canceled by an operator{where}')
+
+
+class LogCapture(logging.Handler):
+    """Keeps what running tasks log, with their attempt."""
+
+    def emit(self, record):
+        job = current()
+        if job is None or log_sink is None:
+            return
+        try:
+            log_sink(job, record.levelname, self.format(record))
+        except Exception:
+            self.handleError(record)

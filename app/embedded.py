@@ -7,7 +7,7 @@ the way ``huey_consumer`` would run them in a process of its own.
 import logging
 import threading
 
-from . import broker, ledger
+from . import broker, consumer
 
 logger = logging.getLogger(__name__)
 
@@ -21,20 +21,21 @@ def start(app):
     global _monitor
     if _consumers:
         return
-    ledger.start(app)
     _stop.clear()
     for name in app.config['QUEUES']:
-        consumer = broker.hueys[name].create_consumer(
+        huey_consumer = broker.hueys[name].create_consumer(
             workers=app.config['EMBEDDED_WORKERS'], worker_type='thread',
             periodic=(name == 'default'),
             # SQLite storage is polled; keep the wait for a new job short.
             initial_delay=0.05, backoff=1.5, max_delay=0.5)
         # Consumer.start() would also take over the process's signal
         # handlers, which belong to the web server here.
-        consumer.scheduler.start()
-        for _worker, thread in consumer.worker_threads:
+        _consumers.append(huey_consumer)
+    consumer.start(app)  # before the workers, whose startup hook would start it too
+    for huey_consumer in _consumers:
+        huey_consumer.scheduler.start()
+        for _worker, thread in huey_consumer.worker_threads:
             thread.start()
-        _consumers.append(consumer)
     _monitor = threading.Thread(target=_watch, name='embedded-health', daemon=True)
     _monitor.start()
     logger.info('embedded consumers started: %s, %d workers each',
@@ -44,9 +45,9 @@ def start(app):
 def _watch():
     # Huey's consumer main loop restarts dead workers; this is that loop.
     while not _stop.wait(10):
-        for consumer in _consumers:
+        for huey_consumer in _consumers:
             try:
-                consumer.check_worker_health()
+                huey_consumer.check_worker_health()
             except Exception:
                 logger.exception('embedded consumer health check failed')
 
@@ -54,12 +55,12 @@ def _watch():
 def stop(timeout=10.0):
     """Let running jobs finish for up to ``timeout`` s, re-enqueue the rest, flush."""
     _stop.set()
-    for consumer in _consumers:
-        consumer.stop_flag.set()
-    for consumer in _consumers:
-        consumer.shutdown_timeout = timeout
-        if not consumer._join_workers():
+    for huey_consumer in _consumers:
+        huey_consumer.stop_flag.set()
+    for huey_consumer in _consumers:
+        huey_consumer.shutdown_timeout = timeout
+        if not huey_consumer._join_workers():
             logger.warning('jobs still running after %.0f s; re-enqueueing them', timeout)
-        consumer.huey.notify_interrupted_tasks()
+        huey_consumer.huey.notify_interrupted_tasks()
     _consumers.clear()
-    ledger.stop()
+    consumer.stop()

@@ -3,8 +3,8 @@
 Consumers and web processes publish; each web process listens and re-reads
 the ledger for what its clients show. Redis pub/sub carries the notes between
 processes and hosts; the embedded mode uses an in-process bus instead.
-An event is a dict: ``{"jobs": [{"id", "version", "state", "queue", "task"}],
-"deleted": [ids]}``. Events are hints, never the truth: a lost one only delays
+An event is a dict: ``{"jobs": [{"id", "state", "queue", "task"}],
+"deleted": [ids], "workers": true, "queues": true}`` (keys left out when empty). Events are hints, never the truth: a lost one only delays
 a refresh, so publishing never raises.
 """
 import json
@@ -81,12 +81,17 @@ def configure(redis_client):
     return bus
 
 
-def publish(jobs=(), deleted=()):
-    """Announce changed job rows (dicts with id, version, state, queue, task)."""
+def publish(jobs=(), deleted=(), workers=False, queues=False):
+    """Announce changed job rows (dicts with id, state, queue, task and maybe
+    version), deleted job ids, and whether consumers or queues changed."""
     event = {}
     if jobs:
         event['jobs'] = list(jobs)
     if deleted:
         event['deleted'] = list(deleted)
+    if workers:
+        event['workers'] = True
+    if queues:
+        event['queues'] = True
     if event:
         bus.publish(event)

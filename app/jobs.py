@@ -10,7 +10,7 @@ from werkzeug.exceptions import NotFound
 
 from . import broker, catalog, events, states
 from .extensions import db
-from .models import Attempt, Job, utcnow
+from .models import Attempt, Job, Worker, utcnow
 
 
 class BadQuery(ValueError):
@@ -205,6 +205,12 @@ def stats():
         by_state[state] = by_state.get(state, 0) + count
         by_queue.setdefault(queue, dict.fromkeys(states.JOB_STATES, 0))[state] = count
     return {'states': by_state, 'queues': by_queue, 'total': sum(by_state.values())}
+
+
+def workers(lost_after):
+    """Consumers as their heartbeats describe them: online first, newest first."""
+    rows = db.session.scalars(sa.select(Worker).order_by(Worker.started_at.desc())).all()
+    return sorted(rows, key=lambda w: not w.online(lost_after))
 
 
 def task_names():

@@ -28,6 +28,7 @@ from huey import signals as S
 from huey.exceptions import CancelExecution, TaskTimeout
 
 from . import context, events, states
+from .leader import leadership
 from .models import Job, utcnow
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def transient(exc):
 
 
 job_t = Job.__table__
+WORKERS = object()  # key in a batch's changes: consumer heartbeats were written
 
 
 def consumer_id():
@@ -86,11 +88,11 @@ _SQL = {
              'version = version + 1, updated_at = ? WHERE id = ? AND attempts < ?',
     # attempt n started and ended within one batch (fast jobs)
     'ran': 'UPDATE job SET state = ?, attempts = ?, started_at = ?, finished_at = ?, '
-           'scheduled_for = NULL, worker = ?, result = ?, error = ?, progress = ?, '
+           'scheduled_for = NULL, worker = ?, result = ?, error = ?, error_type = ?, progress = ?, '
            'progress_message = NULL, version = version + 1, updated_at = ? '
            'WHERE id = ? AND attempts < ?',
     # attempt n ended; the job moves only if no later attempt started meanwhile
-    'finish': 'UPDATE job SET state = ?, finished_at = ?, result = ?, error = ?, '
+    'finish': 'UPDATE job SET state = ?, finished_at = ?, result = ?, error = ?, error_type = ?, '
               'progress = COALESCE(?, progress), version = version + 1, updated_at = ? '
               'WHERE id = ? AND attempts = ?',
     'progress': 'UPDATE job SET progress = ?, progress_message = ?, version = version + 1, '
@@ -107,6 +109,18 @@ _SQL = {
     'end_attempt': 'UPDATE attempt SET outcome = ?, finished_at = ?, duration = ?, '
                    'error_type = ?, error_message = ?, traceback = ? '
                    'WHERE job_id = ? AND number = ?',
+    'log': 'INSERT INTO attempt_log (job_id, number, at, level, message) VALUES (?, ?, ?, ?, ?)',
+    # a consumer's heartbeat; counts arrive as increments since the last one
+    'heartbeat': 'INSERT INTO worker (id, host, pid, queues, concurrency, started_at, last_seen, '
+                 'stopped_at, processed, failed, current, leader) '
+                 'VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET '
+                 'last_seen = excluded.last_seen, stopped_at = NULL, '
+                 'processed = worker.processed + excluded.processed, '
+                 'failed = worker.failed + excluded.failed, current = excluded.current, '
+                 'leader = excluded.leader, queues = excluded.queues, '
+                 'concurrency = excluded.concurrency',
+    'stopped': 'UPDATE worker SET stopped_at = ?, last_seen = ?, current = ?, leader = ? '
+               'WHERE id = ?',
     # rows for jobs Huey runs that the ledger has not seen; the API's wins
     'job': 'INSERT INTO job (id, task, queue, params, state, priority, attempts, retries, '
            'retry_delay, created_at, updated_at, version) '
@@ -149,11 +163,21 @@ def _dialect(conn):
 class Recorder:
     """Buffers ledger changes from Huey's threads and writes them in batches."""
 
-    def __init__(self, writer, flush_interval=0.05, max_batch=5000):
+    def __init__(self, writer, flush_interval=0.05, max_batch=5000, heartbeat_interval=5.0,
+                 log_lines=1000):
         self.writer = writer if not isinstance(writer, sa.engine.Engine) else Writer(writer)
         self.flush_interval = flush_interval
         self.max_batch = max_batch
+        self.heartbeat_interval = heartbeat_interval
+        self.log_lines = log_lines
         self.consumer = consumer_id()
+        # What this consumer serves, for its heartbeats (set by whoever runs it).
+        self.queues, self.concurrency = [], 0
+        self.is_leader = lambda: False
+        self.started_at = utcnow()
+        self._next_beat = 0.0
+        self._counts = [0, 0]  # attempts ended, and of those not succeeded, since the last beat
+        self._log_counts = {}  # (job, attempt) -> lines captured
         self._ops = collections.deque()
         self._local = threading.local()
         self._started = {}  # task id -> (monotonic start, utc start)
@@ -239,6 +263,18 @@ class Recorder:
     def on_progress(self, running, fraction, message):
         self._ops.append(('progress', running.job_id, running.attempt, fraction, message))
 
+    def on_log(self, running, level, message):
+        """A line the running task logged; at most ``log_lines`` per attempt."""
+        key = (running.job_id, running.attempt)
+        count = self._log_counts.get(key, 0) + 1
+        self._log_counts[key] = count
+        if count < self.log_lines:
+            self._ops.append(('log', running.job_id, running.attempt, utcnow(), level,
+                              message[:MAX_MESSAGE]))
+        elif count == self.log_lines:
+            self._ops.append(('log', running.job_id, running.attempt, utcnow(), 'WARNING',
+                              f'(more than {self.log_lines} lines: the rest are not kept)'))
+
     def _finish(self, task, outcome, exc, final, result=None):
         now = utcnow()
         started = self._started.pop(task.id, None)
@@ -251,6 +287,7 @@ class Recorder:
             emsg = str(exc)[:MAX_MESSAGE]
             if exc.__traceback__ is not None:
                 tb = ''.join(tb_module.format_exception(exc))[-MAX_TRACEBACK:]
+        self._log_counts.pop((task.id, number), None)
         self._ops.append(('finish', task.id, number, outcome, now,
                           duration, etype, emsg, tb, result, final, task.name, queue))
         if len(self._ops) >= self.max_batch:
@@ -264,6 +301,15 @@ class Recorder:
             self._writer.start()
         return self
 
+    def heartbeat(self):
+        """Queue this consumer's heartbeat: alive, what it runs, counts since the last."""
+        done, bad = self._counts
+        self._counts = [0, 0]
+        host, _, pid = self.consumer.rpartition(':')
+        self._ops.append(('heartbeat', self.consumer, host, int(pid), self.queues,
+                          self.concurrency, self.started_at, utcnow(), done, bad,
+                          list(self._started), bool(self.is_leader())))
+
     def close(self, timeout=10):
         """Stop the writer and write everything still buffered."""
         self._stop.set()
@@ -271,13 +317,20 @@ class Recorder:
         if self._writer is not None and self._writer is not threading.current_thread():
             self._writer.join(timeout)
         deadline = time.monotonic() + timeout
+        self._drain(deadline)
+        if self.queues:  # a last heartbeat with the final counts, then "stopped"
+            self.heartbeat()
+            self._ops.append(('stopped', self.consumer, utcnow()))
+            self._drain(deadline)
+        self.writer.close(max(0.0, deadline - time.monotonic()))
+
+    def _drain(self, deadline):
         while self._ops and time.monotonic() < deadline:
             try:
                 self.flush()
             except Exception:
                 logger.exception('ledger: final flush failed; %d changes unwritten', len(self._ops))
-                break
-        self.writer.close(max(0.0, deadline - time.monotonic()))
+                return
 
     @property
     def pending(self):
@@ -287,6 +340,9 @@ class Recorder:
         while not self._stop.is_set():
             self._wake.wait(self.flush_interval)
             self._wake.clear()
+            if self.queues and time.monotonic() >= self._next_beat:
+                self._next_beat = time.monotonic() + self.heartbeat_interval
+                self.heartbeat()
             try:
                 # One batch per interval: under load batches grow, rather than
                 # the writer flushing small ones back to back (holding the GIL
@@ -316,6 +372,10 @@ class Recorder:
             except Unwritten as exc:
                 self._ops.extendleft(reversed(exc.ops))
                 raise
+            for op in ops:
+                if op[0] == 'finish':
+                    self._counts[0] += 1
+                    self._counts[1] += op[3] != states.ATTEMPT_SUCCEEDED
             return len(ops)
 
 
@@ -438,9 +498,14 @@ def apply(conn, ops):
     finishes = {}    # (job, n) -> finish op
     progress = {}    # job -> latest progress op
     queued, scheduled = {}, {}
+    logs, beats = [], []
     for op in ops:
         kind = op[0]
-        if kind == 'start':
+        if kind == 'log':
+            logs.append(op)
+        elif kind in ('heartbeat', 'stopped'):
+            beats.append(op)
+        elif kind == 'start':
             starts[(op[1], op[2])] = op
         elif kind == 'finish':
             finishes[(op[1], op[2])] = op
@@ -464,13 +529,14 @@ def apply(conn, ops):
         else:
             attempts.append((job_id, n, worker, f[3], ts(at), ts(f[4]), f[5], f[6], f[7], f[8]))
             state, finished, result, error, prog = _job_end(f)
-            ran_rows.append((state, n, ts(at), ts(finished), worker, d.json(result), error, prog,
-                             now, job_id, n))
+            ran_rows.append((state, n, ts(at), ts(finished), worker, d.json(result), error, f[6],
+                             prog, now, job_id, n))
             changed[job_id] = (state, info[1], info[0])
     for f in finishes.values():
         ended.append((f[3], ts(f[4]), f[5], f[6], f[7], f[8], f[1], f[2]))
         state, finished, result, error, prog = _job_end(f)
-        finish_rows.append((state, ts(finished), d.json(result), error, prog, now, f[1], f[2]))
+        finish_rows.append((state, ts(finished), d.json(result), error, f[6], prog, now,
+                            f[1], f[2]))
         changed[f[1]] = (state, f[12], f[11])
 
     # Job rows first: a start that matches no row means a job the ledger has
@@ -483,8 +549,9 @@ def apply(conn, ops):
     if updated < len(start_rows) + len(ran_rows):
         created = _insert_missing_jobs(conn, d, starts.values(), now)
         if created:
-            _executemany(conn, d.sql['start'], [r for r in start_rows if r[4] in created])
-            _executemany(conn, d.sql['ran'], [r for r in ran_rows if r[9] in created])
+            # the job id is the next to last parameter of both statements
+            _executemany(conn, d.sql['start'], [r for r in start_rows if r[-2] in created])
+            _executemany(conn, d.sql['ran'], [r for r in ran_rows if r[-2] in created])
     if attempts:
         _insert_attempts(conn, d, attempts)
     if progress:
@@ -492,6 +559,10 @@ def apply(conn, ops):
                                                for p in progress.values()])
         for p in progress.values():
             changed.setdefault(p[1], (states.RUNNING, None, None))
+    if logs:
+        _executemany(conn, d.sql['log'], [(o[1], o[2], ts(o[3]), o[4], o[5]) for o in logs])
+        for o in logs:
+            changed.setdefault(o[1], (None, None, None))
     if ended:
         _executemany(conn, d.sql['end_attempt'], ended)
     if finish_rows:
@@ -505,6 +576,17 @@ def apply(conn, ops):
                                                 for s in scheduled.values()])
         for s in scheduled.values():
             changed.setdefault(s[1], (None, s[4], s[3]))
+    for b in beats:
+        if b[0] == 'heartbeat':
+            _, wid, host, pid, queues, concurrency, started, seen, done, bad, current, lead = b
+            _executemany(conn, d.sql['heartbeat'], [(
+                wid, host, pid, json.dumps(queues), concurrency, ts(started), ts(seen), done, bad,
+                json.dumps(current), lead)])
+        else:
+            _, wid, at = b
+            _executemany(conn, d.sql['stopped'], [(ts(at), ts(at), '[]', False, wid)])
+    if beats:
+        changed[WORKERS] = (None, None, None)
     return changed
 
 
@@ -569,17 +651,19 @@ def _insert_attempts(conn, d, rows):
 
 def announce(changed, deleted=()):
     """Publish what a batch changed (ids with state, queue and task as written)."""
+    workers = changed.pop(WORKERS, None) is not None
     events.publish([{'id': job_id, 'state': state, 'queue': queue, 'task': task}
-                    for job_id, (state, queue, task) in changed.items()], deleted)
+                    for job_id, (state, queue, task) in changed.items()], deleted,
+                   workers=workers)
 
 
 # -- wiring -------------------------------------------------------------------
 
 recorder = None
 _recorder_lock = threading.Lock()
-_startup_lock = threading.Lock()
+_serving = {'queues': [], 'concurrency': 0}
+_capture = []  # the log handler feeding the recorder
 _attached = set()
-app_factory = None  # how a consumer builds its app; set by create_app's module
 
 
 def start(app):
@@ -594,11 +678,32 @@ def start(app):
                     writer = Writer(db.engine)
             else:
                 writer = ProcessWriter()
-            recorder = Recorder(writer, app.config['LEDGER_FLUSH_INTERVAL']).start()
+            recorder = Recorder(writer, app.config['LEDGER_FLUSH_INTERVAL'],
+                                heartbeat_interval=app.config['HEARTBEAT_INTERVAL'],
+                                log_lines=app.config['LOG_LINES'])
+            recorder.queues = list(_serving['queues'])
+            recorder.concurrency = _serving['concurrency']
+            recorder.is_leader = lambda: leadership.leading
+            recorder.start()
             context.sink = recorder.on_progress
+            context.log_sink = recorder.on_log
+            capture = context.LogCapture()
+            capture.setFormatter(logging.Formatter('%(name)s: %(message)s'))
+            logging.getLogger().addHandler(capture)
+            _capture.append(capture)
             # Changes made as the process stops (interrupted jobs) still land.
             atexit.register(stop)
     return recorder
+
+
+def serving(queue, workers):
+    """Note that this process consumes ``queue`` with ``workers`` threads (heartbeats say so)."""
+    if queue not in _serving['queues']:
+        _serving['queues'].append(queue)
+    _serving['concurrency'] += workers
+    if recorder is not None:
+        recorder.queues = list(_serving['queues'])
+        recorder.concurrency = _serving['concurrency']
 
 
 def stop():
@@ -608,14 +713,10 @@ def stop():
         if recorder is not None:
             recorder.close()
             recorder = None
-            context.sink = None
-
-
-def _on_consumer_startup():
-    # Runs in each consumer worker; the first one builds the app and recorder.
-    with _startup_lock:
-        if recorder is None:
-            start(app_factory())
+            context.sink = context.log_sink = None
+            _serving.update(queues=[], concurrency=0)
+            while _capture:
+                logging.getLogger().removeHandler(_capture.pop())
 
 
 def _on_consumer_shutdown():
@@ -645,5 +746,4 @@ def attach(huey, queue):
     huey.signal(S.SIGNAL_EXECUTING, S.SIGNAL_ENQUEUED, S.SIGNAL_SCHEDULED,
                 S.SIGNAL_INTERRUPTED)(on_signal)
     huey.post_execute('qm_ledger')(on_post_execute)
-    huey.on_startup('qm_ledger')(_on_consumer_startup)
     huey.on_shutdown('qm_ledger')(_on_consumer_shutdown)

@@ -30,10 +30,14 @@ class Job(db.Model):
     progress: Mapped[float | None]
     progress_message: Mapped[str | None] = mapped_column(sa.String(200))
     result: Mapped[object | None] = mapped_column(sa.JSON(none_as_null=True))
-    # The latest failed attempt's "Type: message", for lists and grouping.
+    # The latest failed attempt's "Type: message", and its type for grouping.
     error: Mapped[str | None] = mapped_column(sa.Text)
-    # Number of the latest attempt (0 before the first one starts).
+    error_type: Mapped[str | None] = mapped_column(sa.String(200))
+    # Number of the latest attempt (0 before the first one starts), and the
+    # attempts made before the current round of retries (a manual retry
+    # starts a new round with the job's full retries).
     attempts: Mapped[int] = mapped_column(default=0)
+    attempt_base: Mapped[int] = mapped_column(default=0, server_default='0')
     # Retries allowed after an attempt fails, and the first retry's delay (s).
     retries: Mapped[int]
     retry_delay: Mapped[float]
@@ -43,6 +47,13 @@ class Job(db.Model):
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     worker: Mapped[str | None] = mapped_column(sa.String(200))
+    # Seconds an attempt may run before it is stopped as timed out.
+    timeout: Mapped[float | None]
+    # An operator asked a running job to stop; the task sees it at its next
+    # progress report.
+    cancel_requested_at: Mapped[dt.datetime | None]
+    # A submission carrying a key already used returns that job instead.
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
     # Grows with every change, so a reader can tell a newer row from an older one.
     version: Mapped[int] = mapped_column(default=1)
 
@@ -59,6 +70,10 @@ class Job(db.Model):
         sa.Index('ix_job_task_created', 'task', 'created_at', 'id'),
         # Counts by queue and state (the dashboard) from the index alone.
         sa.Index('ix_job_queue_state', 'queue', 'state'),
+        # Throughput per queue: jobs finished in the last minutes.
+        sa.Index('ix_job_queue_finished', 'queue', 'finished_at'),
+        # An index, not a table constraint: SQLite adds it without copying the table.
+        sa.Index('uq_job_idempotency_key', 'idempotency_key', unique=True),
     )
 
     def to_dict(self, attempts=None):
@@ -77,6 +92,10 @@ class Job(db.Model):
             'retry_delay': self.retry_delay,
             'attempt_count': self.attempts,
             'worker': self.worker,
+            'error_type': self.error_type,
+            'timeout': self.timeout,
+            'cancel_requested_at': isoformat(self.cancel_requested_at),
+            'idempotency_key': self.idempotency_key,
             'created_at': isoformat(self.created_at),
             'scheduled_for': isoformat(self.scheduled_for),
             'started_at': isoformat(self.started_at),
@@ -125,3 +144,50 @@ class Attempt(db.Model):
             'error_message': self.error_message,
             'traceback': self.traceback,
         }
+
+
+class AttemptLog(db.Model):
+    """One line a task logged during an attempt."""
+    __tablename__ = 'attempt_log'
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey('job.id', ondelete='CASCADE'))
+    number: Mapped[int]
+    at: Mapped[dt.datetime]
+    level: Mapped[str] = mapped_column(sa.String(10))
+    message: Mapped[str] = mapped_column(sa.Text)
+
+    __table_args__ = (sa.Index('ix_attempt_log_job', 'job_id', 'number', 'id'),)
+
+    def to_dict(self):
+        return {'at': isoformat(self.at), 'level': self.level, 'message': self.message}
+
+
+class Worker(db.Model):
+    """A consumer process, as its heartbeats describe it."""
+    __tablename__ = 'worker'
+
+    id: Mapped[str] = mapped_column(sa.String(200), primary_key=True)  # host:pid
+    host: Mapped[str] = mapped_column(sa.String(200))
+    pid: Mapped[int]
+    queues: Mapped[list] = mapped_column(sa.JSON)
+    concurrency: Mapped[int]
+    started_at: Mapped[dt.datetime]
+    last_seen: Mapped[dt.datetime]
+    stopped_at: Mapped[dt.datetime | None]
+    processed: Mapped[int] = mapped_column(default=0)
+    failed: Mapped[int] = mapped_column(default=0)
+    current: Mapped[list] = mapped_column(sa.JSON)  # ids of the jobs it runs now
+    leader: Mapped[bool] = mapped_column(default=False)
+
+    def to_dict(self, lost_after):
+        return {
+            'id': self.id, 'host': self.host, 'pid': self.pid, 'queues': self.queues,
+            'concurrency': self.concurrency, 'started_at': isoformat(self.started_at),
+            'last_seen': isoformat(self.last_seen), 'stopped_at': isoformat(self.stopped_at),
+            'processed': self.processed, 'failed': self.failed, 'current': self.current,
+            'leader': self.leader, 'online': self.online(lost_after),
+        }
+
+    def online(self, lost_after):
+        return self.stopped_at is None and (utcnow() - self.last_seen).total_seconds() < lost_after

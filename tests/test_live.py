@@ -199,8 +199,10 @@ def test_shutdown_closes_sockets_with_1012_and_clients_reconnect(tmp_path):
         dep.web.send_signal(signal.SIGTERM)
         assert sock.closed.wait(10)
         assert sock.close_code == 1012
-        assert dep.web.wait(20) == 0, dep.web.log()
-        assert time.monotonic() - started < 10  # not the whole graceful timeout
+        assert dep.web.wait(30) == 0, dep.web.log()
+        # gunicorn waits up to 30 s (graceful_timeout) for open connections;
+        # with the sockets closed it has none to wait for
+        assert time.monotonic() - started < 25
         dep.restart_web()
         again = Socket(f'{dep.ws_base}/ws?view=dashboard')
         wait_for(lambda: again.messages, 10, message='a snapshot after restart')

@@ -1,0 +1,60 @@
+"""Which consumer leads the deployment: it runs the reaper and enqueues periodic tasks.
+
+With Redis, consumers compete for a key with a time to live; the holder
+renews it and loses it by going silent, when another consumer takes over.
+The embedded mode has one process, which always leads.
+"""
+import os
+import socket
+import time
+
+KEY = 'queue-manager:leader'
+
+# Renew only while still the holder (a lease that lapsed may be someone else's).
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class Leadership:
+    def __init__(self):
+        self.me = f'{socket.gethostname()}:{os.getpid()}'
+        self.client = None  # None: the embedded mode
+        self._until = 0.0
+
+    def configure(self, client):
+        self.client = client
+
+    def claim(self, ttl):
+        """Take or keep the lead for ``ttl`` seconds; return whether we lead."""
+        if self.client is None:
+            self._until = float('inf')
+            return True
+        ms = int(ttl * 1000)
+        try:
+            held = (self.client.set(KEY, self.me, nx=True, px=ms)
+                    or self.client.eval(_RENEW, 1, KEY, self.me, ms))
+        except Exception:
+            held = False
+        # Stop acting a little before the lease ends, so two never overlap.
+        self._until = time.monotonic() + ttl * 0.8 if held else 0.0
+        return bool(held)
+
+    def release(self):
+        if self.client is not None and self.leading:
+            try:
+                self.client.eval("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                                 "return redis.call('del', KEYS[1]) end return 0", 1, KEY, self.me)
+            except Exception:
+                pass
+        self._until = 0.0
+
+    @property
+    def leading(self):
+        return time.monotonic() < self._until
+
+
+leadership = Leadership()
