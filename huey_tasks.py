@@ -10,7 +10,7 @@ import logging
 import random
 import time
 
-from app import broker, config
+from app import broker, config, consumer, jobs
 from app.catalog import Param
 from app.context import current, progress
 
@@ -19,6 +19,7 @@ from app.context import current, progress
 broker.configure(config.load())
 huey = broker.consumer_huey()
 task = broker.task
+periodic = broker.periodic
 
 # What tasks log through this logger is kept with their attempt and shown on
 # the job page (INFO and up, whatever the process's own log level).
@@ -107,3 +108,26 @@ def payment(amount, currency, card, failure_rate, latency):
     return {'charged': round(amount, 2), 'currency': currency, 'card': '**** ' + digits[-4:],
             'authorization': f'AUTH-{random.randrange(16 ** 8):08X}'}
 
+
+
+@periodic(minute='0', hour='3', run_with={'days': 30}, retries=1, params=[
+    Param('days', int, default=30, min=1, max=3650, help='Keep finished jobs this many days'),
+])
+def purge(days):
+    """Delete finished jobs older than `days` days, with their attempts and logs."""
+    with consumer.current_app().app_context():
+        deleted = jobs.purge_finished(days, report=lambda done, total: progress(done, total))
+    log.info('deleted %d jobs finished more than %d days ago', deleted, days)
+    return {'deleted': deleted}
+
+
+@periodic(minute='0', run_with={'hours': 1}, params=[
+    Param('hours', int, default=1, min=1, max=24 * 31, help='Look back this many hours'),
+])
+def report(hours):
+    """Log how many jobs of each task finished in the last `hours` hours, by state."""
+    with consumer.current_app().app_context():
+        counts = jobs.finished_counts(hours)
+    for (task_name, state), n in sorted(counts.items()):
+        log.info('%s: %d %s', task_name, n, state)
+    return {f'{task_name} {state}': n for (task_name, state), n in sorted(counts.items())}

@@ -1,7 +1,7 @@
 """The JSON API: the contract for programs, on the same services as the pages."""
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import broker, catalog, jobs
+from . import broker, catalog, jobs, periodic, queues
 from .extensions import db
 
 bp = Blueprint('api', __name__, url_prefix='/api')
@@ -30,9 +30,10 @@ def submit_job():
         raise catalog.ValidationError(
             {'body': 'must be a JSON object (Content-Type: application/json)'}, 'invalid request')
     job = jobs.submit(catalog.validate(data, current_app.config))
-    response = jsonify(job.to_dict(attempts=[]))
+    response = jsonify(job.to_dict(attempts=jobs.attempts(job) if not job.created else []))
     response.headers['Location'] = url_for('api.get_job', job_id=job.id)
-    return response, 201
+    # An idempotency key already used: the existing job, 200 instead of 201.
+    return response, 201 if job.created else 200
 
 
 @bp.get('/jobs')
@@ -53,6 +54,14 @@ def get_job(job_id):
     return job.to_dict(attempts=jobs.attempts(job))
 
 
+@bp.get('/jobs/<job_id>/log')
+def job_log(job_id):
+    """What each attempt of the job logged."""
+    job = jobs.get(job_id)
+    return {'attempts': {str(n): [line.to_dict() for line in lines]
+                         for n, lines in jobs.logs(job).items()}}
+
+
 @bp.post('/jobs/<job_id>/retry')
 def retry_job(job_id):
     """Retry a failed or canceled job."""
@@ -62,8 +71,15 @@ def retry_job(job_id):
 
 @bp.post('/jobs/<job_id>/cancel')
 def cancel_job(job_id):
-    """Cancel a queued, scheduled or retrying job."""
+    """Cancel a waiting job, or ask a running one to stop (202)."""
     job = jobs.cancel(job_id)
+    return job.to_dict(attempts=jobs.attempts(job)), 202 if job.state == 'running' else 200
+
+
+@bp.post('/jobs/<job_id>/run-now')
+def run_job_now(job_id):
+    """Run a scheduled job, or one waiting for its retry, at once."""
+    job = jobs.run_now(job_id)
     return job.to_dict(attempts=jobs.attempts(job))
 
 
@@ -92,6 +108,104 @@ def list_workers():
     """Every consumer that reported in: online ones first, then offline."""
     lost_after = current_app.config['LOST_AFTER']
     return {'workers': [w.to_dict(lost_after) for w in jobs.workers(lost_after)]}
+
+
+@bp.post('/jobs/bulk')
+def bulk_action():
+    """Retry, cancel or delete the jobs named (``ids``) or matching a ``filter``."""
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise catalog.ValidationError({'body': 'must be a JSON object'}, 'invalid request')
+    fields = {}
+    action, ids, filters = data.get('action'), data.get('ids'), data.get('filter')
+    if action not in jobs.ACTIONS:
+        fields['action'] = 'must be one of ' + ', '.join(jobs.ACTIONS)
+    if (ids is None) == (filters is None):
+        fields['ids'] = 'give ids or filter, not both'
+    elif ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        fields['ids'] = 'must be a list of job ids'
+    elif filters is not None:
+        if not isinstance(filters, dict) or set(filters) - {'state', 'queue', 'task', 'q'}:
+            fields['filter'] = 'must be an object with state, queue, task or q'
+    for key in set(data) - {'action', 'ids', 'filter'}:
+        fields[key] = 'unknown field'
+    if fields:
+        raise catalog.ValidationError(fields, 'invalid bulk action')
+    return jobs.bulk(action, ids=ids, filters=filters)
+
+
+@bp.get('/failures')
+def failures():
+    """Failed jobs grouped by task and error type."""
+    return {'groups': [dict(g, latest=g['latest'].to_dict())
+                       for g in jobs.failures(request.args.get('queue') or None)]}
+
+
+@bp.get('/scheduled')
+def scheduled():
+    """Jobs waiting for their time or their retry, soonest first."""
+    return {'jobs': [j.to_dict() for j in jobs.scheduled(request.args.get('queue') or None,
+                                                        limit=_limit())]}
+
+
+@bp.get('/queues')
+def list_queues():
+    """Every queue: paused, depth, running, scheduled, failed, throughput."""
+    return {'queues': queues.overview(current_app.config)}
+
+
+@bp.post('/queues/<name>/pause')
+def pause_queue(name):
+    """Pause a queue: its jobs stay queued, no worker takes one."""
+    return queues.pause(current_app.config, name, True)
+
+
+@bp.post('/queues/<name>/resume')
+def resume_queue(name):
+    """Resume a paused queue."""
+    return queues.pause(current_app.config, name, False)
+
+
+def _periodic_dict(row):
+    from .models import isoformat
+    last = row['last']
+    return dict(row, next_run=isoformat(row['next_run']),
+                last=None if last is None else {'id': last.id, 'state': last.state,
+                                                'created_at': isoformat(last.created_at)})
+
+
+def _periodic(name):
+    from werkzeug.exceptions import NotFound
+    if name not in catalog.PERIODIC:
+        raise NotFound(f'no periodic task named {name}')
+    return name
+
+
+@bp.get('/periodic')
+def list_periodic():
+    """Periodic tasks: schedule, paused, last job, next run."""
+    return {'periodic': [_periodic_dict(r) for r in periodic.overview()]}
+
+
+@bp.post('/periodic/<name>/pause')
+def pause_periodic(name):
+    """Stop starting a periodic task on its schedule."""
+    broker.set_periodic_paused(_periodic(name), True)
+    return _periodic_dict(next(r for r in periodic.overview() if r['name'] == name))
+
+
+@bp.post('/periodic/<name>/resume')
+def resume_periodic(name):
+    """Start a paused periodic task on its schedule again."""
+    broker.set_periodic_paused(_periodic(name), False)
+    return _periodic_dict(next(r for r in periodic.overview() if r['name'] == name))
+
+
+@bp.post('/periodic/<name>/trigger')
+def trigger_periodic(name):
+    """Start a periodic task now, as an ordinary job."""
+    job = periodic.trigger(_periodic(name), current_app.config)
+    return job.to_dict(attempts=[]), 201
 
 
 @health.get('/healthz')

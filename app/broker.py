@@ -74,13 +74,20 @@ class TrackedHuey(Huey):
             # Idle like an empty queue; resuming is seen within a second.
             _resumed.wait(0.5)
             return None
-        return super().dequeue()
+        task = super().dequeue()
+        if task is not None and self.paused.is_set():
+            # Taken by a worker already waiting when the pause came: put it back.
+            self.storage.enqueue(self.serialize_task(task), task.priority)
+            return None
+        return task
 
     def read_periodic(self, timestamp):
-        if not leadership.leading:
-            return []
-        return [t for t in super().read_periodic(timestamp)
-                if not is_periodic_paused(t.name)]
+        # Huey's scheduler asks every minute. Periodic jobs are started as
+        # ordinary, tracked jobs (row first, then message), by the leader.
+        if leadership.leading and self is hueys.get('default'):
+            from . import periodic
+            periodic.launch_due(timestamp)
+        return []
 
     def _requeue_task(self, task, timestamp, retry_eta=None):
         if retry_eta is None and task.retry_delay:
@@ -193,6 +200,24 @@ def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
     return decorator
 
 
+def periodic(minute='*', hour='*', day='*', month='*', day_of_week='*', run_with=None,
+             **options):
+    """Declare a task type (as :func:`task` does) that also runs on a crontab schedule.
+
+    ``run_with`` gives the parameters of the scheduled runs.
+    """
+    from huey import crontab
+
+    def decorator(func):
+        func = task(**options)(func)
+        schedule = ' '.join(map(str, (minute, hour, day, month, day_of_week)))
+        catalog.PERIODIC[func.task_type.name] = catalog.Periodic(
+            func.task_type, schedule, crontab(minute, hour, day, month, day_of_week),
+            dict(run_with or {}))
+        return func
+    return decorator
+
+
 def _register(huey, task_type):
     def run(params, meta=None, task=None):
         with context.running(task, huey):
@@ -267,6 +292,41 @@ def withdraw(job):
                         removed = bool(conn.zrem(key, member)) or removed
         if not removed:
             huey.revoke_by_id(job.id, revoke_once=True)
+    except BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
+    return removed
+
+
+def withdraw_many(queue, job_ids):
+    """:func:`withdraw` for many jobs of one queue, in one pass over its messages.
+
+    Returns the ids whose message was removed; the others are revoked once.
+    """
+    huey = hueys[queue]
+    storage = huey.storage
+    wanted = set(job_ids)
+    removed = set()
+    try:
+        if isinstance(storage, SqliteStorage):
+            for table in ('task', 'schedule'):
+                rows = storage.sql(f'select id, data from {table} where queue = ?',
+                                   (storage.name,), results=True)
+                for row_id, data in rows:
+                    job_id = huey.serializer.deserialize(bytes(data)).id
+                    if job_id in wanted:
+                        with storage.db(commit=True) as curs:
+                            curs.execute(f'delete from {table} where id = ?', (row_id,))
+                            if curs.rowcount == 1:
+                                removed.add(job_id)
+        else:
+            conn = storage.conn
+            for key, skip in ((storage.queue_key, 8), (storage.schedule_key, 0)):
+                for member, _score in conn.zscan_iter(key, count=1000):
+                    job_id = huey.serializer.deserialize(member[skip:]).id
+                    if job_id in wanted and conn.zrem(key, member):
+                        removed.add(job_id)
+        for job_id in wanted - removed:
+            huey.revoke_by_id(job_id, revoke_once=True)
     except BROKER_ERRORS as exc:
         raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
     return removed

@@ -12,13 +12,14 @@ REQUIRED = object()
 
 # Job-level fields of a submission; task parameters may not reuse these names.
 OPTION_NAMES = ('task', 'params', 'queue', 'priority', 'delay', 'eta', 'retries',
-                'retry_delay')
+                'retry_delay', 'timeout', 'idempotency_key')
 
 # Limits on job-level options.
 MAX_PRIORITY = 100
 MAX_RETRIES = 100
 MAX_RETRY_DELAY = 7 * 86400.0
 MAX_DELAY = 366 * 86400.0
+MAX_TIMEOUT = 7 * 86400.0
 
 _TYPE_NAMES = {int: 'integer', float: 'number', str: 'string', bool: 'boolean'}
 
@@ -182,6 +183,22 @@ class TaskType:
 TASKS: dict[str, TaskType] = {}
 
 
+@dataclass
+class Periodic:
+    """A task type run on a schedule (a crontab), by the leading consumer."""
+    task: TaskType
+    schedule: str            # the crontab, e.g. "0 3 * * *"
+    validate: object         # huey.crontab(): datetime -> due?
+    params: dict = field(default_factory=dict)
+
+    @property
+    def name(self):
+        return self.task.name
+
+
+PERIODIC: dict[str, Periodic] = {}
+
+
 def register(task_type):
     if task_type.name in TASKS:
         raise ValueError(f'task {task_type.name!r} is declared twice')
@@ -199,6 +216,8 @@ class Submission:
     eta: dt.datetime | None  # naive UTC; None runs at once
     retries: int
     retry_delay: float
+    timeout: float | None = None
+    idempotency_key: str | None = None
 
 
 def _option(name, typ, lo=None, hi=None, max_length=1000):
@@ -214,6 +233,8 @@ _OPTIONS = {
     'retry_delay': _option('retry_delay', float, 0, MAX_RETRY_DELAY),
     'eta': _option('eta', str, max_length=64),
     'queue': _option('queue', str, max_length=32),
+    'timeout': _option('timeout', float, 0.001, MAX_TIMEOUT),
+    'idempotency_key': _option('idempotency_key', str, max_length=200),
 }
 
 
@@ -305,8 +326,10 @@ def validate(data, config, from_form=False, now=None):
     priority = options['priority']
     if priority is None:
         priority = task_type.priority
+    timeout = options['timeout'] if options['timeout'] is not None else task_type.timeout
     return Submission(task=task_type, params=params, queue=queue, priority=priority,
-                      eta=eta, retries=retries, retry_delay=float(retry_delay))
+                      eta=eta, retries=retries, retry_delay=float(retry_delay),
+                      timeout=timeout, idempotency_key=options['idempotency_key'] or None)
 
 
 def parse_eta(text):

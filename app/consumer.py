@@ -8,12 +8,12 @@ paused flag from the broker, so a paused queue's workers take nothing.
 import logging
 import threading
 
-from . import broker, ledger, reaper
+from . import broker, events, ledger, reaper
 from .leader import leadership
 
 logger = logging.getLogger(__name__)
 
-PAUSE_CHECK = 1.0  # seconds between looks at the queues' paused flags
+PAUSE_CHECK = 1.0  # seconds between looks at the queues' paused flags, at the latest
 
 _lock = threading.Lock()
 _stop = threading.Event()
@@ -61,8 +61,33 @@ def _reap(app):
 
 
 def _pauses(app):
-    while not _stop.wait(PAUSE_CHECK):
-        broker.refresh_paused()
+    # A pause is announced on the event channel, so workers stop taking
+    # jobs at once; the flags are also re-read every PAUSE_CHECK seconds in
+    # case an announcement was missed.
+    bus = events.bus
+    if not isinstance(bus, events.RedisBus):
+        unsubscribe = bus.subscribe(lambda event: event.get('queues') and broker.refresh_paused())
+        _stop.wait()
+        unsubscribe()
+        return
+    while not _stop.is_set():
+        pubsub = bus.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(events.CHANNEL)
+            while not _stop.is_set():
+                message = pubsub.get_message(timeout=PAUSE_CHECK)
+                if message is None or b'"queues"' in message['data']:
+                    broker.refresh_paused()
+        except Exception as exc:
+            logger.warning('queue pause watcher: %s; retrying', exc)
+            _stop.wait(PAUSE_CHECK)
+        finally:
+            pubsub.close()
+
+
+def current_app():
+    """The app the consumer services run with, once started."""
+    return _app[0] if _app else None
 
 
 def on_worker_startup():

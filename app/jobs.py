@@ -10,7 +10,7 @@ from werkzeug.exceptions import NotFound
 
 from . import broker, catalog, events, states
 from .extensions import db
-from .models import Attempt, Job, Worker, utcnow
+from .models import Attempt, AttemptLog, Job, Worker, utcnow
 
 
 class BadQuery(ValueError):
@@ -27,15 +27,37 @@ def submit(sub):
 
     The row is written before the message is enqueued and committed after,
     so a job the broker refuses leaves no row behind (``BrokerUnavailable``).
+    A submission whose idempotency key was used before returns that job
+    instead; ``job.created`` says which happened.
     """
+    if sub.idempotency_key:
+        existing = _by_key(sub.idempotency_key)
+        if existing is not None:
+            existing.created = False
+            return existing
     now = utcnow()
     job = Job(id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=sub.params,
               state=states.SCHEDULED if sub.eta else states.QUEUED, priority=sub.priority,
-              retries=sub.retries, retry_delay=sub.retry_delay, attempts=0,
+              retries=sub.retries, retry_delay=sub.retry_delay, attempts=0, attempt_base=0,
+              timeout=sub.timeout, idempotency_key=sub.idempotency_key,
               created_at=now, updated_at=now, scheduled_for=sub.eta, version=1)
     db.session.add(job)
-    db.session.flush()
+    try:
+        db.session.flush()
+    except sa.exc.IntegrityError:
+        # The same key, submitted at the same moment by someone else.
+        db.session.rollback()
+        existing = _by_key(sub.idempotency_key)
+        if existing is None:
+            raise
+        existing.created = False
+        return existing
+    job.created = True
     return _commit_if_handed_over(job, lambda: broker.enqueue(job))
+
+
+def _by_key(key):
+    return db.session.scalars(sa.select(Job).where(Job.idempotency_key == key)).first()
 
 
 def _commit_if_handed_over(job, hand_over):
@@ -68,31 +90,35 @@ def attempts(job):
 
 
 def _transition(job_id, action, values):
-    """Move a job whose state allows ``action``; raises StateConflict or NotFound."""
-    job = get(job_id)
-    states.check(job.state, action)
-    previous = job.state
-    result = db.session.execute(
-        sa.update(Job)
-        .where(Job.id == job.id, Job.state.in_(states.ALLOWED[action]),
-               Job.version == job.version)
-        .values(version=Job.version + 1, updated_at=utcnow(), **values)
-        .execution_options(synchronize_session=False))
-    if result.rowcount != 1:
-        # Changed under us (a worker picked it up): report what it is now.
-        db.session.rollback()
+    """Move a job whose state allows ``action``; raises StateConflict or NotFound.
+
+    Guarded by the row's version: when a worker changed the job meanwhile the
+    move is tried again on what the job is now.
+    """
+    for _ in range(5):
         job = get(job_id)
         states.check(job.state, action)
-        raise states.StateConflict(action, job.state)
-    db.session.refresh(job)
-    return job, previous
+        previous = job.state
+        result = db.session.execute(
+            sa.update(Job)
+            .where(Job.id == job.id, Job.state.in_(states.ALLOWED[action]),
+                   Job.version == job.version)
+            .values(version=Job.version + 1, updated_at=utcnow(), **values)
+            .execution_options(synchronize_session=False))
+        if result.rowcount == 1:
+            db.session.refresh(job)
+            return job, previous
+        db.session.rollback()
+        db.session.expire_all()
+    raise states.StateConflict(action, get(job_id).state)
 
 
 def retry(job_id):
     """Run a failed or canceled job again: a new attempt of the same job."""
     job, _ = _transition(job_id, 'retry', dict(
         state=states.QUEUED, finished_at=None, scheduled_for=None, result=None, error=None,
-        progress=None, progress_message=None))
+        error_type=None, progress=None, progress_message=None, cancel_requested_at=None,
+        attempt_base=Job.attempts))
 
     def hand_over():
         broker.restore(job)
@@ -101,7 +127,16 @@ def retry(job_id):
 
 
 def cancel(job_id):
-    """Cancel a job that is waiting for a worker (queued, scheduled, retrying)."""
+    """Cancel a job: withdraw it if it waits, ask it to stop if it runs.
+
+    A waiting job (queued, scheduled, retrying) is ``canceled`` at once. A
+    running one is asked to stop (``cancel_requested_at``) and ends
+    ``canceled`` at the task's next progress report, its partial progress
+    kept; a task that finishes first ends as it finishes.
+    """
+    job = get(job_id)
+    if job.state == states.RUNNING:
+        return _request_cancel(job)
     job, previous = _transition(job_id, 'cancel', dict(
         state=states.CANCELED, finished_at=utcnow(), progress_message=None))
     # Committed first: if the web process dies before the broker hears of
@@ -118,6 +153,31 @@ def cancel(job_id):
         raise
     _announce(job)
     return job
+
+
+def _request_cancel(job):
+    moved = db.session.execute(
+        sa.update(Job).where(Job.id == job.id, Job.state == states.RUNNING)
+        .values(cancel_requested_at=utcnow(), version=Job.version + 1, updated_at=utcnow())
+        .execution_options(synchronize_session=False)).rowcount
+    if not moved:
+        db.session.rollback()
+        raise states.StateConflict('cancel', get(job.id).state)
+    db.session.refresh(job)
+    return _commit_if_handed_over(job, lambda: broker.request_cancel(job))
+
+
+def run_now(job_id):
+    """Run a scheduled job (or a job waiting for its retry) at once."""
+    job, previous = _transition(job_id, 'run_now', dict(state=states.QUEUED, scheduled_for=None))
+
+    def hand_over():
+        broker.withdraw(job)
+        broker.restore(job)  # no revoke flag may stop the message we enqueue
+        # What is left of the round's retries after the attempt about to run.
+        broker.enqueue(job, base=job.attempts,
+                       retries=job.retries - (job.attempts - job.attempt_base))
+    return _commit_if_handed_over(job, hand_over)
 
 
 def delete(job_id):
@@ -205,6 +265,188 @@ def stats():
         by_state[state] = by_state.get(state, 0) + count
         by_queue.setdefault(queue, dict.fromkeys(states.JOB_STATES, 0))[state] = count
     return {'states': by_state, 'queues': by_queue, 'total': sum(by_state.values())}
+
+
+def logs(job):
+    """What the job's attempts logged: ``{attempt number: [lines]}``."""
+    rows = db.session.scalars(sa.select(AttemptLog).where(AttemptLog.job_id == job.id)
+                              .order_by(AttemptLog.number, AttemptLog.id)).all()
+    by_attempt = {}
+    for row in rows:
+        by_attempt.setdefault(row.number, []).append(row)
+    return by_attempt
+
+
+def count_matching(filters):
+    """How many jobs match ``filters`` (at most MAX_BULK + 1: enough to say "more")."""
+    ids = sa.select(Job.id).where(*query_filters(**filters)).limit(MAX_BULK + 1).subquery()
+    return min(db.session.scalar(sa.select(sa.func.count()).select_from(ids)), MAX_BULK)
+
+
+def failures(queue=None):
+    """Failed jobs grouped by task and error type: count, and the latest of each group."""
+    latest = (sa.select(Job.id, Job.task, Job.error_type,
+                        sa.func.row_number().over(
+                            partition_by=(Job.task, Job.error_type),
+                            order_by=(Job.finished_at.desc(), Job.id.desc())).label('rank'),
+                        sa.func.count().over(partition_by=(Job.task, Job.error_type)).label('n'))
+              .where(Job.state == states.FAILED, *([Job.queue == queue] if queue else []))
+              .subquery())
+    rows = db.session.execute(
+        sa.select(latest.c.id, latest.c.n).where(latest.c.rank == 1)).all()
+    by_id = {j.id: j for j in db.session.scalars(
+        sa.select(Job).where(Job.id.in_([r.id for r in rows])))} if rows else {}
+    groups = [{'task': by_id[r.id].task, 'error_type': by_id[r.id].error_type, 'count': r.n,
+               'latest': by_id[r.id]} for r in rows]
+    return sorted(groups, key=lambda g: (-g['count'], g['task'], g['error_type'] or ''))
+
+
+def scheduled(queue=None, limit=50):
+    """Jobs waiting for a time: scheduled ones and retries, soonest first."""
+    stmt = (sa.select(Job)
+            .where(Job.state.in_([states.SCHEDULED, states.RETRYING]),
+                   Job.scheduled_for.is_not(None),
+                   *([Job.queue == queue] if queue else []))
+            .order_by(Job.scheduled_for, Job.id).limit(limit))
+    return db.session.scalars(stmt).all()
+
+
+# -- bulk actions ---------------------------------------------------------------
+
+MAX_BULK = 50_000
+ACTIONS = ('retry', 'cancel', 'delete')
+
+
+def bulk(action, ids=None, filters=None):
+    """Apply ``action`` to the jobs named, or to every job matching ``filters``.
+
+    Jobs whose state does not allow the action are skipped and counted by
+    state. At most ``MAX_BULK`` jobs are handled per call (``truncated``
+    says there are more: call again). Returns a summary.
+    """
+    if action not in ACTIONS:
+        raise BadQuery(f'action must be one of {", ".join(ACTIONS)}')
+    if ids is not None:
+        targets = list(dict.fromkeys(ids))
+        if len(targets) > MAX_BULK:
+            raise BadQuery(f'at most {MAX_BULK} ids at once')
+    else:
+        targets = db.session.scalars(
+            sa.select(Job.id).where(*query_filters(**(filters or {})))
+            .order_by(Job.created_at, Job.id).limit(MAX_BULK + 1)).all()
+    summary = {'action': action, 'matched': min(len(targets), MAX_BULK), 'done': 0,
+               'skipped': {}, 'truncated': len(targets) > MAX_BULK}
+    targets = targets[:MAX_BULK]
+    for start in range(0, len(targets), 500):
+        chunk = targets[start:start + 500]
+        rows = db.session.execute(
+            sa.select(Job.id, Job.state, Job.queue).where(Job.id.in_(chunk))).all()
+        found = {r.id for r in rows}
+        missing = len(chunk) - len(found)
+        if missing:
+            summary['skipped']['missing'] = summary['skipped'].get('missing', 0) + missing
+        allowed = [r for r in rows if states.allows(r.state, action)]
+        for r in rows:
+            if not states.allows(r.state, action):
+                summary['skipped'][r.state] = summary['skipped'].get(r.state, 0) + 1
+        summary['done'] += _BULK[action](allowed, summary)
+    return summary
+
+
+def _skip(summary, state):
+    summary['skipped'][state] = summary['skipped'].get(state, 0) + 1
+
+
+def _bulk_retry(rows, summary):
+    done = 0
+    for r in rows:
+        try:
+            retry(r.id)
+            done += 1
+        except states.StateConflict as exc:
+            _skip(summary, exc.state)
+    return done
+
+
+def _bulk_delete(rows, summary):
+    ids = [r.id for r in rows]
+    db.session.execute(sa.delete(Attempt).where(
+        Attempt.job_id.in_(sa.select(Job.id).where(Job.id.in_(ids),
+                                                   Job.state.in_(states.FINISHED)))))
+    deleted = db.session.execute(
+        sa.delete(Job).where(Job.id.in_(ids), Job.state.in_(states.FINISHED))
+        .returning(Job.id)).scalars().all()
+    db.session.commit()
+    for _ in range(len(ids) - len(deleted)):
+        _skip(summary, 'changed')
+    if deleted:
+        _announce(deleted=deleted)
+    return len(deleted)
+
+
+def _bulk_cancel(rows, summary):
+    done = 0
+    waiting = [r for r in rows if r.state != states.RUNNING]
+    for r in rows:
+        if r.state == states.RUNNING:
+            try:
+                cancel(r.id)
+                done += 1
+            except states.StateConflict as exc:
+                _skip(summary, exc.state)
+    if not waiting:
+        return done
+    now = utcnow()
+    ids = [r.id for r in waiting]
+    canceled = db.session.execute(
+        sa.update(Job).where(Job.id.in_(ids), Job.state.in_(states.WAITING))
+        .values(state=states.CANCELED, finished_at=now, progress_message=None,
+                version=Job.version + 1, updated_at=now)
+        .returning(Job.id, Job.queue)).all()
+    # Committed before the broker hears of it, as a single cancel does.
+    db.session.commit()
+    for _ in range(len(ids) - len(canceled)):
+        _skip(summary, 'changed')
+    by_queue = {}
+    for job_id, queue in canceled:
+        by_queue.setdefault(queue, []).append(job_id)
+    for queue, job_ids in by_queue.items():
+        broker.withdraw_many(queue, job_ids)
+    changed = db.session.scalars(sa.select(Job).where(Job.id.in_([c[0] for c in canceled]))).all()
+    _announce(*changed)
+    return done + len(canceled)
+
+
+_BULK = {'retry': _bulk_retry, 'delete': _bulk_delete, 'cancel': _bulk_cancel}
+
+
+def purge_finished(days, report=None):
+    """Delete jobs that finished more than ``days`` days ago, in chunks; return how many."""
+    cutoff = utcnow() - dt.timedelta(days=days)
+    total = db.session.scalar(sa.select(sa.func.count()).select_from(Job).where(
+        Job.state.in_(states.FINISHED), Job.finished_at < cutoff))
+    deleted = 0
+    while True:
+        ids = db.session.scalars(sa.select(Job.id).where(
+            Job.state.in_(states.FINISHED), Job.finished_at < cutoff).limit(1000)).all()
+        if not ids:
+            return deleted
+        db.session.execute(sa.delete(Attempt).where(Attempt.job_id.in_(ids)))
+        db.session.execute(sa.delete(AttemptLog).where(AttemptLog.job_id.in_(ids)))
+        deleted += db.session.execute(sa.delete(Job).where(Job.id.in_(ids))).rowcount
+        db.session.commit()
+        _announce(deleted=ids)
+        if report:
+            report(deleted, total)
+
+
+def finished_counts(hours):
+    """``{(task, state): count}`` of jobs finished in the last ``hours`` hours."""
+    since = utcnow() - dt.timedelta(hours=hours)
+    rows = db.session.execute(
+        sa.select(Job.task, Job.state, sa.func.count())
+        .where(Job.finished_at >= since).group_by(Job.task, Job.state)).all()
+    return {(task, state): n for task, state, n in rows}
 
 
 def workers(lost_after):

@@ -26,7 +26,7 @@ import time
 from flask import Blueprint, current_app, render_template, request
 from simple_websocket import ConnectionClosed
 
-from . import events, jobs, states
+from . import catalog, events, jobs, periodic, queues, states
 from .extensions import db, sock
 from .models import Job
 
@@ -43,6 +43,19 @@ CLOSE_RESTART = 1012
 CLOSE_POLICY = 1008
 
 NODE = f'{socket.gethostname()}:{os.getpid()}'
+
+
+def socket_url(view, **params):
+    """The page-relative URL of the socket for ``view``.
+
+    Flask builds WebSocket URLs as absolute ws:// ones; relative, the browser
+    picks ws or wss to match the page (behind a TLS proxy too).
+    """
+    from urllib.parse import urlsplit
+    from flask import url_for
+    parts = urlsplit(url_for('live.live_socket', view=view,
+                             **{k: v for k, v in params.items() if v}))
+    return parts.path + ('?' + parts.query if parts.query else '')
 
 
 def partial(target, html):
@@ -81,7 +94,7 @@ class View:
         self._cache = (-1, '')  # (version, html)
         self._renders = Bucket(RENDER_RATE, BURST)
 
-    def concerns(self, changed, deleted):
+    def concerns(self, changed, deleted, event):
         raise NotImplementedError
 
     def render_html(self):
@@ -104,8 +117,8 @@ class View:
 
 
 class DashboardView(View):
-    def concerns(self, changed, deleted):
-        return True  # every change moves a count
+    def concerns(self, changed, deleted, event):
+        return bool(changed or deleted)  # every change moves a count
 
     def render_html(self):
         recent, _ = jobs.list_jobs(limit=RECENT)
@@ -120,15 +133,16 @@ class ListView(View):
         super().__init__(key)
         self.filters, self.cursor = filters, cursor
 
-    def concerns(self, changed, deleted):
+    def concerns(self, changed, deleted, event):
         if self.displayed & (set(deleted) | {c['id'] for c in changed}):
             return True
         if self.cursor:  # older pages only follow the rows they show
             return False
         f = self.filters
-        return any((not f['state'] or c['state'] == f['state'])
-                   and (not f['queue'] or c['queue'] == f['queue'])
-                   and (not f['task'] or c['task'] == f['task']) for c in changed)
+        # A field the event leaves out (None) might match.
+        return any((not f['state'] or c.get('state') in (f['state'], None))
+                   and (not f['queue'] or c.get('queue') in (f['queue'], None))
+                   and (not f['task'] or c.get('task') in (f['task'], None)) for c in changed)
 
     def render_html(self):
         page, next_cursor = jobs.list_jobs(**self.filters, cursor=self.cursor,
@@ -136,7 +150,8 @@ class ListView(View):
         self.displayed = frozenset(j.id for j in page)
         filtered = any(self.filters.values())
         return (partial('jobs-page-rows', render_template(
-                    '_job_rows.html', jobs=page, tbody_id='jobs-page-rows', filtered=filtered))
+                    '_job_rows.html', jobs=page, tbody_id='jobs-page-rows', filtered=filtered,
+                    selectable=True))
                 + partial('pager', render_template(
                     '_pager.html', filters=self.filters, cursor=self.cursor,
                     next_cursor=next_cursor)))
@@ -148,7 +163,7 @@ class JobView(View):
         self.job_id = job_id
         self.displayed = frozenset({job_id})
 
-    def concerns(self, changed, deleted):
+    def concerns(self, changed, deleted, event):
         return self.job_id in deleted or any(c['id'] == self.job_id for c in changed)
 
     def render_html(self):
@@ -158,7 +173,77 @@ class JobView(View):
                 '_job_gone.html', job_id=self.job_id))
         return (partial(f'job-{job.id}-summary', render_template('_job_summary.html', job=job))
                 + partial(f'job-{job.id}-attempts', render_template(
-                    '_attempts.html', job=job, attempts=jobs.attempts(job))))
+                    '_attempts.html', job=job, attempts=jobs.attempts(job), logs=jobs.logs(job))))
+
+
+class PageView(View):
+    """A page of its own (queues, workers, ...): one fragment, one render function."""
+
+    def __init__(self, key, target, render, concerns):
+        super().__init__(key)
+        self.target, self._render, self._concerns = target, render, concerns
+
+    def concerns(self, changed, deleted, event):
+        return self._concerns(changed, deleted, event)
+
+    def render_html(self):
+        return partial(self.target, self._render())
+
+
+def _any_job(changed, deleted, event):
+    return bool(changed or deleted or event.get('queues'))
+
+
+def _queues():
+    return render_template('_queues_table.html', queues=queues.overview(current_app.config))
+
+
+def _workers():
+    lost_after = current_app.config['LOST_AFTER']
+    return render_template('_workers_table.html', workers=jobs.workers(lost_after),
+                           lost_after=lost_after)
+
+
+def _failures(queue):
+    return lambda: render_template('_failures_table.html', groups=jobs.failures(queue),
+                                   queue=queue)
+
+
+def _scheduled(queue):
+    return lambda: render_template('_scheduled_rows.html', jobs=jobs.scheduled(
+        queue, limit=current_app.config['MAX_PAGE_SIZE']))
+
+
+def _periodic():
+    return render_template('_periodic_table.html', periodic=periodic.overview())
+
+
+def _failed_or_gone(changed, deleted, event):
+    return bool(deleted) or any(c.get('state') in (states.FAILED, states.QUEUED, None)
+                                for c in changed)
+
+
+def _waiting_for_time(changed, deleted, event):
+    return bool(deleted) or any(
+        c.get('state') in (states.SCHEDULED, states.RETRYING, states.QUEUED, states.RUNNING,
+                           states.CANCELED, None) for c in changed)
+
+
+def _periodic_jobs(changed, deleted, event):
+    return any(c.get('task') in catalog.PERIODIC or c.get('task') is None for c in changed)
+
+
+def _workers_changed(changed, deleted, event):
+    return bool(event.get('workers'))
+
+
+PAGES = {
+    'queues': ('queues', lambda q: _queues, _any_job),
+    'workers': ('workers', lambda q: _workers, _workers_changed),
+    'failures': ('failures', _failures, _failed_or_gone),
+    'scheduled': ('scheduled', _scheduled, _waiting_for_time),
+    'periodic': ('periodic', lambda q: _periodic, _periodic_jobs),
+}
 
 
 def view_for(args, config):
@@ -180,7 +265,11 @@ def view_for(args, config):
             jobs.decode_cursor(cursor)
         key = ('jobs', *filters.values(), cursor)
         return key, lambda key: ListView(key, filters, cursor)
-    raise ValueError('view must be dashboard, jobs or job')
+    if kind in PAGES:
+        target, render, concerns = PAGES[kind]
+        queue = args.get('queue') or None
+        return (kind, queue), lambda key: PageView(key, target, render(queue), concerns)
+    raise ValueError('view must be dashboard, jobs, job, ' + ', '.join(PAGES))
 
 
 class Client:
@@ -232,7 +321,7 @@ class Hub:
             views = list(self.views.values())
         for view in views:
             try:
-                relevant = view.concerns(changed, deleted)
+                relevant = view.concerns(changed, deleted, event)
             except Exception:
                 logger.exception('live: relevance check failed; refreshing %s', view.key)
                 relevant = True

@@ -4,7 +4,8 @@ import json
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
 
-from . import catalog, jobs, states
+from . import broker, catalog, jobs, periodic, queues, states
+from .live import socket_url
 from .models import isoformat, utcnow
 
 bp = Blueprint('pages', __name__)
@@ -72,7 +73,7 @@ def dashboard():
     """Counts by state, the submit form and the newest jobs."""
     recent, _ = jobs.list_jobs(limit=RECENT)
     return render_template('dashboard.html', stats=jobs.stats(), recent=recent,
-                           live_url=url_for('live.live_socket', view='dashboard'),
+                           live_url=socket_url('dashboard'),
                            **_form_context())
 
 
@@ -94,7 +95,7 @@ def job_list():
     return render_template('jobs.html', jobs=page, next_cursor=next_cursor, filters=filters,
                            cursor=cursor, task_names=jobs.task_names(),
                            queues=current_app.config['QUEUES'],
-                           live_url=url_for('live.live_socket', view='jobs', cursor=cursor, **live))
+                           live_url=socket_url('jobs', cursor=cursor, **live))
 
 
 @bp.get('/jobs/new')
@@ -136,8 +137,8 @@ def create_job():
 def job_page(job_id):
     """One job: parameters, state, progress, result and every attempt."""
     job = jobs.get(job_id)
-    return render_template('job.html', job=job, attempts=jobs.attempts(job),
-                           live_url=url_for('live.live_socket', view='job', id=job.id))
+    return render_template('job.html', job=job, attempts=jobs.attempts(job), logs=jobs.logs(job),
+                           live_url=socket_url('job', id=job.id))
 
 
 @bp.get('/jobs/<job_id>/row')
@@ -156,7 +157,8 @@ def job_summary(job_id):
 def job_attempts(job_id):
     """The job page's attempt timeline."""
     job = jobs.get(job_id)
-    return render_template('_attempts.html', job=job, attempts=jobs.attempts(job))
+    return render_template('_attempts.html', job=job, attempts=jobs.attempts(job),
+                           logs=jobs.logs(job))
 
 
 def _back(job_id=None):
@@ -178,10 +180,142 @@ def retry_job(job_id):
 
 @bp.post('/jobs/<job_id>/cancel')
 def cancel_job(job_id):
-    """Cancel a waiting job."""
+    """Cancel a waiting job, or ask a running one to stop."""
     job = jobs.cancel(job_id)
-    flash(f'Job {job.id[:8]} canceled.', 'ok')
+    if job.state == states.RUNNING:
+        flash(f'Job {job.id[:8]} was asked to stop; it stops at its next progress report.', 'ok')
+    else:
+        flash(f'Job {job.id[:8]} canceled.', 'ok')
     return _back(job.id)
+
+
+@bp.post('/jobs/<job_id>/run_now')
+def run_now_job(job_id):
+    """Run a scheduled job, or one waiting for its retry, at once."""
+    job = jobs.run_now(job_id)
+    flash(f'Job {job.id[:8]} queued to run now.', 'ok')
+    return _back(job.id)
+
+
+@bp.post('/jobs/bulk')
+def bulk_jobs():
+    """Retry, cancel or delete the ticked jobs or every job matching the filter."""
+    form = request.form
+    action = form.get('action')
+    if action not in jobs.ACTIONS:
+        raise jobs.BadQuery('choose retry, cancel or delete')
+    filters = {k: form.get(f'f.{k}') or None for k in ('state', 'queue', 'task', 'q')}
+    back = url_for('pages.job_list', **{k: v for k, v in filters.items() if v})
+    if form.get('scope') == 'filter':
+        ids = None
+        count = jobs.count_matching(filters)
+        fields = [('action', action), ('scope', 'filter')] + [
+            (f'f.{k}', v) for k, v in filters.items() if v]
+    else:
+        ids = form.getlist('ids')
+        if not ids:
+            flash('Tick the jobs first, or choose every job matching the filter.', 'error')
+            return redirect(back, 303)
+        count = len(ids)
+        fields = [('action', action), ('scope', 'selected')] + [('ids', i) for i in ids] + [
+            (f'f.{k}', v) for k, v in filters.items() if v]
+    if action in ('cancel', 'delete') and not form.get('confirmed'):
+        return render_template('confirm.html', action=action, count=count, fields=fields, back=back)
+    result = jobs.bulk(action, ids=ids, filters=None if ids is not None else filters)
+    skipped = ', '.join(f'{n} {state}' for state, n in sorted(result['skipped'].items()))
+    verb = {'retry': 'retried', 'cancel': 'canceled (or asked to stop)', 'delete': 'deleted'}[action]
+    flash(f'{result["done"]} of {result["matched"]} jobs {verb}'
+          + (f'; skipped: {skipped}' if skipped else '')
+          + ('; more match: run it again' if result['truncated'] else '') + '.', 'ok')
+    return redirect(back, 303)
+
+
+def _page(template, view, **context):
+    return render_template(template, live_url=socket_url(view, queue=context.get('queue')),
+                           **context)
+
+
+@bp.get('/queues')
+def queues_page():
+    """Every queue: waiting, running, failed, throughput; pause and resume."""
+    return _page('queues.html', 'queues', queues=queues.overview(current_app.config))
+
+
+@bp.post('/queues/<name>/pause')
+def pause_queue(name):
+    """Pause a queue."""
+    queues.pause(current_app.config, name, True)
+    flash(f'Queue {name} paused: its jobs wait until it is resumed.', 'ok')
+    return redirect(url_for('pages.queues_page'), 303)
+
+
+@bp.post('/queues/<name>/resume')
+def resume_queue(name):
+    """Resume a queue."""
+    queues.pause(current_app.config, name, False)
+    flash(f'Queue {name} resumed.', 'ok')
+    return redirect(url_for('pages.queues_page'), 303)
+
+
+@bp.get('/workers')
+def workers_page():
+    """Every consumer: online or not, what it runs, its counts."""
+    lost_after = current_app.config['LOST_AFTER']
+    return _page('workers.html', 'workers', workers=jobs.workers(lost_after),
+                 lost_after=lost_after)
+
+
+@bp.get('/failures')
+def failures_page():
+    """Failed jobs grouped by task and error type."""
+    queue = request.args.get('queue') or None
+    return _page('failures.html', 'failures', groups=jobs.failures(queue), queue=queue)
+
+
+@bp.get('/scheduled')
+def scheduled_list():
+    """Jobs waiting for their time or their retry."""
+    queue = request.args.get('queue') or None
+    return _page('scheduled.html', 'scheduled',
+                 jobs=jobs.scheduled(queue, limit=current_app.config['MAX_PAGE_SIZE']),
+                 queue=queue)
+
+
+@bp.get('/periodic')
+def periodic_page():
+    """Periodic tasks: schedule, last and next run; pause, resume, run now."""
+    return _page('periodic.html', 'periodic', periodic=periodic.overview())
+
+
+@bp.post('/periodic/<name>/pause')
+def pause_periodic(name):
+    """Stop starting a periodic task on its schedule."""
+    broker.set_periodic_paused(_periodic_name(name), True)
+    flash(f'{name} paused: it is not started on its schedule until resumed.', 'ok')
+    return redirect(url_for('pages.periodic_page'), 303)
+
+
+@bp.post('/periodic/<name>/resume')
+def resume_periodic(name):
+    """Start a periodic task on its schedule again."""
+    broker.set_periodic_paused(_periodic_name(name), False)
+    flash(f'{name} resumed.', 'ok')
+    return redirect(url_for('pages.periodic_page'), 303)
+
+
+@bp.post('/periodic/<name>/trigger')
+def trigger_periodic(name):
+    """Start a periodic task now."""
+    job = periodic.trigger(_periodic_name(name), current_app.config)
+    flash(f'{name} started as job {job.id[:8]}.', 'ok')
+    return redirect(url_for('pages.job_page', job_id=job.id), 303)
+
+
+def _periodic_name(name):
+    from werkzeug.exceptions import NotFound
+    if name not in catalog.PERIODIC:
+        raise NotFound(f'no periodic task named {name}')
+    return name
 
 
 @bp.post('/jobs/<job_id>/delete')

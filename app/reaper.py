@@ -18,7 +18,7 @@ import logging
 
 import sqlalchemy as sa
 
-from . import broker, catalog, states
+from . import broker, catalog, events, states
 from .extensions import db
 from .jobs import _announce
 from .leader import leadership
@@ -66,6 +66,7 @@ def reap(config):
                 and w.id not in sweep.dead):
             sweep.dead.add(w.id)
             sweep.due()
+            events.publish(workers=True)  # the workers page shows it offline
     sweep.dead &= set(workers)
     if sweep.passes_due:
         handled.extend(_sweep(config, now, lost_after))

@@ -40,15 +40,18 @@ class StateConflict(Exception):
 ALLOWED = {
     # A new attempt of the same job, after it gave up or was stopped.
     'retry': frozenset({FAILED, CANCELED}),
-    # Revoke while Huey still holds its message. A retrying job waits for its
-    # next attempt, so it can be stopped too.
-    'cancel': frozenset({QUEUED, SCHEDULED, RETRYING}),
+    # Waiting jobs are withdrawn from Huey (a retrying job waits for its next
+    # attempt); a running one is asked to stop at its next progress report.
+    'cancel': frozenset({QUEUED, SCHEDULED, RUNNING, RETRYING}),
+    # A job waiting for its time (or its retry delay) can go now.
+    'run_now': frozenset({SCHEDULED, RETRYING}),
     # Only history may be deleted; live jobs are canceled first.
     'delete': FINISHED,
 }
 ALLOWED_TEXT = {
     action: 'only ' + ', '.join(s for s in JOB_STATES if s in states) + ' jobs can be'
-            + {'retry': ' retried', 'cancel': ' canceled', 'delete': ' deleted'}[action]
+            + {'retry': ' retried', 'cancel': ' canceled', 'delete': ' deleted',
+               'run_now': ' run now'}[action]
     for action, states in ALLOWED.items()
 }
 

@@ -80,7 +80,8 @@ def test_cancel_a_queued_job_then_retry_it(client, app):
     again = client.post(f'/api/jobs/{job["id"]}/cancel')
     assert again.status_code == 409
     assert again.get_json() == {'error': 'cannot cancel a canceled job; only queued, scheduled, '
-                                         'retrying jobs can be canceled', 'state': 'canceled'}
+                                         'running, retrying jobs can be canceled',
+                                'state': 'canceled'}
     resp = client.post(f'/api/jobs/{job["id"]}/retry')
     assert resp.status_code == 200 and resp.get_json()['state'] == 'queued'
     assert broker.hueys['default'].pending_count() == 1
@@ -201,3 +202,24 @@ def test_broker_refusal_is_503_and_leaves_no_row(client, app):
     with app.app_context():
         assert db.session.query(Job).count() == 0
     assert post(client, {'task': 'noop'}).status_code == 201
+
+
+def test_bulk_cancel_withdraws_every_message(client, app):
+    from app import broker
+    huey = broker.hueys['default']
+    ids = [post(client, {'task': 'noop', 'delay': 3600}).get_json()['id'] for _ in range(3)]
+    keep = post(client, {'task': 'noop'}).get_json()['id']
+    huey.add_schedule(huey.dequeue())  # one of them already moved to Huey's schedule
+    resp = client.post('/api/jobs/bulk', json={'action': 'cancel', 'ids': ids})
+    assert resp.get_json() == {'action': 'cancel', 'matched': 3, 'done': 3, 'skipped': {},
+                               'truncated': False}
+    assert broker.message_ids('default') == {keep}
+
+
+def test_unique_jobs_share_one_row(client, app):
+    first = post(client, {'task': 'noop', 'idempotency_key': 'invoice-42'})
+    again = post(client, {'task': 'sleep', 'idempotency_key': 'invoice-42'})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.get_json()['id'] == first.get_json()['id'] and again.get_json()['task'] == 'noop'
+    with app.app_context():
+        assert db.session.query(Job).count() == 1

@@ -173,3 +173,40 @@ def test_the_socket_opens_even_when_the_extension_arrives_late(deployment, page)
     page.route('**/hx-ws-*.js', slow)
     page.goto(deployment.api.base + '/')
     live(page)
+
+
+def test_bulk_retry_from_the_jobs_list(deployment, page):
+    failed = [deployment.api.submit('flaky', {'failures': 1}, retries=0)['id'] for _ in range(3)]
+    for job_id in failed:
+        deployment.api.wait_state(job_id, 'failed')
+    page.goto(deployment.api.base + '/jobs?state=failed&task=flaky')
+    live(page)
+    for job_id in failed[:2]:
+        page.check(f'#select-{job_id}')
+    page.click('.bulk-bar button[value=retry]')
+    expect(page.locator('.flash-ok')).to_contain_text('2 of 2 jobs retried')
+    for job_id in failed[:2]:
+        assert deployment.api.wait_state(job_id, 'succeeded')['attempt_count'] == 2
+    assert deployment.api.job(failed[2])['state'] == 'failed'
+    # the page follows its filter: the retried jobs leave it, live
+    page.goto(deployment.api.base + '/jobs?state=failed&task=flaky')
+    live(page)
+    expect(page.locator(f'#job-{failed[2]}')).to_be_visible()
+    expect(page.locator(f'#job-{failed[0]}')).to_have_count(0)
+
+
+def test_pausing_a_queue_lets_jobs_pile_up_then_drain_live(deployment, page):
+    page.goto(deployment.api.base + '/queues')
+    live(page)
+    row = page.locator('#queue-default')
+    page.click('#queue-default button[value=pause]')
+    expect(row).to_have_attribute('data-paused', 'true')
+    live(page)
+    ids = [deployment.api.submit('noop')['id'] for _ in range(5)]
+    expect(row.locator('td').nth(4)).to_have_text('5', timeout=15_000)  # queued, live
+    page.click('#queue-default button[value=resume]')
+    expect(row).to_have_attribute('data-paused', 'false')
+    live(page)
+    for job_id in ids:
+        deployment.api.wait_state(job_id, 'succeeded')
+    expect(row.locator('td').nth(4)).to_have_text('0', timeout=15_000)

@@ -113,7 +113,7 @@ def test_actions_follow_the_state_rules(deployment):
     api = deployment.api
     job = api.submit('sleep', {'seconds': 1.5, 'steps': 3})
     api.wait_state(job['id'], 'running', 10)
-    assert api.post(f'/api/jobs/{job["id"]}/cancel')[0] == 409
+    assert api.post(f'/api/jobs/{job["id"]}/retry')[0] == 409
     assert api.delete(f'/api/jobs/{job["id"]}')[0] == 409
     api.wait_state(job['id'], 'succeeded')
     assert api.post(f'/api/jobs/{job["id"]}/retry')[0] == 409

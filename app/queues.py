@@ -1,0 +1,56 @@
+"""Queues: what waits, runs and fails in each, how fast they drain, pausing."""
+import datetime as dt
+
+import sqlalchemy as sa
+
+from . import broker, events, jobs, states
+from .extensions import db
+from .models import Job, utcnow
+
+
+def overview(config):
+    """Every configured queue, with its broker depth and its ledger counts."""
+    counts = jobs.stats()['queues']
+    now = utcnow()
+    recent = {}
+    for window in (60, 900):
+        rows = db.session.execute(
+            sa.select(Job.queue, sa.func.count())
+            .where(Job.finished_at >= now - dt.timedelta(seconds=window))
+            .group_by(Job.queue)).all()
+        for queue, n in rows:
+            recent.setdefault(queue, {})[window] = n
+    result = []
+    for name in config['QUEUES']:
+        by_state = counts.get(name, dict.fromkeys(states.JOB_STATES, 0))
+        try:
+            waiting, scheduled = broker.depth(name)
+            paused = broker.is_paused(name)
+        except broker.BrokerUnavailable:
+            waiting = scheduled = paused = None
+        done = recent.get(name, {})
+        result.append({
+            'name': name, 'paused': paused,
+            # messages Huey holds: ready to run, and due later (delays, retries)
+            'depth': waiting, 'scheduled_messages': scheduled,
+            'queued': by_state['queued'], 'scheduled': by_state['scheduled'],
+            'running': by_state['running'], 'retrying': by_state['retrying'],
+            'failed': by_state['failed'], 'succeeded': by_state['succeeded'],
+            # jobs finished per minute, over the last minute and the last 15
+            'per_minute': done.get(60, 0), 'per_minute_15': round(done.get(900, 0) / 15, 1),
+        })
+    return result
+
+
+def find(config, name):
+    from werkzeug.exceptions import NotFound
+    if name not in config['QUEUES']:
+        raise NotFound(f'no queue named {name}')
+    return name
+
+
+def pause(config, name, paused):
+    """Pause (or resume) ``name``: its jobs stay queued, no worker takes one."""
+    broker.set_paused(find(config, name), paused)
+    events.publish(queues=True)
+    return next(q for q in overview(config) if q['name'] == name)
