@@ -19,8 +19,6 @@ def create_app(test_config=None):
     app.config['SECRET_KEY'] = config_module.secret_key(config)
     app.config['SQLALCHEMY_DATABASE_URI'] = config['DATABASE_URL']
     app.config['SQLALCHEMY_ENGINE_OPTIONS'] = _engine_options(config['DATABASE_URL'])
-    # Pings find peers that vanished without closing (a laptop lid, a NAT).
-    app.config['SOCK_SERVER_OPTIONS'] = {'ping_interval': 25}
     logging.basicConfig(level=config['LOG_LEVEL'],
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     if logging.getLogger('huey').handlers:
@@ -39,7 +37,12 @@ def create_app(test_config=None):
         if db.engine.dialect.name == 'sqlite':
             event.listen(db.engine, 'connect', _sqlite_pragmas)
 
+    # Imported here, not at the top: gunicorn.conf.py imports this package in
+    # the master, and the live hub belongs to each worker.
     from . import api, errors, live, pages
+    # Pings find peers that vanished without closing (a laptop lid, a NAT);
+    # each socket's reader thread is a daemon, so it never holds up an exit.
+    app.config['SOCK_SERVER_OPTIONS'] = {'ping_interval': 25, 'thread_class': live.ReaderThread}
     app.register_blueprint(pages.bp)
     app.register_blueprint(live.bp)
     app.register_blueprint(api.bp)

@@ -42,7 +42,18 @@ RECENT = 20        # rows in the dashboard's recent list
 CLOSE_RESTART = 1012
 CLOSE_POLICY = 1008
 
-NODE = f'{socket.gethostname()}:{os.getpid()}'
+def node():
+    """This process's name on the status line: host and pid, read when asked
+    because the module may be imported before gunicorn forks its workers."""
+    return f'{socket.gethostname()}:{os.getpid()}'
+
+
+class ReaderThread(threading.Thread):
+    """simple-websocket's per-socket reader, as a daemon thread."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.daemon = True
 
 
 def socket_url(view, **params):
@@ -395,6 +406,15 @@ class Hub:
 hub = Hub()
 
 
+def _hang_up(ws):
+    # The close frame is out; end the connection too, so the server need not
+    # wait for the client to answer it before it exits.
+    try:
+        ws.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _send(ws, client, html):
     client.sends.take()
     ws.send(html)
@@ -415,11 +435,12 @@ def live_socket(ws):
         # A fresh snapshot on every (re)connect heals whatever was missed.
         version, html = view.render()
         _send(ws, client, partial('live-status', render_template(
-            '_live_status.html', node=NODE, live=True)) + html)
+            '_live_status.html', node=node(), live=True)) + html)
         client.sent_version = version
         while True:
             if hub.stopping.is_set():
                 ws.close(CLOSE_RESTART, 'server restarting')
+                _hang_up(ws)
                 return
             if not ws.connected:
                 return

@@ -75,6 +75,13 @@ class Process:
         except subprocess.TimeoutExpired:
             return None
 
+    def kill(self):
+        """SIGKILL the process and everything it started: a crash."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
     def stop(self, signum=signal.SIGTERM, timeout=20):
         """Stop gracefully; kill the whole process group if it does not exit."""
         if self.alive():

@@ -44,3 +44,21 @@ def test_a_locked_broker_gives_503_and_no_row(tmp_path):
         api.wait_state(api.submit('noop')['id'], 'succeeded')
     finally:
         web.stop()
+
+
+def test_a_job_running_when_the_process_was_killed_is_recovered_after_restart(tmp_path):
+    env = service_env(tmp_path, HEARTBEAT_INTERVAL=0.5, LOST_AFTER=2, REAP_INTERVAL=0.5)
+    migrate(env, tmp_path)
+    web, api = start_web(env, tmp_path, workers=1)
+    try:
+        job = api.submit('sleep', {'seconds': 4, 'steps': 8})
+        wait_for(lambda: (api.job(job['id'])['progress'] or 0) > 0, 15, 0.1, 'the job to run')
+    finally:
+        web.kill()
+
+    web, api = start_web(env, tmp_path, name='web-after-crash', workers=1)
+    try:
+        done = api.wait_state(job['id'], 'succeeded', 60)
+    finally:
+        web.stop()
+    assert [(a['number'], a['state']) for a in done['attempts']] == [(1, 'lost'), (2, 'succeeded')]
