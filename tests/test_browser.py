@@ -5,10 +5,11 @@ fragments and htmx swaps them in.
 """
 import os
 import re
+import signal
 import time
 
 import pytest
-from helpers import Deployment, need
+from helpers import Deployment, need, start_consumer
 from playwright.sync_api import expect, sync_playwright
 
 CHROMIUM = '/usr/bin/chromium'
@@ -210,3 +211,26 @@ def test_pausing_a_queue_lets_jobs_pile_up_then_drain_live(deployment, page):
     for job_id in ids:
         deployment.api.wait_state(job_id, 'succeeded')
     expect(row.locator('td').nth(4)).to_have_text('0', timeout=15_000)
+
+
+def test_a_job_on_a_killed_worker_is_seen_to_recover(tmp_path, page):
+    # Heartbeats every 0.5 s, lost after 3 s: the reaper acts within seconds.
+    dep = Deployment('distributed', tmp_path, web_workers=1,
+                     HEARTBEAT_INTERVAL=0.5, LOST_AFTER=3, REAP_INTERVAL=1)
+    try:
+        victim = dep.processes[-1]
+        job = dep.api.submit('sleep', {'seconds': 3, 'steps': 6})
+        page.goto(f'{dep.api.base}/jobs/{job["id"]}')
+        live(page)
+        summary = page.locator(f'#job-{job["id"]}-summary')
+        expect(summary).to_have_attribute('data-state', 'running', timeout=20_000)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        dep.processes.append(start_consumer(dep.env, tmp_path, name='consumer-after-kill'))
+        first = page.locator(f'#attempt-{job["id"]}-1')
+        expect(first).to_have_attribute('data-outcome', 'lost', timeout=30_000)
+        expect(first).to_contain_text('stopped heartbeating')
+        expect(summary).to_have_attribute('data-state', 'succeeded', timeout=30_000)
+        expect(page.locator(f'#attempt-{job["id"]}-2')).to_have_attribute('data-outcome', 'succeeded')
+    finally:
+        dep.close()
