@@ -206,8 +206,10 @@ def test_shutdown_closes_sockets_with_1012_and_clients_reconnect(tmp_path):
         assert sock.close_code == 1012
         assert dep.web.wait(30) == 0, dep.web.log()
         # gunicorn waits up to 30 s (graceful_timeout) for open connections;
-        # with the sockets closed it has none to wait for
-        assert time.monotonic() - started < 25
+        # with the sockets closed and hung up it has none to wait for (it
+        # takes under a second; the bound leaves room for a busy machine)
+        elapsed = time.monotonic() - started
+        assert elapsed < 10, f'the web process took {elapsed:.1f} s to stop'
         dep.restart_web()
         again = Socket(f'{dep.ws_base}/ws?view=dashboard')
         wait_for(lambda: again.messages, 10, message='a snapshot after restart')
