@@ -23,7 +23,14 @@ from .leader import leadership
 
 
 class BrokerUnavailable(Exception):
-    """Huey's storage (Redis, or SQLite when embedded) refused a request."""
+    """Huey's storage (Redis, or SQLite when embedded) refused a request.
+
+    ``done`` names the jobs a call for many had dealt with before the refusal.
+    """
+
+    def __init__(self, message, done=()):
+        super().__init__(message)
+        self.done = frozenset(done)
 
 
 BROKER_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
@@ -301,11 +308,13 @@ def withdraw_many(queue, job_ids):
     """:func:`withdraw` for many jobs of one queue, in one pass over its messages.
 
     Returns the ids whose message was removed; the others are revoked once.
+    If the broker fails part way, :class:`BrokerUnavailable` says in ``done``
+    which jobs it had already withdrawn or revoked.
     """
     huey = hueys[queue]
     storage = huey.storage
     wanted = set(job_ids)
-    removed = set()
+    removed, revoked = set(), set()
     try:
         if isinstance(storage, SqliteStorage):
             for table in ('task', 'schedule'):
@@ -327,8 +336,10 @@ def withdraw_many(queue, job_ids):
                         removed.add(job_id)
         for job_id in wanted - removed:
             huey.revoke_by_id(job_id, revoke_once=True)
+            revoked.add(job_id)
     except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
+        raise BrokerUnavailable(f'the broker is unreachable: {exc}',
+                                done=removed | revoked) from exc
     return removed
 
 

@@ -410,8 +410,27 @@ def _bulk_cancel(rows, summary):
     by_queue = {}
     for job_id, queue in canceled:
         by_queue.setdefault(queue, []).append(job_id)
-    for queue, job_ids in by_queue.items():
-        broker.withdraw_many(queue, job_ids)
+    withdrawn = set()
+    try:
+        for queue, job_ids in by_queue.items():
+            broker.withdraw_many(queue, job_ids)
+            withdrawn.update(job_ids)
+    except broker.BrokerUnavailable as exc:
+        # As a single cancel does: the jobs whose messages are still in the
+        # queue go back to waiting, so the ledger never calls a job canceled
+        # that a worker will still run. What was withdrawn stays canceled.
+        withdrawn |= exc.done
+        before = {r.id: r.state for r in waiting}
+        for job_id, _queue in canceled:
+            if job_id not in withdrawn:
+                db.session.execute(
+                    sa.update(Job).where(Job.id == job_id, Job.state == states.CANCELED,
+                                         Job.finished_at == now)
+                    .values(state=before[job_id], finished_at=None,
+                            version=Job.version + 1, updated_at=utcnow()))
+        db.session.commit()
+        _announce(*db.session.scalars(sa.select(Job).where(Job.id.in_([c[0] for c in canceled]))))
+        raise
     changed = db.session.scalars(sa.select(Job).where(Job.id.in_([c[0] for c in canceled]))).all()
     _announce(*changed)
     return done + len(canceled)

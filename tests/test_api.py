@@ -1,4 +1,5 @@
 """The JSON API contract, in-process on the embedded broker (no consumer)."""
+import contextlib
 import datetime as dt
 import json
 import sqlite3
@@ -184,8 +185,9 @@ def test_healthz_reports_broker_and_database(client):
                     'database': 'ok'}
 
 
-def test_broker_refusal_is_503_and_leaves_no_row(client, app):
-    # Hold the embedded broker's write lock, as a stuck writer would.
+@contextlib.contextmanager
+def broker_locked():
+    """Hold the embedded broker's write lock, as a stuck writer would."""
     from app import broker
     storage = broker.hueys['default'].storage
     storage._timeout = 0.2
@@ -193,10 +195,15 @@ def test_broker_refusal_is_503_and_leaves_no_row(client, app):
     blocker = sqlite3.connect(storage.filename, isolation_level=None)
     blocker.execute('BEGIN EXCLUSIVE')
     try:
-        resp = post(client, {'task': 'noop'})
+        yield
     finally:
         blocker.rollback()
         blocker.close()
+
+
+def test_broker_refusal_is_503_and_leaves_no_row(client, app):
+    with broker_locked():
+        resp = post(client, {'task': 'noop'})
     assert resp.status_code == 503
     assert resp.get_json()['error'].startswith('the job broker is unreachable')
     with app.app_context():
@@ -214,6 +221,24 @@ def test_bulk_cancel_withdraws_every_message(client, app):
     assert resp.get_json() == {'action': 'cancel', 'matched': 3, 'done': 3, 'skipped': {},
                                'truncated': False}
     assert broker.message_ids('default') == {keep}
+
+
+def test_a_cancel_the_broker_refuses_is_503_and_leaves_the_jobs_waiting(client, app):
+    from app import broker
+    ids = [post(client, {'task': 'noop'}).get_json()['id'] for _ in range(3)]
+    later = post(client, {'task': 'noop', 'delay': 3600}).get_json()['id']
+    with broker_locked():
+        one = client.post(f'/api/jobs/{ids[0]}/cancel')
+        many = client.post('/api/jobs/bulk', json={'action': 'cancel', 'ids': [*ids, later]})
+    assert (one.status_code, many.status_code) == (503, 503)
+    assert many.get_json()['error'].startswith('the job broker is unreachable')
+    states = {i: client.get(f'/api/jobs/{i}').get_json()['state'] for i in [*ids, later]}
+    assert states == {**{i: 'queued' for i in ids}, later: 'scheduled'}
+    assert broker.message_ids('default') >= {*ids, later}
+    # with the broker back, the same request cancels them all
+    resp = client.post('/api/jobs/bulk', json={'action': 'cancel', 'ids': [*ids, later]})
+    assert resp.get_json()['done'] == 4
+    assert broker.message_ids('default').isdisjoint({*ids, later})
 
 
 def test_unique_jobs_share_one_row(client, app):
