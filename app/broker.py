@@ -4,12 +4,14 @@ Huey instances exist from import time (``huey_consumer`` loads them from
 ``huey_tasks``); :func:`configure` points their storage at the broker the
 configuration names: Redis, or SQLite in the embedded mode.
 """
+import contextlib
 import datetime as dt
 import os
 import random
 import signal
 import sqlite3
 import threading
+import time
 
 import redis
 from huey import Huey
@@ -35,6 +37,18 @@ class BrokerUnavailable(Exception):
 
 BROKER_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                  sqlite3.OperationalError)
+
+
+@contextlib.contextmanager
+def _reaching(done=()):
+    """Turn a broker error inside the block into :class:`BrokerUnavailable`.
+
+    ``done`` (a collection the block fills) is what it had dealt with.
+    """
+    try:
+        yield
+    except BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f'the broker is unreachable: {exc}', done=done) from exc
 
 
 PAUSED_KEY = 'qm:paused'
@@ -79,7 +93,7 @@ class TrackedHuey(Huey):
     def dequeue(self):
         if self.paused.is_set():
             # Idle like an empty queue; resuming is seen within a second.
-            _resumed.wait(0.5)
+            time.sleep(0.5)
             return None
         task = super().dequeue()
         if task is not None and self.paused.is_set():
@@ -108,12 +122,11 @@ class TrackedHuey(Huey):
 # queue name -> Huey instance, in this process.
 hueys: dict[str, TrackedHuey] = {}
 _settings = {'backoff': 2.0, 'spec': None, 'grace': 25.0}
-_resumed = threading.Event()  # never set: paused workers wait on it, with a timeout
+_pool = {'url': None, 'pool': None}
 
 
 def queue_of(huey):
     return huey.name.split('.', 1)[1]
-_pool = {'url': None, 'pool': None}
 
 
 def _storage_spec(config):
@@ -266,41 +279,55 @@ def enqueue(job, base=0, retries=None):
         raise BrokerUnavailable(f'the broker refused the job: {exc}') from exc
 
 
+def _messages(huey, match=None):
+    """Every message Huey holds for ``huey``'s queue, queued or scheduled.
+
+    Yields ``(job id, remove)``; ``remove()`` takes that message out and says
+    whether it was still there. ``match`` (a job id) narrows the scan to the
+    messages that contain it. Huey has no "remove" call; we find messages in
+    its storage, as Sidekiq's UI deletes from a queue.
+    """
+    storage = huey.storage
+    if isinstance(storage, SqliteStorage):
+        where, args = 'queue = ?', (storage.name,)
+        if match:
+            where, args = where + ' and instr(data, ?) > 0', args + (match.encode(),)
+        for table in ('task', 'schedule'):
+            rows = storage.sql(f'select id, data from {table} where {where}', args, results=True)
+            for row_id, data in rows:
+                yield (huey.serializer.deserialize(bytes(data)).id,
+                       lambda table=table, row_id=row_id: _delete_row(storage, table, row_id))
+    else:
+        conn = storage.conn
+        # Queue members carry an 8-byte ordering prefix; schedule members don't.
+        for key, skip in ((storage.queue_key, 8), (storage.schedule_key, 0)):
+            for member, _score in conn.zscan_iter(key, match=f'*{match}*' if match else None,
+                                                  count=1000):
+                yield (huey.serializer.deserialize(member[skip:]).id,
+                       lambda key=key, member=member: bool(conn.zrem(key, member)))
+
+
+def _delete_row(storage, table, row_id):
+    with storage.db(commit=True) as curs:
+        curs.execute(f'delete from {table} where id = ?', (row_id,))
+        return curs.rowcount == 1
+
+
 def withdraw(job):
     """Take the job's pending message out of Huey's queue or schedule.
 
     Returns True when a message was removed. When none is found a worker may
     hold it between dequeue and execution, so it is also revoked once: Huey
     checks that flag just before running, and clears it after a run.
-    Huey has no "remove" call; we match the message by id in its storage,
-    as Sidekiq's UI deletes from a queue.
     """
     huey = hueys[job.queue]
-    storage = huey.storage
-    needle = job.id.encode()
     removed = False
-    try:
-        if isinstance(storage, SqliteStorage):
-            for table in ('task', 'schedule'):
-                rows = storage.sql(f'select id, data from {table} where queue = ? '
-                                   f'and instr(data, ?) > 0', (storage.name, needle),
-                                   results=True)
-                for row_id, data in rows:
-                    if huey.deserialize_task(bytes(data)).id == job.id:
-                        with storage.db(commit=True) as curs:
-                            curs.execute(f'delete from {table} where id = ?', (row_id,))
-                            removed = removed or curs.rowcount == 1
-        else:
-            conn = storage.conn
-            # Queue members carry an 8-byte ordering prefix; schedule members don't.
-            for key, skip in ((storage.queue_key, 8), (storage.schedule_key, 0)):
-                for member, _score in conn.zscan_iter(key, match=f'*{job.id}*'):
-                    if huey.deserialize_task(member[skip:]).id == job.id:
-                        removed = bool(conn.zrem(key, member)) or removed
+    with _reaching():
+        for job_id, remove in _messages(huey, match=job.id):
+            if job_id == job.id:
+                removed = remove() or removed
         if not removed:
             huey.revoke_by_id(job.id, revoke_once=True)
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
     return removed
 
 
@@ -312,70 +339,43 @@ def withdraw_many(queue, job_ids):
     which jobs it had already withdrawn or revoked.
     """
     huey = hueys[queue]
-    storage = huey.storage
     wanted = set(job_ids)
-    removed, revoked = set(), set()
-    try:
-        if isinstance(storage, SqliteStorage):
-            for table in ('task', 'schedule'):
-                rows = storage.sql(f'select id, data from {table} where queue = ?',
-                                   (storage.name,), results=True)
-                for row_id, data in rows:
-                    job_id = huey.serializer.deserialize(bytes(data)).id
-                    if job_id in wanted:
-                        with storage.db(commit=True) as curs:
-                            curs.execute(f'delete from {table} where id = ?', (row_id,))
-                            if curs.rowcount == 1:
-                                removed.add(job_id)
-        else:
-            conn = storage.conn
-            for key, skip in ((storage.queue_key, 8), (storage.schedule_key, 0)):
-                for member, _score in conn.zscan_iter(key, count=1000):
-                    job_id = huey.serializer.deserialize(member[skip:]).id
-                    if job_id in wanted and conn.zrem(key, member):
-                        removed.add(job_id)
+    removed, done = set(), set()
+    with _reaching(done):
+        for job_id, remove in _messages(huey):
+            if job_id in wanted and remove():
+                removed.add(job_id)
+                done.add(job_id)
         for job_id in wanted - removed:
             huey.revoke_by_id(job_id, revoke_once=True)
-            revoked.add(job_id)
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}',
-                                done=removed | revoked) from exc
+            done.add(job_id)
     return removed
 
 
 def restore(job):
     """Clear what :func:`withdraw` or a cancel request may have left for the job."""
-    try:
-        huey = hueys[job.queue]
+    huey = hueys[job.queue]
+    with _reaching():
         huey.restore_by_id(job.id)
-        huey.storage.delete_data(context.CANCEL_KEY.format(job.id))
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
+    _flag(huey, context.CANCEL_KEY.format(job.id), False)
 
 
 def request_cancel(job):
     """Ask the running job to stop at its next progress report."""
-    try:
-        hueys[job.queue].storage.put_data(context.CANCEL_KEY.format(job.id), b'1')
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
+    _flag(hueys[job.queue], context.CANCEL_KEY.format(job.id), True)
 
 
 def _flag(huey, key, on):
-    try:
+    with _reaching():
         if on:
             huey.storage.put_data(key, b'1')
         else:
             huey.storage.delete_data(key)
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
 
 
 def _has(huey, key):
-    try:
+    with _reaching():
         return huey.storage.has_data_for_key(key)
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
 
 
 def set_paused(queue, paused):
@@ -413,31 +413,15 @@ def refresh_paused():
 
 def message_ids(queue):
     """Ids of every job Huey holds a message for in ``queue`` (queued or scheduled)."""
-    huey = hueys[queue]
-    storage = huey.storage
-    ids = set()
-    try:
-        if isinstance(storage, SqliteStorage):
-            for table in ('task', 'schedule'):
-                for (data,) in storage.sql(f'select data from {table} where queue = ?',
-                                           (storage.name,), results=True):
-                    ids.add(huey.serializer.deserialize(bytes(data)).id)
-        else:
-            for key, skip in ((storage.queue_key, 8), (storage.schedule_key, 0)):
-                for member, _score in storage.conn.zscan_iter(key, count=1000):
-                    ids.add(huey.serializer.deserialize(member[skip:]).id)
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
-    return ids
+    with _reaching():
+        return {job_id for job_id, _remove in _messages(hueys[queue])}
 
 
 def depth(queue):
     """Messages waiting in Huey for ``queue``: ``(queued, scheduled)``."""
     huey = hueys[queue]
-    try:
+    with _reaching():
         return huey.pending_count(), huey.scheduled_count()
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}') from exc
 
 
 def ping():
