@@ -205,7 +205,7 @@ def main():
                           ('draining a backlog, job pages', burst_latency)]:
         print(f'  {label:34} {ms(percentile(values, 50)):>10} {ms(percentile(values, 99)):>10} '
               f'{len(values):>8}')
-    print(f'  targets at light load: p50 < 50 ms, p99 < 250 ms')
+    print('  targets at light load: p50 < 50 ms, p99 < 250 ms')
     print(f'\nBurst: a backlog of {burst_jobs} jobs drained in {burst_seconds:.1f} s '
           f'({burst_jobs / burst_seconds:.0f} jobs/s); the dashboard socket got '
           f'{burst_messages} messages meanwhile ({burst_messages / burst_seconds:.1f}/s)')

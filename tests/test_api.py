@@ -5,8 +5,6 @@ import json
 import sqlite3
 import uuid
 
-import pytest
-
 from app.extensions import db
 from app.models import Attempt, Job, utcnow
 
