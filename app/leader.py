@@ -10,6 +10,15 @@ import time
 
 KEY = 'queue-manager:leader'
 
+
+def process_name():
+    """This process as ``host:pid``: how consumers, leases and pages name it.
+
+    Read when asked, never kept from import time: gunicorn's master and
+    Huey's process workers import the package before they fork.
+    """
+    return f'{socket.gethostname()}:{os.getpid()}'
+
 # Renew only while still the holder (a lease that lapsed may be someone else's).
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -21,7 +30,6 @@ return 0
 
 class Leadership:
     def __init__(self):
-        self.me = f'{socket.gethostname()}:{os.getpid()}'
         self.client = None  # None: the embedded mode
         self._until = 0.0
 
@@ -33,10 +41,10 @@ class Leadership:
         if self.client is None:
             self._until = float('inf')
             return True
-        ms = int(ttl * 1000)
+        ms, me = int(ttl * 1000), process_name()
         try:
-            held = (self.client.set(KEY, self.me, nx=True, px=ms)
-                    or self.client.eval(_RENEW, 1, KEY, self.me, ms))
+            held = (self.client.set(KEY, me, nx=True, px=ms)
+                    or self.client.eval(_RENEW, 1, KEY, me, ms))
         except Exception:
             held = False
         # Stop acting a little before the lease ends, so two never overlap.
@@ -47,7 +55,7 @@ class Leadership:
         if self.client is not None and self.leading:
             try:
                 self.client.eval("if redis.call('get', KEYS[1]) == ARGV[1] then "
-                                 "return redis.call('del', KEYS[1]) end return 0", 1, KEY, self.me)
+                                 "return redis.call('del', KEYS[1]) end return 0", 1, KEY, process_name())
             except Exception:
                 pass
         self._until = 0.0

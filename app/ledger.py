@@ -14,11 +14,8 @@ attempt 2 that another consumer already recorded.
 """
 import atexit
 import collections
-import datetime as dt
 import json
 import logging
-import os
-import socket
 import threading
 import time
 import traceback as tb_module
@@ -28,7 +25,7 @@ from huey import signals as S
 from huey.exceptions import CancelExecution, TaskTimeout
 
 from . import context, events, states
-from .leader import leadership
+from .leader import leadership, process_name
 from .models import Job, utcnow
 
 logger = logging.getLogger(__name__)
@@ -46,11 +43,6 @@ def transient(exc):
 
 job_t = Job.__table__
 WORKERS = object()  # key in a batch's changes: consumer heartbeats were written
-
-
-def consumer_id():
-    """This consumer process as ``host:pid``."""
-    return f'{socket.gethostname()}:{os.getpid()}'
 
 
 def _jsonable(value):
@@ -170,7 +162,7 @@ class Recorder:
         self.max_batch = max_batch
         self.heartbeat_interval = heartbeat_interval
         self.log_lines = log_lines
-        self.consumer = consumer_id()
+        self.consumer = process_name()
         # What this consumer serves, for its heartbeats (set by whoever runs it).
         self.queues, self.concurrency = [], 0
         self.is_leader = lambda: False

@@ -18,7 +18,6 @@ messages per client and constant memory. A slow client only blocks its own
 thread.
 """
 import logging
-import os
 import socket
 import threading
 import time
@@ -28,6 +27,7 @@ from simple_websocket import ConnectionClosed
 
 from . import catalog, events, jobs, periodic, queues, states
 from .extensions import db, sock
+from .leader import process_name
 from .models import Job
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,6 @@ IDLE_WAKE = 5.0    # how often an idle socket checks that its peer is still ther
 RECENT = 20        # rows in the dashboard's recent list
 CLOSE_RESTART = 1012
 CLOSE_POLICY = 1008
-
-def node():
-    """This process's name on the status line: host and pid, read when asked
-    because the module may be imported before gunicorn forks its workers."""
-    return f'{socket.gethostname()}:{os.getpid()}'
 
 
 class ReaderThread(threading.Thread):
@@ -435,7 +430,7 @@ def live_socket(ws):
         # A fresh snapshot on every (re)connect heals whatever was missed.
         version, html = view.render()
         _send(ws, client, partial('live-status', render_template(
-            '_live_status.html', node=node(), live=True)) + html)
+            '_live_status.html', node=process_name(), live=True)) + html)
         client.sent_version = version
         while True:
             if hub.stopping.is_set():

@@ -12,6 +12,7 @@ from conftest import make_app
 import huey_tasks
 from app import broker, catalog, jobs, ledger
 from app.extensions import db
+from app.leader import process_name
 from app.models import Attempt, Job, utcnow
 
 
@@ -61,7 +62,7 @@ def test_noop_succeeds_with_one_attempt(ledger_app):
     assert row.started_at <= row.finished_at and row.version > 1
     [attempt] = attempts_of(job.id)
     assert attempt.outcome == 'succeeded' and attempt.duration >= 0
-    assert attempt.worker.startswith(ledger.consumer_id())
+    assert attempt.worker.startswith(process_name())
 
 
 def test_flaky_job_records_each_failed_attempt_then_succeeds(ledger_app):
