@@ -22,6 +22,10 @@ def _announce(*jobs, deleted=()):
                      'task': j.task} for j in jobs], deleted)
 
 
+def _announce_ids(ids):
+    _announce(*db.session.scalars(sa.select(Job).where(Job.id.in_(list(ids)))))
+
+
 def submit(sub):
     """Record and enqueue a validated :class:`~app.catalog.Submission`.
 
@@ -176,7 +180,7 @@ def run_now(job_id):
         broker.restore(job)  # no revoke flag may stop the message we enqueue
         # What is left of the round's retries after the attempt about to run.
         broker.enqueue(job, base=job.attempts,
-                       retries=job.retries - (job.attempts - job.attempt_base))
+                       retries=job.retries_left(after=job.attempts))
     return _commit_if_handed_over(job, hand_over)
 
 
@@ -184,14 +188,21 @@ def delete(job_id):
     """Delete a finished job and its attempts."""
     job = get(job_id)
     states.check(job.state, 'delete')
-    db.session.execute(sa.delete(Attempt).where(Attempt.job_id == job.id))
-    result = db.session.execute(
-        sa.delete(Job).where(Job.id == job.id, Job.state.in_(states.FINISHED)))
-    if result.rowcount != 1:
+    if not _delete_finished([job.id]):
         db.session.rollback()
         raise states.StateConflict('delete', get(job_id).state)
     db.session.commit()
     _announce(deleted=[job.id])
+
+
+def _delete_finished(ids):
+    """Delete those of ``ids`` that are finished; return the ids deleted.
+
+    Their attempts and log lines go with them (the schema's ON DELETE CASCADE).
+    """
+    return db.session.execute(
+        sa.delete(Job).where(Job.id.in_(ids), Job.state.in_(states.FINISHED))
+        .returning(Job.id)).scalars().all()
 
 
 # -- listing ------------------------------------------------------------------
@@ -341,20 +352,21 @@ def bulk(action, ids=None, filters=None):
         chunk = targets[start:start + 500]
         rows = db.session.execute(
             sa.select(Job.id, Job.state, Job.queue).where(Job.id.in_(chunk))).all()
-        found = {r.id for r in rows}
-        missing = len(chunk) - len(found)
-        if missing:
-            summary['skipped']['missing'] = summary['skipped'].get('missing', 0) + missing
-        allowed = [r for r in rows if states.allows(r.state, action)]
+        _skip(summary, 'missing', len(chunk) - len(rows))
+        allowed = []
         for r in rows:
-            if not states.allows(r.state, action):
-                summary['skipped'][r.state] = summary['skipped'].get(r.state, 0) + 1
+            if states.allows(r.state, action):
+                allowed.append(r)
+            else:
+                _skip(summary, r.state)
         summary['done'] += _BULK[action](allowed, summary)
     return summary
 
 
-def _skip(summary, state):
-    summary['skipped'][state] = summary['skipped'].get(state, 0) + 1
+def _skip(summary, reason, n=1):
+    """Count ``n`` jobs skipped for ``reason`` (a state, 'missing' or 'changed')."""
+    if n:
+        summary['skipped'][reason] = summary['skipped'].get(reason, 0) + n
 
 
 def _bulk_retry(rows, summary):
@@ -369,16 +381,9 @@ def _bulk_retry(rows, summary):
 
 
 def _bulk_delete(rows, summary):
-    ids = [r.id for r in rows]
-    db.session.execute(sa.delete(Attempt).where(
-        Attempt.job_id.in_(sa.select(Job.id).where(Job.id.in_(ids),
-                                                   Job.state.in_(states.FINISHED)))))
-    deleted = db.session.execute(
-        sa.delete(Job).where(Job.id.in_(ids), Job.state.in_(states.FINISHED))
-        .returning(Job.id)).scalars().all()
+    deleted = _delete_finished([r.id for r in rows])
     db.session.commit()
-    for _ in range(len(ids) - len(deleted)):
-        _skip(summary, 'changed')
+    _skip(summary, 'changed', len(rows) - len(deleted))
     if deleted:
         _announce(deleted=deleted)
     return len(deleted)
@@ -405,8 +410,7 @@ def _bulk_cancel(rows, summary):
         .returning(Job.id, Job.queue)).all()
     # Committed before the broker hears of it, as a single cancel does.
     db.session.commit()
-    for _ in range(len(ids) - len(canceled)):
-        _skip(summary, 'changed')
+    _skip(summary, 'changed', len(ids) - len(canceled))
     by_queue = {}
     for job_id, queue in canceled:
         by_queue.setdefault(queue, []).append(job_id)
@@ -429,10 +433,9 @@ def _bulk_cancel(rows, summary):
                     .values(state=before[job_id], finished_at=None,
                             version=Job.version + 1, updated_at=utcnow()))
         db.session.commit()
-        _announce(*db.session.scalars(sa.select(Job).where(Job.id.in_([c[0] for c in canceled]))))
+        _announce_ids(c[0] for c in canceled)
         raise
-    changed = db.session.scalars(sa.select(Job).where(Job.id.in_([c[0] for c in canceled]))).all()
-    _announce(*changed)
+    _announce_ids(c[0] for c in canceled)
     return done + len(canceled)
 
 
@@ -450,11 +453,10 @@ def purge_finished(days, report=None):
             Job.state.in_(states.FINISHED), Job.finished_at < cutoff).limit(1000)).all()
         if not ids:
             return deleted
-        db.session.execute(sa.delete(Attempt).where(Attempt.job_id.in_(ids)))
-        db.session.execute(sa.delete(AttemptLog).where(AttemptLog.job_id.in_(ids)))
-        deleted += db.session.execute(sa.delete(Job).where(Job.id.in_(ids))).rowcount
+        gone = _delete_finished(ids)
+        deleted += len(gone)
         db.session.commit()
-        _announce(deleted=ids)
+        _announce(deleted=gone)
         if report:
             report(deleted, total)
 

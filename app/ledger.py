@@ -641,11 +641,11 @@ def _insert_attempts(conn, d, rows):
                                row[1], row[0])
 
 
-def announce(changed, deleted=()):
+def announce(changed):
     """Publish what a batch changed (ids with state, queue and task as written)."""
     workers = changed.pop(WORKERS, None) is not None
     events.publish([{'id': job_id, 'state': state, 'queue': queue, 'task': task}
-                    for job_id, (state, queue, task) in changed.items()], deleted,
+                    for job_id, (state, queue, task) in changed.items()],
                    workers=workers)
 
 

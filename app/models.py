@@ -76,6 +76,10 @@ class Job(db.Model):
         sa.Index('uq_job_idempotency_key', 'idempotency_key', unique=True),
     )
 
+    def retries_left(self, after):
+        """Retries the current round still allows once attempt ``after`` has ended."""
+        return self.retries - (after - self.attempt_base)
+
     def to_dict(self, attempts=None):
         data = {
             'id': self.id,

@@ -103,9 +103,7 @@ def _recover(job_id, reason, now):
     if job is None or job.state != states.RUNNING:
         return False
     n = job.attempts
-    task_type = catalog.TASKS.get(job.task)
-    left = job.retries - (n - job.attempt_base)  # retries left after this attempt
-    rerun = task_type is not None and task_type.rerun and left >= 0
+    task_type, left, rerun = _rerun(job, n)
     error = f'WorkerLost: {reason}'
     db.session.execute(
         sa.update(Attempt)
@@ -141,15 +139,21 @@ def _recover(job_id, reason, now):
     return True
 
 
+def _rerun(job, n):
+    """``(task type, retries left, whether to run again)`` for lost attempt ``n``."""
+    task_type = catalog.TASKS.get(job.task)
+    left = job.retries_left(after=n)
+    return task_type, left, task_type is not None and task_type.rerun and left >= 0
+
+
 def _sweep(config, now, lost_after):
     """Jobs waiting in the ledger that Huey has not held for a while: run them again."""
     sweep.passes_due -= 1
     waiting = db.session.execute(
-        sa.select(Job.id, Job.queue, Job.version, Job.scheduled_for)
-        .where(Job.state.in_([states.QUEUED, states.SCHEDULED, states.RETRYING]))).all()
+        sa.select(Job.id, Job.queue, Job.version).where(Job.state.in_(states.WAITING))).all()
     held = {}
     missing = {}
-    for job_id, queue, version, _due in waiting:
+    for job_id, queue, version in waiting:
         if queue not in broker.hueys:
             continue
         if queue not in held:
@@ -178,9 +182,7 @@ def _requeue_missing(job, now):
     """A waiting job whose message was taken by a consumer that died: a lost attempt."""
     n = job.attempts + 1
     reason = 'its message was taken by a consumer that stopped before recording the attempt'
-    task_type = catalog.TASKS.get(job.task)
-    left = job.retries - (n - job.attempt_base)
-    rerun = task_type is not None and task_type.rerun and left >= 0
+    _task_type, left, rerun = _rerun(job, n)
     moved = db.session.execute(
         sa.update(Job)
         .where(Job.id == job.id, Job.version == job.version)

@@ -6,7 +6,7 @@ import sqlite3
 import uuid
 
 from app.extensions import db
-from app.models import Attempt, Job, utcnow
+from app.models import Attempt, AttemptLog, Job, utcnow
 
 
 def post(client, body, **kw):
@@ -117,6 +117,23 @@ def test_delete_a_finished_job_and_its_attempts(client, app):
     assert client.get(f'/api/jobs/{job["id"]}').status_code == 404
     with app.app_context():
         assert db.session.query(Attempt).count() == 0
+
+
+def test_purge_deletes_old_finished_jobs_with_their_attempts_and_logs(client, app):
+    from app import jobs
+    old, recent, waiting = (post(client, {'task': 'noop'}).get_json()['id'] for _ in range(3))
+    with app.app_context():
+        for job_id, finished in ((old, utcnow() - dt.timedelta(days=40)), (recent, utcnow())):
+            row = db.session.get(Job, job_id)
+            row.state, row.attempts, row.finished_at = 'succeeded', 1, finished
+            db.session.add(Attempt(job_id=job_id, number=1, outcome='succeeded'))
+            db.session.add(AttemptLog(job_id=job_id, number=1, at=finished, level='INFO',
+                                      message='done'))
+        db.session.commit()
+        assert jobs.purge_finished(30) == 1
+        assert {j.id for j in db.session.query(Job)} == {recent, waiting}
+        assert {a.job_id for a in db.session.query(Attempt)} == {recent}
+        assert {line.job_id for line in db.session.query(AttemptLog)} == {recent}
 
 
 def _insert_jobs(app, count, **fields):
