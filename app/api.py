@@ -174,13 +174,6 @@ def _periodic_dict(row):
                                                 'created_at': isoformat(last.created_at)})
 
 
-def _periodic(name):
-    from werkzeug.exceptions import NotFound
-    if name not in catalog.PERIODIC:
-        raise NotFound(f'no periodic task named {name}')
-    return name
-
-
 @bp.get('/periodic')
 def list_periodic():
     """Periodic tasks: schedule, paused, last job, next run."""
@@ -190,21 +183,19 @@ def list_periodic():
 @bp.post('/periodic/<name>/pause')
 def pause_periodic(name):
     """Stop starting a periodic task on its schedule."""
-    broker.set_periodic_paused(_periodic(name), True)
-    return _periodic_dict(next(r for r in periodic.overview() if r['name'] == name))
+    return _periodic_dict(periodic.pause(name, True))
 
 
 @bp.post('/periodic/<name>/resume')
 def resume_periodic(name):
     """Start a paused periodic task on its schedule again."""
-    broker.set_periodic_paused(_periodic(name), False)
-    return _periodic_dict(next(r for r in periodic.overview() if r['name'] == name))
+    return _periodic_dict(periodic.pause(name, False))
 
 
 @bp.post('/periodic/<name>/trigger')
 def trigger_periodic(name):
     """Start a periodic task now, as an ordinary job."""
-    job = periodic.trigger(_periodic(name), current_app.config)
+    job = periodic.trigger(name, current_app.config)
     return job.to_dict(attempts=[]), 201
 
 

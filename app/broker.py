@@ -392,10 +392,7 @@ def set_periodic_paused(name, paused):
 
 
 def is_periodic_paused(name):
-    try:
-        return _has(hueys['default'], f'qm:periodic-paused:{name}')
-    except BrokerUnavailable:
-        return False
+    return _has(hueys['default'], f'qm:periodic-paused:{name}')
 
 
 def refresh_paused():

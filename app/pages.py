@@ -4,7 +4,7 @@ import json
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
 
-from . import broker, catalog, jobs, periodic, queues, states
+from . import catalog, jobs, periodic, queues, states
 from .live import socket_url
 from .models import isoformat, utcnow
 
@@ -290,7 +290,7 @@ def periodic_page():
 @bp.post('/periodic/<name>/pause')
 def pause_periodic(name):
     """Stop starting a periodic task on its schedule."""
-    broker.set_periodic_paused(_periodic_name(name), True)
+    periodic.pause(name, True)
     flash(f'{name} paused: it is not started on its schedule until resumed.', 'ok')
     return redirect(url_for('pages.periodic_page'), 303)
 
@@ -298,7 +298,7 @@ def pause_periodic(name):
 @bp.post('/periodic/<name>/resume')
 def resume_periodic(name):
     """Start a periodic task on its schedule again."""
-    broker.set_periodic_paused(_periodic_name(name), False)
+    periodic.pause(name, False)
     flash(f'{name} resumed.', 'ok')
     return redirect(url_for('pages.periodic_page'), 303)
 
@@ -306,16 +306,9 @@ def resume_periodic(name):
 @bp.post('/periodic/<name>/trigger')
 def trigger_periodic(name):
     """Start a periodic task now."""
-    job = periodic.trigger(_periodic_name(name), current_app.config)
+    job = periodic.trigger(name, current_app.config)
     flash(f'{name} started as job {job.id[:8]}.', 'ok')
     return redirect(url_for('pages.job_page', job_id=job.id), 303)
-
-
-def _periodic_name(name):
-    from werkzeug.exceptions import NotFound
-    if name not in catalog.PERIODIC:
-        raise NotFound(f'no periodic task named {name}')
-    return name
 
 
 @bp.post('/jobs/<job_id>/delete')

@@ -3,6 +3,7 @@ import datetime as dt
 import logging
 
 import sqlalchemy as sa
+from werkzeug.exceptions import NotFound
 
 from . import broker, catalog, jobs
 from .extensions import db
@@ -21,9 +22,11 @@ def launch_due(timestamp):
         return
     with app.app_context():
         for entry in catalog.PERIODIC.values():
-            if not entry.validate(timestamp) or broker.is_periodic_paused(entry.name):
+            if not entry.validate(timestamp):
                 continue
             try:
+                if broker.is_periodic_paused(entry.name):
+                    continue
                 job = trigger(entry.name, app.config)
                 logger.info('periodic: started %s as job %s', entry.name, job.id)
             except Exception:
@@ -31,10 +34,23 @@ def launch_due(timestamp):
                 logger.exception('periodic: %s not started', entry.name)
 
 
+def find(name):
+    """The periodic task ``name``; 404 if none is declared."""
+    if name not in catalog.PERIODIC:
+        raise NotFound(f'no periodic task named {name}')
+    return catalog.PERIODIC[name]
+
+
 def trigger(name, config):
     """Start the periodic task ``name`` now, as an ordinary job."""
-    entry = catalog.PERIODIC[name]
+    entry = find(name)
     return jobs.submit(catalog.validate({'task': name, 'params': entry.params}, config))
+
+
+def pause(name, paused):
+    """Stop (or resume) starting ``name`` on its schedule; return its overview row."""
+    broker.set_periodic_paused(find(name).name, paused)
+    return next(r for r in overview() if r['name'] == name)
 
 
 def next_run(entry, now=None):

@@ -166,6 +166,8 @@ def test_periodic_tasks_list_pause_and_run_now(dep):
     listed = {p['name']: p for p in api.get('/api/periodic')[1]['periodic']}
     assert listed['report']['last']['id'] == job['id']
     assert api.post('/api/periodic/nope/trigger')[0] == 404
+    assert api.post('/api/periodic/nope/pause')[0] == 404
+    assert api.post('/periodic/nope/resume')[0] == 404
 
 
 def test_operator_pages_render(dep):
