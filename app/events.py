@@ -4,8 +4,9 @@ Consumers and web processes publish; each web process listens and re-reads
 the ledger for what its clients show. Redis pub/sub carries the notes between
 processes and hosts; the embedded mode uses an in-process bus instead.
 An event is a dict: ``{"jobs": [{"id", "state", "queue", "task"}],
-"deleted": [ids], "workers": true, "queues": true}`` (keys left out when empty). Events are hints, never the truth: a lost one only delays
-a refresh, so publishing never raises.
+"deleted": [ids], "workers": true, "queues": true}`` (keys left out when
+empty). Events are hints, never the truth: a lost one only delays a
+refresh, so publishing never raises.
 """
 import json
 import logging

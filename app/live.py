@@ -12,10 +12,9 @@ the few that follow it closely, such as a short job's queued, running and
 succeeded); under a stream of changes the socket sends ``RATE`` messages a
 second, each carrying everything that changed since the last. A view's
 renders are shared by its sockets and limited the same way (``RENDER_RATE``),
-whatever number of sockets show it, and nothing
-queues per socket but "its view changed", so a burst of events costs a few
-messages per client and constant memory. A slow client only blocks its own
-thread.
+whatever number of sockets show it, and nothing queues per socket but "its
+view changed", so a burst of events costs a few messages per client and
+constant memory. A slow client only blocks its own thread.
 """
 import logging
 import socket
