@@ -12,14 +12,13 @@ def overview(config):
     """Every configured queue, with its broker depth and its ledger counts."""
     counts = jobs.stats()['queues']
     now = utcnow()
-    recent = {}
-    for window in (60, 900):
-        rows = db.session.execute(
-            sa.select(Job.queue, sa.func.count())
-            .where(Job.finished_at >= now - dt.timedelta(seconds=window))
-            .group_by(Job.queue)).all()
-        for queue, n in rows:
-            recent.setdefault(queue, {})[window] = n
+    last_minute = now - dt.timedelta(seconds=60)
+    # Jobs finished per queue over the last minute and the last 15, in one read.
+    recent = {queue: {60: n1, 900: n15} for queue, n1, n15 in db.session.execute(
+        sa.select(Job.queue, sa.func.count().filter(Job.finished_at >= last_minute),
+                  sa.func.count())
+        .where(Job.finished_at >= now - dt.timedelta(seconds=900))
+        .group_by(Job.queue))}
     result = []
     for name in config['QUEUES']:
         by_state = counts.get(name, dict.fromkeys(states.JOB_STATES, 0))

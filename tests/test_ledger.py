@@ -4,13 +4,14 @@ Jobs run through Huey's real execute path (what a consumer worker does,
 minus the thread), on SQLite and on PostgreSQL.
 """
 import datetime as dt
+import uuid
 
 import pytest
 import sqlalchemy as sa
 from conftest import make_app
 
 import huey_tasks
-from app import broker, catalog, jobs, ledger
+from app import broker, catalog, jobs, ledger, queues
 from app.extensions import db
 from app.leader import process_name
 from app.models import Attempt, Job, utcnow
@@ -252,3 +253,17 @@ def test_a_bad_change_is_dropped_without_blocking_the_rest(ledger_app):
     flushed(recorder)
     row = db.session.get(Job, job.id)
     assert (row.state, row.result) == ('succeeded', 'done')
+
+
+def test_queue_throughput_counts_jobs_finished_in_each_window(ledger_app):
+    app, _recorder = ledger_app
+    now = utcnow()
+    db.session.add_all(Job(
+        id=str(uuid.uuid4()), task='noop', queue='default', params={}, state='succeeded',
+        retries=0, retry_delay=0.0, created_at=now, updated_at=now,
+        finished_at=now - dt.timedelta(seconds=ago))
+        for ago in (5, 30, 120, 600, 880, 1200))
+    db.session.commit()
+    [queue] = queues.overview(app.config)
+    # 2 in the last minute; 5 in the last 15 (1 per 3 minutes: 0.3 a minute)
+    assert (queue['per_minute'], queue['per_minute_15']) == (2, 0.3)
