@@ -22,13 +22,12 @@ import threading
 import time
 from pathlib import Path
 
-import simple_websocket
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 sys.path.insert(0, str(ROOT))
-from helpers import (RedisServer, migrate, service_env, start_consumer,  # noqa: E402
-                     start_web, wait_for)
+from helpers import (RedisServer, Socket, migrate, service_env,  # noqa: E402
+                     start_consumer, start_web, wait_for)
 
 ROW = re.compile(r'<tr id="job-([0-9a-f-]+)" data-state="(\w+)" data-version="\d+" '
                  r'data-updated="([^"]+)"')
@@ -41,36 +40,20 @@ def utc_seconds(text):
     return when.timestamp()
 
 
-class Listener:
+class Listener(Socket):
     """A WebSocket client recording when each job is first seen succeeded."""
 
     def __init__(self, url, pattern):
-        self.ws = simple_websocket.Client.connect(url)
         self.pattern = pattern
         self.seen = {}      # job id -> latency in seconds
-        self.messages = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(url)  # starts reading: set up first
 
-    def _run(self):
-        try:
-            while True:
-                msg = self.ws.receive()
-                now = time.time()
-                if msg is None:
-                    return
-                self.messages += 1
-                for job_id, state, updated in self.pattern.findall(msg):
-                    if state == 'succeeded' and job_id not in self.seen:
-                        self.seen[job_id] = now - utc_seconds(updated)
-        except simple_websocket.ConnectionClosed:
-            pass
-
-    def close(self):
-        try:
-            self.ws.close()
-        except simple_websocket.ConnectionClosed:
-            pass
+    def on_message(self, msg):
+        now = time.time()
+        super().on_message(msg)
+        for job_id, state, updated in self.pattern.findall(msg):
+            if state == 'succeeded' and job_id not in self.seen:
+                self.seen[job_id] = now - utc_seconds(updated)
 
 
 def percentile(values, p):
@@ -136,7 +119,7 @@ def burst(api, ws_base, count, consumer_factory):
     sample = ids[::max(1, len(ids) // 50)]
     pages = [Listener(f'{ws_base}/ws?view=job&id={job_id}', SUMMARY) for job_id in sample]
     wait_for(lambda: dash.messages and all(p.messages for p in pages), 30, message='snapshots')
-    before = dash.messages
+    before = len(dash.messages)
     start = time.monotonic()
     consumer = consumer_factory()
 
@@ -150,7 +133,7 @@ def burst(api, ws_base, count, consumer_factory):
     for p in pages:
         p.close()
     return ([lat for p in pages for lat in p.seen.values()],
-            dash.messages - before, elapsed, len(ids), consumer)
+            len(dash.messages) - before, elapsed, len(ids), consumer)
 
 
 def idle_sockets(ws_base, web_pid, count):

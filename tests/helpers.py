@@ -6,12 +6,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+import simple_websocket
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -270,3 +272,38 @@ class Deployment:
             print(f'--- {proc.name} log (tail) ---\n{proc.log()[-3000:]}')
         if self.redis:
             self.redis.stop()
+
+
+class Socket:
+    """A WebSocket client that reads every message on a thread of its own."""
+
+    def __init__(self, url):
+        self.ws = simple_websocket.Client.connect(url)
+        self.messages = []  # (monotonic time, text)
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def on_message(self, msg):
+        self.messages.append((time.monotonic(), msg))
+
+    def _read(self):
+        try:
+            while True:
+                msg = self.ws.receive()
+                if msg is None:
+                    break
+                self.on_message(msg)
+        except simple_websocket.ConnectionClosed:
+            pass
+        self.closed.set()
+
+    @property
+    def close_code(self):
+        return self.ws.close_reason
+
+    def close(self):
+        try:
+            self.ws.close()
+        except simple_websocket.ConnectionClosed:
+            pass

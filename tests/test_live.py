@@ -5,11 +5,10 @@ drive the same endpoint through htmx in Chromium.
 """
 import re
 import signal
-import threading
 import time
 
+import helpers
 import pytest
-import simple_websocket
 from helpers import Deployment, wait_for
 
 from app import live
@@ -17,30 +16,8 @@ from app import live
 ROW = re.compile(r'<tr id="job-([0-9a-f-]+)" data-state="(\w+)"')
 
 
-class Socket:
-    """A WebSocket client that collects every message on a thread."""
-
-    def __init__(self, url):
-        self.ws = simple_websocket.Client.connect(url)
-        self.messages = []
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        try:
-            while True:
-                msg = self.ws.receive()
-                if msg is None:
-                    break
-                self.messages.append((time.monotonic(), msg))
-        except simple_websocket.ConnectionClosed:
-            pass
-        self.closed.set()
-
-    @property
-    def close_code(self):
-        return self.ws.close_reason
+class Socket(helpers.Socket):
+    """A dashboard or page socket, read as the rows and node it shows."""
 
     def rows(self):
         """job id -> latest state seen in any pushed row."""
@@ -51,12 +28,6 @@ class Socket:
 
     def node(self):
         return re.search(r'data-node="([^"]+)"', self.messages[0][1]).group(1)
-
-    def close(self):
-        try:
-            self.ws.close()
-        except simple_websocket.ConnectionClosed:
-            pass
 
 
 @pytest.fixture(scope='module')
