@@ -18,12 +18,8 @@ def test_ctrl_c_stops_cleanly_and_the_running_job_resumes_after_restart(tmp_path
         web.stop()
     assert 're-enqueue' in web.log()
 
-    web, api = start_web(env, tmp_path, name='web-again', workers=1)
-    try:
-        done = api.wait_state(job['id'], 'succeeded', 30)
-    finally:
-        web.stop()
-    assert [(a['number'], a['state']) for a in done['attempts']] == [(1, 'interrupted'), (2, 'succeeded')]
+    assert attempts_after_restart(env, tmp_path, job['id'], 'web-again', 30) == [
+        (1, 'interrupted'), (2, 'succeeded')]
 
 
 def test_a_locked_broker_gives_503_and_no_row(tmp_path):
@@ -56,9 +52,15 @@ def test_a_job_running_when_the_process_was_killed_is_recovered_after_restart(tm
     finally:
         web.kill()
 
-    web, api = start_web(env, tmp_path, name='web-after-crash', workers=1)
+    assert attempts_after_restart(env, tmp_path, job['id'], 'web-after-crash', 60) == [
+        (1, 'lost'), (2, 'succeeded')]
+
+
+def attempts_after_restart(env, tmp_path, job_id, name, timeout):
+    """Start the web process again; the job's attempts once it has succeeded."""
+    web, api = start_web(env, tmp_path, name=name, workers=1)
     try:
-        done = api.wait_state(job['id'], 'succeeded', 60)
+        done = api.wait_state(job_id, 'succeeded', timeout)
     finally:
         web.stop()
-    assert [(a['number'], a['state']) for a in done['attempts']] == [(1, 'lost'), (2, 'succeeded')]
+    return [(a['number'], a['state']) for a in done['attempts']]
