@@ -4,9 +4,9 @@ Consumers and web processes publish; each web process listens and re-reads
 the ledger for what its clients show. Redis pub/sub carries the notes between
 processes and hosts; the embedded mode uses an in-process bus instead.
 An event is a dict: ``{"jobs": [{"id", "state", "queue", "task"}],
-"deleted": [ids], "workers": true, "queues": true}`` (keys left out when
-empty). Events are hints, never the truth: a lost one only delays a
-refresh, so publishing never raises.
+"deleted": [ids], "workers": true, "queues": true, "periodic": true}`` (keys
+left out when empty). Events are hints, never the truth: a lost one only
+delays a refresh, so publishing never raises.
 """
 import json
 import logging
@@ -82,9 +82,9 @@ def configure(redis_client):
     return bus
 
 
-def publish(jobs=(), deleted=(), workers=False, queues=False):
+def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False):
     """Announce changed job rows (dicts with id, state, queue, task and maybe
-    version), deleted job ids, and whether consumers or queues changed."""
+    version), deleted job ids, and whether consumers, queues or periodic tasks changed."""
     event = {}
     if jobs:
         event['jobs'] = list(jobs)
@@ -94,5 +94,7 @@ def publish(jobs=(), deleted=(), workers=False, queues=False):
         event['workers'] = True
     if queues:
         event['queues'] = True
+    if periodic:
+        event['periodic'] = True
     if event:
         bus.publish(event)

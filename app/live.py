@@ -235,7 +235,8 @@ def _waiting_for_time(changed, deleted, event):
 
 
 def _periodic_jobs(changed, deleted, event):
-    return any(c.get('task') in catalog.PERIODIC or c.get('task') is None for c in changed)
+    return bool(event.get('periodic')) or any(
+        c.get('task') in catalog.PERIODIC or c.get('task') is None for c in changed)
 
 
 def _workers_changed(changed, deleted, event):

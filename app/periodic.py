@@ -5,7 +5,7 @@ import logging
 import sqlalchemy as sa
 from werkzeug.exceptions import NotFound
 
-from . import broker, catalog, jobs
+from . import broker, catalog, events, jobs
 from .extensions import db
 from .models import Job, utcnow
 
@@ -50,6 +50,7 @@ def trigger(name, config):
 def pause(name, paused):
     """Stop (or resume) starting ``name`` on its schedule; return its overview row."""
     broker.set_periodic_paused(find(name).name, paused)
+    events.publish(periodic=True)
     return next(r for r in overview() if r['name'] == name)
 
 

@@ -145,6 +145,19 @@ def test_an_idle_socket_gets_a_short_jobs_changes_at_once(stack):
         sock.close()
 
 
+def test_pausing_a_periodic_task_reaches_open_periodic_pages(stack):
+    sock = Socket(f'{stack.ws_base}/ws?view=periodic')
+    try:
+        wait_for(lambda: sock.messages, 10, message='the snapshot')
+        assert 'id="periodic-report" data-paused="false"' in sock.messages[-1][1]
+        stack.api.post('/api/periodic/report/pause')
+        wait_for(lambda: 'id="periodic-report" data-paused="true"' in sock.messages[-1][1], 10,
+                 message='the paused row')
+    finally:
+        stack.api.post('/api/periodic/report/resume')
+        sock.close()
+
+
 def test_a_bad_view_is_refused_with_1008(stack):
     sock = Socket(f'{stack.ws_base}/ws?view=everything')
     assert sock.closed.wait(10)
