@@ -103,7 +103,8 @@ def _recover(job_id, reason, now):
     if job is None or job.state != states.RUNNING:
         return False
     n = job.attempts
-    task_type, left, rerun = _rerun(job, n)
+    left, why_not = _rerun(job, n)
+    rerun = why_not is None
     error = f'WorkerLost: {reason}'
     db.session.execute(
         sa.update(Attempt)
@@ -116,8 +117,7 @@ def _recover(job_id, reason, now):
         values = dict(state=states.QUEUED, finished_at=None, progress=None,
                       progress_message=None)
     else:
-        why = 'not safe to run twice' if task_type and not task_type.rerun else 'no retries left'
-        error = f'{error} ({why})'
+        error = f'{error} ({why_not})'
         values = dict(state=states.FAILED, finished_at=now)
     moved = db.session.execute(
         sa.update(Job)
@@ -140,10 +140,14 @@ def _recover(job_id, reason, now):
 
 
 def _rerun(job, n):
-    """``(task type, retries left, whether to run again)`` for lost attempt ``n``."""
+    """``(retries left, why not)`` for lost attempt ``n``; why not is None if it runs again."""
     task_type = catalog.TASKS.get(job.task)
     left = job.retries_left(after=n)
-    return task_type, left, task_type is not None and task_type.rerun and left >= 0
+    if task_type is not None and not task_type.rerun:
+        return left, 'not safe to run twice'
+    if task_type is None or left < 0:
+        return left, 'no retries left'
+    return left, None
 
 
 def _sweep(config, now, lost_after):
@@ -182,11 +186,13 @@ def _requeue_missing(job, now):
     """A waiting job whose message was taken by a consumer that died: a lost attempt."""
     n = job.attempts + 1
     reason = 'its message was taken by a consumer that stopped before recording the attempt'
-    _task_type, left, rerun = _rerun(job, n)
+    left, why_not = _rerun(job, n)
+    rerun = why_not is None
+    error = f'WorkerLost: {reason}' + ('' if rerun else f' ({why_not})')
     moved = db.session.execute(
         sa.update(Job)
         .where(Job.id == job.id, Job.version == job.version)
-        .values(attempts=n, error=f'WorkerLost: {reason}', error_type='WorkerLost',
+        .values(attempts=n, error=error, error_type='WorkerLost',
                 version=Job.version + 1, updated_at=now, scheduled_for=None,
                 state=states.QUEUED if rerun else states.FAILED,
                 finished_at=None if rerun else now)

@@ -106,6 +106,25 @@ def test_a_message_taken_by_a_dead_consumer_before_it_recorded_anything(ctx):
     assert ids == {job.id, other.id}
 
 
+@pytest.mark.parametrize('task, options, why', [
+    ('payment', {}, 'not safe to run twice'),
+    ('noop', {'retries': 0}, 'no retries left'),
+])
+def test_a_message_lost_before_it_started_fails_saying_why_it_cannot_run_again(
+        ctx, task, options, why):
+    ctx.config['LOST_AFTER'] = 0.3
+    job = submit(ctx, task, **options)
+    consumer('gone:1', silent_for=5)
+    broker.hueys['default'].dequeue()  # taken by the dead consumer, never started
+    assert reaper.reap(ctx.config) == []
+    time.sleep(0.4)  # suspects must stay missing for LOST_AFTER: the condition under test
+    assert reaper.reap(ctx.config) == [job.id]
+    db.session.expire_all()
+    row = db.session.get(Job, job.id)
+    assert row.state == 'failed' and row.error.endswith(f'({why})')
+    assert broker.message_ids('default') == set()
+
+
 def test_a_missing_job_that_moves_on_is_not_a_suspect_any_more(ctx):
     ctx.config['LOST_AFTER'] = 0.3
     job = submit(ctx, 'noop')
