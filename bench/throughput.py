@@ -74,6 +74,8 @@ def _started(signal, task):
     _out.write(json.dumps([task.args[0], time.time()]) + '\\n')
 '''
 
+# Enqueues argv[1] noop jobs, argv[3] seconds apart (0.02 by default), each as
+# the API would (row, message, commit), writing [job id, enqueue time] to argv[2].
 PICKUP_FILL = '''
 import json, sys, time, uuid
 from app import broker, create_app
@@ -93,7 +95,8 @@ with app.app_context():
         broker.enqueue(job)
         db.session.commit()
         out.write(json.dumps([job.id, at]) + '\\n')
-        time.sleep(0.02)
+        out.flush()
+        time.sleep(float(sys.argv[3]) if len(sys.argv) > 3 else 0.02)
 '''
 
 
@@ -240,9 +243,10 @@ with app.app_context():
                 priority=0, retries=2, retry_delay=5.0, attempts=0, created_at=now,
                 updated_at=now, version=1) for _ in range(int(sys.argv[1]))]
     db.session.add_all(rows)
-    db.session.commit()
-    for job in rows:
+    db.session.flush()
+    for job in rows:  # enqueued before the commit, as the API does
         broker.enqueue(job)
+    db.session.commit()
 '''
 
 
