@@ -56,9 +56,11 @@ DEFAULTS = {
     'HEARTBEAT_INTERVAL': 5.0,
     'LOST_AFTER': 30.0,
     'REAP_INTERVAL': 5.0,
-    # A job the ledger says is waiting but the broker does not hold is
-    # re-enqueued once it has been missing this long (s), unchanged; after
-    # the broker lost its data, after a few seconds.
+    # The leader compares waiting jobs in the ledger with the broker this
+    # often (s); a job the broker does not hold is re-enqueued once it has
+    # been missing RECONCILE_GRACE s, unchanged (a few seconds after the
+    # broker lost its data, which is noticed on every REAP_INTERVAL pass).
+    'RECONCILE_INTERVAL': 60.0,
     'RECONCILE_GRACE': 10.0,
     # How far back (s) a new leader starts periodic ticks the old one missed.
     'PERIODIC_CATCH_UP': 300.0,
@@ -79,7 +81,7 @@ _INT = {'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'EMBEDDED_WORKERS', 'MAX_CONTE
         'PAGE_SIZE', 'MAX_PAGE_SIZE'}
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',
-          'RECONCILE_GRACE', 'PERIODIC_CATCH_UP', 'WORKER_RETENTION', 'GRACE_PERIOD'}
+          'RECONCILE_INTERVAL', 'RECONCILE_GRACE', 'PERIODIC_CATCH_UP', 'WORKER_RETENTION', 'GRACE_PERIOD'}
 
 
 class ConfigError(ValueError):

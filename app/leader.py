@@ -11,13 +11,20 @@ import time
 KEY = 'queue-manager:leader'
 
 
+_name = [None, None]  # (pid, name): recomputed in a forked child
+
+
 def process_name():
     """This process as ``host:pid``: how consumers, leases and pages name it.
 
-    Read when asked, never kept from import time: gunicorn's master and
-    Huey's process workers import the package before they fork.
+    Checked against the pid when asked, never kept from import time alone:
+    gunicorn's master and Huey's process workers import the package before
+    they fork.
     """
-    return f'{socket.gethostname()}:{os.getpid()}'
+    pid = os.getpid()
+    if _name[0] != pid:
+        _name[:] = [pid, f'{socket.gethostname()}:{pid}']
+    return _name[1]
 
 # Renew only while still the holder (a lease that lapsed may be someone else's).
 _RENEW = """

@@ -6,11 +6,13 @@ up, is flushed or evicts keys under ``maxmemory`` loses them, while the
 ledger still says the jobs wait. The leading consumer's :class:`Reconciler`
 compares the two on every reaper pass:
 
-- **Pages, not everything.** Waiting jobs (queued, scheduled, retrying) are
-  read from the ledger a page at a time, in index order (state, created_at,
-  id), at most ``BUDGET`` rows a pass, resuming where the last pass
-  stopped; the broker answers "does it hold these ids?" from its index of
-  waiting messages (one round trip a page) and the in-flight records.
+- **Pages, not everything.** Every ``RECONCILE_INTERVAL`` seconds, waiting
+  jobs (queued, scheduled, retrying) are read from the ledger a page at a
+  time, in index order (state, created_at, id), at most ``BUDGET`` rows,
+  resuming where the last comparison stopped; the broker answers "does it
+  hold these ids?" from its index of waiting messages (one round trip a
+  page) and the in-flight records. The leader shares its process with
+  worker threads, so this is kept rare and bounded.
 - **A grace period.** A job found missing becomes a suspect; it is
   re-enqueued only when a look at least ``RECONCILE_GRACE`` seconds later
   finds it still missing and unchanged (same version), so a message just
@@ -55,11 +57,18 @@ class Reconciler:
         self.suspects = {}    # job id -> (version, monotonic time first found missing)
         self.cursor = None    # (state, created_at, id) the next regular pass starts after
         self.full = True      # compare everything next pass (first pass, after a loss)
+        self.next_compare = 0.0  # monotonic: when the next regular comparison is due
         self.grace = None     # seconds; None: the configured grace
         self.loss_until = 0.0  # monotonic: repairs count toward the latest loss until then
 
     def run(self, config):
-        """One pass; returns the ids of the jobs re-enqueued. Needs an app context; commits."""
+        """One pass; returns the ids of the jobs re-enqueued. Needs an app context; commits.
+
+        Every pass checks the broker's marker and index (cheap) and looks
+        again at suspects past their grace; the ledger is compared with the
+        broker every ``RECONCILE_INTERVAL`` seconds (``BUDGET`` rows), and
+        in full at once when the broker lost its data.
+        """
         if self._check_epoch(config):
             self.full = True
         for queue in config['QUEUES']:
@@ -67,9 +76,11 @@ class Reconciler:
                 logger.warning('reconcile: the index of waiting messages in %s did not add up; '
                                'rebuilt it', queue)
                 self.full = True
-        inflight = {q: broker.inflight_ids(q) for q in config['QUEUES']}
-        full, self.full = self.full, False
-        self._compare(config, inflight, budget=None if full else BUDGET)
+        if self.full or time.monotonic() >= self.next_compare:
+            inflight = {q: broker.inflight_ids(q) for q in config['QUEUES']}
+            full, self.full = self.full, False
+            self._compare(config, inflight, budget=None if full else BUDGET)
+            self.next_compare = time.monotonic() + config['RECONCILE_INTERVAL']
         return self._repair(config)
 
     # -- the broker's identity ------------------------------------------------
@@ -126,8 +137,8 @@ class Reconciler:
                         .where(Job.state == state).order_by(Job.created_at, Job.id).limit(PAGE))
                 if after is not None:
                     stmt = stmt.where(sa.tuple_(Job.created_at, Job.id) > sa.tuple_(*after))
-                rows = db.session.execute(stmt).all()
-                db.session.rollback()  # no snapshot held between pages
+                with db.engine.connect() as conn:  # a fresh snapshot per page, no ORM state
+                    rows = conn.execute(stmt).all()
                 if not rows:
                     break
                 self._look(config, rows, inflight)

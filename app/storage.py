@@ -270,12 +270,16 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         args = [int(self.lease * 1000), consumer]
         member = self._fetch(keys=keys, args=args)
         if member is None and self.blocking:
-            # Idle: wait for a wake token (each enqueue leaves one), then try again.
+            # Idle: block on the wake list (each enqueue leaves a token), with
+            # the fetch pipelined behind it, so Redis runs it the moment the
+            # token arrives: one round trip, as Huey's BZPOPMIN.
+            pipe = self.conn.pipeline(transaction=False)
+            pipe.blpop([self.wake_key], timeout=self.read_timeout)
+            self._fetch(keys=keys, args=args, client=pipe)
             try:
-                self.conn.blpop([self.wake_key], timeout=self.read_timeout)
+                _token, member = pipe.execute()
             except (TimeoutError, TypeError, IndexError):
                 return None
-            member = self._fetch(keys=keys, args=args)
         if member is None:
             return None
         return Delivery(member[8:], Receipt(self.name, consumer, member))

@@ -239,3 +239,32 @@ def test_execute_acknowledges_a_message_nobody_took_charge_of(ctx):
     assert len(huey.storage.inflight(broker.process_name())) == 1
     huey.execute(task)  # no ledger recorder runs here
     assert huey.storage.inflight(broker.process_name()) == []
+
+
+@pytest.mark.parametrize('ours', [TrackedHuey, TrackedConsumer, TrackedScheduler,
+                                  ReliableRedisStorage, broker.ReliableSqliteStorage])
+def test_every_override_of_a_huey_method_accepts_what_huey_passes(ours):
+    # Huey calls these with its own arguments (its scheduler passes
+    # read_periodic(None), say): an override must take every parameter the
+    # method it replaces takes, by the same name, with the same default.
+    import inspect
+    checked = 0
+    for name, method in vars(ours).items():
+        if not callable(method) or name.startswith('__') and name != '__init__':
+            continue
+        for base in ours.__mro__[1:]:
+            if not base.__module__.startswith('huey.') or name not in vars(base):
+                continue
+            theirs = inspect.signature(vars(base)[name]).parameters
+            mine = inspect.signature(method).parameters
+            takes_rest = any(p.kind is p.VAR_KEYWORD for p in mine.values())
+            for param in theirs.values():
+                if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                    continue
+                assert param.name in mine or takes_rest, (ours.__name__, name, param.name)
+                if param.name in mine and param.default is not param.empty:
+                    assert mine[param.name].default == param.default, (ours.__name__, name,
+                                                                       param.name)
+            checked += 1
+            break
+    assert checked >= 1  # the test saw an override to check

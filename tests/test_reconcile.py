@@ -18,7 +18,7 @@ from helpers import Stack, wait_for
 
 @pytest.fixture
 def ctx(ctx):
-    ctx.config['RECONCILE_GRACE'] = 0.2
+    ctx.config.update(RECONCILE_GRACE=0.2, RECONCILE_INTERVAL=0)
     return ctx
 
 
@@ -157,7 +157,8 @@ def test_a_paused_queue_stays_paused_across_a_wipe(ctx, client):
 
 # -- with real processes ---------------------------------------------------------
 
-FAST = dict(HEARTBEAT_INTERVAL=0.5, LOST_AFTER=3, REAP_INTERVAL=1, RECONCILE_GRACE=1)
+FAST = dict(HEARTBEAT_INTERVAL=0.5, LOST_AFTER=3, REAP_INTERVAL=1, RECONCILE_GRACE=1,
+            RECONCILE_INTERVAL=2)
 
 
 @pytest.fixture
