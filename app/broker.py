@@ -20,6 +20,7 @@ import time
 import redis
 from huey import Huey
 from huey import signals as S
+from huey.constants import EmptyData
 from huey.consumer import Consumer, Scheduler
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -617,6 +618,22 @@ def check_index(queue):
             return False
         storage.rebuild_index()
         return True
+
+
+def take_legacy_switches(periodic_names):
+    """Pause switches an older version kept in the broker: ``(queues, periodic names)``.
+
+    They are removed from the broker once read; the ledger keeps them now.
+    """
+    queues, periodic = set(), set()
+    with _reaching():
+        for name, huey in hueys.items():
+            if huey.storage.pop_data('qm:paused') is not EmptyData:
+                queues.add(name)
+        for name in periodic_names:
+            if hueys['default'].storage.pop_data(f'qm:periodic-paused:{name}') is not EmptyData:
+                periodic.add(name)
+    return queues, periodic
 
 
 def epoch():

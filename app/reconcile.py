@@ -36,7 +36,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from . import broker, controls, events, states
+from . import broker, catalog, controls, events, states
 from .extensions import db
 from .jobs import _announce_ids
 from .models import Job, JobEvent, isoformat, utcnow
@@ -94,9 +94,15 @@ class Reconciler:
         fresh = uuid.uuid4().hex
         if known is None:
             # A new deployment, or one from before the marker: count what the
-            # broker holds (older messages included), then mark it.
+            # broker holds (older messages included), take over the pause
+            # switches an older version kept there, then mark it.
             for queue in config['QUEUES']:
                 broker.check_index(queue)
+            queues, periodic = broker.take_legacy_switches(catalog.PERIODIC)
+            for name in queues:
+                controls.put(controls.QUEUE_PAUSED.format(name), True)
+            for name in periodic:
+                controls.put(controls.PERIODIC_PAUSED.format(name), True)
             value = current or fresh
             broker.set_epoch(value)
             controls.put(controls.BROKER_EPOCH, value)

@@ -142,6 +142,15 @@ def test_the_loss_shows_on_pages_and_in_healthz(ctx, client):
     assert health['status'] == 'ok' and health['broker_loss']['restored'] == 1
 
 
+def test_pause_switches_an_older_version_kept_in_the_broker_move_to_the_ledger(ctx):
+    huey().storage.put_data('qm:paused', b'1')
+    huey().storage.put_data('qm:periodic-paused:report', b'1')
+    reconcile.Reconciler().run(ctx.config)  # the first pass on this ledger
+    assert controls.paused_queues() == {'default'}
+    assert controls.paused_periodic() == {'report'}
+    assert not huey().storage.has_data_for_key('qm:paused')
+
+
 def test_a_paused_queue_stays_paused_across_a_wipe(ctx, client):
     assert client.post('/api/queues/default/pause').status_code == 200
     wipe()
