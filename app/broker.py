@@ -429,6 +429,27 @@ def enqueue(job, base=0, retries=None):
         raise BrokerUnavailable(f'the broker refused the job: {exc}') from exc
 
 
+def prepare(job, base=0, retries=None):
+    """``job``'s next message, ready for :func:`put_prepared` (see :func:`build`).
+
+    Returns ``(data, priority, eta)``, ``eta`` None when it is due now.
+    """
+    huey = hueys[job.queue]
+    task = build(job, base, retries)
+    due_later = task.eta is not None and task.eta > huey._get_timestamp()
+    return huey.serialize_task(task), task.priority, task.eta if due_later else None
+
+
+def put_prepared(queue, entries):
+    """Hand many prepared messages of ``queue`` to Huey in one round trip.
+
+    Jobs due later go to the schedule for their time. No Huey signals are
+    sent (the caller records what it did). Raises :class:`BrokerUnavailable`.
+    """
+    with _reaching():
+        hueys[queue].storage.put_many(entries)
+
+
 def withdraw(job):
     """Take the job's pending message out of Huey's queue or schedule.
 

@@ -38,7 +38,6 @@ import sqlalchemy as sa
 
 from . import broker, catalog, controls, events, states
 from .extensions import db
-from .jobs import _announce_ids
 from .models import Job, JobEvent, isoformat, utcnow
 
 logger = logging.getLogger(__name__)
@@ -201,6 +200,7 @@ class Reconciler:
                 for job in jobs:
                     self.suspects.pop(job.id, None)
                 restored += self._restore([j for j in jobs if j.id not in present])
+            time.sleep(0.005)  # leave the consumer's workers the interpreter
         if not self.suspects:
             self.grace = None
         if restored:
@@ -212,43 +212,49 @@ class Reconciler:
         """Hand ``jobs`` (still waiting, unchanged, of one queue) to the broker again.
 
         One transaction for the lot: each job's version moves on (a job that
-        changed meanwhile is left alone), each gets its event, then their
-        messages go to the broker and the transaction commits. Returns the
-        ids restored; raises :class:`~app.broker.BrokerUnavailable` with
-        nothing committed (messages already written are then found held).
+        changed meanwhile is left alone; a scheduled job now due becomes
+        queued), each gets its event, then their messages go to the broker in
+        one round trip and the transaction commits. Returns the ids
+        restored; raises :class:`~app.broker.BrokerUnavailable` with nothing
+        committed (messages already written are then found held).
         """
         if not jobs:
             return []
         now = utcnow()
         by_key = {(j.id, j.version): j for j in jobs}
-        moved = set(db.session.scalars(
+        # Prepared before the update, which leaves these rows stale.
+        prepared = {j.id: broker.prepare(j, base=j.attempts, retries=j.retries_left(after=j.attempts))
+                    for j in jobs}
+        queue, tasks = jobs[0].queue, {j.id: j.task for j in jobs}
+        due = sa.and_(Job.state == states.SCHEDULED,
+                      sa.or_(Job.scheduled_for.is_(None), Job.scheduled_for <= now))
+        moved = dict(db.session.execute(
             sa.update(Job).where(Job.state.in_(_WAITING),
                                  sa.tuple_(Job.id, Job.version).in_(list(by_key)))
-            .values(version=Job.version + 1, updated_at=now)
-            .returning(Job.id).execution_options(synchronize_session=False)).all())
+            .values(version=Job.version + 1, updated_at=now,
+                    state=sa.case((due, states.QUEUED), else_=Job.state))
+            .returning(Job.id, Job.state).execution_options(synchronize_session=False)).all())
         if not moved:
             db.session.rollback()
             return []
-        db.session.add_all(JobEvent(job_id=job_id, at=now, kind='restored', message=RESTORED)
-                           for job_id in moved)
+        db.session.execute(sa.insert(JobEvent), [
+            {'job_id': job_id, 'at': now, 'kind': 'restored', 'message': RESTORED}
+            for job_id in moved])
         controls.add(controls.BROKER_REPAIRS, len(moved))
         if time.monotonic() < self.loss_until:
             loss = dict(controls.get(controls.BROKER_LOSS) or {})
             loss['restored'] = loss.get('restored', 0) + len(moved)
             controls.put(controls.BROKER_LOSS, loss)
-        db.session.flush()
-        restored = [j for j in jobs if j.id in moved]
         try:
-            for job in restored:
-                # Due later: back to the schedule for its own time; due now: the queue.
-                broker.enqueue(job, base=job.attempts,
-                               retries=job.retries_left(after=job.attempts))
+            # Due later: back to the schedule for its own time; due now: the queue.
+            broker.put_prepared(queue, [prepared[job_id] for job_id in moved])
         except broker.BrokerUnavailable:
             db.session.rollback()
             raise
         db.session.commit()
-        _announce_ids(moved)
-        return [j.id for j in restored]
+        events.publish([{'id': job_id, 'state': state, 'queue': queue, 'task': tasks[job_id]}
+                        for job_id, state in moved.items()])
+        return list(moved)
 
 
 def loss_notice(max_age=dt.timedelta(hours=24)):

@@ -238,6 +238,22 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         self.conn.delete(self.queue_key)
         self.rebuild_index()
 
+    def put_many(self, entries):
+        """Add many messages in one round trip: ``(data, priority, eta or None)`` each.
+
+        A message with an ``eta`` (naive, Huey's clock) goes to the schedule,
+        one without to the queue, as ``add_to_schedule`` and ``enqueue`` do.
+        """
+        pipe = self.conn.pipeline(transaction=False)
+        for data, priority, eta in entries:
+            if eta is None:
+                self._enqueue(keys=[self.queue_key, self.index_key, self.wake_key],
+                              args=[_prefix() + bytes(data), -(priority or 0)], client=pipe)
+            else:
+                self._schedule(keys=[self.schedule_key, self.index_key],
+                               args=[bytes(data), self.convert_ts(eta)], client=pipe)
+        pipe.execute()
+
     def add_to_schedule(self, data, ts):
         self._schedule(keys=[self.schedule_key, self.index_key],
                        args=[bytes(data), self.convert_ts(ts)])
@@ -473,6 +489,17 @@ class ReliableSqliteStorage(_ByJobId, SqliteStorage):
                          (self.name, consumer, row[1], row[2], now, row[0]))
             token = curs.lastrowid
         return Delivery(bytes(row[1]), Receipt(self.name, consumer, token))
+
+    def put_many(self, entries):
+        """As :meth:`ReliableRedisStorage.put_many`, in one transaction."""
+        with self.db(commit=True) as curs:
+            for data, priority, eta in entries:
+                if eta is None:
+                    curs.execute('insert into task (queue, data, priority) values (?, ?, ?)',
+                                 (self.name, self.to_blob(data), priority or 0))
+                else:
+                    curs.execute('insert into schedule (queue, data, timestamp) values (?, ?, ?)',
+                                 (self.name, self.to_blob(data), eta.timestamp()))
 
     def _lease(self, curs, consumer, now):
         curs.execute('insert into qm_alive (consumer, expires) values (?, ?) '
