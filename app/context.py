@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from huey.exceptions import CancelExecution
 
+from . import text
+
 _local = threading.local()
 
 # Set by the ledger recorder of a consumer; reports go nowhere when no
@@ -88,7 +90,9 @@ def progress(done, total=None, message=None):
         return
     fraction = done / total if total else done
     job.fraction = min(1.0, max(0.0, float(fraction)))
-    job.message = None if message is None else str(message)[:200]
+    # Stored as the job's progress_message (200 characters): whatever the
+    # task passes must be text the ledger accepts.
+    job.message = None if message is None else text.storable(message, 200)
     if sink is not None:
         sink(job, job.fraction, job.message)
     checkpoint()
