@@ -18,8 +18,9 @@ import re
 # lone surrogate cannot be encoded as UTF-8 and PostgreSQL text cannot hold NUL.
 _UNSTORABLE = re.compile('[\x00\ud800-\udfff]')
 _SURROGATE = re.compile('[\ud800-\udfff]')
-# The JSON escape of a surrogate: decoded, it may leave a lone one behind.
-_SURROGATE_ESCAPE = re.compile(r'\\u[dD][89a-fA-F][0-9a-fA-F]{2}')
+# The JSON escapes of NUL and of a surrogate: decoded, they may leave behind
+# a character that cannot be stored or shown.
+_UNSTORABLE_ESCAPE = re.compile(r'\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})')
 
 MAX_DEPTH = 32          # nesting accepted in a JSON body
 MAX_FIELDS = 20         # bad fields named in one answer
@@ -182,8 +183,8 @@ def loads(raw):
 
     ``raw`` is what the driver returns: str, bytes (psycopg; SQLite for a
     BLOB), or a number SQLite kept as one. Bytes that are not UTF-8 are
-    decoded with replacement characters; strings holding lone surrogates
-    come back :func:`clean`; ``NaN`` and ``Infinity`` come back as strings;
+    decoded with replacement characters; strings holding NUL or lone
+    surrogates come back :func:`clean`; ``NaN`` and ``Infinity`` come back as strings;
     text that is not JSON comes back as ``{"unreadable": <its first 1,000
     characters>}``, so one bad row costs its value, never the query.
     """
@@ -193,7 +194,7 @@ def loads(raw):
         raw = bytes(raw).decode('utf-8', 'replace')
     try:
         value = json.loads(raw, parse_constant=str)
-        if _SURROGATE_ESCAPE.search(raw):
+        if _UNSTORABLE_ESCAPE.search(raw):
             value = _cleaned(value)
         return value
     except (ValueError, TypeError, RecursionError):

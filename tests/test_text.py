@@ -118,6 +118,7 @@ def test_loads_never_raises_on_what_a_ledger_holds():
     assert text.loads('{not json') == {'unreadable': '{not json'}
     assert text.loads(b'\xff\xfe') == {'unreadable': '\ufffd\ufffd'}
     assert text.loads('{"a": "\\ud800", "b": "\\ud83d\\ude00"}') == {'a': '\\ud800', 'b': '😀'}
+    assert text.loads('{"nul": "a\\u0000"}') == {'nul': 'a\\x00'}
     assert text.loads('[NaN, Infinity]') == ['NaN', 'Infinity']
     assert text.loads(42) == 42 and text.loads(None) is None
     assert text.loads('[' * 100_000) == {'unreadable': text.storable('[' * 100_000, 1000)}
