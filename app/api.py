@@ -1,7 +1,7 @@
 """The JSON API: the contract for programs, on the same services as the pages."""
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import broker, catalog, jobs, periodic, queues
+from . import broker, catalog, inputs, jobs, periodic, queues
 from .extensions import db
 
 bp = Blueprint('api', __name__, url_prefix='/api')
@@ -25,10 +25,7 @@ def _limit():
 @bp.post('/jobs')
 def submit_job():
     """Submit a job."""
-    data = request.get_json(silent=True)
-    if data is None:
-        raise catalog.ValidationError(
-            {'body': 'must be a JSON object (Content-Type: application/json)'}, 'invalid request')
+    data = inputs.json_object('invalid job')
     job = jobs.submit(catalog.validate(data, current_app.config))
     response = jsonify(job.to_dict(attempts=jobs.attempts(job) if not job.created else []))
     response.headers['Location'] = url_for('api.get_job', job_id=job.id)
@@ -113,20 +110,19 @@ def list_workers():
 @bp.post('/jobs/bulk')
 def bulk_action():
     """Retry, cancel or delete the jobs named (``ids``) or matching a ``filter``."""
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise catalog.ValidationError({'body': 'must be a JSON object'}, 'invalid request')
+    data = inputs.json_object('invalid bulk action')
     fields = {}
     action, ids, filters = data.get('action'), data.get('ids'), data.get('filter')
-    if action not in jobs.ACTIONS:
+    if not isinstance(action, str) or action not in jobs.ACTIONS:
         fields['action'] = 'must be one of ' + ', '.join(jobs.ACTIONS)
     if (ids is None) == (filters is None):
         fields['ids'] = 'give ids or filter, not both'
     elif ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         fields['ids'] = 'must be a list of job ids'
     elif filters is not None:
-        if not isinstance(filters, dict) or set(filters) - {'state', 'queue', 'task', 'q'}:
-            fields['filter'] = 'must be an object with state, queue, task or q'
+        if (not isinstance(filters, dict) or set(filters) - {'state', 'queue', 'task', 'q'}
+                or not all(v is None or isinstance(v, str) for v in filters.values())):
+            fields['filter'] = 'must be an object with state, queue, task or q (strings)'
     for key in set(data) - {'action', 'ids', 'filter'}:
         fields[key] = 'unknown field'
     if fields:

@@ -118,7 +118,11 @@ class Param:
         if self.type is float:
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
                 raise ValueError('must be a number')
-            if not math.isfinite(raw):
+            try:
+                finite = math.isfinite(raw)
+            except OverflowError:  # an integer with hundreds of digits
+                finite = False
+            if not finite:
                 raise ValueError('must be a finite number')
             return float(raw)
         if not isinstance(raw, str):
@@ -339,5 +343,8 @@ def parse_eta(text):
     except ValueError:
         raise ValueError('must be an ISO 8601 time, e.g. 2026-01-31T12:00:00Z') from None
     if value.tzinfo is not None:
-        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        try:
+            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+            raise ValueError('must be a time between the years 1 and 9999') from None
     return value

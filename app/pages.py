@@ -5,7 +5,7 @@ import logging
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
 
-from . import catalog, jobs, periodic, queues, states, text
+from . import catalog, errors, jobs, periodic, queues, states, text
 from .live import socket_url
 from .models import isoformat, utcnow
 
@@ -150,6 +150,23 @@ def task_fields():
     return render_template('_task_fields.html', **_form_context())
 
 
+def _form_errors(values, fields):
+    """The submit form again, with what was typed and a message by each bad field."""
+    context = _form_context(values=values, errors=fields)
+    if request.headers.get('HX-Request'):
+        return render_template('_submit_form.html', **context), 400
+    return render_template('submit.html', **context), 400
+
+
+@bp.errorhandler(catalog.ValidationError)
+def refused_input(exc):
+    """Input refused at the edge: the submit form comes back marked, any other page is a 400."""
+    if request.endpoint == 'pages.create_job':
+        # What was typed goes back into the fields, made visible (\x00).
+        return _form_errors({k: text.clean(v) for k, v in request.form.items()}, exc.fields)
+    return errors.respond(400, exc.message, fields=exc.fields)
+
+
 @bp.post('/jobs')
 def create_job():
     """Submit from the form; errors re-render it with messages by the fields."""
@@ -157,10 +174,7 @@ def create_job():
     try:
         sub = catalog.validate(values, current_app.config, from_form=True)
     except catalog.ValidationError as exc:
-        context = _form_context(values=values, errors=exc.fields)
-        if request.headers.get('HX-Request'):
-            return render_template('_submit_form.html', **context), 400
-        return render_template('submit.html', **context), 400
+        return _form_errors(values, exc.fields)
     job = jobs.submit(sub)
     url = url_for('pages.job_page', job_id=job.id)
     if request.headers.get('HX-Request') and values.get('stay'):
