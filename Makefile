@@ -31,4 +31,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/live.py
 
 clean:
-	rm -rf $(VENV) instance .pytest_cache
+	rm -rf $(VENV) instance .pytest_cache .hypothesis

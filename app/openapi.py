@@ -147,6 +147,7 @@ class Query:
     help: str = ''
 
     def param(self, config):
+        """The :class:`~app.catalog.Param` that parses and describes it under ``config``."""
         maximum = config[self.maximum] if isinstance(self.maximum, str) else self.maximum
         # The underscore keeps the name clear of the reserved job-option names.
         return catalog.Param('_' + self.name, self.type, default=None, min=self.minimum,
@@ -167,6 +168,7 @@ class Query:
             raise catalog.ValidationError({self.name: str(exc)}, f'{self.name} {exc}') from None
 
     def to_openapi(self, config):
+        """Its OpenAPI Parameter Object (``in: query``)."""
         schema = self.param(config).json_schema()
         schema['type'] = self.param(config).type_name  # a query string has no null
         schema.pop('description', None)
