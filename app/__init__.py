@@ -5,7 +5,7 @@ import os
 from flask import Flask
 from sqlalchemy import event
 
-from . import broker, config as config_module, events, text
+from . import broker, config as config_module, events, inputs, text
 from .extensions import db, migrate, sock
 
 
@@ -39,17 +39,17 @@ def create_app(test_config=None):
 
     # Imported here, not at the top: gunicorn.conf.py imports this package in
     # the master, and the live hub belongs to each worker.
-    from . import api, errors, inputs, live, pages
+    from . import api, errors, live, pages
     # Pings find peers that vanished without closing (a laptop lid, a NAT);
     # each socket's reader thread is a daemon, so it never holds up an exit.
     app.config['SOCK_SERVER_OPTIONS'] = {'ping_interval': 25, 'thread_class': live.ReaderThread}
-    # Text that cannot be stored is refused before any view (or socket) sees it.
-    app.before_request(inputs.check_request)
     app.register_blueprint(pages.bp)
     app.register_blueprint(live.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api.health)
     errors.register(app)
+    # Text that cannot be stored is refused before any view (or socket) sees it.
+    app.before_request(inputs.check_request)
     return app
 
 
