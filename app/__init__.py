@@ -48,6 +48,8 @@ def create_app(test_config=None):
     app.register_blueprint(api.bp)
     app.register_blueprint(api.health)
     errors.register(app)
+    from .reconcile import loss_notice
+    app.add_template_global(loss_notice, 'broker_loss')
     # Text that cannot be stored is refused before any view (or socket) sees it.
     app.before_request(inputs.check_request)
     return app

@@ -6,7 +6,7 @@ those declarations, and the query parameters are parsed by them.
 """
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import broker, catalog, inputs, jobs, openapi, periodic, queues, states
+from . import broker, catalog, inputs, jobs, openapi, periodic, queues, reconcile, states
 from .extensions import db
 from .openapi import Query, declare
 
@@ -292,4 +292,9 @@ def healthz():
     except Exception as exc:
         db.session.rollback()
         checks['database'], ok = f'unreachable: {exc.__class__.__name__}', False
+    else:
+        # Not a failure (the ledger restored what it lost), but worth telling.
+        loss = reconcile.loss_notice()
+        if loss:
+            checks['broker_loss'] = loss
     return {'status': 'ok' if ok else 'unavailable', **checks}, 200 if ok else 503

@@ -63,8 +63,11 @@ def _schemas(config):
         'version': {**_INT, 'description': 'grows with every change'},
     }
     job = _object(job_properties)
-    job_with_attempts = _object({**job_properties,
-                                 'attempts': {'type': 'array', 'items': _ref('Attempt')}})
+    job_with_attempts = _object({
+        **job_properties, 'attempts': {'type': 'array', 'items': _ref('Attempt')},
+        'events': {'type': 'array', 'description': 'what happened to the job outside its '
+                                                   'attempts (a repair, say)',
+                   'items': _object({'at': _TIME, 'kind': _STR, 'message': _STR})}})
     param = _object({
         'name': _STR, 'type': {'type': 'string', 'enum': ['integer', 'number', 'string', 'boolean']},
         'required': _BOOL, 'default': {}, 'min': _null(_NUM), 'max': _null(_NUM),
@@ -122,7 +125,11 @@ def _schemas(config):
         'Periodic': periodic,
         'PeriodicList': _object({'periodic': {'type': 'array', 'items': _ref('Periodic')}}),
         'Health': _object({'status': {'type': 'string', 'enum': ['ok', 'unavailable']},
-                           'broker': _STR, 'broker_kind': _STR, 'database': _STR}),
+                           'broker': _STR, 'broker_kind': _STR, 'database': _STR,
+                           'broker_loss': {**_object({'at': _TIME, 'restored': {}}),
+                                           'description': 'the broker lost data within the '
+                                                          'last day; the ledger restored it'}},
+                          required=['status', 'broker', 'broker_kind', 'database']),
         'OpenAPI': {'type': 'object', 'description': 'this document'},
         'Error': error,
     }

@@ -100,6 +100,14 @@ def ledger_client(tmp_path, ledger_url):
 
 
 @pytest.fixture
+def ctx(app):
+    """The ``app`` fixture with its app context pushed for the test."""
+    with app.app_context():
+        yield app
+        db.session.remove()
+
+
+@pytest.fixture
 def worker(app):
     """Consumer threads and the ledger recorder inside this test process."""
     embedded.start(app)

@@ -28,7 +28,7 @@ def test_migrations_match_the_models_and_downgrade_cleanly(tmp_path, ledger_url)
 def test_json_stored_with_ascii_escapes_is_rewritten_as_utf8_text(tmp_path, ledger_url):
     app = make_app(tmp_path, DATABASE_URL=ledger_url)
     with app.app_context():
-        downgrade(revision='0002')
+        downgrade(revision='0003')
         postgres = db.engine.dialect.name == 'postgresql'
         cast = 'CAST({} AS json)' if postgres else '{}'
         rows = [{'id': f'job-{n:05d}', 'params': json.dumps({'message': f'caf\u00e9 \u2615 {n}'}),

@@ -1,7 +1,7 @@
 """JSON as UTF-8 text: rewrite parameters, results and worker lists without ASCII escapes.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-11-29 11:02:40.519203
 
 Earlier versions stored JSON with every non-ASCII character escaped
@@ -20,8 +20,8 @@ import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
-revision = '0003'
-down_revision = '0002'
+revision = '0004'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 
