@@ -32,4 +32,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/reconcile.py
 
 clean:
-	rm -rf $(VENV) instance .pytest_cache
+	rm -rf $(VENV) instance .pytest_cache .hypothesis

@@ -5,7 +5,7 @@ import os
 from flask import Flask
 from sqlalchemy import event
 
-from . import broker, config as config_module, events
+from . import broker, config as config_module, events, inputs, text
 from .extensions import db, migrate, sock
 
 
@@ -50,16 +50,24 @@ def create_app(test_config=None):
     errors.register(app)
     from .reconcile import loss_notice
     app.add_template_global(loss_notice, 'broker_loss')
+    # Text that cannot be stored is refused before any view (or socket) sees it.
+    app.before_request(inputs.check_request)
     return app
 
 
 def _engine_options(url):
+    # JSON is stored as UTF-8 text (searchable as typed) and read back
+    # without raising, so one bad stored value cannot fail a whole query.
+    options = {'json_serializer': text.dumps, 'json_deserializer': text.loads}
     if url.startswith('sqlite'):
-        return {'connect_args': {'timeout': 30}}
-    return {'pool_pre_ping': True, 'pool_size': 10, 'max_overflow': 20}
+        return {**options, 'connect_args': {'timeout': 30}}
+    return {**options, 'pool_pre_ping': True, 'pool_size': 10, 'max_overflow': 20}
 
 
 def _sqlite_pragmas(dbapi_connection, _record):
+    # SQLite keeps whatever bytes it is given as TEXT; a row that is not
+    # UTF-8 must read as replacement characters, not fail the query.
+    dbapi_connection.text_factory = text.decode_lossy
     # WAL lets the dashboard read while the ledger writer writes; the busy
     # timeout makes writers from several processes queue instead of failing.
     cursor = dbapi_connection.cursor()

@@ -1,34 +1,54 @@
-"""The JSON API: the contract for programs, on the same services as the pages."""
+"""The JSON API: the contract for programs, on the same services as the pages.
+
+Every view declares its query parameters, body and responses
+(:func:`app.openapi.declare`); ``GET /api/openapi.json`` is generated from
+those declarations, and the query parameters are parsed by them.
+"""
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import broker, catalog, jobs, periodic, queues, reconcile
+from . import broker, catalog, inputs, jobs, openapi, periodic, queues, reconcile, states
 from .extensions import db
+from .openapi import Query, declare
 
 bp = Blueprint('api', __name__, url_prefix='/api')
 health = Blueprint('health', __name__)
 
+# Query parameters, declared once: parsed by the views, documented by openapi.
+STATE = Query('state', choices=states.JOB_STATES, help='Only jobs in this state')
+QUEUE = Query('queue', help='Only jobs of this queue')
+TASK = Query('task', help='Only jobs of this task type')
+SEARCH = Query('q', help='An id prefix, or text in the parameters, the error or the result '
+                         '(ASCII letters in any case, anything else as typed)')
+LIMIT = Query('limit', int, minimum=1, maximum='MAX_PAGE_SIZE',
+              help='Jobs per page (default PAGE_SIZE)')
+CURSOR = Query('cursor', help='The `next` value of the previous page')
+FILTERS = (STATE, QUEUE, TASK, SEARCH)
 
-def _limit():
-    raw = request.args.get('limit')
-    maximum = current_app.config['MAX_PAGE_SIZE']
-    if raw in (None, ''):
-        return current_app.config['PAGE_SIZE']
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise jobs.BadQuery('limit must be a whole number') from None
-    if not 1 <= limit <= maximum:
-        raise jobs.BadQuery(f'limit must be between 1 and {maximum}')
-    return limit
+
+def _query(*params):
+    return openapi.parse_query(params, request.args, current_app.config)
+
+
+def _limit(value):
+    return current_app.config['PAGE_SIZE'] if value is None else value
+
+
+@bp.get('/openapi.json')
+@declare(responses={200: ('OpenAPI', 'This document: the API as OpenAPI 3.1')})
+def openapi_document():
+    """The API as an OpenAPI 3.1 document."""
+    return openapi.document(current_app)
 
 
 @bp.post('/jobs')
+@declare(body=catalog.submission_schema,
+         responses={201: ('JobWithAttempts', 'The job, queued or scheduled'),
+                    200: ('JobWithAttempts', 'The job an idempotency key already named'),
+                    503: 'Error'},
+         headers={201: {'Location': 'The URL of the job'}})
 def submit_job():
     """Submit a job."""
-    data = request.get_json(silent=True)
-    if data is None:
-        raise catalog.ValidationError(
-            {'body': 'must be a JSON object (Content-Type: application/json)'}, 'invalid request')
+    data = inputs.json_object('invalid job')
     job = jobs.submit(catalog.validate(data, current_app.config))
     response = jsonify(job.to_dict(attempts=jobs.attempts(job) if not job.created else []))
     response.headers['Location'] = url_for('api.get_job', job_id=job.id)
@@ -37,17 +57,18 @@ def submit_job():
 
 
 @bp.get('/jobs')
+@declare(query=FILTERS + (LIMIT, CURSOR), responses={200: ('JobPage', 'Jobs newest first')})
 def list_jobs():
     """Jobs newest first, filtered; ``next`` is the cursor of the following page."""
-    args = request.args
+    args = _query(*FILTERS, LIMIT, CURSOR)
     page, next_cursor = jobs.list_jobs(
-        state=args.get('state') or None, queue=args.get('queue') or None,
-        task=args.get('task') or None, q=args.get('q') or None,
-        limit=_limit(), cursor=args.get('cursor') or None, with_result=True)
+        state=args['state'], queue=args['queue'], task=args['task'], q=args['q'],
+        limit=_limit(args['limit']), cursor=args['cursor'], with_result=True)
     return {'jobs': [j.to_dict() for j in page], 'next': next_cursor}
 
 
 @bp.get('/jobs/<job_id>')
+@declare(responses={200: ('JobWithAttempts', 'The job with every attempt')})
 def get_job(job_id):
     """One job with all its attempts."""
     job = jobs.get(job_id)
@@ -55,6 +76,7 @@ def get_job(job_id):
 
 
 @bp.get('/jobs/<job_id>/log')
+@declare(responses={200: ('JobLog', 'Log lines by attempt number')})
 def job_log(job_id):
     """What each attempt of the job logged."""
     job = jobs.get(job_id)
@@ -63,6 +85,8 @@ def job_log(job_id):
 
 
 @bp.post('/jobs/<job_id>/retry')
+@declare(responses={200: ('JobWithAttempts', 'The job, queued again'), 409: 'Error',
+                    503: 'Error'})
 def retry_job(job_id):
     """Retry a failed or canceled job."""
     job = jobs.retry(job_id)
@@ -70,6 +94,9 @@ def retry_job(job_id):
 
 
 @bp.post('/jobs/<job_id>/cancel')
+@declare(responses={200: ('JobWithAttempts', 'The job, canceled'),
+                    202: ('JobWithAttempts', 'The job was running: it is asked to stop'),
+                    409: 'Error', 503: 'Error'})
 def cancel_job(job_id):
     """Cancel a waiting job, or ask a running one to stop (202)."""
     job = jobs.cancel(job_id)
@@ -77,6 +104,7 @@ def cancel_job(job_id):
 
 
 @bp.post('/jobs/<job_id>/run-now')
+@declare(responses={200: ('JobWithAttempts', 'The job, queued'), 409: 'Error', 503: 'Error'})
 def run_job_now(job_id):
     """Run a scheduled job, or one waiting for its retry, at once."""
     job = jobs.run_now(job_id)
@@ -84,6 +112,7 @@ def run_job_now(job_id):
 
 
 @bp.delete('/jobs/<job_id>')
+@declare(responses={204: (None, 'Deleted, with its attempts'), 409: 'Error'})
 def delete_job(job_id):
     """Delete a finished job."""
     jobs.delete(job_id)
@@ -91,6 +120,7 @@ def delete_job(job_id):
 
 
 @bp.get('/tasks')
+@declare(responses={200: ('Tasks', 'Task types and queues')})
 def list_tasks():
     """Declared task types and their parameters."""
     return {'tasks': [t.to_dict(current_app.config) for t in catalog.TASKS.values()],
@@ -98,35 +128,69 @@ def list_tasks():
 
 
 @bp.get('/stats')
+@declare(responses={200: ('Stats', 'Counts by state, and by queue and state')})
 def stats():
     """Counts of jobs by state and by queue."""
     return jobs.stats()
 
 
 @bp.get('/workers')
+@declare(responses={200: ('Workers', 'Consumers, online first')})
 def list_workers():
     """Every consumer that reported in: online ones first, then offline."""
     lost_after = current_app.config['LOST_AFTER']
     return {'workers': [w.to_dict(lost_after) for w in jobs.workers(lost_after)]}
 
 
+def _empty_allowed(schema):
+    # As in the list's query string, an empty filter is no filter.
+    if 'enum' in schema:
+        schema['enum'] = schema['enum'] + ['']
+    return schema
+
+
+def bulk_schema(config):
+    """The body of ``POST /api/jobs/bulk`` as a JSON Schema."""
+    return {'type': 'object', 'required': ['action'], 'additionalProperties': False,
+            'properties': {
+                'action': {'type': 'string', 'enum': list(jobs.ACTIONS)},
+                'ids': {'type': ['array', 'null'], 'items': {'type': 'string'},
+                        'maxItems': jobs.MAX_BULK, 'description': 'The jobs to act on'},
+                'filter': {'type': ['object', 'null'], 'additionalProperties': False,
+                           'properties': {q.name: _empty_allowed(q.param(config).json_schema())
+                                          for q in FILTERS},
+                           'description': "Every job matching the jobs list's filters"}},
+            # One of the two, the other absent or null.
+            'oneOf': [{'required': ['ids'], 'properties': {'ids': {'type': 'array'}}},
+                      {'required': ['filter'], 'properties': {'filter': {'type': 'object'}}}]}
+
+
 @bp.post('/jobs/bulk')
+@declare(body=bulk_schema, responses={200: ('BulkResult', 'What was done and skipped'),
+                                      503: 'Error'})
 def bulk_action():
     """Retry, cancel or delete the jobs named (``ids``) or matching a ``filter``."""
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise catalog.ValidationError({'body': 'must be a JSON object'}, 'invalid request')
+    data = inputs.json_object('invalid bulk action')
     fields = {}
     action, ids, filters = data.get('action'), data.get('ids'), data.get('filter')
-    if action not in jobs.ACTIONS:
+    filter_keys = [q.name for q in FILTERS]
+    if not isinstance(action, str) or action not in jobs.ACTIONS:
         fields['action'] = 'must be one of ' + ', '.join(jobs.ACTIONS)
     if (ids is None) == (filters is None):
         fields['ids'] = 'give ids or filter, not both'
     elif ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         fields['ids'] = 'must be a list of job ids'
     elif filters is not None:
-        if not isinstance(filters, dict) or set(filters) - {'state', 'queue', 'task', 'q'}:
-            fields['filter'] = 'must be an object with state, queue, task or q'
+        if not isinstance(filters, dict) or set(filters) - set(filter_keys):
+            fields['filter'] = 'must be an object with ' + ', '.join(filter_keys)
+        else:
+            # The jobs list's own filters, checked by their declarations.
+            for q in FILTERS:
+                value = filters.get(q.name)
+                try:
+                    q.param(current_app.config).parse(None if value == '' else value)
+                except ValueError as exc:
+                    fields[f'filter.{q.name}'] = str(exc)
     for key in set(data) - {'action', 'ids', 'filter'}:
         fields[key] = 'unknown field'
     if fields:
@@ -135,32 +199,39 @@ def bulk_action():
 
 
 @bp.get('/failures')
+@declare(query=(QUEUE,), responses={200: ('Failures', 'Groups, largest first')})
 def failures():
     """Failed jobs grouped by task and error type."""
+    args = _query(QUEUE)
     return {'groups': [dict(g, latest=g['latest'].to_dict())
-                       for g in jobs.failures(request.args.get('queue') or None)]}
+                       for g in jobs.failures(args['queue'])]}
 
 
 @bp.get('/scheduled')
+@declare(query=(QUEUE, LIMIT), responses={200: ('JobList', 'Soonest first')})
 def scheduled():
     """Jobs waiting for their time or their retry, soonest first."""
-    return {'jobs': [j.to_dict() for j in jobs.scheduled(request.args.get('queue') or None,
-                                                        limit=_limit())]}
+    args = _query(QUEUE, LIMIT)
+    return {'jobs': [j.to_dict() for j in jobs.scheduled(args['queue'],
+                                                        limit=_limit(args['limit']))]}
 
 
 @bp.get('/queues')
+@declare(responses={200: ('Queues', 'Every configured queue')})
 def list_queues():
     """Every queue: paused, depth, running, scheduled, failed, throughput."""
     return {'queues': queues.overview(current_app.config)}
 
 
 @bp.post('/queues/<name>/pause')
+@declare(responses={200: ('Queue', 'The queue, paused'), 503: 'Error'})
 def pause_queue(name):
     """Pause a queue: its jobs stay queued, no worker takes one."""
     return queues.pause(current_app.config, name, True)
 
 
 @bp.post('/queues/<name>/resume')
+@declare(responses={200: ('Queue', 'The queue, resumed'), 503: 'Error'})
 def resume_queue(name):
     """Resume a paused queue."""
     return queues.pause(current_app.config, name, False)
@@ -175,24 +246,28 @@ def _periodic_dict(row):
 
 
 @bp.get('/periodic')
+@declare(responses={200: ('PeriodicList', 'Every declared periodic task')})
 def list_periodic():
     """Periodic tasks: schedule, paused, last job, next run."""
     return {'periodic': [_periodic_dict(r) for r in periodic.overview()]}
 
 
 @bp.post('/periodic/<name>/pause')
+@declare(responses={200: ('Periodic', 'The periodic task, paused'), 503: 'Error'})
 def pause_periodic(name):
     """Stop starting a periodic task on its schedule."""
     return _periodic_dict(periodic.pause(name, True))
 
 
 @bp.post('/periodic/<name>/resume')
+@declare(responses={200: ('Periodic', 'The periodic task, resumed'), 503: 'Error'})
 def resume_periodic(name):
     """Start a paused periodic task on its schedule again."""
     return _periodic_dict(periodic.pause(name, False))
 
 
 @bp.post('/periodic/<name>/trigger')
+@declare(responses={201: ('JobWithAttempts', 'The new job'), 503: 'Error'})
 def trigger_periodic(name):
     """Start a periodic task now, as an ordinary job."""
     job = periodic.trigger(name, current_app.config)
@@ -200,6 +275,8 @@ def trigger_periodic(name):
 
 
 @health.get('/healthz')
+@declare(responses={200: ('Health', 'The broker and the database answer'),
+                    503: ('Health', 'The broker or the database did not answer')})
 def healthz():
     """Whether the broker and the database answer."""
     checks, ok = {}, True

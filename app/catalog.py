@@ -118,12 +118,39 @@ class Param:
         if self.type is float:
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
                 raise ValueError('must be a number')
-            if not math.isfinite(raw):
+            try:
+                finite = math.isfinite(raw)
+            except OverflowError:  # an integer with hundreds of digits
+                finite = False
+            if not finite:
                 raise ValueError('must be a finite number')
             return float(raw)
         if not isinstance(raw, str):
             raise ValueError('must be a string')
         return raw
+
+    def json_schema(self):
+        """This parameter as a JSON Schema (draft 2020-12, as OpenAPI 3.1 has it).
+
+        The same limits :meth:`parse` applies to a JSON value: type (or null,
+        when the parameter has a default), choices, bounds, length; the
+        default when there is one, the help as description.
+        """
+        # An optional value may be sent as null: it then takes its default.
+        schema = {'type': self.type_name if self.required else [self.type_name, 'null']}
+        if self.choices is not None:
+            schema['enum'] = list(self.choices) + ([] if self.required else [None])
+        if self.min is not None:
+            schema['minimum'] = self.min
+        if self.max is not None:
+            schema['maximum'] = self.max
+        if self.type is str:
+            schema['maxLength'] = self.max_length
+        if self.default is not REQUIRED and self.default is not None:
+            schema['default'] = self.default
+        if self.help:
+            schema['description'] = self.help
+        return schema
 
     def to_dict(self):
         return {
@@ -220,22 +247,59 @@ class Submission:
     idempotency_key: str | None = None
 
 
-def _option(name, typ, lo=None, hi=None, max_length=1000):
+def _option(name, typ, lo=None, hi=None, max_length=1000, help=''):
     # Job-level options are parsed with the same rules as task parameters; the
     # underscore keeps them clear of the reserved-name check.
-    return Param('_' + name, typ, default=None, min=lo, max=hi, max_length=max_length)
+    return Param('_' + name, typ, default=None, min=lo, max=hi, max_length=max_length, help=help)
 
 
 _OPTIONS = {
-    'priority': _option('priority', int, 0, MAX_PRIORITY),
-    'delay': _option('delay', float, 0, MAX_DELAY),
-    'retries': _option('retries', int, 0, MAX_RETRIES),
-    'retry_delay': _option('retry_delay', float, 0, MAX_RETRY_DELAY),
-    'eta': _option('eta', str, max_length=64),
-    'queue': _option('queue', str, max_length=32),
-    'timeout': _option('timeout', float, 0.001, MAX_TIMEOUT),
-    'idempotency_key': _option('idempotency_key', str, max_length=200),
+    'priority': _option('priority', int, 0, MAX_PRIORITY,
+                        help="Higher runs first; default: the task's"),
+    'delay': _option('delay', float, 0, MAX_DELAY, help='Seconds from now; not with eta'),
+    'retries': _option('retries', int, 0, MAX_RETRIES,
+                       help="Retries after a failed attempt; default: the task's, else DEFAULT_RETRIES"),
+    'retry_delay': _option('retry_delay', float, 0, MAX_RETRY_DELAY,
+                           help='Seconds before the first retry, doubling after each'),
+    'eta': _option('eta', str, max_length=64,
+                   help='When to run (ISO 8601; UTC without an offset), within a year; not with delay'),
+    'queue': _option('queue', str, max_length=32, help='One of the configured queues'),
+    'timeout': _option('timeout', float, 0.001, MAX_TIMEOUT,
+                       help='Seconds an attempt may run, checked at each progress report'),
+    'idempotency_key': _option('idempotency_key', str, max_length=200,
+                               help='A key already used returns that job (200) instead'),
 }
+
+
+def submission_schema(config):
+    """The body of ``POST /api/jobs`` as a JSON Schema, from the declarations :func:`validate` uses.
+
+    One variant per task type (``oneOf``, told apart by ``task``) with its
+    parameters; the job options are shared. What a schema cannot say is
+    still checked by :func:`validate`: an ``eta`` within a year, and text
+    that cannot be stored.
+    """
+    options = {name: spec.json_schema() for name, spec in _OPTIONS.items()}
+    options['queue']['enum'] = list(config['QUEUES'])
+    options['eta']['format'] = 'date-time'
+    variants = []
+    for task in TASKS.values():
+        params = {'type': ['object', 'null'],
+                  'properties': {p.name: p.json_schema() for p in task.params},
+                  'additionalProperties': False}
+        required = [p.name for p in task.params if p.required]
+        if required:
+            params['required'] = required
+        variants.append({'title': task.name, 'description': task.description,
+                         'properties': {'task': {'const': task.name}, 'params': params}})
+    return {'type': 'object', 'required': ['task'], 'additionalProperties': False,
+            'properties': {'task': {'type': 'string', 'enum': list(TASKS),
+                                    'description': 'A declared task type (GET /api/tasks)'},
+                           'params': {'type': ['object', 'null'],
+                                      'description': "The task's parameters; missing ones "
+                                                     "take their defaults"},
+                           **options},
+            'oneOf': variants, 'not': {'required': ['delay', 'eta']}}
 
 
 def validate(data, config, from_form=False, now=None):
@@ -339,5 +403,8 @@ def parse_eta(text):
     except ValueError:
         raise ValueError('must be an ISO 8601 time, e.g. 2026-01-31T12:00:00Z') from None
     if value.tzinfo is not None:
-        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        try:
+            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+            raise ValueError('must be a time between the years 1 and 9999') from None
     return value

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from huey.exceptions import CancelExecution
 
-from . import message
+from . import message, text
 
 _local = threading.local()
 
@@ -79,7 +79,9 @@ def progress(done, total=None, message=None):
         return
     fraction = done / total if total else done
     job.fraction = min(1.0, max(0.0, float(fraction)))
-    job.message = None if message is None else str(message)[:200]
+    # Stored as the job's progress_message (200 characters): whatever the
+    # task passes must be text the ledger accepts.
+    job.message = None if message is None else text.storable(message, 200)
     if sink is not None:
         sink(job, job.fraction, job.message)
     checkpoint()

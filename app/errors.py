@@ -14,43 +14,51 @@ def _wants_json():
     return request.path.startswith('/api/') or request.path == '/healthz'
 
 
-def _respond(status, message, **extra):
+def respond(status, message, **extra):
+    """An error answer: JSON under /api/ and /healthz, else a page (a fragment for htmx).
+
+    ``extra`` goes into the JSON object; ``fields`` ({field: message}) is
+    listed on the page too.
+    """
     if _wants_json():
         return jsonify({'error': message, **extra}), status
     template = '_error.html' if request.headers.get('HX-Request') else 'error.html'
-    return render_template(template, status=status, message=message), status
+    return render_template(template, status=status, message=message,
+                           fields=extra.get('fields') or {}), status
 
 
 def register(app):
     @app.errorhandler(catalog.ValidationError)
     def invalid(exc):
-        return _respond(400, exc.message, fields=exc.fields)
+        return respond(400, exc.message, fields=exc.fields)
 
     @app.errorhandler(jobs.BadQuery)
     def bad_query(exc):
-        return _respond(400, str(exc), fields={})
+        return respond(400, str(exc), fields={})
 
     @app.errorhandler(states.StateConflict)
     def conflict(exc):
         db.session.rollback()
-        return _respond(409, str(exc), state=exc.state)
+        return respond(409, str(exc), state=exc.state)
 
     @app.errorhandler(broker.BrokerUnavailable)
     def unavailable(exc):
         db.session.rollback()
         logger.warning('broker unavailable: %s', exc)
-        return _respond(503, 'the job broker is unreachable; nothing was changed, '
+        return respond(503, 'the job broker is unreachable; nothing was changed, '
                              'try again shortly', detail=str(exc))
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
         if exc.code == 413:
             limit = app.config['MAX_CONTENT_LENGTH']
-            return _respond(413, f'request body larger than {limit} bytes')
-        return _respond(exc.code, exc.description)
+            return respond(413, f'request body larger than {limit} bytes')
+        body, status = respond(exc.code, exc.description)
+        # A 405 says which methods the URL does take (RFC 9110).
+        return body, status, {k: v for k, v in exc.get_headers() if k == 'Allow'}
 
     @app.errorhandler(Exception)
     def server_error(exc):
         db.session.rollback()
         logger.exception('unhandled error on %s %s', request.method, request.path)
-        return _respond(500, InternalServerError.description)
+        return respond(500, InternalServerError.description)

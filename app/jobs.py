@@ -2,13 +2,16 @@
 import base64
 import binascii
 import datetime as dt
+import json
+import string
 import uuid
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import defer
 from werkzeug.exceptions import NotFound
 
-from . import broker, catalog, events, states
+from . import broker, catalog, events, states, text
 from .extensions import db
 from .models import Attempt, AttemptLog, Job, Worker, utcnow
 
@@ -213,17 +216,92 @@ def encode_cursor(job):
 
 
 def decode_cursor(cursor):
+    """``(created_at, id)`` of the last job of the previous page; raises :class:`BadQuery`.
+
+    A cursor is decoded from whatever the client sends, so what it holds is
+    checked as any input would be before it reaches SQL.
+    """
     try:
         raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4)).decode()
         created, job_id = raw.split('|', 1)
-        return dt.datetime.fromisoformat(created), job_id
+        created = dt.datetime.fromisoformat(created)
+        if created.tzinfo is not None or len(job_id) > 36 or text.problem(job_id):
+            raise ValueError(raw)
+        return created, job_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise BadQuery('cursor is not one this server handed out') from None
 
 
-def _like(text):
-    escaped = text.replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_')
-    return f'%{escaped}%'
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+class _fold(sa.sql.functions.FunctionElement):
+    """Text with its ASCII letters lowercased and every other character as it is.
+
+    SQLite's lower() does exactly that; PostgreSQL's also folds É to é (by
+    locale), so there the fold is spelled out, and a search means the same
+    on both: ASCII letters in any case, anything else as typed.
+    """
+    type = sa.Text()
+    name = 'fold'
+    inherit_cache = True
+
+
+@compiles(_fold)
+def _fold_lower(element, compiler, **kw):
+    return f'lower({compiler.process(element.clauses, **kw)})'
+
+
+@compiles(_fold, 'postgresql')
+def _fold_translate(element, compiler, **kw):
+    return (f"translate({compiler.process(element.clauses, **kw)}, "
+            f"'{string.ascii_uppercase}', '{string.ascii_lowercase}')")
+
+
+class _position(sa.sql.functions.FunctionElement):
+    """1-based position of the second text in the first, 0 when absent (no wildcards)."""
+    type = sa.Integer()
+    name = 'position'
+    inherit_cache = True
+
+
+@compiles(_position)
+def _position_instr(element, compiler, **kw):
+    return f'instr({compiler.process(element.clauses, **kw)})'
+
+
+@compiles(_position, 'postgresql')
+def _position_strpos(element, compiler, **kw):
+    return f'strpos({compiler.process(element.clauses, **kw)})'
+
+
+# Characters of each column searched: more than the ledger ever writes (a
+# result is cut at 64 Ki characters), so a row written around it with
+# megabytes of text costs a search no more than any other row.
+SEARCHED = 100_000
+
+
+def _contains(column, needles):
+    """``column`` (its first SEARCHED characters, folded) contains one of ``needles`` (folded)."""
+    folded = _fold(sa.func.substr(column, 1, SEARCHED))
+    return sa.or_(*(_position(folded, n) > 0 for n in dict.fromkeys(needles)))
+
+
+def search_condition(q):
+    """Jobs whose id starts with ``q``, or whose parameters, error or result contain it.
+
+    Any text: accented, CJK, emoji. ASCII letters match in either case.
+    Parameters and results are searched in their stored JSON, both as typed
+    (``"n": 2`` finds ``{"n": 2}``) and as a JSON string holds it (``a"b``
+    is stored ``a\\"b``).
+    """
+    q = q.strip()[:200]
+    typed = q.translate(_ASCII_LOWER)
+    in_json = json.dumps(q, ensure_ascii=False)[1:-1].translate(_ASCII_LOWER)
+    return sa.or_(Job.id.startswith(typed, autoescape=True),
+                  _contains(sa.cast(Job.params, sa.Text), (typed, in_json)),
+                  _contains(Job.error, (typed,)),
+                  _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
 
 
 def query_filters(state=None, queue=None, task=None, q=None):
@@ -237,12 +315,8 @@ def query_filters(state=None, queue=None, task=None, q=None):
         conditions.append(Job.queue == queue)
     if task:
         conditions.append(Job.task == task)
-    if q:
-        q = q.strip()[:200]
-        text = [Job.id.startswith(q.lower(), autoescape=True),
-                sa.cast(Job.params, sa.Text).like(_like(q), escape='\\'),
-                Job.error.like(_like(q), escape='\\')]
-        conditions.append(sa.or_(*text))
+    if q and q.strip():
+        conditions.append(search_condition(q))
     return conditions
 
 

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from huey import signals as S
 from huey.exceptions import CancelExecution, TaskTimeout
 
-from . import context, events, message, states
+from . import context, events, message, states, text
 from .leader import leadership, process_name
 from .models import Job, utcnow
 
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 MAX_TRACEBACK = 64 * 1024
 MAX_MESSAGE = 8 * 1024
 MAX_RESULT = 64 * 1024
+MAX_ERROR_TYPE = 200  # the column's length
+MAX_LEVEL = 10
 
 
 def transient(exc):
@@ -57,21 +59,37 @@ WORKERS = object()  # key in a batch's changes: consumer heartbeats were written
 
 
 def _jsonable(value):
-    """The task's return value as JSON, or its repr when it is not JSON."""
+    """The task's return value as stored: itself when it is JSON any ledger can hold.
+
+    A value that is not JSON (a set, bytes, an object, NaN) is stored as
+    ``{"repr": ...}`` (a repr that raises gives a placeholder); JSON longer
+    than ``MAX_RESULT`` characters as ``{"truncated": true, "repr": <its
+    head>}``; strings holding lone surrogates with them escaped as text.
+    Never raises.
+    """
     try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        return {'repr': repr(value)[:MAX_RESULT]}
-    if len(text) > MAX_RESULT:
-        return {'truncated': True, 'repr': text[:MAX_RESULT]}
+        encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except Exception:  # not JSON; a dict subclass may raise anything
+        try:
+            shown = repr(value)
+        except Exception:
+            shown = text.safe_str(value)
+        return {'repr': text.storable(shown, MAX_RESULT)}
+    if len(encoded) > MAX_RESULT:
+        return {'truncated': True, 'repr': text.storable(encoded, MAX_RESULT)}
+    if text.problem(encoded):
+        return json.loads(text.dumps(value))
     return value
 
 
 def _error_type(exc):
+    """The exception's type as ``module.Name`` (builtins without a module), storable."""
     cls = type(exc)
-    if cls.__module__ in ('builtins', '__main__'):
-        return cls.__qualname__
-    return f'{cls.__module__}.{cls.__qualname__}'
+    module = getattr(cls, '__module__', None)
+    name = getattr(cls, '__qualname__', None) or cls.__name__
+    if module not in ('builtins', '__main__', None):
+        name = f'{text.safe_str(module)}.{name}'
+    return text.storable(name, MAX_ERROR_TYPE)
 
 
 class Finish(NamedTuple):
@@ -175,7 +193,8 @@ class _Dialect:
 
     @staticmethod
     def json(value):
-        return None if value is None else json.dumps(value)
+        # The same UTF-8 text as the ORM writes, storable whatever the task gave.
+        return None if value is None else text.dumps(value)
 
 
 _dialects = {}
@@ -296,8 +315,9 @@ class Recorder:
         count = self._log_counts.get(key, 0) + 1
         self._log_counts[key] = count
         if count < self.log_lines:
-            self._ops.append(('log', running.job_id, running.attempt, utcnow(), level,
-                              message[:MAX_MESSAGE]))
+            self._ops.append(('log', running.job_id, running.attempt, utcnow(),
+                              text.storable(level, MAX_LEVEL),
+                              text.storable(message, MAX_MESSAGE)))
         elif count == self.log_lines:
             self._ops.append(('log', running.job_id, running.attempt, utcnow(), 'WARNING',
                               f'(more than {self.log_lines} lines: the rest are not kept)'))
@@ -310,10 +330,16 @@ class Recorder:
         queue = started[3] if started else None
         etype = emsg = tb = None
         if exc is not None:
+            # Whatever the task raised must become text the ledger accepts:
+            # a change it refuses is dropped, and the job would then look lost.
             etype = _error_type(exc)
-            emsg = str(exc)[:MAX_MESSAGE]
+            emsg = text.storable(exc, MAX_MESSAGE)
             if exc.__traceback__ is not None:
-                tb = ''.join(tb_module.format_exception(exc))[-MAX_TRACEBACK:]
+                try:
+                    tb = ''.join(tb_module.format_exception(exc))
+                except Exception:
+                    tb = 'the traceback could not be formatted'
+                tb = text.storable(tb, MAX_TRACEBACK, keep_end=True)
         self._log_counts.pop((task.id, number), None)
         receipt = getattr(task, 'receipt', None)
         task.receipt = None  # this record acknowledges it, once written

@@ -4,7 +4,32 @@ import datetime as dt
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from . import text
 from .extensions import db
+
+
+class _Lenient:
+    """Reads a text column whatever SQLite holds in it.
+
+    SQLite keeps a BLOB written into a text column as bytes and hands them
+    back as such; they read as text (invalid UTF-8 replaced), so one row
+    written around the application cannot break the pages that show it.
+    """
+
+    def process_result_value(self, value, dialect):
+        return text.decode_lossy(value) if isinstance(value, bytes) else value
+
+
+class String(_Lenient, sa.types.TypeDecorator):
+    """``VARCHAR(n)``, read leniently."""
+    impl = sa.String
+    cache_ok = True
+
+
+class Text(_Lenient, sa.types.TypeDecorator):
+    """``TEXT``, read leniently."""
+    impl = sa.Text
+    cache_ok = True
 
 
 def utcnow():
@@ -20,19 +45,19 @@ def isoformat(value):
 class Job(db.Model):
     __tablename__ = 'job'
 
-    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)  # the Huey task id
-    task: Mapped[str] = mapped_column(sa.String(64))
-    queue: Mapped[str] = mapped_column(sa.String(32))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the Huey task id
+    task: Mapped[str] = mapped_column(String(64))
+    queue: Mapped[str] = mapped_column(String(32))
     params: Mapped[dict] = mapped_column(sa.JSON(none_as_null=True))
-    state: Mapped[str] = mapped_column(sa.String(16))
+    state: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(default=0)
     # Fraction done (0..1) of the current attempt, and what the task said about it.
     progress: Mapped[float | None]
-    progress_message: Mapped[str | None] = mapped_column(sa.String(200))
+    progress_message: Mapped[str | None] = mapped_column(String(200))
     result: Mapped[object | None] = mapped_column(sa.JSON(none_as_null=True))
     # The latest failed attempt's "Type: message", and its type for grouping.
-    error: Mapped[str | None] = mapped_column(sa.Text)
-    error_type: Mapped[str | None] = mapped_column(sa.String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    error_type: Mapped[str | None] = mapped_column(String(200))
     # Number of the latest attempt (0 before the first one starts), and the
     # attempts made before the current round of retries (a manual retry
     # starts a new round with the job's full retries).
@@ -46,14 +71,14 @@ class Job(db.Model):
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    worker: Mapped[str | None] = mapped_column(sa.String(200))
+    worker: Mapped[str | None] = mapped_column(String(200))
     # Seconds an attempt may run before it is stopped as timed out.
     timeout: Mapped[float | None]
     # An operator asked a running job to stop; the task sees it at its next
     # progress report.
     cancel_requested_at: Mapped[dt.datetime | None]
     # A submission carrying a key already used returns that job instead.
-    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # Grows with every change, so a reader can tell a newer row from an older one.
     version: Mapped[int] = mapped_column(default=1)
 
@@ -121,14 +146,14 @@ class Attempt(db.Model):
     job_id: Mapped[str] = mapped_column(
         sa.ForeignKey('job.id', ondelete='CASCADE'), primary_key=True)
     number: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    worker: Mapped[str | None] = mapped_column(sa.String(200))
-    outcome: Mapped[str] = mapped_column(sa.String(16))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    outcome: Mapped[str] = mapped_column(String(16))
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     duration: Mapped[float | None]  # seconds
-    error_type: Mapped[str | None] = mapped_column(sa.String(200))
-    error_message: Mapped[str | None] = mapped_column(sa.Text)
-    traceback: Mapped[str | None] = mapped_column(sa.Text)
+    error_type: Mapped[str | None] = mapped_column(String(200))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates='attempt_rows')
 
@@ -161,8 +186,8 @@ class AttemptLog(db.Model):
     job_id: Mapped[str] = mapped_column(sa.ForeignKey('job.id', ondelete='CASCADE'))
     number: Mapped[int]
     at: Mapped[dt.datetime]
-    level: Mapped[str] = mapped_column(sa.String(10))
-    message: Mapped[str] = mapped_column(sa.Text)
+    level: Mapped[str] = mapped_column(String(10))
+    message: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (sa.Index('ix_attempt_log_job', 'job_id', 'number', 'id'),)
 
@@ -174,8 +199,8 @@ class Worker(db.Model):
     """A consumer process, as its heartbeats describe it."""
     __tablename__ = 'worker'
 
-    id: Mapped[str] = mapped_column(sa.String(200), primary_key=True)  # host:pid
-    host: Mapped[str] = mapped_column(sa.String(200))
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
+    host: Mapped[str] = mapped_column(String(200))
     pid: Mapped[int]
     queues: Mapped[list] = mapped_column(sa.JSON)
     concurrency: Mapped[int]
@@ -207,8 +232,8 @@ class JobEvent(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[str] = mapped_column(sa.ForeignKey('job.id', ondelete='CASCADE'))
     at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    kind: Mapped[str] = mapped_column(sa.String(32))
-    message: Mapped[str] = mapped_column(sa.Text)
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (sa.Index('ix_job_event_job', 'job_id', 'id'),)
 

@@ -1,14 +1,16 @@
 """HTML pages and the fragments they are made of."""
 import json
+import logging
 
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
 
-from . import catalog, jobs, periodic, queues, states
+from . import catalog, errors, jobs, periodic, queues, states, text
 from .live import socket_url
 from .models import isoformat, utcnow
 
 bp = Blueprint('pages', __name__)
+logger = logging.getLogger(__name__)
 
 RECENT = 20
 
@@ -48,8 +50,46 @@ def pretty_json(value):
 
 @bp.app_template_filter('brief')
 def brief(value, width=60):
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= width else text[:width - 1] + '…'
+    shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return shown if len(shown) <= width else shown[:width - 1] + '…'
+
+
+@bp.app_template_filter('clip')
+def clip(value, limit=64 * 1024):
+    """Long text cut for a page, saying how much is left out (the API has all of it)."""
+    if value is None or len(value) <= limit:
+        return value
+    return value[:limit] + f'\n… [{len(value) - limit:,} more characters: see the API]'
+
+
+@bp.app_template_global('isolated')
+def isolated(dom_id=None, job_id=None, what='This row', tag='tr', colspan=1, caller=None):
+    """The ``{% call %}`` body, or a placeholder if it cannot be rendered: a bad row costs only itself.
+
+    Every fragment row that shows a ledger row renders through this, so pages,
+    fragment GETs and the live socket all survive a row that raises or whose
+    text cannot be sent (a lone surrogate fails only when the page is encoded,
+    so the body is tried as UTF-8 here). The placeholder is a ``tag`` with
+    the same ``dom_id`` (live swaps still find it) and a link to ``job_id``;
+    the error goes to the log.
+    """
+    try:
+        html = caller()
+        html.encode('utf-8')
+        return html
+    except Exception:
+        logger.exception('%s (%s) could not be rendered; showing a placeholder', what, dom_id)
+        job_id = _shown(job_id)
+        try:
+            href = job_id and url_for('pages.job_page', job_id=job_id)
+        except Exception:
+            href = None
+        return render_template('_unreadable.html', dom_id=_shown(dom_id), job_id=job_id,
+                               href=href, what=what, tag=tag, colspan=colspan)
+
+
+def _shown(value):
+    return None if value is None else text.clean(text.safe_str(value))[:200]
 
 
 @bp.app_context_processor
@@ -110,6 +150,23 @@ def task_fields():
     return render_template('_task_fields.html', **_form_context())
 
 
+def _form_errors(values, fields):
+    """The submit form again, with what was typed and a message by each bad field."""
+    context = _form_context(values=values, errors=fields)
+    if request.headers.get('HX-Request'):
+        return render_template('_submit_form.html', **context), 400
+    return render_template('submit.html', **context), 400
+
+
+@bp.errorhandler(catalog.ValidationError)
+def refused_input(exc):
+    """Input refused at the edge: the submit form comes back marked, any other page is a 400."""
+    if request.endpoint == 'pages.create_job':
+        # What was typed goes back into the fields, made visible (\x00).
+        return _form_errors({k: text.clean(v) for k, v in request.form.items()}, exc.fields)
+    return errors.respond(400, exc.message, fields=exc.fields)
+
+
 @bp.post('/jobs')
 def create_job():
     """Submit from the form; errors re-render it with messages by the fields."""
@@ -117,10 +174,7 @@ def create_job():
     try:
         sub = catalog.validate(values, current_app.config, from_form=True)
     except catalog.ValidationError as exc:
-        context = _form_context(values=values, errors=exc.fields)
-        if request.headers.get('HX-Request'):
-            return render_template('_submit_form.html', **context), 400
-        return render_template('submit.html', **context), 400
+        return _form_errors(values, exc.fields)
     job = jobs.submit(sub)
     url = url_for('pages.job_page', job_id=job.id)
     if request.headers.get('HX-Request') and values.get('stay'):

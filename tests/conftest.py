@@ -90,6 +90,16 @@ def client(app):
 
 
 @pytest.fixture
+def ledger_client(tmp_path, ledger_url):
+    """``(app, test client)`` on a ledger on SQLite, then on PostgreSQL; no consumer runs."""
+    app = make_app(tmp_path, DATABASE_URL=ledger_url)
+    yield app, app.test_client()
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
 def ctx(app):
     """The ``app`` fixture with its app context pushed for the test."""
     with app.app_context():

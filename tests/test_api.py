@@ -5,6 +5,8 @@ import json
 import sqlite3
 import uuid
 
+import sqlalchemy as sa
+
 from app.extensions import db
 from app.models import Attempt, AttemptLog, Job, utcnow
 
@@ -260,3 +262,54 @@ def test_unique_jobs_share_one_row(client, app):
     assert again.get_json()['id'] == first.get_json()['id'] and again.get_json()['task'] == 'noop'
     with app.app_context():
         assert db.session.query(Job).count() == 1
+
+
+def _stored_jobs(app, rows):
+    """Write jobs as the ledger holds them: ``{name: (params, error, result)}`` -> ids."""
+    ids = {}
+    with app.app_context():
+        for name, (params, error, result) in rows.items():
+            job = Job(id=str(uuid.uuid4()), task='fail', queue='default', params=params,
+                      state='failed', retries=0, retry_delay=0.0, error=error, result=result,
+                      created_at=utcnow(), updated_at=utcnow())
+            db.session.add(job)
+            ids[name] = job.id
+        db.session.commit()
+    return ids
+
+
+def test_search_finds_any_text_in_params_errors_and_results(ledger_client):
+    app, client = ledger_client
+    ids = _stored_jobs(app, {
+        'accent': ({'message': 'café'}, None, None),
+        'cjk': ({}, 'RuntimeError: 日本語のエラー', None),
+        'emoji': ({}, None, {'drink': '☕ served'}),
+        'quote': ({'message': 'say "hi" \\ back'}, None, None),
+        'upper': ({}, 'RuntimeError: BOOM', None),
+        'capital': ({'name': 'Élodie'}, None, None),
+    })
+
+    def found(q):
+        resp = client.get('/api/jobs', query_string={'q': q})
+        assert resp.status_code == 200, resp.get_json()
+        return {name for name, job_id in ids.items()
+                if job_id in {j['id'] for j in resp.get_json()['jobs']}}
+
+    assert found('é') == {'accent'}  # É is another letter
+    assert found('café') == {'accent'}
+    assert found('日本語') == {'cjk'}
+    assert found('☕') == {'emoji'}
+    assert found('say "hi" \\ back') == {'quote'}  # as typed, not as JSON escapes it
+    assert found('boom') == found('BOOM') == {'upper'}  # ASCII letters in any case
+    assert found('élodie') == set() and found('Élodie') == {'capital'}  # others as typed
+    pages = client.get('/jobs', query_string={'q': '日本語'}).get_data(as_text=True)
+    assert f'id="job-{ids["cjk"]}"' in pages and f'id="job-{ids["accent"]}"' not in pages
+
+
+def test_json_is_stored_as_utf8_text(ledger_client):
+    app, client = ledger_client
+    job = client.post('/api/jobs', json={'task': 'fail', 'params': {'message': 'é ☕'}}).get_json()
+    with app.app_context():
+        stored = db.session.execute(
+            sa.select(sa.cast(Job.params, sa.Text)).where(Job.id == job['id'])).scalar()
+    assert stored == '{"message": "é ☕"}'

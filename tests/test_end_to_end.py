@@ -5,10 +5,14 @@ huey_consumer process, sharing a SQLite ledger. embedded: gunicorn alone,
 Huey on SQLite with consumer threads inside the web process.
 """
 import datetime as dt
+import sqlite3
+import subprocess
+import sys
 import time
+import uuid
 
 import pytest
-from helpers import Deployment, wait_for
+from helpers import ROOT, Deployment, Socket, wait_for
 
 
 @pytest.fixture(scope='module', params=['distributed', 'embedded'])
@@ -144,3 +148,76 @@ def test_health_and_stats(deployment):
     assert health['broker_kind'] == ('redis' if deployment.mode == 'distributed' else 'sqlite (embedded)')
     status, stats = deployment.api.get('/api/stats')
     assert status == 200 and stats['total'] == sum(stats['states'].values()) > 0
+
+
+# -- hostile input and poisoned rows, against the real processes ---------------------
+
+def test_a_lone_surrogate_is_refused_at_submit_and_pages_stay_up(deployment):
+    api = deployment.api
+    before = api.get('/api/stats')[1]['total']
+    status, body = api.post('/api/jobs', raw=b'{"task":"fail","params":{"message":"\\ud800"},'
+                                             b'"delay":3600}')
+    assert (status, body['fields']) == (400, {
+        'params.message': 'contains an unpaired surrogate (U+D800)'})
+    assert api.get('/api/stats')[1]['total'] == before  # no row written
+    for path in ('/', '/jobs', '/api/jobs?q=%C3%A9'):
+        assert api.get(path)[0] == 200, path
+    status, body = api.get('/api/jobs/%ff%fe')  # raw bytes in the path, as gunicorn passes them
+    assert (status, body['fields']) == (400, {'path': 'is not valid UTF-8'})
+
+
+def test_a_task_raising_unencodable_text_fails_with_its_error_not_as_lost(deployment):
+    # Enqueued around the API, as a Python producer would: the edge never saw it.
+    script = ("import huey_tasks\nfrom app import broker\n"
+              "huey = broker.hueys['default']\n"
+              "wrapper = huey_tasks.fail.task_type.wrappers[huey.name]\n"
+              "task = wrapper.s(params={'message': 'boom \\ud800 \\x00 ☕'}, "
+              "meta={'base': 0, 'retries': 0})\n"
+              "huey.enqueue(task)\nprint(task.id)\n")
+    out = subprocess.run([sys.executable, '-c', script], env=deployment.env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().splitlines()[-1]
+    # Seconds, not the ~50 s after which a job whose outcome was lost is reaped.
+    job = deployment.api.wait_state(job_id, ('failed', 'retrying'), timeout=20)
+    assert job['state'] == 'failed'
+    assert job['error'] == 'RuntimeError: boom \\ud800 \\x00 ☕'
+    assert [(a['state'], a['error_type']) for a in job['attempts']] == [('failed', 'RuntimeError')]
+    assert job['params'] == {'message': 'boom \\ud800 \\x00 ☕'}
+    status, found = deployment.api.get('/api/jobs?q=%E2%98%95')  # ☕
+    assert status == 200 and job_id in [j['id'] for j in found['jobs']]
+
+
+def test_poisoned_rows_cost_neither_the_pages_nor_the_socket(deployment):
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    db = sqlite3.connect(deployment.tmp / 'ledger.db', timeout=30)
+    try:
+        with db:
+            for job_id, params, error in [
+                    (ids[0], '{not json', "CAST(x'eda080ff41' AS TEXT)"),
+                    (ids[1], '{"m": "\\ud800"}', f"'{'é' * (10 * 1024 * 1024)}'"),
+                    (ids[2], '{}', "x'ff00'")]:
+                db.execute(
+                    'INSERT INTO job (id, task, queue, params, state, priority, attempts, '
+                    'attempt_base, retries, retry_delay, created_at, updated_at, finished_at, '
+                    f"version, error) VALUES (?, 'fail', 'default', ?, 'failed', 0, 1, 0, 0, 0, "
+                    f'?, ?, ?, 2, {error})',
+                    (job_id, params, *[dt.datetime.now(dt.timezone.utc).strftime(
+                        '%Y-%m-%d %H:%M:%S.%f')] * 3))
+    finally:
+        db.close()
+    api = deployment.api
+    for path in ['/', '/jobs', '/failures', '/api/jobs', '/api/failures'] + [
+            f'/jobs/{job_id}' for job_id in ids]:
+        status, _ = api.get(path)
+        assert status == 200, path
+    sock = Socket(f'{deployment.ws_base}/ws?view=dashboard')
+    try:
+        first = wait_for(lambda: sock.messages, 10, message='the dashboard snapshot')[0][1]
+        assert all(f'id="job-{job_id}"' in first for job_id in ids)
+        # A change after the snapshot still arrives: the socket lives on.
+        api.submit('noop')
+        wait_for(lambda: len(sock.messages) > 1, 10, message='a live update')
+        assert not sock.closed.is_set()
+    finally:
+        sock.close()

@@ -267,3 +267,108 @@ def test_queue_throughput_counts_jobs_finished_in_each_window(ledger_app):
     [queue] = queues.overview(app.config)
     # 2 in the last minute; 5 in the last 15 (1 per 3 minutes: 0.3 a minute)
     assert (queue['per_minute'], queue['per_minute_15']) == (2, 0.3)
+
+
+# -- whatever a task produces is stored --------------------------------------------
+
+def test_a_task_raising_unencodable_text_ends_failed_with_its_error(ledger_app):
+    # Enqueued around the API, so nothing refused the text at the edge: the
+    # job's row, its parameters and its error are all written by the recorder.
+    app, recorder = ledger_app
+    huey_tasks.fail.task_type.wrappers['qm.default'].schedule(
+        kwargs={'params': {'message': 'boom \ud800 \x00'}, 'meta': {'retries': 0}},
+        retries=0, delay=0)
+    task = run_next()
+    flushed(recorder)
+    row = db.session.get(Job, task.id)
+    assert (row.state, row.error_type) == ('failed', 'RuntimeError')
+    assert row.error == 'RuntimeError: boom \\ud800 \\x00'
+    assert row.params == {'message': 'boom \\ud800 \\x00'}
+    [attempt] = attempts_of(task.id)
+    assert (attempt.outcome, attempt.error_message) == ('failed', 'boom \\ud800 \\x00')
+    assert attempt.traceback.rstrip().endswith('RuntimeError: boom \\ud800 \\x00')
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError('str fails')
+
+    def __repr__(self):
+        raise RuntimeError('repr fails')
+
+
+class _NoRepr:
+    def __repr__(self):
+        raise ValueError('repr fails')
+
+
+def _ran(ledger_app, value=None, exc=None):
+    """A noop job whose attempt ended with ``value`` or ``exc``, recorded."""
+    app, recorder = ledger_app
+    job = submit(app, 'noop')
+    task = broker.hueys['default'].dequeue()
+    recorder.on_signal(None, 'default', 'executing', task)
+    if exc is not None:
+        try:
+            raise exc
+        except Exception as raised:
+            recorder.on_post_execute(task, None, raised)
+    else:
+        recorder.on_post_execute(task, value, None)
+    flushed(recorder)
+    return db.session.get(Job, job.id), attempts_of(job.id)
+
+
+def test_an_exception_whose_str_and_repr_raise_is_recorded(ledger_app):
+    job, [attempt] = _ran(ledger_app, exc=_Unprintable())
+    assert job.state == 'retrying'  # recorded as failed, not dropped
+    assert attempt.error_type == 'test_ledger._Unprintable'
+    assert attempt.error_message == '<unprintable _Unprintable object>'
+
+
+def test_a_huge_exception_message_is_bounded_and_keeps_its_frames(ledger_app):
+    job, [attempt] = _ran(ledger_app, exc=RuntimeError('é' * 10_000_000))
+    assert len(attempt.error_message) <= ledger.MAX_MESSAGE
+    assert attempt.error_message.startswith('éé') and 'characters, cut' in attempt.error_message
+    assert len(attempt.traceback) <= ledger.MAX_TRACEBACK
+    assert attempt.traceback.startswith('Traceback (most recent call last):')
+    assert len(job.error) < ledger.MAX_MESSAGE + 100
+
+
+def test_an_exception_type_with_a_long_unencodable_name_is_stored(ledger_app):
+    odd = type('Odd' + 'x' * 500, (Exception,), {'__module__': 'tasks\ud800\x00'})
+    _, [attempt] = _ran(ledger_app, exc=odd('boom'))
+    assert attempt.error_type.startswith('tasks\\ud800\\x00.Oddxxx')
+    assert len(attempt.error_type) <= 200
+
+
+def test_results_that_are_not_storable_json_are_stored_safely(ledger_app):
+    for value, stored in [
+            (b'\xff\x00', {'repr': "b'\\xff\\x00'"}),
+            ({'text': 'caf\udce9'}, {'text': 'caf\\udce9'}),
+            (float('nan'), {'repr': 'nan'}),
+            (_NoRepr(), {'repr': '<unprintable _NoRepr object>'}),
+            ({'é': '日本語 ☕'}, {'é': '日本語 ☕'})]:
+        job, _ = _ran(ledger_app, value=value)
+        assert (job.state, job.result) == ('succeeded', stored), value
+    job, _ = _ran(ledger_app, value='x' * 10_000_000)
+    assert job.result['truncated'] is True and len(job.result['repr']) <= ledger.MAX_RESULT
+
+
+def test_log_lines_and_progress_messages_are_stored_safely(ledger_app):
+    app, recorder = ledger_app
+    from app import context
+    job = submit(app, 'noop')
+    task = broker.hueys['default'].dequeue()
+    recorder.on_signal(None, 'default', 'executing', task)
+    with context.running(task) as running:
+        recorder.on_log(running, 'INFO', 'bad \ud800 and \x00')
+        recorder.on_log(running, 'A-VERY-LONG-LEVEL', 'x' * 10_000_000)
+        context.progress(1, 2, 'half \ud800')
+    flushed(recorder)
+    lines = jobs.logs(db.session.get(Job, job.id))[1]
+    assert [(line.level, line.message[:3]) for line in lines] == [
+        ('INFO', 'bad'), ('A-VERY-LON', 'xxx')]
+    assert lines[0].message == 'bad \\ud800 and \\x00'
+    assert len(lines[1].message) <= ledger.MAX_MESSAGE
+    assert db.session.get(Job, job.id).progress_message == 'half \\ud800'

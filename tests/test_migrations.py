@@ -1,4 +1,7 @@
 """The migrations build exactly the schema the models describe, on SQLite and PostgreSQL."""
+import json
+
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conftest import make_app
@@ -19,4 +22,44 @@ def test_migrations_match_the_models_and_downgrade_cleanly(tmp_path, ledger_url)
         upgrade()
         with db.engine.connect() as conn:
             assert {'job', 'attempt', 'attempt_log', 'worker'} <= set(db.inspect(conn).get_table_names())
+        db.engine.dispose()
+
+
+def test_json_stored_with_ascii_escapes_is_rewritten_as_utf8_text(tmp_path, ledger_url):
+    app = make_app(tmp_path, DATABASE_URL=ledger_url)
+    with app.app_context():
+        downgrade(revision='0003')
+        postgres = db.engine.dialect.name == 'postgresql'
+        cast = 'CAST({} AS json)' if postgres else '{}'
+        rows = [{'id': f'job-{n:05d}', 'params': json.dumps({'message': f'caf\u00e9 \u2615 {n}'}),
+                 'result': json.dumps({'r': '\ud800'}) if n % 2 else None} for n in range(1200)]
+        if not postgres:
+            rows.append({'id': 'job-bad', 'params': '{not json', 'result': 'NaN'})
+        with db.engine.begin() as conn:
+            conn.execute(sa.text(
+                'INSERT INTO job (id, task, queue, params, result, state, priority, attempts, '
+                'attempt_base, retries, retry_delay, created_at, updated_at, version) VALUES '
+                f"(:id, 'fail', 'default', {cast.format(':params')}, {cast.format(':result')}, "
+                "'failed', 0, 1, 0, 0, 0, '2026-01-01 00:00:00', '2026-01-01 00:00:00', 1)"), rows)
+            conn.execute(sa.text(
+                'INSERT INTO worker (id, host, pid, queues, concurrency, started_at, last_seen, '
+                f"processed, failed, current, leader) VALUES ('h:1', 'h', 1, "
+                f"{cast.format(':queues')}, 1, '2026-01-01 00:00:00', '2026-01-01 00:00:00', "
+                f"0, 0, {cast.format(':current')}, false)"),
+                {'queues': json.dumps(['d\u00e9faut']), 'current': '[]'})
+        upgrade()
+        with db.engine.connect() as conn:
+            stored = dict(conn.execute(sa.text(
+                'SELECT id, CAST(params AS TEXT) FROM job')).all())
+            results = dict(conn.execute(sa.text(
+                'SELECT id, CAST(result AS TEXT) FROM job WHERE result IS NOT NULL')).all())
+            queues = conn.execute(sa.text('SELECT CAST(queues AS TEXT) FROM worker')).scalar()
+        assert stored['job-00000'] == '{"message": "café ☕ 0"}'
+        assert stored['job-01199'] == '{"message": "café ☕ 1199"}'  # past the first batch
+        assert results['job-00001'] == '{"r": "\\\\ud800"}'  # storable, shown escaped
+        assert 'job-00000' not in results
+        assert queues == '["défaut"]'
+        if not postgres:
+            assert (stored['job-bad'], results['job-bad']) == ('{not json', 'NaN')  # left as they were
+        assert len(app.test_client().get('/api/jobs?q=café&limit=500').get_json()['jobs']) == 500
         db.engine.dispose()

@@ -1,6 +1,13 @@
 """Pages and fragments: rendering, escaping, forms that work without JavaScript."""
+import datetime as dt
+import logging
 import re
+import uuid
 
+import pytest
+import sqlalchemy as sa
+
+from app import live
 from app.extensions import db
 from app.models import Attempt, Job
 
@@ -121,3 +128,143 @@ def test_job_list_filters_and_pages_without_javascript(client):
     assert second.count('<tr id="job-') == 2
     assert set(re.findall(r'<tr id="job-([^"]+)"', first)).isdisjoint(
         re.findall(r'<tr id="job-([^"]+)"', second))
+
+
+
+# -- rows written straight into the ledger never break a page ---------------------
+
+BIG = 10 * 1024 * 1024
+
+
+def _insert(app, table, values, json=(), raw=None):
+    """Insert a row as it is: ``json`` columns cast for PostgreSQL, ``raw`` ones as SQL."""
+    postgres = db.engine.dialect.name == 'postgresql'
+    columns, exprs = list(values), []
+    for name in values:
+        exprs.append(f'CAST(:{name} AS json)' if name in json and postgres else f':{name}')
+    for name, sql in (raw or {}).items():
+        columns.append(name)
+        exprs.append(sql)
+    with db.engine.begin() as conn:
+        conn.execute(sa.text(f'INSERT INTO {table} ({", ".join(columns)}) '
+                             f'VALUES ({", ".join(exprs)})'), values)
+
+
+def _job(**values):
+    now = dt.datetime(2026, 1, 1, 12, 0, 0)
+    row = {'id': str(uuid.uuid4()), 'task': 'fail', 'queue': 'default', 'params': '{}',
+           'state': 'failed', 'priority': 0, 'attempts': 1, 'attempt_base': 0, 'retries': 0,
+           'retry_delay': 0.0, 'created_at': now, 'updated_at': now, 'finished_at': now,
+           'version': 2, 'error_type': 'RuntimeError'}
+    row.update(values)
+    return row
+
+
+def poison(app):
+    """Write rows no application path writes; return their job ids."""
+    ids = []
+    with app.app_context():
+        # JSON escapes of a lone surrogate and of NUL are valid JSON, even to
+        # PostgreSQL; 10 MB of text; an RTL override.
+        row = _job(params='{"message": "\\ud800", "nul": "\\u0000"}',
+                   result='{"r": "\\udfff"}', error='RuntimeError: \u202eevil ' + 'é' * BIG)
+        _insert(app, 'job', row, json=('params', 'result'))
+        _insert(app, 'attempt', {'job_id': row['id'], 'number': 1, 'outcome': 'failed',
+                                 'error_type': 'RuntimeError', 'error_message': 'x' * BIG,
+                                 'traceback': 'Traceback\n' + 'y' * BIG})
+        _insert(app, 'attempt_log', {'job_id': row['id'], 'number': 1, 'level': 'INFO',
+                                     'at': dt.datetime(2026, 1, 1),
+                                     'message': '\u202eevil\u202c ' + 'z' * BIG})
+        ids.append(row['id'])
+        succeeded = _job(state='succeeded', result='{"big": "' + 'r' * BIG + '"}')
+        _insert(app, 'job', succeeded, json=('params', 'result'))
+        ids.append(succeeded['id'])
+        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        _insert(app, 'worker', {'id': 'host:1', 'host': 'host', 'pid': 1, 'concurrency': 1,
+                                'started_at': now, 'last_seen': now, 'processed': 0,
+                                'failed': 0, 'leader': False,
+                                'queues': '["default", "\\ud800"]', 'current': '["\\u0000"]'},
+                json=('queues', 'current'))
+        if db.engine.dialect.name == 'sqlite':
+            # SQLite keeps whatever it is given: text that is not JSON, text
+            # that is not UTF-8 (a surrogate's CESU-8 bytes among it), BLOBs.
+            bad = _job()
+            del bad['params']
+            _insert(app, 'job', bad, raw={'params': "'{not json'",
+                                          'error': "CAST(x'eda080ff41' AS TEXT)"})
+            ids.append(bad['id'])
+            blob = _job(state='scheduled', scheduled_for=dt.datetime(2030, 1, 1),
+                        finished_at=None)
+            del blob['params']
+            _insert(app, 'job', blob, raw={'params': "x'7b226d223a2022c3a9227d'",
+                                           'result': "x'c3'", 'error': "x'ff00'",
+                                           'worker': "x'ff'"})
+            ids.append(blob['id'])
+            _insert(app, 'worker', {'id': 'host:2', 'host': 'host', 'pid': 2,
+                                    'concurrency': 1, 'started_at': now, 'last_seen': now,
+                                    'processed': 0, 'failed': 0, 'leader': False},
+                    raw={'queues': "'[not json'", 'current': "x'ff'"})
+    return ids
+
+
+PAGES = ('/', '/jobs', '/jobs?state=failed', '/jobs?q=evil', '/failures', '/scheduled',
+         '/workers', '/periodic', '/queues', '/stats')
+APIS = ('/api/jobs', '/api/jobs?q=%C3%A9', '/api/failures', '/api/scheduled', '/api/workers',
+        '/api/stats', '/api/queues', '/api/periodic')
+
+
+def test_pages_fragments_and_api_answer_with_poisoned_rows_in_the_ledger(ledger_client):
+    app, client = ledger_client
+    ids = poison(app)
+    paths = list(PAGES) + list(APIS)
+    for job_id in ids:
+        paths += [f'/jobs/{job_id}', f'/jobs/{job_id}/row', f'/jobs/{job_id}/summary',
+                  f'/jobs/{job_id}/attempts', f'/api/jobs/{job_id}', f'/api/jobs/{job_id}/log']
+    for path in paths:
+        resp = client.get(path)
+        assert resp.status_code == 200, (path, resp.get_data(as_text=True)[:500])
+        resp.get_data().decode('utf-8')
+        assert 'data-unreadable' not in resp.get_data(as_text=True), path
+    job_page = client.get(f'/jobs/{ids[0]}').get_data(as_text=True)
+    assert '\\ud800' in job_page and '\\x00' in job_page  # escaped, shown
+    assert 'more characters: see the API' in job_page  # 10 MB cut for the page
+    api = client.get(f'/api/jobs/{ids[0]}').get_json()
+    assert api['params'] == {'message': '\\ud800', 'nul': '\\x00'}
+    assert len(api['attempts'][0]['error_message']) == BIG  # the API has all of it
+
+
+def test_live_views_render_with_poisoned_rows_in_the_ledger(ledger_client):
+    app, _ = ledger_client
+    ids = poison(app)
+    views = [{'view': 'dashboard'}, {'view': 'jobs'}, {'view': 'jobs', 'q': 'evil'},
+             {'view': 'workers'}, {'view': 'failures'}, {'view': 'scheduled'}]
+    views += [{'view': 'job', 'id': job_id} for job_id in ids]
+    for args in views:
+        with app.test_request_context('/ws', query_string=args):
+            key, factory = live.view_for(args, app.config)
+            html = factory(key).render_html()
+        html.encode('utf-8')
+        assert 'data-unreadable' not in html, args
+
+
+def test_a_row_that_cannot_be_rendered_costs_that_row_only(client, app, caplog):
+    good = client.post('/api/jobs', json={'task': 'noop'}).get_json()['id']
+    with app.app_context():
+        bad = _job(state='failed')
+        del bad['retries']
+        _insert(app, 'job', bad, raw={'retries': "'many'"})  # SQLite keeps text anywhere
+    with caplog.at_level(logging.ERROR, logger='app.pages'):
+        for path in ('/', '/jobs', f'/jobs/{bad["id"]}/row'):
+            resp = client.get(path)
+            html = resp.get_data(as_text=True)
+            assert resp.status_code == 200, path
+            placeholder = re.search(rf'<tr id="job-{bad["id"]}" class="unreadable"[^>]*>(.*?)</tr>',
+                                    html, re.S)
+            assert placeholder, path
+            assert f'href="/jobs/{bad["id"]}"' in placeholder.group(1)
+            if path != f'/jobs/{bad["id"]}/row':
+                assert f'<tr id="job-{good}" data-state="queued"' in html, path
+        page = client.get(f'/jobs/{bad["id"]}')
+        assert page.status_code == 200
+        assert f'id="job-{bad["id"]}-summary" class="unreadable"' in page.get_data(as_text=True)
+    assert any('could not be rendered' in r.getMessage() and r.exc_info for r in caplog.records)

@@ -1,0 +1,106 @@
+"""Input at the edge: text that cannot be stored or shown never gets in.
+
+Every request's path, query string and form fields are checked before its
+view runs (pages, the JSON API and the live socket alike); a view that reads
+a JSON body gets it from :func:`json_object`, which checks it the same way.
+Bytes that are not UTF-8, lone UTF-16 surrogates (JSON's ``"\\ud800"``) and
+NUL characters are refused with a 400 that names the field, e.g.
+``{"params.message": "contains an unpaired surrogate (U+D800)"}``; nothing
+downstream ever sees them.
+"""
+import json
+from urllib.parse import unquote_to_bytes
+
+from flask import request
+
+from . import catalog, text
+
+_BODY_METHODS = ('POST', 'PUT', 'PATCH', 'DELETE')
+_FORM_TYPES = ('application/x-www-form-urlencoded', 'multipart/form-data')
+NOT_UTF8 = 'is not valid UTF-8'
+
+
+def _invalid(fields, message='invalid request'):
+    return catalog.ValidationError(fields, message)
+
+
+def _undecodable(raw, separator=b'&'):
+    """``{field: message}`` for the fields of a URL-encoded string that are not UTF-8."""
+    found = {}
+    for pair in raw.split(separator):
+        if not pair:
+            continue
+        key, _, value = pair.partition(b'=')
+        key, value = (unquote_to_bytes(part.replace(b'+', b' ')) for part in (key, value))
+        try:
+            name = key.decode('utf-8')
+        except UnicodeDecodeError:
+            found[text.clean(key.decode('utf-8', 'replace'))] = 'its name ' + NOT_UTF8
+            continue
+        try:
+            value.decode('utf-8')
+        except UnicodeDecodeError:
+            found.setdefault(text.clean(name), NOT_UTF8)
+    return found
+
+
+def check_request():
+    """Refuse a request whose path, query or form holds text that cannot be stored.
+
+    Registered with ``before_request``. Raises
+    :class:`~app.catalog.ValidationError` (``"invalid request"``, a 400)
+    naming each bad field: ``path``, a path parameter (``job_id``), a query
+    parameter or a form field.
+    """
+    fields = {}
+    path = request.environ.get('PATH_INFO', '')
+    try:
+        # WSGI hands the path over as Latin-1; its bytes must be UTF-8.
+        path.encode('latin-1').decode('utf-8')
+    except UnicodeError:
+        fields['path'] = NOT_UTF8
+    fields.update(text.problems(request.view_args or {}))
+    fields.update(_undecodable(request.query_string))
+    fields.update(text.problems(request.args))
+    if request.method in _BODY_METHODS and request.mimetype in _FORM_TYPES:
+        if request.mimetype == _FORM_TYPES[0]:
+            # Read once and kept: the form is parsed from the same bytes.
+            fields.update(_undecodable(request.get_data(cache=True)))
+        fields.update(text.problems(request.form))
+    if fields:
+        raise _invalid(dict(list(fields.items())[:text.MAX_FIELDS]))
+
+
+def _refuse_constant(name):
+    raise ValueError(f'{name} is not a JSON value')
+
+
+def json_object(message='invalid request'):
+    """The request's JSON body, a dict whose text can all be stored.
+
+    The body must be UTF-8 JSON (RFC 8259) holding an object, nested at most
+    :data:`~app.text.MAX_DEPTH` levels; ``NaN`` and ``Infinity`` are not
+    JSON. Raises :class:`~app.catalog.ValidationError` (a 400): ``"invalid
+    request"`` with a ``body`` field for a body that is none of that, or
+    ``message`` naming each field whose text cannot be stored
+    (``params.message``, ``ids[3]``).
+    """
+    if not request.is_json:
+        raise _invalid({'body': 'must be a JSON object (Content-Type: application/json)'})
+    raw = request.get_data(cache=True)
+    try:
+        body = raw.decode('utf-8')
+    except UnicodeDecodeError as exc:
+        raise _invalid({'body': f'{NOT_UTF8} (byte {exc.start})'}) from None
+    try:
+        value = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise _invalid({'body': f'is nested more than {text.MAX_DEPTH} levels deep'}) from None
+    except ValueError as exc:
+        raise _invalid({'body': f'is not valid JSON: {exc}'}) from None
+    if not isinstance(value, dict):
+        raise _invalid({'body': 'must be a JSON object'})
+    bad = text.problems(value)
+    if bad:
+        raise _invalid(bad, message)
+    return value
