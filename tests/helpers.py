@@ -307,3 +307,100 @@ class Socket:
             self.ws.close()
         except simple_websocket.ConnectionClosed:
             pass
+
+
+class SocketCrowd:
+    """Many idle WebSocket clients on plain sockets: no thread each, for capacity tests.
+
+    Opens ``count`` sockets to ``url`` one after another and reads each
+    one's handshake answer; the server's messages then wait, unread, in the
+    kernel. A client that answers no ping is dropped by the server after two
+    ping intervals (50 s), so hold a crowd for less than that.
+    """
+
+    def __init__(self, url, count, timeout=10.0):
+        import base64
+        from urllib.parse import urlsplit
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < count + 512 and hard != soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
+        parts = urlsplit(url)
+        self.sockets = []
+        self._early = []  # bytes that came with each handshake answer
+        path = parts.path + ('?' + parts.query if parts.query else '')
+        for _ in range(count):
+            s = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+            key = base64.b64encode(os.urandom(16)).decode()
+            s.sendall((f'GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n'
+                       f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n'
+                       f'Sec-WebSocket-Version: 13\r\n\r\n').encode())
+            answer = b''
+            while b'\r\n\r\n' not in answer:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer.startswith(b'HTTP/1.1 101 '), answer[:200]
+            s.setblocking(False)
+            self.sockets.append(s)
+            self._early.append(answer.split(b'\r\n\r\n', 1)[1])
+
+    def first_frames(self, timeout=60.0):
+        """Each socket's first message as ``(opcode, payload bytes)``, read as it arrives."""
+        import select
+        deadline = time.monotonic() + timeout
+        frames = []
+        for s, data in zip(self.sockets, self._early):
+            while True:
+                frame = _frame(data)
+                if frame is not None:
+                    frames.append(frame)
+                    break
+                left = deadline - time.monotonic()
+                assert left > 0, 'timed out waiting for a first message'
+                if select.select([s], [], [], left)[0]:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        frames.append(None)
+                        break
+                    data += chunk
+        return frames
+
+    def still_open(self):
+        """How many sockets the server has not closed (nothing read is lost: peeked)."""
+        alive = 0
+        for s in self.sockets:
+            try:
+                while True:
+                    chunk = s.recv(65536)  # drain what was pushed meanwhile
+                    if not chunk:
+                        break
+            except BlockingIOError:
+                alive += 1
+            except OSError:
+                pass
+        return alive
+
+    def close(self):
+        for s in self.sockets:
+            s.close()
+        self.sockets = []
+
+
+def _frame(data):
+    """``(opcode, payload)`` of the first whole unmasked frame in ``data``, else None."""
+    if len(data) < 2:
+        return None
+    n, at = data[1] & 0x7F, 2
+    if n == 126:
+        if len(data) < 4:
+            return None
+        n, at = int.from_bytes(data[2:4], 'big'), 4
+    elif n == 127:
+        if len(data) < 10:
+            return None
+        n, at = int.from_bytes(data[2:10], 'big'), 10
+    if len(data) < at + n:
+        return None
+    return data[0] & 0x0F, data[at:at + n]
