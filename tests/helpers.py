@@ -313,22 +313,24 @@ class SocketCrowd:
     """Many idle WebSocket clients on plain sockets: no thread each, for capacity tests.
 
     Opens ``count`` sockets to ``url`` one after another and reads each
-    one's handshake answer; the server's messages then wait, unread, in the
-    kernel. A client that answers no ping is dropped by the server after two
-    ping intervals (50 s), so hold a crowd for less than that.
+    one's handshake answer. Call :meth:`pump` (or :meth:`hold`) now and then:
+    it reads what the server pushed and answers its pings, as a browser
+    would, so the server keeps the sockets open.
     """
 
     def __init__(self, url, count, timeout=10.0):
         import base64
-        from urllib.parse import urlsplit
         import resource
+        from urllib.parse import urlsplit
+        from app import websocket
+        self._ws = websocket
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < count + 512 and hard != soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
         parts = urlsplit(url)
-        self.sockets = []
-        self._early = []  # bytes that came with each handshake answer
         path = parts.path + ('?' + parts.query if parts.query else '')
+        self.sockets, self.first, self.closed = [], [], []
+        self._parsers = []
         for _ in range(count):
             s = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
             key = base64.b64encode(os.urandom(16)).decode()
@@ -344,63 +346,56 @@ class SocketCrowd:
             assert answer.startswith(b'HTTP/1.1 101 '), answer[:200]
             s.setblocking(False)
             self.sockets.append(s)
-            self._early.append(answer.split(b'\r\n\r\n', 1)[1])
+            self.first.append(None)
+            self.closed.append(False)
+            self._parsers.append(websocket.Parser(masked=False, max_size=1 << 24))
+            self._take(len(self.sockets) - 1, answer.split(b'\r\n\r\n', 1)[1])
+
+    def _take(self, i, data):
+        for frame in self._parsers[i].feed(data):
+            if self.first[i] is None:
+                self.first[i] = (frame.opcode, frame.payload)
+            if frame.opcode == self._ws.PING:
+                try:
+                    self.sockets[i].sendall(self._ws.encode(self._ws.PONG, frame.payload, mask=True))
+                except OSError:
+                    self.closed[i] = True
+
+    def pump(self):
+        """Read whatever arrived on every socket; answer pings. Returns how many are open."""
+        for i, s in enumerate(self.sockets):
+            while not self.closed[i]:
+                try:
+                    chunk = s.recv(65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    chunk = b''
+                if not chunk:
+                    self.closed[i] = True
+                    break
+                self._take(i, chunk)
+        return self.closed.count(False)
+
+    def hold(self, seconds):
+        """Keep the sockets open for ``seconds``, answering pings."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.pump()
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     def first_frames(self, timeout=60.0):
-        """Each socket's first message as ``(opcode, payload bytes)``, read as it arrives."""
-        import select
-        deadline = time.monotonic() + timeout
-        frames = []
-        for s, data in zip(self.sockets, self._early):
-            while True:
-                frame = _frame(data)
-                if frame is not None:
-                    frames.append(frame)
-                    break
-                left = deadline - time.monotonic()
-                assert left > 0, 'timed out waiting for a first message'
-                if select.select([s], [], [], left)[0]:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        frames.append(None)
-                        break
-                    data += chunk
-        return frames
+        """Each socket's first message as ``(opcode, payload bytes)`` (None: closed without one)."""
+        wait_for(lambda: self.pump() is not None and all(
+            f is not None or c for f, c in zip(self.first, self.closed)), timeout, 0.05,
+            'a first message on every socket')
+        return list(self.first)
 
     def still_open(self):
-        """How many sockets the server has not closed (nothing read is lost: peeked)."""
-        alive = 0
-        for s in self.sockets:
-            try:
-                while True:
-                    chunk = s.recv(65536)  # drain what was pushed meanwhile
-                    if not chunk:
-                        break
-            except BlockingIOError:
-                alive += 1
-            except OSError:
-                pass
-        return alive
+        """How many sockets the server has not closed."""
+        return self.pump()
 
     def close(self):
         for s in self.sockets:
             s.close()
         self.sockets = []
-
-
-def _frame(data):
-    """``(opcode, payload)`` of the first whole unmasked frame in ``data``, else None."""
-    if len(data) < 2:
-        return None
-    n, at = data[1] & 0x7F, 2
-    if n == 126:
-        if len(data) < 4:
-            return None
-        n, at = int.from_bytes(data[2:4], 'big'), 4
-    elif n == 127:
-        if len(data) < 10:
-            return None
-        n, at = int.from_bytes(data[2:10], 'big'), 10
-    if len(data) < at + n:
-        return None
-    return data[0] & 0x0F, data[at:at + n]
