@@ -274,11 +274,27 @@ class Deployment:
             self.redis.stop()
 
 
+class _Client(simple_websocket.Client):
+    """simple-websocket's client, keeping what arrives with the handshake answer.
+
+    Its handshake reads the ``101`` answer and stops at the first event, so a
+    message (or a close) that came in the same read waited, unseen, until the
+    next one arrived; a server that sends its snapshot at once triggers that.
+    """
+
+    def handshake(self):
+        super().handshake()
+        self._handle_events()
+        # A close among them is recorded; the reader thread then finds the
+        # connection ended, and the constructor must not fail meanwhile.
+        self.connected = True
+
+
 class Socket:
     """A WebSocket client that reads every message on a thread of its own."""
 
     def __init__(self, url):
-        self.ws = simple_websocket.Client.connect(url)
+        self.ws = _Client.connect(url)
         self.messages = []  # (monotonic time, text)
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)
