@@ -24,6 +24,7 @@ from . import websocket as ws
 logger = logging.getLogger(__name__)
 
 PING_INTERVAL = 25.0   # s between pings; a peer silent for two is gone
+PING_SLOTS = 25        # pings go out in this many batches, spread over the interval
 HIGH_WATER = 64 * 1024  # bytes queued for a slow peer before its relay waits
 
 
@@ -36,6 +37,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server):
         self.server = server
+        self.slot = 0             # which batch of pings it belongs to
         self.transport = None
         self.parser = ws.Parser()
         self.closed = server.loop.create_future()
@@ -141,6 +143,8 @@ class SocketServer:
     def __init__(self, limit, refusal='server full'):
         self.limit, self.refusal = limit, refusal
         self.connections = set()
+        self.ping_slots = [set() for _ in range(PING_SLOTS)]
+        self._next_slot = 0
         self.refused = 0
         self.loop = None
         self._thread = None
@@ -177,10 +181,15 @@ class SocketServer:
             self.loop.close()
 
     async def _pinger(self):
+        # A slice of the sockets every PING_INTERVAL / PING_SLOTS s rather
+        # than all at once: 10,000 pings (and their pongs) in one go would
+        # hold up the HTTP threads for a noticeable moment.
+        tick = 0
         while True:
-            await asyncio.sleep(PING_INTERVAL)
-            for conn in list(self.connections):
+            await asyncio.sleep(PING_INTERVAL / PING_SLOTS)
+            for conn in list(self.ping_slots[tick % PING_SLOTS]):
                 conn.ping()
+            tick += 1
 
     def adopt(self, environ, relay):
         """Take over the WebSocket request in ``environ`` (called on a gunicorn thread).
@@ -230,6 +239,8 @@ class SocketServer:
                        'server restarting' if self._stopping else self.refusal)
             return
         self.connections.add(conn)
+        conn.slot = self._next_slot = (self._next_slot + 1) % PING_SLOTS
+        self.ping_slots[conn.slot].add(conn)
         try:
             await relay(conn)
         except Exception:
