@@ -29,6 +29,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
 	$(BIN)/python bench/live.py
+	$(BIN)/python bench/reconcile.py
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

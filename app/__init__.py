@@ -44,6 +44,8 @@ def create_app(test_config=None):
     app.register_blueprint(api.bp)
     app.register_blueprint(api.health)
     errors.register(app)
+    from .reconcile import loss_notice
+    app.add_template_global(loss_notice, 'broker_loss')
     return app
 
 

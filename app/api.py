@@ -1,7 +1,7 @@
 """The JSON API: the contract for programs, on the same services as the pages."""
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import broker, catalog, jobs, periodic, queues
+from . import broker, catalog, jobs, periodic, queues, reconcile
 from .extensions import db
 
 bp = Blueprint('api', __name__, url_prefix='/api')
@@ -215,4 +215,9 @@ def healthz():
     except Exception as exc:
         db.session.rollback()
         checks['database'], ok = f'unreachable: {exc.__class__.__name__}', False
+    else:
+        # Not a failure (the ledger restored what it lost), but worth telling.
+        loss = reconcile.loss_notice()
+        if loss:
+            checks['broker_loss'] = loss
     return {'status': 'ok' if ok else 'unavailable', **checks}, 200 if ok else 503

@@ -2,10 +2,14 @@
 
 Huey instances exist from import time (``huey_consumer`` loads them from
 ``huey_tasks``); :func:`configure` points their storage at the broker the
-configuration names: Redis, or SQLite in the embedded mode.
+configuration names: Redis, or SQLite in the embedded mode, both with
+reliable fetch (see :mod:`app.storage`): a message a worker takes stays in
+the broker, in that consumer's in-flight record, until its outcome is in the
+ledger.
 """
 import contextlib
 import datetime as dt
+import logging
 import os
 import random
 import signal
@@ -15,13 +19,16 @@ import time
 
 import redis
 from huey import Huey
-from huey.consumer import Consumer
-from huey.storage import PriorityRedisStorage, SqliteStorage
+from huey import signals as S
+from huey.consumer import Consumer, Scheduler
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import catalog, config as config_module, context, ledger
-from .leader import leadership
+from . import catalog, config as config_module, context, ledger, message
+from .leader import process_name
+from .storage import ReliableRedisStorage, ReliableSqliteStorage
+
+logger = logging.getLogger(__name__)
 
 
 class BrokerUnavailable(Exception):
@@ -51,7 +58,38 @@ def _reaching(done=()):
         raise BrokerUnavailable(f'the broker is unreachable: {exc}', done=done) from exc
 
 
-PAUSED_KEY = 'qm:paused'
+# Seconds a message that cannot be read (a task type this consumer does not
+# know, say during a rolling upgrade) waits in the schedule before it is tried again.
+UNREADABLE_RETRY = 60.0
+
+
+class TrackedScheduler(Scheduler):
+    """Huey's scheduler, moving due messages into the queue in one atomic step.
+
+    The same loop as Huey 3.5's ``Scheduler.loop`` (its cadence, its skip of
+    iterations missed during a stall, its once-a-minute periodic check)
+    with one difference: due messages go from the schedule to the queue
+    inside the broker (``TrackedHuey.enqueue_due``) instead of through this
+    thread's memory.
+    """
+
+    def loop(self, now=None):
+        current = self._next_loop
+        self._next_loop += self.interval
+        if self._next_loop < time.monotonic():
+            self._logger.debug('scheduler skipping iteration to avoid race.')
+            self._next_loop = time.monotonic()
+            return
+        try:
+            self.huey.enqueue_due(now)
+        except Exception:
+            self._logger.exception('Error moving due messages into the queue.')
+        if self.periodic and self._next_periodic <= time.monotonic():
+            # Skip checks missed during a stall (e.g. suspend) to avoid dupes.
+            while self._next_periodic <= time.monotonic():
+                self._next_periodic += self.periodic_task_seconds
+            self.enqueue_periodic_tasks(now)
+        self.sleep_for_interval(current, self.interval)
 
 
 class TrackedConsumer(Consumer):
@@ -61,8 +99,9 @@ class TrackedConsumer(Consumer):
     ``shutdown_timeout``); then the consumer stops and the jobs still running
     are put back in the queue (see the ledger's INTERRUPTED handling). A
     second signal stops at once. Docker's stop signal is SIGTERM, Ctrl-C is
-    SIGINT: both mean "finish up".
+    SIGINT: both mean "finish up". Its scheduler is :class:`TrackedScheduler`.
     """
+    scheduler_class = TrackedScheduler
 
     def __init__(self, huey, **options):
         if options.get('shutdown_timeout') is None:
@@ -70,45 +109,128 @@ class TrackedConsumer(Consumer):
         super().__init__(huey, **options)
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._signal_actions[signum] = (False, True)
-        ledger.serving(queue_of(huey), self.workers)
+        if hueys.get(queue_of(huey)) is huey:  # one of this deployment's queues
+            ledger.serving(queue_of(huey), self.workers)
 
 
 class TrackedHuey(Huey):
-    """Huey with jittered exponential retry delays, pausing, and one periodic scheduler.
+    """Huey with reliable fetch, an atomic schedule, jittered retries, pausing, hooks.
 
-    Huey grows ``retry_delay`` by ``retry_backoff`` on each retry; we spread
-    each delay by +-``retry_jitter`` so a burst of jobs failing together does
-    not come back together. A paused queue keeps its messages: its workers
-    take none. Periodic tasks are enqueued by the leading consumer only.
+    Every override accepts exactly what Huey passes (its scheduler calls
+    ``read_periodic(None)``) and keeps Huey's contract, so Huey's own tests
+    run against it.
+
+    - ``dequeue`` fetches through the storage into this consumer's in-flight
+      record and keeps the receipt on the task; ``execute`` acknowledges it
+      unless the ledger took charge of the acknowledgement (it does, once
+      the attempt's outcome is written; see :func:`take_receipt`).
+    - ``enqueue_due`` moves due messages into the queue in one step (our
+      consumer's scheduler calls it instead of ``read_schedule``, whose
+      contract is Huey's: pop and return).
+    - Messages carry the header of :mod:`app.message`.
+    - Huey grows ``retry_delay`` by ``retry_backoff`` on each retry; we spread
+      each delay by +-``retry_jitter`` so jobs failing together do not come
+      back together.
+    - A paused queue keeps its messages: its workers take none.
+    - ``on_periodic``: a hook slot, called with the scheduler's timestamp
+      every minute (the consumer process fills it to start periodic jobs).
     """
     retry_jitter = 0.25
 
     def __init__(self, *args, **kwargs):
+        self.on_periodic = None
         super().__init__(*args, **kwargs)
-        self.paused = threading.Event()  # refreshed from the broker by the consumer
+        self.paused = threading.Event()  # refreshed from the ledger by the consumer
+
+    def create_storage(self):
+        storage = super().create_storage()
+        if hasattr(storage, 'legacy_id'):
+            storage.legacy_id = self._legacy_id
+        return storage
+
+    def _legacy_id(self, body):
+        try:
+            return self.serializer.deserialize(body).id
+        except Exception:
+            return None
 
     def create_consumer(self, **options):
         return TrackedConsumer(self, **options)
+
+    def serialize_task(self, task):
+        return message.header(task.id, task.priority) + super().serialize_task(task)
+
+    def deserialize_task(self, data):
+        return super().deserialize_task(message.split(data)[1])
 
     def dequeue(self):
         if self.paused.is_set():
             # Idle like an empty queue; resuming is seen within a second.
             time.sleep(0.5)
             return None
-        task = super().dequeue()
-        if task is not None and self.paused.is_set():
-            # Taken by a worker already waiting when the pause came: put it back.
-            self.storage.enqueue(self.serialize_task(task), task.priority)
+        fetch = getattr(self.storage, 'fetch', None)
+        if fetch is None:
+            return super().dequeue()
+        delivery = fetch(process_name())
+        if delivery is None:
             return None
+        try:
+            task = self.deserialize_task(delivery.data)
+        except Exception:
+            logger.exception('a message in %s cannot be read; trying it again in %.0f s',
+                             self.name, UNREADABLE_RETRY)
+            self.storage.add_to_schedule(delivery.data, self._get_timestamp()
+                                         + dt.timedelta(seconds=UNREADABLE_RETRY))
+            self.storage.ack([delivery.receipt])
+            return None
+        if self.paused.is_set():
+            # Taken by a worker already waiting when the pause came: put it back.
+            self.storage.nack(delivery.receipt)
+            return None
+        task.receipt = delivery.receipt
         return task
 
+    def execute(self, task, timestamp=None):
+        value = super().execute(task, timestamp)
+        receipt = take_receipt(task)
+        if receipt is not None:
+            # Nobody took charge of it (revoked, not due yet, or no ledger
+            # records this process): the message is dealt with.
+            self.storage.ack([receipt])
+        return value
+
+    def enqueue_due(self, timestamp=None):
+        """Move every message due at ``timestamp`` from the schedule into the queue.
+
+        One atomic step per batch (Huey's ``read_schedule`` pops them into
+        the scheduler's memory and enqueues them one by one, losing them if
+        the process dies between the two). Emits ``SIGNAL_ENQUEUED`` for
+        each, as Huey's scheduler does by enqueueing. Returns how many moved.
+        """
+        if timestamp is None:
+            timestamp = self._get_timestamp()
+        moved_total = 0
+        while True:
+            moved = self.storage.move_due(timestamp)
+            for data in moved:
+                try:
+                    task = self.deserialize_task(data)
+                except Exception:
+                    continue  # the worker that takes it logs and defers it
+                self._emit(S.SIGNAL_ENQUEUED, task)
+            moved_total += len(moved)
+            if len(moved) < 1000:
+                return moved_total
+
     def read_periodic(self, timestamp):
-        # Huey's scheduler asks every minute. Periodic jobs are started as
-        # ordinary, tracked jobs (row first, then message), by the leader.
-        if leadership.leading and self is hueys.get('default'):
-            from . import periodic
-            periodic.launch_due(timestamp)
-        return []
+        if timestamp is None:
+            timestamp = self._get_timestamp()
+        if self.on_periodic is not None:
+            try:
+                self.on_periodic(timestamp)
+            except Exception:
+                logger.exception('periodic hook failed at %s', timestamp)
+        return super().read_periodic(timestamp)
 
     def _requeue_task(self, task, timestamp, retry_eta=None):
         if retry_eta is None and task.retry_delay:
@@ -119,14 +241,27 @@ class TrackedHuey(Huey):
         super()._requeue_task(task, timestamp, retry_eta)
 
 
+def take_receipt(task):
+    """Take charge of acknowledging ``task``'s message: return its receipt (or None).
+
+    Whoever takes it must acknowledge it (``ack``) once the attempt's
+    outcome is durable; until then the message stays in flight, and returns
+    to the queue if this consumer dies.
+    """
+    receipt = getattr(task, 'receipt', None)
+    task.receipt = None
+    return receipt
+
+
 # queue name -> Huey instance, in this process.
 hueys: dict[str, TrackedHuey] = {}
-_settings = {'backoff': 2.0, 'spec': None, 'grace': 25.0}
+_settings = {'backoff': 2.0, 'spec': None, 'grace': 25.0, 'lease': 30.0}
 _pool = {'url': None, 'pool': None}
 
 
 def queue_of(huey):
-    return huey.name.split('.', 1)[1]
+    """The queue name of one of our Huey instances (named ``qm.<queue>``)."""
+    return huey.name.split('.', 1)[-1]
 
 
 def _storage_spec(config):
@@ -148,23 +283,24 @@ def _redis_pool_for(url):
     return _pool['pool']
 
 
-def _storage_args(spec):
+def _storage_args(spec, lease):
     kind, where = spec
     if kind == 'sqlite':
         os.makedirs(os.path.dirname(where) or '.', exist_ok=True)
-        return SqliteStorage, {'filename': where}
-    return PriorityRedisStorage, {'connection_pool': _redis_pool_for(where),
-                                  'clean_name': False}
+        return ReliableSqliteStorage, {'filename': where, 'lease': lease}
+    return ReliableRedisStorage, {'connection_pool': _redis_pool_for(where),
+                                  'clean_name': False, 'lease': lease}
 
 
 def configure(config):
     """Point every queue's Huey at the configured broker (idempotent)."""
     _settings['backoff'] = config['RETRY_BACKOFF']
     _settings['grace'] = config['GRACE_PERIOD']
-    spec = _storage_spec(config)
+    _settings['lease'] = config['LOST_AFTER']
+    spec = (*_storage_spec(config), config['LOST_AFTER'])
     changed = spec != _settings['spec']
     _settings['spec'] = spec
-    storage_class, storage_kwargs = _storage_args(spec)
+    storage_class, storage_kwargs = _storage_args(spec[:2], spec[2])
     for name in config['QUEUES']:
         huey = hueys.get(name)
         if huey is None:
@@ -255,62 +391,41 @@ def _register(huey, task_type):
     task_type.wrappers[huey.name] = wrapper
 
 
-def enqueue(job, base=0, retries=None):
-    """Hand ``job`` (a ledger row) to Huey as a new message.
+def build(job, base=0, retries=None):
+    """The Huey task (a message, not yet sent) for the next run of ``job`` (a ledger row).
 
     ``base`` is the number of attempts already made, so attempt numbers keep
-    counting up across manual retries; ``retries`` overrides the job's (what
-    is left of them, for a job put back after its worker was lost). Raises
-    :class:`BrokerUnavailable`.
+    counting up across manual retries and recoveries; ``retries`` overrides
+    the job's (what is left of them, for a job run again after its worker
+    was lost).
     """
     huey = hueys[job.queue]
     task_type = catalog.TASKS[job.task]
     task_class = task_type.wrappers[huey.name].task_class
     retries = job.retries if retries is None else retries
-    message = task_class(
-        (), {'params': job.params, 'meta': {'base': base, 'retries': retries}},
+    return task_class(
+        (), message.kwargs(job.params, base, retries),
         id=job.id, eta=job.scheduled_for, retries=retries,
         retry_delay=job.retry_delay, retry_backoff=_settings['backoff'],
         priority=job.priority or None,
         timeout=job.timeout if job.timeout is not None else task_type.timeout)
+
+
+def enqueue(job, base=0, retries=None):
+    """Hand ``job`` (a ledger row) to Huey as a new message (see :func:`build`).
+
+    A job due in the future goes straight to Huey's schedule, one due now
+    to its queue. Raises :class:`BrokerUnavailable`.
+    """
+    huey = hueys[job.queue]
+    task = build(job, base, retries)
     try:
-        huey.enqueue(message)
+        if task.eta is not None and task.eta > huey._get_timestamp():
+            huey.add_schedule(task)
+        else:
+            huey.enqueue(task)
     except BROKER_ERRORS as exc:
         raise BrokerUnavailable(f'the broker refused the job: {exc}') from exc
-
-
-def _messages(huey, match=None):
-    """Every message Huey holds for ``huey``'s queue, queued or scheduled.
-
-    Yields ``(job id, remove)``; ``remove()`` takes that message out and says
-    whether it was still there. ``match`` (a job id) narrows the scan to the
-    messages that contain it. Huey has no "remove" call; we find messages in
-    its storage, as Sidekiq's UI deletes from a queue.
-    """
-    storage = huey.storage
-    if isinstance(storage, SqliteStorage):
-        where, args = 'queue = ?', (storage.name,)
-        if match:
-            where, args = where + ' and instr(data, ?) > 0', args + (match.encode(),)
-        for table in ('task', 'schedule'):
-            rows = storage.sql(f'select id, data from {table} where {where}', args, results=True)
-            for row_id, data in rows:
-                yield (huey.serializer.deserialize(bytes(data)).id,
-                       lambda table=table, row_id=row_id: _delete_row(storage, table, row_id))
-    else:
-        conn = storage.conn
-        # Queue members carry an 8-byte ordering prefix; schedule members don't.
-        for key, skip in ((storage.queue_key, 8), (storage.schedule_key, 0)):
-            for member, _score in conn.zscan_iter(key, match=f'*{match}*' if match else None,
-                                                  count=1000):
-                yield (huey.serializer.deserialize(member[skip:]).id,
-                       lambda key=key, member=member: bool(conn.zrem(key, member)))
-
-
-def _delete_row(storage, table, row_id):
-    with storage.db(commit=True) as curs:
-        curs.execute(f'delete from {table} where id = ?', (row_id,))
-        return curs.rowcount == 1
 
 
 def withdraw(job):
@@ -321,11 +436,8 @@ def withdraw(job):
     checks that flag just before running, and clears it after a run.
     """
     huey = hueys[job.queue]
-    removed = False
     with _reaching():
-        for job_id, remove in _messages(huey, match=job.id):
-            if job_id == job.id:
-                removed = remove() or removed
+        removed = bool(huey.storage.remove_waiting([job.id]))
         if not removed:
             huey.revoke_by_id(job.id, revoke_once=True)
     return removed
@@ -342,7 +454,7 @@ def withdraw_many(queue, job_ids):
     wanted = set(job_ids)
     removed, done = set(), set()
     with _reaching(done):
-        for job_id, remove in _messages(huey):
+        for job_id, _data, remove in huey.storage.waiting_messages():
             if job_id in wanted and remove():
                 removed.add(job_id)
                 done.add(job_id)
@@ -350,6 +462,12 @@ def withdraw_many(queue, job_ids):
             huey.revoke_by_id(job_id, revoke_once=True)
             done.add(job_id)
     return removed
+
+
+def remove_waiting(queue, job_ids):
+    """Take every waiting message of ``job_ids`` out of ``queue`` (no revoking); the ids removed."""
+    with _reaching():
+        return hueys[queue].storage.remove_waiting(job_ids)
 
 
 def restore(job):
@@ -378,54 +496,145 @@ def _has(huey, key):
         return huey.storage.has_data_for_key(key)
 
 
-def set_paused(queue, paused):
-    """Pause or resume a queue: its messages stay, no worker takes one."""
-    _flag(hueys[queue], PAUSED_KEY, paused)
-
-
-def is_paused(queue):
-    return _has(hueys[queue], PAUSED_KEY)
-
-
-def set_periodic_paused(name, paused):
-    _flag(hueys['default'], f'qm:periodic-paused:{name}', paused)
-
-
-def is_periodic_paused(name):
-    return _has(hueys['default'], f'qm:periodic-paused:{name}')
-
-
-def refresh_paused():
-    """Copy each queue's paused flag from the broker into this process."""
-    for name, huey in hueys.items():
-        try:
-            paused = is_paused(name)
-        except BrokerUnavailable:
-            continue
-        if paused:
-            huey.paused.set()
-        else:
-            huey.paused.clear()
-
-
 def message_ids(queue):
-    """Ids of every job Huey holds a message for in ``queue`` (queued or scheduled)."""
+    """Ids of every job Huey holds a waiting message for in ``queue`` (queued or scheduled)."""
     with _reaching():
-        return {job_id for job_id, _remove in _messages(hueys[queue])}
+        return {job_id for job_id, _data, _remove in hueys[queue].storage.waiting_messages()}
 
 
 def depth(queue):
-    """Messages waiting in Huey for ``queue``: ``(queued, scheduled)``."""
+    """Messages Huey holds for ``queue``: ``(queued, scheduled)``."""
     huey = hueys[queue]
     with _reaching():
         return huey.pending_count(), huey.scheduled_count()
+
+
+# -- reliable fetch: acknowledgements, leases, in-flight messages -----------------
+
+def ack(receipts):
+    """Acknowledge fetched messages (:class:`~app.storage.Receipt`), whatever their queue.
+
+    Raises :class:`BrokerUnavailable`; an acknowledgement that does not
+    arrive only leaves the message in flight, where the leader finds its
+    outcome already recorded once the consumer has gone.
+    """
+    by_storage = {}
+    for receipt in receipts:
+        by_storage.setdefault(receipt.storage, []).append(receipt)
+    with _reaching():
+        for name, batch in by_storage.items():
+            huey = hueys.get(name.split('.', 1)[-1])
+            if huey is not None:
+                huey.storage.ack(batch)
+
+
+def keep_alive(queues):
+    """Renew this process's lease as a consumer of ``queues``; raises :class:`BrokerUnavailable`."""
+    me = process_name()
+    with _reaching():
+        for queue in queues:
+            hueys[queue].storage.keep_alive(me)
+
+
+def release(queues):
+    """End this process's lease now: it has stopped and holds nothing."""
+    me = process_name()
+    with _reaching():
+        for queue in queues:
+            hueys[queue].storage.release(me)
+
+
+def consumers(queue):
+    """``{consumer: alive}`` for every consumer that fetched from ``queue`` and holds a lease or messages."""
+    with _reaching():
+        return hueys[queue].storage.consumers()
+
+
+def alive(consumer_ids):
+    """The subset of ``consumer_ids`` (``host:pid``) whose lease is current."""
+    ids = set(consumer_ids)
+    found = set()
+    with _reaching():
+        for huey in hueys.values():
+            found |= huey.storage.alive(ids - found)
+            if isinstance(huey.storage, ReliableRedisStorage):
+                break  # leases are global in Redis
+    return found
+
+
+def inflight(queue, consumer):
+    """What ``consumer`` holds in ``queue``: :class:`~app.storage.InFlight` items."""
+    with _reaching():
+        return hueys[queue].storage.inflight(consumer)
+
+
+def read(queue, data):
+    """The Huey Message (a namedtuple: id, name, retries, kwargs...) in raw message bytes.
+
+    Read without the task registry, so a message of an unknown task type is
+    readable too. Raises ValueError when the bytes are not a message.
+    """
+    try:
+        return hueys[queue].serializer.deserialize(message.split(data)[1])
+    except Exception as exc:
+        raise ValueError(f'not a message: {exc}') from exc
+
+
+def drop(receipts):
+    """Take dealt-with messages out of a dead consumer's in-flight record."""
+    ack(receipts)
+
+
+def retire(queue, consumer):
+    """Forget ``consumer`` in ``queue`` once its lease is gone and it holds nothing."""
+    with _reaching():
+        return hueys[queue].storage.retire(consumer)
+
+
+def held(queue, job_ids):
+    """The subset of ``job_ids`` with a message waiting in ``queue`` (queued or scheduled)."""
+    with _reaching():
+        return hueys[queue].storage.held(job_ids)
+
+
+def inflight_ids(queue):
+    """Ids of the jobs whose message some consumer holds in ``queue``."""
+    with _reaching():
+        return hueys[queue].storage.inflight_job_ids()
+
+
+def restore_cancel_requests(jobs):
+    """Ask each of ``jobs`` (running ledger rows with a cancel requested) to stop, again."""
+    for job in jobs:
+        request_cancel(job)
+
+
+def check_index(queue):
+    """Rebuild ``queue``'s index of waiting messages if it no longer adds up; True if rebuilt."""
+    storage = hueys[queue].storage
+    with _reaching():
+        if storage.index_ok():
+            return False
+        storage.rebuild_index()
+        return True
+
+
+def epoch():
+    """The broker's identity marker (None when the broker has none: new, or wiped)."""
+    with _reaching():
+        return hueys['default'].storage.get_epoch()
+
+
+def set_epoch(value):
+    with _reaching():
+        hueys['default'].storage.set_epoch(value)
 
 
 def ping():
     """Raise :class:`BrokerUnavailable` unless the broker answers."""
     huey = hueys['default']
     try:
-        if isinstance(huey.storage, SqliteStorage):
+        if isinstance(huey.storage, ReliableSqliteStorage):
             huey.storage.sql('select 1', results=True)
         else:
             huey.storage.conn.ping()

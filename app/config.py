@@ -52,12 +52,19 @@ DEFAULTS = {
     'RETRY_JITTER': 0.25,
     # How often the consumer's ledger writer flushes buffered changes (s).
     'LEDGER_FLUSH_INTERVAL': 0.05,
-    # Consumers heartbeat this often (s); a consumer silent for LOST_AFTER s
-    # is gone, and the reaper (run by one consumer, checking every
-    # REAP_INTERVAL s) re-runs or fails its running jobs: found within 60 s.
+    # Consumers renew their lease in the broker (and their row in the ledger)
+    # this often (s); a consumer whose lease is LOST_AFTER s old is gone, and
+    # the leader (looking every REAP_INTERVAL s) returns what it held: its
+    # jobs run again within LOST_AFTER + REAP_INTERVAL s of its death.
     'HEARTBEAT_INTERVAL': 5.0,
-    'LOST_AFTER': 45.0,
-    'REAP_INTERVAL': 10.0,
+    'LOST_AFTER': 30.0,
+    'REAP_INTERVAL': 5.0,
+    # A job the ledger says is waiting but the broker does not hold is
+    # re-enqueued once it has been missing this long (s), unchanged; after
+    # the broker lost its data, after a few seconds.
+    'RECONCILE_GRACE': 10.0,
+    # How far back (s) a new leader starts periodic ticks the old one missed.
+    'PERIODIC_CATCH_UP': 300.0,
     # Offline consumers leave the workers page after this long (s).
     'WORKER_RETENTION': 3600.0,
     # On SIGTERM or SIGINT a consumer lets running jobs finish for this long
@@ -75,7 +82,7 @@ _INT = {'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORK
         'PAGE_SIZE', 'MAX_PAGE_SIZE'}
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',
-          'WORKER_RETENTION', 'GRACE_PERIOD'}
+          'RECONCILE_GRACE', 'PERIODIC_CATCH_UP', 'WORKER_RETENTION', 'GRACE_PERIOD'}
 
 
 class ConfigError(ValueError):

@@ -1,24 +1,42 @@
 """What runs in a consumer process beside Huey's own threads.
 
 Started once per process by the first worker's startup hook (or by the
-embedded mode): the ledger recorder, the reaper of lost jobs (which acts
-only while this process leads), and the watcher that copies each queue's
-paused flag from the broker, so a paused queue's workers take nothing.
+embedded mode), before any worker takes a message:
+
+- the ledger recorder (whose writer acknowledges each message once its
+  attempt's outcome is written);
+- the lease: this process's liveness in the broker, renewed every
+  ``HEARTBEAT_INTERVAL`` seconds, so the leader can tell it died even
+  before it wrote anything to the ledger;
+- the reaper and reconciler, acting only while this process leads;
+- the periodic launcher, likewise (fed by Huey's scheduler every minute);
+- the watcher that copies each queue's paused switch from the ledger, so a
+  paused queue's workers take nothing.
+
+On exit (atexit, after Huey's consumer has stopped its workers) the
+recorder writes and acknowledges everything, and only then is the lease
+given up: the leader must never see this process gone while a finished
+attempt is still unwritten.
 """
+import atexit
 import logging
 import threading
 
-from . import broker, events, ledger, reaper
+from . import broker, controls, events, ledger, reaper
+from .extensions import db
 from .leader import leadership
+from .periodic import Launcher
+from .reconcile import Reconciler
 
 logger = logging.getLogger(__name__)
 
-PAUSE_CHECK = 1.0  # seconds between looks at the queues' paused flags, at the latest
+PAUSE_CHECK = 1.0  # seconds between looks at the queues' paused switches, at the latest
 
 _lock = threading.Lock()
 _stop = threading.Event()
 _threads = []
 _app = []
+_launcher = []
 
 
 def start(app=None):
@@ -32,42 +50,99 @@ def start(app=None):
         _app.append(app)
         _stop.clear()
         leadership.configure(broker.redis_client())
-        ledger.start(app)
-        broker.refresh_paused()
-        for name, target in (('queue-manager-reaper', _reap), ('queue-manager-pauses', _pauses)):
+        ledger.start(app, acknowledge=broker.ack)
+        _renew_lease(app)
+        refresh_paused(app)
+        launcher = Launcher(app, lambda: leadership.leading)
+        _launcher.append(launcher)
+        for huey in broker.hueys.values():
+            huey.on_periodic = launcher.tick
+        for name, target in (('queue-manager-reaper', _reap), ('queue-manager-pauses', _pauses),
+                             ('queue-manager-lease', _lease),
+                             ('queue-manager-periodic', lambda app: launcher.run(_stop))):
             thread = threading.Thread(target=target, args=(app,), name=name, daemon=True)
             thread.start()
             _threads.append(thread)
+        atexit.register(stop)
         return app
 
 
 def stop():
-    """Stop the services: give up the lead, flush the ledger."""
+    """Stop the services: give up the lead, write and acknowledge everything, end the lease."""
     with _lock:
+        if not _app:
+            return
         _stop.set()
+        for launcher in _launcher:
+            launcher.poke()
         for thread in _threads:
             thread.join(5)
         _threads.clear()
+        _launcher.clear()
+        for huey in broker.hueys.values():
+            huey.on_periodic = None
         leadership.release()
+        queues = ledger.served()
         ledger.stop()
+        try:
+            broker.release(queues)
+        except broker.BrokerUnavailable as exc:
+            logger.warning('lease not released (it runs out by itself): %s', exc)
         _app.clear()
 
 
+def _renew_lease(app):
+    try:
+        broker.keep_alive(ledger.served() or app.config['QUEUES'][:1])
+    except broker.BrokerUnavailable as exc:
+        logger.warning('lease not renewed: %s', exc)
+
+
+def _lease(app):
+    while not _stop.wait(app.config['HEARTBEAT_INTERVAL']):
+        _renew_lease(app)
+
+
 def _reap(app):
+    reconciler = Reconciler()
+    leading = False
     while True:
-        reaper.claim_and_reap(app)
+        now_leading, _handled = reaper.claim_and_reap(app, reconciler)
+        if now_leading and not leading:
+            for launcher in _launcher:
+                launcher.poke()  # a new leader starts the ticks the old one missed
+        leading = now_leading
         if _stop.wait(app.config['REAP_INTERVAL']):
             return
 
 
+def refresh_paused(app):
+    """Copy each queue's paused switch from the ledger into this process's Huey instances."""
+    try:
+        with app.app_context():
+            try:
+                paused = controls.paused_queues()
+            finally:
+                db.session.remove()
+    except Exception as exc:
+        logger.warning('queue pause switches not read: %s', exc)
+        return
+    for name, huey in broker.hueys.items():
+        if name in paused:
+            huey.paused.set()
+        else:
+            huey.paused.clear()
+
+
 def _pauses(app):
     # A pause is announced on the event channel, so workers stop taking
-    # jobs at once; the flags are also re-read every PAUSE_CHECK seconds in
-    # case an announcement was missed.
+    # jobs at once; the switches are also re-read every PAUSE_CHECK seconds
+    # in case an announcement was missed.
     bus = events.bus
     if not isinstance(bus, events.RedisBus):
-        unsubscribe = bus.subscribe(lambda event: event.get('queues') and broker.refresh_paused())
-        _stop.wait()
+        unsubscribe = bus.subscribe(lambda event: event.get('queues') and refresh_paused(app))
+        while not _stop.wait(PAUSE_CHECK):
+            refresh_paused(app)
         unsubscribe()
         return
     while not _stop.is_set():
@@ -77,7 +152,7 @@ def _pauses(app):
             while not _stop.is_set():
                 message = pubsub.get_message(timeout=PAUSE_CHECK)
                 if message is None or b'"queues"' in message['data']:
-                    broker.refresh_paused()
+                    refresh_paused(app)
         except Exception as exc:
             logger.warning('queue pause watcher: %s; retrying', exc)
             _stop.wait(PAUSE_CHECK)

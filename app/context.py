@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from huey.exceptions import CancelExecution
 
+from . import message
+
 _local = threading.local()
 
 # Set by the ledger recorder of a consumer; reports go nowhere when no
@@ -45,17 +47,6 @@ class Running:
     checked: float = field(default_factory=time.monotonic)
 
 
-def attempt_number(task):
-    """The number of the attempt ``task`` is about to run, counted from 1.
-
-    Every message carries ``meta``: the attempts made before it was enqueued
-    (``base``) and the retries it was enqueued with. Huey decrements
-    ``task.retries`` on each retry, so the difference counts the retries.
-    """
-    meta = task.kwargs.get('meta') or {}
-    return meta.get('base', 0) + meta.get('retries', task.retries) - task.retries + 1
-
-
 def current():
     """The :class:`Running` job of this thread, or None outside a job."""
     return getattr(_local, 'running', None)
@@ -65,7 +56,7 @@ class running:
     """Context manager marking ``task`` as this thread's running job."""
 
     def __init__(self, task, huey=None):
-        self.running = Running(task.id, attempt_number(task), task, huey)
+        self.running = Running(task.id, message.attempt_number(task), task, huey)
 
     def __enter__(self):
         _local.running = self.running

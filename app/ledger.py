@@ -10,21 +10,32 @@ the changed jobs. This is huey's own ``contrib/stats.py`` pattern.
 Ordering across processes: a job's attempts may run on different consumers,
 whose writers flush independently. Every job update is guarded by the attempt
 number (``job.attempts``), so a late write about attempt 1 never overwrites
-attempt 2 that another consumer already recorded.
+attempt 2 that another consumer already recorded, and an attempt's ending
+only lands while the attempt is still ``running`` (not once the leader has
+recorded it ``lost``).
+
+Acknowledgement: the message of an attempt stays in its consumer's in-flight
+record in the broker until the writer has committed the attempt's outcome;
+then the writer acknowledges it (see :mod:`app.storage`). A consumer that
+dies before that leaves the message in flight, and the leader runs the job
+again.
 """
 import atexit
 import collections
 import json
 import logging
+import os
+import signal
 import threading
 import time
 import traceback as tb_module
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from huey import signals as S
 from huey.exceptions import CancelExecution, TaskTimeout
 
-from . import context, events, states
+from . import context, events, message, states
 from .leader import leadership, process_name
 from .models import Job, utcnow
 
@@ -63,6 +74,30 @@ def _error_type(exc):
     return f'{cls.__module__}.{cls.__qualname__}'
 
 
+class Finish(NamedTuple):
+    """A recorded change: attempt ``number`` of ``job_id`` ended with ``outcome``.
+
+    ``at`` is naive UTC; ``duration`` seconds (None if the start was not
+    seen); ``final`` says no attempt follows (the job ends); ``receipt``
+    acknowledges the attempt's message once this is written (None when
+    there is nothing to acknowledge).
+    """
+    kind: str  # always 'finish'
+    job_id: str
+    number: int
+    outcome: str
+    at: object
+    duration: float | None
+    error_type: str | None
+    error_message: str | None
+    traceback: str | None
+    result: object
+    final: bool
+    task: str
+    queue: str | None
+    receipt: object = None
+
+
 def _chunks(items, size=500):
     items = list(items)
     for i in range(0, len(items), size):
@@ -86,7 +121,7 @@ _SQL = {
     # attempt n ended; the job moves only if no later attempt started meanwhile
     'finish': 'UPDATE job SET state = ?, finished_at = ?, result = ?, error = ?, error_type = ?, '
               'progress = COALESCE(?, progress), version = version + 1, updated_at = ? '
-              'WHERE id = ? AND attempts = ?',
+              'WHERE id = ? AND attempts = ? AND state = {running}',
     'progress': 'UPDATE job SET progress = ?, progress_message = ?, version = version + 1, '
                 'updated_at = ? WHERE id = ? AND attempts = ? AND state = {running}',
     # the scheduler moved a due job into the queue
@@ -100,7 +135,7 @@ _SQL = {
                'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
     'end_attempt': 'UPDATE attempt SET outcome = ?, finished_at = ?, duration = ?, '
                    'error_type = ?, error_message = ?, traceback = ? '
-                   'WHERE job_id = ? AND number = ?',
+                   'WHERE job_id = ? AND number = ? AND outcome = {attempt_running}',
     'log': 'INSERT INTO attempt_log (job_id, number, at, level, message) VALUES (?, ?, ?, ?, ?)',
     # a consumer's heartbeat; counts arrive as increments since the last one
     'heartbeat': 'INSERT INTO worker (id, host, pid, queues, concurrency, started_at, last_seen, '
@@ -126,7 +161,8 @@ class _Dialect:
     def __init__(self, dialect):
         literals = {name: f"'{value}'" for name, value in (
             ('running', states.RUNNING), ('queued', states.QUEUED),
-            ('scheduled', states.SCHEDULED), ('retrying', states.RETRYING))}
+            ('scheduled', states.SCHEDULED), ('retrying', states.RETRYING),
+            ('attempt_running', states.ATTEMPT_RUNNING))}
         self.sql = {k: v.format(**literals) for k, v in _SQL.items()}
         if dialect.paramstyle != 'qmark':
             self.sql = {k: v.replace('%', '%%').replace('?', '%s') for k, v in self.sql.items()}
@@ -185,7 +221,7 @@ class Recorder:
         try:
             if signal == S.SIGNAL_EXECUTING:
                 now = utcnow()
-                number = context.attempt_number(task)
+                number = message.attempt_number(task)
                 # Kept for the end of the attempt: a task may change its own
                 # retries (no_retry), which the number is computed from.
                 self._started[task.id] = (time.monotonic(), now, number, queue)
@@ -233,10 +269,9 @@ class Recorder:
         # Huey drops a task cut off by a shutdown; we put it back as the next
         # attempt (at-least-once), or fail it visibly if the broker is gone.
         started = self._started.get(task.id)
-        meta = dict(task.kwargs.get('meta') or {})
-        meta.update(base=started[2] if started else context.attempt_number(task),
-                    retries=task.retries)
-        again = type(task)((), {'params': task.kwargs.get('params') or {}, 'meta': meta},
+        base = started[2] if started else message.attempt_number(task)
+        again = type(task)((), message.kwargs(task.kwargs.get('params') or {}, base,
+                                              task.retries),
                            id=task.id, retries=task.retries, retry_delay=task.retry_delay,
                            retry_backoff=task.retry_backoff, priority=task.priority,
                            timeout=task.timeout)
@@ -271,7 +306,7 @@ class Recorder:
         now = utcnow()
         started = self._started.pop(task.id, None)
         duration = time.monotonic() - started[0] if started else None
-        number = started[2] if started else context.attempt_number(task)
+        number = started[2] if started else message.attempt_number(task)
         queue = started[3] if started else None
         etype = emsg = tb = None
         if exc is not None:
@@ -280,8 +315,10 @@ class Recorder:
             if exc.__traceback__ is not None:
                 tb = ''.join(tb_module.format_exception(exc))[-MAX_TRACEBACK:]
         self._log_counts.pop((task.id, number), None)
-        self._ops.append(('finish', task.id, number, outcome, now,
-                          duration, etype, emsg, tb, result, final, task.name, queue))
+        receipt = getattr(task, 'receipt', None)
+        task.receipt = None  # this record acknowledges it, once written
+        self._ops.append(Finish('finish', task.id, number, outcome, now, duration, etype, emsg,
+                                tb, result, final, task.name, queue, receipt))
         if len(self._ops) >= self.max_batch:
             self._wake.set()
 
@@ -367,7 +404,7 @@ class Recorder:
             for op in ops:
                 if op[0] == 'finish':
                     self._counts[0] += 1
-                    self._counts[1] += op[3] != states.ATTEMPT_SUCCEEDED
+                    self._counts[1] += op.outcome != states.ATTEMPT_SUCCEEDED
             return len(ops)
 
 
@@ -380,10 +417,18 @@ class Unwritten(Exception):
 
 
 class Writer:
-    """Writes batches of changes to the ledger and announces them."""
+    """Writes batches of changes to the ledger, announces them, acknowledges their messages.
 
-    def __init__(self, engine):
+    ``acknowledge(receipts)`` is called with the receipts of the attempts a
+    batch ended, after the batch is committed (never before: a message is
+    acknowledged only once its outcome is durable). Receipts it fails to
+    acknowledge are tried again with the next batch.
+    """
+
+    def __init__(self, engine, acknowledge=None):
         self.engine = engine
+        self.acknowledge = acknowledge
+        self._unacknowledged = []
 
     def write(self, ops):
         """Write ``ops`` in one transaction; raise :class:`Unwritten` if the database is away.
@@ -391,8 +436,10 @@ class Writer:
         Any other error is a bad change, not a bad database: the batch is
         then written change by change and only the changes that fail on
         their own are dropped (and logged), so one bad change cannot stop
-        the recording of everything after it.
+        the recording of everything after it. A dropped ending is not
+        acknowledged: its message stays in flight.
         """
+        written = ops
         try:
             with self.engine.begin() as conn:
                 changed = apply(conn, ops)
@@ -401,19 +448,39 @@ class Writer:
                 raise Unwritten(ops, exc) from exc
             logger.exception('ledger: batch of %d changes failed; writing them one by one',
                              len(ops))
-            changed = {}
+            changed, written = {}, []
             for i, op in enumerate(ops):
                 try:
                     with self.engine.begin() as conn:
                         changed.update(apply(conn, [op]))
+                    written.append(op)
                 except Exception as exc:
                     if transient(exc):
+                        self._acknowledge(written)
                         raise Unwritten(ops[i:], exc) from exc
                     logger.exception('ledger: dropped a change it cannot write: %.300r', op)
+        self._acknowledge(written)
         announce(changed)
 
+    def _acknowledge(self, ops):
+        if self.acknowledge is None:
+            return
+        receipts = self._unacknowledged + [op.receipt for op in ops
+                                           if op[0] == 'finish' and op.receipt is not None]
+        self._unacknowledged = []
+        if not receipts:
+            return
+        try:
+            self.acknowledge(receipts)
+        except Exception as exc:
+            # Kept for the next batch; if this process ends first, the
+            # leader finds these outcomes recorded and drops the messages.
+            logger.warning('ledger: %d messages not acknowledged yet: %s', len(receipts), exc)
+            self._unacknowledged = receipts[-10000:]
+
     def close(self, timeout):
-        pass
+        if self._unacknowledged:
+            self._acknowledge([])
 
 
 class ProcessWriter:
@@ -423,17 +490,25 @@ class ProcessWriter:
     second in the same process starves them (the writer's database work
     releases and retakes the GIL row by row). Batches go over a pipe
     instead, and a child process writes them. If the consumer dies, the
-    child still writes everything it was sent, then exits.
+    child still writes (and acknowledges) everything it was sent, then
+    exits. Signals meant for the consumer (Ctrl-C reaches the whole process
+    group, systemd signals the whole control group) do not stop it: it
+    stops when the consumer closes the pipe, after its last write.
     """
 
-    def __init__(self):
+    def __init__(self, acknowledge=None):
         import multiprocessing
         ctx = multiprocessing.get_context('spawn')  # no fork of a threaded process
         receive, self._send = ctx.Pipe(duplex=False)
-        self._child = ctx.Process(target=_write_in_child, args=(receive,),
+        # ``acknowledge`` is a module-level function, sent to the child by name.
+        self._child = ctx.Process(target=_write_in_child, args=(receive, acknowledge),
                                   name='ledger-writer')
         self._child.start()
         receive.close()
+
+    @property
+    def pid(self):
+        return self._child.pid
 
     def write(self, ops):
         if not self._child.is_alive():
@@ -450,22 +525,32 @@ class ProcessWriter:
         except OSError:
             pass
         self._child.join(timeout)
+        if self._child.is_alive():
+            logger.error('ledger: the writer process is still writing after %.0f s', timeout)
 
 
-def _write_in_child(receive):
+def _write_in_child(receive, acknowledge):
     """The ledger writer process: write every batch received until told to stop."""
+    # Out of the consumer's process group, deaf to the signals that stop
+    # it: the consumer's last batches arrive after those signals.
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     from . import create_app
     from .extensions import db
     app = create_app()
     with app.app_context():
-        writer = Writer(db.engine)
+        writer = Writer(db.engine, acknowledge=acknowledge)
     while True:
         try:
             ops = receive.recv()
         except EOFError:  # the consumer is gone; everything it sent is written
-            return
+            break
         if ops is None:
-            return
+            break
         failures = 0
         while ops:
             try:
@@ -476,6 +561,7 @@ def _write_in_child(receive):
                 logger.error('ledger: %s (%d failures in a row); retrying', exc, failures)
                 ops = exc.ops
                 time.sleep(min(5.0, 0.1 * 2 ** failures))
+    writer.close(10)
 
 
 def apply(conn, ops):
@@ -519,17 +605,19 @@ def apply(conn, ops):
             start_rows.append((n, ts(at), worker, now, job_id, n))
             changed[job_id] = (states.RUNNING, info[1], info[0])
         else:
-            attempts.append((job_id, n, worker, f[3], ts(at), ts(f[4]), f[5], f[6], f[7], f[8]))
+            attempts.append((job_id, n, worker, f.outcome, ts(at), ts(f.at), f.duration,
+                             f.error_type, f.error_message, f.traceback))
             state, finished, result, error, prog = _job_end(f)
-            ran_rows.append((state, n, ts(at), ts(finished), worker, d.json(result), error, f[6],
-                             prog, now, job_id, n))
+            ran_rows.append((state, n, ts(at), ts(finished), worker, d.json(result), error,
+                             f.error_type, prog, now, job_id, n))
             changed[job_id] = (state, info[1], info[0])
     for f in finishes.values():
-        ended.append((f[3], ts(f[4]), f[5], f[6], f[7], f[8], f[1], f[2]))
+        ended.append((f.outcome, ts(f.at), f.duration, f.error_type, f.error_message,
+                      f.traceback, f.job_id, f.number))
         state, finished, result, error, prog = _job_end(f)
-        finish_rows.append((state, ts(finished), d.json(result), error, f[6], prog, now,
-                            f[1], f[2]))
-        changed[f[1]] = (state, f[12], f[11])
+        finish_rows.append((state, ts(finished), d.json(result), error, f.error_type, prog, now,
+                            f.job_id, f.number))
+        changed[f.job_id] = (state, f.queue, f.task)
 
     # Job rows first: a start that matches no row means a job the ledger has
     # not seen, whose row the attempt needs.
@@ -590,8 +678,9 @@ def _executemany(conn, sql, rows):
 
 
 def _job_end(f):
-    """``(state, finished_at, result, error, progress)`` after attempt ``f`` ended."""
-    outcome, at, etype, emsg, result, final = f[3], f[4], f[6], f[7], f[9], f[10]
+    """``(state, finished_at, result, error, progress)`` after :class:`Finish` ``f``."""
+    outcome, at, etype, emsg, result, final = (f.outcome, f.at, f.error_type, f.error_message,
+                                               f.result, f.final)
     if outcome == states.ATTEMPT_SUCCEEDED:
         return states.SUCCEEDED, at, result, None, 1.0
     if outcome == states.ATTEMPT_INTERRUPTED and not final:
@@ -658,8 +747,13 @@ _capture = []  # the log handler feeding the recorder
 _attached = set()
 
 
-def start(app):
-    """Start this process's recorder for ``app`` (once)."""
+def start(app, acknowledge=None):
+    """Start this process's recorder for ``app`` (once).
+
+    ``acknowledge(receipts)`` acknowledges the messages of attempts whose
+    outcome the writer committed (a module-level function: the child
+    process writer receives it by name).
+    """
     global recorder
     from .extensions import db
     with _recorder_lock:
@@ -667,9 +761,9 @@ def start(app):
             if app.config['EMBEDDED']:
                 # One process, in-process events: write from a thread.
                 with app.app_context():
-                    writer = Writer(db.engine)
+                    writer = Writer(db.engine, acknowledge=acknowledge)
             else:
-                writer = ProcessWriter()
+                writer = ProcessWriter(acknowledge)
             recorder = Recorder(writer, app.config['LEDGER_FLUSH_INTERVAL'],
                                 heartbeat_interval=app.config['HEARTBEAT_INTERVAL'],
                                 log_lines=app.config['LOG_LINES'])
@@ -696,6 +790,11 @@ def serving(queue, workers):
     if recorder is not None:
         recorder.queues = list(_serving['queues'])
         recorder.concurrency = _serving['concurrency']
+
+
+def served():
+    """The queues this process consumes (as ``serving`` noted them)."""
+    return list(_serving['queues'])
 
 
 def stop():

@@ -60,6 +60,8 @@ class Job(db.Model):
     attempt_rows: Mapped[list['Attempt']] = relationship(
         back_populates='job', order_by='Attempt.number',
         cascade='all, delete-orphan', passive_deletes=True)
+    event_rows: Mapped[list['JobEvent']] = relationship(
+        order_by='JobEvent.id', cascade='all, delete-orphan', passive_deletes=True)
 
     __table_args__ = (
         # Keyset pagination walks (created_at, id) newest first, alone or
@@ -109,6 +111,7 @@ class Job(db.Model):
         }
         if attempts is not None:
             data['attempts'] = [a.to_dict() for a in attempts]
+            data['events'] = [e.to_dict() for e in self.event_rows]
         return data
 
 
@@ -195,3 +198,33 @@ class Worker(db.Model):
 
     def online(self, lost_after):
         return self.stopped_at is None and (utcnow() - self.last_seen).total_seconds() < lost_after
+
+
+class JobEvent(db.Model):
+    """Something that happened to a job outside its attempts (a repair, say)."""
+    __tablename__ = 'job_event'
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey('job.id', ondelete='CASCADE'))
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(sa.String(32))
+    message: Mapped[str] = mapped_column(sa.Text)
+
+    __table_args__ = (sa.Index('ix_job_event_job', 'job_id', 'id'),)
+
+    def to_dict(self):
+        return {'at': isoformat(self.at), 'kind': self.kind, 'message': self.message}
+
+
+class Control(db.Model):
+    """A value the deployment keeps in the ledger, not in the broker.
+
+    Operators' switches (a paused queue, a paused periodic task) and what
+    the leader knows about the broker (its identity marker, its last loss),
+    so that a broker that loses its data loses none of these.
+    """
+    __tablename__ = 'control'
+
+    key: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    value: Mapped[object] = mapped_column(sa.JSON)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -3,7 +3,7 @@ import datetime as dt
 
 import sqlalchemy as sa
 
-from . import broker, events, jobs, states
+from . import broker, controls, events, jobs, states
 from .extensions import db
 from .models import Job, utcnow
 
@@ -20,13 +20,14 @@ def overview(config):
         .where(Job.finished_at >= now - dt.timedelta(seconds=900))
         .group_by(Job.queue))}
     result = []
+    paused_queues = controls.paused_queues()
     for name in config['QUEUES']:
         by_state = counts.get(name, dict.fromkeys(states.JOB_STATES, 0))
+        paused = name in paused_queues
         try:
             waiting, scheduled = broker.depth(name)
-            paused = broker.is_paused(name)
         except broker.BrokerUnavailable:
-            waiting = scheduled = paused = None
+            waiting = scheduled = None
         done = recent.get(name, {})
         result.append({
             'name': name, 'paused': paused,
@@ -49,7 +50,13 @@ def find(config, name):
 
 
 def pause(config, name, paused):
-    """Pause (or resume) ``name``: its jobs stay queued, no worker takes one."""
-    broker.set_paused(find(config, name), paused)
+    """Pause (or resume) ``name``: its jobs stay queued, no worker takes one.
+
+    The switch is kept in the ledger (a broker that loses its data must not
+    resume a paused queue); consumers hear of it on the event channel at
+    once, and re-read it every second in case they missed that.
+    """
+    controls.put(controls.QUEUE_PAUSED.format(find(config, name)), bool(paused))
+    db.session.commit()
     events.publish(queues=True)
     return next(q for q in overview(config) if q['name'] == name)

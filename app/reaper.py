@@ -1,24 +1,34 @@
-"""Lost jobs: what a consumer that died mid-run left behind.
+"""Lost jobs: what a consumer that died left behind.
 
-Huey drops a message once a worker takes it, so a consumer killed outright
-(SIGKILL, OOM, a lost host) loses the jobs it was running. Consumers
-heartbeat (see the ledger); the leading consumer runs this reaper, which
+A consumer takes a message by moving it into an in-flight record of its own
+in the broker, and acknowledges it once the attempt's outcome is in the
+ledger (see :mod:`app.storage`). Consumers hold a lease in the broker,
+renewed by their heartbeat, and write a heartbeat row to the ledger. The
+leading consumer runs :func:`reap` every ``REAP_INTERVAL`` seconds:
 
-- finds jobs still ``running`` on a consumer that went silent, records their
-  attempt as ``lost`` and runs them again as their next attempt, or fails
-  them when no retries remain or the task is not safe to run twice;
-- after a consumer is found dead, sweeps for jobs the ledger shows waiting
-  (queued, scheduled, retrying) whose message Huey no longer holds: taken by
-  the dead consumer before the ledger heard it start. A job counts as lost
-  only when sweeps ``LOST_AFTER`` seconds apart both miss it, unchanged: a
-  message a live worker just took shows up as started long before that.
+- **in-flight messages of dead consumers** (lease gone, ledger heartbeat
+  stale or never written: a consumer killed in its first millisecond
+  counts too). For each, the attempt the message ran: if the ledger
+  recorded its outcome, the message was only unacknowledged and is
+  dropped; otherwise the attempt is recorded ``lost`` (its job's row
+  created if the ledger never heard of it) and the job runs again as its
+  next attempt, or fails visibly when it is not safe to run twice or no
+  retries remain;
+- **jobs the ledger shows running** on a consumer that is gone (its
+  in-flight record lost too, say with the broker's data), or that a live
+  consumer no longer lists: the same.
+
+Both paths share :func:`recover`, which is idempotent: a second look at the
+same attempt finds it recorded and does nothing. Delivery is at least
+once, and every second run shows as a second attempt with its reason.
 """
 import datetime as dt
 import logging
+import uuid
 
 import sqlalchemy as sa
 
-from . import broker, catalog, events, states
+from . import broker, catalog, events, message, states
 from .extensions import db
 from .jobs import _announce
 from .leader import leadership
@@ -27,116 +37,208 @@ from .models import Attempt, Job, Worker, utcnow
 logger = logging.getLogger(__name__)
 
 
-class Sweep:
-    """The reaper's memory between passes: jobs missing from the broker once."""
+def reap(config, reconciler=None):
+    """One pass: recover lost jobs, reconcile, forget long-gone consumers.
 
-    def __init__(self):
-        self.passes_due = 0  # sweeps still to run (two after each death)
-        self.suspects = {}   # job id -> (version, when first found missing)
-        self.dead = set()    # consumers already found dead
-
-    def due(self):
-        self.passes_due = max(self.passes_due, 2)
-
-
-sweep = Sweep()
-
-
-def reap(config):
-    """One pass: recover lost jobs, forget long-gone consumers. Returns the jobs handled."""
+    Returns the ids of the jobs whose ledger row changed. Raises
+    :class:`~app.broker.BrokerUnavailable` when the broker does not answer
+    (nothing is half-done: each recovery commits on its own).
+    """
     now = utcnow()
-    lost_after = config['LOST_AFTER']
-    running = db.session.execute(
-        sa.select(Job.id, Job.worker, Job.started_at).where(Job.state == states.RUNNING)).all()
     workers = {w.id: w for w in db.session.scalars(sa.select(Worker))}
-    handled = []
-    for job_id, worker, started_at in running:
-        reason = _lost(workers.get((worker or '').split('/')[0]), job_id, worker, started_at,
-                       now, lost_after)
-        if reason:
-            sweep.due()  # whatever else that consumer had taken is lost too
-            try:
-                if _recover(job_id, reason, now):
-                    handled.append(job_id)
-            except broker.BrokerUnavailable as exc:
-                db.session.rollback()
-                logger.warning('reaper: lost job %s not re-enqueued yet: %s', job_id, exc)
+    handled = _recover_inflight(config, now, workers)
+    handled += _recover_running(config, now, workers)
     for w in workers.values():
-        if (w.stopped_at is None and (now - w.last_seen).total_seconds() > lost_after
-                and w.id not in sweep.dead):
-            sweep.dead.add(w.id)
-            sweep.due()
+        if w.stopped_at is None and (now - w.last_seen).total_seconds() > config['LOST_AFTER']:
             events.publish(workers=True)  # the workers page shows it offline
-    sweep.dead &= set(workers)
-    if sweep.passes_due:
-        handled.extend(_sweep(config, now, lost_after))
+            break
     db.session.execute(sa.delete(Worker).where(
         Worker.last_seen < now - dt.timedelta(seconds=config['WORKER_RETENTION'])))
     db.session.commit()
+    if reconciler is not None:
+        handled += reconciler.run(config)
     if handled:
         logger.warning('reaper: recovered %d lost jobs', len(handled))
     return handled
 
 
-def _lost(consumer, job_id, worker, started_at, now, lost_after):
+def _fresh(worker, now, lost_after):
+    """Whether a consumer's ledger heartbeat says it is alive."""
+    return (worker is not None and worker.stopped_at is None
+            and (now - worker.last_seen).total_seconds() <= lost_after)
+
+
+def _recover_inflight(config, now, workers):
+    """Return the messages held by dead consumers; the ids of the jobs recovered."""
+    handled = []
+    for queue in config['QUEUES']:
+        for consumer, alive in broker.consumers(queue).items():
+            if alive or _fresh(workers.get(consumer), now, config['LOST_AFTER']):
+                continue
+            for item in broker.inflight(queue, consumer):
+                try:
+                    msg = broker.read(queue, item.data)
+                except ValueError as exc:
+                    logger.error('reaper: dropped an unreadable message held by %s: %s',
+                                 consumer, exc)
+                    broker.drop([item.receipt])
+                    continue
+                reason = (f'its consumer {consumer} died (its lease ran out) before the outcome '
+                          f'was recorded')
+                done = recover(msg.id, message.attempt_number(msg), reason, queue=queue,
+                               msg=msg, worker=consumer, now=now)
+                if done is None:
+                    continue  # the job changed meanwhile: look again next pass
+                if done:
+                    handled.append(msg.id)
+                broker.drop([item.receipt])
+            broker.retire(queue, consumer)
+    return handled
+
+
+def _recover_running(config, now, workers):
+    """Jobs the ledger shows running on a consumer that is gone; the ids recovered."""
+    lost_after = config['LOST_AFTER']
+    running = db.session.execute(
+        sa.select(Job.id, Job.worker, Job.started_at, Job.attempts)
+        .where(Job.state == states.RUNNING)).all()
+    if not running:
+        return []
+    consumers = {(w or '').split('/')[0] for _, w, _, _ in running}
+    leased = broker.alive(consumers)
+    handled = []
+    for job_id, worker, started_at, attempts in running:
+        consumer = (worker or '').split('/')[0]
+        reason = _lost(workers.get(consumer), consumer in leased, job_id, worker, started_at,
+                       now, lost_after)
+        if reason and recover(job_id, attempts, reason, now=now):
+            handled.append(job_id)
+    return handled
+
+
+def _lost(row, leased, job_id, worker, started_at, now, lost_after):
     """Why a running job is lost, or None while its consumer still runs it."""
-    if consumer is None:
+    fresh = _fresh(row, now, lost_after)
+    if fresh:
+        # Heartbeats list the jobs a consumer runs; one it started long ago and
+        # no longer lists ended without the ledger hearing of it.
+        if (started_at and (now - started_at).total_seconds() > lost_after
+                and job_id not in (row.current or [])):
+            return f'worker {worker} is alive but no longer runs this job'
+        return None
+    if leased:
+        return None
+    if row is None:
         if started_at and (now - started_at).total_seconds() > lost_after:
             return f'worker {worker} never reported in'
         return None
-    if consumer.stopped_at is not None:
-        return f'worker {worker} stopped at {consumer.stopped_at:%Y-%m-%d %H:%M:%S} UTC'
-    silent = (now - consumer.last_seen).total_seconds()
-    if silent > lost_after:
-        return (f'worker {worker} stopped heartbeating (last seen '
-                f'{consumer.last_seen:%Y-%m-%d %H:%M:%S} UTC, {silent:.0f} s before)')
-    # Heartbeats list the jobs a consumer runs; one it started long ago and
-    # no longer lists ended without the ledger hearing of it.
-    if (started_at and (now - started_at).total_seconds() > lost_after
-            and job_id not in (consumer.current or [])):
-        return f'worker {worker} is alive but no longer runs this job'
-    return None
+    if row.stopped_at is not None:
+        return f'worker {worker} stopped at {row.stopped_at:%Y-%m-%d %H:%M:%S} UTC'
+    silent = (now - row.last_seen).total_seconds()
+    return (f'worker {worker} stopped heartbeating (last seen '
+            f'{row.last_seen:%Y-%m-%d %H:%M:%S} UTC, {silent:.0f} s before)')
 
 
-def _recover(job_id, reason, now):
+def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None):
+    """Record attempt ``number`` of ``job_id`` as lost; run the job again or fail it.
+
+    ``msg`` is the Huey message the attempt ran (from a dead consumer's
+    in-flight record), or None (from the ledger's running jobs). Does
+    nothing when the attempt's outcome is already recorded, or a later
+    attempt exists. Returns True when the ledger changed, False when there
+    was nothing to do, None when the job changed while it looked (look
+    again later); commits. Raises :class:`~app.broker.BrokerUnavailable`
+    (the change is rolled back).
+    """
+    now = now or utcnow()
     job = db.session.get(Job, job_id)
-    if job is None or job.state != states.RUNNING:
+    if job is None:
+        if msg is None:
+            return False
+        job = _job_from_message(msg, queue, number, now)
+        if job is None:
+            return False
+    attempt = db.session.get(Attempt, (job.id, number))
+    if attempt is not None and attempt.outcome != states.ATTEMPT_RUNNING:
+        return False  # the outcome is recorded; the message was only unacknowledged
+    if job.attempts > number:
+        if attempt is not None:  # a later attempt runs; this one's end was never heard
+            _mark_lost(attempt, reason, now)
+            db.session.commit()
+            return True
         return False
-    n = job.attempts
-    left, why_not = _rerun(job, n)
-    rerun = why_not is None
-    error = f'WorkerLost: {reason}'
-    db.session.execute(
-        sa.update(Attempt)
-        .where(Attempt.job_id == job.id, Attempt.number == n,
-               Attempt.outcome == states.ATTEMPT_RUNNING)
-        .values(outcome=states.ATTEMPT_LOST, finished_at=now, error_type='WorkerLost',
-                error_message=reason,
-                duration=(now - job.started_at).total_seconds() if job.started_at else None))
-    if rerun:
-        values = dict(state=states.QUEUED, finished_at=None, progress=None,
-                      progress_message=None)
+    starting = job.state in states.WAITING and job.attempts == number - 1
+    if not (starting or (job.state == states.RUNNING and job.attempts == number)):
+        if attempt is not None:
+            _mark_lost(attempt, reason, now)
+            db.session.commit()
+            return True
+        return False  # canceled or finished meanwhile: nothing ran that we know of
+
+    left, why_not = _rerun(job, number)
+    error = f'WorkerLost: {reason}' + ('' if why_not is None else f' ({why_not})')
+    if attempt is None:
+        db.session.add(Attempt(job_id=job.id, number=number, outcome=states.ATTEMPT_LOST,
+                               worker=worker, finished_at=now, error_type='WorkerLost',
+                               error_message=reason))
     else:
-        error = f'{error} ({why_not})'
-        values = dict(state=states.FAILED, finished_at=now)
+        _mark_lost(attempt, reason, now)
+    values = dict(state=states.QUEUED, finished_at=None) if why_not is None else dict(
+        state=states.FAILED, finished_at=now)
     moved = db.session.execute(
-        sa.update(Job)
-        .where(Job.id == job.id, Job.state == states.RUNNING, Job.attempts == n)
-        .values(error=error, error_type='WorkerLost', version=Job.version + 1,
+        sa.update(Job).where(Job.id == job.id, Job.version == job.version)
+        .values(attempts=number, error=error, error_type='WorkerLost', scheduled_for=None,
+                progress=None, progress_message=None, version=Job.version + 1,
                 updated_at=now, **values)
         .execution_options(synchronize_session=False)).rowcount
-    if not moved:  # its consumer wrote an ending meanwhile
+    if not moved:  # changed meanwhile (its consumer wrote an ending): look again next pass
         db.session.rollback()
-        return False
+        return None
     db.session.flush()
-    if rerun:
-        broker.enqueue(job, base=n, retries=left)
-    db.session.commit()
     db.session.refresh(job)
+    try:
+        if why_not is None:
+            # No other message of the job may run beside this one (a retry the
+            # dead consumer wrote before the ledger heard of its failure).
+            broker.remove_waiting(job.queue, [job.id])
+            broker.enqueue(job, base=number, retries=left)
+    except broker.BrokerUnavailable:
+        db.session.rollback()
+        raise
+    db.session.commit()
     _announce(job)
-    logger.warning('reaper: job %s attempt %d lost (%s); %s', job.id, n, reason,
-                   'running it again' if rerun else 'failed')
+    logger.warning('reaper: job %s attempt %d lost (%s); %s', job.id, number, reason,
+                   'running it again' if why_not is None else f'failed: {why_not}')
     return True
+
+
+def _mark_lost(attempt, reason, now):
+    attempt.outcome = states.ATTEMPT_LOST
+    attempt.finished_at = now
+    attempt.error_type = 'WorkerLost'
+    attempt.error_message = reason
+    if attempt.started_at is not None:
+        attempt.duration = (now - attempt.started_at).total_seconds()
+
+
+def _job_from_message(msg, queue, number, now):
+    """A row for a job the ledger never heard of (enqueued around the API), from its message."""
+    name = message.task_name(msg.name)
+    kwargs = msg.kwargs or {}
+    meta = kwargs.get('meta') or {}
+    try:
+        uuid.UUID(str(msg.id))
+    except ValueError:
+        logger.error('reaper: a lost message has an id no job can have: %.80r', msg.id)
+        return None
+    job = Job(id=msg.id, task=name, queue=queue, params=kwargs.get('params') or {},
+              state=states.QUEUED, priority=msg.priority or 0,
+              attempts=number - 1, attempt_base=meta.get('base', 0),
+              retries=meta.get('retries', msg.retries or 0), retry_delay=msg.retry_delay or 0.0,
+              timeout=msg.timeout, created_at=now, updated_at=now, version=1)
+    db.session.add(job)
+    db.session.flush()
+    return job
 
 
 def _rerun(job, n):
@@ -150,78 +252,24 @@ def _rerun(job, n):
     return left, None
 
 
-def _sweep(config, now, lost_after):
-    """Jobs waiting in the ledger that Huey has not held for a while: run them again."""
-    sweep.passes_due -= 1
-    waiting = db.session.execute(
-        sa.select(Job.id, Job.queue, Job.version).where(Job.state.in_(states.WAITING))).all()
-    held = {}
-    missing = {}
-    for job_id, queue, version in waiting:
-        if queue not in broker.hueys:
-            continue
-        if queue not in held:
-            held[queue] = broker.message_ids(queue)
-        if job_id not in held[queue]:
-            missing[job_id] = version
-    seen = {j: sweep.suspects.get(j, (None, now)) for j in missing}
-    confirmed = [j for j, v in missing.items()
-                 if seen[j][0] == v and (now - seen[j][1]).total_seconds() >= lost_after]
-    sweep.suspects = {j: (v, seen[j][1]) for j, v in missing.items() if j not in confirmed}
-    if sweep.suspects:
-        sweep.passes_due = max(sweep.passes_due, 1)  # look again next pass
-    recovered = []
-    for job_id in confirmed:
-        job = db.session.get(Job, job_id)
-        try:
-            if job is not None and _requeue_missing(job, now):
-                recovered.append(job_id)
-        except broker.BrokerUnavailable as exc:
-            db.session.rollback()
-            logger.warning('reaper: missing job %s not re-enqueued yet: %s', job_id, exc)
-    return recovered
+def claim_and_reap(app, reconciler=None):
+    """What every consumer does every REAP_INTERVAL seconds: lead if it can, then reap.
 
-
-def _requeue_missing(job, now):
-    """A waiting job whose message was taken by a consumer that died: a lost attempt."""
-    n = job.attempts + 1
-    reason = 'its message was taken by a consumer that stopped before recording the attempt'
-    left, why_not = _rerun(job, n)
-    rerun = why_not is None
-    error = f'WorkerLost: {reason}' + ('' if rerun else f' ({why_not})')
-    moved = db.session.execute(
-        sa.update(Job)
-        .where(Job.id == job.id, Job.version == job.version)
-        .values(attempts=n, error=error, error_type='WorkerLost',
-                version=Job.version + 1, updated_at=now, scheduled_for=None,
-                state=states.QUEUED if rerun else states.FAILED,
-                finished_at=None if rerun else now)
-        .execution_options(synchronize_session=False)).rowcount
-    if not moved:
-        db.session.rollback()
-        return False
-    db.session.add(Attempt(job_id=job.id, number=n, outcome=states.ATTEMPT_LOST,
-                           finished_at=now, error_type='WorkerLost', error_message=reason))
-    db.session.flush()
-    db.session.refresh(job)
-    if rerun:
-        broker.enqueue(job, base=n, retries=left)
-    db.session.commit()
-    _announce(job)
-    logger.warning('reaper: job %s was lost before it started (attempt %d); %s', job.id, n,
-                   'running it again' if rerun else 'failed')
-    return True
-
-
-def claim_and_reap(app):
-    """What the leading consumer does every REAP_INTERVAL seconds."""
+    Returns ``(leading, handled ids)``.
+    """
     config = app.config
     if not leadership.claim(ttl=3 * config['REAP_INTERVAL']):
-        return []
+        return False, []
     with app.app_context():
         try:
-            return reap(config)
+            return True, reap(config, reconciler)
+        except broker.BrokerUnavailable as exc:
+            db.session.rollback()
+            logger.warning('reaper: the broker is unreachable (%s); trying again', exc)
+            return True, []
         except Exception:
             db.session.rollback()
             logger.exception('reaper: pass failed')
-            return []
+            return True, []
+        finally:
+            db.session.remove()

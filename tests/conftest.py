@@ -90,6 +90,14 @@ def client(app):
 
 
 @pytest.fixture
+def ctx(app):
+    """The ``app`` fixture with its app context pushed for the test."""
+    with app.app_context():
+        yield app
+        db.session.remove()
+
+
+@pytest.fixture
 def worker(app):
     """Consumer threads and the ledger recorder inside this test process."""
     embedded.start(app)

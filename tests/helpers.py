@@ -13,7 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 import simple_websocket
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -415,3 +417,63 @@ class SocketCrowd:
         for s in self.sockets:
             s.close()
         self.sockets = []
+
+
+class Stack:
+    """Redis, a web process and any number of consumers, on one SQLite ledger.
+
+    Consumers renew their lease every 0.5 s and count as dead 3 s after the
+    last renewal, and the leader looks every second (``FAST``), so recovery
+    happens within seconds.
+    """
+    FAST = dict(HEARTBEAT_INTERVAL=0.5, LOST_AFTER=3, REAP_INTERVAL=1)
+
+    def __init__(self, tmp, **env):
+        self.tmp = tmp
+        self.redis = RedisServer(tmp / 'redis')
+        self.env = service_env(tmp, self.redis.url, **{**self.FAST, **env})
+        migrate(self.env, tmp)
+        self.web, self.api = start_web(self.env, tmp, workers=1)
+        self.consumers = []
+        self.count = 0
+
+    def consumer(self, ready=True, **env):
+        """Start a consumer; with ``ready``, wait until its ledger writer has reported in."""
+        self.count += 1
+        proc = start_consumer(dict(self.env, **{k: str(v) for k, v in env.items()}), self.tmp,
+                              name=f'consumer-{self.count}')
+        self.consumers.append(proc)
+        if ready:
+            me = f'{socket.gethostname()}:{proc.pid}'
+            wait_for(lambda: any(w['id'] == me for w in self.api.get('/api/workers')[1]['workers']),
+                     30, 0.05, f'{proc.name} to report in')
+        return proc
+
+    def sql(self, query, **params):
+        engine = sa.create_engine(self.env['DATABASE_URL'])
+        try:
+            with engine.begin() as conn:
+                return conn.execute(sa.text(query), params).all()
+        finally:
+            engine.dispose()
+
+    def execute(self, query, **params):
+        engine = sa.create_engine(self.env['DATABASE_URL'])
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(query), params)
+        finally:
+            engine.dispose()
+
+    @property
+    def client(self):
+        return redis.Redis.from_url(self.redis.url)
+
+    def outcomes(self, job_id):
+        return [a['state'] for a in self.api.job(job_id)['attempts']]
+
+    def close(self):
+        for proc in [*self.consumers, self.web]:
+            proc.stop()
+            print(f'--- {proc.name} ---\n{proc.log()[-4000:]}')
+        self.redis.stop()

@@ -229,7 +229,7 @@ def test_a_job_on_a_killed_worker_is_seen_to_recover(tmp_path, page):
         dep.processes.append(start_consumer(dep.env, tmp_path, name='consumer-after-kill'))
         first = page.locator(f'#attempt-{job["id"]}-1')
         expect(first).to_have_attribute('data-outcome', 'lost', timeout=30_000)
-        expect(first).to_contain_text('stopped heartbeating')
+        expect(first).to_contain_text('died (its lease ran out)')
         expect(summary).to_have_attribute('data-state', 'succeeded', timeout=30_000)
         expect(page.locator(f'#attempt-{job["id"]}-2')).to_have_attribute('data-outcome', 'succeeded')
     finally:

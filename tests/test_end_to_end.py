@@ -52,13 +52,21 @@ def test_fail_ends_failed_after_retries_plus_one_attempts(deployment):
     assert job['error'] == 'RuntimeError: no luck' and job['attempt_count'] == 4
 
 
-def test_retry_waits_the_retry_delay(deployment):
+def test_retry_waits_the_retry_delay_and_no_longer(deployment):
     api = deployment.api
     job = api.submit('fail', retries=1, retry_delay=1.5)
     job = api.wait_state(job['id'], 'failed')
     first, second = job['attempts']
     gap = (ts(second['started_at']) - ts(first['finished_at'])).total_seconds()
-    assert gap >= 1.5 * 0.75, gap
+    assert 1.5 * 0.75 <= gap <= 1.5 * 1.25 + 1.0, gap  # the delay, +-25% jitter, plus 1 s
+
+
+def test_a_delayed_job_starts_within_a_second_and_a_half_of_its_time(deployment):
+    api = deployment.api
+    job = api.submit('noop', delay=2)
+    done = api.wait_state(job['id'], 'succeeded', 20)
+    late = (ts(done['started_at']) - ts(job['scheduled_for'])).total_seconds()
+    assert 0 <= late <= 1.5, late
 
 
 def test_permanent_error_is_not_retried(deployment):

@@ -1,0 +1,251 @@
+"""The ledger is the truth: put back what the broker lost.
+
+Huey keeps queued and scheduled messages only in the broker; a Redis that
+restarts without persistence, fails over to a replica that had not caught
+up, is flushed or evicts keys under ``maxmemory`` loses them, while the
+ledger still says the jobs wait. The leading consumer's :class:`Reconciler`
+compares the two on every reaper pass:
+
+- **Pages, not everything.** Waiting jobs (queued, scheduled, retrying) are
+  read from the ledger a page at a time, in index order (state, created_at,
+  id), at most ``BUDGET`` rows a pass, resuming where the last pass
+  stopped; the broker answers "does it hold these ids?" from its index of
+  waiting messages (one round trip a page) and the in-flight records.
+- **A grace period.** A job found missing becomes a suspect; it is
+  re-enqueued only when a look at least ``RECONCILE_GRACE`` seconds later
+  finds it still missing and unchanged (same version), so a message just
+  taken or just written is never doubled. Its repair is recorded on the
+  job (an event) and counted.
+- **Its own time.** A restored job due in the future goes back to the
+  schedule for its original time; one already due runs now.
+- **A wiped broker is noticed at once.** The leader keeps a marker (epoch)
+  in the broker and the same value in the ledger. When the broker's is gone
+  (or another), the broker lost its data: the leader rebuilds the broker's
+  index, asks running jobs with a pending cancel to stop again, then
+  compares everything with a short grace, and records when this happened
+  and how many jobs it restored (shown in a banner and in ``/healthz``).
+  Pause switches live in the ledger, so a wipe does not resume a paused
+  queue.
+"""
+import datetime as dt
+import logging
+import time
+import uuid
+
+import sqlalchemy as sa
+
+from . import broker, controls, events, states
+from .extensions import db
+from .jobs import _announce_ids
+from .models import Job, JobEvent, isoformat, utcnow
+
+logger = logging.getLogger(__name__)
+
+PAGE = 1000             # ledger rows per look at the broker
+BUDGET = 20_000         # rows compared per regular pass
+AFTER_LOSS_GRACE = 2.0  # seconds a suspect waits after the broker lost its data
+RESTORED = 're-enqueued: the broker no longer held its message'
+_WAITING = (states.QUEUED, states.SCHEDULED, states.RETRYING)
+
+
+class Reconciler:
+    """The leader's comparison of the ledger with the broker (one per process)."""
+
+    def __init__(self):
+        self.suspects = {}    # job id -> (version, monotonic time first found missing)
+        self.cursor = None    # (state, created_at, id) the next regular pass starts after
+        self.full = True      # compare everything next pass (first pass, after a loss)
+        self.grace = None     # seconds; None: the configured grace
+        self.loss_until = 0.0  # monotonic: repairs count toward the latest loss until then
+
+    def run(self, config):
+        """One pass; returns the ids of the jobs re-enqueued. Needs an app context; commits."""
+        if self._check_epoch(config):
+            self.full = True
+        for queue in config['QUEUES']:
+            if broker.check_index(queue):
+                logger.warning('reconcile: the index of waiting messages in %s did not add up; '
+                               'rebuilt it', queue)
+                self.full = True
+        inflight = {q: broker.inflight_ids(q) for q in config['QUEUES']}
+        full, self.full = self.full, False
+        self._compare(config, inflight, budget=None if full else BUDGET)
+        return self._repair(config)
+
+    # -- the broker's identity ------------------------------------------------
+
+    def _check_epoch(self, config):
+        """Notice a broker that lost its data; True when it did (or is new to this ledger)."""
+        current = broker.epoch()
+        known = controls.get(controls.BROKER_EPOCH)
+        if current is not None and current == known:
+            return False
+        fresh = uuid.uuid4().hex
+        if known is None:
+            # A new deployment, or one from before the marker: count what the
+            # broker holds (older messages included), then mark it.
+            for queue in config['QUEUES']:
+                broker.check_index(queue)
+            value = current or fresh
+            broker.set_epoch(value)
+            controls.put(controls.BROKER_EPOCH, value)
+            db.session.commit()
+            return True
+        now = utcnow()
+        logger.error('reconcile: the broker lost its data (its marker is %s); restoring '
+                     'waiting jobs from the ledger', 'gone' if current is None else 'another')
+        for queue in config['QUEUES']:
+            broker.check_index(queue)
+        cancels = db.session.scalars(sa.select(Job).where(
+            Job.state == states.RUNNING, Job.cancel_requested_at.is_not(None))).all()
+        broker.restore_cancel_requests(cancels)
+        broker.set_epoch(fresh)
+        controls.put(controls.BROKER_EPOCH, fresh)
+        controls.put(controls.BROKER_LOSS, {'at': isoformat(now), 'restored': 0})
+        db.session.commit()
+        self.grace = AFTER_LOSS_GRACE
+        self.loss_until = time.monotonic() + 600
+        events.publish(queues=True)
+        return True
+
+    # -- comparing ----------------------------------------------------------
+
+    def _compare(self, config, inflight, budget):
+        """Walk waiting jobs a page at a time; note the missing ones as suspects.
+
+        ``budget`` rows at most (None: all), resuming after ``self.cursor``.
+        """
+        first, resume = 0, None
+        if budget is not None and self.cursor is not None:
+            first, resume = _WAITING.index(self.cursor[0]), self.cursor[1:]
+        seen = 0
+        for i in range(first, len(_WAITING)):
+            state, after = _WAITING[i], (resume if i == first else None)
+            while True:
+                stmt = (sa.select(Job.id, Job.queue, Job.version, Job.created_at)
+                        .where(Job.state == state).order_by(Job.created_at, Job.id).limit(PAGE))
+                if after is not None:
+                    stmt = stmt.where(sa.tuple_(Job.created_at, Job.id) > sa.tuple_(*after))
+                rows = db.session.execute(stmt).all()
+                db.session.rollback()  # no snapshot held between pages
+                if not rows:
+                    break
+                self._look(config, rows, inflight)
+                seen += len(rows)
+                after = (rows[-1].created_at, rows[-1].id)
+                if budget is not None and seen >= budget:
+                    self.cursor = (state, *after)
+                    return
+                if len(rows) < PAGE:
+                    break
+                time.sleep(0.005)  # leave the consumer's workers the interpreter
+        self.cursor = None
+
+    def _look(self, config, rows, inflight):
+        by_queue = {}
+        for row in rows:
+            by_queue.setdefault(row.queue, []).append(row)
+        now = time.monotonic()
+        for queue, batch in by_queue.items():
+            if queue not in config['QUEUES']:
+                continue
+            ids = [r.id for r in batch]
+            present = broker.held(queue, ids) | (inflight.get(queue, set()) & set(ids))
+            for r in batch:
+                if r.id in present:
+                    self.suspects.pop(r.id, None)
+                    continue
+                known = self.suspects.get(r.id)
+                if known is None or known[0] != r.version:
+                    self.suspects[r.id] = (r.version, now)
+
+    # -- repairing ----------------------------------------------------------
+
+    def _repair(self, config):
+        """Re-enqueue suspects still missing and unchanged after the grace period."""
+        grace = config['RECONCILE_GRACE'] if self.grace is None else self.grace
+        now = time.monotonic()
+        due = [j for j, (_v, since) in self.suspects.items() if now - since >= grace]
+        restored = []
+        for start in range(0, len(due), PAGE):
+            chunk = due[start:start + PAGE]
+            rows = {j.id: j for j in db.session.scalars(
+                sa.select(Job).where(Job.id.in_(chunk), Job.state.in_(_WAITING)))}
+            by_queue = {}
+            for job in rows.values():
+                if job.version == self.suspects[job.id][0] and job.queue in config['QUEUES']:
+                    by_queue.setdefault(job.queue, []).append(job)
+            for job_id in chunk:
+                if job_id not in rows or rows[job_id].version != self.suspects[job_id][0]:
+                    self.suspects.pop(job_id, None)  # it moved on: not lost
+            for queue, jobs in by_queue.items():
+                ids = [j.id for j in jobs]
+                present = broker.held(queue, ids) | (broker.inflight_ids(queue) & set(ids))
+                for job in jobs:
+                    self.suspects.pop(job.id, None)
+                restored += self._restore([j for j in jobs if j.id not in present])
+        if not self.suspects:
+            self.grace = None
+        if restored:
+            logger.warning('reconcile: re-enqueued %d jobs the broker no longer held',
+                           len(restored))
+        return restored
+
+    def _restore(self, jobs):
+        """Hand ``jobs`` (still waiting, unchanged, of one queue) to the broker again.
+
+        One transaction for the lot: each job's version moves on (a job that
+        changed meanwhile is left alone), each gets its event, then their
+        messages go to the broker and the transaction commits. Returns the
+        ids restored; raises :class:`~app.broker.BrokerUnavailable` with
+        nothing committed (messages already written are then found held).
+        """
+        if not jobs:
+            return []
+        now = utcnow()
+        by_key = {(j.id, j.version): j for j in jobs}
+        moved = set(db.session.scalars(
+            sa.update(Job).where(Job.state.in_(_WAITING),
+                                 sa.tuple_(Job.id, Job.version).in_(list(by_key)))
+            .values(version=Job.version + 1, updated_at=now)
+            .returning(Job.id).execution_options(synchronize_session=False)).all())
+        if not moved:
+            db.session.rollback()
+            return []
+        db.session.add_all(JobEvent(job_id=job_id, at=now, kind='restored', message=RESTORED)
+                           for job_id in moved)
+        controls.add(controls.BROKER_REPAIRS, len(moved))
+        if time.monotonic() < self.loss_until:
+            loss = dict(controls.get(controls.BROKER_LOSS) or {})
+            loss['restored'] = loss.get('restored', 0) + len(moved)
+            controls.put(controls.BROKER_LOSS, loss)
+        db.session.flush()
+        restored = [j for j in jobs if j.id in moved]
+        try:
+            for job in restored:
+                # Due later: back to the schedule for its own time; due now: the queue.
+                broker.enqueue(job, base=job.attempts,
+                               retries=job.retries_left(after=job.attempts))
+        except broker.BrokerUnavailable:
+            db.session.rollback()
+            raise
+        db.session.commit()
+        _announce_ids(moved)
+        return [j.id for j in restored]
+
+
+def loss_notice(max_age=dt.timedelta(hours=24)):
+    """The latest broker data loss, if within ``max_age``: ``{"at", "restored"}`` or None.
+
+    Never raises: pages show it in their banner, and a page must not fail
+    for it.
+    """
+    try:
+        loss = controls.get(controls.BROKER_LOSS)
+        if not loss:
+            return None
+        at = dt.datetime.fromisoformat(loss['at'].rstrip('Z'))
+    except Exception:
+        db.session.rollback()
+        return None
+    return loss if utcnow() - at <= max_age else None

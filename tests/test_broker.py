@@ -1,0 +1,241 @@
+"""TrackedHuey, TrackedConsumer and TrackedScheduler: Huey's own tests, then ours.
+
+Huey's suite (``huey/tests``) is written against ``BaseTestCase.get_huey()``
+and ``consumer_class``; every test class of its API, consumer, signal and
+priority modules runs here against a ``TrackedHuey`` on
+``ReliableRedisStorage`` (a private redis-server) and our consumer class.
+Where our behaviour differs on purpose, the test is replaced by one that
+states ours:
+
+- retry delays are spread by +-``retry_jitter``: off for Huey's suite
+  (tests/test_ledger.py tests it);
+- SIGTERM stops gracefully like SIGINT, with ``GRACE_PERIOD`` as the default
+  shutdown timeout;
+- ``test_chord_bookkeeping_cleared`` reads ``MemoryStorage``'s private
+  counters, which a Redis storage does not have; it is not run.
+"""
+import datetime as dt
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+os.environ['HUEY_SLOW_TESTS'] = '1'  # read when huey.tests.base is imported
+from huey.consumer import ConsumerStopped, Scheduler  # noqa: E402
+from huey.consumer_options import ConsumerConfig  # noqa: E402
+from huey.tests import test_api, test_consumer, test_priority, test_signals  # noqa: E402
+
+import huey_tasks  # noqa: E402
+from app import broker, catalog, jobs, message  # noqa: E402
+from app.broker import TrackedConsumer, TrackedHuey, TrackedScheduler  # noqa: E402
+from app.extensions import db  # noqa: E402
+from app.storage import ReliableRedisStorage  # noqa: E402
+
+
+class HueySuiteConsumer(TrackedConsumer):
+    """Our consumer with the scheduler Huey's consumer tests drive (no sleeping)."""
+    scheduler_class = test_consumer.TestConsumer._Scheduler
+
+
+class OnTrackedHuey:
+    """Runs a Huey test class against a TrackedHuey on a private Redis."""
+    huey_options = {}
+    consumer_class = HueySuiteConsumer
+
+    def get_huey(self):
+        huey = TrackedHuey(f'qm.suite{uuid.uuid4().hex[:8]}', utc=False, results=True,
+                           storage_class=ReliableRedisStorage, url=self.redis_url,
+                           clean_name=False, **self.huey_options)
+        huey.retry_jitter = 0  # Huey's tests expect its exact delays; test_ledger tests jitter
+        return huey
+
+    def tearDown(self):
+        super().tearDown()
+        self.huey.storage.flush_all()
+
+
+@pytest.fixture(scope='class')
+def private_redis(request, redis_server):
+    request.cls.redis_url = redis_server.url
+
+
+def _suite(module, skip=()):
+    """A TrackedHuey subclass of every test class ``module`` defines."""
+    made = {}
+    for name, cls in vars(module).items():
+        if (isinstance(cls, type) and name.startswith('Test') and cls.__module__ == module.__name__
+                and issubclass(cls, test_api.BaseTestCase) and 'get_huey' not in vars(cls)):
+            attrs = {name: None for name in skip if hasattr(cls, name)}
+            made[f'{name}OnTrackedHuey'] = pytest.mark.usefixtures('private_redis')(
+                type(f'{name}OnTrackedHuey', (OnTrackedHuey, cls), attrs))
+    return made
+
+
+globals().update(_suite(test_api, skip=('test_chord_bookkeeping_cleared',)))
+globals().update(_suite(test_signals))
+globals().update(_suite(test_priority))
+globals().update({k: v for k, v in _suite(test_consumer).items()
+                  if k not in ('TestConsumerConfigOnTrackedHuey',
+                               'TestConsumerShutdownOnTrackedHuey')})
+
+
+# Huey's test classes that configure their own Huey, with the same options.
+@pytest.mark.usefixtures('private_redis')
+class TestDisableResultStoreOnTrackedHuey(OnTrackedHuey, test_api.TestDisableResultStore):
+    huey_options = {}
+
+    def get_huey(self):
+        return TrackedHuey(f'qm.suite{uuid.uuid4().hex[:8]}', utc=False, results=False,
+                           storage_class=ReliableRedisStorage, url=self.redis_url,
+                           clean_name=False)
+
+
+@pytest.mark.usefixtures('private_redis')
+class TestStoreIntermediateErrorsOnTrackedHuey(OnTrackedHuey,
+                                               test_api.TestStoreIntermediateErrors):
+    huey_options = {'store_intermediate_errors': False}
+
+
+class _CustomErrorHuey(TrackedHuey):
+    def build_error_result(self, task, exc):
+        err = super().build_error_result(task, exc)
+        err.update(name=task.name, args=task.args)
+        return err
+
+
+@pytest.mark.usefixtures('private_redis')
+class TestCustomErrorMetadataOnTrackedHuey(OnTrackedHuey, test_api.TestCustomErrorMetadata):
+    def get_huey(self):
+        return _CustomErrorHuey(f'qm.suite{uuid.uuid4().hex[:8]}', utc=False,
+                                storage_class=ReliableRedisStorage, url=self.redis_url,
+                                clean_name=False)
+
+
+@pytest.mark.usefixtures('private_redis')
+class TestConsumerConfigOnTrackedHuey(OnTrackedHuey, test_consumer.TestConsumerConfig):
+    def test_shutdown_options(self):
+        # Ours: the configured GRACE_PERIOD unless the command line says otherwise.
+        consumer = self.huey.create_consumer(**ConsumerConfig(shutdown_timeout=5).values)
+        self.assertEqual(consumer.shutdown_timeout, 5)
+        consumer = self.huey.create_consumer(**ConsumerConfig().values)
+        self.assertEqual(consumer.shutdown_timeout, broker._settings['grace'])
+
+
+@pytest.mark.usefixtures('private_redis')
+class TestConsumerShutdownOnTrackedHuey(OnTrackedHuey, test_consumer.TestConsumerShutdown):
+    def test_signal_handlers(self):
+        # Ours: SIGINT (Ctrl-C) and SIGTERM (docker stop, systemd) both stop gracefully.
+        consumer = self.huey.create_consumer()
+        consumer._set_signal_handlers()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.assertEqual(signal.getsignal(signum), consumer._handle_signal)
+        self.assertEqual(consumer._signal_actions, {
+            signal.SIGINT: (False, True), signal.SIGTERM: (False, True),
+            signal.SIGHUP: (True, True)})
+        consumer._handle_signal(signal.SIGTERM, None)
+        self.assertTrue(consumer._graceful)
+        # A second signal interrupts the graceful stop.
+        self.assertEqual(signal.getsignal(signal.SIGTERM), signal.default_int_handler)
+
+    def test_immediate_stop_ignores_stop_flag(self):
+        consumer = self.huey.create_consumer()
+        consumer._interrupt_workers = lambda: setattr(consumer, 'stop_flag', None)
+        consumer._signum, consumer._graceful, consumer._restart = signal.SIGTERM, False, False
+        self.assertRaises(ConsumerStopped, consumer.loop)
+
+
+# -- ours ------------------------------------------------------------------------
+
+def submit(app, task, **options):
+    return jobs.submit(catalog.validate({'task': task, **options}, app.config))
+
+
+def test_huey_scheduler_asks_for_periodic_tasks_with_no_timestamp_and_gets_the_clock(ctx):
+    # Huey 3.5's scheduler calls read_periodic(None) (huey_consumer passes no
+    # clock); every minute of it must reach the hook with a real timestamp.
+    huey = broker.hueys['default']
+    seen = []
+    huey.on_periodic = seen.append
+    try:
+        for scheduler_class in (Scheduler, TrackedScheduler):
+            scheduler = scheduler_class(huey, huey_stop_flag(), interval=1, periodic=True)
+            for _ in range(3):  # three "minutes" of the real loop, now=None as in production
+                scheduler._next_loop = time.monotonic()
+                scheduler._next_periodic = time.monotonic() - 1
+                scheduler.sleep_for_interval = lambda *a: None
+                scheduler.loop()
+    finally:
+        huey.on_periodic = None
+    assert len(seen) == 6 and all(isinstance(t, dt.datetime) for t in seen)
+
+
+def huey_stop_flag():
+    import threading
+    return threading.Event()
+
+
+def test_the_scheduler_moves_due_jobs_into_the_queue_on_a_controlled_clock(ctx):
+    huey = broker.hueys['default']
+    job = submit(ctx, 'noop', delay=120)
+    assert (huey.scheduled_count(), huey.pending_count()) == (1, 0)
+    scheduler = TrackedScheduler(huey, huey_stop_flag(), interval=1, periodic=True)
+    scheduler.sleep_for_interval = lambda *a: None
+    due = db.session.get(type(job), job.id).scheduled_for
+    for minute in range(5):  # the scheduler has been up for minutes
+        scheduler._next_loop = time.monotonic()
+        scheduler._next_periodic = time.monotonic() - 1
+        scheduler.loop(due - dt.timedelta(seconds=1))
+    assert (huey.scheduled_count(), huey.pending_count()) == (1, 0)
+    scheduler._next_loop = time.monotonic()
+    scheduler.loop(due)
+    assert (huey.scheduled_count(), huey.pending_count()) == (0, 1)
+    assert huey.dequeue().id == job.id
+
+
+def test_messages_carry_the_job_id_and_priority_in_their_header(ctx):
+    job = submit(ctx, 'noop', priority=7)
+    [data] = broker.hueys['default'].storage.enqueued_items()
+    head, _body = message.split(data)
+    assert head == message.Header(job.id, 7)
+    assert broker.hueys['default'].deserialize_task(data).id == job.id
+
+
+def test_a_message_without_a_header_is_still_run(ctx):
+    huey = broker.hueys['default']
+    task = huey_tasks.noop.task_type.wrappers[huey.name].s(params={}, meta={'base': 0,
+                                                                              'retries': 0})
+    huey.storage.enqueue(super(TrackedHuey, huey).serialize_task(task))
+    assert huey.dequeue().id == task.id
+
+
+def test_a_message_of_an_unknown_task_type_waits_in_the_schedule_instead_of_vanishing(ctx):
+    huey = broker.hueys['default']
+    huey.storage.enqueue(message.header('0' * 8, 0) + b'not a pickle')
+    assert huey.dequeue() is None
+    assert (huey.pending_count(), huey.scheduled_count()) == (0, 1)
+    assert huey.storage.inflight(broker.process_name()) == []
+
+
+def test_a_paused_queue_puts_a_taken_message_back_where_it_was(ctx):
+    huey = broker.hueys['default']
+    first, second = submit(ctx, 'noop'), submit(ctx, 'noop')
+    huey.storage.fetch = (lambda fetch: lambda consumer: (huey.paused.set(), fetch(consumer))[1])(
+        huey.storage.fetch)  # the pause arrives while the worker waits
+    try:
+        assert huey.dequeue() is None
+    finally:
+        del huey.storage.fetch
+        huey.paused.clear()
+    assert huey.pending_count() == 2
+    assert [huey.dequeue().id, huey.dequeue().id] == [first.id, second.id]
+
+
+def test_execute_acknowledges_a_message_nobody_took_charge_of(ctx):
+    huey = broker.hueys['default']
+    submit(ctx, 'noop')
+    task = huey.dequeue()
+    assert len(huey.storage.inflight(broker.process_name())) == 1
+    huey.execute(task)  # no ledger recorder runs here
+    assert huey.storage.inflight(broker.process_name()) == []

@@ -1,0 +1,184 @@
+"""Our Huey storages: Huey's own storage tests, then reliable fetch, leases and the index.
+
+Huey ships its test-suite; ``StorageTests`` is written to be pointed at any
+storage, so it runs here against ``ReliableRedisStorage`` (on a private
+redis-server) and ``ReliableSqliteStorage``, through a ``TrackedHuey``.
+"""
+import datetime as dt
+import os
+import threading
+import time
+import uuid
+
+import pytest
+
+# Huey's suite skips its slower tests (a consumer running a chord end to end,
+# TTLs) unless asked; here they run. Read when huey.tests.base is imported.
+os.environ['HUEY_SLOW_TESTS'] = '1'
+from huey.tests.base import BaseTestCase  # noqa: E402
+from huey.tests.test_storage import StorageTests  # noqa: E402
+
+from app import message  # noqa: E402
+from app.broker import TrackedHuey  # noqa: E402
+from app.storage import ReliableRedisStorage, ReliableSqliteStorage  # noqa: E402
+
+
+@pytest.fixture(scope='class')
+def private_redis(request, redis_server):
+    request.cls.redis_url = redis_server.url
+
+
+@pytest.fixture(scope='class')
+def sqlite_file(request, tmp_path_factory):
+    request.cls.sqlite_path = str(tmp_path_factory.mktemp('huey') / 'huey.db')
+
+
+@pytest.mark.usefixtures('private_redis')
+class TestHueyStorageTestsOnReliableRedis(StorageTests, BaseTestCase):
+    @property
+    def supports_ttl(self):  # as Huey's own TestRedisStorage: Redis 7.4 and later
+        return self.s.supports_hash_ttl
+
+    def get_huey(self):
+        return TrackedHuey('qm.huey-tests', utc=False, storage_class=ReliableRedisStorage,
+                           url=self.redis_url, clean_name=False)
+
+
+@pytest.mark.usefixtures('sqlite_file')
+class TestHueyStorageTestsOnReliableSqlite(StorageTests, BaseTestCase):
+    supports_ttl = False
+
+    def get_huey(self):
+        return TrackedHuey('qm.huey-tests', utc=False, storage_class=ReliableSqliteStorage,
+                           filename=self.sqlite_path, timeout=3)
+
+
+# -- reliable fetch, on both storages -------------------------------------------
+
+@pytest.fixture(params=['redis', 'sqlite'])
+def store(request, tmp_path):
+    """A fresh storage of each kind, with a 0.5 s lease."""
+    if request.param == 'redis':
+        url = request.getfixturevalue('redis_server').url
+        s = ReliableRedisStorage(f'qm.t{uuid.uuid4().hex[:8]}', url=url, clean_name=False,
+                                 lease=0.5, read_timeout=0.2)
+    else:
+        s = ReliableSqliteStorage('qm.t', filename=str(tmp_path / 'huey.db'), lease=0.5)
+    yield s
+    s.flush_all()
+
+
+def msg(job_id, priority=0, body=b'body'):
+    return message.header(job_id, priority) + body
+
+
+def test_a_fetched_message_stays_in_flight_until_acknowledged(store):
+    store.enqueue(msg('j1'))
+    delivery = store.fetch('c:1')
+    assert delivery.data == msg('j1')
+    assert store.queue_size() == 0
+    assert [i.job_id for i in store.inflight('c:1')] == ['j1']
+    assert store.inflight_job_ids() == {'j1'}
+    store.ack([delivery.receipt])
+    assert store.inflight('c:1') == [] and store.inflight_job_ids() == set()
+
+
+def test_a_put_back_message_is_taken_again(store):
+    store.enqueue(msg('j1'))
+    delivery = store.fetch('c:1')
+    assert store.nack(delivery.receipt) is True
+    assert store.inflight('c:1') == [] and store.queue_size() == 1
+    assert store.fetch('c:2').data == msg('j1')
+    assert store.nack(delivery.receipt) is False  # already back
+
+
+def test_a_lease_runs_out_unless_renewed(store):
+    store.enqueue(msg('j1'))
+    store.fetch('c:1')
+    store.keep_alive('c:2')
+    assert store.consumers() == {'c:1': True, 'c:2': True}
+    deadline = time.monotonic() + 5
+    while store.consumers().get('c:1') and time.monotonic() < deadline:
+        store.keep_alive('c:2')
+        time.sleep(0.05)
+    assert store.consumers() == {'c:1': False, 'c:2': True}
+    assert store.retire('c:1') is False  # it still holds a message
+    store.ack([i.receipt for i in store.inflight('c:1')])
+    assert store.retire('c:1') is True and 'c:1' not in store.consumers()
+
+
+def test_released_lease_ends_at_once(store):
+    store.keep_alive('c:1')
+    assert store.alive(['c:1', 'c:9']) == {'c:1'}
+    store.release('c:1')
+    assert store.alive(['c:1']) == set()
+
+
+def test_due_messages_move_into_the_queue_by_priority(store):
+    now = dt.datetime.now()
+    store.add_to_schedule(msg('low', 1), now - dt.timedelta(seconds=2))
+    store.add_to_schedule(msg('high', 9), now - dt.timedelta(seconds=1))
+    store.add_to_schedule(msg('later', 5), now + dt.timedelta(hours=1))
+    store.enqueue(msg('mid', 5), 5)
+    moved = store.move_due(now)
+    assert sorted(moved) == sorted([msg('low', 1), msg('high', 9)])
+    assert store.schedule_size() == 1 and store.queue_size() == 3
+    assert [store.fetch('c:1').data for _ in range(3)] == [msg('high', 9), msg('mid', 5),
+                                                           msg('low', 1)]
+
+
+def test_the_index_knows_which_jobs_wait(store):
+    now = dt.datetime.now()
+    store.enqueue(msg('a'))
+    store.enqueue(msg('a'))  # a second message of the same job counts twice
+    store.add_to_schedule(msg('b'), now + dt.timedelta(hours=1))
+    assert store.held(['a', 'b', 'c']) == {'a', 'b'}
+    assert store.index_ok()
+    store.fetch('c:1')
+    assert store.held(['a']) == {'a'}
+    store.fetch('c:1')
+    assert store.held(['a', 'b']) == {'b'}
+    assert store.remove_waiting(['b']) == {'b'}
+    assert store.held(['b']) == set() and store.schedule_size() == 0
+    assert store.index_ok()
+
+
+def test_a_lost_index_is_noticed_and_rebuilt(redis_server):
+    # Redis only: SQLite indexes its own tables, there is nothing to lose.
+    store = ReliableRedisStorage('qm.index', url=redis_server.url, clean_name=False)
+    store.flush_all()
+    store.enqueue(msg('a'))
+    store.add_to_schedule(msg('b'), dt.datetime.now() + dt.timedelta(hours=1))
+    store.conn.delete(store.index_key)  # evicted under maxmemory, say
+    assert not store.index_ok()
+    store.rebuild_index()
+    assert store.index_ok() and store.held(['a', 'b']) == {'a', 'b'}
+    store.flush_all()
+
+
+def test_a_message_without_a_header_is_read_but_not_indexed(store):
+    store.enqueue(b'older message')
+    assert store.fetch('c:1').data == b'older message'
+    assert store.held(['older message']) == set()
+
+
+def test_the_epoch_marker_is_kept_and_read_back(store):
+    store.set_epoch('e1')
+    assert store.get_epoch() == 'e1'
+
+
+def test_an_idle_fetch_waits_for_a_wake_token_not_a_poll(redis_server):
+    store = ReliableRedisStorage('qm.wake', url=redis_server.url, clean_name=False,
+                                 read_timeout=5)
+    try:
+        got = []
+        reader = threading.Thread(target=lambda: got.append(store.fetch('c:1')))
+        reader.start()
+        time.sleep(0.2)  # let the reader block on the wake list: the condition under test
+        started = time.monotonic()
+        store.enqueue(msg('w1'))
+        reader.join(5)
+        assert got and got[0].data == msg('w1')
+        assert time.monotonic() - started < 1.0  # not the 5 s read timeout
+    finally:
+        store.flush_all()
