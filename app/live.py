@@ -171,6 +171,8 @@ class View:
 
 
 class DashboardView(View):
+    """The dashboard: counts by state and the newest jobs."""
+
     def concerns(self, changed, deleted, event):
         return bool(changed or deleted)  # every change moves a count
 
@@ -186,6 +188,8 @@ class DashboardView(View):
 
 
 class ListView(View):
+    """One page of the jobs list, with its filters and cursor."""
+
     def __init__(self, key, environ, filters, cursor):
         super().__init__(key, environ)
         self.filters, self.cursor = filters, cursor
@@ -218,6 +222,8 @@ class ListView(View):
 
 
 class JobView(View):
+    """One job's page: its summary and its attempts."""
+
     def __init__(self, key, environ, job_id):
         super().__init__(key, environ)
         self.job_id = job_id
