@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / 'tests'))
 sys.path.insert(0, str(ROOT))
 from helpers import (RedisServer, Socket, SocketCrowd, migrate,  # noqa: E402
                      service_env, start_consumer, start_web, wait_for)
+from wsproto.events import TextMessage  # noqa: E402
 
 ROW = re.compile(r'<tr id="job-([0-9a-f-]+)" data-state="(\w+)" data-version="\d+" '
                  r'data-updated="([^"]+)"')
@@ -182,8 +183,8 @@ def idle_sockets(ws_base, web_pid, port, count):
         opening.set()
         sampler.join()
     opened = time.monotonic() - start
-    first = crowd.first_frames(120)
-    snapshots = sum(1 for f in first if f is not None and f[0] == 1)
+    first = crowd.first_events(120)
+    snapshots = sum(1 for f in first if isinstance(f, TextMessage))
     with_sockets, threads = rss_kib(pid), proc_status(pid, 'Threads')
     # Idle for 30 s, a whole ping interval (the client answers every ping):
     # memory should hold steady, and /healthz is sampled all along.
@@ -207,7 +208,7 @@ def idle_sockets(ws_base, web_pid, port, count):
     # The same number again: memory freed by the first crowd is reused, so
     # a second one should cost (next to) nothing more.
     again = SocketCrowd(f'{ws_base}/ws?view=dashboard', count)
-    again.first_frames(120)
+    again.first_events(120)
     rss_again = rss_kib(pid)
     again.close()
     return {'sockets': count, 'snapshots': snapshots, 'alive_after_idle': alive,

@@ -16,6 +16,9 @@ import pytest
 import redis
 import simple_websocket
 import sqlalchemy as sa
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Ping, RejectConnection, Request, TextMessage
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -330,54 +333,61 @@ class Socket:
 class SocketCrowd:
     """Many idle WebSocket clients on plain sockets: no thread each, for capacity tests.
 
-    Opens ``count`` sockets to ``url`` one after another and reads each
-    one's handshake answer. Call :meth:`pump` (or :meth:`hold`) now and then:
-    it reads what the server pushed and answers its pings, as a browser
-    would, so the server keeps the sockets open.
+    Opens ``count`` sockets to ``url`` one after another, each through
+    wsproto's client handshake (which checks the server's ``101`` answer).
+    Call :meth:`pump` (or :meth:`hold`) now and then: it reads what the
+    server pushed and answers its pings, as a browser would, so the server
+    keeps the sockets open.
     """
 
     def __init__(self, url, count, timeout=10.0):
-        import base64
         import resource
         from urllib.parse import urlsplit
-        from app import websocket
-        self._ws = websocket
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < count + 512 and hard != soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
         parts = urlsplit(url)
         path = parts.path + ('?' + parts.query if parts.query else '')
         self.sockets, self.first, self.closed = [], [], []
-        self._parsers = []
+        self._conns, self._parts = [], []
         for _ in range(count):
             s = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
-            key = base64.b64encode(os.urandom(16)).decode()
-            s.sendall((f'GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n'
-                       f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n'
-                       f'Sec-WebSocket-Version: 13\r\n\r\n').encode())
-            answer = b''
-            while b'\r\n\r\n' not in answer:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
-            assert answer.startswith(b'HTTP/1.1 101 '), answer[:200]
-            s.setblocking(False)
+            conn = WSConnection(ConnectionType.CLIENT)
+            s.sendall(conn.send(Request(host=parts.netloc, target=path)))
+            i = len(self.sockets)
             self.sockets.append(s)
             self.first.append(None)
             self.closed.append(False)
-            self._parsers.append(websocket.Parser(masked=False, max_size=1 << 24))
-            self._take(len(self.sockets) - 1, answer.split(b'\r\n\r\n', 1)[1])
+            self._conns.append(conn)
+            self._parts.append([])
+            while conn.state is ConnectionState.CONNECTING:
+                chunk = s.recv(4096)
+                assert chunk, 'the server hung up during the handshake'
+                self._take(i, chunk)
+            assert conn.state is not ConnectionState.REJECTING, 'the upgrade was refused'
+            s.setblocking(False)
 
     def _take(self, i, data):
-        for frame in self._parsers[i].feed(data):
-            if self.first[i] is None:
-                self.first[i] = (frame.opcode, frame.payload)
-            if frame.opcode == self._ws.PING:
+        conn = self._conns[i]
+        conn.receive_data(data)
+        for event in conn.events():
+            if isinstance(event, RejectConnection):
+                raise AssertionError(f'the upgrade was refused with {event.status_code}')
+            if isinstance(event, Ping):
                 try:
-                    self.sockets[i].sendall(self._ws.encode(self._ws.PONG, frame.payload, mask=True))
+                    self.sockets[i].sendall(conn.send(event.response()))
                 except OSError:
                     self.closed[i] = True
+            elif self.first[i] is None:
+                if isinstance(event, TextMessage):
+                    self._parts[i].append(event.data)
+                    if event.message_finished:
+                        self.first[i] = TextMessage(''.join(self._parts[i]))
+                        self._parts[i] = None
+                elif isinstance(event, CloseConnection):
+                    self.first[i] = event
+            if isinstance(event, CloseConnection):
+                return  # wsproto reads nothing after a close
 
     def pump(self):
         """Read whatever arrived on every socket; answer pings. Returns how many are open."""
@@ -392,7 +402,8 @@ class SocketCrowd:
                 if not chunk:
                     self.closed[i] = True
                     break
-                self._take(i, chunk)
+                if self._conns[i].state is ConnectionState.OPEN:
+                    self._take(i, chunk)
         return self.closed.count(False)
 
     def hold(self, seconds):
@@ -402,8 +413,9 @@ class SocketCrowd:
             self.pump()
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
-    def first_frames(self, timeout=60.0):
-        """Each socket's first message as ``(opcode, payload bytes)`` (None: closed without one)."""
+    def first_events(self, timeout=60.0):
+        """Each socket's first message: a whole ``TextMessage``, a ``CloseConnection``
+        (wsproto events), or None if the server hung up without one."""
         wait_for(lambda: self.pump() is not None and all(
             f is not None or c for f, c in zip(self.first, self.closed)), timeout, 0.05,
             'a first message on every socket')

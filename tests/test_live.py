@@ -11,8 +11,9 @@ import helpers
 import pytest
 from helpers import Deployment, wait_for
 
+from wsproto.events import CloseConnection, TextMessage
+
 from app import live
-from app import websocket as ws
 
 ROW = re.compile(r'<tr id="job-([0-9a-f-]+)" data-state="(\w+)"')
 
@@ -236,8 +237,8 @@ def test_healthz_and_stats_answer_at_once_with_1000_sockets_open(tmp_path):
     crowd = None
     try:
         crowd = helpers.SocketCrowd(f'{dep.ws_base}/ws?view=dashboard', 1000)
-        frames = crowd.first_frames()
-        assert all(f is not None and f[0] == 1 and b'#queue-stats' in f[1] for f in frames)
+        firsts = crowd.first_events()
+        assert all(isinstance(f, TextMessage) and '#queue-stats' in f.data for f in firsts)
         for path in ('/healthz', '/api/stats', '/healthz'):
             started = time.monotonic()
             assert dep.api.get(path)[0] == 200
@@ -251,10 +252,10 @@ def test_healthz_and_stats_answer_at_once_with_1000_sockets_open(tmp_path):
 
 
 def first_message(url):
-    """The opcode of the first message on a new socket (1: a snapshot, 8: a close)."""
+    """The first message on a new socket: a snapshot (TextMessage) or a CloseConnection."""
     crowd = helpers.SocketCrowd(url, 1)
     try:
-        return crowd.first_frames()[0][0]
+        return crowd.first_events()[0]
     finally:
         crowd.close()
 
@@ -267,9 +268,9 @@ def test_a_socket_over_the_limit_is_refused_with_1013_and_healthz_still_answers(
         wait_for(lambda: all(s.messages for s in held), 10, message='three snapshots')
         # a plain client, so the close frame is read whatever way it arrives
         extra = helpers.SocketCrowd(f'{dep.ws_base}/ws?view=dashboard', 1)
-        opcode, payload = extra.first_frames()[0]
-        assert opcode == 8
-        assert ws.close_reason(payload) == (live.CLOSE_FULL, live.FULL_REASON)
+        close = extra.first_events()[0]
+        assert isinstance(close, CloseConnection)
+        assert (close.code, close.reason) == (live.CLOSE_FULL, live.FULL_REASON)
         assert live.CLOSE_FULL == 1013
         wait_for(lambda: extra.still_open() == 0, 10, message='the refused socket to be closed')
         assert dep.api.get('/healthz')[0] == 200
@@ -278,8 +279,8 @@ def test_a_socket_over_the_limit_is_refused_with_1013_and_healthz_still_answers(
         for s in held:
             wait_for(lambda: s.rows().get(job['id']) == 'succeeded', 15, message='the job')
         held.pop().close()
-        wait_for(lambda: first_message(f'{dep.ws_base}/ws?view=dashboard') == 1, 15, 0.2,
-                 'a socket in the freed place')
+        wait_for(lambda: isinstance(first_message(f'{dep.ws_base}/ws?view=dashboard'),
+                                    TextMessage), 15, 0.2, 'a socket in the freed place')
     finally:
         for s in held:
             s.close()
