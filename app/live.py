@@ -167,7 +167,7 @@ class View:
             html = ''
         finally:
             self._rendering = None
-        self._cache = Render(version, html, ws.text(html) if html else None)
+        self._cache = Render(version, html, hub.server.frames.text(html) if html else None)
 
 
 class DashboardView(View):
@@ -488,7 +488,7 @@ class Hub:
         try:
             # A fresh snapshot on every (re)connect heals whatever was missed.
             render = await view.latest(self)
-            if not await conn.send(ws.text(self.status_html + render.html)):
+            if not await conn.send(self.server.frames.text(self.status_html + render.html)):
                 return
             client.sent_version = render.version
             while conn.open:
@@ -611,7 +611,7 @@ class _HandedOver(Response):
 @bp.get('/ws')
 def live_socket():
     """The page's live fragments: pushed over a WebSocket, or once for a plain GET (polling)."""
-    upgrade = ws.is_upgrade(request.environ)
+    upgrade = request.url_rule.websocket  # werkzeug matched the upgrade to its rule
     hub = hub_for(current_app._get_current_object())
     try:
         key, factory = view_for(request.args, current_app.config)
@@ -632,7 +632,7 @@ def live_socket():
     try:
         hub.adopt(request.environ, key, factory)
     except ws.HandshakeError as exc:
-        return Response(str(exc), 400, mimetype='text/plain')
+        return Response(str(exc), exc.status, exc.headers, mimetype='text/plain')
     except RuntimeError as exc:
         # No raw socket (a development server) or the process is exiting:
         # the page polls instead.

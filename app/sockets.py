@@ -10,7 +10,8 @@ thread, so open pages never hold up pages, the API or ``/healthz``.
 Everything here runs on the loop thread except :meth:`SocketServer.adopt`,
 :meth:`SocketServer.call` and :meth:`SocketServer.stop`, which other threads
 call. What a socket sends is decided by a coroutine the caller supplies (the
-relay of :mod:`app.live`); this module only frames, pings and closes.
+relay of :mod:`app.live`); this module only moves frames, pings and closes.
+The WebSocket protocol itself is wsproto's (see :mod:`app.websocket`).
 """
 import asyncio
 import logging
@@ -18,6 +19,9 @@ import os
 import socket
 import threading
 import time
+
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Message, Ping
 
 from . import websocket as ws
 
@@ -31,17 +35,19 @@ HIGH_WATER = 64 * 1024  # bytes queued for a slow peer before its relay waits
 class Connection(asyncio.Protocol):
     """One adopted WebSocket: frames out, pings and pongs, the closing handshake.
 
-    ``closed`` is a future, done once the TCP connection is gone; relays wait
-    on it alongside their own events.
+    ``ws`` is the connection's wsproto state (see
+    :func:`app.websocket.handshake`): it reads the peer's frames and writes
+    our control frames. ``closed`` is a future, done once the TCP connection
+    is gone; relays wait on it alongside their own events.
     """
 
-    def __init__(self, server):
+    def __init__(self, server, ws_connection):
         self.server = server
+        self.ws = ws_connection
         self.slot = 0             # which batch of pings it belongs to
         self.transport = None
-        self.parser = ws.Parser()
         self.closed = server.loop.create_future()
-        self.closing = False      # a close frame has been sent
+        self.incoming = 0         # bytes (characters of text) of the message being received
         self.heard = True         # anything received since the last ping
         self.on_lost = None       # called once the connection is gone
         self._drained = None      # a future while the transport is paused
@@ -52,21 +58,30 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data):
         self.heard = True
-        try:
-            frames = self.parser.feed(data)
-        except ws.ProtocolError as exc:
-            self.close(exc.code, str(exc))
-            return
-        for frame in frames:
-            if frame.opcode == ws.PING:
-                self.write(ws.encode(ws.PONG, frame.payload))
-            elif frame.opcode == ws.CLOSE:
-                code, _ = ws.close_reason(frame.payload)
-                # Echo the close (RFC 6455 5.5.1), then hang up: the server
-                # closes the TCP connection first.
-                self.close(1000 if code in (1005, 1006) else code)
+        if self.ws.state is not ConnectionState.OPEN:
+            return  # our close frame is out: nothing more is read
+        self.ws.receive_data(data)
+        for event in self.ws.events():
+            if isinstance(event, Ping):
+                self.write(self.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                # Either the peer's close or a protocol error wsproto found
+                # in what it sent (its code: 1002, 1007...). The response is
+                # the close frame owed: the peer's code echoed (RFC 6455
+                # 5.5.1), or the error's. Then hang up: the server closes
+                # the TCP connection first.
+                self._close_with(event.response())
                 return
-            # Pages send nothing else we act on; text and binary are ignored.
+            elif isinstance(event, Message):
+                # Pages send nothing we act on; a message is dropped as it
+                # arrives, and a long one ends the connection.
+                self.incoming += len(event.data)
+                if self.incoming > ws.MAX_MESSAGE:
+                    self.close(ws.TOO_BIG, 'message too big')
+                    return
+                if event.message_finished:
+                    self.incoming = 0
+            # Pongs need nothing: any data counts as heard.
 
     def eof_received(self):
         return False  # the peer is gone: close our side too
@@ -91,7 +106,7 @@ class Connection(asyncio.Protocol):
     @property
     def open(self):
         """Whether frames may still be sent."""
-        return not self.closing and not self.closed.done()
+        return self.ws.state is ConnectionState.OPEN and not self.closed.done()
 
     def write(self, frame):
         """Queue a frame (bytes) now, whatever the peer's backlog."""
@@ -100,6 +115,10 @@ class Connection(asyncio.Protocol):
 
     async def send(self, frame):
         """Send a data frame (bytes) once the peer has taken what it was sent before.
+
+        ``frame`` comes from :class:`app.websocket.SharedFrames`, encoded once
+        for every socket showing the same view; it bypasses ``self.ws``,
+        which is sound as a final data frame changes no connection state.
 
         A slow client so holds up only its own relay, and at most
         ``HIGH_WATER`` bytes plus one message wait for it. Returns whether the
@@ -112,12 +131,15 @@ class Connection(asyncio.Protocol):
         self.transport.write(frame)
         return True
 
-    def close(self, code=ws.NORMAL, reason=''):
+    def close(self, code=ws.NORMAL, reason=None):
         """Send a close frame and hang up (the buffered frames go out first)."""
-        if self.closing or self.closed.done():
+        self._close_with(CloseConnection(code, reason))
+
+    def _close_with(self, event):
+        if self.ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING) \
+                or self.closed.done():
             return
-        self.closing = True
-        self.transport.write(ws.close(code, reason))
+        self.transport.write(self.ws.send(event))
         # Hang up once the close frame is out instead of waiting for the
         # client's answer: nothing more is read, so nothing can be lost.
         self.transport.close()
@@ -130,7 +152,7 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
             return
         self.heard = False
-        self.write(ws.encode(ws.PING, b''))
+        self.write(self.ws.send(Ping()))
 
 
 class SocketServer:
@@ -143,6 +165,7 @@ class SocketServer:
     def __init__(self, limit, refusal='server full'):
         self.limit, self.refusal = limit, refusal
         self.connections = set()
+        self.frames = ws.SharedFrames()  # every data frame sent, on the loop thread
         self.ping_slots = [set() for _ in range(PING_SLOTS)]
         self._next_slot = 0
         self.refused = 0
@@ -202,7 +225,7 @@ class SocketServer:
         Raises RuntimeError when the server cannot take sockets (not
         started, stopping, or no raw socket in ``environ``).
         """
-        answer = ws.handshake(environ)
+        answer, ws_connection = ws.handshake(environ)
         raw = environ.get('gunicorn.socket')
         if raw is None or not self.running:
             raise RuntimeError('live sockets need gunicorn and a running socket server')
@@ -215,17 +238,18 @@ class SocketServer:
             os.dup2(dummy.fileno(), raw.fileno())
         sock.setblocking(False)
         try:
-            self.loop.call_soon_threadsafe(self._accept, sock, answer, relay)
+            self.loop.call_soon_threadsafe(self._accept, sock, answer, ws_connection, relay)
         except RuntimeError:  # the loop closed meanwhile (the process is exiting)
             sock.close()
             raise
 
-    def _accept(self, sock, answer, relay):
-        self.loop.create_task(self._serve(sock, answer, relay))
+    def _accept(self, sock, answer, ws_connection, relay):
+        self.loop.create_task(self._serve(sock, answer, ws_connection, relay))
 
-    async def _serve(self, sock, answer, relay):
+    async def _serve(self, sock, answer, ws_connection, relay):
         try:
-            _, conn = await self.loop.connect_accepted_socket(lambda: Connection(self), sock)
+            _, conn = await self.loop.connect_accepted_socket(
+                lambda: Connection(self, ws_connection), sock)
         except OSError:
             sock.close()
             return
@@ -247,7 +271,7 @@ class SocketServer:
             # One page's failure must not reach the others; its page
             # reconnects and gets a fresh snapshot.
             logger.exception('live socket relay failed')
-            conn.close(1011, 'internal error')
+            conn.close(ws.INTERNAL_ERROR, 'internal error')
         finally:
             conn.close(ws.NORMAL)
 

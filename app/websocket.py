@@ -1,178 +1,103 @@
-"""The WebSocket protocol (RFC 6455), as bytes in and bytes out.
+"""The WebSocket protocol (RFC 6455) of our live sockets, done by wsproto.
 
-No I/O here: :mod:`app.sockets` owns the connections and the event loop.
-Frames a server sends are not masked, so one encoded message can be written
-to every socket that shows the same view; that is why this is a few dozen
-lines of our own rather than a per-connection protocol object.
+wsproto checks the upgrade request and writes the ``101`` answer, parses and
+validates what pages send (masking, fragments, control frames, UTF-8 text,
+close codes) and encodes every frame we send. What is ours is the glue to our
+server model, with no I/O (:mod:`app.sockets` owns the connections and the
+event loop): the upgrade request gunicorn already parsed handed to wsproto,
+one encoder whose frames go to every socket of a view, and the close codes
+we send, named with the reason we send each.
 
 No extension is negotiated (permessage-deflate in particular): a compression
 context costs hundreds of KiB per connection, which is the memory budget of
 hundreds of idle sockets, and the fragments we send are small.
 """
-import base64
-import hashlib
-import os
-import struct
-from typing import NamedTuple
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+from wsproto.frame_protocol import CloseReason, FrameProtocol
+from wsproto.utilities import RemoteProtocolError
 
-GUID = b'258EAFA5-E914-47DA-95CA-C5AB0DC85B11'
+# Close codes we send (RFC 6455 section 7.4 and the IANA registry); wsproto
+# picks its own for a peer that breaks the protocol (1002, 1007).
+NORMAL = CloseReason.NORMAL_CLOSURE
+POLICY = CloseReason.POLICY_VIOLATION     # a request we will never serve (a bad view)
+TOO_BIG = CloseReason.MESSAGE_TOO_BIG     # a message over MAX_MESSAGE
+INTERNAL_ERROR = CloseReason.INTERNAL_ERROR  # the relay failed: reconnect for a fresh snapshot
+RESTART = CloseReason.SERVICE_RESTART     # the server is restarting: reconnect
+TRY_AGAIN_LATER = CloseReason.TRY_AGAIN_LATER  # this server is full: reconnect later
 
-CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-CONTROL = (CLOSE, PING, PONG)
+# Pages send us nothing but control frames. wsproto hands a message over as
+# it arrives and never holds it whole, so this is not about memory: a peer
+# that streams data at us is closed instead of being read for ever.
+MAX_MESSAGE = 64 * 1024
 
-# Close codes we send (RFC 6455 section 7.4 and the IANA registry).
-NORMAL = 1000
-PROTOCOL_ERROR = 1002
-POLICY = 1008        # a request we will never serve (a bad view)
-TOO_BIG = 1009
-RESTART = 1012       # the server is restarting: reconnect
-TRY_AGAIN_LATER = 1013  # this server is full: reconnect later
+# What wsproto needs to judge an upgrade; the rest (cookies...) is not its
+# business, and leaving it out keeps the request under h11's size limit.
+_HANDSHAKE_HEADERS = ('HOST', 'UPGRADE', 'CONNECTION', 'SEC_WEBSOCKET_KEY',
+                      'SEC_WEBSOCKET_VERSION')
 
 
 class HandshakeError(ValueError):
-    """The request is not a WebSocket upgrade we can accept (answer 400)."""
+    """The request is not a WebSocket upgrade we accept.
 
+    Answer it with ``status`` (400, or 426 for an unsupported version) and
+    ``headers``, a list of ``(name, value)`` strings, as wsproto advises.
+    """
 
-class ProtocolError(ValueError):
-    """The peer broke the framing rules; close with ``code``."""
-
-    def __init__(self, message, code=PROTOCOL_ERROR):
+    def __init__(self, message, status=400, headers=()):
         super().__init__(message)
-        self.code = code
-
-
-class Frame(NamedTuple):
-    """One frame received: its opcode, whether it ends a message, its payload."""
-    opcode: int
-    fin: bool
-    payload: bytes
-
-
-def accept_key(key):
-    """The ``Sec-WebSocket-Accept`` value for a client's ``Sec-WebSocket-Key`` (str)."""
-    return base64.b64encode(hashlib.sha1(key.encode('ascii') + GUID).digest()).decode('ascii')
-
-
-def is_upgrade(environ):
-    """Whether a WSGI request asks to become a WebSocket."""
-    return (environ.get('HTTP_UPGRADE', '').lower() == 'websocket'
-            and 'upgrade' in environ.get('HTTP_CONNECTION', '').lower())
+        self.status, self.headers = status, list(headers)
 
 
 def handshake(environ):
-    """The ``101 Switching Protocols`` response (bytes) to a WSGI upgrade request.
+    """Accept the WebSocket upgrade in a WSGI ``environ``.
 
-    Raises :class:`HandshakeError` when the request is not a version 13
-    WebSocket upgrade with a well-formed key.
+    Returns ``(answer, connection)``: the ``101 Switching Protocols``
+    response (bytes), and the server side of the connection, a
+    :class:`wsproto.connection.Connection`, to read the peer's frames and
+    write control frames with. Raises :class:`HandshakeError` when the
+    request is not a version 13 WebSocket upgrade.
     """
-    if environ.get('REQUEST_METHOD') != 'GET' or not is_upgrade(environ):
-        raise HandshakeError('not a WebSocket upgrade')
-    if environ.get('HTTP_SEC_WEBSOCKET_VERSION') != '13':
-        raise HandshakeError('unsupported WebSocket version (13 only)')
-    key = environ.get('HTTP_SEC_WEBSOCKET_KEY', '')
+    # gunicorn has parsed the request; wsproto reads it again as the bytes
+    # of an HTTP/1.1 request head (as simple-websocket's Server does), so a
+    # malformed one is its RemoteProtocolError like any other refusal. The
+    # path is not wsproto's concern: the route has matched it already.
+    head = [f'{environ.get("REQUEST_METHOD", "GET")} / HTTP/1.1']
+    head += [f'{name.replace("_", "-")}: {environ["HTTP_" + name]}'
+             for name in _HANDSHAKE_HEADERS if 'HTTP_' + name in environ]
+    conn = WSConnection(ConnectionType.SERVER)
     try:
-        if len(base64.b64decode(key, validate=True)) != 16:
-            raise ValueError
-    except ValueError:
-        raise HandshakeError('bad Sec-WebSocket-Key') from None
-    return ('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
-            f'Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n').encode('ascii')
+        # WSGI strings carry the request's bytes as latin-1.
+        conn.receive_data(('\r\n'.join(head) + '\r\n\r\n').encode('latin-1'))
+        requests = [e for e in conn.events() if isinstance(e, Request)]
+    except (RemoteProtocolError, UnicodeEncodeError) as exc:
+        hint = getattr(exc, 'event_hint', None)
+        raise HandshakeError(str(exc), getattr(hint, 'status_code', 400),
+                             [(k.decode(), v.decode()) for k, v in getattr(hint, 'headers', ())]
+                             ) from None
+    if not requests:
+        raise HandshakeError('incomplete upgrade request')
+    answer = conn.send(AcceptConnection())
+    # Only the connection is kept: the handshake's HTTP parser (a few KiB)
+    # has done its work, and an idle socket should cost as little as it can.
+    return answer, conn.connection
 
 
-def encode(opcode, payload, mask=False):
-    """One final frame (bytes). Servers send unmasked frames; clients mask theirs."""
-    if isinstance(payload, str):
-        payload = payload.encode('utf-8')
-    n = len(payload)
-    mask_bit = 0x80 if mask else 0
-    if n < 126:
-        head = struct.pack('!BB', 0x80 | opcode, mask_bit | n)
-    elif n < 1 << 16:
-        head = struct.pack('!BBH', 0x80 | opcode, mask_bit | 126, n)
-    else:
-        head = struct.pack('!BBQ', 0x80 | opcode, mask_bit | 127, n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + _unmask(payload, key)
+class SharedFrames:
+    """Encodes a text message into one frame that any number of sockets can be sent.
 
-
-def text(message):
-    """A text message (str) as one frame."""
-    return encode(TEXT, message)
-
-
-def close(code, reason=''):
-    """A close frame with ``code`` and a reason of at most 123 bytes."""
-    return encode(CLOSE, struct.pack('!H', code) + reason.encode('utf-8')[:123])
-
-
-def close_reason(payload):
-    """``(code, reason)`` from a close frame's payload; ``(1005, '')`` if it has none."""
-    if len(payload) < 2:
-        return 1005, ''
-    return struct.unpack('!H', payload[:2])[0], payload[2:].decode('utf-8', 'replace')
-
-
-def _unmask(data, key):
-    # XOR four bytes at a time through one big integer: fast enough for the
-    # short control frames browsers send us, with no per-byte Python loop.
-    if not data:
-        return data
-    repeated = (key * (len(data) // 4 + 1))[:len(data)]
-    return (int.from_bytes(data, 'big') ^ int.from_bytes(repeated, 'big')).to_bytes(len(data), 'big')
-
-
-class Parser:
-    """Splits a byte stream from a peer into :class:`Frame` s.
-
-    ``masked``: whether the peer must mask its frames (true for a server
-    reading a client). ``max_size``: the largest payload accepted, in bytes;
-    a bigger frame raises :class:`ProtocolError` with code 1009.
+    That is sound with wsproto because, on the server side and with no
+    extension, a frame depends on nothing but its message: server frames
+    are not masked (``FrameProtocol._serialize_frame`` masks only when
+    ``client``), the only state ``FrameProtocol.send_data`` keeps is the
+    opcode of an unfinished fragmented message, which a final frame
+    (``fin=True``) resets, and no extension (no compression context) runs.
+    Not thread-safe: one per process, used on the event-loop thread.
     """
 
-    def __init__(self, masked=True, max_size=64 * 1024):
-        self.masked, self.max_size = masked, max_size
-        self._buffer = b''
+    def __init__(self):
+        self._protocol = FrameProtocol(client=False, extensions=[])
 
-    def feed(self, data):
-        """Add received bytes; return the complete frames they finish (a list).
-
-        Raises :class:`ProtocolError` on a malformed or oversized frame.
-        """
-        buf = self._buffer + data
-        frames = []
-        while True:
-            if len(buf) < 2:
-                break
-            b0, b1 = buf[0], buf[1]
-            fin, opcode, masked, n = bool(b0 & 0x80), b0 & 0x0F, bool(b1 & 0x80), b1 & 0x7F
-            if b0 & 0x70:
-                raise ProtocolError('reserved bits set')
-            if masked != self.masked:
-                raise ProtocolError('frame masking is wrong for this side')
-            if opcode in CONTROL and (not fin or n > 125):
-                raise ProtocolError('bad control frame')
-            if opcode not in CONTROL and opcode not in (CONTINUATION, TEXT, BINARY):
-                raise ProtocolError(f'unknown opcode {opcode}')
-            at = 2
-            if n == 126:
-                if len(buf) < 4:
-                    break
-                n, at = struct.unpack('!H', buf[2:4])[0], 4
-            elif n == 127:
-                if len(buf) < 10:
-                    break
-                n, at = struct.unpack('!Q', buf[2:10])[0], 10
-            if n > self.max_size:
-                raise ProtocolError(f'frame of {n} bytes', TOO_BIG)
-            end = at + (4 if masked else 0) + n
-            if len(buf) < end:
-                break
-            payload = buf[end - n:end]
-            if masked:
-                payload = _unmask(payload, buf[at:at + 4])
-            frames.append(Frame(opcode, fin, payload))
-            buf = buf[end:]
-        self._buffer = buf
-        return frames
+    def text(self, message):
+        """``message`` (str) as one final, unmasked text frame (bytes)."""
+        return bytes(self._protocol.send_data(message, fin=True))

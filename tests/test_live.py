@@ -5,6 +5,7 @@ drive the same endpoint through htmx in Chromium.
 """
 import re
 import signal
+import socket
 import time
 
 import helpers
@@ -164,6 +165,39 @@ def test_a_bad_view_is_refused_with_1008(stack):
     sock = Socket(f'{stack.ws_base}/ws?view=everything')
     assert sock.closed.wait(10)
     assert sock.close_code == 1008 and sock.messages == []
+
+
+def upgrade_answer(port, **headers):
+    """The answer to a raw upgrade request for the dashboard: its head, and its body if any."""
+    fields = {'Host': f'127.0.0.1:{port}', 'Upgrade': 'websocket', 'Connection': 'Upgrade',
+              'Sec-WebSocket-Key': 'dGhlIHNhbXBsZSBub25jZQ==', 'Sec-WebSocket-Version': '13'}
+    fields.update(headers)
+    request = 'GET /ws?view=dashboard HTTP/1.1\r\n' + ''.join(
+        f'{k}: {v}\r\n' for k, v in fields.items() if v is not None) + '\r\n'
+    with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+        s.sendall(request.encode())
+        answer = b''
+        while b'\r\n\r\n' not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        length = re.search(rb'\r\nContent-Length: (\d+)\r\n', answer, re.I)
+        while length and len(answer.split(b'\r\n\r\n', 1)[1]) < int(length.group(1)):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode('latin-1')
+
+
+def test_a_bad_upgrade_request_is_answered_with_a_4xx_and_why(stack):
+    port = int(stack.api.base.rsplit(':', 1)[1])
+    assert upgrade_answer(port).startswith('HTTP/1.1 101 ')
+    refused = upgrade_answer(port, **{'Sec-WebSocket-Key': None})
+    assert refused.startswith('HTTP/1.1 400 ') and 'Sec-WebSocket-Key' in refused
+    old = upgrade_answer(port, **{'Sec-WebSocket-Version': '8'})
+    assert old.startswith('HTTP/1.1 426 ') and '\r\nSec-WebSocket-Version: 13\r\n' in old
 
 
 def test_redis_restart_resumes_the_relay_without_restarting_web(tmp_path):
