@@ -88,6 +88,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.server.connections.discard(self)
+        self.server.ping_slots[self.slot].discard(self)
         if not self.closed.done():
             self.closed.set_result(None)
         if self._drained is not None and not self._drained.done():

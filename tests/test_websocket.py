@@ -9,6 +9,8 @@ from wsproto.events import (AcceptConnection, CloseConnection, Ping, Pong, Reque
                             TextMessage)
 from wsproto.frame_protocol import FrameProtocol
 
+from helpers import wait_for
+
 from app import websocket as ws
 from app.sockets import SocketServer
 
@@ -160,3 +162,14 @@ def test_one_socket_over_the_limit_is_refused_with_1013_and_shutdown_closes_with
     server.stop(ws.RESTART, 'server restarting', timeout=5)
     for peer in held:
         assert peer.close_code() == (ws.RESTART, 'server restarting')
+
+
+def test_a_closed_socket_leaves_nothing_behind(server):
+    peers = [Peer(server, hold) for _ in range(2)]
+    assert sum(map(len, server.ping_slots)) == 2
+    for peer in peers:
+        peer.send(CloseConnection(1000))
+        assert peer.close_code()[0] == 1000
+    # connection_lost runs on the loop thread once the server has hung up
+    wait_for(lambda: not server.connections and not any(server.ping_slots), 5, 0.01,
+             'the server to drop its sockets from its set and its ping slots')
