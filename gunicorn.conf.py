@@ -1,10 +1,12 @@
 """gunicorn settings: ``gunicorn -c gunicorn.conf.py wsgi:app``.
 
-gthread workers: each open WebSocket holds one thread for its lifetime, so
-``threads`` bounds the live sockets per worker process (see the README).
-Threads are started on demand; an idle one costs nothing.
+gthread workers serve HTTP with ``WEB_THREADS`` threads each. A WebSocket
+request holds one of them only for its handshake: the socket is then handed
+to the process's event-loop thread (app/sockets.py), so open pages never
+take threads from pages, the API or /healthz. The README ("Capacity") says
+why this model and not gevent workers.
 """
-import signal
+import resource
 
 from app import config as qm_config
 
@@ -13,7 +15,10 @@ _config = qm_config.load()
 bind = f"{_config['HOST']}:{_config['PORT']}"
 worker_class = 'gthread'
 threads = _config['WEB_THREADS']
-worker_connections = threads + 100
+# HTTP connections (in flight and kept alive) per worker; live sockets are
+# not among them once handed over. app/live.py keeps file descriptors for
+# these out of LIVE_SOCKETS (FD_RESERVE).
+worker_connections = 1000
 # The embedded mode keeps its queues, consumers and event bus in one process.
 workers = 1 if _config['EMBEDDED'] else _config['WEB_CONCURRENCY']
 # Time for running requests (and, embedded, running jobs) to finish on stop.
@@ -21,22 +26,18 @@ graceful_timeout = 30
 accesslog = '-'
 loglevel = _config['LOG_LEVEL'].lower()
 
+# Every live socket is an open file: take the whole allowance the system
+# gives (the soft limit is often 1024 while the hard one is far higher).
+# Workers inherit it.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _hard != resource.RLIM_INFINITY and _soft < _hard:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
 
 def post_worker_init(worker):
     if _config['EMBEDDED']:
         from app import embedded
         embedded.start(worker.wsgi)
-
-    # On SIGTERM gunicorn waits for open requests, and a WebSocket is one
-    # that never ends: close them first (code 1012) so pages reconnect to
-    # another worker or to this one's successor.
-    from app import live
-    graceful = worker.handle_exit
-
-    def handle_exit(signum, frame):
-        live.hub.shutdown()
-        graceful(signum, frame)
-    signal.signal(signal.SIGTERM, handle_exit)
 
 
 _quick = False
@@ -48,10 +49,14 @@ def worker_int(worker):
     global _quick
     _quick = True
     from app import live
-    live.hub.shutdown()
+    live.shutdown(worker.wsgi)
 
 
 def worker_exit(server, worker):
+    # Live sockets first, with 1012, so pages reconnect to another worker or
+    # to this one's successor while running jobs (embedded) finish.
+    from app import live
+    live.stop(worker.wsgi)
     if _config['EMBEDDED']:
         from app import embedded
         embedded.stop(timeout=1 if _quick else graceful_timeout - 5)

@@ -6,7 +6,7 @@ from flask import Flask
 from sqlalchemy import event
 
 from . import broker, config as config_module, events, inputs, text
-from .extensions import db, migrate, sock
+from .extensions import db, migrate
 
 
 def create_app(test_config=None):
@@ -32,7 +32,6 @@ def create_app(test_config=None):
 
     db.init_app(app)
     migrate.init_app(app, db, directory=os.path.join(config_module.ROOT, 'migrations'))
-    sock.init_app(app)
     with app.app_context():
         if db.engine.dialect.name == 'sqlite':
             event.listen(db.engine, 'connect', _sqlite_pragmas)
@@ -40,9 +39,6 @@ def create_app(test_config=None):
     # Imported here, not at the top: gunicorn.conf.py imports this package in
     # the master, and the live hub belongs to each worker.
     from . import api, errors, live, pages
-    # Pings find peers that vanished without closing (a laptop lid, a NAT);
-    # each socket's reader thread is a daemon, so it never holds up an exit.
-    app.config['SOCK_SERVER_OPTIONS'] = {'ping_interval': 25, 'thread_class': live.ReaderThread}
     app.register_blueprint(pages.bp)
     app.register_blueprint(live.bp)
     app.register_blueprint(api.bp)

@@ -28,10 +28,13 @@ DEFAULTS = {
     'HOST': '127.0.0.1',
     'PORT': 8000,
     # gunicorn worker processes (distributed mode; embedded uses one) and
-    # threads per process; every open WebSocket holds a thread, so this is
-    # also the most live pages one process serves.
+    # threads per process for HTTP requests. Open WebSockets hold no thread
+    # (they live on an event loop), so requests need only a few.
     'WEB_CONCURRENCY': 2,
-    'WEB_THREADS': 1000,
+    'WEB_THREADS': 32,
+    # Most live sockets (open pages) one web process holds; one more is
+    # closed with code 1013 and its page polls until a place is free.
+    'LIVE_SOCKETS': 10000,
     # Local state: the SQLite ledger, the embedded Huey database, the secret key.
     'INSTANCE_PATH': str(ROOT / 'instance'),
     # Embedded mode only: the Huey SQLite file and worker threads per queue.
@@ -77,7 +80,7 @@ DEFAULTS = {
     'LOG_LEVEL': 'INFO',
 }
 
-_INT = {'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
+_INT = {'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
         'PAGE_SIZE', 'MAX_PAGE_SIZE'}
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',

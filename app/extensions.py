@@ -1,6 +1,5 @@
 """Flask extensions, created unbound here and bound in ``create_app``."""
 from flask_migrate import Migrate
-from flask_sock import Sock
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
 
@@ -13,4 +12,3 @@ db = SQLAlchemy(metadata=MetaData(naming_convention={
     'pk': 'pk_%(table_name)s',
 }))
 migrate = Migrate()
-sock = Sock()

@@ -1,10 +1,13 @@
 """Live pages: a WebSocket per page that pushes re-rendered fragments.
 
-Each web process runs one relay thread: it listens on the event channel and
+Every open socket lives on this process's event loop (:mod:`app.sockets`),
+not on a thread of its own, so open pages never hold up HTTP requests. Each
+web process runs one relay thread that listens on the event channel and
 tells the :class:`Hub`, which bumps the version of every *view* (a page with
-its filters) the event concerns and wakes that view's sockets. Each socket's
-own thread then re-renders the view's fragments from the ledger (shared by
-every socket on the same view) and sends them as ``<hx-partial>`` swaps.
+its filters) the event concerns and wakes that view's sockets. A view's
+fragments are re-rendered from the ledger on a small pool of threads, once
+for all the sockets that show it, and the encoded message is written to each
+of them.
 
 Pressure: each socket has a token bucket of ``BURST`` messages refilled at
 ``RATE`` per second. A change reaching an idle socket goes out at once (so do
@@ -14,18 +17,26 @@ second, each carrying everything that changed since the last. A view's
 renders are shared by its sockets and limited the same way (``RENDER_RATE``),
 whatever number of sockets show it, and nothing queues per socket but "its
 view changed", so a burst of events costs a few messages per client and
-constant memory. A slow client only blocks its own thread.
+constant memory. A slow client only holds up its own messages.
+
+Capacity: a process holds at most ``LIVE_SOCKETS`` sockets; one more is
+answered and closed at once with code 1013 (try again later), and its page
+polls ``GET /ws?view=...`` (the same fragments, from the same shared
+renders) until a socket is accepted.
 """
+import asyncio
 import logging
-import socket
+import resource
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
-from flask import Blueprint, current_app, render_template, request
-from simple_websocket import ConnectionClosed
+from flask import Blueprint, Response, current_app, render_template, request
 
-from . import catalog, events, jobs, periodic, queues, states
-from .extensions import db, sock
+from . import catalog, events, jobs, periodic, queues, sockets, states
+from . import websocket as ws
+from .extensions import db
 from .leader import process_name
 from .models import Job
 
@@ -33,28 +44,27 @@ logger = logging.getLogger(__name__)
 
 bp = Blueprint('live', __name__)
 
-RATE = 4.0         # sustained messages per second per socket
-BURST = 3          # messages an idle socket may send back to back
-RENDER_RATE = 5.0  # sustained renders per second per view (BURST back to back)
-IDLE_WAKE = 5.0    # how often an idle socket checks that its peer is still there
-RECENT = 20        # rows in the dashboard's recent list
-CLOSE_RESTART = 1012
-CLOSE_POLICY = 1008
-
-
-class ReaderThread(threading.Thread):
-    """simple-websocket's per-socket reader, as a daemon thread."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.daemon = True
+RATE = 4.0          # sustained messages per second per socket
+BURST = 3           # messages an idle socket may send back to back
+RENDER_RATE = 5.0   # sustained renders per second per view (BURST back to back)
+RECENT = 20         # rows in the dashboard's recent list
+RENDER_THREADS = 4  # threads rendering fragments (database reads), per process
+POLL_KEEP = 30.0    # s a view only polled (no socket) stays cached after its last poll
+# File descriptors kept for everything but live sockets: gunicorn's worker
+# connections (1000, gunicorn.conf.py), the database and broker, logs.
+FD_RESERVE = 1200
+CLOSE_POLICY = ws.POLICY           # a view that does not exist
+CLOSE_RESTART = ws.RESTART         # shutting down: reconnect elsewhere
+CLOSE_FULL = ws.TRY_AGAIN_LATER    # LIVE_SOCKETS reached: poll, reconnect later
+FULL_REASON = 'too many live pages on this server; try again later'
 
 
 def socket_url(view, **params):
     """The page-relative URL of the socket for ``view``.
 
     Flask builds WebSocket URLs as absolute ws:// ones; relative, the browser
-    picks ws or wss to match the page (behind a TLS proxy too).
+    picks ws or wss to match the page (behind a TLS proxy too). A plain GET
+    of the same URL returns the fragments once (the polling fallback).
     """
     from urllib.parse import urlsplit
     from flask import url_for
@@ -87,56 +97,103 @@ class Bucket:
         self.tokens -= 1
 
 
-class View:
-    """What one kind of page shows; sockets on the same view share renders."""
+class Render(NamedTuple):
+    """A view's fragments as of ``version``: the HTML and its encoded frame (None if empty)."""
+    version: int
+    html: str
+    frame: bytes | None
 
-    def __init__(self, key):
+
+class View:
+    """What one kind of page shows; sockets (and polls) on the same view share renders.
+
+    Lives on the loop thread, except :meth:`render_html`, which runs on a
+    render thread inside a request context.
+    """
+
+    def __init__(self, key, environ):
         self.key = key
+        self.environ = environ  # the request that opened it, for url_for in templates
         self.version = 0
         self.clients = set()
         self.displayed = frozenset()  # job ids in the last render
-        self._lock = threading.Lock()
-        self._cache = (-1, '')  # (version, html)
+        self.polled = None  # loop time of the last poll
+        self._cache = Render(-1, '', None)
+        self._rendering = None  # the render task in flight
         self._renders = Bucket(RENDER_RATE, BURST)
 
     def concerns(self, changed, deleted, event):
         raise NotImplementedError
 
-    def render_html(self):
+    def fragments(self):
+        """``[(dom id, render function), ...]``: each function returns the fragment's HTML."""
         raise NotImplementedError
 
-    def render(self):
-        """``(version, html)``: current, or the last render when renders are rationed."""
-        with self._lock:
-            version, html = self._cache
-            if version == self.version or (version >= 0 and self._renders.wait() > 0):
-                return version, html
-            self._renders.take()
-            version = self.version  # read first: a change during render stays pending
+    def render_html(self):
+        """Every fragment that renders, wrapped for htmx; one that raises is logged and left out."""
+        parts = []
+        for target, render in self.fragments():
             try:
-                html = self.render_html()
-            finally:
-                db.session.rollback()  # no transaction (or stale objects) between renders
-            self._cache = (version, html)
-            return version, html
+                parts.append(partial(target, render()))
+            except Exception:
+                logger.exception('live: rendering #%s of %s failed', target, self.key)
+                db.session.rollback()
+        return ''.join(parts)
+
+    async def latest(self, hub):
+        """The newest :class:`Render`, no older than this view's version when called.
+
+        At most one render of a view runs at a time, and renders start at
+        most ``RENDER_RATE`` a second: everyone waiting shares the next one.
+        """
+        wanted = self.version  # not chased: changes during the wait go out next time
+        while self._cache.version < wanted:
+            if self._rendering is None:
+                delay = self._renders.wait()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    continue
+                self._renders.take()
+                self._rendering = asyncio.get_running_loop().create_task(self._render(hub))
+            await asyncio.shield(self._rendering)
+        return self._cache
+
+    async def _render(self, hub):
+        version = self.version  # read first: a change during the render stays pending
+        try:
+            html = await asyncio.get_running_loop().run_in_executor(hub.renderer, hub.render, self)
+        except Exception:
+            logger.exception('live: rendering %s failed', self.key)
+            html = ''
+        finally:
+            self._rendering = None
+        self._cache = Render(version, html, hub.server.frames.text(html) if html else None)
 
 
 class DashboardView(View):
+    """The dashboard: counts by state and the newest jobs."""
+
     def concerns(self, changed, deleted, event):
         return bool(changed or deleted)  # every change moves a count
 
-    def render_html(self):
+    def fragments(self):
+        return [('queue-stats', lambda: render_template('_stats.html', stats=jobs.stats())),
+                ('recent-jobs', self._recent)]
+
+    def _recent(self):
         recent, _ = jobs.list_jobs(limit=RECENT)
         self.displayed = frozenset(j.id for j in recent)
-        return (partial('queue-stats', render_template('_stats.html', stats=jobs.stats()))
-                + partial('recent-jobs', render_template(
-                    '_job_rows.html', jobs=recent, tbody_id='recent-jobs', filtered=False)))
+        return render_template('_job_rows.html', jobs=recent, tbody_id='recent-jobs',
+                               filtered=False)
 
 
 class ListView(View):
-    def __init__(self, key, filters, cursor):
-        super().__init__(key)
+    """One page of the jobs list, with its filters and cursor."""
+
+    def __init__(self, key, environ, filters, cursor):
+        super().__init__(key, environ)
         self.filters, self.cursor = filters, cursor
+        self._next_cursor = None
 
     def concerns(self, changed, deleted, event):
         if self.displayed & (set(deleted) | {c['id'] for c in changed}):
@@ -149,50 +206,59 @@ class ListView(View):
                    and (not f['queue'] or c.get('queue') in (f['queue'], None))
                    and (not f['task'] or c.get('task') in (f['task'], None)) for c in changed)
 
-    def render_html(self):
-        page, next_cursor = jobs.list_jobs(**self.filters, cursor=self.cursor,
-                                           limit=current_app.config['PAGE_SIZE'])
+    def fragments(self):
+        return [('jobs-page-rows', self._rows), ('pager', self._pager)]
+
+    def _rows(self):
+        page, self._next_cursor = jobs.list_jobs(**self.filters, cursor=self.cursor,
+                                                 limit=current_app.config['PAGE_SIZE'])
         self.displayed = frozenset(j.id for j in page)
-        filtered = any(self.filters.values())
-        return (partial('jobs-page-rows', render_template(
-                    '_job_rows.html', jobs=page, tbody_id='jobs-page-rows', filtered=filtered,
-                    selectable=True))
-                + partial('pager', render_template(
-                    '_pager.html', filters=self.filters, cursor=self.cursor,
-                    next_cursor=next_cursor)))
+        return render_template('_job_rows.html', jobs=page, tbody_id='jobs-page-rows',
+                               filtered=any(self.filters.values()), selectable=True)
+
+    def _pager(self):
+        return render_template('_pager.html', filters=self.filters, cursor=self.cursor,
+                               next_cursor=self._next_cursor)
 
 
 class JobView(View):
-    def __init__(self, key, job_id):
-        super().__init__(key)
+    """One job's page: its summary and its attempts."""
+
+    def __init__(self, key, environ, job_id):
+        super().__init__(key, environ)
         self.job_id = job_id
         self.displayed = frozenset({job_id})
 
     def concerns(self, changed, deleted, event):
         return self.job_id in deleted or any(c['id'] == self.job_id for c in changed)
 
-    def render_html(self):
+    def fragments(self):
+        summary = f'job-{self.job_id}-summary'
+        if db.session.get(Job, self.job_id) is None:
+            return [(summary, lambda: render_template('_job_gone.html', job_id=self.job_id))]
+        return [(summary, self._summary), (f'job-{self.job_id}-attempts', self._attempts)]
+
+    def _summary(self):
+        return render_template('_job_summary.html', job=db.session.get(Job, self.job_id))
+
+    def _attempts(self):
         job = db.session.get(Job, self.job_id)
-        if job is None:
-            return partial(f'job-{self.job_id}-summary', render_template(
-                '_job_gone.html', job_id=self.job_id))
-        return (partial(f'job-{job.id}-summary', render_template('_job_summary.html', job=job))
-                + partial(f'job-{job.id}-attempts', render_template(
-                    '_attempts.html', job=job, attempts=jobs.attempts(job), logs=jobs.logs(job))))
+        return render_template('_attempts.html', job=job, attempts=jobs.attempts(job),
+                               logs=jobs.logs(job))
 
 
 class PageView(View):
     """A page of its own (queues, workers, ...): one fragment, one render function."""
 
-    def __init__(self, key, target, render, concerns):
-        super().__init__(key)
-        self.target, self._render, self._concerns = target, render, concerns
+    def __init__(self, key, environ, target, render, concerns):
+        super().__init__(key, environ)
+        self.target, self._render_fragment, self._concerns = target, render, concerns
 
     def concerns(self, changed, deleted, event):
         return self._concerns(changed, deleted, event)
 
-    def render_html(self):
-        return partial(self.target, self._render())
+    def fragments(self):
+        return [(self.target, self._render_fragment)]
 
 
 def _any_job(changed, deleted, event):
@@ -252,8 +318,13 @@ PAGES = {
 }
 
 
+
+
 def view_for(args, config):
-    """The view a socket asks for in its query string; ValueError if malformed."""
+    """``(key, factory)`` for the view a socket or poll asks for in its query string.
+
+    ``factory(key, environ)`` builds the view. Raises ValueError if malformed.
+    """
     kind = args.get('view')
     if kind == 'dashboard':
         return ('dashboard',), DashboardView
@@ -261,7 +332,7 @@ def view_for(args, config):
         job_id = args.get('id', '')
         if not job_id or len(job_id) > 36:
             raise ValueError('view=job needs an id')
-        return ('job', job_id), lambda key: JobView(key, job_id)
+        return ('job', job_id), lambda key, environ: JobView(key, environ, job_id)
     if kind == 'jobs':
         filters = {k: args.get(k) or None for k in ('state', 'queue', 'task', 'q')}
         if filters['state'] and filters['state'] not in states.JOB_STATES:
@@ -270,98 +341,77 @@ def view_for(args, config):
         if cursor:
             jobs.decode_cursor(cursor)
         key = ('jobs', *filters.values(), cursor)
-        return key, lambda key: ListView(key, filters, cursor)
+        return key, lambda key, environ: ListView(key, environ, filters, cursor)
     if kind in PAGES:
         target, render, concerns = PAGES[kind]
         queue = args.get('queue') or None
-        return (kind, queue), lambda key: PageView(key, target, render(queue), concerns)
+        return (kind, queue), lambda key, environ: PageView(key, environ, target, render(queue),
+                                                             concerns)
     raise ValueError('view must be dashboard, jobs, job, ' + ', '.join(PAGES))
 
 
 class Client:
+    """One socket's place in a view: what it was last sent, and its pacing."""
     __slots__ = ('view', 'wake', 'sent_version', 'sends')
 
     def __init__(self, view):
         self.view = view
-        self.wake = threading.Event()
+        self.wake = asyncio.Event()
         self.sent_version = -1
         self.sends = Bucket(RATE, BURST)
 
 
+def _request_environ(environ):
+    # What url_for needs to build links as the page's own request would
+    # (host, scheme, script name); nothing that holds the connection.
+    return {k: v for k, v in environ.items() if isinstance(v, str)}
+
+
 class Hub:
-    """This process's live sockets, grouped by view."""
+    """This process's live views and sockets (one per app, made by :func:`hub_for`).
 
-    def __init__(self):
-        self._lock = threading.Lock()
+    Its state lives on the socket server's loop thread; other threads reach
+    it through :meth:`on_event`, :meth:`adopt`, :meth:`poll` and :meth:`stop`.
+    """
+
+    def __init__(self, app):
+        self.app = app
         self.views = {}
-        self.stopping = threading.Event()
+        self.server = None
+        self.renderer = None
+        self.status_html = None  # the live indicator every snapshot starts with
         self.relay = None
-        self.connected = False  # whether the event channel is reachable
-
-    def join(self, key, factory):
-        with self._lock:
-            view = self.views.get(key)
-            if view is None:
-                view = self.views[key] = factory(key)
-            client = Client(view)
-            view.clients.add(client)
-            return client
-
-    def leave(self, client):
-        with self._lock:
-            view = client.view
-            view.clients.discard(client)
-            if not view.clients and self.views.get(view.key) is view:
-                del self.views[view.key]
+        self.connected = False   # whether the event channel is reachable
+        self.stopping = threading.Event()
+        self._unsubscribe = None
+        self._lock = threading.Lock()
 
     @property
     def sockets(self):
-        with self._lock:
-            return sum(len(v.clients) for v in self.views.values())
+        """Live sockets open now."""
+        return len(self.server.connections) if self.server else 0
 
-    def on_event(self, event):
-        """Called for every event; cheap: bump versions, wake sockets."""
-        changed = event.get('jobs') or []
-        deleted = event.get('deleted') or []
-        with self._lock:
-            views = list(self.views.values())
-        for view in views:
-            try:
-                relevant = view.concerns(changed, deleted, event)
-            except Exception:
-                logger.exception('live: relevance check failed; refreshing %s', view.key)
-                relevant = True
-            if relevant:
-                self.touch(view)
+    # -- start and stop (any thread) --
 
-    def touch(self, view):
-        view.version += 1
-        for client in list(view.clients):
-            client.wake.set()
-
-    def resync(self):
-        """Refresh every view: events may have been missed."""
+    def start(self):
+        """Start the socket loop, the render threads and the event relay (once)."""
         with self._lock:
-            views = list(self.views.values())
-        for view in views:
-            self.touch(view)
-
-    def shutdown(self):
-        """Ask every socket to close with 1012 so its page reconnects elsewhere."""
-        self.stopping.set()
-        with self._lock:
-            views = list(self.views.values())
-        for view in views:
-            for client in list(view.clients):
-                client.wake.set()
-
-    def start(self, app):
-        """Start listening for events (once per process)."""
-        with self._lock:
-            if self.relay is not None:
+            if self.server is not None:
                 return
+            limit = self.app.config['LIVE_SOCKETS']
+            files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if files != resource.RLIM_INFINITY and files - FD_RESERVE < limit:
+                logger.warning('live: %d open files allowed (ulimit -n), so at most %d live '
+                               'sockets instead of LIVE_SOCKETS=%d', files,
+                               max(0, files - FD_RESERVE), limit)
+                limit = max(0, files - FD_RESERVE)
+            self.renderer = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix='live-render')
+            server = sockets.SocketServer(limit, FULL_REASON)
+            server.start()
+            server.call_soon(lambda: server.loop.create_task(self._sweep()))
+            self.server = server
             bus = events.bus
-            bus.subscribe(self.on_event)
+            self._unsubscribe = bus.subscribe(self.on_event)
             if isinstance(bus, events.RedisBus):
                 self.relay = threading.Thread(target=self._relay, args=(bus,), name='live-relay',
                                               daemon=True)
@@ -369,6 +419,133 @@ class Hub:
             else:
                 self.relay = 'local'
                 self.connected = True
+
+    def shutdown(self):
+        """Close every socket with 1012 so its page reconnects elsewhere (returns at once)."""
+        self.stopping.set()
+        if self.server is not None:
+            self.server.close_all(CLOSE_RESTART, 'server restarting')
+
+    def stop(self, timeout=3.0):
+        """Close every socket with 1012, waiting up to ``timeout`` s for the close frames."""
+        self.stopping.set()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self.server is not None:
+            self.server.stop(CLOSE_RESTART, 'server restarting', timeout)
+        if self.renderer is not None:
+            self.renderer.shutdown(wait=False, cancel_futures=True)
+
+    # -- from other threads --
+
+    def on_event(self, event):
+        """Called for every event, on the publishing or relay thread: hands it to the loop."""
+        self.server.call_soon(self._on_event, event)
+
+    def resync(self):
+        """Refresh every view: events may have been missed."""
+        self.server.call_soon(self._resync)
+
+    def adopt(self, environ, key, factory):
+        """Hand a WebSocket request over to the loop (see :meth:`SocketServer.adopt`)."""
+        environ_copy = _request_environ(environ)
+        self.server.adopt(environ, lambda conn: self._serve(conn, key, factory, environ_copy))
+
+    def refuse(self, environ, reason):
+        """Accept a WebSocket request only to close it with 1008 and ``reason``."""
+        async def close(conn):
+            conn.close(CLOSE_POLICY, reason)
+        self.server.adopt(environ, close)
+
+    def poll(self, key, factory, environ, timeout=30.0):
+        """The view's fragments now (HTML), from its shared render (on a request thread)."""
+        return self.server.call(self._poll(key, factory, _request_environ(environ)), timeout)
+
+    def render(self, view):
+        """Render ``view``'s fragments (on a render thread)."""
+        with self.app.request_context(view.environ):
+            return view.render_html()
+
+    # -- on the loop thread --
+
+    def _view(self, key, factory, environ):
+        view = self.views.get(key)
+        if view is None:
+            view = self.views[key] = factory(key, environ)
+        return view
+
+    async def _poll(self, key, factory, environ):
+        view = self._view(key, factory, environ)
+        view.polled = asyncio.get_running_loop().time()
+        return (await view.latest(self)).html
+
+    async def _serve(self, conn, key, factory, environ):
+        """The relay: subscribe, send the snapshot, then each change; unsubscribe when done."""
+        view = self._view(key, factory, environ)
+        client = Client(view)
+        view.clients.add(client)
+        conn.on_lost = client.wake.set
+        try:
+            # A fresh snapshot on every (re)connect heals whatever was missed.
+            render = await view.latest(self)
+            if not await conn.send(self.server.frames.text(self.status_html + render.html)):
+                return
+            client.sent_version = render.version
+            while conn.open:
+                if client.sent_version < view.version:
+                    wait = client.sends.wait()
+                    if wait > 0:
+                        # Whatever else changes meanwhile goes out in one message.
+                        await asyncio.sleep(wait)
+                        continue
+                    render = await view.latest(self)
+                    if render.frame is not None:
+                        client.sends.take()
+                        if not await conn.send(render.frame):
+                            return
+                    client.sent_version = render.version
+                    continue
+                await client.wake.wait()
+                client.wake.clear()
+        finally:
+            view.clients.discard(client)
+            self._forget(view)
+
+    def _forget(self, view):
+        loop = asyncio.get_running_loop()
+        if (not view.clients and self.views.get(view.key) is view
+                and (view.polled is None or loop.time() - view.polled > POLL_KEEP)):
+            del self.views[view.key]
+
+    async def _sweep(self):
+        # Views kept only for polls go once nobody has polled them for a while.
+        while True:
+            await asyncio.sleep(POLL_KEEP / 3)
+            for view in list(self.views.values()):
+                self._forget(view)
+
+    def _on_event(self, event):
+        changed = event.get('jobs') or []
+        deleted = event.get('deleted') or []
+        for view in list(self.views.values()):
+            try:
+                relevant = view.concerns(changed, deleted, event)
+            except Exception:
+                logger.exception('live: relevance check failed; refreshing %s', view.key)
+                relevant = True
+            if relevant:
+                self._touch(view)
+
+    def _touch(self, view):
+        view.version += 1
+        for client in view.clients:
+            client.wake.set()
+
+    def _resync(self):
+        for view in list(self.views.values()):
+            self._touch(view)
+
+    # -- the relay thread (distributed mode) --
 
     def _relay(self, bus):
         failures = 0
@@ -398,63 +575,66 @@ class Hub:
                     pass
 
 
-hub = Hub()
+def hub_for(app):
+    """The app's :class:`Hub`, started on first use."""
+    hub = app.extensions.get('live')
+    if hub is None:
+        hub = app.extensions.setdefault('live', Hub(app))
+    hub.start()
+    return hub
 
 
-def _hang_up(ws):
-    # The close frame is out; end the connection too, so the server need not
-    # wait for the client to answer it before it exits.
-    try:
-        ws.sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+def stop(app, timeout=3.0):
+    """Close the app's live sockets with 1012 and stop its loop (if it ever started)."""
+    hub = app.extensions.get('live')
+    if hub is not None:
+        hub.stop(timeout)
 
 
-def _send(ws, client, html):
-    client.sends.take()
-    ws.send(html)
+def shutdown(app):
+    """Start closing the app's live sockets with 1012; returns at once (signal handlers)."""
+    hub = app.extensions.get('live')
+    if hub is not None:
+        hub.shutdown()
 
 
-@sock.route('/ws', bp=bp)
-def live_socket(ws):
-    """Push the fragments of the page that opened this socket as they change."""
+class _HandedOver(Response):
+    # The socket now belongs to the loop: gunicorn must write nothing and
+    # close its (replaced) descriptor, which this tells its gthread worker.
+    def __call__(self, environ, start_response):
+        raise StopIteration
+
+
+# Two rules for one view: werkzeug matches a WebSocket upgrade only to a
+# rule marked websocket, and a plain GET only to one that is not.
+@bp.get('/ws', websocket=True)
+@bp.get('/ws')
+def live_socket():
+    """The page's live fragments: pushed over a WebSocket, or once for a plain GET (polling)."""
+    upgrade = request.url_rule.websocket  # werkzeug matched the upgrade to its rule
+    hub = hub_for(current_app._get_current_object())
     try:
         key, factory = view_for(request.args, current_app.config)
     except ValueError as exc:
-        ws.close(CLOSE_POLICY, f'bad view: {exc}'[:120])
-        return
-    hub.start(current_app._get_current_object())
-    client = hub.join(key, factory)
-    view = client.view
+        if upgrade:
+            try:
+                hub.refuse(request.environ, f'bad view: {exc}'[:120])
+                return _HandedOver()
+            except (ws.HandshakeError, RuntimeError):
+                pass
+        return Response(f'bad view: {exc}', 400, mimetype='text/plain')
+    if not upgrade:
+        return Response(hub.poll(key, factory, request.environ), mimetype='text/html',
+                        headers={'Cache-Control': 'no-store'})
+    if hub.status_html is None:
+        hub.status_html = partial('live-status', render_template(
+            '_live_status.html', node=process_name(), live=True))
     try:
-        # A fresh snapshot on every (re)connect heals whatever was missed.
-        version, html = view.render()
-        _send(ws, client, partial('live-status', render_template(
-            '_live_status.html', node=process_name(), live=True)) + html)
-        client.sent_version = version
-        while True:
-            if hub.stopping.is_set():
-                ws.close(CLOSE_RESTART, 'server restarting')
-                _hang_up(ws)
-                return
-            if not ws.connected:
-                return
-            if client.sent_version < view.version:
-                wait = client.sends.wait()
-                if wait > 0:
-                    # Whatever else changes meanwhile goes out in one message.
-                    hub.stopping.wait(wait)
-                    continue
-                version, html = view.render()
-                if version > client.sent_version:
-                    _send(ws, client, html)
-                    client.sent_version = version
-                else:  # the view's renders are rationed; take the next one
-                    hub.stopping.wait(1 / RENDER_RATE / 2)
-                continue
-            client.wake.wait(IDLE_WAKE)
-            client.wake.clear()
-    except ConnectionClosed:
-        pass
-    finally:
-        hub.leave(client)
+        hub.adopt(request.environ, key, factory)
+    except ws.HandshakeError as exc:
+        return Response(str(exc), exc.status, exc.headers, mimetype='text/plain')
+    except RuntimeError as exc:
+        # No raw socket (a development server) or the process is exiting:
+        # the page polls instead.
+        return Response(str(exc), 503, mimetype='text/plain')
+    return _HandedOver()

@@ -7,10 +7,13 @@ Runs a private redis-server, one gunicorn worker process and one huey_consumer
    ``updated_at``, written in the same transaction) to its fragment arriving
    at a WebSocket client, at light load (one job at a time) and while the
    consumer drains a backlog at full speed;
-2. how many idle sockets one web process holds, and its memory before,
-   with them open, and after they have idled a while.
+2. how many idle sockets one web process holds (each answering the
+   server's pings, as a browser does), its memory and threads before, with
+   them open, after they have idled 30 s (a whole ping interval) and after
+   they closed, and the latency of ``GET /healthz`` before, while they are
+   being opened and while they are open.
 
-Usage: python bench/live.py [--light 200] [--burst 5000] [--sockets 1000]
+Usage: python bench/live.py [--light 200] [--burst 3000] [--sockets 5000]
 """
 import argparse
 import datetime as dt
@@ -26,8 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 sys.path.insert(0, str(ROOT))
-from helpers import (RedisServer, Socket, migrate, service_env,  # noqa: E402
-                     start_consumer, start_web, wait_for)
+from helpers import (RedisServer, Socket, SocketCrowd, migrate,  # noqa: E402
+                     service_env, start_consumer, start_web, wait_for)
+from wsproto.events import TextMessage  # noqa: E402
 
 ROW = re.compile(r'<tr id="job-([0-9a-f-]+)" data-state="(\w+)" data-version="\d+" '
                  r'data-updated="([^"]+)"')
@@ -64,11 +68,30 @@ def percentile(values, p):
     return values[k]
 
 
-def rss_kib(pid):
+def proc_status(pid, field):
     for line in Path(f'/proc/{pid}/status').read_text().splitlines():
-        if line.startswith('VmRSS:'):
+        if line.startswith(field + ':'):
             return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid):
+    return proc_status(pid, 'VmRSS')
+
+
+def healthz_latency(port, count=300, pause=0.01):
+    """``count`` sequential GET /healthz, each on a new connection (as a probe makes them)."""
+    import http.client
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+        conn.request('GET', '/healthz')
+        assert conn.getresponse().status == 200
+        conn.close()
+        times.append(time.perf_counter() - started)
+        time.sleep(pause)
+    return times
 
 
 def worker_pid(master_pid):
@@ -136,31 +159,71 @@ def burst(api, ws_base, count, consumer_factory):
             len(dash.messages) - before, elapsed, len(ids), consumer)
 
 
-def idle_sockets(ws_base, web_pid, count):
+def idle_sockets(ws_base, web_pid, port, count):
+    """Open ``count`` dashboard sockets on one web process and measure it.
+
+    They are opened back to back by one client, which then answers pings
+    (as browsers do) while they idle for 30 s.
+    """
     pid = worker_pid(web_pid)
-    base = rss_kib(pid)
-    clients = []
+    base, base_threads = rss_kib(pid), proc_status(pid, 'Threads')
+    health_before = healthz_latency(port)
+    # /healthz sampled meanwhile, from another thread, until every socket is open
+    opening, health_opening = threading.Event(), []
+
+    def sample():
+        while not opening.is_set():
+            health_opening.extend(healthz_latency(port, 1, 0.02))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     start = time.monotonic()
-    for i in range(count):
-        clients.append(Listener(f'{ws_base}/ws?view=dashboard', ROW))
-    wait_for(lambda: all(c.messages for c in clients), 120, 0.1, 'every socket snapshot')
+    try:
+        crowd = SocketCrowd(f'{ws_base}/ws?view=dashboard', count)
+    finally:
+        opening.set()
+        sampler.join()
     opened = time.monotonic() - start
-    with_sockets = rss_kib(pid)
-    time.sleep(20)  # idle: memory should hold steady
+    first = crowd.first_events(120)
+    snapshots = sum(1 for f in first if isinstance(f, TextMessage))
+    with_sockets, threads = rss_kib(pid), proc_status(pid, 'Threads')
+    # Idle for 30 s, a whole ping interval (the client answers every ping):
+    # memory should hold steady, and /healthz is sampled all along.
+    holding, health_open = threading.Event(), []
+
+    def sample_open():
+        while not holding.is_set():
+            health_open.extend(healthz_latency(port, 1, 0.01))
+    sampler = threading.Thread(target=sample_open)
+    sampler.start()
+    try:
+        crowd.hold(30)
+    finally:
+        holding.set()
+        sampler.join()
     idle = rss_kib(pid)
-    alive = sum(1 for c in clients if c.ws.connected)
-    for c in clients:
-        c.close()
-    return {'sockets': count, 'alive_after_idle': alive, 'open_seconds': opened,
-            'rss_base_mib': base / 1024, 'rss_open_mib': with_sockets / 1024,
-            'rss_idle_mib': idle / 1024}
+    alive = crowd.still_open()
+    crowd.close()
+    time.sleep(5)  # "after": 5 s after the client closed them
+    after = rss_kib(pid)
+    # The same number again: memory freed by the first crowd is reused, so
+    # a second one should cost (next to) nothing more.
+    again = SocketCrowd(f'{ws_base}/ws?view=dashboard', count)
+    again.first_events(120)
+    rss_again = rss_kib(pid)
+    again.close()
+    return {'sockets': count, 'snapshots': snapshots, 'alive_after_idle': alive,
+            'open_seconds': opened, 'rss_base_mib': base / 1024,
+            'rss_open_mib': with_sockets / 1024, 'rss_idle_mib': idle / 1024,
+            'rss_closed_mib': after / 1024, 'rss_again_mib': rss_again / 1024, 'threads_before': base_threads,
+            'threads_open': threads, 'health_before': health_before, 'health_open': health_open,
+            'health_opening': health_opening}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--light', type=int, default=200, help='jobs at light load')
     parser.add_argument('--burst', type=int, default=3000, help='jobs in the full-speed burst')
-    parser.add_argument('--sockets', type=int, default=1000, help='idle sockets to open')
+    parser.add_argument('--sockets', type=int, default=5000, help='idle sockets to open')
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix='qm-bench-live-'))
@@ -175,7 +238,7 @@ def main():
         consumer.stop()
         burst_latency, burst_messages, burst_seconds, burst_jobs, consumer = burst(
             api, ws_base, args.burst, lambda: start_consumer(env, tmp, name='consumer-burst'))
-        idle = idle_sockets(ws_base, web.pid, args.sockets)
+        idle = idle_sockets(ws_base, web.pid, int(api.base.rsplit(':', 1)[1]), args.sockets)
     finally:
         consumer.stop()
         web.stop()
@@ -192,12 +255,27 @@ def main():
     print(f'\nBurst: a backlog of {burst_jobs} jobs drained in {burst_seconds:.1f} s '
           f'({burst_jobs / burst_seconds:.0f} jobs/s); the dashboard socket got '
           f'{burst_messages} messages meanwhile ({burst_messages / burst_seconds:.1f}/s)')
+    per_socket = (idle['rss_open_mib'] - idle['rss_base_mib']) * 1024 / idle['sockets']
     print(f'\nIdle sockets on one web process: {idle["sockets"]} opened in '
-          f'{idle["open_seconds"]:.1f} s, {idle["alive_after_idle"]} still open after 20 s idle')
+          f'{idle["open_seconds"]:.1f} s by one client, {idle["snapshots"]} got their snapshot, '
+          f'{idle["alive_after_idle"]} still open after 30 s idle')
     print(f'  worker RSS: {idle["rss_base_mib"]:.1f} MiB before, {idle["rss_open_mib"]:.1f} MiB '
-          f'with them open, {idle["rss_idle_mib"]:.1f} MiB after idling '
-          f'({(idle["rss_open_mib"] - idle["rss_base_mib"]) * 1024 / idle["sockets"]:.0f} KiB per socket)')
-    print('  target: at least 500 idle sockets per web process')
+          f'with them open, {idle["rss_idle_mib"]:.1f} MiB after idling, '
+          f'{idle["rss_closed_mib"]:.1f} MiB after they closed, {idle["rss_again_mib"]:.1f} MiB '
+          f'with as many open again ({per_socket:.1f} KiB per socket)')
+    print(f'  worker threads: {idle["threads_before"]} before, {idle["threads_open"]} with them open')
+    hb, ho = idle['health_before'], idle['health_open']
+    print(f'  GET /healthz, sequential: p50 {ms(percentile(hb, 50)).strip()} / p99 '
+          f'{ms(percentile(hb, 99)).strip()} before ({len(hb)} samples); p50 '
+          f'{ms(percentile(ho, 50)).strip()} / p99 {ms(percentile(ho, 99)).strip()} / max '
+          f'{ms(max(ho)).strip()} with them open, over 30 s ({len(ho)} samples) '
+          f'(p99 ratio {percentile(ho, 99) / percentile(hb, 99):.2f})')
+    hs = idle['health_opening']
+    print(f'  GET /healthz while they were being opened ({len(hs)} samples): p50 '
+          f'{ms(percentile(hs, 50)).strip()} / p99 {ms(percentile(hs, 99)).strip()} / max '
+          f'{ms(max(hs)).strip()}')
+    print('  targets: at least 5,000 idle sockets per web process, flat memory, '
+          '/healthz p99 under 100 ms while they are open')
 
 
 if __name__ == '__main__':

@@ -16,6 +16,9 @@ import pytest
 import redis
 import simple_websocket
 import sqlalchemy as sa
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Ping, RejectConnection, Request, TextMessage
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -276,11 +279,27 @@ class Deployment:
             self.redis.stop()
 
 
+class _Client(simple_websocket.Client):
+    """simple-websocket's client, keeping what arrives with the handshake answer.
+
+    Its handshake reads the ``101`` answer and stops at the first event, so a
+    message (or a close) that came in the same read waited, unseen, until the
+    next one arrived; a server that sends its snapshot at once triggers that.
+    """
+
+    def handshake(self):
+        super().handshake()
+        self._handle_events()
+        # A close among them is recorded; the reader thread then finds the
+        # connection ended, and the constructor must not fail meanwhile.
+        self.connected = True
+
+
 class Socket:
     """A WebSocket client that reads every message on a thread of its own."""
 
     def __init__(self, url):
-        self.ws = simple_websocket.Client.connect(url)
+        self.ws = _Client.connect(url)
         self.messages = []  # (monotonic time, text)
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -309,6 +328,107 @@ class Socket:
             self.ws.close()
         except simple_websocket.ConnectionClosed:
             pass
+
+
+class SocketCrowd:
+    """Many idle WebSocket clients on plain sockets: no thread each, for capacity tests.
+
+    Opens ``count`` sockets to ``url`` one after another, each through
+    wsproto's client handshake (which checks the server's ``101`` answer).
+    Call :meth:`pump` (or :meth:`hold`) now and then: it reads what the
+    server pushed and answers its pings, as a browser would, so the server
+    keeps the sockets open.
+    """
+
+    def __init__(self, url, count, timeout=10.0):
+        import resource
+        from urllib.parse import urlsplit
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < count + 512 and hard != soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
+        parts = urlsplit(url)
+        path = parts.path + ('?' + parts.query if parts.query else '')
+        self.sockets, self.first, self.closed = [], [], []
+        self._conns, self._parts = [], []
+        for _ in range(count):
+            s = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+            conn = WSConnection(ConnectionType.CLIENT)
+            s.sendall(conn.send(Request(host=parts.netloc, target=path)))
+            i = len(self.sockets)
+            self.sockets.append(s)
+            self.first.append(None)
+            self.closed.append(False)
+            self._conns.append(conn)
+            self._parts.append([])
+            while conn.state is ConnectionState.CONNECTING:
+                chunk = s.recv(4096)
+                assert chunk, 'the server hung up during the handshake'
+                self._take(i, chunk)
+            assert conn.state is not ConnectionState.REJECTING, 'the upgrade was refused'
+            s.setblocking(False)
+
+    def _take(self, i, data):
+        conn = self._conns[i]
+        conn.receive_data(data)
+        for event in conn.events():
+            if isinstance(event, RejectConnection):
+                raise AssertionError(f'the upgrade was refused with {event.status_code}')
+            if isinstance(event, Ping):
+                try:
+                    self.sockets[i].sendall(conn.send(event.response()))
+                except OSError:
+                    self.closed[i] = True
+            elif self.first[i] is None:
+                if isinstance(event, TextMessage):
+                    self._parts[i].append(event.data)
+                    if event.message_finished:
+                        self.first[i] = TextMessage(''.join(self._parts[i]))
+                        self._parts[i] = None
+                elif isinstance(event, CloseConnection):
+                    self.first[i] = event
+            if isinstance(event, CloseConnection):
+                return  # wsproto reads nothing after a close
+
+    def pump(self):
+        """Read whatever arrived on every socket; answer pings. Returns how many are open."""
+        for i, s in enumerate(self.sockets):
+            while not self.closed[i]:
+                try:
+                    chunk = s.recv(65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    chunk = b''
+                if not chunk:
+                    self.closed[i] = True
+                    break
+                if self._conns[i].state is ConnectionState.OPEN:
+                    self._take(i, chunk)
+        return self.closed.count(False)
+
+    def hold(self, seconds):
+        """Keep the sockets open for ``seconds``, answering pings."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.pump()
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def first_events(self, timeout=60.0):
+        """Each socket's first message: a whole ``TextMessage``, a ``CloseConnection``
+        (wsproto events), or None if the server hung up without one."""
+        wait_for(lambda: self.pump() is not None and all(
+            f is not None or c for f, c in zip(self.first, self.closed)), timeout, 0.05,
+            'a first message on every socket')
+        return list(self.first)
+
+    def still_open(self):
+        """How many sockets the server has not closed."""
+        return self.pump()
+
+    def close(self):
+        for s in self.sockets:
+            s.close()
+        self.sockets = []
 
 
 class Stack:

@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from helpers import Deployment, need, start_consumer
+from helpers import Deployment, Socket, need, start_consumer, wait_for
 from playwright.sync_api import expect, sync_playwright
 
 CHROMIUM = '/usr/bin/chromium'
@@ -233,4 +233,34 @@ def test_a_job_on_a_killed_worker_is_seen_to_recover(tmp_path, page):
         expect(summary).to_have_attribute('data-state', 'succeeded', timeout=30_000)
         expect(page.locator(f'#attempt-{job["id"]}-2')).to_have_attribute('data-outcome', 'succeeded')
     finally:
+        dep.close()
+
+
+def test_a_page_refused_by_a_full_server_polls_until_a_socket_is_free(tmp_path, page):
+    dep = Deployment('embedded', tmp_path, LIVE_SOCKETS=1)
+    holder = None
+    try:
+        holder = Socket(f'{dep.ws_base}/ws?view=dashboard')  # takes the only place
+        wait_for(lambda: holder.messages, 10, message='the holder\'s snapshot')
+        page.goto(dep.api.base + '/')
+        status = page.locator('#live-status')
+        expect(status).to_have_text('not live (polling)', timeout=10_000)
+        marker = page.evaluate('() => (window.__marker = Math.random())')
+        job = dep.api.submit('noop')
+        dep.api.wait_state(job['id'], 'succeeded')
+        # fetched by polling, every 5 s: the page has no socket
+        expect(page.locator(f'#job-{job["id"]}')).to_have_attribute('data-state', 'succeeded',
+                                                                     timeout=15_000)
+        expect(status).to_have_text('not live (polling)')
+        holder.close()
+        holder = None
+        # the page asks again (after 3.5 to 6.5 s) and is live once more
+        live(page)
+        other = dep.api.submit('noop')
+        expect(page.locator(f'#job-{other["id"]}')).to_have_attribute('data-state', 'succeeded',
+                                                                       timeout=5_000)
+        assert page.evaluate('() => window.__marker') == marker  # never reloaded
+    finally:
+        if holder:
+            holder.close()
         dep.close()

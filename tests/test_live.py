@@ -5,11 +5,14 @@ drive the same endpoint through htmx in Chromium.
 """
 import re
 import signal
+import socket
 import time
 
 import helpers
 import pytest
 from helpers import Deployment, wait_for
+
+from wsproto.events import CloseConnection, TextMessage
 
 from app import live
 
@@ -164,6 +167,39 @@ def test_a_bad_view_is_refused_with_1008(stack):
     assert sock.close_code == 1008 and sock.messages == []
 
 
+def upgrade_answer(port, **headers):
+    """The answer to a raw upgrade request for the dashboard: its head, and its body if any."""
+    fields = {'Host': f'127.0.0.1:{port}', 'Upgrade': 'websocket', 'Connection': 'Upgrade',
+              'Sec-WebSocket-Key': 'dGhlIHNhbXBsZSBub25jZQ==', 'Sec-WebSocket-Version': '13'}
+    fields.update(headers)
+    request = 'GET /ws?view=dashboard HTTP/1.1\r\n' + ''.join(
+        f'{k}: {v}\r\n' for k, v in fields.items() if v is not None) + '\r\n'
+    with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+        s.sendall(request.encode())
+        answer = b''
+        while b'\r\n\r\n' not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        length = re.search(rb'\r\nContent-Length: (\d+)\r\n', answer, re.I)
+        while length and len(answer.split(b'\r\n\r\n', 1)[1]) < int(length.group(1)):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode('latin-1')
+
+
+def test_a_bad_upgrade_request_is_answered_with_a_4xx_and_why(stack):
+    port = int(stack.api.base.rsplit(':', 1)[1])
+    assert upgrade_answer(port).startswith('HTTP/1.1 101 ')
+    refused = upgrade_answer(port, **{'Sec-WebSocket-Key': None})
+    assert refused.startswith('HTTP/1.1 400 ') and 'Sec-WebSocket-Key' in refused
+    old = upgrade_answer(port, **{'Sec-WebSocket-Version': '8'})
+    assert old.startswith('HTTP/1.1 426 ') and '\r\nSec-WebSocket-Version: 13\r\n' in old
+
+
 def test_redis_restart_resumes_the_relay_without_restarting_web(tmp_path):
     dep = Deployment('distributed', tmp_path, web_workers=1)
     try:
@@ -198,5 +234,122 @@ def test_shutdown_closes_sockets_with_1012_and_clients_reconnect(tmp_path):
         again = Socket(f'{dep.ws_base}/ws?view=dashboard')
         wait_for(lambda: again.messages, 10, message='a snapshot after restart')
         again.close()
+    finally:
+        dep.close()
+
+
+def test_a_plain_get_of_the_socket_url_returns_the_fragments_it_would_push(stack):
+    job = stack.api.wait_state(stack.api.submit('noop')['id'], 'succeeded')
+    status, html = stack.api.get('/ws?view=dashboard')
+    assert status == 200
+    assert '<hx-partial hx-target="#queue-stats"' in html
+    assert f'<tr id="job-{job["id"]}" data-state="succeeded"' in html
+    assert 'id="live-status"' not in html  # the indicator is the page's own business
+    status, page = stack.api.get(f'/ws?view=job&id={job["id"]}')
+    assert status == 200 and f'hx-target="#job-{job["id"]}-attempts"' in page
+    assert stack.api.get('/ws?view=everything')[0] == 400
+
+
+def test_an_open_socket_leaves_the_only_web_thread_free(tmp_path):
+    dep = Deployment('embedded', tmp_path, WEB_THREADS=1)
+    try:
+        sock = Socket(f'{dep.ws_base}/ws?view=dashboard')
+        wait_for(lambda: sock.messages, 10, message='the snapshot')
+        started = time.monotonic()
+        assert dep.api.get('/healthz')[0] == 200
+        assert time.monotonic() - started < 2
+        # the thread served the request and the socket is still live
+        job = dep.api.submit('noop')
+        wait_for(lambda: sock.rows().get(job['id']) == 'succeeded', 15, message='the job on the socket')
+        sock.close()
+    finally:
+        dep.close()
+
+
+def test_healthz_and_stats_answer_at_once_with_1000_sockets_open(tmp_path):
+    dep = Deployment('embedded', tmp_path)
+    crowd = None
+    try:
+        crowd = helpers.SocketCrowd(f'{dep.ws_base}/ws?view=dashboard', 1000)
+        firsts = crowd.first_events()
+        assert all(isinstance(f, TextMessage) and '#queue-stats' in f.data for f in firsts)
+        for path in ('/healthz', '/api/stats', '/healthz'):
+            started = time.monotonic()
+            assert dep.api.get(path)[0] == 200
+            took = time.monotonic() - started
+            assert took < 2, f'{path} took {took:.2f} s with 1000 sockets open'
+        assert crowd.still_open() == 1000
+    finally:
+        if crowd:
+            crowd.close()
+        dep.close()
+
+
+def first_message(url):
+    """The first message on a new socket: a snapshot (TextMessage) or a CloseConnection."""
+    crowd = helpers.SocketCrowd(url, 1)
+    try:
+        return crowd.first_events()[0]
+    finally:
+        crowd.close()
+
+
+def test_a_socket_over_the_limit_is_refused_with_1013_and_healthz_still_answers(tmp_path):
+    dep = Deployment('distributed', tmp_path, web_workers=1, LIVE_SOCKETS=3)
+    held = []
+    try:
+        held = [Socket(f'{dep.ws_base}/ws?view=dashboard') for _ in range(3)]
+        wait_for(lambda: all(s.messages for s in held), 10, message='three snapshots')
+        # a plain client, so the close frame is read whatever way it arrives
+        extra = helpers.SocketCrowd(f'{dep.ws_base}/ws?view=dashboard', 1)
+        close = extra.first_events()[0]
+        assert isinstance(close, CloseConnection)
+        assert (close.code, close.reason) == (live.CLOSE_FULL, live.FULL_REASON)
+        assert live.CLOSE_FULL == 1013
+        wait_for(lambda: extra.still_open() == 0, 10, message='the refused socket to be closed')
+        assert dep.api.get('/healthz')[0] == 200
+        # the held sockets are untouched, and a freed place is taken again
+        job = dep.api.submit('noop')
+        for s in held:
+            wait_for(lambda: s.rows().get(job['id']) == 'succeeded', 15, message='the job')
+        held.pop().close()
+        wait_for(lambda: isinstance(first_message(f'{dep.ws_base}/ws?view=dashboard'),
+                                    TextMessage), 15, 0.2, 'a socket in the freed place')
+    finally:
+        for s in held:
+            s.close()
+        dep.close()
+
+
+def test_a_fragment_that_fails_to_render_leaves_the_socket_and_other_pages_live(tmp_path):
+    dep = Deployment('embedded', tmp_path)
+    dep.web.stop()  # one embedded process at a time on this ledger and queue
+    dep.processes.remove(dep.web)
+    env = dict(dep.env, PORT=str(helpers.free_port()), HOST='127.0.0.1',
+               PYTHONPATH=str(helpers.ROOT / 'tests'))
+    web = helpers.Process('web-failing-render', [str(helpers.BIN / 'gunicorn'), '-c',
+                                                 'gunicorn.conf.py', 'wsgi_failing_render:app'],
+                          env, tmp_path)
+    dep.processes.append(web)
+    api = helpers.Api(f'http://127.0.0.1:{env["PORT"]}')
+    ws_base = api.base.replace('http://', 'ws://')
+    wait_for(lambda: api.healthy() or not web.alive(), 30, 0.1, 'the web process')
+    try:
+        job = api.submit('flaky', {'failures': 1}, retry_delay=0.5)
+        page = Socket(f'{ws_base}/ws?view=job&id={job["id"]}')
+        dash = Socket(f'{ws_base}/ws?view=dashboard')
+        wait_for(lambda: page.messages and dash.messages, 10, message='snapshots')
+        # the summary goes out without the attempts, again at every change
+        wait_for(lambda: 'data-state="succeeded"' in page.messages[-1][1], 20,
+                 message='the job page to follow the job to success')
+        assert all(f'hx-target="#job-{job["id"]}-summary"' in m for _, m in page.messages)
+        assert not any(f'hx-target="#job-{job["id"]}-attempts"' in m for _, m in page.messages)
+        assert not page.closed.is_set()
+        assert dash.rows().get(job['id']) == 'succeeded'
+        assert f'rendering #job-{job["id"]}-attempts' in web.log()
+        other = api.submit('noop')
+        wait_for(lambda: dash.rows().get(other['id']) == 'succeeded', 15, message='the dashboard')
+        page.close()
+        dash.close()
     finally:
         dep.close()
