@@ -4,7 +4,6 @@ import logging
 import re
 import uuid
 
-import pytest
 import sqlalchemy as sa
 
 from app import live
@@ -240,9 +239,9 @@ def test_live_views_render_with_poisoned_rows_in_the_ledger(ledger_client):
              {'view': 'workers'}, {'view': 'failures'}, {'view': 'scheduled'}]
     views += [{'view': 'job', 'id': job_id} for job_id in ids]
     for args in views:
-        with app.test_request_context('/ws', query_string=args):
+        with app.test_request_context('/ws', query_string=args) as ctx:
             key, factory = live.view_for(args, app.config)
-            html = factory(key).render_html()
+            html = factory(key, ctx.request.environ).render_html()
         html.encode('utf-8')
         assert 'data-unreadable' not in html, args
 

@@ -28,16 +28,21 @@ def consumer_id(proc):
 
 
 def writer_of(proc):
-    """The pid of a consumer's ledger-writer child process (started by a worker thread)."""
-    def children():
+    """The pid of a consumer's ledger-writer child process (started by a worker thread).
+
+    Not multiprocessing's resource tracker, the consumer's other child.
+    """
+    def writers():
         found = []
         for path in Path(f'/proc/{proc.pid}/task').glob('*/children'):
             try:
-                found += path.read_text().split()
-            except OSError:  # the thread ended meanwhile
+                for pid in path.read_text().split():
+                    if b'spawn_main' in Path(f'/proc/{pid}/cmdline').read_bytes():
+                        found.append(int(pid))
+            except OSError:  # a thread or child ended meanwhile
                 pass
         return found
-    return int(wait_for(children, 20, 0.05, 'the ledger writer')[0])
+    return wait_for(writers, 20, 0.05, 'the ledger writer')[0]
 
 
 def held_by(stack, proc):
