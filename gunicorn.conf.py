@@ -7,6 +7,7 @@ take threads from pages, the API or /healthz. The README ("Capacity") says
 why this model and not gevent workers.
 """
 import resource
+import signal
 
 from app import config as qm_config
 
@@ -21,8 +22,9 @@ threads = _config['WEB_THREADS']
 worker_connections = 1000
 # The embedded mode keeps its queues, consumers and event bus in one process.
 workers = 1 if _config['EMBEDDED'] else _config['WEB_CONCURRENCY']
-# Time for running requests (and, embedded, running jobs) to finish on stop.
-graceful_timeout = 30
+# Time for running requests (and, embedded, running jobs: GRACE_PERIOD) to
+# finish on stop, with a few seconds to write the ledger out after them.
+graceful_timeout = max(30, _config['GRACE_PERIOD'] + 5)
 accesslog = '-'
 loglevel = _config['LOG_LEVEL'].lower()
 
@@ -35,6 +37,10 @@ if _hard != resource.RLIM_INFINITY and _soft < _hard:
 
 
 def post_worker_init(worker):
+    # A closing terminal sends SIGHUP to the whole process group; the master
+    # reloads on it (stopping this worker gracefully), so the worker itself
+    # must not die of it with pages open and, embedded, jobs running.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if _config['EMBEDDED']:
         from app import embedded
         embedded.start(worker.wsgi)
@@ -59,4 +65,4 @@ def worker_exit(server, worker):
     live.stop(worker.wsgi)
     if _config['EMBEDDED']:
         from app import embedded
-        embedded.stop(timeout=1 if _quick else graceful_timeout - 5)
+        embedded.stop(timeout=1 if _quick else min(_config['GRACE_PERIOD'], graceful_timeout - 5))

@@ -7,6 +7,7 @@ reliable fetch (see :mod:`app.storage`): a message a worker takes stays in
 the broker, in that consumer's in-flight record, until its outcome is in the
 ledger.
 """
+import collections
 import contextlib
 import datetime as dt
 import logging
@@ -99,8 +100,9 @@ class TrackedConsumer(Consumer):
     Running jobs get ``GRACE_PERIOD`` seconds to finish (Huey's
     ``shutdown_timeout``); then the consumer stops and the jobs still running
     are put back in the queue (see the ledger's INTERRUPTED handling). A
-    second signal stops at once. Docker's stop signal is SIGTERM, Ctrl-C is
-    SIGINT: both mean "finish up". Its scheduler is :class:`TrackedScheduler`.
+    second stop signal stops at once. Docker's stop signal is SIGTERM, Ctrl-C
+    is SIGINT, a closing terminal sends SIGHUP: all mean "finish up". Its
+    scheduler is :class:`TrackedScheduler`.
     """
     scheduler_class = TrackedScheduler
 
@@ -108,10 +110,27 @@ class TrackedConsumer(Consumer):
         if options.get('shutdown_timeout') is None:
             options['shutdown_timeout'] = _settings['grace']
         super().__init__(huey, **options)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP (a closing terminal) stops gracefully too, rather than
+        # Huey's restart in place, which would skip writing the ledger out.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._signal_actions[signum] = (False, True)
         if hueys.get(queue_of(huey)) is huey:  # one of this deployment's queues
             ledger.serving(queue_of(huey), self.workers)
+
+    def stop(self, graceful=False):
+        # From here no worker starts a job: one re-enqueued as this consumer
+        # gives up its running jobs must go to another consumer, not to a
+        # worker of this one that is about to die with the process.
+        self.huey.stopping.set()
+        super().stop(graceful)
+
+    def _handle_signal(self, signum, frame):
+        super()._handle_signal(signum, frame)
+        if self._graceful:
+            # A second stop signal, whichever, stops at once (Huey only
+            # arms the same one again).
+            for other in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(other, signal.default_int_handler)
 
 
 class TrackedHuey(Huey):
@@ -140,8 +159,14 @@ class TrackedHuey(Huey):
 
     def __init__(self, *args, **kwargs):
         self.on_periodic = None
+        # A hook slot: a callable saying "take nothing for now" (the ledger
+        # cannot keep up); filled by the consumer process.
+        self.holding = None
         super().__init__(*args, **kwargs)
         self.paused = threading.Event()  # refreshed from the ledger by the consumer
+        self.stopping = threading.Event()  # its consumer is stopping: take nothing more
+        # Retries written while the broker was away: (claim, bytes, priority, eta).
+        self.deferred = collections.deque()
 
     def create_storage(self):
         storage = super().create_storage()
@@ -165,7 +190,9 @@ class TrackedHuey(Huey):
         return super().deserialize_task(message.split(data)[1])
 
     def dequeue(self):
-        if self.paused.is_set():
+        if self.stopping.is_set():
+            return None
+        if self.paused.is_set() or (self.holding is not None and self.holding()):
             # Idle like an empty queue; resuming is seen within a second.
             time.sleep(0.5)
             return None
@@ -184,14 +211,38 @@ class TrackedHuey(Huey):
                                          + dt.timedelta(seconds=UNREADABLE_RETRY))
             self.storage.ack([delivery.receipt])
             return None
-        if self.paused.is_set():
-            # Taken by a worker already waiting when the pause came: put it back.
+        if self.paused.is_set() or self.stopping.is_set():
+            # Taken by a worker already waiting when the pause (or the stop)
+            # came: put it back.
             self.storage.nack(delivery.receipt)
             return None
-        task.receipt = delivery.receipt
+        task.receipt = task.claim = delivery.receipt
+        task.fetched_at = time.monotonic()
         return task
 
+    def claim_held(self, task):
+        """Whether this consumer still holds ``task``'s message (the leader did not take
+        it back, thinking this consumer dead). True for a task fetched without a
+        claim, or when the broker cannot say."""
+        claim = getattr(task, 'claim', None)
+        if claim is None:
+            return True
+        try:
+            return self.storage.holds(claim)
+        except BROKER_ERRORS:
+            return True
+
     def execute(self, task, timestamp=None):
+        fetched = getattr(task, 'fetched_at', None)
+        lease = getattr(self.storage, 'lease', None)
+        if (fetched is not None and lease is not None
+                and time.monotonic() - fetched > lease / 2 and not self.claim_held(task)):
+            # Fetched long ago (the process was stopped or starved): the
+            # leader has taken it back and another consumer runs it.
+            logger.warning('%s: not run here: the leader took it back while this consumer '
+                           'was unresponsive', task.id)
+            task.receipt = None
+            return None
         value = super().execute(task, timestamp)
         receipt = take_receipt(task)
         if receipt is not None:
@@ -239,7 +290,43 @@ class TrackedHuey(Huey):
             retry_eta = timestamp + dt.timedelta(seconds=task.retry_delay * spread)
             if task.retry_backoff:
                 task.retry_delay *= task.retry_backoff
-        super()._requeue_task(task, timestamp, retry_eta)
+        claim = getattr(task, 'claim', None)
+        if claim is None or not hasattr(self.storage, 'requeue'):
+            return super()._requeue_task(task, timestamp, retry_eta)
+        # As Huey's, but the retry replaces the claim in one step, and only
+        # while the claim holds (see the storage's ``requeue``).
+        task.retries -= 1
+        logger.info('Requeueing %s, %s retries', task.id, task.retries)
+        if retry_eta is not None:
+            task.eta = retry_eta
+        due_later = retry_eta is not None
+        data = self.serialize_task(task)
+        eta = (task.eta or dt.datetime.fromtimestamp(0)) if due_later else None
+        task.claim = task.receipt = None
+        try:
+            written = self.storage.requeue(claim, data, task.priority, eta)
+        except BROKER_ERRORS as exc:
+            # Kept for later: the message stays in flight meanwhile, and
+            # returns to the queue if this process dies first.
+            logger.warning('%s: retry not written yet (%s); trying again', task.id, exc)
+            self.deferred.append((claim, data, task.priority, eta))
+            written = True
+        if not written:
+            logger.warning('%s: not retried here: the leader took it back while this consumer '
+                           'was unresponsive', task.id)
+            return
+        self._emit(S.SIGNAL_SCHEDULED if due_later else S.SIGNAL_ENQUEUED, task)
+
+    def write_deferred(self):
+        """Write the retries the broker refused earlier; returns how many are left."""
+        while self.deferred:
+            claim, data, priority, eta = self.deferred[0]
+            try:
+                self.storage.requeue(claim, data, priority, eta)
+            except BROKER_ERRORS:
+                break
+            self.deferred.popleft()
+        return len(self.deferred)
 
 
 def take_receipt(task):

@@ -65,6 +65,9 @@ DEFAULTS = {
     # broker lost its data, which is noticed on every REAP_INTERVAL pass).
     'RECONCILE_INTERVAL': 60.0,
     'RECONCILE_GRACE': 10.0,
+    # 1: the leader starts periodic tasks on their schedules; 0: none is
+    # started on this deployment (a staging copy, say; "run now" still works).
+    'PERIODIC': 1,
     # How far back (s) a new leader starts periodic ticks the old one missed.
     'PERIODIC_CATCH_UP': 300.0,
     # Offline consumers leave the workers page after this long (s).
@@ -80,7 +83,7 @@ DEFAULTS = {
     'LOG_LEVEL': 'INFO',
 }
 
-_INT = {'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
+_INT = {'PERIODIC', 'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
         'PAGE_SIZE', 'MAX_PAGE_SIZE'}
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',

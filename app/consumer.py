@@ -51,6 +51,11 @@ def start(app=None):
         _stop.clear()
         leadership.configure(broker.redis_client())
         ledger.start(app, acknowledge=broker.ack)
+        for huey in broker.hueys.values():
+            # Paused until the switches are read: a queue paused while the
+            # ledger is away must not be consumed meanwhile.
+            huey.paused.set()
+            huey.holding = ledger.backlogged
         _renew_lease(app)
         refresh_paused(app)
         launcher = Launcher(app, lambda: leadership.leading)
@@ -80,7 +85,8 @@ def stop():
         _threads.clear()
         _launcher.clear()
         for huey in broker.hueys.values():
-            huey.on_periodic = None
+            huey.on_periodic = huey.holding = None
+            huey.paused.clear()
         leadership.release()
         queues = ledger.served()
         ledger.stop()
@@ -101,10 +107,15 @@ def _renew_lease(app):
 def _lease(app):
     while not _stop.wait(app.config['HEARTBEAT_INTERVAL']):
         _renew_lease(app)
+        for huey in broker.hueys.values():
+            if huey.deferred and huey.write_deferred():
+                logger.warning('%d retries of %s still not written', len(huey.deferred),
+                               huey.name)
 
 
 def _reap(app):
-    reconciler = Reconciler()
+    # A long comparison renews the lead between pages, and stops if it is lost.
+    reconciler = Reconciler(lambda: leadership.claim(ttl=3 * app.config['REAP_INTERVAL']))
     leading = False
     while True:
         now_leading, _handled = reaper.claim_and_reap(app, reconciler)

@@ -23,6 +23,7 @@ def start(app):
         return
     _stop.clear()
     for name in app.config['QUEUES']:
+        broker.hueys[name].stopping.clear()
         huey_consumer = broker.hueys[name].create_consumer(
             workers=app.config['EMBEDDED_WORKERS'], worker_type='thread',
             periodic=(name == 'default'),
@@ -56,6 +57,7 @@ def stop(timeout=10.0):
     """Let running jobs finish for up to ``timeout`` s, re-enqueue the rest, flush."""
     _stop.set()
     for huey_consumer in _consumers:
+        huey_consumer.huey.stopping.set()  # no worker starts a job from here
         huey_consumer.stop_flag.set()
     for huey_consumer in _consumers:
         huey_consumer.shutdown_timeout = timeout

@@ -2,6 +2,7 @@
 import logging
 
 from flask import jsonify, render_template, request
+from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from . import broker, catalog, jobs, states
@@ -47,6 +48,19 @@ def register(app):
         logger.warning('broker unavailable: %s', exc)
         return respond(503, 'the job broker is unreachable; nothing was changed, '
                              'try again shortly', detail=str(exc))
+
+    @app.errorhandler(sa_exc.OperationalError)
+    @app.errorhandler(sa_exc.DisconnectionError)
+    def ledger_unavailable(exc):
+        # The database is away (or locked past its timeout): a 503 the
+        # client can retry, not a bug's 500. A bad statement is not this.
+        try:
+            db.session.rollback()
+        except Exception:
+            pass
+        logger.warning('ledger unavailable on %s %s: %s', request.method, request.path,
+                       str(exc).splitlines()[0][:300])
+        return respond(503, 'the ledger database is unreachable; try again shortly')
 
     @app.errorhandler(HTTPException)
     def http_error(exc):

@@ -5,26 +5,36 @@ renews it and loses it by going silent, when another consumer takes over.
 The embedded mode has one process, which always leads.
 """
 import os
+import secrets
 import socket
 import time
 
 KEY = 'queue-manager:leader'
 
 
-_name = [None, None]  # (pid, name): recomputed in a forked child
+_name = [None, None]  # (pid, name): made anew in a forked child
 
 
 def process_name():
-    """This process as ``host:pid``: how consumers, leases and pages name it.
+    """This process as ``host:pid-start``: how consumers, leases and pages name it.
 
-    Checked against the pid when asked, never kept from import time alone:
-    gunicorn's master and Huey's process workers import the package before
-    they fork.
+    ``start`` is six random hex digits drawn when the process starts, so a
+    process that comes back with the same host name and pid (a container's
+    PID 1 after a restart, say) is not taken for the one that died. Made
+    when first asked in each process, never at import: gunicorn's master
+    and Huey's process workers import the package before they fork.
     """
     pid = os.getpid()
     if _name[0] != pid:
-        _name[:] = [pid, f'{socket.gethostname()}:{pid}']
+        _name[:] = [pid, f'{socket.gethostname()}:{pid}-{secrets.token_hex(3)}']
     return _name[1]
+
+
+def parse_name(name):
+    """``(host, pid)`` of a :func:`process_name`; pid None if it has none."""
+    host, _, rest = name.rpartition(':')
+    pid = rest.split('-', 1)[0]
+    return host, int(pid) if pid.isdigit() else None
 
 # Renew only while still the holder (a lease that lapsed may be someone else's).
 _RENEW = """

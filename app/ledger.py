@@ -35,8 +35,8 @@ import sqlalchemy as sa
 from huey import signals as S
 from huey.exceptions import CancelExecution, TaskTimeout
 
-from . import context, events, message, states, text
-from .leader import leadership, process_name
+from . import catalog, context, events, message, states, text
+from .leader import leadership, parse_name, process_name
 from .models import Job, utcnow
 
 logger = logging.getLogger(__name__)
@@ -114,12 +114,6 @@ class Finish(NamedTuple):
     task: str
     queue: str | None
     receipt: object = None
-
-
-def _chunks(items, size=500):
-    items = list(items)
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 # Every job update is one statement run with executemany over the batch, in
@@ -227,11 +221,15 @@ class Recorder:
         self._log_counts = {}  # (job, attempt) -> lines captured
         self._ops = collections.deque()
         self._local = threading.local()
-        self._started = {}  # task id -> (monotonic start, utc start)
+        # The Huey task of each running attempt (by identity, not job id: a
+        # stale run of a job may overlap its next one) -> (monotonic start,
+        # utc start, attempt number, queue).
+        self._started = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._flush_lock = threading.Lock()
         self._writer = None
+        self._holding = False
         self.failures = 0  # consecutive failed flushes
 
     # -- the worker-thread side: tiny, never raises -------------------------
@@ -243,7 +241,7 @@ class Recorder:
                 number = message.attempt_number(task)
                 # Kept for the end of the attempt: a task may change its own
                 # retries (no_retry), which the number is computed from.
-                self._started[task.id] = (time.monotonic(), now, number, queue)
+                self._started[task] = (time.monotonic(), now, number, queue)
                 meta = task.kwargs.get('meta') or {}
                 self._ops.append(('start', task.id, number, self._worker_name(),
                                   now, (task.name, queue, task.kwargs.get('params') or {},
@@ -280,14 +278,30 @@ class Recorder:
                     outcome = states.ATTEMPT_CANCELED
                 else:
                     outcome = states.ATTEMPT_FAILED
-                self._finish(task, outcome, exc, final=not task.retries)
+                # When Huey retries it, the retry takes over the message's
+                # claim (TrackedHuey._requeue_task), not this record.
+                self._finish(task, outcome, exc, final=not task.retries,
+                             acknowledges=not task.retries)
         except Exception:
             logger.exception('ledger: end of %s not recorded', getattr(task, 'id', task))
 
     def _interrupted(self, huey, task):
         # Huey drops a task cut off by a shutdown; we put it back as the next
-        # attempt (at-least-once), or fail it visibly if the broker is gone.
-        started = self._started.get(task.id)
+        # attempt (at-least-once), or fail it visibly if it is not safe to
+        # run twice or the broker is gone. A run whose claim the leader
+        # already took back (this consumer was thought dead) is left to it.
+        task_type = catalog.TASKS.get(message.task_name(task.name))
+        if task_type is not None and not task_type.rerun:
+            self._finish(task, states.ATTEMPT_INTERRUPTED,
+                         RuntimeError('the consumer stopped during this attempt; not safe to '
+                                      'run twice'), final=True)
+            return
+        claim_held = getattr(huey, 'claim_held', None)
+        if claim_held is not None and not claim_held(task):
+            logger.warning('ledger: interrupted job %s was already taken back by the leader',
+                           task.id)
+            return
+        started = self._started.get(task)
         base = started[2] if started else message.attempt_number(task)
         again = type(task)((), message.kwargs(task.kwargs.get('params') or {}, base,
                                               task.retries),
@@ -322,9 +336,9 @@ class Recorder:
             self._ops.append(('log', running.job_id, running.attempt, utcnow(), 'WARNING',
                               f'(more than {self.log_lines} lines: the rest are not kept)'))
 
-    def _finish(self, task, outcome, exc, final, result=None):
+    def _finish(self, task, outcome, exc, final, result=None, acknowledges=True):
         now = utcnow()
-        started = self._started.pop(task.id, None)
+        started = self._started.pop(task, None)
         duration = time.monotonic() - started[0] if started else None
         number = started[2] if started else message.attempt_number(task)
         queue = started[3] if started else None
@@ -341,8 +355,10 @@ class Recorder:
                     tb = 'the traceback could not be formatted'
                 tb = text.storable(tb, MAX_TRACEBACK, keep_end=True)
         self._log_counts.pop((task.id, number), None)
-        receipt = getattr(task, 'receipt', None)
-        task.receipt = None  # this record acknowledges it, once written
+        receipt = None
+        if acknowledges:
+            receipt = getattr(task, 'receipt', None)
+            task.receipt = None  # this record acknowledges it, once written
         self._ops.append(Finish('finish', task.id, number, outcome, now, duration, etype, emsg,
                                 tb, result, final, task.name, queue, receipt))
         if len(self._ops) >= self.max_batch:
@@ -360,10 +376,11 @@ class Recorder:
         """Queue this consumer's heartbeat: alive, what it runs, counts since the last."""
         done, bad = self._counts
         self._counts = [0, 0]
-        host, _, pid = self.consumer.rpartition(':')
+        host, pid = parse_name(self.consumer)
         self._ops.append(('heartbeat', self.consumer, host, int(pid), self.queues,
                           self.concurrency, self.started_at, utcnow(), done, bad,
-                          list(self._started), bool(self.is_leader())))
+                          sorted({t.id for t in self._started.copy()}),
+                          bool(self.is_leader())))
 
     def close(self, timeout=10):
         """Stop the writer and write everything still buffered."""
@@ -390,6 +407,22 @@ class Recorder:
     @property
     def pending(self):
         return len(self._ops)
+
+    # Changes buffered past which the consumer stops taking jobs (the ledger
+    # cannot keep up, or is away), and below which it takes them again.
+    HOLD_ABOVE, RESUME_BELOW = 20_000, 5_000
+
+    def backlogged(self):
+        """Whether the consumer should take no job for now (hysteresis on ``pending``)."""
+        pending = len(self._ops)
+        if self._holding and pending < self.RESUME_BELOW:
+            self._holding = False
+            logger.warning('ledger: %d changes waiting; taking jobs again', pending)
+        elif not self._holding and pending > self.HOLD_ABOVE:
+            self._holding = True
+            logger.error('ledger: %d changes not written yet; taking no job until the ledger '
+                         'catches up', pending)
+        return self._holding
 
     def _run(self):
         while not self._stop.is_set():
@@ -522,14 +555,28 @@ class ProcessWriter:
     stops when the consumer closes the pipe, after its last write.
     """
 
+    RESTART_AFTER = 1.0  # seconds between restarts of a writer process that died
+
     def __init__(self, acknowledge=None):
+        self._acknowledge = acknowledge
+        self._restarted = 0.0
+        self._start()
+
+    def _start(self):
         import multiprocessing
         ctx = multiprocessing.get_context('spawn')  # no fork of a threaded process
         receive, self._send = ctx.Pipe(duplex=False)
         # ``acknowledge`` is a module-level function, sent to the child by name.
-        self._child = ctx.Process(target=_write_in_child, args=(receive, acknowledge),
+        self._child = ctx.Process(target=_write_in_child, args=(receive, self._acknowledge),
                                   name='ledger-writer')
-        self._child.start()
+        # Born deaf to the stop signals: the child inherits this thread's
+        # blocked set, so a Ctrl-C while it starts up stays pending until it
+        # has set them to be ignored (it unblocks them then).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            self._child.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         receive.close()
 
     @property
@@ -538,7 +585,16 @@ class ProcessWriter:
 
     def write(self, ops):
         if not self._child.is_alive():
-            raise Unwritten(ops, f'the ledger writer process exited ({self._child.exitcode})')
+            # Whatever killed it, the changes it had not written are still
+            # in flight in the broker; the ones here are not lost: start
+            # another writer and hand them to it.
+            if time.monotonic() - self._restarted < self.RESTART_AFTER:
+                raise Unwritten(ops, f'the ledger writer process exited '
+                                     f'({self._child.exitcode}); restarting it')
+            logger.error('ledger: the writer process exited (%s); starting another',
+                         self._child.exitcode)
+            self._restarted = time.monotonic()
+            self._start()
         try:
             self._send.send(ops)
         except OSError as exc:
@@ -555,6 +611,9 @@ class ProcessWriter:
             logger.error('ledger: the writer process is still writing after %.0f s', timeout)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _write_in_child(receive, acknowledge):
     """The ledger writer process: write every batch received until told to stop."""
     # Out of the consumer's process group, deaf to the signals that stop
@@ -563,8 +622,9 @@ def _write_in_child(receive, acknowledge):
         os.setsid()
     except OSError:
         pass
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     from . import create_app
     from .extensions import db
     app = create_app()
@@ -653,11 +713,14 @@ def apply(conn, ops):
     if ran_rows:
         updated += _executemany(conn, d.sql['ran'], ran_rows)
     if updated < len(start_rows) + len(ran_rows):
-        created = _insert_missing_jobs(conn, d, starts.values(), now)
-        if created:
-            # the job id is the next to last parameter of both statements
-            _executemany(conn, d.sql['start'], [r for r in start_rows if r[-2] in created])
-            _executemany(conn, d.sql['ran'], [r for r in ran_rows if r[-2] in created])
+        # Rows for jobs the ledger has not seen; then every update again. On
+        # PostgreSQL a row the API inserted but had not committed when the
+        # update ran was invisible to it (the insert waits for that commit,
+        # then does nothing): the second update sees it. Updates that
+        # already applied do not apply twice (they are guarded by attempt).
+        _insert_missing_jobs(conn, d, starts.values(), now)
+        _executemany(conn, d.sql['start'], start_rows)
+        _executemany(conn, d.sql['ran'], ran_rows)
     if attempts:
         _insert_attempts(conn, d, attempts)
     if progress:
@@ -720,24 +783,19 @@ def _job_end(f):
 
 
 def _insert_missing_jobs(conn, d, start_ops, now):
-    """Create rows for jobs Huey runs that the ledger has not seen; return their ids.
+    """Create rows for jobs Huey runs that the ledger has not seen (an insert that does
+    nothing where a row exists, or appears meanwhile).
 
-    The API writes a row before it enqueues, so this only happens for jobs
-    enqueued around the API (``huey_tasks.sleep(...)`` from a shell) or when
-    a web process died between enqueue and commit.
+    The API writes a row before it enqueues, so a row is missing only for
+    jobs enqueued around the API (``huey_tasks.sleep(...)`` from a shell) or
+    when a web process died between enqueue and commit.
     """
-    by_id = {s[1]: s for s in start_ops}
-    known = set()
-    for chunk in _chunks(by_id):
-        known.update(conn.execute(sa.select(job_t.c.id).where(job_t.c.id.in_(chunk))).scalars())
     rows = []
-    for job_id, s in by_id.items():
-        if job_id not in known:
-            task, queue, params, priority, retries, retry_delay = s[5]
-            rows.append((job_id, task, queue, d.json(params), priority, s[2] - 1, retries,
-                         retry_delay, d.ts(s[4]), now))
+    for job_id, s in {s[1]: s for s in start_ops}.items():
+        task, queue, params, priority, retries, retry_delay = s[5]
+        rows.append((job_id, task, queue, d.json(params), priority, s[2] - 1, retries,
+                     retry_delay, d.ts(s[4]), now))
     _executemany(conn, d.sql['job'], rows)
-    return {r[0] for r in rows}
 
 
 def _insert_attempts(conn, d, rows):
@@ -821,6 +879,12 @@ def serving(queue, workers):
 def served():
     """The queues this process consumes (as ``serving`` noted them)."""
     return list(_serving['queues'])
+
+
+def backlogged():
+    """Whether this process's recorder holds too many unwritten changes to take more jobs."""
+    current = recorder
+    return current is not None and current.backlogged()
 
 
 def stop():

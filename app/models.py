@@ -218,7 +218,8 @@ class Worker(db.Model):
             'concurrency': self.concurrency, 'started_at': isoformat(self.started_at),
             'last_seen': isoformat(self.last_seen), 'stopped_at': isoformat(self.stopped_at),
             'processed': self.processed, 'failed': self.failed, 'current': self.current,
-            'leader': self.leader, 'online': self.online(lost_after),
+            # A consumer that died leading keeps its last heartbeat's flag.
+            'leader': self.leader and self.online(lost_after), 'online': self.online(lost_after),
         }
 
     def online(self, lost_after):

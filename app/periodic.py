@@ -13,6 +13,7 @@ consumers, leaders or retries see that minute.
 import datetime as dt
 import logging
 import threading
+import time
 
 import sqlalchemy as sa
 from werkzeug.exceptions import NotFound
@@ -75,8 +76,9 @@ class Launcher:
 
     ``tick(timestamp)`` (Huey's scheduler's minute, through the Huey's
     ``on_periodic`` hook) and ``poke()`` (leadership was just taken) wake
-    it; it also wakes on its own every minute, so a consumer started
-    without periodic scheduling still starts them when it leads.
+    it; it also wakes on its own just after each minute begins, so ticks
+    start on time, and a consumer started without Huey's periodic
+    scheduling still starts them when it leads.
     """
 
     def __init__(self, app, leading):
@@ -97,7 +99,9 @@ class Launcher:
     def run(self, stop):
         """Launch until ``stop`` (an Event) is set."""
         while not stop.is_set():
-            self._wake.wait(60)
+            # Wake just after each minute begins, so a tick starts on time
+            # whatever the phase of Huey's once-a-minute scheduler check.
+            self._wake.wait(60.5 - time.time() % 60)
             self._wake.clear()
             if stop.is_set():
                 return
@@ -107,7 +111,7 @@ class Launcher:
         """One pass: start what is due at the latest tick (or now), if leading."""
         with self._lock:
             now, self._latest = self._latest or utcnow(), None
-        if not self.leading():
+        if not self.leading() or not self.app.config['PERIODIC']:
             return []
         with self.app.app_context():
             try:

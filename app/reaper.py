@@ -55,10 +55,10 @@ def reap(config, reconciler=None):
     db.session.execute(sa.delete(Worker).where(
         Worker.last_seen < now - dt.timedelta(seconds=config['WORKER_RETENTION'])))
     db.session.commit()
-    if reconciler is not None:
-        handled += reconciler.run(config)
     if handled:
         logger.warning('reaper: recovered %d lost jobs', len(handled))
+    if reconciler is not None:
+        handled += reconciler.run(config)  # it says what it restored itself
     return handled
 
 
@@ -176,6 +176,8 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
         return False  # canceled or finished meanwhile: nothing ran that we know of
 
     left, why_not = _rerun(job, number)
+    if job.cancel_requested_at is not None:
+        why_not = 'an operator had asked it to stop'
     error = f'WorkerLost: {reason}' + ('' if why_not is None else f' ({why_not})')
     if attempt is None:
         db.session.add(Attempt(job_id=job.id, number=number, outcome=states.ATTEMPT_LOST,
@@ -183,8 +185,12 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
                                error_message=reason))
     else:
         _mark_lost(attempt, reason, now)
-    values = dict(state=states.QUEUED, finished_at=None) if why_not is None else dict(
-        state=states.FAILED, finished_at=now)
+    if why_not is None:
+        values = dict(state=states.QUEUED, finished_at=None)
+    elif job.cancel_requested_at is not None:
+        values = dict(state=states.CANCELED, finished_at=now)
+    else:
+        values = dict(state=states.FAILED, finished_at=now)
     moved = db.session.execute(
         sa.update(Job).where(Job.id == job.id, Job.version == job.version)
         .values(attempts=number, error=error, error_type='WorkerLost', scheduled_for=None,

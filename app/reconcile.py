@@ -52,13 +52,18 @@ _WAITING = (states.QUEUED, states.SCHEDULED, states.RETRYING)
 class Reconciler:
     """The leader's comparison of the ledger with the broker (one per process)."""
 
-    def __init__(self):
-        self.suspects = {}    # job id -> (version, monotonic time first found missing)
+    def __init__(self, still_leading=lambda: True):
+        # job id -> (version, monotonic time first found missing, when it is due)
+        self.suspects = {}
         self.cursor = None    # (state, created_at, id) the next regular pass starts after
         self.full = True      # compare everything next pass (first pass, after a loss)
         self.next_compare = 0.0  # monotonic: when the next regular comparison is due
         self.grace = None     # seconds; None: the configured grace
-        self.loss_until = 0.0  # monotonic: repairs count toward the latest loss until then
+        self.lost = False     # the broker lost its data: the next full comparison counts
+        self.loss_ids = set()  # the jobs missing after the latest loss, not yet restored
+        # Renews the leader's lease between pages of a long pass, and says
+        # whether this process still leads (the pass stops when it does not).
+        self.still_leading = still_leading
 
     def run(self, config):
         """One pass; returns the ids of the jobs re-enqueued. Needs an app context; commits.
@@ -80,6 +85,8 @@ class Reconciler:
             full, self.full = self.full, False
             self._compare(config, inflight, budget=None if full else BUDGET)
             self.next_compare = time.monotonic() + config['RECONCILE_INTERVAL']
+            if full and self.lost:
+                self.loss_ids, self.lost = set(self.suspects), False
         return self._repair(config)
 
     # -- the broker's identity ------------------------------------------------
@@ -120,7 +127,7 @@ class Reconciler:
         controls.put(controls.BROKER_LOSS, {'at': isoformat(now), 'restored': 0})
         db.session.commit()
         self.grace = AFTER_LOSS_GRACE
-        self.loss_until = time.monotonic() + 600
+        self.lost = True
         events.publish(queues=True)
         return True
 
@@ -138,7 +145,10 @@ class Reconciler:
         for i in range(first, len(_WAITING)):
             state, after = _WAITING[i], (resume if i == first else None)
             while True:
-                stmt = (sa.select(Job.id, Job.queue, Job.version, Job.created_at)
+                if not self.still_leading():
+                    return
+                stmt = (sa.select(Job.id, Job.queue, Job.version, Job.created_at,
+                                  Job.scheduled_for)
                         .where(Job.state == state).order_by(Job.created_at, Job.id).limit(PAGE))
                 if after is not None:
                     stmt = stmt.where(sa.tuple_(Job.created_at, Job.id) > sa.tuple_(*after))
@@ -173,7 +183,7 @@ class Reconciler:
                     continue
                 known = self.suspects.get(r.id)
                 if known is None or known[0] != r.version:
-                    self.suspects[r.id] = (r.version, now)
+                    self.suspects[r.id] = (r.version, now, r.scheduled_for or r.created_at)
 
     # -- repairing ----------------------------------------------------------
 
@@ -181,9 +191,13 @@ class Reconciler:
         """Re-enqueue suspects still missing and unchanged after the grace period."""
         grace = config['RECONCILE_GRACE'] if self.grace is None else self.grace
         now = time.monotonic()
-        due = [j for j, (_v, since) in self.suspects.items() if now - since >= grace]
+        # Soonest due first: after a wipe, the jobs that should run now come back first.
+        due = sorted((j for j, (_v, since, _at) in self.suspects.items() if now - since >= grace),
+                     key=lambda j: self.suspects[j][2])
         restored = []
         for start in range(0, len(due), PAGE):
+            if not self.still_leading():
+                break
             chunk = due[start:start + PAGE]
             rows = {j.id: j for j in db.session.scalars(
                 sa.select(Job).where(Job.id.in_(chunk), Job.state.in_(_WAITING)))}
@@ -241,9 +255,11 @@ class Reconciler:
             {'job_id': job_id, 'at': now, 'kind': 'restored', 'message': RESTORED}
             for job_id in moved])
         controls.add(controls.BROKER_REPAIRS, len(moved))
-        if time.monotonic() < self.loss_until:
+        after_loss = self.loss_ids & moved.keys()
+        if after_loss:
+            self.loss_ids -= after_loss
             loss = dict(controls.get(controls.BROKER_LOSS) or {})
-            loss['restored'] = loss.get('restored', 0) + len(moved)
+            loss['restored'] = loss.get('restored', 0) + len(after_loss)
             controls.put(controls.BROKER_LOSS, loss)
         try:
             # Due later: back to the schedule for its own time; due now: the queue.

@@ -179,6 +179,29 @@ redis.call('LTRIM', KEYS[3], 0, LAST_TOKEN)
 return items
 """
 
+# The retry of a failed attempt replaces its claim in one step, and only while
+# the claim holds: if the leader took the message back (it thought this
+# consumer dead), no retry is written beside the one it made.
+# KEYS: in-flight, queue, schedule, index, wake. ARGV: member, data, -priority, eta or ''.
+_REQUEUE = _LUA_INDEX + """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[4] == '' then
+  local t = redis.call('TIME')
+  local n, prefix = tonumber(t[1]) * 1000000 + tonumber(t[2]), ''
+  for _ = 1, 8 do
+    prefix = string.char(n % 256) .. prefix
+    n = math.floor(n / 256)
+  end
+  redis.call('ZADD', KEYS[2], ARGV[3], prefix .. ARGV[2])
+  redis.call('LPUSH', KEYS[5], '1')
+  redis.call('LTRIM', KEYS[5], 0, LAST_TOKEN)
+else
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+end
+count(KEYS[4], ARGV[2], 1)
+return 1
+"""
+
 # Take one waiting message out. KEYS: queue or schedule, index. ARGV: member, offset.
 _REMOVE = _LUA_INDEX + """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -221,6 +244,7 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         self._schedule, self._pop_due = script(_SCHEDULE), script(_POP_DUE)
         self._move_due, self._remove = script(_MOVE_DUE), script(_REMOVE)
         self._retire = script(_RETIRE)
+        self._requeue = script(_REQUEUE)
         # Set by the Huey that owns this storage: the job id of a message
         # without a header (an older message), or None.
         self.legacy_id = lambda body: None
@@ -315,6 +339,22 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         """Put a fetched message back at its place in the queue; True if it was in flight."""
         return bool(self._nack(keys=[self.inflight_key(receipt.consumer), self.queue_key,
                                      self.index_key, self.wake_key], args=[receipt.token]))
+
+    def holds(self, receipt):
+        """Whether the fetch ``receipt`` stands for is still in its consumer's in-flight record."""
+        return self.conn.zscore(self.inflight_key(receipt.consumer), receipt.token) is not None
+
+    def requeue(self, receipt, data, priority=None, eta=None):
+        """Replace a claim by a new message (a retry), only while the claim holds.
+
+        ``eta`` (naive, Huey's clock) schedules it, None queues it now.
+        Returns False, writing nothing, when the claim was taken back.
+        """
+        return bool(self._requeue(
+            keys=[self.inflight_key(receipt.consumer), self.queue_key, self.schedule_key,
+                  self.index_key, self.wake_key],
+            args=[receipt.token, bytes(data), -(priority or 0),
+                  '' if eta is None else self.convert_ts(eta)]))
 
     def keep_alive(self, consumer):
         """Renew ``consumer``'s lease for ``lease`` seconds."""
@@ -528,6 +568,23 @@ class ReliableSqliteStorage(_ByJobId, SqliteStorage):
             if curs.rowcount == 0:
                 curs.execute('insert into task (queue, data, priority) values (?, ?, ?)',
                              (self.name, row[0], row[1]))
+        return True
+
+    def holds(self, receipt):
+        return bool(self.sql('select 1 from qm_inflight where id = ?', (receipt.token,),
+                             results=True))
+
+    def requeue(self, receipt, data, priority=None, eta=None):
+        with self.db(commit=True) as curs:
+            curs.execute('delete from qm_inflight where id = ?', (receipt.token,))
+            if curs.rowcount == 0:
+                return False
+            if eta is None:
+                curs.execute('insert into task (queue, data, priority) values (?, ?, ?)',
+                             (self.name, self.to_blob(data), priority or 0))
+            else:
+                curs.execute('insert into schedule (queue, data, timestamp) values (?, ?, ?)',
+                             (self.name, self.to_blob(data), eta.timestamp()))
         return True
 
     def keep_alive(self, consumer):

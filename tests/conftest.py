@@ -58,7 +58,7 @@ def make_app(tmp_path, **overrides):
     config = {'INSTANCE_PATH': str(tmp_path), 'SECRET_KEY': 'test',
               'DATABASE_URL': f'sqlite:///{tmp_path}/ledger.db',
               'HUEY_SQLITE_PATH': str(tmp_path / 'huey.db'), 'REDIS_URL': None,
-              'TESTING': True}
+              'PERIODIC': 0, 'TESTING': True}
     config.update(overrides)
     app = create_app(config)
     with app.app_context():

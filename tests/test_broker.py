@@ -17,6 +17,7 @@ states ours:
 import datetime as dt
 import os
 import signal
+import sqlite3
 import time
 import uuid
 
@@ -26,6 +27,8 @@ os.environ['HUEY_SLOW_TESTS'] = '1'  # read when huey.tests.base is imported
 from huey.consumer import ConsumerStopped, Scheduler  # noqa: E402
 from huey.consumer_options import ConsumerConfig  # noqa: E402
 from huey.tests import test_api, test_consumer, test_priority, test_signals  # noqa: E402
+
+from huey import signals as S  # noqa: E402
 
 import huey_tasks  # noqa: E402
 from app import broker, catalog, jobs, message  # noqa: E402
@@ -126,18 +129,24 @@ class TestConsumerConfigOnTrackedHuey(OnTrackedHuey, test_consumer.TestConsumerC
 @pytest.mark.usefixtures('private_redis')
 class TestConsumerShutdownOnTrackedHuey(OnTrackedHuey, test_consumer.TestConsumerShutdown):
     def test_signal_handlers(self):
-        # Ours: SIGINT (Ctrl-C) and SIGTERM (docker stop, systemd) both stop gracefully.
-        consumer = self.huey.create_consumer()
-        consumer._set_signal_handlers()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self.assertEqual(signal.getsignal(signum), consumer._handle_signal)
-        self.assertEqual(consumer._signal_actions, {
-            signal.SIGINT: (False, True), signal.SIGTERM: (False, True),
-            signal.SIGHUP: (True, True)})
-        consumer._handle_signal(signal.SIGTERM, None)
-        self.assertTrue(consumer._graceful)
-        # A second signal interrupts the graceful stop.
-        self.assertEqual(signal.getsignal(signal.SIGTERM), signal.default_int_handler)
+        # Ours: SIGINT (Ctrl-C), SIGTERM (docker stop, systemd) and SIGHUP (a
+        # closing terminal) all stop gracefully; a second one of any stops at once.
+        hup = signal.getsignal(signal.SIGHUP)
+        try:
+            consumer = self.huey.create_consumer()
+            consumer._set_signal_handlers()
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self.assertEqual(signal.getsignal(signum), consumer._handle_signal)
+            self.assertEqual(consumer._signal_actions, {
+                signal.SIGINT: (False, True), signal.SIGTERM: (False, True),
+                signal.SIGHUP: (False, True)})
+            consumer._handle_signal(signal.SIGINT, None)
+            self.assertTrue(consumer._graceful)
+            self.assertFalse(consumer._restart)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self.assertEqual(signal.getsignal(signum), signal.default_int_handler)
+        finally:
+            signal.signal(signal.SIGHUP, hup)
 
     def test_immediate_stop_ignores_stop_flag(self):
         consumer = self.huey.create_consumer()
@@ -268,3 +277,83 @@ def test_every_override_of_a_huey_method_accepts_what_huey_passes(ours):
             checked += 1
             break
     assert checked >= 1  # the test saw an override to check
+
+
+def test_a_retry_is_not_written_once_the_leader_took_the_message_back(ctx):
+    huey = broker.hueys['default']
+    submit(ctx, 'fail', retries=2, retry_delay=0)
+    task = huey.dequeue()
+    huey.storage.ack([task.claim])  # the leader thought this consumer dead and took it back
+    huey.execute(task)
+    assert (huey.pending_count(), huey.scheduled_count()) == (0, 0)
+
+
+def test_a_retry_replaces_the_claim_of_the_attempt_it_follows(ctx):
+    huey = broker.hueys['default']
+    submit(ctx, 'fail', retries=2, retry_delay=60)
+    task = huey.dequeue()
+    huey.execute(task)
+    assert (huey.pending_count(), huey.scheduled_count()) == (0, 1)
+    assert huey.storage.inflight(broker.process_name()) == []
+
+
+def test_a_message_fetched_long_ago_and_taken_back_is_not_run(ctx):
+    huey = broker.hueys['default']
+    submit(ctx, 'noop')
+    task = huey.dequeue()
+    task.fetched_at -= huey.storage.lease  # the process was stopped for that long
+    huey.storage.ack([task.claim])
+    ran = []
+
+    def executing(signal, t, *args):
+        ran.append(t.id)
+    huey.signal(S.SIGNAL_EXECUTING)(executing)
+    try:
+        assert huey.execute(task) is None
+    finally:
+        huey.disconnect_signal(executing, S.SIGNAL_EXECUTING)
+    assert ran == []
+
+
+def test_a_retry_the_broker_refused_is_written_when_it_answers_again(ctx):
+    huey = broker.hueys['default']
+    submit(ctx, 'fail', retries=2, retry_delay=0)
+    task = huey.dequeue()
+    real = huey.storage.requeue
+
+    def refuse(*args):
+        raise sqlite3.OperationalError('database is locked')
+    huey.storage.requeue = refuse
+    try:
+        huey.execute(task)
+    finally:
+        huey.storage.requeue = real
+    assert len(huey.deferred) == 1 and huey.pending_count() == 0
+    assert len(huey.storage.inflight(broker.process_name())) == 1  # still claimed meanwhile
+    assert huey.write_deferred() == 0
+    assert huey.pending_count() == 1 and huey.storage.inflight(broker.process_name()) == []
+
+
+def test_a_consumer_takes_nothing_until_it_has_read_the_pause_switches(app, monkeypatch):
+    from app import consumer, controls
+
+    def unreachable():
+        raise RuntimeError('the ledger is away')
+    monkeypatch.setattr(controls, 'paused_queues', unreachable)
+    consumer.start(app)
+    try:
+        assert all(h.paused.is_set() for h in broker.hueys.values())
+        monkeypatch.undo()
+        consumer.refresh_paused(app)
+        assert not any(h.paused.is_set() for h in broker.hueys.values())
+    finally:
+        consumer.stop()
+
+
+def test_a_process_that_comes_back_with_the_same_pid_has_another_name():
+    from app import leader
+    first = leader.process_name()
+    leader._name[:] = [None, None]  # as a new process with the same host and pid
+    second = leader.process_name()
+    assert first != second and first.split('-')[0] == second.split('-')[0]
+    assert leader.parse_name(second) == (second.split(':')[0], os.getpid())

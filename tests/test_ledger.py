@@ -187,6 +187,49 @@ def test_job_enqueued_around_the_api_gets_a_row(ledger_app):
         'sleep', 'default', 'succeeded', {'seconds': 0, 'steps': 1})
 
 
+def test_a_job_whose_row_commits_while_its_attempt_is_written_is_recorded(
+        tmp_path, postgres_url):
+    # The API commits a job's row just after handing the job to the broker;
+    # a fast worker's record can reach the ledger in between. On PostgreSQL
+    # the writer's update then misses the uncommitted row, and the row is
+    # committed before the writer looks again. (SQLite serializes writers.)
+    app = make_app(tmp_path, DATABASE_URL=postgres_url)
+    with app.app_context():
+        recorder = ledger.start(app)
+        try:
+            huey = broker.hueys['default']
+            job_id = str(uuid.uuid4())
+            task = huey_tasks.noop.task_type.wrappers[huey.name].s(
+                params={}, meta={'base': 0, 'retries': 2})
+            task.id, task.retries = job_id, 2
+            api = db.engine.connect()
+            api_tx = api.begin()
+            now = utcnow()
+            api.execute(sa.insert(Job.__table__).values(
+                id=job_id, task='noop', queue='default', params={}, state='queued',
+                priority=0, attempts=0, attempt_base=0, retries=2, retry_delay=5.0,
+                created_at=now, updated_at=now, version=1))
+
+            def commit_after_the_first_update(conn, cursor, statement, *args):
+                if statement.startswith('UPDATE job SET state') and api_tx.is_active:
+                    api_tx.commit()
+            sa.event.listen(db.engine, 'after_cursor_execute', commit_after_the_first_update)
+            try:
+                recorder.on_signal(huey, 'default', 'executing', task)
+                recorder.on_post_execute(task, None, None)
+                flushed(recorder)
+            finally:
+                sa.event.remove(db.engine, 'after_cursor_execute', commit_after_the_first_update)
+                api.close()
+            row = db.session.get(Job, job_id)
+            assert (row.state, row.attempts) == ('succeeded', 1)
+            assert [(x.number, x.outcome) for x in attempts_of(job_id)] == [(1, 'succeeded')]
+        finally:
+            ledger.stop()
+            db.session.remove()
+            db.engine.dispose()
+
+
 def test_interrupted_attempt_is_requeued_as_the_next_attempt(ledger_app):
     app, recorder = ledger_app
     huey = broker.hueys['default']
@@ -372,3 +415,31 @@ def test_log_lines_and_progress_messages_are_stored_safely(ledger_app):
     assert lines[0].message == 'bad \\ud800 and \\x00'
     assert len(lines[1].message) <= ledger.MAX_MESSAGE
     assert db.session.get(Job, job.id).progress_message == 'half \\ud800'
+
+
+def test_an_interrupted_attempt_of_a_task_not_safe_to_run_twice_fails_it(ledger_app):
+    app, recorder = ledger_app
+    huey = broker.hueys['default']
+    job = submit(app, 'payment', {'failure_rate': 0})
+    task = huey.dequeue()
+    recorder.on_signal(huey, 'default', 'executing', task)
+    recorder.on_signal(huey, 'default', 'interrupted', task)
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    assert row.state == 'failed' and 'not safe to run twice' in row.error
+    assert [(x.number, x.outcome) for x in attempts_of(job.id)] == [(1, 'interrupted')]
+    assert (huey.pending_count(), huey.scheduled_count()) == (0, 0)
+
+
+def test_a_consumer_stops_taking_jobs_while_the_ledger_is_far_behind():
+    recorder = ledger.Recorder(writer=None)
+    recorder.HOLD_ABOVE, recorder.RESUME_BELOW = 3, 1
+    recorder._ops.extend([('log',)] * 3)
+    assert not recorder.backlogged()
+    recorder._ops.append(('log',))
+    assert recorder.backlogged()
+    recorder._ops.pop()
+    recorder._ops.pop()
+    assert recorder.backlogged()  # until it is well below again
+    recorder._ops.clear()
+    assert not recorder.backlogged()

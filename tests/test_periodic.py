@@ -69,7 +69,14 @@ def keys(app):
             db.session.remove()
 
 
+def test_a_deployment_can_start_no_periodic_task(app):
+    launcher = periodic.Launcher(app, lambda: True)
+    launcher.tick(at('2026-01-01T07:00:05'))
+    assert launcher.step() == [] and keys(app) == []
+
+
 def test_the_launcher_starts_ticks_only_while_leading(app):
+    app.config['PERIODIC'] = 1
     leading = threading.Event()
     launcher = periodic.Launcher(app, leading.is_set)
     launcher.tick(at('2026-01-01T07:00:05'))
@@ -81,6 +88,7 @@ def test_the_launcher_starts_ticks_only_while_leading(app):
 
 
 def test_the_launcher_thread_wakes_on_the_scheduler_tick(app):
+    app.config['PERIODIC'] = 1
     launcher = periodic.Launcher(app, lambda: True)
     stop = threading.Event()
     thread = threading.Thread(target=launcher.run, args=(stop,), daemon=True)

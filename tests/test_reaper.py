@@ -153,6 +153,23 @@ def test_a_lost_job_fails_saying_why_when_it_cannot_run_again(ctx, task, options
     assert broker.message_ids('default') == set() and inflight_of('gone:1') == []
 
 
+@pytest.mark.parametrize('task, options, why', [
+    ('payment', {}, 'not safe to run twice'),
+    ('noop', {'retries': 0}, 'no retries left'),
+])
+def test_a_running_job_of_a_stopped_consumer_fails_when_it_cannot_run_again(ctx, task, options,
+                                                                           why):
+    job = submit(ctx, task, **options)
+    heartbeat('gone:1', stopped=True)  # and its in-flight record went with the broker's data
+    start(job, 'gone:1/Worker-1', ago=1)
+    assert reaper.reap(ctx.config) == [job.id]
+    db.session.expire_all()
+    row = db.session.get(Job, job.id)
+    assert row.state == 'failed' and row.error.endswith(f'({why})')
+    assert [a.outcome for a in row.attempt_rows] == ['lost']
+    assert 'stopped at' in row.attempt_rows[0].error_message
+
+
 def test_jobs_of_live_consumers_are_left_alone(ctx):
     job = submit(ctx, 'noop')
     take('here:1')
@@ -206,3 +223,19 @@ def test_long_gone_consumers_are_forgotten(ctx):
     reaper.reap(ctx.config)
     assert [w.id for w in db.session.query(Worker)] == ['recent:1']
     assert db.session.scalar(sa.select(sa.func.count()).select_from(Job)) == 0
+
+
+def test_a_lost_job_an_operator_asked_to_stop_ends_canceled(ctx):
+    job = submit(ctx, 'sleep')
+    take('gone:1')
+    heartbeat('gone:1', silent_for=100)
+    start(job, 'gone:1/Worker-2', ago=90)
+    row = db.session.get(Job, job.id)
+    row.cancel_requested_at = utcnow()
+    db.session.commit()
+    expire('gone:1')
+    assert reaper.reap(ctx.config) == [job.id]
+    db.session.expire_all()
+    row = db.session.get(Job, job.id)
+    assert row.state == 'canceled' and 'an operator had asked it to stop' in row.error
+    assert broker.message_ids('default') == set()

@@ -23,8 +23,12 @@ def stack(tmp_path):
     s.close()
 
 
-def consumer_id(proc):
-    return f'{socket.gethostname()}:{proc.pid}'
+def consumer_id(stack, proc):
+    """A consumer's name (``host:pid-start``), as it registered in Redis when it started."""
+    prefix = f'{socket.gethostname()}:{proc.pid}-'.encode()
+    return wait_for(lambda: next((m.decode() for m in stack.client.smembers(
+        'qm:consumers:qm.default') if m.startswith(prefix)), None), 20, 0.05,
+        f'{proc.name} to register')
 
 
 def writer_of(proc):
@@ -47,7 +51,7 @@ def writer_of(proc):
 
 def held_by(stack, proc):
     """Job ids in a consumer's in-flight record in Redis."""
-    key = f'qm:inflight:qm.default:{consumer_id(proc)}'
+    key = f'qm:inflight:qm.default:{consumer_id(stack, proc)}'
     ids = set()
     for member in stack.client.zrange(key, 0, -1):
         ids.add(member[8:].split(b' ')[1].decode())
@@ -102,7 +106,7 @@ def test_a_job_whose_task_returned_before_the_ledger_wrote_it_runs_again(stack):
     assert 'died (its lease ran out)' in done['attempts'][0]['error']
 
 
-@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_to_the_whole_process_group_loses_no_ledger_write(stack, signum):
     # Ctrl-C signals the terminal's whole process group; systemd and some
     # supervisors signal every process of the service. The charge must be
@@ -112,6 +116,7 @@ def test_a_signal_to_the_whole_process_group_loses_no_ledger_write(stack, signum
     sleeper = stack.api.submit('sleep', {'seconds': 2, 'steps': 2})
     stack.api.wait_state(payment['id'], 'running', 20)
     stack.api.wait_state(sleeper['id'], 'running', 20)
+    name = consumer_id(stack, a)
     os.killpg(a.pid, signum)
     assert a.wait(30) == 0, a.log()
     for job in (payment, sleeper):
@@ -119,7 +124,52 @@ def test_a_signal_to_the_whole_process_group_loses_no_ledger_write(stack, signum
         assert (done['state'], [x['state'] for x in done['attempts']]) == (
             'succeeded', ['succeeded']), done
     assert stack.client.keys('qm:inflight:*') == []
-    assert not stack.client.exists(f'qm:alive:{consumer_id(a)}')
+    assert not stack.client.exists(f'qm:alive:{name}')
+
+
+def test_a_second_stop_signal_of_another_kind_stops_at_once(stack):
+    a = stack.consumer(GRACE_PERIOD=60)
+    job = stack.api.submit('sleep', {'seconds': 30, 'steps': 30})
+    stack.api.wait_state(job['id'], 'running', 20)
+    a.send_signal(signal.SIGINT)
+    wait_for(lambda: 'Shutting down gracefully' in a.log(), 10, 0.05, 'the graceful stop')
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(15) is not None, 'still waiting for its grace period'
+    done = stack.api.wait_state(job['id'], 'queued', 20)
+    assert [x['state'] for x in done['attempts']] == ['interrupted']
+
+
+def test_a_ledger_writer_that_dies_is_started_again_and_nothing_goes_unrecorded(stack):
+    a = stack.consumer()
+    os.kill(writer_of(a), signal.SIGKILL)
+    ids = [stack.api.submit('noop')['id'] for _ in range(10)]
+    for job_id in ids:
+        done = stack.api.wait_state(job_id, 'succeeded', 30)
+        assert [x['state'] for x in done['attempts']] == ['succeeded']
+    assert 'the writer process exited' in a.log()
+    assert a.alive()
+
+
+def test_a_consumer_frozen_past_its_lease_writes_no_retry_for_a_job_taken_back(stack):
+    # SIGSTOP (a VM paused, a process starved) past LOST_AFTER: the leader
+    # takes its message back and, for a charge, fails it rather than charge
+    # twice. The frozen consumer wakes, its charge fails: no retry may follow.
+    a = stack.consumer()
+    b = stack.consumer()
+    job = stack.api.submit('payment', {'latency': 8, 'failure_rate': 1})
+    running = stack.api.wait_state(job['id'], 'running', 20)
+    frozen = a if running['worker'].startswith(consumer_id(stack, a) + '/') else b
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        failed = stack.api.wait_state(job['id'], 'failed', 40)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert [x['state'] for x in failed['attempts']] == ['lost']
+    wait_for(lambda: 'not retried here' in frozen.log(), 30, 0.1, 'the woken charge to fail')
+    done = stack.api.job(job['id'])
+    assert done['state'] == 'failed' and [x['state'] for x in done['attempts']] == ['lost']
+    assert stack.client.zcard('huey.schedule.qm.default') == 0
+    assert stack.client.zcard('huey.redis.qm.default') == 0
 
 
 def test_delays_and_retries_happen_on_time(stack):
@@ -141,14 +191,14 @@ def iso(text):
 
 
 def test_a_periodic_tick_starts_once_across_consumers_and_changes_of_leader(stack):
-    env = dict(PERIODIC_CATCH_UP=7200)
+    env = dict(PERIODIC=1, PERIODIC_CATCH_UP=7200)
     consumers = [stack.consumer(**env), stack.consumer(**env)]
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     tick = now.replace(minute=0, second=0, microsecond=0)  # `report` runs at minute 0
     key = f'periodic:report:{tick:%Y-%m-%dT%H:%M}Z'
 
     def kill_the_leader():
-        alive = {consumer_id(c): c for c in consumers}
+        alive = {consumer_id(stack, c): c for c in consumers}
         leader = wait_for(lambda: (lambda v: v and v.decode() in alive and v.decode())(
             stack.client.get('queue-manager:leader')), 20, 0.1, 'a leader')
         proc = alive[leader]
@@ -173,6 +223,42 @@ def test_a_periodic_tick_starts_once_across_consumers_and_changes_of_leader(stac
     stack.api.wait_state(job_id, 'succeeded', 30)
 
 
+def test_killed_consumer_jobs_end_succeeded_with_lost_attempts(stack):
+    a, b = stack.consumer(), stack.consumer()
+    ids = [stack.api.submit('sleep', {'seconds': 3, 'steps': 6})['id'] for _ in range(6)]
+    victim = consumer_id(stack, a)
+
+    def running_on_victim():
+        return [i for i in ids if (stack.api.job(i)['worker'] or '').startswith(victim + '/')
+                and stack.api.job(i)['state'] == 'running']
+    taken = wait_for(running_on_victim, 20, 0.1, 'jobs running on the first consumer')
+    a.send_signal(signal.SIGKILL)
+    a.wait(10)
+
+    for job_id in ids:
+        stack.api.wait_state(job_id, 'succeeded', 60)
+    for job_id in taken:
+        attempts = stack.api.job(job_id)['attempts']
+        lost = [x for x in attempts if x['state'] == 'lost']
+        assert lost and lost[0]['worker'].startswith(victim + '/'), attempts
+        assert f'consumer {victim} died' in lost[0]['error']
+        assert attempts[-1]['state'] == 'succeeded' and attempts[-1]['number'] == lost[0]['number'] + 1
+    assert stack.sql("SELECT count(*) FROM job WHERE state = 'running'")[0][0] == 0
+    assert b.alive()
+
+
+def test_a_task_not_safe_to_rerun_fails_visibly_when_lost(stack):
+    a = stack.consumer()
+    job = stack.api.submit('payment', {'latency': 30, 'failure_rate': 0})
+    stack.api.wait_state(job['id'], 'running', 20)
+    a.send_signal(signal.SIGKILL)
+    a.wait(10)
+    stack.consumer()  # someone must lead to reap
+    failed = stack.api.wait_state(job['id'], 'failed', 30)
+    assert [x['state'] for x in failed['attempts']] == ['lost']
+    assert failed['error'].startswith('WorkerLost:') and 'not safe to run twice' in failed['error']
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_lets_running_jobs_finish(stack, signum):
     a = stack.consumer(GRACE_PERIOD=20)
@@ -182,7 +268,8 @@ def test_stop_signal_lets_running_jobs_finish(stack, signum):
     assert a.wait(30) == 0, a.log()
     done = stack.api.wait_state(job['id'], 'succeeded', 10)
     assert [x['state'] for x in done['attempts']] == ['succeeded']
-    [(stopped,)] = stack.sql('SELECT stopped_at FROM worker WHERE id = :id', id=consumer_id(a))
+    [(stopped,)] = stack.sql('SELECT stopped_at FROM worker WHERE id = :id',
+                             id=consumer_id(stack, a))
     assert stopped is not None
 
 
@@ -203,7 +290,8 @@ def test_workers_report_in_and_leave(stack):
     a = stack.consumer()
     wait_for(lambda: stack.api.get('/api/workers')[1]['workers'], 10, 0.1, 'a heartbeat')
     [worker] = stack.api.get('/api/workers')[1]['workers']
-    assert worker['id'] == consumer_id(a) and worker['online'] and worker['queues'] == ['default']
+    assert worker['id'] == consumer_id(stack, a) and worker['online']
+    assert worker['queues'] == ['default']
     assert worker['concurrency'] == 4 and worker['leader']
     stack.api.wait_state(stack.api.submit('fail', retries=0)['id'], 'failed')
     stack.api.wait_state(stack.api.submit('noop')['id'], 'succeeded')

@@ -182,3 +182,17 @@ def test_an_idle_fetch_waits_for_a_wake_token_not_a_poll(redis_server):
         assert time.monotonic() - started < 1.0  # not the 5 s read timeout
     finally:
         store.flush_all()
+
+
+def test_a_retry_replaces_its_claim_only_while_the_claim_holds(store):
+    store.enqueue(msg('j1'))
+    delivery = store.fetch('c:1')
+    assert store.holds(delivery.receipt)
+    assert store.requeue(delivery.receipt, msg('j1'), 0, dt.datetime.now() + dt.timedelta(hours=1))
+    assert not store.holds(delivery.receipt) and store.inflight('c:1') == []
+    assert store.schedule_size() == 1 and store.held(['j1']) == {'j1'}
+    store.enqueue(msg('j2'))
+    taken = store.fetch('c:1')
+    store.ack([taken.receipt])  # the leader took it back meanwhile
+    assert store.requeue(taken.receipt, msg('j2'), 0, None) is False
+    assert store.queue_size() == 0 and store.held(['j2']) == set()
