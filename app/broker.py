@@ -755,6 +755,39 @@ def set_epoch(value):
         hueys['default'].storage.set_epoch(value)
 
 
+def tick():
+    """Advance the broker's pass counter (kept beside the epoch); its new value."""
+    with _reaching():
+        return hueys['default'].storage.tick()
+
+
+def stale_messages(queue, is_stale):
+    """Remove the waiting messages of ``queue`` that ``is_stale(job id, attempt)`` condemns.
+
+    ``is_stale`` gets ``{job id: [attempt numbers of its waiting messages]}`` a
+    page at a time and returns the ids whose messages must go (all of them).
+    Returns how many jobs lost their messages. Reads every waiting message:
+    for the rare pass after the broker went back in time.
+    """
+    huey = hueys[queue]
+    removed = 0
+    with _reaching():
+        page = {}
+        for job_id, data, _remove in huey.storage.waiting_messages():
+            if job_id is None:
+                continue
+            try:
+                page.setdefault(job_id, []).append(message.attempt_number(read(queue, data)))
+            except ValueError:
+                continue
+            if len(page) >= 1000:
+                removed += len(huey.storage.remove_waiting(is_stale(page)))
+                page = {}
+        if page:
+            removed += len(huey.storage.remove_waiting(is_stale(page)))
+    return removed
+
+
 def ping():
     """Raise :class:`BrokerUnavailable` unless the broker answers."""
     huey = hueys['default']

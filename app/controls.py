@@ -17,6 +17,7 @@ PERIODIC_WATERMARK = 'periodic.watermark'  # the last minute the leader started 
 BROKER_EPOCH = 'broker.epoch'              # the marker the leader last saw in the broker
 BROKER_LOSS = 'broker.loss'                # {"at", "restored"}: the latest data loss
 BROKER_REPAIRS = 'broker.repairs'          # jobs re-enqueued by the reconciler, ever
+BROKER_CLOCK = 'broker.clock'              # the broker's pass counter as the leader last saw it
 
 
 def get(key, default=None):

@@ -73,7 +73,7 @@ class Reconciler:
         broker every ``RECONCILE_INTERVAL`` seconds (``BUDGET`` rows), and
         in full at once when the broker lost its data.
         """
-        if self._check_epoch(config):
+        if self._check_epoch(config) or self._check_clock(config):
             self.full = True
         for queue in config['QUEUES']:
             if broker.check_index(queue):
@@ -112,6 +112,7 @@ class Reconciler:
             value = current or fresh
             broker.set_epoch(value)
             controls.put(controls.BROKER_EPOCH, value)
+            controls.put(controls.BROKER_CLOCK, broker.tick())
             db.session.commit()
             return True
         now = utcnow()
@@ -124,12 +125,50 @@ class Reconciler:
         broker.restore_cancel_requests(cancels)
         broker.set_epoch(fresh)
         controls.put(controls.BROKER_EPOCH, fresh)
+        controls.put(controls.BROKER_CLOCK, broker.tick())  # counting starts again
         controls.put(controls.BROKER_LOSS, {'at': isoformat(now), 'restored': 0})
         db.session.commit()
         self.grace = AFTER_LOSS_GRACE
         self.lost = True
         events.publish(queues=True)
         return True
+
+    def _check_clock(self, config):
+        """Notice a broker restored from an older copy of itself; True when it was.
+
+        The leader advances a counter in the broker every pass and keeps the
+        value in the ledger. A broker behind the ledger went back in time
+        (a failover to a replica that had not caught up, a restore from an
+        old snapshot): its marker is there, but it may hold messages of jobs
+        that have run since. Those are removed (a job that finished, or a
+        message for an attempt the ledger already has), then everything is
+        compared, as after a loss.
+        """
+        theirs = broker.tick()
+        ours = controls.get(controls.BROKER_CLOCK) or 0
+        controls.put(controls.BROKER_CLOCK, theirs)
+        db.session.commit()
+        if theirs > ours or ours == 0:
+            return False
+        logger.error('reconcile: the broker went back in time (pass %d, the ledger saw %d); '
+                     'removing what ran since, restoring what it lost', theirs, ours)
+        removed = sum(broker.stale_messages(queue, self._stale) for queue in config['QUEUES'])
+        if removed:
+            logger.warning('reconcile: removed the stale messages of %d jobs', removed)
+        controls.put(controls.BROKER_LOSS, {'at': isoformat(utcnow()), 'restored': 0})
+        db.session.commit()
+        self.grace, self.lost = AFTER_LOSS_GRACE, True
+        events.publish(queues=True)
+        return True
+
+    @staticmethod
+    def _stale(page):
+        """The job ids of ``page`` ({id: [message attempts]}) whose messages already ran."""
+        rows = db.session.execute(sa.select(Job.id, Job.state, Job.attempts)
+                                  .where(Job.id.in_(list(page)))).all()
+        db.session.rollback()
+        return {job_id for job_id, state, attempts in rows
+                if state in states.FINISHED or min(page[job_id]) <= attempts}
 
     # -- comparing ----------------------------------------------------------
 

@@ -35,6 +35,7 @@ from . import message
 # Global Redis keys (not per queue).
 ALIVE = 'qm:alive:{}'
 EPOCH = 'qm:epoch'
+CLOCK = 'qm:clock'  # counts the leader's passes: a broker restored from an old copy is behind
 # A message read back into the queue is woken for this many waiting workers at most.
 WAKE_TOKENS = 64
 
@@ -472,6 +473,10 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
     def set_epoch(self, value):
         self.conn.set(EPOCH, value)
 
+    def tick(self):
+        """Advance the broker's pass counter; return its new value (1 when it had none)."""
+        return int(self.conn.incr(CLOCK))
+
 
 # -- SQLite (the embedded mode) --------------------------------------------------
 
@@ -534,12 +539,16 @@ class ReliableSqliteStorage(_ByJobId, SqliteStorage):
         """As :meth:`ReliableRedisStorage.put_many`, in one transaction."""
         with self.db(commit=True) as curs:
             for data, priority, eta in entries:
-                if eta is None:
-                    curs.execute('insert into task (queue, data, priority) values (?, ?, ?)',
-                                 (self.name, self.to_blob(data), priority or 0))
-                else:
-                    curs.execute('insert into schedule (queue, data, timestamp) values (?, ?, ?)',
-                                 (self.name, self.to_blob(data), eta.timestamp()))
+                self._put(curs, data, priority, eta)
+
+    def _put(self, curs, data, priority, eta):
+        # The queue when due now, the schedule for later.
+        if eta is None:
+            curs.execute('insert into task (queue, data, priority) values (?, ?, ?)',
+                         (self.name, self.to_blob(data), priority or 0))
+        else:
+            curs.execute('insert into schedule (queue, data, timestamp) values (?, ?, ?)',
+                         (self.name, self.to_blob(data), eta.timestamp()))
 
     def _lease(self, curs, consumer, now):
         curs.execute('insert into qm_alive (consumer, expires) values (?, ?) '
@@ -579,12 +588,7 @@ class ReliableSqliteStorage(_ByJobId, SqliteStorage):
             curs.execute('delete from qm_inflight where id = ?', (receipt.token,))
             if curs.rowcount == 0:
                 return False
-            if eta is None:
-                curs.execute('insert into task (queue, data, priority) values (?, ?, ?)',
-                             (self.name, self.to_blob(data), priority or 0))
-            else:
-                curs.execute('insert into schedule (queue, data, timestamp) values (?, ?, ?)',
-                             (self.name, self.to_blob(data), eta.timestamp()))
+            self._put(curs, data, priority, eta)
         return True
 
     def keep_alive(self, consumer):
@@ -683,3 +687,12 @@ class ReliableSqliteStorage(_ByJobId, SqliteStorage):
     def set_epoch(self, value):
         self.sql("insert or replace into kv (queue, key, value) values ('qm', ?, ?)",
                  (EPOCH, value.encode()), commit=True)
+
+    def tick(self):
+        with self.db(commit=True) as curs:
+            curs.execute("select value from kv where queue = 'qm' and key = ?", (CLOCK,))
+            row = curs.fetchone()
+            value = (int(bytes(row[0])) if row else 0) + 1
+            curs.execute("insert or replace into kv (queue, key, value) values ('qm', ?, ?)",
+                         (CLOCK, str(value).encode()))
+        return value

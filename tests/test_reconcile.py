@@ -272,3 +272,29 @@ with app.app_context():
     assert stack.sql("SELECT count(*) FROM job_event WHERE kind = 'restored'")[0][0] == total
     assert stack.sql("SELECT count(*) FROM job WHERE state != 'scheduled'")[0][0] == 0
     assert stack.client.zcard(schedule) == total  # once each: nothing doubled
+
+
+def test_a_broker_restored_from_an_older_copy_runs_nothing_again(ctx):
+    # A failover to a replica that had not caught up, or a restore from an
+    # old snapshot: the marker matches, but messages of jobs that ran since
+    # are back.
+    r = reconcile.Reconciler()
+    ran, waits = submit(ctx, 'noop'), submit(ctx, 'noop', delay=3600)
+    r.run(ctx.config)
+    snapshot = {table: huey().storage.sql(f'select * from {table}', results=True)
+                for table in ('task', 'schedule', 'kv')}
+    r.run(ctx.config)  # the broker's pass counter moves on
+    task = huey().dequeue()
+    assert task.id == ran.id
+    row = db.session.get(Job, ran.id)
+    row.state, row.attempts = states.SUCCEEDED, 1  # it ran since the snapshot
+    db.session.commit()
+    s = huey().storage
+    for table, rows in snapshot.items():  # the broker comes back as it was then
+        s.sql(f'delete from {table}', commit=True)
+        for values in rows:
+            s.sql(f'insert into {table} values ({",".join("?" * len(values))})', values,
+                  commit=True)
+    r.run(ctx.config)
+    assert broker.message_ids('default') == {waits.id}  # the finished job's message is gone
+    assert reconcile.loss_notice() is not None

@@ -264,12 +264,12 @@ def test_stop_signal_lets_running_jobs_finish(stack, signum):
     a = stack.consumer(GRACE_PERIOD=20)
     job = stack.api.submit('sleep', {'seconds': 2, 'steps': 4})
     stack.api.wait_state(job['id'], 'running', 20)
+    name = consumer_id(stack, a)  # it leaves the registry when it stops
     a.send_signal(signum)
     assert a.wait(30) == 0, a.log()
     done = stack.api.wait_state(job['id'], 'succeeded', 10)
     assert [x['state'] for x in done['attempts']] == ['succeeded']
-    [(stopped,)] = stack.sql('SELECT stopped_at FROM worker WHERE id = :id',
-                             id=consumer_id(stack, a))
+    [(stopped,)] = stack.sql('SELECT stopped_at FROM worker WHERE id = :id', id=name)
     assert stopped is not None
 
 
