@@ -10,16 +10,14 @@ import logging
 import random
 import time
 
-from app import broker, config, consumer, jobs
-from app.catalog import Param
+from app import consumer, jobs
+from app.catalog import Param, periodic, task
 from app.context import current, progress
 
-# One Huey per queue, from the environment; the web app re-points them at the
-# configuration it was given, which in production is the same environment.
-broker.configure(config.load())
-huey = broker.consumer_huey()
-task = broker.task
-periodic = broker.periodic
+# One Huey per queue, from the environment, wired for a consumer process;
+# the web app re-points them at the configuration it was given, which in
+# production is the same environment.
+huey = consumer.serve()
 
 # What tasks log through this logger is kept with their attempt and shown on
 # the job page (INFO and up, whatever the process's own log level).
@@ -114,8 +112,8 @@ def payment(amount, currency, card, failure_rate, latency):
 ])
 def purge(days):
     """Delete finished jobs older than `days` days, with their attempts and logs."""
-    with consumer.current_app().app_context():
-        deleted = jobs.purge_finished(days, report=lambda done, total: progress(done, total))
+    # Jobs run inside the app's context: the ledger's models are at hand.
+    deleted = jobs.purge_finished(days, report=lambda done, total: progress(done, total))
     log.info('deleted %d jobs finished more than %d days ago', deleted, days)
     return {'deleted': deleted}
 
@@ -125,8 +123,7 @@ def purge(days):
 ])
 def report(hours):
     """Log how many jobs of each task finished in the last `hours` hours, by state."""
-    with consumer.current_app().app_context():
-        counts = jobs.finished_counts(hours)
+    counts = jobs.finished_counts(hours)
     for (task_name, state), n in sorted(counts.items()):
         log.info('%s: %d %s', task_name, n, state)
     return {f'{task_name} {state}': n for (task_name, state), n in sorted(counts.items())}

@@ -1,4 +1,5 @@
 """queue-manager: a job queue on Huey with a ledger in SQL and a live dashboard."""
+import importlib
 import logging
 import os
 
@@ -26,7 +27,16 @@ def create_app(test_config=None):
         # this every line of it would be written twice.
         logging.getLogger('huey').propagate = False
 
-    import huey_tasks  # noqa: F401  (declares the task types)
+    # The task modules are the deployment's code, above this package: named
+    # in the configuration, not imported by name here.
+    for module in config['TASK_MODULES']:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            if exc.name != module:
+                raise
+            raise config_module.ConfigError(
+                f'TASK_MODULES: no module named {module!r}') from None
     broker.configure(config)
     events.configure(broker.redis_client())
 

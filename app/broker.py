@@ -26,7 +26,7 @@ from huey.consumer import Consumer, Scheduler
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import catalog, config as config_module, context, ledger, message
+from . import catalog, config as config_module, context, message
 from .leader import process_name
 from .storage import ReliableRedisStorage, ReliableSqliteStorage
 
@@ -114,8 +114,8 @@ class TrackedConsumer(Consumer):
         # Huey's restart in place, which would skip writing the ledger out.
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._signal_actions[signum] = (False, True)
-        if hueys.get(queue_of(huey)) is huey:  # one of this deployment's queues
-            ledger.serving(queue_of(huey), self.workers)
+        if huey.on_consumer is not None:
+            huey.on_consumer(queue_of(huey), self.workers)
 
     def stop(self, graceful=False):
         # From here no worker starts a job: one re-enqueued as this consumer
@@ -152,16 +152,24 @@ class TrackedHuey(Huey):
       each delay by +-``retry_jitter`` so jobs failing together do not come
       back together.
     - A paused queue keeps its messages: its workers take none.
-    - ``on_periodic``: a hook slot, called with the scheduler's timestamp
-      every minute (the consumer process fills it to start periodic jobs).
+
+    Hook slots, filled by the consumer process (:mod:`app.consumer`), never
+    by this module:
+
+    - ``on_periodic(timestamp)``: called with the scheduler's timestamp every
+      minute (to start periodic jobs).
+    - ``holding()``: whether to take nothing for now (the ledger cannot keep up).
+    - ``on_consumer(queue, workers)``: a consumer of this Huey was built with
+      ``workers`` worker threads.
+    - ``task_context()``: a context manager each job runs inside (the app's).
     """
     retry_jitter = 0.25
 
     def __init__(self, *args, **kwargs):
         self.on_periodic = None
-        # A hook slot: a callable saying "take nothing for now" (the ledger
-        # cannot keep up); filled by the consumer process.
         self.holding = None
+        self.on_consumer = None
+        self.task_context = None
         super().__init__(*args, **kwargs)
         self.paused = threading.Event()  # refreshed from the ledger by the consumer
         self.stopping = threading.Event()  # its consumer is stopping: take nothing more
@@ -397,17 +405,10 @@ def configure(config):
                 **storage_kwargs)
             for task_type in catalog.TASKS.values():
                 _register(huey, task_type)
-            ledger.attach(huey, name)
-            huey.on_startup('qm_consumer')(_on_worker_startup)
         elif changed:
             huey.storage_class, huey.storage_kwargs = storage_class, storage_kwargs
             huey.storage = huey.create_storage()
         huey.retry_jitter = config['RETRY_JITTER']
-
-
-def _on_worker_startup():
-    from . import consumer
-    consumer.on_worker_startup()
 
 
 def consumer_huey():
@@ -419,52 +420,18 @@ def consumer_huey():
     return hueys[name]
 
 
-def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
-         no_retry=(), rerun=True):
-    """Declare a task type and register it on every queue's Huey.
-
-    ``retries`` and ``retry_delay`` default to the configured policy; a
-    submission may override both. ``no_retry`` lists exceptions that retrying
-    cannot fix: the job fails on the spot. ``timeout`` (seconds) stops an
-    attempt at its next ``progress()`` once it is over time. ``rerun=False``
-    marks a task that must not run twice: if its worker is lost mid-run the
-    job fails instead of running again.
-    """
-    def decorator(func):
-        doc = (func.__doc__ or '').strip().splitlines()
-        task_type = catalog.register(catalog.TaskType(
-            name=func.__name__, func=func, params=tuple(params),
-            description=doc[0] if doc else '', retries=retries,
-            retry_delay=retry_delay, priority=priority, timeout=timeout,
-            no_retry=tuple(no_retry), rerun=rerun))
-        for huey in hueys.values():
-            _register(huey, task_type)
-        func.task_type = task_type
-        return func
-    return decorator
+def _declared(task_type):
+    for huey in hueys.values():
+        _register(huey, task_type)
 
 
-def periodic(minute='*', hour='*', day='*', month='*', day_of_week='*', run_with=None,
-             **options):
-    """Declare a task type (as :func:`task` does) that also runs on a crontab schedule.
-
-    ``run_with`` gives the parameters of the scheduled runs.
-    """
-    from huey import crontab
-
-    def decorator(func):
-        func = task(**options)(func)
-        schedule = ' '.join(map(str, (minute, hour, day, month, day_of_week)))
-        catalog.PERIODIC[func.task_type.name] = catalog.Periodic(
-            func.task_type, schedule, crontab(minute, hour, day, month, day_of_week),
-            dict(run_with or {}))
-        return func
-    return decorator
+catalog.on_declare.append(_declared)
 
 
 def _register(huey, task_type):
     def run(params, meta=None, task=None):
-        with context.running(task, huey):
+        around = huey.task_context() if huey.task_context else contextlib.nullcontext()
+        with around, context.running(task, huey, message.attempt_number(task)):
             try:
                 return task_type.func(**params)
             except task_type.no_retry:

@@ -1,7 +1,8 @@
 """Declared task types: their parameters, defaults and limits.
 
-A task type is declared once, in ``huey_tasks.py``, with :class:`Param`
-objects. The submit form, the JSON API, ``GET /api/tasks`` and validation all
+A task type is declared once, with :func:`task` or :func:`periodic` and
+:class:`Param` objects, in a task module (``huey_tasks.py``; see
+``TASK_MODULES``). The submit form, the JSON API, ``GET /api/tasks`` and validation all
 read that one declaration.
 """
 import datetime as dt
@@ -206,7 +207,7 @@ class TaskType:
         }
 
 
-# Every declared task type by name, filled in as huey_tasks is imported.
+# Every declared task type by name, filled in as the task modules are imported.
 TASKS: dict[str, TaskType] = {}
 
 
@@ -226,11 +227,66 @@ class Periodic:
 PERIODIC: dict[str, Periodic] = {}
 
 
+# Called with each task type as it is declared (the broker registers it on
+# every queue's Huey). A hook slot: this module never fills it.
+on_declare = []
+
+
 def register(task_type):
+    """Add ``task_type`` to :data:`TASKS` and tell :data:`on_declare`.
+
+    Raises ValueError when a task type of that name is already declared.
+    """
     if task_type.name in TASKS:
         raise ValueError(f'task {task_type.name!r} is declared twice')
     TASKS[task_type.name] = task_type
+    for listener in on_declare:
+        listener(task_type)
     return task_type
+
+
+def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
+         no_retry=(), rerun=True):
+    """Declare a task type: the decorated function runs each of its jobs.
+
+    ``params`` lists :class:`Param` objects. ``retries`` and ``retry_delay``
+    (seconds) default to the configured policy; a submission may override
+    both. ``no_retry`` lists exceptions that retrying cannot fix: the job
+    fails on the spot. ``timeout`` (seconds) stops an attempt at its next
+    ``progress()`` once it is over time. ``rerun=False`` marks a task that
+    must not run twice: if its worker is lost mid-run the job fails instead
+    of running again. The function gets ``task_type`` (a :class:`TaskType`).
+    Raises ValueError when the name is already declared.
+    """
+    def decorator(func):
+        doc = (func.__doc__ or '').strip().splitlines()
+        func.task_type = register(TaskType(
+            name=func.__name__, func=func, params=tuple(params),
+            description=doc[0] if doc else '', retries=retries,
+            retry_delay=retry_delay, priority=priority, timeout=timeout,
+            no_retry=tuple(no_retry), rerun=rerun))
+        return func
+    return decorator
+
+
+def periodic(minute='*', hour='*', day='*', month='*', day_of_week='*', run_with=None,
+             **options):
+    """Declare a task type (as :func:`task` does) that also runs on a crontab schedule.
+
+    The schedule's fields are cron's (``minute='0', hour='3'``: 03:00 UTC
+    every day); ``run_with`` gives the parameters of the scheduled runs.
+    Raises ValueError for a field cron cannot read.
+    """
+    from huey import crontab  # a crontab parser; nothing of Huey's queues
+
+    def decorator(func):
+        func = task(**options)(func)
+        schedule = ' '.join(map(str, (minute, hour, day, month, day_of_week)))
+        PERIODIC[func.task_type.name] = Periodic(
+            func.task_type, schedule, crontab(minute, hour, day, month, day_of_week),
+            dict(run_with or {}))
+        return func
+    return decorator
 
 
 @dataclass

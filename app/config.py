@@ -42,6 +42,9 @@ DEFAULTS = {
     'EMBEDDED_WORKERS': 4,
     # Named queues, comma separated; each is its own Huey instance.
     'QUEUES': 'default',
+    # The modules that declare the task types, comma separated, imported by
+    # the app as it starts (``huey_consumer`` imports its own first).
+    'TASK_MODULES': 'huey_tasks',
     # Largest accepted request body (bytes), forms and API alike; bigger get a 413.
     'MAX_CONTENT_LENGTH': 64 * 1024,
     # Retry policy when neither the task nor the submission says otherwise:
@@ -142,6 +145,10 @@ def load(test_config=None, environ=None):
     if 'default' not in queues:
         queues.insert(0, 'default')
     config['QUEUES'] = list(dict.fromkeys(queues))
+    modules = config['TASK_MODULES']
+    if isinstance(modules, str):
+        modules = [m.strip() for m in modules.split(',') if m.strip()]
+    config['TASK_MODULES'] = list(modules)
     config['EMBEDDED'] = not config['REDIS_URL']
     return config
 

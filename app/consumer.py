@@ -1,6 +1,9 @@
-"""What runs in a consumer process beside Huey's own threads.
+"""The consumer process: fills the broker's hook slots, runs the services.
 
-Started once per process by the first worker's startup hook (or by the
+:func:`serve` (what ``huey_tasks.huey`` calls) configures the broker and
+:func:`wire` fills the hook slots of every queue's Huey: the ledger records
+its signals, each consumer notes its workers, each worker starts the
+services below as it starts. The services are started once per process by the first worker's startup hook (or by the
 embedded mode), before any worker takes a message:
 
 - the ledger recorder (whose writer acknowledges each message once its
@@ -22,7 +25,7 @@ import atexit
 import logging
 import threading
 
-from . import broker, controls, events, ledger, reaper
+from . import broker, config as config_module, controls, events, ledger, reaper
 from .extensions import db
 from .leader import leadership
 from .periodic import Launcher
@@ -39,6 +42,26 @@ _app = []
 _launcher = []
 
 
+def serve(config=None):
+    """Configure the broker for a consumer process and wire it; the Huey of ``$QUEUE``.
+
+    ``config`` is a loaded configuration (read from the environment if
+    None). Raises ``ConfigError`` for a bad configuration or a ``QUEUE``
+    that is not one of ``QUEUES``.
+    """
+    broker.configure(config or config_module.load())
+    wire()
+    return broker.consumer_huey()
+
+
+def wire():
+    """Fill the hook slots of every queue's Huey for this process (idempotent)."""
+    for name, huey in broker.hueys.items():
+        ledger.attach(huey, name)
+        huey.on_consumer = ledger.serving
+        huey.on_startup('qm_consumer')(on_worker_startup)
+
+
 def start(app=None):
     """Start the consumer-side services for ``app`` (built here if not given)."""
     with _lock:
@@ -48,6 +71,7 @@ def start(app=None):
             from . import create_app
             app = create_app()
         _app.append(app)
+        wire()
         _stop.clear()
         leadership.configure(broker.redis_client())
         ledger.start(app, acknowledge=broker.ack)
@@ -56,6 +80,7 @@ def start(app=None):
             # ledger is away must not be consumed meanwhile.
             huey.paused.set()
             huey.holding = ledger.backlogged
+            huey.task_context = app.app_context  # jobs may use the ledger's models
         _renew_lease(app)
         refresh_paused(app)
         launcher = Launcher(app, lambda: leadership.leading)
@@ -85,7 +110,7 @@ def stop():
         _threads.clear()
         _launcher.clear()
         for huey in broker.hueys.values():
-            huey.on_periodic = huey.holding = None
+            huey.on_periodic = huey.holding = huey.task_context = None
             huey.paused.clear()
         leadership.release()
         queues = ledger.served()
@@ -169,11 +194,6 @@ def _pauses(app):
             _stop.wait(PAUSE_CHECK)
         finally:
             pubsub.close()
-
-
-def current_app():
-    """The app the consumer services run with, once started."""
-    return _app[0] if _app else None
 
 
 def on_worker_startup():

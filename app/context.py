@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from huey.exceptions import CancelExecution
 
-from . import message, text
+from . import text
 
 _local = threading.local()
 
@@ -53,10 +53,14 @@ def current():
 
 
 class running:
-    """Context manager marking ``task`` as this thread's running job."""
+    """Context manager marking ``task`` as this thread's running job.
 
-    def __init__(self, task, huey=None):
-        self.running = Running(task.id, message.attempt_number(task), task, huey)
+    ``attempt`` is the attempt's number, counted from 1 (the broker reads it
+    from the task's message).
+    """
+
+    def __init__(self, task, huey=None, attempt=1):
+        self.running = Running(task.id, attempt, task, huey)
 
     def __enter__(self):
         _local.running = self.running

@@ -22,6 +22,7 @@ def start(app):
     if _consumers:
         return
     _stop.clear()
+    consumer.wire()
     for name in app.config['QUEUES']:
         broker.hueys[name].stopping.clear()
         huey_consumer = broker.hueys[name].create_consumer(

@@ -20,13 +20,14 @@ class BadQuery(ValueError):
     """A list filter or cursor that cannot be used (HTTP 400)."""
 
 
-def _announce(*jobs, deleted=()):
+def announce(*jobs, deleted=()):
+    """Tell the live pages that ``jobs`` (Job rows, committed) changed and ``deleted`` ids went."""
     events.publish([{'id': j.id, 'version': j.version, 'state': j.state, 'queue': j.queue,
                      'task': j.task} for j in jobs], deleted)
 
 
 def _announce_ids(ids):
-    _announce(*db.session.scalars(sa.select(Job).where(Job.id.in_(list(ids)))))
+    announce(*db.session.scalars(sa.select(Job).where(Job.id.in_(list(ids)))))
 
 
 def submit(sub):
@@ -79,7 +80,7 @@ def _commit_if_handed_over(job, hand_over):
         db.session.rollback()
         raise
     db.session.commit()
-    _announce(job)
+    announce(job)
     return job
 
 
@@ -158,7 +159,7 @@ def cancel(job_id):
                     updated_at=utcnow()))
         db.session.commit()
         raise
-    _announce(job)
+    announce(job)
     return job
 
 
@@ -195,7 +196,7 @@ def delete(job_id):
         db.session.rollback()
         raise states.StateConflict('delete', get(job_id).state)
     db.session.commit()
-    _announce(deleted=[job.id])
+    announce(deleted=[job.id])
 
 
 def _delete_finished(ids):
@@ -459,7 +460,7 @@ def _bulk_delete(rows, summary):
     db.session.commit()
     _skip(summary, 'changed', len(rows) - len(deleted))
     if deleted:
-        _announce(deleted=deleted)
+        announce(deleted=deleted)
     return len(deleted)
 
 
@@ -530,7 +531,7 @@ def purge_finished(days, report=None):
         gone = _delete_finished(ids)
         deleted += len(gone)
         db.session.commit()
-        _announce(deleted=gone)
+        announce(deleted=gone)
         if report:
             report(deleted, total)
 

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from . import broker, catalog, events, message, states
 from .extensions import db
-from .jobs import _announce
+from .jobs import announce
 from .leader import leadership
 from .models import Attempt, Job, Worker, utcnow
 
@@ -212,7 +212,7 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
         db.session.rollback()
         raise
     db.session.commit()
-    _announce(job)
+    announce(job)
     logger.warning('reaper: job %s attempt %d lost (%s); %s', job.id, number, reason,
                    'running it again' if why_not is None else f'failed: {why_not}')
     return True
