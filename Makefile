@@ -1,10 +1,11 @@
-# queue-manager: `make run` serves the dashboard, `make test` runs every test.
+# queue-manager: `make run` serves the dashboard, `make test` runs every test,
+# `make test-fast` those that start no process.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test bench migrate worker clean
+.PHONY: run test test-fast bench migrate worker clean
 
 # The virtualenv is rebuilt when a requirements file changes.
 $(BIN)/.installed: requirements.txt requirements-dev.txt
@@ -25,6 +26,10 @@ worker: migrate
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests that start no process (no Redis, gunicorn, consumer or browser).
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not processes" $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)

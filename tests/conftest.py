@@ -22,6 +22,33 @@ from app import create_app, embedded  # noqa: E402
 from app.extensions import db  # noqa: E402
 
 
+# Fixtures that start real processes (a private redis-server, gunicorn,
+# huey_consumer, Chromium). Their tests carry the ``processes`` mark and are
+# left out of the fast tier, ``make test-fast`` (``-m "not processes"``).
+PROCESS_FIXTURES = {'redis_server', 'private_redis', 'stack', 'deployment', 'dep',
+                    'browser', 'page'}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, 'fixturenames', ())):
+            item.add_marker(pytest.mark.processes)
+
+
+def pytest_configure(config):
+    if config.option.markexpr.replace(' ', '') == 'notprocesses':
+        # The fast tier: a test that starts a process anyway fails, naming
+        # itself, instead of slowing the tier down unnoticed; fuzzing tries
+        # fewer examples (the full suite tries them all).
+        import subprocess
+        os.environ['QM_TEST_TIER'] = 'fast'
+
+        def refuse(self, args, *rest, **kwargs):
+            raise RuntimeError(f'the fast tier started a process ({args!r}): mark the test '
+                               f'"processes" or give it one of PROCESS_FIXTURES')
+        subprocess.Popen.__init__ = refuse
+
+
 def pytest_report_header(config):
     pg = os.environ.get('TEST_DATABASE_URL')
     return [f'PostgreSQL ledger tests: {"on " + pg if pg else "off (TEST_DATABASE_URL unset)"}',

@@ -12,6 +12,9 @@ import pytest
 from helpers import Deployment, Socket, need, start_consumer, wait_for
 from playwright.sync_api import expect, sync_playwright
 
+# Every test here starts real processes: the full suite only (make test).
+pytestmark = pytest.mark.processes
+
 CHROMIUM = '/usr/bin/chromium'
 # Chromium's own background traffic is refused on this network; keep it quiet.
 ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',

@@ -2,6 +2,9 @@
 import pytest
 from helpers import RedisServer, migrate, service_env, start_consumer, start_web
 
+# Every test here starts real processes: the full suite only (make test).
+pytestmark = pytest.mark.processes
+
 
 @pytest.fixture
 def stack(tmp_path):

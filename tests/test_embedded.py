@@ -2,7 +2,11 @@
 import signal
 import sqlite3
 
+import pytest
 from helpers import migrate, service_env, start_web, wait_for
+
+# Every test here starts real processes: the full suite only (make test).
+pytestmark = pytest.mark.processes
 
 
 def test_ctrl_c_stops_cleanly_and_the_running_job_resumes_after_restart(tmp_path):

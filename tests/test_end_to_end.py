@@ -14,6 +14,9 @@ import uuid
 import pytest
 from helpers import ROOT, Deployment, Socket, wait_for
 
+# Every test here starts real processes: the full suite only (make test).
+pytestmark = pytest.mark.processes
+
 
 @pytest.fixture(scope='module', params=['distributed', 'embedded'])
 def deployment(request, tmp_path_factory):

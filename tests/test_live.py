@@ -16,6 +16,9 @@ from wsproto.events import CloseConnection, TextMessage
 
 from app import live
 
+# Every test here starts real processes: the full suite only (make test).
+pytestmark = pytest.mark.processes
+
 ROW = re.compile(r'<tr id="job-([0-9a-f-]+)" data-state="(\w+)"')
 
 

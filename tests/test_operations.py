@@ -9,6 +9,9 @@ import time
 import pytest
 from helpers import Deployment, start_consumer, wait_for
 
+# Every test here starts real processes: the full suite only (make test).
+pytestmark = pytest.mark.processes
+
 
 @pytest.fixture(scope='module', params=['distributed', 'embedded'])
 def dep(request, tmp_path_factory):

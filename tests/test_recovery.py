@@ -14,6 +14,9 @@ import pytest
 import redis
 from helpers import Stack, wait_for
 
+# Every test here starts real processes: the full suite only (make test).
+pytestmark = pytest.mark.processes
+
 
 
 @pytest.fixture

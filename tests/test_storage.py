@@ -55,7 +55,7 @@ class TestHueyStorageTestsOnReliableSqlite(StorageTests, BaseTestCase):
 
 # -- reliable fetch, on both storages -------------------------------------------
 
-@pytest.fixture(params=['redis', 'sqlite'])
+@pytest.fixture(params=[pytest.param('redis', marks=pytest.mark.processes), 'sqlite'])
 def store(request, tmp_path):
     """A fresh storage of each kind, with a 0.5 s lease."""
     if request.param == 'redis':
