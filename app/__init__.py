@@ -4,6 +4,7 @@ import logging
 import os
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import event
 
 from . import broker, config as config_module, events, inputs, text
@@ -16,6 +17,7 @@ def create_app(test_config=None):
     app = Flask(__name__, instance_path=config['INSTANCE_PATH'],
                 template_folder='../templates', static_folder='../static')
     os.makedirs(app.instance_path, exist_ok=True)
+    app.json = _JSONProvider(app)
     app.config.update(config)
     app.config['SECRET_KEY'] = config_module.secret_key(config)
     app.config['SQLALCHEMY_DATABASE_URI'] = config['DATABASE_URL']
@@ -59,6 +61,16 @@ def create_app(test_config=None):
     # Text that cannot be stored is refused before any view (or socket) sees it.
     app.before_request(inputs.check_request)
     return app
+
+
+class _JSONProvider(DefaultJSONProvider):
+    """Flask's JSON, never with NaN or Infinity (not JSON): those are written as strings."""
+
+    def dumps(self, obj, **kwargs):
+        try:
+            return super().dumps(obj, allow_nan=False, **kwargs)
+        except ValueError:  # a non-finite float somewhere: rare, so looked for only now
+            return super().dumps(text.finite(obj), allow_nan=False, **kwargs)
 
 
 def _engine_options(url):

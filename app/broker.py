@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import threading
 import time
+import traceback
 
 import redis
 from huey import Huey
@@ -26,7 +27,7 @@ from huey.consumer import Consumer, Scheduler
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import catalog, config as config_module, context, message
+from . import catalog, config as config_module, context, message, text
 from .leader import process_name
 from .storage import ReliableRedisStorage, ReliableSqliteStorage
 
@@ -258,6 +259,20 @@ class TrackedHuey(Huey):
             # records this process): the message is dealt with.
             self.storage.ack([receipt])
         return value
+
+    def build_error_result(self, task, exception):
+        """Huey's record of a failed attempt, which here never raises.
+
+        Huey's own calls ``repr(exception)``; an exception whose ``repr``
+        raises would escape Huey's bookkeeping and leave the job running
+        for ever (its outcome never recorded, its message never acknowledged).
+        """
+        try:
+            return super().build_error_result(task, exception)
+        except Exception:
+            return {'error': text.safe_str(exception), 'retries': task.retries,
+                    'traceback': ''.join(traceback.format_exception(exception)),
+                    'task_id': task.id}
 
     def enqueue_due(self, timestamp=None):
         """Move every message due at ``timestamp`` from the schedule into the queue.

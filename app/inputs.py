@@ -12,11 +12,12 @@ import json
 from urllib.parse import unquote_to_bytes
 
 from flask import request
+from werkzeug.exceptions import UnsupportedMediaType
 
 from . import catalog, text
 
 _BODY_METHODS = ('POST', 'PUT', 'PATCH', 'DELETE')
-_FORM_TYPES = ('application/x-www-form-urlencoded', 'multipart/form-data')
+_FORM_TYPES = ('application/x-www-form-urlencoded',)
 NOT_UTF8 = 'is not valid UTF-8'
 
 
@@ -47,11 +48,16 @@ def _undecodable(raw, separator=b'&'):
 def check_request():
     """Refuse a request whose path, query or form holds text that cannot be stored.
 
-    Registered with ``before_request``. Raises
-    :class:`~app.catalog.ValidationError` (``"invalid request"``, a 400)
+    Registered with ``before_request``. Raises ``UnsupportedMediaType`` (415)
+    for a multipart body, and :class:`~app.catalog.ValidationError` (``"invalid request"``, a 400)
     naming each bad field: ``path``, a path parameter (``job_id``), a query
     parameter or a form field.
     """
+    if request.method in _BODY_METHODS and request.mimetype == 'multipart/form-data':
+        # No form here uploads a file, so none is sent multipart; and its
+        # parser would turn bytes that are not UTF-8 into U+FFFD unseen.
+        raise UnsupportedMediaType('forms are sent URL-encoded '
+                                   '(application/x-www-form-urlencoded), not multipart')
     fields = {}
     path = request.environ.get('PATH_INFO', '')
     try:
@@ -63,9 +69,8 @@ def check_request():
     fields.update(_undecodable(request.query_string))
     fields.update(text.problems(request.args))
     if request.method in _BODY_METHODS and request.mimetype in _FORM_TYPES:
-        if request.mimetype == _FORM_TYPES[0]:
-            # Read once and kept: the form is parsed from the same bytes.
-            fields.update(_undecodable(request.get_data(cache=True)))
+        # Read once and kept: the form is parsed from the same bytes.
+        fields.update(_undecodable(request.get_data(cache=True)))
         fields.update(text.problems(request.form))
     if fields:
         raise _invalid(dict(list(fields.items())[:text.MAX_FIELDS]))

@@ -1,6 +1,7 @@
 """HTML pages and the fragments they are made of."""
 import json
 import logging
+import math
 
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
@@ -33,6 +34,8 @@ bp.app_template_filter('iso_ms')(lambda value: isoformat(value) or '')
 def format_duration(seconds):
     if seconds is None:
         return ''
+    if not math.isfinite(seconds):
+        return str(seconds)  # a row no application path writes: shown as it is
     if seconds < 1:
         return f'{seconds * 1000:.0f} ms'
     if seconds < 120:
@@ -40,6 +43,14 @@ def format_duration(seconds):
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f'{hours}h {minutes:02d}m {secs:02d}s' if hours else f'{minutes}m {secs:02d}s'
+
+
+@bp.app_template_filter('percent')
+def percent(fraction):
+    """A progress fraction as a whole percentage from 0 to 100 (0 for none or not a number)."""
+    if fraction is None or not math.isfinite(fraction):
+        return 0
+    return round(min(max(fraction, 0.0), 1.0) * 100)
 
 
 @bp.app_template_filter('pretty_json')
@@ -97,13 +108,21 @@ def template_globals():
     return {'states': states, 'allows': states.allows, 'now': utcnow}
 
 
+# The submit form's own fields (besides the task's parameters).
+_FORM_FIELDS = ('task', 'queue', 'priority', 'delay', 'eta', 'retries', 'retry_delay')
+
+
 def _form_context(values=None, errors=None, task_name=None):
     tasks = catalog.TASKS
     task_name = task_name or (values or {}).get('task') or request.args.get('task')
     if task_name not in tasks:
         task_name = 'sleep' if 'sleep' in tasks else next(iter(tasks))
+    errors = errors or {}
+    placed = {*_FORM_FIELDS, *(f'params.{p.name}' for p in tasks[task_name].params)}
     return {'tasks': tasks, 'task': tasks[task_name], 'values': values or {},
-            'errors': errors or {}, 'queues': current_app.config['QUEUES'],
+            'errors': errors, 'queues': current_app.config['QUEUES'],
+            # Errors of fields the form has no place for (sent by hand): shown on top.
+            'unplaced': {k: v for k, v in errors.items() if k not in placed},
             'limits': {'priority': catalog.MAX_PRIORITY, 'retries': catalog.MAX_RETRIES,
                        'delay': catalog.MAX_DELAY, 'retry_delay': catalog.MAX_RETRY_DELAY}}
 

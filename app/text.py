@@ -12,6 +12,7 @@ writes JSON as UTF-8 text (``é``, not ``\\u00e9``, so SQL can search it) and
 :func:`loads` reads stored JSON back without ever raising.
 """
 import json
+import math
 import re
 
 # NUL and the surrogate code points: a Python str may hold them, but a
@@ -178,22 +179,48 @@ def _cleaned(value):
     return value
 
 
+def _json_number(literal):
+    # 1e999 is valid JSON that Python reads as infinity, which no JSON
+    # writer may write back: keep such a number as the text it was.
+    number = float(literal)
+    return number if math.isfinite(number) else literal
+
+
+def finite(value):
+    """``value`` with every NaN or infinite float (at any depth) as a string.
+
+    JSON has no NaN or Infinity; a response holding one would break a strict
+    client's parser for the whole document. Returns ``value`` itself when
+    it holds none. Lists, tuples and dicts are copied where changed.
+    """
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return 'NaN' if value != value else ('Infinity' if value > 0 else '-Infinity')
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
+
+
 def loads(raw):
     """A stored JSON value read back; never raises.
 
     ``raw`` is what the driver returns: str, bytes (psycopg; SQLite for a
     BLOB), or a number SQLite kept as one. Bytes that are not UTF-8 are
     decoded with replacement characters; strings holding NUL or lone
-    surrogates come back :func:`clean`; ``NaN`` and ``Infinity`` come back as strings;
+    surrogates come back :func:`clean`; ``NaN``, ``Infinity`` and numbers too
+    large for a float (``1e999``) come back as strings;
     text that is not JSON comes back as ``{"unreadable": <its first 1,000
     characters>}``, so one bad row costs its value, never the query.
     """
     if raw is None or isinstance(raw, (bool, int, float)):
-        return raw
+        return finite(raw)
     if isinstance(raw, (bytes, bytearray, memoryview)):
         raw = bytes(raw).decode('utf-8', 'replace')
     try:
-        value = json.loads(raw, parse_constant=str)
+        value = json.loads(raw, parse_constant=str, parse_float=_json_number)
         if _UNSTORABLE_ESCAPE.search(raw):
             value = _cleaned(value)
         return value

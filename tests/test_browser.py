@@ -222,7 +222,8 @@ def test_a_job_on_a_killed_worker_is_seen_to_recover(tmp_path, page):
                      HEARTBEAT_INTERVAL=0.5, LOST_AFTER=3, REAP_INTERVAL=1)
     try:
         victim = dep.processes[-1]
-        job = dep.api.submit('sleep', {'seconds': 3, 'steps': 6})
+        # Long enough to be seen running however slow the machine.
+        job = dep.api.submit('sleep', {'seconds': 10, 'steps': 20})
         page.goto(f'{dep.api.base}/jobs/{job["id"]}')
         live(page)
         summary = page.locator(f'#job-{job["id"]}-summary')
@@ -233,7 +234,7 @@ def test_a_job_on_a_killed_worker_is_seen_to_recover(tmp_path, page):
         first = page.locator(f'#attempt-{job["id"]}-1')
         expect(first).to_have_attribute('data-outcome', 'lost', timeout=30_000)
         expect(first).to_contain_text('died (its lease ran out)')
-        expect(summary).to_have_attribute('data-state', 'succeeded', timeout=30_000)
+        expect(summary).to_have_attribute('data-state', 'succeeded', timeout=60_000)
         expect(page.locator(f'#attempt-{job["id"]}-2')).to_have_attribute('data-outcome', 'succeeded')
     finally:
         dep.close()

@@ -139,6 +139,31 @@ def test_the_submit_form_comes_back_with_the_message_by_the_field(client, app):
     assert counts(app) == (0, 0)
 
 
+def test_errors_of_fields_the_form_does_not_show_are_listed_on_top(client, app):
+    resp = client.post('/jobs', data={'task': 'noop', 'idempotency_key': 'k' * 10_000,
+                                      'timeout': 'soon'})
+    assert resp.status_code == 400
+    html = resp.get_data(as_text=True)
+    assert 'the request was refused' in html
+    assert re.search(r'<li>idempotency_key [^<]+</li>', html), html[:2000]
+    assert re.search(r'<li>timeout [^<]+</li>', html), html[:2000]
+    assert counts(app) == (0, 0)
+
+
+@pytest.mark.parametrize('path', ['/jobs', '/api/jobs', '/jobs/bulk'])
+def test_multipart_bodies_are_refused_whole(client, app, path):
+    # Its parser would hand bytes that are not UTF-8 over as U+FFFD.
+    boundary = 'b0undary'
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="task"\r\n\r\nfail\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="params.message"\r\n\r\n'
+            ).encode() + b'bad\xed\xa0\x80\xff' + f'\r\n--{boundary}--\r\n'.encode()
+    resp = client.post(path, data=body,
+                       content_type=f'multipart/form-data; boundary={boundary}')
+    assert resp.status_code == 415
+    assert 'URL-encoded' in resp.get_data(as_text=True)
+    assert counts(app) == (0, 0)
+
+
 def test_bidi_overrides_are_stored_and_isolated_where_shown(client, app):
     rtl = '\u202egnp.exe\u202c'
     job = client.post('/api/jobs', json={'task': 'fail', 'params': {'message': rtl}}).get_json()

@@ -443,3 +443,25 @@ def test_a_consumer_stops_taking_jobs_while_the_ledger_is_far_behind():
     assert recorder.backlogged()  # until it is well below again
     recorder._ops.clear()
     assert not recorder.backlogged()
+
+
+@pytest.mark.parametrize('make_exc, error_type, message', [
+    (_Unprintable, 'test_ledger._Unprintable', '<unprintable _Unprintable object>'),
+    (lambda: type('Odd', (Exception,), {'__module__': 'tasks\ud800'})('typed \ud800'),
+     'tasks\\ud800.Odd', 'typed \\ud800'),
+])
+def test_an_exception_huey_cannot_describe_still_ends_the_job(ledger_app, monkeypatch,
+                                                               make_exc, error_type, message):
+    # Through Huey's own execute: it builds an error record with repr().
+    app, recorder = ledger_app
+
+    def raises(message):
+        raise make_exc()
+    monkeypatch.setattr(huey_tasks.fail.task_type, 'func', raises)
+    job = submit(app, 'fail', {'message': 'x'}, retries=0)
+    task = run_next()
+    flushed(recorder)
+    row = db.session.get(Job, job.id)
+    [attempt] = attempts_of(task.id)
+    assert (row.state, attempt.outcome) == ('failed', 'failed')
+    assert (attempt.error_type, attempt.error_message) == (error_type, message)

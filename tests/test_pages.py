@@ -1,5 +1,6 @@
 """Pages and fragments: rendering, escaping, forms that work without JavaScript."""
 import datetime as dt
+import json
 import logging
 import re
 import uuid
@@ -178,6 +179,17 @@ def poison(app):
         succeeded = _job(state='succeeded', result='{"big": "' + 'r' * BIG + '"}')
         _insert(app, 'job', succeeded, json=('params', 'result'))
         ids.append(succeeded['id'])
+        # Numbers JSON cannot carry: NaN and infinities in float columns, a
+        # number past a float's range in the parameters.
+        nan, inf = (("CAST('NaN' AS float)", "CAST('-Infinity' AS float)")
+                    if db.engine.dialect.name == 'postgresql' else ('9e999', '-9e999'))
+        numbers = _job(state='running', finished_at=None, params='{"n": 1e999}')
+        del numbers['retry_delay']
+        _insert(app, 'job', numbers, json=('params',),
+                raw={'progress': nan, 'retry_delay': inf})
+        _insert(app, 'attempt', {'job_id': numbers['id'], 'number': 1, 'outcome': 'failed'},
+                raw={'duration': inf})
+        ids.append(numbers['id'])
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         _insert(app, 'worker', {'id': 'host:1', 'host': 'host', 'pid': 1, 'concurrency': 1,
                                 'started_at': now, 'last_seen': now, 'processed': 0,
@@ -222,7 +234,9 @@ def test_pages_fragments_and_api_answer_with_poisoned_rows_in_the_ledger(ledger_
     for path in paths:
         resp = client.get(path)
         assert resp.status_code == 200, (path, resp.get_data(as_text=True)[:500])
-        resp.get_data().decode('utf-8')
+        body = resp.get_data().decode('utf-8')
+        if path.startswith('/api/'):
+            json.loads(body, parse_constant=_not_json)  # strict: no NaN, no Infinity
         assert 'data-unreadable' not in resp.get_data(as_text=True), path
     job_page = client.get(f'/jobs/{ids[0]}').get_data(as_text=True)
     assert '\\ud800' in job_page and '\\x00' in job_page  # escaped, shown
@@ -230,6 +244,19 @@ def test_pages_fragments_and_api_answer_with_poisoned_rows_in_the_ledger(ledger_
     api = client.get(f'/api/jobs/{ids[0]}').get_json()
     assert api['params'] == {'message': '\\ud800', 'nul': '\\x00'}
     assert len(api['attempts'][0]['error_message']) == BIG  # the API has all of it
+
+
+def _not_json(literal):
+    raise AssertionError(f'{literal} is not JSON')
+
+
+def test_numbers_json_cannot_carry_read_back_as_strings(ledger_client):
+    app, client = ledger_client
+    numbers = poison(app)[2]
+    job = client.get(f'/api/jobs/{numbers}').get_json()
+    assert job['params'] == {'n': '1e999'}
+    assert job['retry_delay'] == '-Infinity'
+    assert job['attempts'][0]['duration'] == '-Infinity'
 
 
 def test_live_views_render_with_poisoned_rows_in_the_ledger(ledger_client):

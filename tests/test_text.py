@@ -127,3 +127,11 @@ def test_loads_never_raises_on_what_a_ledger_holds():
 
 def test_decode_lossy_replaces_bytes_that_are_not_utf8():
     assert text.decode_lossy(b'ok \xc3\xa9 \xff') == 'ok é \ufffd'
+
+
+def test_numbers_json_cannot_carry_come_back_as_strings():
+    assert text.loads('{"n": 1e999, "m": -1e999, "x": 1.5, "c": NaN}') == {
+        'n': '1e999', 'm': '-1e999', 'x': 1.5, 'c': 'NaN'}
+    assert text.loads(float('inf')) == 'Infinity'
+    assert text.finite({'a': [float('nan'), -float('inf'), (2.0,)], 'b': 'x'}) == {
+        'a': ['NaN', '-Infinity', [2.0]], 'b': 'x'}
