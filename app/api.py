@@ -227,14 +227,14 @@ def list_queues():
 @declare(responses={200: ('Queue', 'The queue, paused'), 503: 'Error'})
 def pause_queue(name):
     """Pause a queue: its jobs stay queued, no worker takes one."""
-    return queues.pause(current_app.config, name, True)
+    return queues.pause(current_app.config, name)
 
 
 @bp.post('/queues/<name>/resume')
 @declare(responses={200: ('Queue', 'The queue, resumed'), 503: 'Error'})
 def resume_queue(name):
     """Resume a paused queue."""
-    return queues.pause(current_app.config, name, False)
+    return queues.resume(current_app.config, name)
 
 
 def _periodic_dict(row):
@@ -256,14 +256,14 @@ def list_periodic():
 @declare(responses={200: ('Periodic', 'The periodic task, paused'), 503: 'Error'})
 def pause_periodic(name):
     """Stop starting a periodic task on its schedule."""
-    return _periodic_dict(periodic.pause(name, True))
+    return _periodic_dict(periodic.pause(name))
 
 
 @bp.post('/periodic/<name>/resume')
 @declare(responses={200: ('Periodic', 'The periodic task, resumed'), 503: 'Error'})
 def resume_periodic(name):
     """Start a paused periodic task on its schedule again."""
-    return _periodic_dict(periodic.pause(name, False))
+    return _periodic_dict(periodic.resume(name))
 
 
 @bp.post('/periodic/<name>/trigger')

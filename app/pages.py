@@ -103,6 +103,29 @@ def _shown(value):
     return None if value is None else text.clean(text.safe_str(value))[:200]
 
 
+# Each job action of :data:`app.states.ALLOWED` and the page endpoint that does it.
+JOB_ACTIONS = {'retry': 'pages.retry_job', 'cancel': 'pages.cancel_job',
+               'run_now': 'pages.run_now_job', 'delete': 'pages.delete_job'}
+
+
+@bp.app_template_global('action_url')
+def action_url(action, job_id):
+    """The URL a page form posts to for ``action`` (a key of :data:`JOB_ACTIONS`) on a job."""
+    return url_for(JOB_ACTIONS[action], job_id=job_id)
+
+
+# Pausing and resuming, by kind of thing paused, and the endpoints that do it.
+PAUSE_ACTIONS = {('queue', 'pause'): 'pages.pause_queue', ('queue', 'resume'): 'pages.resume_queue',
+                 ('periodic', 'pause'): 'pages.pause_periodic',
+                 ('periodic', 'resume'): 'pages.resume_periodic'}
+
+
+@bp.app_template_global('pause_url')
+def pause_url(kind, verb, name):
+    """The URL a page form posts to to ``verb`` (pause, resume) a ``kind`` (queue, periodic)."""
+    return url_for(PAUSE_ACTIONS[kind, verb], name=name)
+
+
 @bp.app_context_processor
 def template_globals():
     return {'states': states, 'allows': states.allows, 'now': utcnow}
@@ -262,7 +285,7 @@ def cancel_job(job_id):
     return _back(job.id)
 
 
-@bp.post('/jobs/<job_id>/run_now')
+@bp.post('/jobs/<job_id>/run-now')
 def run_now_job(job_id):
     """Run a scheduled job, or one waiting for its retry, at once."""
     job = jobs.run_now(job_id)
@@ -317,7 +340,7 @@ def queues_page():
 @bp.post('/queues/<name>/pause')
 def pause_queue(name):
     """Pause a queue."""
-    queues.pause(current_app.config, name, True)
+    queues.pause(current_app.config, name)
     flash(f'Queue {name} paused: its jobs wait until it is resumed.', 'ok')
     return redirect(url_for('pages.queues_page'), 303)
 
@@ -325,7 +348,7 @@ def pause_queue(name):
 @bp.post('/queues/<name>/resume')
 def resume_queue(name):
     """Resume a queue."""
-    queues.pause(current_app.config, name, False)
+    queues.resume(current_app.config, name)
     flash(f'Queue {name} resumed.', 'ok')
     return redirect(url_for('pages.queues_page'), 303)
 
@@ -363,7 +386,7 @@ def periodic_page():
 @bp.post('/periodic/<name>/pause')
 def pause_periodic(name):
     """Stop starting a periodic task on its schedule."""
-    periodic.pause(name, True)
+    periodic.pause(name)
     flash(f'{name} paused: it is not started on its schedule until resumed.', 'ok')
     return redirect(url_for('pages.periodic_page'), 303)
 
@@ -371,7 +394,7 @@ def pause_periodic(name):
 @bp.post('/periodic/<name>/resume')
 def resume_periodic(name):
     """Start a periodic task on its schedule again."""
-    periodic.pause(name, False)
+    periodic.resume(name)
     flash(f'{name} resumed.', 'ok')
     return redirect(url_for('pages.periodic_page'), 303)
 

@@ -140,12 +140,22 @@ def trigger(name, config, tick=None):
     return jobs.submit(catalog.validate(data, config))
 
 
-def pause(name, paused):
-    """Stop (or resume) starting ``name`` on its schedule; return its overview row.
+def pause(name):
+    """Stop starting periodic task ``name`` on its schedule; its overview row.
 
-    Kept in the ledger, which the leader reads at every tick.
+    Kept in the ledger, which the leader reads at every tick. Raises
+    NotFound for a name that is not a periodic task.
     """
-    controls.put(controls.PERIODIC_PAUSED.format(find(name).name), bool(paused))
+    return _switch(name, True)
+
+
+def resume(name):
+    """Start periodic task ``name`` on its schedule again; its overview row."""
+    return _switch(name, False)
+
+
+def _switch(name, paused):
+    controls.put(controls.PERIODIC_PAUSED.format(find(name).name), paused)
     db.session.commit()
     events.publish(periodic=True)
     return next(r for r in overview() if r['name'] == name)

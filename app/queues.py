@@ -49,14 +49,24 @@ def find(config, name):
     return name
 
 
-def pause(config, name, paused):
-    """Pause (or resume) ``name``: its jobs stay queued, no worker takes one.
+def pause(config, name):
+    """Pause queue ``name``: its jobs stay queued, no worker takes one; its overview row.
 
     The switch is kept in the ledger (a broker that loses its data must not
     resume a paused queue); consumers hear of it on the event channel at
-    once, and re-read it every second in case they missed that.
+    once, and re-read it every second in case they missed that. Raises
+    NotFound for a name not in ``QUEUES``.
     """
-    controls.put(controls.QUEUE_PAUSED.format(find(config, name)), bool(paused))
+    return _switch(config, name, True)
+
+
+def resume(config, name):
+    """Let workers take queue ``name``'s jobs again; its overview row (see :func:`pause`)."""
+    return _switch(config, name, False)
+
+
+def _switch(config, name, paused):
+    controls.put(controls.QUEUE_PAUSED.format(find(config, name)), paused)
     db.session.commit()
     events.publish(queues=True)
     return next(q for q in overview(config) if q['name'] == name)

@@ -262,7 +262,7 @@ def test_fuzz_every_query_path_and_form_field(ledger_client):
              ('post', '/api/queues/{}/resume'), ('post', '/api/periodic/{}/pause'),
              ('post', '/api/periodic/{}/trigger'), ('get', '/jobs/{}'), ('get', '/jobs/{}/row'),
              ('get', '/jobs/{}/summary'), ('get', '/jobs/{}/attempts'),
-             ('post', '/jobs/{}/retry'), ('post', '/jobs/{}/cancel'), ('post', '/jobs/{}/run_now'),
+             ('post', '/jobs/{}/retry'), ('post', '/jobs/{}/cancel'), ('post', '/jobs/{}/run-now'),
              ('post', '/jobs/{}/delete'), ('post', '/queues/{}/pause'),
              ('post', '/periodic/{}/resume'), ('post', '/periodic/{}/trigger')]
     forms = {'/jobs': {'task': 'fail', 'params.message': 'm', 'queue': 'default', 'priority': '1',

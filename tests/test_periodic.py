@@ -53,10 +53,10 @@ def test_catching_up_looks_back_no_further_than_the_configured_window(ctx):
 
 
 def test_a_paused_periodic_task_is_not_started(ctx):
-    periodic.pause('report', True)
+    periodic.pause('report')
     periodic.launch_due(at('2026-01-01T05:00:30'), ctx.config)
     assert started('report') == []
-    periodic.pause('report', False)
+    periodic.resume('report')
     periodic.launch_due(at('2026-01-01T06:00:30'), ctx.config)
     assert started('report') == [('report', 'periodic:report:2026-01-01T06:00Z')]
 
