@@ -175,25 +175,12 @@ def _pauses(app):
     # jobs at once; the switches are also re-read every PAUSE_CHECK seconds
     # in case an announcement was missed.
     bus = events.bus
-    if not isinstance(bus, events.RedisBus):
-        unsubscribe = bus.subscribe(lambda event: event.get('queues') and refresh_paused(app))
-        while not _stop.wait(PAUSE_CHECK):
-            refresh_paused(app)
+    unsubscribe = bus.subscribe(lambda event: event.get('queues') and refresh_paused(app))
+    try:
+        bus.listen(_stop, PAUSE_CHECK, on_tick=lambda: refresh_paused(app),
+                   on_reconnect=lambda: refresh_paused(app))
+    finally:
         unsubscribe()
-        return
-    while not _stop.is_set():
-        pubsub = bus.client.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(events.CHANNEL)
-            while not _stop.is_set():
-                message = pubsub.get_message(timeout=PAUSE_CHECK)
-                if message is None or b'"queues"' in message['data']:
-                    refresh_paused(app)
-        except Exception as exc:
-            logger.warning('queue pause watcher: %s; retrying', exc)
-            _stop.wait(PAUSE_CHECK)
-        finally:
-            pubsub.close()
 
 
 def on_worker_startup():

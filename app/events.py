@@ -11,6 +11,7 @@ delays a refresh, so publishing never raises.
 import json
 import logging
 import threading
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class LocalBus:
     def __init__(self):
         self._lock = threading.Lock()
         self._subscribers = []
+        self.connected = False  # whether events from other processes are heard now
 
     def publish(self, event):
         with self._lock:
@@ -44,6 +46,20 @@ class LocalBus:
                     self._subscribers.remove(callback)
         return unsubscribe
 
+    def listen(self, stop, every=1.0, on_tick=None, on_reconnect=None):
+        """Hear events from every process until ``stop`` (an Event) is set; blocks.
+
+        Events reach this process's subscribers (:meth:`subscribe`).
+        ``on_tick()`` is called about every ``every`` seconds whatever the
+        traffic; ``on_reconnect()`` when the channel is back after it was
+        lost (events published meanwhile were missed). In one process every
+        event is delivered as it is published, so this only ticks.
+        """
+        self.connected = True
+        while not stop.wait(every):
+            if on_tick is not None:
+                on_tick()
+
 
 class RedisBus(LocalBus):
     """Publishes to a Redis channel; subscribers in this process hear all hosts."""
@@ -57,6 +73,44 @@ class RedisBus(LocalBus):
             self.client.publish(CHANNEL, json.dumps(event, separators=(',', ':')))
         except Exception as exc:  # the ledger has it; a refresh heals the miss
             logger.warning('event not published: %s', exc)
+
+    def listen(self, stop, every=1.0, on_tick=None, on_reconnect=None):
+        """The one loop that reads the Redis channel (see :meth:`LocalBus.listen`).
+
+        A lost connection is retried with backoff (0.4 s doubling to 5 s);
+        ``connected`` says whether the channel is reachable now.
+        """
+        failures = 0
+        next_tick = time.monotonic() + every
+        while not stop.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(CHANNEL)
+                if failures:
+                    logger.info('event channel back after %d failed attempts', failures)
+                    if on_reconnect is not None:
+                        on_reconnect()
+                failures = 0
+                self.connected = True
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=max(0.0, next_tick - time.monotonic()))
+                    if message and message['type'] == 'message':
+                        self.deliver(message['data'])
+                    if time.monotonic() >= next_tick:
+                        next_tick = time.monotonic() + every
+                        if on_tick is not None:
+                            on_tick()
+            except Exception as exc:
+                failures += 1
+                if self.connected:
+                    logger.warning('event channel lost (%s); retrying', exc)
+                self.connected = False
+                stop.wait(min(5.0, 0.2 * 2 ** min(failures, 5)))
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:
+                    pass
 
     def deliver(self, raw):
         """Hand a message received from the channel to local subscribers."""
