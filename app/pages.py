@@ -258,7 +258,7 @@ def bulk_jobs():
     action = form.get('action')
     if action not in jobs.ACTIONS:
         raise jobs.BadQuery('choose retry, cancel or delete')
-    filters = {k: form.get(f'f.{k}') or None for k in ('state', 'queue', 'task', 'q')}
+    filters = jobs.parse_filters(form, prefix='f.')
     back = url_for('pages.job_list', **{k: v for k, v in filters.items() if v})
     if form.get('scope') == 'filter':
         ids = None
