@@ -113,13 +113,16 @@ def _page(name, template, params=None, **context):
     ``params`` are the page's parameters (by default parsed from the query
     string, which raises :class:`~app.jobs.BadQuery` for a bad filter or
     cursor); the template gets each of the page's fragments, rendered, as
-    ``fragments.<slot>``, the live indicator (``live_status``) and the URL
-    of its socket (``live_url``), besides ``context``.
+    ``fragments.<slot>``, the live indicator (``live_status``, whose id is
+    ``live_status_id``) and the URL of its socket (``live_url``), besides
+    ``context``.
     """
     page = PAGES[name]
     params = page.parse(request.args) if params is None else params
+    status = fragments.LIVE_STATUS
     return render_template(template, fragments=page.render(Scope(params)),
-                           live_status=fragments.LIVE_STATUS.render(live=False, node=None),
+                           live_status=status.render(live=False, node=None),
+                           live_status_id=status.dom_id({}),
                            live_url=socket_url(name, **params), **context)
 
 
