@@ -22,7 +22,9 @@ SEARCH = Query('q', help='An id prefix, or text in the parameters, the error or 
 LIMIT = Query('limit', int, minimum=1, maximum='MAX_PAGE_SIZE',
               help='Jobs per page (default PAGE_SIZE)')
 CURSOR = Query('cursor', help='The `next` value of the previous page')
-FILTERS = (STATE, QUEUE, TASK, SEARCH)
+# The jobs list's filters, in jobs.FILTER_KEYS order (a KeyError here if a
+# key has no declaration): checked by these, picked by jobs.parse_filters.
+FILTERS = tuple({q.name: q for q in (STATE, QUEUE, TASK, SEARCH)}[k] for k in jobs.FILTER_KEYS)
 
 
 def _query(*params):
@@ -62,8 +64,8 @@ def list_jobs():
     """Jobs newest first, filtered; ``next`` is the cursor of the following page."""
     args = _query(*FILTERS, LIMIT, CURSOR)
     page, next_cursor = jobs.list_jobs(
-        state=args['state'], queue=args['queue'], task=args['task'], q=args['q'],
-        limit=_limit(args['limit']), cursor=args['cursor'], with_result=True)
+        **jobs.parse_filters(args), limit=_limit(args['limit']), cursor=args['cursor'],
+        with_result=True)
     return {'jobs': [j.to_dict() for j in page], 'next': next_cursor}
 
 
@@ -195,6 +197,8 @@ def bulk_action():
         fields[key] = 'unknown field'
     if fields:
         raise catalog.ValidationError(fields, 'invalid bulk action')
+    if filters is not None:
+        filters = jobs.parse_filters(filters)
     return jobs.bulk(action, ids=ids, filters=filters)
 
 

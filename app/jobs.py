@@ -305,12 +305,33 @@ def search_condition(q):
                   _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
 
 
+FILTER_KEYS = ('state', 'queue', 'task', 'q')  # the jobs list's filters, in its query string
+
+
+def parse_filters(args, prefix=''):
+    """``{key: str or None}`` for each of :data:`FILTER_KEYS` in ``args``.
+
+    ``args`` is any mapping with ``get`` (a query string, a form, a JSON
+    object already checked); each key is looked up as ``prefix + key`` (the
+    bulk form sends ``f.state``...). Empty or absent is None. Values are not
+    checked here: :func:`check_filters` does that, and so does every query
+    that uses them.
+    """
+    return {k: args.get(prefix + k) or None for k in FILTER_KEYS}
+
+
+def check_filters(filters):
+    """Raise :class:`BadQuery` if ``filters`` (as :func:`parse_filters` returns) cannot be used."""
+    state = filters.get('state')
+    if state and state not in states.JOB_STATES:
+        raise BadQuery(f'state must be one of {", ".join(states.JOB_STATES)}')
+
+
 def query_filters(state=None, queue=None, task=None, q=None):
     """Validated filters as SQL conditions; raises :class:`BadQuery`."""
+    check_filters({'state': state})
     conditions = []
     if state:
-        if state not in states.JOB_STATES:
-            raise BadQuery(f'state must be one of {", ".join(states.JOB_STATES)}')
         conditions.append(Job.state == state)
     if queue:
         conditions.append(Job.queue == queue)

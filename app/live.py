@@ -4,8 +4,9 @@ Every open socket lives on this process's event loop (:mod:`app.sockets`),
 not on a thread of its own, so open pages never hold up HTTP requests. Each
 web process runs one relay thread that listens on the event channel and
 tells the :class:`Hub`, which bumps the version of every *view* (a page with
-its filters) the event concerns and wakes that view's sockets. A view's
-fragments are re-rendered from the ledger on a small pool of threads, once
+its filters) the event concerns and wakes that view's sockets. What a view
+shows, and which events concern it, come from its page's fragments in
+:mod:`app.fragments`. A view's fragments are re-rendered from the ledger on a small pool of threads, once
 for all the sockets that show it, and the encoded message is written to each
 of them.
 
@@ -32,13 +33,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from flask import Blueprint, Response, current_app, render_template, request
+from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import NotFound
 
-from . import catalog, events, jobs, periodic, queues, sockets, states
+from . import events, fragments, sockets
 from . import websocket as ws
 from .extensions import db
 from .leader import process_name
-from .models import Job
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ bp = Blueprint('live', __name__)
 RATE = 4.0          # sustained messages per second per socket
 BURST = 3           # messages an idle socket may send back to back
 RENDER_RATE = 5.0   # sustained renders per second per view (BURST back to back)
-RECENT = 20         # rows in the dashboard's recent list
 RENDER_THREADS = 4  # threads rendering fragments (database reads), per process
 POLL_KEEP = 30.0    # s a view only polled (no socket) stays cached after its last poll
 # File descriptors kept for everything but live sockets: gunicorn's worker
@@ -105,39 +105,52 @@ class Render(NamedTuple):
 
 
 class View:
-    """What one kind of page shows; sockets (and polls) on the same view share renders.
+    """A page's live view: its fragments for one set of parameters, shared by its sockets and polls.
 
     Lives on the loop thread, except :meth:`render_html`, which runs on a
     render thread inside a request context.
     """
 
-    def __init__(self, key, environ):
+    def __init__(self, key, environ, page, params):
         self.key = key
         self.environ = environ  # the request that opened it, for url_for in templates
+        self.page = page        # its entry in app.fragments.PAGES
+        self.params = params    # {name: str or None}, from Page.parse
         self.version = 0
         self.clients = set()
-        self.displayed = frozenset()  # job ids in the last render
+        self.displayed = frozenset()  # job ids listed by the last render
         self.polled = None  # loop time of the last poll
         self._cache = Render(-1, '', None)
         self._rendering = None  # the render task in flight
         self._renders = Bucket(RENDER_RATE, BURST)
 
-    def concerns(self, changed, deleted, event):
-        raise NotImplementedError
-
-    def fragments(self):
-        """``[(dom id, render function), ...]``: each function returns the fragment's HTML."""
-        raise NotImplementedError
+    def concerns(self, change):
+        """Whether a :class:`~app.fragments.Change` may alter any of its fragments."""
+        return any(f.changed_by(change, self) for f in self.page.fragments.values())
 
     def render_html(self):
-        """Every fragment that renders, wrapped for htmx; one that raises is logged and left out."""
+        """Every fragment that renders, wrapped for htmx; one that raises is logged and left out.
+
+        A fragment whose subject is gone (its build raises NotFound) shows
+        its gone template if it has one, else is left out silently.
+        """
+        scope = fragments.Scope(self.params)
         parts = []
-        for target, render in self.fragments():
+        for fragment in self.page.fragments.values():
+            target = fragment.dom_id(self.params)
             try:
-                parts.append(partial(target, render()))
+                try:
+                    html = fragment.render(scope)
+                except NotFound:
+                    if not fragment.gone:
+                        continue
+                    html = fragment.render_gone(scope)
+                parts.append(partial(target, html))
             except Exception:
                 logger.exception('live: rendering #%s of %s failed', target, self.key)
                 db.session.rollback()
+        if scope.shown is not None:
+            self.displayed = scope.shown
         return ''.join(parts)
 
     async def latest(self, hub):
@@ -170,184 +183,20 @@ class View:
         self._cache = Render(version, html, hub.server.frames.text(html) if html else None)
 
 
-class DashboardView(View):
-    """The dashboard: counts by state and the newest jobs."""
-
-    def concerns(self, changed, deleted, event):
-        return bool(changed or deleted)  # every change moves a count
-
-    def fragments(self):
-        return [('queue-stats', lambda: render_template('_stats.html', stats=jobs.stats())),
-                ('recent-jobs', self._recent)]
-
-    def _recent(self):
-        recent, _ = jobs.list_jobs(limit=RECENT)
-        self.displayed = frozenset(j.id for j in recent)
-        return render_template('_job_rows.html', jobs=recent, tbody_id='recent-jobs',
-                               filtered=False)
-
-
-class ListView(View):
-    """One page of the jobs list, with its filters and cursor."""
-
-    def __init__(self, key, environ, filters, cursor):
-        super().__init__(key, environ)
-        self.filters, self.cursor = filters, cursor
-        self._next_cursor = None
-
-    def concerns(self, changed, deleted, event):
-        if self.displayed & (set(deleted) | {c['id'] for c in changed}):
-            return True
-        if self.cursor:  # older pages only follow the rows they show
-            return False
-        f = self.filters
-        # A field the event leaves out (None) might match.
-        return any((not f['state'] or c.get('state') in (f['state'], None))
-                   and (not f['queue'] or c.get('queue') in (f['queue'], None))
-                   and (not f['task'] or c.get('task') in (f['task'], None)) for c in changed)
-
-    def fragments(self):
-        return [('jobs-page-rows', self._rows), ('pager', self._pager)]
-
-    def _rows(self):
-        page, self._next_cursor = jobs.list_jobs(**self.filters, cursor=self.cursor,
-                                                 limit=current_app.config['PAGE_SIZE'])
-        self.displayed = frozenset(j.id for j in page)
-        return render_template('_job_rows.html', jobs=page, tbody_id='jobs-page-rows',
-                               filtered=any(self.filters.values()), selectable=True)
-
-    def _pager(self):
-        return render_template('_pager.html', filters=self.filters, cursor=self.cursor,
-                               next_cursor=self._next_cursor)
-
-
-class JobView(View):
-    """One job's page: its summary and its attempts."""
-
-    def __init__(self, key, environ, job_id):
-        super().__init__(key, environ)
-        self.job_id = job_id
-        self.displayed = frozenset({job_id})
-
-    def concerns(self, changed, deleted, event):
-        return self.job_id in deleted or any(c['id'] == self.job_id for c in changed)
-
-    def fragments(self):
-        summary = f'job-{self.job_id}-summary'
-        if db.session.get(Job, self.job_id) is None:
-            return [(summary, lambda: render_template('_job_gone.html', job_id=self.job_id))]
-        return [(summary, self._summary), (f'job-{self.job_id}-attempts', self._attempts)]
-
-    def _summary(self):
-        return render_template('_job_summary.html', job=db.session.get(Job, self.job_id))
-
-    def _attempts(self):
-        job = db.session.get(Job, self.job_id)
-        return render_template('_attempts.html', job=job, attempts=jobs.attempts(job),
-                               logs=jobs.logs(job))
-
-
-class PageView(View):
-    """A page of its own (queues, workers, ...): one fragment, one render function."""
-
-    def __init__(self, key, environ, target, render, concerns):
-        super().__init__(key, environ)
-        self.target, self._render_fragment, self._concerns = target, render, concerns
-
-    def concerns(self, changed, deleted, event):
-        return self._concerns(changed, deleted, event)
-
-    def fragments(self):
-        return [(self.target, self._render_fragment)]
-
-
-def _any_job(changed, deleted, event):
-    return bool(changed or deleted or event.get('queues'))
-
-
-def _queues():
-    return render_template('_queues_table.html', queues=queues.overview(current_app.config))
-
-
-def _workers():
-    lost_after = current_app.config['LOST_AFTER']
-    return render_template('_workers_table.html', workers=jobs.workers(lost_after),
-                           lost_after=lost_after)
-
-
-def _failures(queue):
-    return lambda: render_template('_failures_table.html', groups=jobs.failures(queue),
-                                   queue=queue)
-
-
-def _scheduled(queue):
-    return lambda: render_template('_scheduled_rows.html', jobs=jobs.scheduled(
-        queue, limit=current_app.config['MAX_PAGE_SIZE']))
-
-
-def _periodic():
-    return render_template('_periodic_table.html', periodic=periodic.overview())
-
-
-def _failed_or_gone(changed, deleted, event):
-    return bool(deleted) or any(c.get('state') in (states.FAILED, states.QUEUED, None)
-                                for c in changed)
-
-
-def _waiting_for_time(changed, deleted, event):
-    return bool(deleted) or any(
-        c.get('state') in (states.SCHEDULED, states.RETRYING, states.QUEUED, states.RUNNING,
-                           states.CANCELED, None) for c in changed)
-
-
-def _periodic_jobs(changed, deleted, event):
-    return bool(event.get('periodic')) or any(
-        c.get('task') in catalog.PERIODIC or c.get('task') is None for c in changed)
-
-
-def _workers_changed(changed, deleted, event):
-    return bool(event.get('workers'))
-
-
-PAGES = {
-    'queues': ('queues', lambda q: _queues, _any_job),
-    'workers': ('workers', lambda q: _workers, _workers_changed),
-    'failures': ('failures', _failures, _failed_or_gone),
-    'scheduled': ('scheduled', _scheduled, _waiting_for_time),
-    'periodic': ('periodic', lambda q: _periodic, _periodic_jobs),
-}
-
-
-
-
 def view_for(args, config):
     """``(key, factory)`` for the view a socket or poll asks for in its query string.
 
-    ``factory(key, environ)`` builds the view. Raises ValueError if malformed.
+    ``args`` is the query string (a mapping): ``view`` names a page of
+    :data:`app.fragments.PAGES`, the rest are its parameters. The key is a
+    tuple, equal for requests that show the same thing; ``factory(key,
+    environ)`` builds the :class:`View`. Raises ValueError if malformed.
     """
-    kind = args.get('view')
-    if kind == 'dashboard':
-        return ('dashboard',), DashboardView
-    if kind == 'job':
-        job_id = args.get('id', '')
-        if not job_id or len(job_id) > 36:
-            raise ValueError('view=job needs an id')
-        return ('job', job_id), lambda key, environ: JobView(key, environ, job_id)
-    if kind == 'jobs':
-        filters = {k: args.get(k) or None for k in ('state', 'queue', 'task', 'q')}
-        if filters['state'] and filters['state'] not in states.JOB_STATES:
-            raise ValueError('unknown state')
-        cursor = args.get('cursor') or None
-        if cursor:
-            jobs.decode_cursor(cursor)
-        key = ('jobs', *filters.values(), cursor)
-        return key, lambda key, environ: ListView(key, environ, filters, cursor)
-    if kind in PAGES:
-        target, render, concerns = PAGES[kind]
-        queue = args.get('queue') or None
-        return (kind, queue), lambda key, environ: PageView(key, environ, target, render(queue),
-                                                             concerns)
-    raise ValueError('view must be dashboard, jobs, job, ' + ', '.join(PAGES))
+    page = fragments.PAGES.get(args.get('view'))
+    if page is None:
+        raise ValueError('view must be ' + ', '.join(fragments.PAGES))
+    params = page.parse(args)
+    key = (page.name, *params.values())
+    return key, lambda key, environ: View(key, environ, page, params)
 
 
 class Client:
@@ -525,11 +374,10 @@ class Hub:
                 self._forget(view)
 
     def _on_event(self, event):
-        changed = event.get('jobs') or []
-        deleted = event.get('deleted') or []
+        change = fragments.Change.of(event)
         for view in list(self.views.values()):
             try:
-                relevant = view.concerns(changed, deleted, event)
+                relevant = view.concerns(change)
             except Exception:
                 logger.exception('live: relevance check failed; refreshing %s', view.key)
                 relevant = True
@@ -627,8 +475,8 @@ def live_socket():
         return Response(hub.poll(key, factory, request.environ), mimetype='text/html',
                         headers={'Cache-Control': 'no-store'})
     if hub.status_html is None:
-        hub.status_html = partial('live-status', render_template(
-            '_live_status.html', node=process_name(), live=True))
+        status = fragments.LIVE_STATUS
+        hub.status_html = partial(status.dom_id({}), status.render(node=process_name(), live=True))
     try:
         hub.adopt(request.environ, key, factory)
     except ws.HandshakeError as exc:

@@ -6,14 +6,13 @@ import math
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
 
-from . import catalog, errors, jobs, periodic, queues, states, text
+from . import catalog, errors, fragments, jobs, periodic, queues, states, text
+from .fragments import PAGES, Scope
 from .live import socket_url
 from .models import isoformat, utcnow
 
 bp = Blueprint('pages', __name__)
 logger = logging.getLogger(__name__)
-
-RECENT = 20
 
 
 @bp.app_template_filter('ts')
@@ -150,34 +149,43 @@ def _form_context(values=None, errors=None, task_name=None):
                        'delay': catalog.MAX_DELAY, 'retry_delay': catalog.MAX_RETRY_DELAY}}
 
 
+def _page(name, template, params=None, **context):
+    """``template`` for the live page ``name`` (a key of :data:`app.fragments.PAGES`).
+
+    ``params`` are the page's parameters (by default parsed from the query
+    string, which raises :class:`~app.jobs.BadQuery` for a bad filter or
+    cursor); the template gets each of the page's fragments, rendered, as
+    ``fragments.<slot>``, the live indicator (``live_status``, whose id is
+    ``live_status_id``) and the URL of its socket (``live_url``), besides
+    ``context``.
+    """
+    page = PAGES[name]
+    params = page.parse(request.args) if params is None else params
+    status = fragments.LIVE_STATUS
+    return render_template(template, fragments=page.render(Scope(params)),
+                           live_status=status.render(live=False, node=None),
+                           live_status_id=status.dom_id({}),
+                           live_url=socket_url(name, **params), **context)
+
+
 @bp.get('/')
 def dashboard():
     """Counts by state, the submit form and the newest jobs."""
-    recent, _ = jobs.list_jobs(limit=RECENT)
-    return render_template('dashboard.html', stats=jobs.stats(), recent=recent,
-                           live_url=socket_url('dashboard'),
-                           **_form_context())
+    return _page('dashboard', 'dashboard.html', **_form_context())
 
 
 @bp.get('/stats')
 def stats_fragment():
     """The counts-by-state fragment."""
-    return render_template('_stats.html', stats=jobs.stats())
+    return fragments.QUEUE_STATS.render()
 
 
 @bp.get('/jobs')
 def job_list():
     """Jobs, filtered and paged newest first."""
-    args = request.args
-    filters = {k: args.get(k) or None for k in ('state', 'queue', 'task', 'q')}
-    limit = current_app.config['PAGE_SIZE']
-    page, next_cursor = jobs.list_jobs(**filters, limit=limit, cursor=args.get('cursor') or None)
-    cursor = args.get('cursor') or None
-    live = {k: v for k, v in filters.items() if v}
-    return render_template('jobs.html', jobs=page, next_cursor=next_cursor, filters=filters,
-                           cursor=cursor, task_names=jobs.task_names(),
-                           queues=current_app.config['QUEUES'],
-                           live_url=socket_url('jobs', cursor=cursor, **live))
+    params = PAGES['jobs'].parse(request.args)
+    return _page('jobs', 'jobs.html', params, filters=fragments.filters_of(params),
+                 task_names=jobs.task_names(), queues=current_app.config['QUEUES'])
 
 
 @bp.get('/jobs/new')
@@ -233,8 +241,7 @@ def create_job():
 def job_page(job_id):
     """One job: parameters, state, progress, result and every attempt."""
     job = jobs.get(job_id)
-    return render_template('job.html', job=job, attempts=jobs.attempts(job), logs=jobs.logs(job),
-                           live_url=socket_url('job', id=job.id))
+    return _page('job', 'job.html', {'id': job.id}, job=job)
 
 
 @bp.get('/jobs/<job_id>/row')
@@ -246,15 +253,13 @@ def job_row(job_id):
 @bp.get('/jobs/<job_id>/summary')
 def job_summary(job_id):
     """The job page's state, progress and actions."""
-    return render_template('_job_summary.html', job=jobs.get(job_id))
+    return fragments.JOB_SUMMARY.render(Scope({'id': job_id}))
 
 
 @bp.get('/jobs/<job_id>/attempts')
 def job_attempts(job_id):
     """The job page's attempt timeline."""
-    job = jobs.get(job_id)
-    return render_template('_attempts.html', job=job, attempts=jobs.attempts(job),
-                           logs=jobs.logs(job))
+    return fragments.JOB_ATTEMPTS.render(Scope({'id': job_id}))
 
 
 def _back(job_id=None):
@@ -300,7 +305,7 @@ def bulk_jobs():
     action = form.get('action')
     if action not in jobs.ACTIONS:
         raise jobs.BadQuery('choose retry, cancel or delete')
-    filters = {k: form.get(f'f.{k}') or None for k in ('state', 'queue', 'task', 'q')}
+    filters = jobs.parse_filters(form, prefix='f.')
     back = url_for('pages.job_list', **{k: v for k, v in filters.items() if v})
     if form.get('scope') == 'filter':
         ids = None
@@ -326,15 +331,10 @@ def bulk_jobs():
     return redirect(back, 303)
 
 
-def _page(template, view, **context):
-    return render_template(template, live_url=socket_url(view, queue=context.get('queue')),
-                           **context)
-
-
 @bp.get('/queues')
 def queues_page():
     """Every queue: waiting, running, failed, throughput; pause and resume."""
-    return _page('queues.html', 'queues', queues=queues.overview(current_app.config))
+    return _page('queues', 'queues.html')
 
 
 @bp.post('/queues/<name>/pause')
@@ -356,31 +356,27 @@ def resume_queue(name):
 @bp.get('/workers')
 def workers_page():
     """Every consumer: online or not, what it runs, its counts."""
-    lost_after = current_app.config['LOST_AFTER']
-    return _page('workers.html', 'workers', workers=jobs.workers(lost_after),
-                 lost_after=lost_after)
+    return _page('workers', 'workers.html')
 
 
 @bp.get('/failures')
 def failures_page():
     """Failed jobs grouped by task and error type."""
-    queue = request.args.get('queue') or None
-    return _page('failures.html', 'failures', groups=jobs.failures(queue), queue=queue)
+    params = PAGES['failures'].parse(request.args)
+    return _page('failures', 'failures.html', params, queue=params['queue'])
 
 
 @bp.get('/scheduled')
 def scheduled_list():
     """Jobs waiting for their time or their retry."""
-    queue = request.args.get('queue') or None
-    return _page('scheduled.html', 'scheduled',
-                 jobs=jobs.scheduled(queue, limit=current_app.config['MAX_PAGE_SIZE']),
-                 queue=queue)
+    params = PAGES['scheduled'].parse(request.args)
+    return _page('scheduled', 'scheduled.html', params, queue=params['queue'])
 
 
 @bp.get('/periodic')
 def periodic_page():
     """Periodic tasks: schedule, last and next run; pause, resume, run now."""
-    return _page('periodic.html', 'periodic', periodic=periodic.overview())
+    return _page('periodic', 'periodic.html')
 
 
 @bp.post('/periodic/<name>/pause')

@@ -1,5 +1,7 @@
 // The live indicator, and polling while the page has no live socket.
 //
+// The socket element (#live) names the indicator's id in data-status.
+//
 // The server swaps in "live" with each snapshot. When the socket drops, the
 // indicator says "reconnecting…" while htmx's hx-ws reconnects; if the page
 // is not live again within POLL_AFTER ms, or the server refused the socket
@@ -17,7 +19,8 @@
   var live = false, polling = null, fallback = null, refusals = 0, allowNext = false;
 
   function show(text, on) {
-    var status = document.getElementById('live-status');
+    var el = socketElement();
+    var status = el && document.getElementById(el.getAttribute('data-status'));
     if (!status) return;
     status.className = 'live ' + (on ? 'live-on' : 'live-off');
     status.textContent = text;

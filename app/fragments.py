@@ -1,0 +1,328 @@
+"""The live fragments, each declared once: DOM id, template, data and what changes it.
+
+A live fragment is a Jinja partial whose root element carries a stable DOM
+id. Its page includes it, a plain GET returns it and the WebSocket pushes it
+(:mod:`app.live`); all three render it from its :class:`Fragment` here, so
+the id, the template and the data cannot drift apart.
+
+- A fragment's template is named after its id: ``queue-stats`` is
+  ``_queue-stats.html``; an id with parameters drops them
+  (``job-{id}-summary`` is ``_job-summary.html``).
+- The template gets its id as ``fragment_id``: no template and no other module
+  writes a fragment's id (``tests/test_fragments.py`` checks both ways).
+- Fragments are grouped by the :class:`Page` that shows them. A page's
+  parameters come from its query string (:meth:`Page.parse`); they are the
+  query of its socket URL (``/ws?view=<page name>&...``) and the key of its
+  live view.
+"""
+import re
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+from flask import current_app, render_template
+from markupsafe import Markup
+
+from . import catalog, jobs, periodic, queues, states
+
+RECENT = 20  # rows in the dashboard's newest jobs
+
+_PARAMETER = re.compile(r'-?\{(\w+)\}')
+
+
+class Change(NamedTuple):
+    """What one event says changed (the event's shape is in :mod:`app.events`).
+
+    ``jobs``: ``[{'id', 'state', 'queue', 'task', ...}]``; a field left out
+    (None) might be anything. ``deleted``: ids of deleted jobs. ``event``:
+    the whole event, whose flags (``queues``, ``workers``, ``periodic``) say
+    what else changed.
+    """
+    jobs: list
+    deleted: list
+    event: dict
+
+    @classmethod
+    def of(cls, event):
+        """The change an event (a dict) announces."""
+        return cls(event.get('jobs') or [], event.get('deleted') or [], event)
+
+
+class Scope:
+    """One render of a page's fragments: its parameters and the reads they share.
+
+    Made afresh for every render (a page, a fragment GET, a live view's
+    render), so nothing read from the ledger outlives it. ``params`` is the
+    page's ``{name: str or None}``; ``shown`` is the job ids a list fragment
+    showed (a frozenset), or None if none did.
+    """
+
+    def __init__(self, params=None):
+        self.params = dict(params or {})
+        self.shown = None
+        self._reads = {}
+
+    def once(self, name, read):
+        """``read()``, called at most once per scope under ``name`` (exceptions are not kept)."""
+        if name not in self._reads:
+            self._reads[name] = read()
+        return self._reads[name]
+
+    def show(self, rows):
+        """Note the jobs (rows with ``.id``) a fragment lists."""
+        self.shown = frozenset(j.id for j in rows)
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """One live fragment.
+
+    ``id``: its DOM id, with ``{name}`` for each page parameter it holds
+    (``'job-{id}-summary'``). ``build(scope)``: the template's context (a
+    dict) from the page's parameters and the ledger; raises
+    :class:`~werkzeug.exceptions.NotFound` when what it shows does not
+    exist (a 404 for a page or a GET). ``concerns(change, view)``: whether a
+    :class:`Change` may alter it on a live view that has ``params`` and
+    ``displayed`` (the job ids its last render showed); None: never, the
+    fragment is sent only with a snapshot. ``gone``: a live view shows
+    ``_<name>-gone.html`` when ``build`` raises NotFound (else it leaves the
+    fragment out).
+    """
+    id: str
+    build: Callable[[Scope], dict] | None
+    concerns: Callable[[Change, object], bool] | None
+    gone: bool = False
+
+    @property
+    def name(self):
+        """The id without its parameters: ``'job-{id}-summary'`` is ``'job-summary'``."""
+        return _PARAMETER.sub('', self.id).strip('-')
+
+    @property
+    def template(self):
+        """The template's file name, ``_<name>.html``."""
+        return f'_{self.name}.html'
+
+    @property
+    def gone_template(self):
+        """What a live view shows when ``build`` raises NotFound (None: nothing)."""
+        return f'_{self.name}-gone.html' if self.gone else None
+
+    def dom_id(self, params):
+        """The id for a page's ``params``; raises KeyError if one it holds is missing."""
+        return self.id.format(**params)
+
+    def render(self, scope=None, **context):
+        """Its HTML (Markup) for ``scope`` (a :class:`Scope`), with ``context`` added to what
+        ``build`` returns; a page places it as it is.
+
+        Raises whatever ``build`` or the template raises.
+        """
+        scope = scope or Scope()
+        data = self.build(scope) if self.build else {}
+        return Markup(render_template(self.template, fragment_id=self.dom_id(scope.params),
+                                      **data, **context))
+
+    def render_gone(self, scope):
+        """The :attr:`gone_template` for ``scope`` (Markup)."""
+        return Markup(render_template(self.gone_template, fragment_id=self.dom_id(scope.params)))
+
+    def changed_by(self, change, view):
+        """Whether ``change`` concerns it on ``view`` (False if it has no ``concerns``)."""
+        return self.concerns is not None and self.concerns(change, view)
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page that shows live fragments, and the live view (``/ws?view=name``) that pushes them.
+
+    ``fragments``: ``{slot: Fragment}``, in render order; the page's
+    template places each as ``{{ fragments.<slot> }}``. ``parse(args)``:
+    the page's parameters, ``{name: str or None}`` (always the same names,
+    in the same order), from a query string (a mapping); raises ValueError
+    (:class:`~app.jobs.BadQuery` for a filter or cursor) for values it
+    cannot show.
+    """
+    name: str
+    fragments: dict
+    parse: Callable[[object], dict]
+
+    def render(self, scope):
+        """``{slot: Markup}``: every fragment's HTML; raises what a fragment raises."""
+        return {slot: fragment.render(scope) for slot, fragment in self.fragments.items()}
+
+
+# -- the job list's filters ---------------------------------------------------
+
+def filters_of(params):
+    """The job-list filters (``jobs.FILTER_KEYS``) among a page's parameters."""
+    return {k: params[k] for k in jobs.FILTER_KEYS}
+
+
+def _job_list_params(args):
+    filters = jobs.parse_filters(args)
+    jobs.check_filters(filters)
+    cursor = args.get('cursor') or None
+    if cursor:
+        jobs.decode_cursor(cursor)
+    return {**filters, 'cursor': cursor}
+
+
+def _job_params(args):
+    job_id = args.get('id', '')
+    if not job_id or len(job_id) > 36:
+        raise ValueError('view=job needs an id')
+    return {'id': job_id}
+
+
+def _queue_param(args):
+    return {'queue': args.get('queue') or None}
+
+
+def _no_params(args):
+    return {}
+
+
+# -- what fragments show --------------------------------------------------------
+
+def _stats(scope):
+    return {'stats': jobs.stats()}
+
+
+def _recent_jobs(scope):
+    recent, _ = jobs.list_jobs(limit=RECENT)
+    scope.show(recent)
+    return {'jobs': recent, 'filtered': False}
+
+
+def _job_page(scope):
+    # One read for the rows and the pager (which needs the next cursor).
+    params = scope.params
+    return scope.once('job page', lambda: jobs.list_jobs(
+        **filters_of(params), cursor=params['cursor'], limit=current_app.config['PAGE_SIZE']))
+
+
+def _jobs_page_rows(scope):
+    page, _ = _job_page(scope)
+    scope.show(page)
+    return {'jobs': page, 'filtered': any(filters_of(scope.params).values()),
+            'selectable': True}
+
+
+def _pager(scope):
+    _, next_cursor = _job_page(scope)
+    return {'filters': filters_of(scope.params), 'cursor': scope.params['cursor'],
+            'next_cursor': next_cursor}
+
+
+def _job(scope):
+    return scope.once('job', lambda: jobs.get(scope.params['id']))
+
+
+def _job_summary(scope):
+    return {'job': _job(scope)}
+
+
+def _job_attempts(scope):
+    job = _job(scope)
+    return {'job': job, 'attempts': jobs.attempts(job), 'logs': jobs.logs(job)}
+
+
+def _queues(scope):
+    return {'queues': queues.overview(current_app.config)}
+
+
+def _workers(scope):
+    lost_after = current_app.config['LOST_AFTER']
+    return {'workers': jobs.workers(lost_after), 'lost_after': lost_after}
+
+
+def _failures(scope):
+    queue = scope.params['queue']
+    return {'groups': jobs.failures(queue), 'queue': queue}
+
+
+def _scheduled(scope):
+    return {'jobs': jobs.scheduled(scope.params['queue'],
+                                   limit=current_app.config['MAX_PAGE_SIZE'])}
+
+
+def _periodic(scope):
+    return {'periodic': periodic.overview()}
+
+
+# -- what changes them ------------------------------------------------------------
+
+def _any_job(change, view):
+    return bool(change.jobs or change.deleted)  # every change moves a count
+
+
+def _listed(change, view):
+    if view.displayed & (set(change.deleted) | {c['id'] for c in change.jobs}):
+        return True
+    params = view.params
+    if params['cursor']:  # older pages only follow the rows they show
+        return False
+    # A field the event leaves out (None) might match.
+    return any(all(not params[k] or c.get(k) in (params[k], None)
+                   for k in ('state', 'queue', 'task')) for c in change.jobs)
+
+
+def _the_job(change, view):
+    job_id = view.params['id']
+    return job_id in change.deleted or any(c['id'] == job_id for c in change.jobs)
+
+
+def _any_job_or_queue(change, view):
+    return bool(change.jobs or change.deleted or change.event.get('queues'))
+
+
+def _workers_changed(change, view):
+    return bool(change.event.get('workers'))
+
+
+def _failed_or_gone(change, view):
+    return bool(change.deleted) or any(c.get('state') in (states.FAILED, states.QUEUED, None)
+                                       for c in change.jobs)
+
+
+def _waiting_for_time(change, view):
+    return bool(change.deleted) or any(
+        c.get('state') in (states.SCHEDULED, states.RETRYING, states.QUEUED, states.RUNNING,
+                           states.CANCELED, None) for c in change.jobs)
+
+
+def _periodic_jobs(change, view):
+    return bool(change.event.get('periodic')) or any(
+        c.get('task') in catalog.PERIODIC or c.get('task') is None for c in change.jobs)
+
+
+# -- the registry -------------------------------------------------------------------
+
+QUEUE_STATS = Fragment('queue-stats', _stats, _any_job)
+RECENT_JOBS = Fragment('recent-jobs', _recent_jobs, _any_job)
+JOBS_PAGE_ROWS = Fragment('jobs-page-rows', _jobs_page_rows, _listed)
+PAGER = Fragment('pager', _pager, _listed)
+JOB_SUMMARY = Fragment('job-{id}-summary', _job_summary, _the_job, gone=True)
+JOB_ATTEMPTS = Fragment('job-{id}-attempts', _job_attempts, _the_job)
+QUEUES = Fragment('queues', _queues, _any_job_or_queue)
+WORKERS = Fragment('workers', _workers, _workers_changed)
+FAILURES = Fragment('failures', _failures, _failed_or_gone)
+SCHEDULED = Fragment('scheduled', _scheduled, _waiting_for_time)
+PERIODIC = Fragment('periodic', _periodic, _periodic_jobs)
+# The live indicator in every live page's header: rendered with ``live`` and
+# ``node`` by its caller, sent with each snapshot, never refreshed.
+LIVE_STATUS = Fragment('live-status', None, None)
+
+FRAGMENTS = (QUEUE_STATS, RECENT_JOBS, JOBS_PAGE_ROWS, PAGER, JOB_SUMMARY, JOB_ATTEMPTS,
+             QUEUES, WORKERS, FAILURES, SCHEDULED, PERIODIC, LIVE_STATUS)
+
+PAGES = {page.name: page for page in (
+    Page('dashboard', {'stats': QUEUE_STATS, 'recent': RECENT_JOBS}, _no_params),
+    Page('jobs', {'rows': JOBS_PAGE_ROWS, 'pager': PAGER}, _job_list_params),
+    Page('job', {'summary': JOB_SUMMARY, 'attempts': JOB_ATTEMPTS}, _job_params),
+    Page('queues', {'queues': QUEUES}, _no_params),
+    Page('workers', {'workers': WORKERS}, _no_params),
+    Page('failures', {'failures': FAILURES}, _queue_param),
+    Page('scheduled', {'scheduled': SCHEDULED}, _queue_param),
+    Page('periodic', {'periodic': PERIODIC}, _no_params),
+)}
