@@ -230,15 +230,9 @@ class Hub:
         self.renderer = None
         self.status_html = None  # the live indicator every snapshot starts with
         self.relay = None
-        self.connected = False   # whether the event channel is reachable
         self.stopping = threading.Event()
         self._unsubscribe = None
         self._lock = threading.Lock()
-
-    @property
-    def sockets(self):
-        """Live sockets open now."""
-        return len(self.server.connections) if self.server else 0
 
     # -- start and stop (any thread) --
 
@@ -261,13 +255,13 @@ class Hub:
             self.server = server
             bus = events.bus
             self._unsubscribe = bus.subscribe(self.on_event)
-            if isinstance(bus, events.RedisBus):
-                self.relay = threading.Thread(target=self._relay, args=(bus,), name='live-relay',
-                                              daemon=True)
-                self.relay.start()
-            else:
-                self.relay = 'local'
-                self.connected = True
+            # What happened while the channel was lost was not heard: every
+            # view is re-rendered once it is back.
+            self.relay = threading.Thread(
+                target=bus.listen, args=(self.stopping,),
+                kwargs={'every': 1.0, 'on_reconnect': self.resync}, name='live-relay',
+                daemon=True)
+            self.relay.start()
 
     def shutdown(self):
         """Close every socket with 1012 so its page reconnects elsewhere (returns at once)."""
@@ -393,34 +387,6 @@ class Hub:
         for view in list(self.views.values()):
             self._touch(view)
 
-    # -- the relay thread (distributed mode) --
-
-    def _relay(self, bus):
-        failures = 0
-        while not self.stopping.is_set():
-            pubsub = bus.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(events.CHANNEL)
-                if failures:
-                    logger.info('live: event channel back after %d failed attempts', failures)
-                    self.resync()  # what happened meanwhile was not heard
-                failures = 0
-                self.connected = True
-                while not self.stopping.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message and message['type'] == 'message':
-                        bus.deliver(message['data'])
-            except Exception as exc:
-                failures += 1
-                if self.connected:
-                    logger.warning('live: event channel lost (%s); retrying', exc)
-                self.connected = False
-                self.stopping.wait(min(5.0, 0.2 * 2 ** min(failures, 5)))
-            finally:
-                try:
-                    pubsub.close()
-                except Exception:
-                    pass
 
 
 def hub_for(app):
