@@ -30,6 +30,38 @@ def _announce_ids(ids):
     announce(*db.session.scalars(sa.select(Job).where(Job.id.in_(list(ids)))))
 
 
+def change(*where, returning=None, **values):
+    """Set ``values`` on the job rows matching ``where``; the one way commands change jobs.
+
+    Every change moves the row's ``version`` on (live pages and the guard
+    below see it) and its ``updated_at``. ``where`` are SQLAlchemy
+    conditions; a guard such as ``Job.version == job.version`` makes the
+    change miss a row a worker changed meanwhile. Returns the rows of
+    ``returning`` (columns) when given, else the number of rows changed.
+    Not committed.
+    """
+    stmt = (sa.update(Job).where(*where)
+            .values(version=Job.version + 1, updated_at=utcnow(), **values)
+            .execution_options(synchronize_session=False))
+    if returning is not None:
+        return db.session.execute(stmt.returning(*returning)).all()
+    return db.session.execute(stmt).rowcount
+
+
+def _revert_cancel(before, canceled_at):
+    """Put jobs canceled at ``canceled_at`` back in their ``before`` states (``{id: state}``).
+
+    For a cancel the broker did not hear of: a job whose message is still in
+    the queue must not be called canceled while a worker will run it. A job
+    that changed since (its row no longer canceled at that time) is left.
+    Commits.
+    """
+    for job_id, state in before.items():
+        change(Job.id == job_id, Job.state == states.CANCELED, Job.finished_at == canceled_at,
+               state=state, finished_at=None)
+    db.session.commit()
+
+
 def submit(sub):
     """Record and enqueue a validated :class:`~app.catalog.Submission`.
 
@@ -107,13 +139,8 @@ def _transition(job_id, action, values):
         job = get(job_id)
         states.check(job.state, action)
         previous = job.state
-        result = db.session.execute(
-            sa.update(Job)
-            .where(Job.id == job.id, Job.state.in_(states.ALLOWED[action]),
-                   Job.version == job.version)
-            .values(version=Job.version + 1, updated_at=utcnow(), **values)
-            .execution_options(synchronize_session=False))
-        if result.rowcount == 1:
+        if change(Job.id == job.id, Job.state.in_(states.ALLOWED[action]),
+                  Job.version == job.version, **values) == 1:
             db.session.refresh(job)
             return job, previous
         db.session.rollback()
@@ -153,22 +180,15 @@ def cancel(job_id):
     try:
         broker.withdraw(job)
     except broker.BrokerUnavailable:
-        db.session.execute(
-            sa.update(Job).where(Job.id == job.id, Job.version == job.version)
-            .values(state=previous, finished_at=None, version=Job.version + 1,
-                    updated_at=utcnow()))
-        db.session.commit()
+        _revert_cancel({job.id: previous}, job.finished_at)
         raise
     announce(job)
     return job
 
 
 def _request_cancel(job):
-    moved = db.session.execute(
-        sa.update(Job).where(Job.id == job.id, Job.state == states.RUNNING)
-        .values(cancel_requested_at=utcnow(), version=Job.version + 1, updated_at=utcnow())
-        .execution_options(synchronize_session=False)).rowcount
-    if not moved:
+    if not change(Job.id == job.id, Job.state == states.RUNNING,
+                  cancel_requested_at=utcnow()):
         db.session.rollback()
         raise states.StateConflict('cancel', get(job.id).state)
     db.session.refresh(job)
@@ -499,11 +519,9 @@ def _bulk_cancel(rows, summary):
         return done
     now = utcnow()
     ids = [r.id for r in waiting]
-    canceled = db.session.execute(
-        sa.update(Job).where(Job.id.in_(ids), Job.state.in_(states.WAITING))
-        .values(state=states.CANCELED, finished_at=now, progress_message=None,
-                version=Job.version + 1, updated_at=now)
-        .returning(Job.id, Job.queue)).all()
+    canceled = change(Job.id.in_(ids), Job.state.in_(states.WAITING),
+                      state=states.CANCELED, finished_at=now, progress_message=None,
+                      returning=(Job.id, Job.queue))
     # Committed before the broker hears of it, as a single cancel does.
     db.session.commit()
     _skip(summary, 'changed', len(ids) - len(canceled))
@@ -521,14 +539,8 @@ def _bulk_cancel(rows, summary):
         # that a worker will still run. What was withdrawn stays canceled.
         withdrawn |= exc.done
         before = {r.id: r.state for r in waiting}
-        for job_id, _queue in canceled:
-            if job_id not in withdrawn:
-                db.session.execute(
-                    sa.update(Job).where(Job.id == job_id, Job.state == states.CANCELED,
-                                         Job.finished_at == now)
-                    .values(state=before[job_id], finished_at=None,
-                            version=Job.version + 1, updated_at=utcnow()))
-        db.session.commit()
+        _revert_cancel({job_id: before[job_id] for job_id, _queue in canceled
+                        if job_id not in withdrawn}, now)
         _announce_ids(c[0] for c in canceled)
         raise
     _announce_ids(c[0] for c in canceled)

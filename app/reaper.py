@@ -28,9 +28,8 @@ import uuid
 
 import sqlalchemy as sa
 
-from . import broker, catalog, events, message, states
+from . import broker, catalog, events, jobs, message, states
 from .extensions import db
-from .jobs import announce
 from .leader import leadership
 from .models import Attempt, Job, Worker, utcnow
 
@@ -191,12 +190,9 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
         values = dict(state=states.CANCELED, finished_at=now)
     else:
         values = dict(state=states.FAILED, finished_at=now)
-    moved = db.session.execute(
-        sa.update(Job).where(Job.id == job.id, Job.version == job.version)
-        .values(attempts=number, error=error, error_type='WorkerLost', scheduled_for=None,
-                progress=None, progress_message=None, version=Job.version + 1,
-                updated_at=now, **values)
-        .execution_options(synchronize_session=False)).rowcount
+    moved = jobs.change(Job.id == job.id, Job.version == job.version,
+                        attempts=number, error=error, error_type='WorkerLost',
+                        scheduled_for=None, progress=None, progress_message=None, **values)
     if not moved:  # changed meanwhile (its consumer wrote an ending): look again next pass
         db.session.rollback()
         return None
@@ -212,7 +208,7 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
         db.session.rollback()
         raise
     db.session.commit()
-    announce(job)
+    jobs.announce(job)
     logger.warning('reaper: job %s attempt %d lost (%s); %s', job.id, number, reason,
                    'running it again' if why_not is None else f'failed: {why_not}')
     return True

@@ -37,6 +37,7 @@ import uuid
 import sqlalchemy as sa
 
 from . import broker, catalog, controls, events, states
+from . import jobs as jobs_service
 from .extensions import db
 from .models import Job, JobEvent, isoformat, utcnow
 
@@ -281,12 +282,10 @@ class Reconciler:
         queue, tasks = jobs[0].queue, {j.id: j.task for j in jobs}
         due = sa.and_(Job.state == states.SCHEDULED,
                       sa.or_(Job.scheduled_for.is_(None), Job.scheduled_for <= now))
-        moved = dict(db.session.execute(
-            sa.update(Job).where(Job.state.in_(_WAITING),
-                                 sa.tuple_(Job.id, Job.version).in_(list(by_key)))
-            .values(version=Job.version + 1, updated_at=now,
-                    state=sa.case((due, states.QUEUED), else_=Job.state))
-            .returning(Job.id, Job.state).execution_options(synchronize_session=False)).all())
+        moved = dict(jobs_service.change(
+            Job.state.in_(_WAITING), sa.tuple_(Job.id, Job.version).in_(list(by_key)),
+            state=sa.case((due, states.QUEUED), else_=Job.state),
+            returning=(Job.id, Job.state)))
         if not moved:
             db.session.rollback()
             return []
