@@ -2,10 +2,10 @@
 
 Huey calls our signal handlers (and one post-execute hook, the only place that
 sees a task's return value and exception together) on its worker threads.
-They only append a small tuple to a queue. A writer thread drains the queue
-every ``LEDGER_FLUSH_INTERVAL`` seconds and applies it in one transaction, a
-few ``executemany`` statements per batch, then publishes one event naming
-the changed jobs. This is huey's own ``contrib/stats.py`` pattern.
+They only append a small record of the change (:mod:`.ops`) to a queue. A
+writer thread drains the queue every ``LEDGER_FLUSH_INTERVAL`` seconds and
+applies it in one transaction, a few ``executemany`` statements per batch,
+then publishes one event naming the changed jobs. This is huey's own ``contrib/stats.py`` pattern.
 
 Ordering across processes: a job's attempts may run on different consumers,
 whose writers flush independently. Every job update is guarded by the attempt
@@ -20,7 +20,8 @@ then the writer acknowledges it (see :mod:`app.storage`). A consumer that
 dies before that leaves the message in flight, and the leader runs the job
 again.
 
-The modules, each importing only those before it: :mod:`.sql` (the
+The modules, each importing only those before it: :mod:`.ops` (the
+records of changes), :mod:`.sql` (the
 statements in each driver's dialect), :mod:`.apply` (a batch of changes
 becomes those statements), :mod:`.writers` (a thread or a child process
 writes batches, announces and acknowledges them), :mod:`.recorder` (Huey's
@@ -37,15 +38,17 @@ from .. import context
 from ..extensions import db
 from ..leader import leadership
 from .apply import WORKERS, apply
+from .ops import Finish, Heartbeat, Log, Progress, Queued, Scheduled, Start, Stopped
 from .recorder import (MAX_ERROR_TYPE, MAX_LEVEL, MAX_MESSAGE, MAX_RESULT, MAX_TRACEBACK,
-                       Finish, Recorder)
+                       Recorder)
 from .sql import Dialect
 from .writers import ProcessWriter, Unwritten, Writer, announce, transient
 
 logger = logging.getLogger(__name__)
 
 __all__ = ['MAX_ERROR_TYPE', 'MAX_LEVEL', 'MAX_MESSAGE', 'MAX_RESULT', 'MAX_TRACEBACK', 'WORKERS',
-           'Dialect', 'Finish', 'ProcessWriter', 'Recorder', 'Unwritten', 'Writer', 'announce',
+           'Dialect', 'Finish', 'Heartbeat', 'Log', 'Progress', 'ProcessWriter', 'Queued',
+           'Recorder', 'Scheduled', 'Start', 'Stopped', 'Unwritten', 'Writer', 'announce',
            'apply', 'attach', 'backlogged', 'served', 'serving', 'start', 'stop', 'transient']
 
 # This process's recorder, and what the wiring below remembers for it.

@@ -6,6 +6,7 @@ import sqlalchemy as sa
 
 from .. import states
 from ..models import utcnow
+from .ops import Finish, Heartbeat, Log, Progress, Queued, Scheduled, Start, Stopped
 from .sql import dialect
 
 logger = logging.getLogger(__name__)
@@ -14,52 +15,54 @@ WORKERS = object()  # key in a batch's changes: consumer heartbeats were written
 
 
 def apply(conn, ops):
-    """Apply a batch of recorded changes on ``conn``; return what changed.
+    """Apply a batch of recorded changes (:mod:`.ops` records) on ``conn``; return what changed.
 
     Returns ``{job id: (state, queue, task)}`` as this batch left them (a
-    hint for the live pages, which re-read the ledger).
+    hint for the live pages, which re-read the ledger), with the key
+    :data:`WORKERS` when consumer heartbeats were written. Raises what the
+    database driver raises; a record of an unknown type is ignored.
     """
     d = dialect(conn)
     ts, now = d.ts, d.ts(utcnow())
-    starts = {}      # (job, n) -> start op
-    finishes = {}    # (job, n) -> finish op
-    progress = {}    # job -> latest progress op
-    queued, scheduled = {}, {}
-    logs, beats = [], []
+    starts = {}      # (job, n) -> Start
+    finishes = {}    # (job, n) -> Finish
+    progress = {}    # job -> latest Progress
+    queued, scheduled = {}, {}  # job -> latest Queued, Scheduled
+    logs, beats = [], []  # every Log; every Heartbeat and Stopped, in order
     for op in ops:
-        kind = op[0]
-        if kind == 'log':
-            logs.append(op)
-        elif kind in ('heartbeat', 'stopped'):
-            beats.append(op)
-        elif kind == 'start':
-            starts[(op[1], op[2])] = op
-        elif kind == 'finish':
-            finishes[(op[1], op[2])] = op
-        elif kind == 'progress':
-            progress[op[1]] = op
-        elif kind == 'queued':
-            queued[op[1]] = op
-        elif kind == 'scheduled':
-            scheduled[op[1]] = op
+        match op:
+            case Log():
+                logs.append(op)
+            case Heartbeat() | Stopped():
+                beats.append(op)
+            case Start():
+                starts[(op.job_id, op.number)] = op
+            case Finish():
+                finishes[(op.job_id, op.number)] = op
+            case Progress():
+                progress[op.job_id] = op
+            case Queued():
+                queued[op.job_id] = op
+            case Scheduled():
+                scheduled[op.job_id] = op
 
     changed = {}
     attempts, ended, start_rows, ran_rows, finish_rows = [], [], [], [], []
     for key, s in starts.items():
-        _, job_id, n, worker, at, info = s
+        job_id, n, worker, at = s.job_id, s.number, s.worker, s.at
         f = finishes.pop(key, None)
         if f is None:
             attempts.append((job_id, n, worker, states.ATTEMPT_RUNNING, ts(at),
                              None, None, None, None, None))
             start_rows.append((n, ts(at), worker, now, job_id, n))
-            changed[job_id] = (states.RUNNING, info[1], info[0])
+            changed[job_id] = (states.RUNNING, s.queue, s.task)
         else:
             attempts.append((job_id, n, worker, f.outcome, ts(at), ts(f.at), f.duration,
                              f.error_type, f.error_message, f.traceback))
             state, finished, result, error, prog = _job_end(f)
             ran_rows.append((state, n, ts(at), ts(finished), worker, d.json(result), error,
                              f.error_type, prog, now, job_id, n))
-            changed[job_id] = (state, info[1], info[0])
+            changed[job_id] = (state, s.queue, s.task)
     for f in finishes.values():
         ended.append((f.outcome, ts(f.at), f.duration, f.error_type, f.error_message,
                       f.traceback, f.job_id, f.number))
@@ -87,14 +90,15 @@ def apply(conn, ops):
     if attempts:
         _insert_attempts(conn, d, attempts)
     if progress:
-        _executemany(conn, d.sql['progress'], [(p[3], p[4], now, p[1], p[2])
+        _executemany(conn, d.sql['progress'], [(p.fraction, p.message, now, p.job_id, p.number)
                                                for p in progress.values()])
         for p in progress.values():
-            changed.setdefault(p[1], (states.RUNNING, None, None))
+            changed.setdefault(p.job_id, (states.RUNNING, None, None))
     if logs:
-        _executemany(conn, d.sql['log'], [(o[1], o[2], ts(o[3]), o[4], o[5]) for o in logs])
+        _executemany(conn, d.sql['log'], [(o.job_id, o.number, ts(o.at), o.level, o.message)
+                                          for o in logs])
         for o in logs:
-            changed.setdefault(o[1], (None, None, None))
+            changed.setdefault(o.job_id, (None, None, None))
     if ended:
         _executemany(conn, d.sql['end_attempt'], ended)
     if finish_rows:
@@ -102,21 +106,20 @@ def apply(conn, ops):
     if queued:
         _executemany(conn, d.sql['queued'], [(now, i) for i in queued])
         for q in queued.values():
-            changed.setdefault(q[1], (states.QUEUED, q[3], q[2]))
+            changed.setdefault(q.job_id, (states.QUEUED, q.queue, q.task))
     if scheduled:
-        _executemany(conn, d.sql['scheduled'], [(ts(s[2]), now, s[1])
+        _executemany(conn, d.sql['scheduled'], [(ts(s.eta), now, s.job_id)
                                                 for s in scheduled.values()])
         for s in scheduled.values():
-            changed.setdefault(s[1], (None, s[4], s[3]))
+            changed.setdefault(s.job_id, (None, s.queue, s.task))
     for b in beats:
-        if b[0] == 'heartbeat':
-            _, wid, host, pid, queues, concurrency, started, seen, done, bad, current, lead = b
+        if isinstance(b, Heartbeat):
             _executemany(conn, d.sql['heartbeat'], [(
-                wid, host, pid, json.dumps(queues), concurrency, ts(started), ts(seen), done, bad,
-                json.dumps(current), lead)])
+                b.consumer, b.host, b.pid, json.dumps(b.queues), b.concurrency,
+                ts(b.started_at), ts(b.seen), b.processed, b.failed, json.dumps(b.running),
+                b.leader)])
         else:
-            _, wid, at = b
-            _executemany(conn, d.sql['stopped'], [(ts(at), ts(at), '[]', False, wid)])
+            _executemany(conn, d.sql['stopped'], [(ts(b.at), ts(b.at), '[]', False, b.consumer)])
     if beats:
         changed[WORKERS] = (None, None, None)
     return changed
@@ -154,10 +157,9 @@ def _insert_missing_jobs(conn, d, start_ops, now):
     when a web process died between enqueue and commit.
     """
     rows = []
-    for job_id, s in {s[1]: s for s in start_ops}.items():
-        task, queue, params, priority, retries, retry_delay = s[5]
-        rows.append((job_id, task, queue, d.json(params), priority, s[2] - 1, retries,
-                     retry_delay, d.ts(s[4]), now))
+    for job_id, s in {s.job_id: s for s in start_ops}.items():
+        rows.append((job_id, s.task, s.queue, d.json(s.params), s.priority, s.number - 1,
+                     s.retries, s.retry_delay, d.ts(s.at), now))
     _executemany(conn, d.sql['job'], rows)
 
 

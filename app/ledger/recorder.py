@@ -5,7 +5,6 @@ import logging
 import threading
 import time
 import traceback as tb_module
-from typing import NamedTuple
 
 import sqlalchemy as sa
 from huey import signals as S
@@ -14,6 +13,7 @@ from huey.exceptions import CancelExecution, TaskTimeout
 from .. import catalog, message, states, text
 from ..leader import parse_name, process_name
 from ..models import utcnow
+from .ops import Finish, Heartbeat, Log, Progress, Queued, Scheduled, Start, Stopped
 from .writers import Unwritten, Writer
 
 logger = logging.getLogger(__name__)
@@ -59,30 +59,6 @@ def _error_type(exc):
     return text.storable(name, MAX_ERROR_TYPE)
 
 
-class Finish(NamedTuple):
-    """A recorded change: attempt ``number`` of ``job_id`` ended with ``outcome``.
-
-    ``at`` is naive UTC; ``duration`` seconds (None if the start was not
-    seen); ``final`` says no attempt follows (the job ends); ``receipt``
-    acknowledges the attempt's message once this is written (None when
-    there is nothing to acknowledge).
-    """
-    kind: str  # always 'finish'
-    job_id: str
-    number: int
-    outcome: str
-    at: object
-    duration: float | None
-    error_type: str | None
-    error_message: str | None
-    traceback: str | None
-    result: object
-    final: bool
-    task: str
-    queue: str | None
-    receipt: object = None
-
-
 class Recorder:
     """Buffers ledger changes from Huey's threads and writes them in batches."""
 
@@ -125,16 +101,16 @@ class Recorder:
                 # retries (no_retry), which the number is computed from.
                 self._started[task] = (time.monotonic(), now, number, queue)
                 meta = task.kwargs.get('meta') or {}
-                self._ops.append(('start', task.id, number, self._worker_name(),
-                                  now, (task.name, queue, task.kwargs.get('params') or {},
-                                        task.priority or 0, meta.get('retries', task.retries),
-                                        task.retry_delay or 0.0)))
+                self._ops.append(Start(task.id, number, self._worker_name(), now, task.name,
+                                       queue, task.kwargs.get('params') or {},
+                                       task.priority or 0, meta.get('retries', task.retries),
+                                       task.retry_delay or 0.0))
             elif signal == S.SIGNAL_ENQUEUED:
                 # The scheduler moving a due job into the queue.
                 if task.eta is None or task.eta <= utcnow():
-                    self._ops.append(('queued', task.id, task.name, queue))
+                    self._ops.append(Queued(task.id, task.name, queue))
             elif signal == S.SIGNAL_SCHEDULED:
-                self._ops.append(('scheduled', task.id, task.eta, task.name, queue))
+                self._ops.append(Scheduled(task.id, task.eta, task.name, queue))
             # REVOKED needs nothing: the web process marked the job canceled
             # before it revoked the message.
             elif signal == S.SIGNAL_INTERRUPTED:
@@ -203,7 +179,7 @@ class Recorder:
                          final=False)
 
     def on_progress(self, running, fraction, message):
-        self._ops.append(('progress', running.job_id, running.attempt, fraction, message))
+        self._ops.append(Progress(running.job_id, running.attempt, fraction, message))
 
     def on_log(self, running, level, message):
         """A line the running task logged; at most ``log_lines`` per attempt."""
@@ -211,12 +187,12 @@ class Recorder:
         count = self._log_counts.get(key, 0) + 1
         self._log_counts[key] = count
         if count < self.log_lines:
-            self._ops.append(('log', running.job_id, running.attempt, utcnow(),
-                              text.storable(level, MAX_LEVEL),
-                              text.storable(message, MAX_MESSAGE)))
+            self._ops.append(Log(running.job_id, running.attempt, utcnow(),
+                                 text.storable(level, MAX_LEVEL),
+                                 text.storable(message, MAX_MESSAGE)))
         elif count == self.log_lines:
-            self._ops.append(('log', running.job_id, running.attempt, utcnow(), 'WARNING',
-                              f'(more than {self.log_lines} lines: the rest are not kept)'))
+            self._ops.append(Log(running.job_id, running.attempt, utcnow(), 'WARNING',
+                                 f'(more than {self.log_lines} lines: the rest are not kept)'))
 
     def _finish(self, task, outcome, exc, final, result=None, acknowledges=True):
         now = utcnow()
@@ -241,8 +217,8 @@ class Recorder:
         if acknowledges:
             receipt = getattr(task, 'receipt', None)
             task.receipt = None  # this record acknowledges it, once written
-        self._ops.append(Finish('finish', task.id, number, outcome, now, duration, etype, emsg,
-                                tb, result, final, task.name, queue, receipt))
+        self._ops.append(Finish(task.id, number, outcome, now, duration, etype, emsg, tb, result,
+                                final, task.name, queue, receipt))
         if len(self._ops) >= self.max_batch:
             self._wake.set()
 
@@ -259,10 +235,10 @@ class Recorder:
         done, bad = self._counts
         self._counts = [0, 0]
         host, pid = parse_name(self.consumer)
-        self._ops.append(('heartbeat', self.consumer, host, int(pid), self.queues,
-                          self.concurrency, self.started_at, utcnow(), done, bad,
-                          sorted({t.id for t in self._started.copy()}),
-                          bool(self.is_leader())))
+        self._ops.append(Heartbeat(self.consumer, host, int(pid), self.queues,
+                                   self.concurrency, self.started_at, utcnow(), done, bad,
+                                   sorted({t.id for t in self._started.copy()}),
+                                   bool(self.is_leader())))
 
     def close(self, timeout=10):
         """Stop the writer and write everything still buffered."""
@@ -274,7 +250,7 @@ class Recorder:
         self._drain(deadline)
         if self.queues:  # a last heartbeat with the final counts, then "stopped"
             self.heartbeat()
-            self._ops.append(('stopped', self.consumer, utcnow()))
+            self._ops.append(Stopped(self.consumer, utcnow()))
             self._drain(deadline)
         self.writer.close(max(0.0, deadline - time.monotonic()))
 
@@ -343,7 +319,7 @@ class Recorder:
                 self._ops.extendleft(reversed(exc.ops))
                 raise
             for op in ops:
-                if op[0] == 'finish':
+                if isinstance(op, Finish):
                     self._counts[0] += 1
                     self._counts[1] += op.outcome != states.ATTEMPT_SUCCEEDED
             return len(ops)

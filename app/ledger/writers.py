@@ -8,6 +8,7 @@ import sqlalchemy as sa
 
 from .. import events
 from .apply import WORKERS, apply
+from .ops import Finish
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Writer:
         if self.acknowledge is None:
             return
         receipts = self._unacknowledged + [op.receipt for op in ops
-                                           if op[0] == 'finish' and op.receipt is not None]
+                                           if isinstance(op, Finish) and op.receipt is not None]
         self._unacknowledged = []
         if not receipts:
             return
