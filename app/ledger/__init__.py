@@ -78,9 +78,9 @@ def start(app, acknowledge=None):
             _recorder = Recorder(writer, app.config['LEDGER_FLUSH_INTERVAL'],
                                  heartbeat_interval=app.config['HEARTBEAT_INTERVAL'],
                                  log_lines=app.config['LOG_LINES'])
-            _recorder.queues = list(_serving['queues'])
-            _recorder.concurrency = _serving['concurrency']
-            _recorder.is_leader = lambda: leadership.leading
+            _recorder.heartbeats.queues = list(_serving['queues'])
+            _recorder.heartbeats.concurrency = _serving['concurrency']
+            _recorder.heartbeats.is_leader = lambda: leadership.leading
             _recorder.start()
             context.sink = _recorder.on_progress
             context.log_sink = _recorder.on_log
@@ -99,8 +99,8 @@ def serving(queue, workers):
         _serving['queues'].append(queue)
     _serving['concurrency'] += workers
     if _recorder is not None:
-        _recorder.queues = list(_serving['queues'])
-        _recorder.concurrency = _serving['concurrency']
+        _recorder.heartbeats.queues = list(_serving['queues'])
+        _recorder.heartbeats.concurrency = _serving['concurrency']
 
 
 def served():

@@ -5,15 +5,18 @@ import logging
 import threading
 import time
 import traceback as tb_module
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from huey import signals as S
 from huey.exceptions import CancelExecution, TaskTimeout
 
-from .. import catalog, message, states, text
-from ..leader import parse_name, process_name
+from .. import message, states, text
+from ..leader import process_name
 from ..models import utcnow
-from .ops import Finish, Heartbeat, Log, Progress, Queued, Scheduled, Start, Stopped
+from . import interrupted
+from .heartbeats import Heartbeats
+from .ops import Finish, Log, Progress, Queued, Scheduled, Start
 from .writers import Unwritten, Writer
 
 logger = logging.getLogger(__name__)
@@ -59,29 +62,41 @@ def _error_type(exc):
     return text.storable(name, MAX_ERROR_TYPE)
 
 
+class _Run(NamedTuple):
+    """An attempt this process runs: since when (monotonic s, and naive UTC), which, where."""
+    began: float
+    at: object
+    number: int
+    queue: str
+
+
 class Recorder:
-    """Buffers ledger changes from Huey's threads and writes them in batches."""
+    """Buffers ledger changes from Huey's threads and writes them in batches.
+
+    ``writer`` writes a batch (a list of :mod:`.ops` records): a
+    :class:`~.writers.Writer`, a :class:`~.writers.ProcessWriter`, or an
+    SQLAlchemy engine (a ``Writer`` on it is made). A thread started by
+    :meth:`start` hands it one batch of at most ``max_batch`` changes every
+    ``flush_interval`` seconds and queues this consumer's heartbeat every
+    ``heartbeat_interval`` seconds (see :attr:`heartbeats`). At most
+    ``log_lines`` lines a task logs are kept per attempt. The ``on_*``
+    methods, called on Huey's threads, never raise.
+    """
 
     def __init__(self, writer, flush_interval=0.05, max_batch=5000, heartbeat_interval=5.0,
                  log_lines=1000):
         self.writer = writer if not isinstance(writer, sa.engine.Engine) else Writer(writer)
         self.flush_interval = flush_interval
         self.max_batch = max_batch
-        self.heartbeat_interval = heartbeat_interval
         self.log_lines = log_lines
         self.consumer = process_name()
-        # What this consumer serves, for its heartbeats (set by whoever runs it).
-        self.queues, self.concurrency = [], 0
-        self.is_leader = lambda: False
-        self.started_at = utcnow()
-        self._next_beat = 0.0
-        self._counts = [0, 0]  # attempts ended, and of those not succeeded, since the last beat
+        # What this consumer serves goes in its heartbeats (set by whoever runs it).
+        self.heartbeats = Heartbeats(self.consumer, heartbeat_interval)
         self._log_counts = {}  # (job, attempt) -> lines captured
         self._ops = collections.deque()
         self._local = threading.local()
         # The Huey task of each running attempt (by identity, not job id: a
-        # stale run of a job may overlap its next one) -> (monotonic start,
-        # utc start, attempt number, queue).
+        # stale run of a job may overlap its next one) -> its _Run.
         self._started = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -93,18 +108,18 @@ class Recorder:
     # -- the worker-thread side: tiny, never raises -------------------------
 
     def on_signal(self, huey, queue, signal, task, exc=None):
+        """Record Huey ``signal`` about ``task`` of ``queue`` (executing, enqueued, scheduled,
+        interrupted; others are ignored). An interrupted task is put back in ``huey``."""
         try:
             if signal == S.SIGNAL_EXECUTING:
                 now = utcnow()
                 number = message.attempt_number(task)
                 # Kept for the end of the attempt: a task may change its own
                 # retries (no_retry), which the number is computed from.
-                self._started[task] = (time.monotonic(), now, number, queue)
-                meta = task.kwargs.get('meta') or {}
+                self._started[task] = _Run(time.monotonic(), now, number, queue)
                 self._ops.append(Start(task.id, number, self._worker_name(), now, task.name,
-                                       queue, task.kwargs.get('params') or {},
-                                       task.priority or 0, meta.get('retries', task.retries),
-                                       task.retry_delay or 0.0))
+                                       queue, message.params(task), task.priority or 0,
+                                       message.retries(task), task.retry_delay or 0.0))
             elif signal == S.SIGNAL_ENQUEUED:
                 # The scheduler moving a due job into the queue.
                 if task.eta is None or task.eta <= utcnow():
@@ -125,6 +140,7 @@ class Recorder:
         return name
 
     def on_post_execute(self, task, value, exc):
+        """Record the end of ``task``'s attempt: it returned ``value``, or raised ``exc``."""
         try:
             if exc is None:
                 self._finish(task, states.ATTEMPT_SUCCEEDED, None, final=True,
@@ -144,41 +160,13 @@ class Recorder:
             logger.exception('ledger: end of %s not recorded', getattr(task, 'id', task))
 
     def _interrupted(self, huey, task):
-        # Huey drops a task cut off by a shutdown; we put it back as the next
-        # attempt (at-least-once), or fail it visibly if it is not safe to
-        # run twice or the broker is gone. A run whose claim the leader
-        # already took back (this consumer was thought dead) is left to it.
-        task_type = catalog.TASKS.get(message.task_name(task.name))
-        if task_type is not None and not task_type.rerun:
-            self._finish(task, states.ATTEMPT_INTERRUPTED,
-                         RuntimeError('the consumer stopped during this attempt; not safe to '
-                                      'run twice'), final=True)
-            return
-        claim_held = getattr(huey, 'claim_held', None)
-        if claim_held is not None and not claim_held(task):
-            logger.warning('ledger: interrupted job %s was already taken back by the leader',
-                           task.id)
-            return
         started = self._started.get(task)
-        base = started[2] if started else message.attempt_number(task)
-        again = type(task)((), message.kwargs(task.kwargs.get('params') or {}, base,
-                                              task.retries),
-                           id=task.id, retries=task.retries, retry_delay=task.retry_delay,
-                           retry_backoff=task.retry_backoff, priority=task.priority,
-                           timeout=task.timeout)
-        try:
-            huey.enqueue(again)
-        except Exception as exc:
-            logger.error('ledger: interrupted job %s not re-enqueued: %s', task.id, exc)
-            self._finish(task, states.ATTEMPT_INTERRUPTED,
-                         RuntimeError(f'the consumer stopped during this attempt and the job '
-                                      f'could not be re-enqueued: {exc}'), final=True)
-        else:
-            self._finish(task, states.ATTEMPT_INTERRUPTED,
-                         RuntimeError('the consumer stopped during this attempt; re-enqueued'),
-                         final=False)
+        ending = interrupted.requeue(huey, task, started.number if started else None)
+        if ending is not None:
+            self._finish(task, states.ATTEMPT_INTERRUPTED, ending.error, final=ending.final)
 
     def on_progress(self, running, fraction, message):
+        """The running attempt (a :class:`app.context.Running`) is ``fraction`` (0..1) done."""
         self._ops.append(Progress(running.job_id, running.attempt, fraction, message))
 
     def on_log(self, running, level, message):
@@ -197,9 +185,9 @@ class Recorder:
     def _finish(self, task, outcome, exc, final, result=None, acknowledges=True):
         now = utcnow()
         started = self._started.pop(task, None)
-        duration = time.monotonic() - started[0] if started else None
-        number = started[2] if started else message.attempt_number(task)
-        queue = started[3] if started else None
+        duration = time.monotonic() - started.began if started else None
+        number = started.number if started else message.attempt_number(task)
+        queue = started.queue if started else None
         etype = emsg = tb = None
         if exc is not None:
             # Whatever the task raised must become text the ledger accepts:
@@ -225,6 +213,7 @@ class Recorder:
     # -- the writer side ---------------------------------------------------
 
     def start(self):
+        """Start the thread that writes the buffered changes (once); return self."""
         if self._writer is None:
             self._writer = threading.Thread(target=self._run, name='ledger-writer', daemon=True)
             self._writer.start()
@@ -232,13 +221,7 @@ class Recorder:
 
     def heartbeat(self):
         """Queue this consumer's heartbeat: alive, what it runs, counts since the last."""
-        done, bad = self._counts
-        self._counts = [0, 0]
-        host, pid = parse_name(self.consumer)
-        self._ops.append(Heartbeat(self.consumer, host, int(pid), self.queues,
-                                   self.concurrency, self.started_at, utcnow(), done, bad,
-                                   sorted({t.id for t in self._started.copy()}),
-                                   bool(self.is_leader())))
+        self._ops.append(self.heartbeats.beat(sorted({t.id for t in self._started.copy()})))
 
     def close(self, timeout=10):
         """Stop the writer and write everything still buffered."""
@@ -248,9 +231,9 @@ class Recorder:
             self._writer.join(timeout)
         deadline = time.monotonic() + timeout
         self._drain(deadline)
-        if self.queues:  # a last heartbeat with the final counts, then "stopped"
+        if self.heartbeats.queues:  # a last heartbeat with the final counts, then "stopped"
             self.heartbeat()
-            self._ops.append(Stopped(self.consumer, utcnow()))
+            self._ops.append(self.heartbeats.stopped())
             self._drain(deadline)
         self.writer.close(max(0.0, deadline - time.monotonic()))
 
@@ -264,6 +247,7 @@ class Recorder:
 
     @property
     def pending(self):
+        """The number of changes buffered, not handed to the writer yet."""
         return len(self._ops)
 
     # Changes buffered past which the consumer stops taking jobs (the ledger
@@ -286,8 +270,7 @@ class Recorder:
         while not self._stop.is_set():
             self._wake.wait(self.flush_interval)
             self._wake.clear()
-            if self.queues and time.monotonic() >= self._next_beat:
-                self._next_beat = time.monotonic() + self.heartbeat_interval
+            if self.heartbeats.due():
                 self.heartbeat()
             try:
                 # One batch per interval: under load batches grow, rather than
@@ -318,8 +301,5 @@ class Recorder:
             except Unwritten as exc:
                 self._ops.extendleft(reversed(exc.ops))
                 raise
-            for op in ops:
-                if isinstance(op, Finish):
-                    self._counts[0] += 1
-                    self._counts[1] += op.outcome != states.ATTEMPT_SUCCEEDED
+            self.heartbeats.written(ops)
             return len(ops)
