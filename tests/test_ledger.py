@@ -3,8 +3,10 @@
 Jobs run through Huey's real execute path (what a consumer worker does,
 minus the thread), on SQLite and on PostgreSQL.
 """
+import ast
 import datetime as dt
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -443,3 +445,20 @@ def test_a_consumer_stops_taking_jobs_while_the_ledger_is_far_behind():
     assert recorder.backlogged()  # until it is well below again
     recorder._ops.clear()
     assert not recorder.backlogged()
+
+
+def test_the_ledger_package_imports_only_the_modules_below_it():
+    # Its writer process gets create_app from the caller; nothing in the
+    # package reaches up to the application, not even inside a function.
+    below = {'catalog', 'context', 'events', 'extensions', 'leader', 'message', 'models',
+             'states', 'text'}
+    package = Path(ledger.__file__).parent
+    for path in package.glob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                targets = {node.module} if node.module else {a.name for a in node.names}
+                assert targets <= below, (path.name, targets)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split('.')[0] != 'app', (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert all(a.name.split('.')[0] != 'app' for a in node.names), path.name

@@ -20,13 +20,16 @@ then the writer acknowledges it (see :mod:`app.storage`). A consumer that
 dies before that leaves the message in flight, and the leader runs the job
 again.
 
-The modules, each importing only those before it: :mod:`.ops` (the
-records of changes), :mod:`.sql` (the
-statements in each driver's dialect), :mod:`.apply` (a batch of changes
-becomes those statements), :mod:`.writers` (a thread or a child process
-writes batches, announces and acknowledges them), :mod:`.recorder` (Huey's
-signals become buffered changes). This module wires them into the process:
-one recorder per process, started once, attached to each Huey.
+The modules, each importing only those before it (and, outside the
+package, only the leaves and adapters below it, never the application):
+:mod:`.ops` (the records of changes), :mod:`.sql` (the statements in each
+driver's dialect), :mod:`.apply` (a batch of changes becomes those
+statements), :mod:`.writers` (a thread or a child process writes batches,
+announces and acknowledges them), :mod:`.heartbeats` (a consumer's
+heartbeat records), :mod:`.interrupted` (an attempt cut off by a shutdown
+runs again), :mod:`.recorder` (Huey's signals become buffered changes).
+This module wires them into the process: one recorder per process,
+started once, attached to each Huey.
 """
 import atexit
 import logging
@@ -59,12 +62,15 @@ _capture = []  # the log handler feeding the recorder
 _attached = set()
 
 
-def start(app, acknowledge=None):
-    """Start this process's recorder for ``app`` (once).
+def start(app, acknowledge=None, app_factory=None):
+    """Start this process's recorder for ``app`` (once); return it (a :class:`Recorder`).
 
     ``acknowledge(receipts)`` acknowledges the messages of attempts whose
-    outcome the writer committed (a module-level function: the child
-    process writer receives it by name).
+    outcome the writer committed. Out of the embedded mode the writer is a
+    child process, which builds its own app with ``app_factory()`` (the
+    caller's ``create_app``); there ``app_factory`` is required (else
+    ``ValueError``), and both are module-level functions: the child
+    receives them by name.
     """
     global _recorder
     with _lock:
@@ -73,8 +79,10 @@ def start(app, acknowledge=None):
                 # One process, in-process events: write from a thread.
                 with app.app_context():
                     writer = Writer(db.engine, acknowledge=acknowledge)
+            elif app_factory is None:
+                raise ValueError('the ledger writer process needs an app_factory')
             else:
-                writer = ProcessWriter(acknowledge)
+                writer = ProcessWriter(app_factory, acknowledge)
             _recorder = Recorder(writer, app.config['LEDGER_FLUSH_INTERVAL'],
                                  heartbeat_interval=app.config['HEARTBEAT_INTERVAL'],
                                  log_lines=app.config['LOG_LINES'])

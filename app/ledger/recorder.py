@@ -21,6 +21,7 @@ from .writers import Unwritten, Writer
 
 logger = logging.getLogger(__name__)
 
+# The longest text stored for each (characters); longer is cut, saying so.
 MAX_TRACEBACK = 64 * 1024
 MAX_MESSAGE = 8 * 1024
 MAX_RESULT = 64 * 1024

@@ -7,6 +7,7 @@ import time
 import sqlalchemy as sa
 
 from .. import events
+from ..extensions import db
 from .apply import WORKERS, apply
 from .ops import Finish
 
@@ -30,7 +31,8 @@ class Unwritten(Exception):
 class Writer:
     """Writes batches of changes to the ledger, announces them, acknowledges their messages.
 
-    ``acknowledge(receipts)`` is called with the receipts of the attempts a
+    Writes through ``engine`` (SQLAlchemy's, on the ledger), in the calling
+    thread. ``acknowledge(receipts)`` is called with the receipts of the attempts a
     batch ended, after the batch is committed (never before: a message is
     acknowledged only once its outcome is durable). Receipts it fails to
     acknowledge are tried again with the next batch.
@@ -90,6 +92,7 @@ class Writer:
             self._unacknowledged = receipts[-10000:]
 
     def close(self, timeout):
+        """Try once more to acknowledge what is still unacknowledged (``timeout`` is unused)."""
         if self._unacknowledged:
             self._acknowledge([])
 
@@ -105,11 +108,18 @@ class ProcessWriter:
     exits. Signals meant for the consumer (Ctrl-C reaches the whole process
     group, systemd signals the whole control group) do not stop it: it
     stops when the consumer closes the pipe, after its last write.
+
+    ``app_factory()`` builds, in the child, the Flask app whose database it
+    writes (the caller passes ``create_app``: this package does not import
+    the application); ``acknowledge`` is as for :class:`Writer`. Both must
+    be module-level functions: the child is spawned, and receives them by
+    name.
     """
 
     RESTART_AFTER = 1.0  # seconds between restarts of a writer process that died
 
-    def __init__(self, acknowledge=None):
+    def __init__(self, app_factory, acknowledge=None):
+        self._app_factory = app_factory
         self._acknowledge = acknowledge
         self._restarted = 0.0
         self._start()
@@ -118,8 +128,10 @@ class ProcessWriter:
         import multiprocessing
         ctx = multiprocessing.get_context('spawn')  # no fork of a threaded process
         receive, self._send = ctx.Pipe(duplex=False)
-        # ``acknowledge`` is a module-level function, sent to the child by name.
-        self._child = ctx.Process(target=_write_in_child, args=(receive, self._acknowledge),
+        # ``acknowledge`` and ``app_factory`` are module-level functions,
+        # sent to the child by name.
+        self._child = ctx.Process(target=_write_in_child,
+                                  args=(receive, self._acknowledge, self._app_factory),
                                   name='ledger-writer')
         # Born deaf to the stop signals: the child inherits this thread's
         # blocked set, so a Ctrl-C while it starts up stays pending until it
@@ -133,9 +145,16 @@ class ProcessWriter:
 
     @property
     def pid(self):
+        """The writer process's pid."""
         return self._child.pid
 
     def write(self, ops):
+        """Send ``ops`` to the writer process (which writes them in its own time).
+
+        Raises :class:`Unwritten` if they cannot be sent, or the process
+        died less than ``RESTART_AFTER`` s after the last restart; a
+        process found dead otherwise is started again first.
+        """
         if not self._child.is_alive():
             # Whatever killed it, the changes it had not written are still
             # in flight in the broker; the ones here are not lost: start
@@ -153,6 +172,7 @@ class ProcessWriter:
             raise Unwritten(ops, exc) from exc
 
     def close(self, timeout):
+        """Tell the writer process to stop once it has written everything; wait ``timeout`` s."""
         try:
             self._send.send(None)
             self._send.close()
@@ -166,8 +186,11 @@ class ProcessWriter:
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _write_in_child(receive, acknowledge):
-    """The ledger writer process: write every batch received until told to stop."""
+def _write_in_child(receive, acknowledge, app_factory):
+    """The ledger writer process: write every batch received until told to stop.
+
+    ``app_factory()`` builds the Flask app whose database it writes to.
+    """
     # Out of the consumer's process group, deaf to the signals that stop
     # it: the consumer's last batches arrive after those signals.
     try:
@@ -177,9 +200,7 @@ def _write_in_child(receive, acknowledge):
     for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    from .. import create_app
-    from ..extensions import db
-    app = create_app()
+    app = app_factory()
     with app.app_context():
         writer = Writer(db.engine, acknowledge=acknowledge)
     while True:
