@@ -67,14 +67,15 @@ def start(app=None):
     with _lock:
         if _app:
             return _app[0]
+        # Also the ledger writer process's factory: it builds an app of its own.
+        from . import create_app
         if app is None:
-            from . import create_app
             app = create_app()
         _app.append(app)
         wire()
         _stop.clear()
         leadership.configure(broker.redis_client())
-        ledger.start(app, acknowledge=broker.ack)
+        ledger.start(app, acknowledge=broker.ack, app_factory=create_app)
         for huey in broker.hueys.values():
             # Paused until the switches are read: a queue paused while the
             # ledger is away must not be consumed meanwhile.

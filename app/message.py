@@ -63,10 +63,33 @@ def kwargs(params, base, retries):
     return {'params': params, 'meta': {'base': base, 'retries': retries}}
 
 
+def params(task):
+    """The job's parameters carried by ``task`` (a Huey Task), ``{}`` if it has none."""
+    return task.kwargs.get('params') or {}
+
+
+def retries(task):
+    """The retries ``task``'s message was written with; Huey's count if it has no ``meta``."""
+    meta = task.kwargs.get('meta') or {}
+    return meta.get('retries', task.retries)
+
+
+def again(task, base):
+    """A new Huey task running ``task``'s job again, ``base`` attempts having been made.
+
+    Same id, options and retries left as ``task``, its ``meta`` rewritten
+    so that the new message runs attempt ``base + 1``. Not sent anywhere.
+    """
+    return type(task)((), kwargs(params(task), base, task.retries),
+                      id=task.id, retries=task.retries, retry_delay=task.retry_delay,
+                      retry_backoff=task.retry_backoff, priority=task.priority,
+                      timeout=task.timeout)
+
+
 def attempt_number(task):
     """The number of the attempt ``task`` (a Huey Task) runs, counted from 1."""
     meta = task.kwargs.get('meta') or {}
-    return meta.get('base', 0) + meta.get('retries', task.retries) - task.retries + 1
+    return meta.get('base', 0) + retries(task) - task.retries + 1
 
 
 def task_name(huey_name):

@@ -290,7 +290,7 @@ def test_a_bad_change_is_dropped_without_blocking_the_rest(ledger_app):
     app, recorder = ledger_app
     job = submit(app, 'noop')
     task = broker.hueys['default'].dequeue()
-    recorder._ops.append(('progress', job.id, 1, object(), None))  # cannot be stored
+    recorder._ops.append(ledger.Progress(job.id, 1, object(), None))  # cannot be stored
     recorder.on_signal(None, 'default', 'executing', task)
     recorder.on_post_execute(task, 'done', None)
     flushed(recorder)

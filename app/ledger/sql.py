@@ -1,0 +1,88 @@
+"""The ledger's SQL, in each database driver's own dialect."""
+from .. import states, text
+
+
+# Every job update is one statement run with executemany over the batch, in
+# the driver's own SQL: at thousands of jobs a second the writer's time (and
+# its hold on the GIL, which Huey's worker threads wait for) is the cost of
+# recording, so rows go to the driver as plain tuples.
+_SQL = {
+    # attempt n started (a later attempt may already be recorded: guard)
+    'start': 'UPDATE job SET state = {running}, attempts = ?, started_at = ?, finished_at = NULL, '
+             'scheduled_for = NULL, worker = ?, progress = NULL, progress_message = NULL, '
+             'version = version + 1, updated_at = ? WHERE id = ? AND attempts < ?',
+    # attempt n started and ended within one batch (fast jobs)
+    'ran': 'UPDATE job SET state = ?, attempts = ?, started_at = ?, finished_at = ?, '
+           'scheduled_for = NULL, worker = ?, result = ?, error = ?, error_type = ?, progress = ?, '
+           'progress_message = NULL, version = version + 1, updated_at = ? '
+           'WHERE id = ? AND attempts < ?',
+    # attempt n ended; the job moves only if no later attempt started meanwhile
+    'finish': 'UPDATE job SET state = ?, finished_at = ?, result = ?, error = ?, error_type = ?, '
+              'progress = COALESCE(?, progress), version = version + 1, updated_at = ? '
+              'WHERE id = ? AND attempts = ? AND state = {running}',
+    'progress': 'UPDATE job SET progress = ?, progress_message = ?, version = version + 1, '
+                'updated_at = ? WHERE id = ? AND attempts = ? AND state = {running}',
+    # the scheduler moved a due job into the queue
+    'queued': 'UPDATE job SET state = {queued}, version = version + 1, updated_at = ? '
+              'WHERE id = ? AND state = {scheduled}',
+    # when a retry (or a scheduled job) is due
+    'scheduled': 'UPDATE job SET scheduled_for = ?, version = version + 1, updated_at = ? '
+                 'WHERE id = ? AND (state = {retrying} OR state = {scheduled})',
+    'attempt': 'INSERT INTO attempt (job_id, number, worker, outcome, started_at, finished_at, '
+               'duration, error_type, error_message, traceback) '
+               'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+    'end_attempt': 'UPDATE attempt SET outcome = ?, finished_at = ?, duration = ?, '
+                   'error_type = ?, error_message = ?, traceback = ? '
+                   'WHERE job_id = ? AND number = ? AND outcome = {attempt_running}',
+    'log': 'INSERT INTO attempt_log (job_id, number, at, level, message) VALUES (?, ?, ?, ?, ?)',
+    # a consumer's heartbeat; counts arrive as increments since the last one
+    'heartbeat': 'INSERT INTO worker (id, host, pid, queues, concurrency, started_at, last_seen, '
+                 'stopped_at, processed, failed, current, leader) '
+                 'VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET '
+                 'last_seen = excluded.last_seen, stopped_at = NULL, '
+                 'processed = worker.processed + excluded.processed, '
+                 'failed = worker.failed + excluded.failed, current = excluded.current, '
+                 'leader = excluded.leader, queues = excluded.queues, '
+                 'concurrency = excluded.concurrency',
+    'stopped': 'UPDATE worker SET stopped_at = ?, last_seen = ?, current = ?, leader = ? '
+               'WHERE id = ?',
+    # rows for jobs Huey runs that the ledger has not seen; the API's wins
+    'job': 'INSERT INTO job (id, task, queue, params, state, priority, attempts, retries, '
+           'retry_delay, created_at, updated_at, version) '
+           'VALUES (?, ?, ?, ?, {queued}, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING',
+}
+
+
+class Dialect:
+    """The statements and value conversions of one database driver."""
+
+    def __init__(self, dialect):
+        literals = {name: f"'{value}'" for name, value in (
+            ('running', states.RUNNING), ('queued', states.QUEUED),
+            ('scheduled', states.SCHEDULED), ('retrying', states.RETRYING),
+            ('attempt_running', states.ATTEMPT_RUNNING))}
+        self.sql = {k: v.format(**literals) for k, v in _SQL.items()}
+        if dialect.paramstyle != 'qmark':
+            self.sql = {k: v.replace('%', '%%').replace('?', '%s') for k, v in self.sql.items()}
+        if dialect.name == 'sqlite':
+            # SQLAlchemy's storage format for DateTime on SQLite, which
+            # pages and keyset pagination compare as text.
+            self.ts = lambda v: None if v is None else v.strftime('%Y-%m-%d %H:%M:%S.%f')
+        else:
+            self.ts = lambda v: v
+
+    @staticmethod
+    def json(value):
+        # The same UTF-8 text as the ORM writes, storable whatever the task gave.
+        return None if value is None else text.dumps(value)
+
+
+_dialects = {}
+
+
+def dialect(conn):
+    """The :class:`Dialect` of ``conn``'s driver (made once per dialect name)."""
+    d = conn.dialect
+    if d.name not in _dialects:
+        _dialects[d.name] = Dialect(d)
+    return _dialects[d.name]
