@@ -37,16 +37,22 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     if config.option.markexpr.replace(' ', '') == 'notprocesses':
-        # The fast tier: a test that starts a process anyway fails, naming
-        # itself, instead of slowing the tier down unnoticed; fuzzing tries
-        # fewer examples (the full suite tries them all).
-        import subprocess
+        # The fast tier: fuzzing tries fewer examples (the full suite tries
+        # them all), and a test that starts a process anyway fails (below).
         os.environ['QM_TEST_TIER'] = 'fast'
 
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(monkeypatch, request):
+    """In the fast tier a test that starts a process fails, naming itself."""
+    if os.environ.get('QM_TEST_TIER') == 'fast':
+        import subprocess
+
         def refuse(self, args, *rest, **kwargs):
-            raise RuntimeError(f'the fast tier started a process ({args!r}): mark the test '
-                               f'"processes" or give it one of PROCESS_FIXTURES')
-        subprocess.Popen.__init__ = refuse
+            raise RuntimeError(f'{request.node.nodeid} started a process ({args!r}) in the '
+                               f'fast tier: mark it "processes" or give it one of '
+                               f'PROCESS_FIXTURES')
+        monkeypatch.setattr(subprocess.Popen, '__init__', refuse)
 
 
 def pytest_report_header(config):
