@@ -12,7 +12,7 @@ import time
 
 from app import consumer, jobs
 from app.catalog import Param, periodic, task
-from app.context import current, progress
+from app.task_api import current, progress
 
 # One Huey per queue, from the environment, wired for a consumer process;
 # the web app re-points them at the configuration it was given, which in

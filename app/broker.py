@@ -27,7 +27,7 @@ from huey.consumer import Consumer, Scheduler
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import catalog, config as config_module, context, message, text
+from . import catalog, config as config_module, message, task_api, text
 from .leader import process_name
 from .storage import ReliableRedisStorage, ReliableSqliteStorage
 
@@ -446,7 +446,7 @@ catalog.on_declare.append(_declared)
 def _register(huey, task_type):
     def run(params, meta=None, task=None):
         around = huey.task_context() if huey.task_context else contextlib.nullcontext()
-        with around, context.running(task, huey, message.attempt_number(task)):
+        with around, task_api.running(task, huey, message.attempt_number(task)):
             try:
                 return task_type.func(**params)
             except task_type.no_retry:
@@ -566,12 +566,12 @@ def restore(job):
     huey = hueys[job.queue]
     with _reaching():
         huey.restore_by_id(job.id)
-    _flag(huey, context.CANCEL_KEY.format(job.id), False)
+    _flag(huey, task_api.CANCEL_KEY.format(job.id), False)
 
 
 def request_cancel(job):
     """Ask the running job to stop at its next progress report."""
-    _flag(hueys[job.queue], context.CANCEL_KEY.format(job.id), True)
+    _flag(hueys[job.queue], task_api.CANCEL_KEY.format(job.id), True)
 
 
 def _flag(huey, key, on):

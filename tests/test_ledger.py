@@ -146,7 +146,7 @@ def test_progress_keeps_the_latest_report_of_the_running_attempt(ledger_app):
     app, recorder = ledger_app
     job = submit(app, 'noop')
     task = broker.hueys['default'].dequeue()
-    from app import context
+    from app import task_api as context
     recorder.on_signal(None, 'default', 'executing', task)
     with context.running(task):
         context.progress(1, 4, 'a quarter')
@@ -400,7 +400,7 @@ def test_results_that_are_not_storable_json_are_stored_safely(ledger_app):
 
 def test_log_lines_and_progress_messages_are_stored_safely(ledger_app):
     app, recorder = ledger_app
-    from app import context
+    from app import task_api as context
     job = submit(app, 'noop')
     task = broker.hueys['default'].dequeue()
     recorder.on_signal(None, 'default', 'executing', task)

@@ -37,7 +37,7 @@ import threading
 
 from huey import signals as S
 
-from .. import context
+from .. import task_api
 from ..extensions import db
 from ..leader import leadership
 from .apply import WORKERS, apply
@@ -90,9 +90,9 @@ def start(app, acknowledge=None, app_factory=None):
             _recorder.heartbeats.concurrency = _serving['concurrency']
             _recorder.heartbeats.is_leader = lambda: leadership.leading
             _recorder.start()
-            context.sink = _recorder.on_progress
-            context.log_sink = _recorder.on_log
-            capture = context.LogCapture()
+            task_api.sink = _recorder.on_progress
+            task_api.log_sink = _recorder.on_log
+            capture = task_api.LogCapture()
             capture.setFormatter(logging.Formatter('%(name)s: %(message)s'))
             logging.getLogger().addHandler(capture)
             _capture.append(capture)
@@ -129,7 +129,7 @@ def stop():
         if _recorder is not None:
             _recorder.close()
             _recorder = None
-            context.sink = context.log_sink = None
+            task_api.sink = task_api.log_sink = None
             _serving.update(queues=[], concurrency=0)
             while _capture:
                 logging.getLogger().removeHandler(_capture.pop())

@@ -167,7 +167,7 @@ class Recorder:
             self._finish(task, states.ATTEMPT_INTERRUPTED, ending.error, final=ending.final)
 
     def on_progress(self, running, fraction, message):
-        """The running attempt (a :class:`app.context.Running`) is ``fraction`` (0..1) done."""
+        """The running attempt (a :class:`app.task_api.Running`) is ``fraction`` (0..1) done."""
         self._ops.append(Progress(running.job_id, running.attempt, fraction, message))
 
     def on_log(self, running, level, message):
