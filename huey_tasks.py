@@ -10,7 +10,7 @@ import logging
 import random
 import time
 
-from app import consumer, jobs
+from app import consumer, jobs, queries
 from app.catalog import Param, periodic, task
 from app.task_api import current, progress
 
@@ -123,7 +123,7 @@ def purge(days):
 ])
 def report(hours):
     """Log how many jobs of each task finished in the last `hours` hours, by state."""
-    counts = jobs.finished_counts(hours)
+    counts = queries.finished_counts(hours)
     for (task_name, state), n in sorted(counts.items()):
         log.info('%s: %d %s', task_name, n, state)
     return {f'{task_name} {state}': n for (task_name, state), n in sorted(counts.items())}

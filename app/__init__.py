@@ -50,11 +50,12 @@ def create_app(test_config=None):
 
     # Imported here, not at the top: gunicorn.conf.py imports this package in
     # the master, and the live hub belongs to each worker.
-    from . import api, errors, live, pages
+    from . import api, errors, health, live, pages, templating
+    templating.register(app)
     app.register_blueprint(pages.bp)
     app.register_blueprint(live.bp)
     app.register_blueprint(api.bp)
-    app.register_blueprint(api.health)
+    app.register_blueprint(health.bp)
     errors.register(app)
     from .reconcile import loss_notice
     app.add_template_global(loss_notice, 'broker_loss')

@@ -6,12 +6,11 @@ those declarations, and the query parameters are parsed by them.
 """
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import broker, catalog, inputs, jobs, openapi, periodic, queues, reconcile, states
-from .extensions import db
+from . import (catalog, inputs, jobs, openapi, periodic, queries, queues, states)
+from .models import isoformat
 from .openapi import Query, declare
 
 bp = Blueprint('api', __name__, url_prefix='/api')
-health = Blueprint('health', __name__)
 
 # Query parameters, declared once: parsed by the views, documented by openapi.
 STATE = Query('state', choices=states.JOB_STATES, help='Only jobs in this state')
@@ -22,9 +21,9 @@ SEARCH = Query('q', help='An id prefix, or text in the parameters, the error or 
 LIMIT = Query('limit', int, minimum=1, maximum='MAX_PAGE_SIZE',
               help='Jobs per page (default PAGE_SIZE)')
 CURSOR = Query('cursor', help='The `next` value of the previous page')
-# The jobs list's filters, in jobs.FILTER_KEYS order (a KeyError here if a
-# key has no declaration): checked by these, picked by jobs.parse_filters.
-FILTERS = tuple({q.name: q for q in (STATE, QUEUE, TASK, SEARCH)}[k] for k in jobs.FILTER_KEYS)
+# The jobs list's filters, in queries.FILTER_KEYS order (a KeyError here if a
+# key has no declaration): checked by these, picked by queries.parse_filters.
+FILTERS = tuple({q.name: q for q in (STATE, QUEUE, TASK, SEARCH)}[k] for k in queries.FILTER_KEYS)
 
 
 def _query(*params):
@@ -52,7 +51,7 @@ def submit_job():
     """Submit a job."""
     data = inputs.json_object('invalid job')
     job = jobs.submit(catalog.validate(data, current_app.config))
-    response = jsonify(job.to_dict(attempts=jobs.attempts(job) if not job.created else []))
+    response = jsonify(job.to_dict(attempts=queries.attempts(job) if not job.created else []))
     response.headers['Location'] = url_for('api.get_job', job_id=job.id)
     # An idempotency key already used: the existing job, 200 instead of 201.
     return response, 201 if job.created else 200
@@ -63,8 +62,8 @@ def submit_job():
 def list_jobs():
     """Jobs newest first, filtered; ``next`` is the cursor of the following page."""
     args = _query(*FILTERS, LIMIT, CURSOR)
-    page, next_cursor = jobs.list_jobs(
-        **jobs.parse_filters(args), limit=_limit(args['limit']), cursor=args['cursor'],
+    page, next_cursor = queries.list_jobs(
+        **queries.parse_filters(args), limit=_limit(args['limit']), cursor=args['cursor'],
         with_result=True)
     return {'jobs': [j.to_dict() for j in page], 'next': next_cursor}
 
@@ -73,17 +72,17 @@ def list_jobs():
 @declare(responses={200: ('JobWithAttempts', 'The job with every attempt')})
 def get_job(job_id):
     """One job with all its attempts."""
-    job = jobs.get(job_id)
-    return job.to_dict(attempts=jobs.attempts(job))
+    job = queries.get(job_id)
+    return job.to_dict(attempts=queries.attempts(job))
 
 
 @bp.get('/jobs/<job_id>/log')
 @declare(responses={200: ('JobLog', 'Log lines by attempt number')})
 def job_log(job_id):
     """What each attempt of the job logged."""
-    job = jobs.get(job_id)
+    job = queries.get(job_id)
     return {'attempts': {str(n): [line.to_dict() for line in lines]
-                         for n, lines in jobs.logs(job).items()}}
+                         for n, lines in queries.logs(job).items()}}
 
 
 @bp.post('/jobs/<job_id>/retry')
@@ -92,7 +91,7 @@ def job_log(job_id):
 def retry_job(job_id):
     """Retry a failed or canceled job."""
     job = jobs.retry(job_id)
-    return job.to_dict(attempts=jobs.attempts(job))
+    return job.to_dict(attempts=queries.attempts(job))
 
 
 @bp.post('/jobs/<job_id>/cancel')
@@ -102,7 +101,7 @@ def retry_job(job_id):
 def cancel_job(job_id):
     """Cancel a waiting job, or ask a running one to stop (202)."""
     job = jobs.cancel(job_id)
-    return job.to_dict(attempts=jobs.attempts(job)), 202 if job.state == 'running' else 200
+    return job.to_dict(attempts=queries.attempts(job)), 202 if job.state == 'running' else 200
 
 
 @bp.post('/jobs/<job_id>/run-now')
@@ -110,7 +109,7 @@ def cancel_job(job_id):
 def run_job_now(job_id):
     """Run a scheduled job, or one waiting for its retry, at once."""
     job = jobs.run_now(job_id)
-    return job.to_dict(attempts=jobs.attempts(job))
+    return job.to_dict(attempts=queries.attempts(job))
 
 
 @bp.delete('/jobs/<job_id>')
@@ -133,7 +132,7 @@ def list_tasks():
 @declare(responses={200: ('Stats', 'Counts by state, and by queue and state')})
 def stats():
     """Counts of jobs by state and by queue."""
-    return jobs.stats()
+    return queries.stats()
 
 
 @bp.get('/workers')
@@ -141,7 +140,7 @@ def stats():
 def list_workers():
     """Every consumer that reported in: online ones first, then offline."""
     lost_after = current_app.config['LOST_AFTER']
-    return {'workers': [w.to_dict(lost_after) for w in jobs.workers(lost_after)]}
+    return {'workers': [w.to_dict(lost_after) for w in queries.workers(lost_after)]}
 
 
 def _empty_allowed(schema):
@@ -198,7 +197,7 @@ def bulk_action():
     if fields:
         raise catalog.ValidationError(fields, 'invalid bulk action')
     if filters is not None:
-        filters = jobs.parse_filters(filters)
+        filters = queries.parse_filters(filters)
     return jobs.bulk(action, ids=ids, filters=filters)
 
 
@@ -208,7 +207,7 @@ def failures():
     """Failed jobs grouped by task and error type."""
     args = _query(QUEUE)
     return {'groups': [dict(g, latest=g['latest'].to_dict())
-                       for g in jobs.failures(args['queue'])]}
+                       for g in queries.failures(args['queue'])]}
 
 
 @bp.get('/scheduled')
@@ -216,7 +215,7 @@ def failures():
 def scheduled():
     """Jobs waiting for their time or their retry, soonest first."""
     args = _query(QUEUE, LIMIT)
-    return {'jobs': [j.to_dict() for j in jobs.scheduled(args['queue'],
+    return {'jobs': [j.to_dict() for j in queries.scheduled(args['queue'],
                                                         limit=_limit(args['limit']))]}
 
 
@@ -242,7 +241,6 @@ def resume_queue(name):
 
 
 def _periodic_dict(row):
-    from .models import isoformat
     last = row['last']
     return dict(row, next_run=isoformat(row['next_run']),
                 last=None if last is None else {'id': last.id, 'state': last.state,
@@ -276,29 +274,3 @@ def trigger_periodic(name):
     """Start a periodic task now, as an ordinary job."""
     job = periodic.trigger(name, current_app.config)
     return job.to_dict(attempts=[]), 201
-
-
-@health.get('/healthz')
-@declare(responses={200: ('Health', 'The broker and the database answer'),
-                    503: ('Health', 'The broker or the database did not answer')})
-def healthz():
-    """Whether the broker and the database answer."""
-    checks, ok = {}, True
-    try:
-        broker.ping()
-        checks['broker'] = 'ok'
-    except broker.BrokerUnavailable as exc:
-        checks['broker'], ok = f'unreachable: {exc}', False
-    checks['broker_kind'] = 'sqlite (embedded)' if current_app.config['EMBEDDED'] else 'redis'
-    try:
-        db.session.execute(db.text('SELECT 1'))
-        checks['database'] = 'ok'
-    except Exception as exc:
-        db.session.rollback()
-        checks['database'], ok = f'unreachable: {exc.__class__.__name__}', False
-    else:
-        # Not a failure (the ledger restored what it lost), but worth telling.
-        loss = reconcile.loss_notice()
-        if loss:
-            checks['broker_loss'] = loss
-    return {'status': 'ok' if ok else 'unavailable', **checks}, 200 if ok else 503

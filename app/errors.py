@@ -5,7 +5,7 @@ from flask import jsonify, render_template, request
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from . import broker, catalog, jobs, states
+from . import broker, catalog, queries, states
 from .extensions import db
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def register(app):
     def invalid(exc):
         return respond(400, exc.message, fields=exc.fields)
 
-    @app.errorhandler(jobs.BadQuery)
+    @app.errorhandler(queries.BadQuery)
     def bad_query(exc):
         return respond(400, str(exc), fields={})
 

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 from flask import current_app, render_template
 from markupsafe import Markup
 
-from . import catalog, jobs, periodic, queues, states
+from . import catalog, periodic, queries, queues, states
 
 RECENT = 20  # rows in the dashboard's newest jobs
 
@@ -139,7 +139,7 @@ class Page:
     template places each as ``{{ fragments.<slot> }}``. ``parse(args)``:
     the page's parameters, ``{name: str or None}`` (always the same names,
     in the same order), from a query string (a mapping); raises ValueError
-    (:class:`~app.jobs.BadQuery` for a filter or cursor) for values it
+    (:class:`~app.queries.BadQuery` for a filter or cursor) for values it
     cannot show.
     """
     name: str
@@ -154,16 +154,16 @@ class Page:
 # -- the job list's filters ---------------------------------------------------
 
 def filters_of(params):
-    """The job-list filters (``jobs.FILTER_KEYS``) among a page's parameters."""
-    return {k: params[k] for k in jobs.FILTER_KEYS}
+    """The job-list filters (``queries.FILTER_KEYS``) among a page's parameters."""
+    return {k: params[k] for k in queries.FILTER_KEYS}
 
 
 def _job_list_params(args):
-    filters = jobs.parse_filters(args)
-    jobs.check_filters(filters)
+    filters = queries.parse_filters(args)
+    queries.check_filters(filters)
     cursor = args.get('cursor') or None
     if cursor:
-        jobs.decode_cursor(cursor)
+        queries.decode_cursor(cursor)
     return {**filters, 'cursor': cursor}
 
 
@@ -185,11 +185,11 @@ def _no_params(args):
 # -- what fragments show --------------------------------------------------------
 
 def _stats(scope):
-    return {'stats': jobs.stats()}
+    return {'stats': queries.stats()}
 
 
 def _recent_jobs(scope):
-    recent, _ = jobs.list_jobs(limit=RECENT)
+    recent, _ = queries.list_jobs(limit=RECENT)
     scope.show(recent)
     return {'jobs': recent, 'filtered': False}
 
@@ -197,7 +197,7 @@ def _recent_jobs(scope):
 def _job_page(scope):
     # One read for the rows and the pager (which needs the next cursor).
     params = scope.params
-    return scope.once('job page', lambda: jobs.list_jobs(
+    return scope.once('job page', lambda: queries.list_jobs(
         **filters_of(params), cursor=params['cursor'], limit=current_app.config['PAGE_SIZE']))
 
 
@@ -215,7 +215,7 @@ def _pager(scope):
 
 
 def _job(scope):
-    return scope.once('job', lambda: jobs.get(scope.params['id']))
+    return scope.once('job', lambda: queries.get(scope.params['id']))
 
 
 def _job_summary(scope):
@@ -224,7 +224,7 @@ def _job_summary(scope):
 
 def _job_attempts(scope):
     job = _job(scope)
-    return {'job': job, 'attempts': jobs.attempts(job), 'logs': jobs.logs(job)}
+    return {'job': job, 'attempts': queries.attempts(job), 'logs': queries.logs(job)}
 
 
 def _queues(scope):
@@ -233,16 +233,16 @@ def _queues(scope):
 
 def _workers(scope):
     lost_after = current_app.config['LOST_AFTER']
-    return {'workers': jobs.workers(lost_after), 'lost_after': lost_after}
+    return {'workers': queries.workers(lost_after), 'lost_after': lost_after}
 
 
 def _failures(scope):
     queue = scope.params['queue']
-    return {'groups': jobs.failures(queue), 'queue': queue}
+    return {'groups': queries.failures(queue), 'queue': queue}
 
 
 def _scheduled(scope):
-    return {'jobs': jobs.scheduled(scope.params['queue'],
+    return {'jobs': queries.scheduled(scope.params['queue'],
                                    limit=current_app.config['MAX_PAGE_SIZE'])}
 
 

@@ -1,105 +1,16 @@
 """HTML pages and the fragments they are made of."""
-import json
 import logging
-import math
 
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
 
-from . import catalog, errors, fragments, jobs, periodic, queues, states, text
+from . import catalog, errors, fragments, jobs, periodic, queries, queues, states, text
 from .fragments import PAGES, Scope
 from .live import socket_url
-from .models import isoformat, utcnow
+from .models import utcnow
 
 bp = Blueprint('pages', __name__)
 logger = logging.getLogger(__name__)
-
-
-@bp.app_template_filter('ts')
-def format_ts(value):
-    return '' if value is None else value.strftime('%Y-%m-%d %H:%M:%S')
-
-
-@bp.app_template_filter('iso')
-def format_iso(value):
-    return '' if value is None else value.isoformat(timespec='seconds') + 'Z'
-
-
-# Millisecond precision, as in the JSON API (the benchmark reads it).
-bp.app_template_filter('iso_ms')(lambda value: isoformat(value) or '')
-
-
-@bp.app_template_filter('duration')
-def format_duration(seconds):
-    if seconds is None:
-        return ''
-    if not math.isfinite(seconds):
-        return str(seconds)  # a row no application path writes: shown as it is
-    if seconds < 1:
-        return f'{seconds * 1000:.0f} ms'
-    if seconds < 120:
-        return f'{seconds:.2f} s'
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f'{hours}h {minutes:02d}m {secs:02d}s' if hours else f'{minutes}m {secs:02d}s'
-
-
-@bp.app_template_filter('percent')
-def percent(fraction):
-    """A progress fraction as a whole percentage from 0 to 100 (0 for none or not a number)."""
-    if fraction is None or not math.isfinite(fraction):
-        return 0
-    return round(min(max(fraction, 0.0), 1.0) * 100)
-
-
-@bp.app_template_filter('pretty_json')
-def pretty_json(value):
-    # A plain str, so Jinja's autoescaping shows markup in values as text.
-    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
-
-
-@bp.app_template_filter('brief')
-def brief(value, width=60):
-    shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return shown if len(shown) <= width else shown[:width - 1] + '…'
-
-
-@bp.app_template_filter('clip')
-def clip(value, limit=64 * 1024):
-    """Long text cut for a page, saying how much is left out (the API has all of it)."""
-    if value is None or len(value) <= limit:
-        return value
-    return value[:limit] + f'\n… [{len(value) - limit:,} more characters: see the API]'
-
-
-@bp.app_template_global('isolated')
-def isolated(dom_id=None, job_id=None, what='This row', tag='tr', colspan=1, caller=None):
-    """The ``{% call %}`` body, or a placeholder if it cannot be rendered: a bad row costs only itself.
-
-    Every fragment row that shows a ledger row renders through this, so pages,
-    fragment GETs and the live socket all survive a row that raises or whose
-    text cannot be sent (a lone surrogate fails only when the page is encoded,
-    so the body is tried as UTF-8 here). The placeholder is a ``tag`` with
-    the same ``dom_id`` (live swaps still find it) and a link to ``job_id``;
-    the error goes to the log.
-    """
-    try:
-        html = caller()
-        html.encode('utf-8')
-        return html
-    except Exception:
-        logger.exception('%s (%s) could not be rendered; showing a placeholder', what, dom_id)
-        job_id = _shown(job_id)
-        try:
-            href = job_id and url_for('pages.job_page', job_id=job_id)
-        except Exception:
-            href = None
-        return render_template('_unreadable.html', dom_id=_shown(dom_id), job_id=job_id,
-                               href=href, what=what, tag=tag, colspan=colspan)
-
-
-def _shown(value):
-    return None if value is None else text.clean(text.safe_str(value))[:200]
 
 
 # Each job action of :data:`app.states.ALLOWED` and the page endpoint that does it.
@@ -153,7 +64,7 @@ def _page(name, template, params=None, **context):
     """``template`` for the live page ``name`` (a key of :data:`app.fragments.PAGES`).
 
     ``params`` are the page's parameters (by default parsed from the query
-    string, which raises :class:`~app.jobs.BadQuery` for a bad filter or
+    string, which raises :class:`~app.queries.BadQuery` for a bad filter or
     cursor); the template gets each of the page's fragments, rendered, as
     ``fragments.<slot>``, the live indicator (``live_status``, whose id is
     ``live_status_id``) and the URL of its socket (``live_url``), besides
@@ -185,7 +96,7 @@ def job_list():
     """Jobs, filtered and paged newest first."""
     params = PAGES['jobs'].parse(request.args)
     return _page('jobs', 'jobs.html', params, filters=fragments.filters_of(params),
-                 task_names=jobs.task_names(), queues=current_app.config['QUEUES'])
+                 task_names=queries.task_names(), queues=current_app.config['QUEUES'])
 
 
 @bp.get('/jobs/new')
@@ -240,14 +151,14 @@ def create_job():
 @bp.get('/jobs/<job_id>')
 def job_page(job_id):
     """One job: parameters, state, progress, result and every attempt."""
-    job = jobs.get(job_id)
+    job = queries.get(job_id)
     return _page('job', 'job.html', {'id': job.id}, job=job)
 
 
 @bp.get('/jobs/<job_id>/row')
 def job_row(job_id):
     """One job's row in a list."""
-    return render_template('_job_row.html', job=jobs.get(job_id))
+    return render_template('_job_row.html', job=queries.get(job_id))
 
 
 @bp.get('/jobs/<job_id>/summary')
@@ -304,12 +215,12 @@ def bulk_jobs():
     form = request.form
     action = form.get('action')
     if action not in jobs.ACTIONS:
-        raise jobs.BadQuery('choose retry, cancel or delete')
-    filters = jobs.parse_filters(form, prefix='f.')
+        raise queries.BadQuery('choose retry, cancel or delete')
+    filters = queries.parse_filters(form, prefix='f.')
     back = url_for('pages.job_list', **{k: v for k, v in filters.items() if v})
     if form.get('scope') == 'filter':
         ids = None
-        count = jobs.count_matching(filters)
+        count = queries.count_matching(filters, jobs.MAX_BULK)
         fields = [('action', action), ('scope', 'filter')] + [
             (f'f.{k}', v) for k, v in filters.items() if v]
     else:

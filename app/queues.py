@@ -3,14 +3,14 @@ import datetime as dt
 
 import sqlalchemy as sa
 
-from . import broker, controls, events, jobs, states
+from . import broker, controls, events, queries, states
 from .extensions import db
 from .models import Job, utcnow
 
 
 def overview(config):
     """Every configured queue, with its broker depth and its ledger counts."""
-    counts = jobs.stats()['queues']
+    counts = queries.stats()['queues']
     now = utcnow()
     last_minute = now - dt.timedelta(seconds=60)
     # Jobs finished per queue over the last minute and the last 15, in one read.

@@ -14,10 +14,12 @@ LAYERS = (
                 'app.events', 'app.catalog', 'app.task_api'}),
     ('adapters', {'app.message', 'app.storage', 'app.broker', 'app.ledger', 'app.leader',
                   'app.controls', 'app.websocket', 'app.sockets'}),
-    ('services', {'app.jobs', 'app.queues', 'app.periodic', 'app.reaper', 'app.reconcile',
+    ('services', {'app.jobs', 'app.queries', 'app.queues', 'app.periodic', 'app.reaper', 'app.reconcile',
                   'app.inputs', 'app.openapi'}),
     ('wiring', {'app', 'app.consumer', 'app.embedded', 'app.fragments', 'app.live',
-                'app.pages', 'app.api', 'app.errors', 'huey_tasks', 'wsgi', 'gunicorn.conf'}),
+                'app.pages', 'app.api', 'app.health', 'app.errors', 'app.templating', 'huey_tasks',
+                'wsgi',
+                'gunicorn.conf'}),
 )
 
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from conftest import make_app
 
 import huey_tasks
-from app import broker, catalog, jobs, ledger, queues
+from app import broker, catalog, jobs, ledger, queries, queues
 from app.extensions import db
 from app.leader import process_name
 from app.models import Attempt, Job, utcnow
@@ -409,7 +409,7 @@ def test_log_lines_and_progress_messages_are_stored_safely(ledger_app):
         recorder.on_log(running, 'A-VERY-LONG-LEVEL', 'x' * 10_000_000)
         context.progress(1, 2, 'half \ud800')
     flushed(recorder)
-    lines = jobs.logs(db.session.get(Job, job.id))[1]
+    lines = queries.logs(db.session.get(Job, job.id))[1]
     assert [(line.level, line.message[:3]) for line in lines] == [
         ('INFO', 'bad'), ('A-VERY-LON', 'xxx')]
     assert lines[0].message == 'bad \\ud800 and \\x00'

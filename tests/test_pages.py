@@ -279,7 +279,7 @@ def test_a_row_that_cannot_be_rendered_costs_that_row_only(client, app, caplog):
         bad = _job(state='failed')
         del bad['retries']
         _insert(app, 'job', bad, raw={'retries': "'many'"})  # SQLite keeps text anywhere
-    with caplog.at_level(logging.ERROR, logger='app.pages'):
+    with caplog.at_level(logging.ERROR, logger='app.templating'):
         for path in ('/', '/jobs', f'/jobs/{bad["id"]}/row'):
             resp = client.get(path)
             html = resp.get_data(as_text=True)

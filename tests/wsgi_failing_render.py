@@ -3,10 +3,10 @@
 Run by gunicorn as ``wsgi_failing_render:app`` with ``tests`` on the path:
 a real web process in which one fragment raises.
 """
-from app import create_app, jobs
+from app import create_app, queries
 
 app = create_app()
-_attempts = jobs.attempts
+_attempts = queries.attempts
 
 
 def attempts(job):
@@ -15,4 +15,4 @@ def attempts(job):
     return _attempts(job)
 
 
-jobs.attempts = attempts
+queries.attempts = attempts

@@ -1,0 +1,109 @@
+"""What every template can use: the filters and globals the pages, fragments and sockets share.
+
+Registered on the app by :func:`register` (``create_app``), so a fragment
+renders the same wherever it is rendered.
+"""
+import json
+import logging
+import math
+
+from flask import render_template, url_for
+
+from . import text
+from .models import isoformat
+
+logger = logging.getLogger(__name__)
+
+
+def format_ts(value):
+    return '' if value is None else value.strftime('%Y-%m-%d %H:%M:%S')
+
+
+def format_iso(value):
+    return '' if value is None else value.isoformat(timespec='seconds') + 'Z'
+
+
+def format_iso_ms(value):
+    # Millisecond precision, as in the JSON API (the benchmark reads it).
+    return isoformat(value) or ''
+
+
+def format_duration(seconds):
+    if seconds is None:
+        return ''
+    if not math.isfinite(seconds):
+        return str(seconds)  # a row no application path writes: shown as it is
+    if seconds < 1:
+        return f'{seconds * 1000:.0f} ms'
+    if seconds < 120:
+        return f'{seconds:.2f} s'
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f'{hours}h {minutes:02d}m {secs:02d}s' if hours else f'{minutes}m {secs:02d}s'
+
+
+def percent(fraction):
+    """A progress fraction as a whole percentage from 0 to 100 (0 for none or not a number)."""
+    if fraction is None or not math.isfinite(fraction):
+        return 0
+    return round(min(max(fraction, 0.0), 1.0) * 100)
+
+
+def pretty_json(value):
+    # A plain str, so Jinja's autoescaping shows markup in values as text.
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+
+
+def brief(value, width=60):
+    shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return shown if len(shown) <= width else shown[:width - 1] + '…'
+
+
+def clip(value, limit=64 * 1024):
+    """Long text cut for a page, saying how much is left out (the API has all of it)."""
+    if value is None or len(value) <= limit:
+        return value
+    return value[:limit] + f'\n… [{len(value) - limit:,} more characters: see the API]'
+
+
+def isolated(dom_id=None, job_id=None, what='This row', tag='tr', colspan=1, caller=None):
+    """The ``{% call %}`` body, or a placeholder if it cannot be rendered: a bad row costs only itself.
+
+    Every fragment row that shows a ledger row renders through this, so pages,
+    fragment GETs and the live socket all survive a row that raises or whose
+    text cannot be sent (a lone surrogate fails only when the page is encoded,
+    so the body is tried as UTF-8 here). The placeholder is a ``tag`` with
+    the same ``dom_id`` (live swaps still find it) and a link to ``job_id``;
+    the error goes to the log.
+    """
+    try:
+        html = caller()
+        html.encode('utf-8')
+        return html
+    except Exception:
+        logger.exception('%s (%s) could not be rendered; showing a placeholder', what, dom_id)
+        job_id = _shown(job_id)
+        try:
+            href = job_id and url_for('pages.job_page', job_id=job_id)
+        except Exception:
+            href = None
+        return render_template('_unreadable.html', dom_id=_shown(dom_id), job_id=job_id,
+                               href=href, what=what, tag=tag, colspan=colspan)
+
+
+def _shown(value):
+    return None if value is None else text.clean(text.safe_str(value))[:200]
+
+
+FILTERS = {'ts': format_ts, 'iso': format_iso, 'iso_ms': format_iso_ms,
+           'duration': format_duration, 'percent': percent, 'pretty_json': pretty_json,
+           'brief': brief, 'clip': clip}
+GLOBALS = {'isolated': isolated}
+
+
+def register(app):
+    """Give ``app``'s templates :data:`FILTERS` and :data:`GLOBALS`."""
+    for name, function in FILTERS.items():
+        app.add_template_filter(function, name)
+    for name, function in GLOBALS.items():
+        app.add_template_global(function, name)
