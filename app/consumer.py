@@ -36,10 +36,7 @@ logger = logging.getLogger(__name__)
 PAUSE_CHECK = 1.0  # seconds between looks at the queues' paused switches, at the latest
 
 _lock = threading.Lock()
-_stop = threading.Event()
-_threads = []
-_app = []
-_launcher = []
+_running = None  # this process's Services, once started
 
 
 def serve(config=None):
@@ -63,53 +60,74 @@ def wire():
 
 
 def start(app=None):
-    """Start the consumer-side services for ``app`` (built here if not given)."""
+    """Start the consumer-side services for ``app`` (built here if not given), once.
+
+    Returns the app the services run with.
+    """
+    global _running
     with _lock:
-        if _app:
-            return _app[0]
+        if _running is not None:
+            return _running.app
         # Also the ledger writer process's factory: it builds an app of its own.
         from . import create_app
         if app is None:
             app = create_app()
-        _app.append(app)
         wire()
-        _stop.clear()
-        leadership.configure(broker.redis_client())
-        ledger.start(app, acknowledge=broker.ack, app_factory=create_app)
-        for huey in broker.hueys.values():
-            # Paused until the switches are read: a queue paused while the
-            # ledger is away must not be consumed meanwhile.
-            huey.paused.set()
-            huey.holding = ledger.backlogged
-            huey.task_context = app.app_context  # jobs may use the ledger's models
-        _renew_lease(app)
-        refresh_paused(app)
-        launcher = Launcher(app, lambda: leadership.leading)
-        _launcher.append(launcher)
-        for huey in broker.hueys.values():
-            huey.on_periodic = launcher.tick
-        for name, target in (('queue-manager-reaper', _reap), ('queue-manager-pauses', _pauses),
-                             ('queue-manager-lease', _lease),
-                             ('queue-manager-periodic', lambda app: launcher.run(_stop))):
-            thread = threading.Thread(target=target, args=(app,), name=name, daemon=True)
-            thread.start()
-            _threads.append(thread)
+        _running = Services(app, create_app)
+        _running.start()
         atexit.register(stop)
         return app
 
 
 def stop():
     """Stop the services: give up the lead, write and acknowledge everything, end the lease."""
+    global _running
     with _lock:
-        if not _app:
-            return
-        _stop.set()
-        for launcher in _launcher:
-            launcher.poke()
-        for thread in _threads:
+        if _running is not None:
+            _running.stop()
+            _running = None
+
+
+class Services:
+    """This process's services beside Huey's threads, for one app: started and stopped together.
+
+    ``app_factory`` builds the app of the ledger's writer process.
+    """
+
+    def __init__(self, app, app_factory):
+        self.app = app
+        self.app_factory = app_factory
+        self.stopping = threading.Event()
+        self.threads = []
+        self.launcher = Launcher(app, lambda: leadership.leading)
+
+    def start(self):
+        app = self.app
+        leadership.configure(broker.redis_client())
+        ledger.start(app, acknowledge=broker.ack, app_factory=self.app_factory)
+        for huey in broker.hueys.values():
+            # Paused until the switches are read: a queue paused while the
+            # ledger is away must not be consumed meanwhile.
+            huey.paused.set()
+            huey.holding = ledger.backlogged
+            huey.task_context = app.app_context  # jobs may use the ledger's models
+        self._renew_lease()
+        refresh_paused(app)
+        for huey in broker.hueys.values():
+            huey.on_periodic = self.launcher.tick
+        for name, target in (('queue-manager-reaper', self._reap),
+                             ('queue-manager-pauses', self._pauses),
+                             ('queue-manager-lease', self._lease),
+                             ('queue-manager-periodic', lambda: self.launcher.run(self.stopping))):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self):
+        self.stopping.set()
+        self.launcher.poke()
+        for thread in self.threads:
             thread.join(5)
-        _threads.clear()
-        _launcher.clear()
         for huey in broker.hueys.values():
             huey.on_periodic = huey.holding = huey.task_context = None
             huey.paused.clear()
@@ -120,37 +138,46 @@ def stop():
             broker.release(queues)
         except broker.BrokerUnavailable as exc:
             logger.warning('lease not released (it runs out by itself): %s', exc)
-        _app.clear()
 
+    def _renew_lease(self):
+        try:
+            broker.keep_alive(ledger.served() or self.app.config['QUEUES'][:1])
+        except broker.BrokerUnavailable as exc:
+            logger.warning('lease not renewed: %s', exc)
 
-def _renew_lease(app):
-    try:
-        broker.keep_alive(ledger.served() or app.config['QUEUES'][:1])
-    except broker.BrokerUnavailable as exc:
-        logger.warning('lease not renewed: %s', exc)
+    def _lease(self):
+        while not self.stopping.wait(self.app.config['HEARTBEAT_INTERVAL']):
+            self._renew_lease()
+            for huey in broker.hueys.values():
+                if huey.deferred and huey.write_deferred():
+                    logger.warning('%d retries of %s still not written', len(huey.deferred),
+                                   huey.name)
 
+    def _reap(self):
+        # A long comparison renews the lead between pages, and stops if it is lost.
+        app = self.app
+        reconciler = Reconciler(lambda: leadership.claim(ttl=3 * app.config['REAP_INTERVAL']))
+        leading = False
+        while True:
+            now_leading, _handled = reaper.claim_and_reap(app, reconciler)
+            if now_leading and not leading:
+                self.launcher.poke()  # a new leader starts the ticks the old one missed
+            leading = now_leading
+            if self.stopping.wait(app.config['REAP_INTERVAL']):
+                return
 
-def _lease(app):
-    while not _stop.wait(app.config['HEARTBEAT_INTERVAL']):
-        _renew_lease(app)
-        for huey in broker.hueys.values():
-            if huey.deferred and huey.write_deferred():
-                logger.warning('%d retries of %s still not written', len(huey.deferred),
-                               huey.name)
-
-
-def _reap(app):
-    # A long comparison renews the lead between pages, and stops if it is lost.
-    reconciler = Reconciler(lambda: leadership.claim(ttl=3 * app.config['REAP_INTERVAL']))
-    leading = False
-    while True:
-        now_leading, _handled = reaper.claim_and_reap(app, reconciler)
-        if now_leading and not leading:
-            for launcher in _launcher:
-                launcher.poke()  # a new leader starts the ticks the old one missed
-        leading = now_leading
-        if _stop.wait(app.config['REAP_INTERVAL']):
-            return
+    def _pauses(self):
+        # A pause is announced on the event channel, so workers stop taking
+        # jobs at once; the switches are also re-read every PAUSE_CHECK
+        # seconds in case an announcement was missed.
+        app = self.app
+        bus = events.bus
+        unsubscribe = bus.subscribe(lambda event: event.get('queues') and refresh_paused(app))
+        try:
+            bus.listen(self.stopping, PAUSE_CHECK, on_tick=lambda: refresh_paused(app),
+                       on_reconnect=lambda: refresh_paused(app))
+        finally:
+            unsubscribe()
 
 
 def refresh_paused(app):
@@ -169,19 +196,6 @@ def refresh_paused(app):
             huey.paused.set()
         else:
             huey.paused.clear()
-
-
-def _pauses(app):
-    # A pause is announced on the event channel, so workers stop taking
-    # jobs at once; the switches are also re-read every PAUSE_CHECK seconds
-    # in case an announcement was missed.
-    bus = events.bus
-    unsubscribe = bus.subscribe(lambda event: event.get('queues') and refresh_paused(app))
-    try:
-        bus.listen(_stop, PAUSE_CHECK, on_tick=lambda: refresh_paused(app),
-                   on_reconnect=lambda: refresh_paused(app))
-    finally:
-        unsubscribe()
 
 
 def on_worker_startup():
