@@ -102,6 +102,7 @@ class Services:
         self.launcher = Launcher(app, lambda: leadership.leading)
 
     def start(self):
+        """Start the recorder, fill the hooks that need the app, start the threads."""
         app = self.app
         leadership.configure(broker.redis_client())
         ledger.start(app, acknowledge=broker.ack, app_factory=self.app_factory)
@@ -124,6 +125,7 @@ class Services:
             self.threads.append(thread)
 
     def stop(self):
+        """Stop the threads, give up the lead, write everything out, give up the lease."""
         self.stopping.set()
         self.launcher.poke()
         for thread in self.threads:
@@ -199,6 +201,7 @@ def refresh_paused(app):
 
 
 def on_worker_startup():
+    """Huey's worker start-up hook: start this process's services (errors logged, not raised)."""
     # Huey runs this in every worker as it starts; the first one does the work.
     try:
         start()

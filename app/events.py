@@ -27,6 +27,7 @@ class LocalBus:
         self.connected = False  # whether events from other processes are heard now
 
     def publish(self, event):
+        """Hand ``event`` (a dict) to every subscriber; one that raises is logged."""
         with self._lock:
             subscribers = list(self._subscribers)
         for callback in subscribers:
@@ -69,6 +70,7 @@ class RedisBus(LocalBus):
         self.client = client
 
     def publish(self, event):
+        """Send ``event`` to every process on the channel; never raises (the ledger has it)."""
         try:
             self.client.publish(CHANNEL, json.dumps(event, separators=(',', ':')))
         except Exception as exc:  # the ledger has it; a refresh heals the miss

@@ -33,6 +33,7 @@ def get(job_id):
 
 
 def attempts(job):
+    """``job``'s Attempt rows, first first."""
     return db.session.scalars(
         sa.select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.number)).all()
 
@@ -40,6 +41,7 @@ def attempts(job):
 # -- listing ------------------------------------------------------------------
 
 def encode_cursor(job):
+    """The opaque ``next`` cursor of a list page that ends with ``job`` (see :func:`decode_cursor`)."""
     raw = f'{job.created_at.isoformat()}|{job.id}'.encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip('=')
 
@@ -262,4 +264,5 @@ def workers(lost_after):
 
 
 def task_names():
+    """Every declared task type's name, sorted."""
     return sorted(catalog.TASKS)

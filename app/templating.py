@@ -16,19 +16,23 @@ logger = logging.getLogger(__name__)
 
 
 def format_ts(value):
+    """A naive UTC datetime as ``YYYY-MM-DD HH:MM:SS`` ('' for None)."""
     return '' if value is None else value.strftime('%Y-%m-%d %H:%M:%S')
 
 
 def format_iso(value):
+    """A naive UTC datetime as ISO 8601 to the second, with ``Z`` ('' for None)."""
     return '' if value is None else value.isoformat(timespec='seconds') + 'Z'
 
 
 def format_iso_ms(value):
+    """As :func:`format_iso`, to the millisecond."""
     # Millisecond precision, as in the JSON API (the benchmark reads it).
     return isoformat(value) or ''
 
 
 def format_duration(seconds):
+    """Seconds as ``850 ms``, ``12.50 s``, ``3m 04s`` or ``1h 02m 03s`` ('' for None)."""
     if seconds is None:
         return ''
     if not math.isfinite(seconds):
@@ -50,11 +54,13 @@ def percent(fraction):
 
 
 def pretty_json(value):
+    """A JSON value indented for a ``<pre>``, keys sorted, text as typed."""
     # A plain str, so Jinja's autoescaping shows markup in values as text.
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
 
 
 def brief(value, width=60):
+    """A value as one line of at most ``width`` characters, cut with an ellipsis."""
     shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return shown if len(shown) <= width else shown[:width - 1] + '…'
 
