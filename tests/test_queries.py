@@ -1,0 +1,40 @@
+"""Reading jobs: cursors and filters."""
+import pytest
+
+from app import catalog, jobs, queries
+
+
+def submit(app, task='noop', params=None):
+    return jobs.submit(catalog.validate({'task': task, 'params': params or {}}, app.config))
+
+
+def test_a_cursor_round_trips_and_a_forged_one_is_refused(ctx):
+    job = submit(ctx)
+    assert queries.decode_cursor(queries.encode_cursor(job)) == (job.created_at, job.id)
+    for forged in ('not base64 !', 'bm90IGEgY3Vyc29y', ''):
+        with pytest.raises(queries.BadQuery):
+            queries.decode_cursor(forged)
+
+
+def test_filters_are_read_by_key_with_a_prefix_and_empty_is_none():
+    args = {'f.state': 'failed', 'f.q': '', 'state': 'queued'}
+    assert queries.parse_filters(args, prefix='f.') == {
+        'state': 'failed', 'queue': None, 'task': None, 'q': None}
+
+
+def test_pages_follow_the_cursor_newest_first_each_job_once(ctx):
+    made = {submit(ctx).id for _ in range(5)}
+    first, cursor = queries.list_jobs(limit=3)
+    second, end = queries.list_jobs(limit=3, cursor=cursor)
+    listed = [j.id for j in first + second]
+    assert (len(first), len(listed), set(listed), end) == (3, 5, made, None)
+    times = [j.created_at for j in first + second]
+    assert times == sorted(times, reverse=True)
+
+
+def test_search_finds_text_in_parameters_as_typed(ctx):
+    wanted = submit(ctx, 'fail', {'message': 'café 日本語 ☕'})
+    submit(ctx, 'fail', {'message': 'plain'})
+    for q in ('café', '日本語', '☕'):
+        found, _ = queries.list_jobs(q=q)
+        assert [j.id for j in found] == [wanted.id], q
