@@ -41,8 +41,9 @@ def template_globals():
     return {'states': states, 'allows': states.allows, 'now': utcnow}
 
 
-# The submit form's own fields (besides the task's parameters).
-_FORM_FIELDS = ('task', 'queue', 'priority', 'delay', 'eta', 'retries', 'retry_delay')
+# The submit form's own fields besides the task and its parameters: the
+# options it folds away (opened when one holds a value or an error).
+_FORM_OPTIONS = ('queue', 'priority', 'delay', 'eta', 'retries', 'retry_delay')
 
 
 def _form_context(values=None, errors=None, task_name=None):
@@ -51,9 +52,9 @@ def _form_context(values=None, errors=None, task_name=None):
     if task_name not in tasks:
         task_name = 'sleep' if 'sleep' in tasks else next(iter(tasks))
     errors = errors or {}
-    placed = {*_FORM_FIELDS, *(f'params.{p.name}' for p in tasks[task_name].params)}
+    placed = {'task', *_FORM_OPTIONS, *(f'params.{p.name}' for p in tasks[task_name].params)}
     return {'tasks': tasks, 'task': tasks[task_name], 'values': values or {},
-            'errors': errors, 'queues': current_app.config['QUEUES'],
+            'errors': errors, 'queues': current_app.config['QUEUES'], 'options': _FORM_OPTIONS,
             # Errors of fields the form has no place for (sent by hand): shown on top.
             'unplaced': {k: v for k, v in errors.items() if k not in placed},
             'limits': {'priority': catalog.MAX_PRIORITY, 'retries': catalog.MAX_RETRIES,
