@@ -65,4 +65,5 @@ def worker_exit(server, worker):
     live.stop(worker.wsgi)
     if _config['EMBEDDED']:
         from app import embedded
-        embedded.stop(timeout=1 if _quick else min(_config['GRACE_PERIOD'], graceful_timeout - 5))
+        grace = 1 if _quick else min(_config['GRACE_PERIOD'], graceful_timeout - 5)
+        embedded.stop(worker.wsgi, timeout=grace)

@@ -1,4 +1,4 @@
-"""The Huey instances and every task type.
+"""Every task type, and the Huey a consumer runs.
 
 Run a consumer with ``huey_consumer huey_tasks.huey`` (the ``default`` queue;
 ``QUEUE=name`` picks another). Each task declares its parameters once; the
@@ -14,10 +14,15 @@ from app import consumer, jobs, queries
 from app.catalog import Param, periodic, task
 from app.task_api import current, progress
 
-# One Huey per queue, from the environment, wired for a consumer process;
-# the web app re-points them at the configuration it was given, which in
-# production is the same environment.
-huey = consumer.serve()
+
+def __getattr__(name):
+    # ``huey_consumer huey_tasks.huey`` asks for ``huey``: only then is this
+    # process a consumer, whose configuration is loaded (once) and whose
+    # Hueys are wired; a web process importing the tasks loads nothing here.
+    if name == 'huey':
+        return consumer.serve()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 # What tasks log through this logger is kept with their attempt and shown on
 # the job page (INFO and up, whatever the process's own log level).

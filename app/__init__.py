@@ -11,9 +11,15 @@ from . import broker, config as config_module, events, inputs, text
 from .extensions import db, migrate
 
 
-def create_app(test_config=None):
-    """Build the Flask app; the only place configuration is read."""
-    config = config_module.load(test_config)
+def create_app(test_config=None, *, config=None):
+    """Build the Flask app.
+
+    ``config`` is a configuration this process already loaded
+    (:func:`app.config.load`), used as it is; without it the configuration
+    is loaded here, from the environment with ``test_config`` over it.
+    Raises ``ConfigError`` for a bad configuration.
+    """
+    config = dict(config) if config is not None else config_module.load(test_config)
     app = Flask(__name__, instance_path=config['INSTANCE_PATH'],
                 template_folder='../templates', static_folder='../static')
     os.makedirs(app.instance_path, exist_ok=True)

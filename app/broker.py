@@ -10,6 +10,7 @@ ledger.
 import collections
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import random
@@ -109,7 +110,7 @@ class TrackedConsumer(Consumer):
 
     def __init__(self, huey, **options):
         if options.get('shutdown_timeout') is None:
-            options['shutdown_timeout'] = _settings['grace']
+            options['shutdown_timeout'] = huey.grace_period
         super().__init__(huey, **options)
         # SIGHUP (a closing terminal) stops gracefully too, rather than
         # Huey's restart in place, which would skip writing the ledger out.
@@ -163,14 +164,28 @@ class TrackedHuey(Huey):
     - ``on_consumer(queue, workers)``: a consumer of this Huey was built with
       ``workers`` worker threads.
     - ``task_context()``: a context manager each job runs inside (the app's).
+    - ``on_progress(running, fraction, message)`` and ``on_log(running,
+      level, line)``: a running job's progress report and log line (see
+      :mod:`app.task_api`).
+
+    Its settings (:func:`configure` sets them from the configuration):
+    ``retry_jitter``, ``retry_backoff`` (each retry's delay is the last one
+    times this), ``grace_period`` (seconds a stopping consumer lets running
+    jobs finish) and ``spec`` (where its broker is: ``('redis', url)`` or
+    ``('sqlite', path)``, and the lease in seconds).
     """
     retry_jitter = 0.25
+    retry_backoff = 2.0
+    grace_period = 25.0
+    spec = None
 
     def __init__(self, *args, **kwargs):
         self.on_periodic = None
         self.holding = None
         self.on_consumer = None
         self.task_context = None
+        self.on_progress = None
+        self.on_log = None
         super().__init__(*args, **kwargs)
         self.paused = threading.Event()  # refreshed from the ledger by the consumer
         self.stopping = threading.Event()  # its consumer is stopping: take nothing more
@@ -364,10 +379,9 @@ def take_receipt(task):
     return receipt
 
 
-# queue name -> Huey instance, in this process.
+# queue name -> Huey instance, in this process (Huey's own pattern: the
+# instances live at module level, so tasks can be declared on them at import).
 hueys: dict[str, TrackedHuey] = {}
-_settings = {'backoff': 2.0, 'spec': None, 'grace': 25.0, 'lease': 30.0}
-_pool = {'url': None, 'pool': None}
 
 
 def queue_of(huey):
@@ -381,17 +395,16 @@ def _storage_spec(config):
     return ('redis', config['REDIS_URL'])
 
 
+@functools.lru_cache(maxsize=1)
 def _redis_pool_for(url):
-    if _pool['url'] != url:
-        _pool['url'] = url
-        _pool['pool'] = redis.ConnectionPool.from_url(
-            url,
-            # Fail fast when Redis is away, so the API can answer 503 at once;
-            # one quick retry covers a pooled connection that went stale.
-            socket_connect_timeout=2, socket_timeout=10, health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
-        )
-    return _pool['pool']
+    # One pool per process for the configured Redis; a new URL (tests) a new pool.
+    return redis.ConnectionPool.from_url(
+        url,
+        # Fail fast when Redis is away, so the API can answer 503 at once;
+        # one quick retry covers a pooled connection that went stale.
+        socket_connect_timeout=2, socket_timeout=10, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+    )
 
 
 def _storage_args(spec, lease):
@@ -404,13 +417,11 @@ def _storage_args(spec, lease):
 
 
 def configure(config):
-    """Point every queue's Huey at the configured broker (idempotent)."""
-    _settings['backoff'] = config['RETRY_BACKOFF']
-    _settings['grace'] = config['GRACE_PERIOD']
-    _settings['lease'] = config['LOST_AFTER']
+    """Point every queue's Huey at the configured broker, with its settings (idempotent).
+
+    ``config`` is a loaded configuration (:func:`app.config.load`).
+    """
     spec = (*_storage_spec(config), config['LOST_AFTER'])
-    changed = spec != _settings['spec']
-    _settings['spec'] = spec
     storage_class, storage_kwargs = _storage_args(spec[:2], spec[2])
     for name in config['QUEUES']:
         huey = hueys.get(name)
@@ -420,10 +431,13 @@ def configure(config):
                 **storage_kwargs)
             for task_type in catalog.TASKS.values():
                 _register(huey, task_type)
-        elif changed:
+        elif spec != huey.spec:
             huey.storage_class, huey.storage_kwargs = storage_class, storage_kwargs
             huey.storage = huey.create_storage()
+        huey.spec = spec
         huey.retry_jitter = config['RETRY_JITTER']
+        huey.retry_backoff = config['RETRY_BACKOFF']
+        huey.grace_period = config['GRACE_PERIOD']
 
 
 def consumer_huey():
@@ -476,7 +490,7 @@ def build(job, base=0, retries=None):
     return task_class(
         (), message.kwargs(job.params, base, retries),
         id=job.id, eta=job.scheduled_for, retries=retries,
-        retry_delay=job.retry_delay, retry_backoff=_settings['backoff'],
+        retry_delay=job.retry_delay, retry_backoff=huey.retry_backoff,
         priority=job.priority or None,
         timeout=job.timeout if job.timeout is not None else task_type.timeout)
 
@@ -784,6 +798,7 @@ def ping():
 
 def redis_client():
     """A Redis client on the shared pool, or None in the embedded mode."""
-    if _settings['spec'] is None or _settings['spec'][0] != 'redis':
+    spec = hueys['default'].spec if 'default' in hueys else None
+    if spec is None or spec[0] != 'redis':
         return None
-    return redis.Redis(connection_pool=_redis_pool_for(_settings['spec'][1]))
+    return redis.Redis(connection_pool=_redis_pool_for(spec[1]))

@@ -1,9 +1,11 @@
 """Configuration: documented defaults, then the environment, then a test override.
 
-Both the web app (``create_app``) and ``huey_tasks`` (which must build its Huey
-instances at import time, before any app exists) read configuration through
-:func:`load`, so a web process and a consumer started with the same environment
-agree on the broker, the queues and the database.
+Each process reads it once, through :func:`load`, and passes it down: a web
+process in ``create_app``; a consumer process when ``huey_consumer`` asks for
+``huey_tasks.huey`` (:func:`app.consumer.serve`), whose app is then built from
+that same configuration; the ledger's writer process receives its parent's.
+A web process and a consumer started with the same environment agree on the
+broker, the queues and the database.
 """
 import os
 import re
@@ -151,6 +153,20 @@ def load(test_config=None, environ=None):
     config['TASK_MODULES'] = list(modules)
     config['EMBEDDED'] = not config['REDIS_URL']
     return config
+
+
+# What :func:`load` returns: every setting, and the mode it implies.
+KEYS = (*DEFAULTS, 'EMBEDDED')
+
+
+def of(mapping):
+    """The loaded configuration held in ``mapping`` (an app's ``config``, say), as a dict.
+
+    For passing configuration down to another process (the ledger's writer
+    process) without reading the environment again. Raises ``KeyError`` if
+    ``mapping`` lacks a setting.
+    """
+    return {key: mapping[key] for key in KEYS}
 
 
 def secret_key(config):

@@ -35,68 +35,106 @@ logger = logging.getLogger(__name__)
 
 PAUSE_CHECK = 1.0  # seconds between looks at the queues' paused switches, at the latest
 
-_lock = threading.Lock()
-_running = None  # this process's Services, once started
+
+class Process:
+    """The consumer side of this process: its configuration, its ledger recording, its services.
+
+    One per process (:data:`process`); the module functions below act on it.
+    """
+
+    def __init__(self):
+        self.config = None  # loaded by serve(): a consumer process's configuration
+        self.recording = ledger.Recording()
+        self.services = None  # this process's Services, once started
+        self._lock = threading.Lock()
+        self._atexit = False
+
+    def serve(self, config=None):
+        """See :func:`serve`."""
+        with self._lock:
+            if self.config is None:
+                self.config = config or config_module.load()
+                broker.configure(self.config)
+        self.wire()
+        return broker.consumer_huey()
+
+    def wire(self):
+        """See :func:`wire`."""
+        for name, huey in broker.hueys.items():
+            self.recording.attach(huey, name)
+            huey.on_consumer = self.recording.serving
+            huey.on_startup('qm_consumer')(on_worker_startup)
+
+    def start(self, app=None):
+        """See :func:`start`."""
+        with self._lock:
+            if self.services is not None:
+                return self.services.app
+            # Also the ledger writer process's factory: it builds an app of its own.
+            from . import create_app
+            if app is None:
+                app = create_app(config=self.config)
+            self.wire()
+            self.services = Services(app, create_app, self.recording)
+            self.services.start()
+            if not self._atexit:
+                atexit.register(self.stop)  # after the recorder's: runs before it
+                self._atexit = True
+            return app
+
+    def stop(self):
+        """See :func:`stop`."""
+        with self._lock:
+            if self.services is not None:
+                self.services.stop()
+                self.services = None
+
+
+process = Process()
 
 
 def serve(config=None):
     """Configure the broker for a consumer process and wire it; the Huey of ``$QUEUE``.
 
-    ``config`` is a loaded configuration (read from the environment if
-    None). Raises ``ConfigError`` for a bad configuration or a ``QUEUE``
-    that is not one of ``QUEUES``.
+    What ``huey_tasks.huey`` returns to ``huey_consumer``. The
+    configuration is loaded here, once per process (``config``, if given,
+    is used instead); the app the services start with later is built from
+    it. Raises ``ConfigError`` for a bad configuration or a ``QUEUE`` that
+    is not one of ``QUEUES``.
     """
-    broker.configure(config or config_module.load())
-    wire()
-    return broker.consumer_huey()
+    return process.serve(config)
 
 
 def wire():
     """Fill the hook slots of every queue's Huey for this process (idempotent)."""
-    for name, huey in broker.hueys.items():
-        ledger.attach(huey, name)
-        huey.on_consumer = ledger.serving
-        huey.on_startup('qm_consumer')(on_worker_startup)
+    process.wire()
 
 
 def start(app=None):
     """Start the consumer-side services for ``app`` (built here if not given), once.
 
-    Returns the app the services run with.
+    Returns the app the services run with (the first one's, if they run
+    already).
     """
-    global _running
-    with _lock:
-        if _running is not None:
-            return _running.app
-        # Also the ledger writer process's factory: it builds an app of its own.
-        from . import create_app
-        if app is None:
-            app = create_app()
-        wire()
-        _running = Services(app, create_app)
-        _running.start()
-        atexit.register(stop)
-        return app
+    return process.start(app)
 
 
 def stop():
     """Stop the services: give up the lead, write and acknowledge everything, end the lease."""
-    global _running
-    with _lock:
-        if _running is not None:
-            _running.stop()
-            _running = None
+    process.stop()
 
 
 class Services:
     """This process's services beside Huey's threads, for one app: started and stopped together.
 
-    ``app_factory`` builds the app of the ledger's writer process.
+    ``app_factory`` builds the app of the ledger's writer process;
+    ``recording`` is this process's :class:`app.ledger.Recording`.
     """
 
-    def __init__(self, app, app_factory):
+    def __init__(self, app, app_factory, recording):
         self.app = app
         self.app_factory = app_factory
+        self.recording = recording
         self.stopping = threading.Event()
         self.threads = []
         self.launcher = Launcher(app, lambda: leadership.leading)
@@ -105,12 +143,12 @@ class Services:
         """Start the recorder, fill the hooks that need the app, start the threads."""
         app = self.app
         leadership.configure(broker.redis_client())
-        ledger.start(app, acknowledge=broker.ack, app_factory=self.app_factory)
+        self.recording.start(app, acknowledge=broker.ack, app_factory=self.app_factory)
         for huey in broker.hueys.values():
             # Paused until the switches are read: a queue paused while the
             # ledger is away must not be consumed meanwhile.
             huey.paused.set()
-            huey.holding = ledger.backlogged
+            huey.holding = self.recording.backlogged
             huey.task_context = app.app_context  # jobs may use the ledger's models
         self._renew_lease()
         refresh_paused(app)
@@ -134,8 +172,8 @@ class Services:
             huey.on_periodic = huey.holding = huey.task_context = None
             huey.paused.clear()
         leadership.release()
-        queues = ledger.served()
-        ledger.stop()
+        queues = list(self.recording.queues)
+        self.recording.stop()
         try:
             broker.release(queues)
         except broker.BrokerUnavailable as exc:
@@ -143,7 +181,7 @@ class Services:
 
     def _renew_lease(self):
         try:
-            broker.keep_alive(ledger.served() or self.app.config['QUEUES'][:1])
+            broker.keep_alive(self.recording.queues or self.app.config['QUEUES'][:1])
         except broker.BrokerUnavailable as exc:
             logger.warning('lease not renewed: %s', exc)
 

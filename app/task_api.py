@@ -16,11 +16,6 @@ from . import text
 
 _local = threading.local()
 
-# Set by the ledger recorder of a consumer; reports go nowhere when no
-# recorder runs (a task called directly, or Huey's immediate mode).
-sink = None
-log_sink = None
-
 CANCEL_CHECK = 0.5  # seconds between looks for a cancel request
 CANCEL_KEY = 'qm:cancel:{}'
 
@@ -86,6 +81,9 @@ def progress(done, total=None, message=None):
     # Stored as the job's progress_message (200 characters): whatever the
     # task passes must be text the ledger accepts.
     job.message = None if message is None else text.storable(message, 200)
+    # The ledger's recorder fills the Huey's slot in a consumer; reports go
+    # nowhere when none runs (a task called directly, or Huey's immediate mode).
+    sink = getattr(job.huey, 'on_progress', None)
     if sink is not None:
         sink(job, job.fraction, job.message)
     checkpoint()
@@ -108,11 +106,12 @@ def checkpoint():
 
 
 class LogCapture(logging.Handler):
-    """Keeps what running tasks log, with their attempt."""
+    """Keeps what running tasks log, with their attempt (through their Huey's ``on_log`` slot)."""
 
     def emit(self, record):
         job = current()
-        if job is None or log_sink is None:
+        log_sink = getattr(job and job.huey, 'on_log', None)
+        if log_sink is None:
             return
         try:
             log_sink(job, record.levelname, self.format(record))

@@ -145,7 +145,7 @@ def worker(app):
     """Consumer threads and the ledger recorder inside this test process."""
     embedded.start(app)
     yield app
-    embedded.stop(timeout=5)
+    embedded.stop(app, timeout=5)
 
 
 @pytest.fixture(scope='session')

@@ -122,8 +122,9 @@ class TestConsumerConfigOnTrackedHuey(OnTrackedHuey, test_consumer.TestConsumerC
         # Ours: the configured GRACE_PERIOD unless the command line says otherwise.
         consumer = self.huey.create_consumer(**ConsumerConfig(shutdown_timeout=5).values)
         self.assertEqual(consumer.shutdown_timeout, 5)
+        self.huey.grace_period = 7.5
         consumer = self.huey.create_consumer(**ConsumerConfig().values)
-        self.assertEqual(consumer.shutdown_timeout, broker._settings['grace'])
+        self.assertEqual(consumer.shutdown_timeout, 7.5)
 
 
 @pytest.mark.usefixtures('private_redis')

@@ -65,3 +65,16 @@ def test_task_types_may_be_declared_in_another_module(tmp_path, monkeypatch):
         for wrapper in (declared.wrappers.values() if declared else ()):
             wrapper.unregister()
         sys.modules.pop('extra_tasks_for_test', None)
+
+
+def test_an_app_built_from_a_loaded_configuration_uses_it_as_is(tmp_path, monkeypatch):
+    loaded = config.load(environ={'INSTANCE_PATH': str(tmp_path), 'LOG_LINES': '7'})
+    monkeypatch.setenv('LOG_LINES', '9')  # not read again
+    app = create_app(config=loaded)
+    assert app.config['LOG_LINES'] == 7
+    passed_down = config.of(app.config)
+    assert passed_down.pop('SECRET_KEY') == app.config['SECRET_KEY']  # generated, kept on disk
+    del loaded['SECRET_KEY']
+    assert passed_down == loaded  # what a child process is handed: the same settings
+    with pytest.raises(KeyError):
+        config.of({'LOG_LINES': 7})

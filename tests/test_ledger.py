@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from conftest import make_app
 
 import huey_tasks
-from app import broker, catalog, jobs, ledger, queries, queues
+from app import broker, catalog, consumer, jobs, ledger, queries, queues
 from app.extensions import db
 from app.leader import process_name
 from app.models import Attempt, Job, utcnow
@@ -21,11 +21,17 @@ from app.models import Attempt, Job, utcnow
 def ledger_app(tmp_path, ledger_url):
     app = make_app(tmp_path, DATABASE_URL=ledger_url)
     with app.app_context():
-        recorder = ledger.start(app)
+        recorder = start_recording(app)
         yield app, recorder
-        ledger.stop()
+        consumer.process.recording.stop()
         db.session.remove()
         db.engine.dispose()
+
+
+def start_recording(app):
+    """This process's recorder, started for ``app`` on Hueys wired to it (as a consumer's are)."""
+    consumer.wire()
+    return consumer.process.recording.start(app)
 
 
 def submit(app, task, params=None, **options):
@@ -148,7 +154,7 @@ def test_progress_keeps_the_latest_report_of_the_running_attempt(ledger_app):
     task = broker.hueys['default'].dequeue()
     from app import task_api as context
     recorder.on_signal(None, 'default', 'executing', task)
-    with context.running(task):
+    with context.running(task, broker.hueys['default']):
         context.progress(1, 4, 'a quarter')
         context.progress(3, 4, 'three quarters')
     flushed(recorder)
@@ -195,7 +201,7 @@ def test_a_job_whose_row_commits_while_its_attempt_is_written_is_recorded(
     # committed before the writer looks again. (SQLite serializes writers.)
     app = make_app(tmp_path, DATABASE_URL=postgres_url)
     with app.app_context():
-        recorder = ledger.start(app)
+        recorder = start_recording(app)
         try:
             huey = broker.hueys['default']
             job_id = str(uuid.uuid4())
@@ -225,7 +231,7 @@ def test_a_job_whose_row_commits_while_its_attempt_is_written_is_recorded(
             assert (row.state, row.attempts) == ('succeeded', 1)
             assert [(x.number, x.outcome) for x in attempts_of(job_id)] == [(1, 'succeeded')]
         finally:
-            ledger.stop()
+            consumer.process.recording.stop()
             db.session.remove()
             db.engine.dispose()
 
@@ -404,7 +410,7 @@ def test_log_lines_and_progress_messages_are_stored_safely(ledger_app):
     job = submit(app, 'noop')
     task = broker.hueys['default'].dequeue()
     recorder.on_signal(None, 'default', 'executing', task)
-    with context.running(task) as running:
+    with context.running(task, broker.hueys['default']) as running:
         recorder.on_log(running, 'INFO', 'bad \ud800 and \x00')
         recorder.on_log(running, 'A-VERY-LONG-LEVEL', 'x' * 10_000_000)
         context.progress(1, 2, 'half \ud800')

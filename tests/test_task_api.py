@@ -21,6 +21,7 @@ class FakeStorage:
 class FakeHuey:
     def __init__(self, flags=()):
         self.storage = FakeStorage(flags)
+        self.on_progress = self.on_log = None
 
 
 def test_outside_a_job_reports_go_nowhere_and_current_is_none():
@@ -29,10 +30,11 @@ def test_outside_a_job_reports_go_nowhere_and_current_is_none():
     task_api.checkpoint()
 
 
-def test_progress_is_a_bounded_fraction_with_storable_text_handed_to_the_sink(monkeypatch):
+def test_progress_is_a_bounded_fraction_with_storable_text_handed_to_the_hueys_slot():
     seen = []
-    monkeypatch.setattr(task_api, 'sink', lambda job, fraction, text: seen.append((fraction, text)))
-    with task_api.running(Task(id='j1'), attempt=2) as job:
+    huey = FakeHuey()
+    huey.on_progress = lambda job, fraction, text: seen.append((fraction, text))
+    with task_api.running(Task(id='j1'), huey, attempt=2) as job:
         assert (task_api.current().job_id, task_api.current().attempt) == ('j1', 2)
         task_api.progress(3, 4, 'three \ud800')
         task_api.progress(5)  # a fraction, past 1

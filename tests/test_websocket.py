@@ -166,7 +166,9 @@ def test_one_socket_over_the_limit_is_refused_with_1013_and_shutdown_closes_with
 
 def test_a_closed_socket_leaves_nothing_behind(server):
     peers = [Peer(server, hold) for _ in range(2)]
-    assert sum(map(len, server.ping_slots)) == 2
+    # the loop thread files a socket once its handshake is answered
+    wait_for(lambda: sum(map(len, server.ping_slots)) == 2, 5, 0.01,
+             'both sockets in the ping slots')
     for peer in peers:
         peer.send(CloseConnection(1000))
         assert peer.close_code()[0] == 1000

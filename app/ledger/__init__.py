@@ -28,8 +28,8 @@ statements), :mod:`.writers` (a thread or a child process writes batches,
 announces and acknowledges them), :mod:`.heartbeats` (a consumer's
 heartbeat records), :mod:`.interrupted` (an attempt cut off by a shutdown
 runs again), :mod:`.recorder` (Huey's signals become buffered changes).
-This module wires them into the process: one recorder per process,
-started once, attached to each Huey.
+This module wires them into the process: :class:`Recording`, one per
+process, starts the recorder once and attaches it to each Huey.
 """
 import atexit
 import logging
@@ -37,7 +37,7 @@ import threading
 
 from huey import signals as S
 
-from .. import task_api
+from .. import config as config_module, task_api
 from ..extensions import db
 from ..leader import leadership
 from .apply import WORKERS, apply
@@ -51,115 +51,129 @@ logger = logging.getLogger(__name__)
 
 __all__ = ['MAX_ERROR_TYPE', 'MAX_LEVEL', 'MAX_MESSAGE', 'MAX_RESULT', 'MAX_TRACEBACK', 'WORKERS',
            'Dialect', 'Finish', 'Heartbeat', 'Log', 'Progress', 'ProcessWriter', 'Queued',
-           'Recorder', 'Scheduled', 'Start', 'Stopped', 'Unwritten', 'Writer', 'announce',
-           'apply', 'attach', 'backlogged', 'served', 'serving', 'start', 'stop', 'transient']
-
-# This process's recorder, and what the wiring below remembers for it.
-_recorder = None
-_lock = threading.Lock()
-_serving = {'queues': [], 'concurrency': 0}
-_capture = []  # the log handler feeding the recorder
-_attached = set()
+           'Recorder', 'Recording', 'Scheduled', 'Start', 'Stopped', 'Unwritten', 'Writer',
+           'announce', 'apply', 'transient']
 
 
-def start(app, acknowledge=None, app_factory=None):
-    """Start this process's recorder for ``app`` (once); return it (a :class:`Recorder`).
+class Recording:
+    """Recording in the ledger for one process: its recorder, the queues it consumes, its hooks.
 
-    ``acknowledge(receipts)`` acknowledges the messages of attempts whose
-    outcome the writer committed. Out of the embedded mode the writer is a
-    child process, which builds its own app with ``app_factory()`` (the
-    caller's ``create_app``); there ``app_factory`` is required (else
-    ``ValueError``), and both are module-level functions: the child
-    receives them by name.
+    One per consumer process (:class:`app.consumer.Process` holds it). The
+    Hueys are attached first (:meth:`attach`), their consumers say what they
+    serve (:meth:`serving`), and :meth:`start` starts the recorder; until
+    then, and after :meth:`stop`, signals are ignored.
     """
-    global _recorder
-    with _lock:
-        if _recorder is None:
-            if app.config['EMBEDDED']:
-                # One process, in-process events: write from a thread.
-                with app.app_context():
-                    writer = Writer(db.engine, acknowledge=acknowledge)
-            elif app_factory is None:
-                raise ValueError('the ledger writer process needs an app_factory')
-            else:
-                writer = ProcessWriter(app_factory, acknowledge)
-            _recorder = Recorder(writer, app.config['LEDGER_FLUSH_INTERVAL'],
-                                 heartbeat_interval=app.config['HEARTBEAT_INTERVAL'],
-                                 log_lines=app.config['LOG_LINES'])
-            _recorder.heartbeats.queues = list(_serving['queues'])
-            _recorder.heartbeats.concurrency = _serving['concurrency']
-            _recorder.heartbeats.is_leader = lambda: leadership.leading
-            _recorder.start()
-            task_api.sink = _recorder.on_progress
-            task_api.log_sink = _recorder.on_log
-            capture = task_api.LogCapture()
-            capture.setFormatter(logging.Formatter('%(name)s: %(message)s'))
-            logging.getLogger().addHandler(capture)
-            _capture.append(capture)
-            # Changes made as the process stops (interrupted jobs) still land.
-            atexit.register(stop)
-    return _recorder
 
+    def __init__(self):
+        self.recorder = None  # a Recorder while started
+        self.queues = []  # the queues this process consumes, in the order noted
+        self.concurrency = 0  # their worker threads, in all
+        self._lock = threading.Lock()
+        self._capture = None  # the log handler feeding the recorder
+        self._attached = set()
+        self._atexit = False
 
-def serving(queue, workers):
-    """Note that this process consumes ``queue`` with ``workers`` threads (heartbeats say so)."""
-    if queue not in _serving['queues']:
-        _serving['queues'].append(queue)
-    _serving['concurrency'] += workers
-    if _recorder is not None:
-        _recorder.heartbeats.queues = list(_serving['queues'])
-        _recorder.heartbeats.concurrency = _serving['concurrency']
+    def start(self, app, acknowledge=None, app_factory=None):
+        """Start the recorder for ``app`` (once); return it (a :class:`Recorder`).
 
+        ``acknowledge(receipts)`` acknowledges the messages of attempts whose
+        outcome the writer committed. Out of the embedded mode the writer is
+        a child process, which builds its own app with
+        ``app_factory(config=app.config)`` (the caller's ``create_app``);
+        there ``app_factory`` is required (else ``ValueError``), and both are
+        module-level functions: the child receives them by name.
+        """
+        with self._lock:
+            if self.recorder is None:
+                if app.config['EMBEDDED']:
+                    # One process, in-process events: write from a thread.
+                    with app.app_context():
+                        writer = Writer(db.engine, acknowledge=acknowledge)
+                elif app_factory is None:
+                    raise ValueError('the ledger writer process needs an app_factory')
+                else:
+                    writer = ProcessWriter(app_factory, acknowledge,
+                                           config=config_module.of(app.config))
+                recorder = Recorder(writer, app.config['LEDGER_FLUSH_INTERVAL'],
+                                    heartbeat_interval=app.config['HEARTBEAT_INTERVAL'],
+                                    log_lines=app.config['LOG_LINES'])
+                recorder.heartbeats.queues = list(self.queues)
+                recorder.heartbeats.concurrency = self.concurrency
+                recorder.heartbeats.is_leader = lambda: leadership.leading
+                recorder.start()
+                self.recorder = recorder
+                self._capture = task_api.LogCapture()
+                self._capture.setFormatter(logging.Formatter('%(name)s: %(message)s'))
+                logging.getLogger().addHandler(self._capture)
+                if not self._atexit:
+                    # Changes made as the process stops (interrupted jobs) still land.
+                    atexit.register(self.stop)
+                    self._atexit = True
+            return self.recorder
 
-def served():
-    """The queues this process consumes (as ``serving`` noted them)."""
-    return list(_serving['queues'])
+    def stop(self):
+        """Flush and stop the recorder; forget the queues served (idempotent)."""
+        with self._lock:
+            if self.recorder is not None:
+                self.recorder.close()
+                self.recorder = None
+                self.queues, self.concurrency = [], 0
+                logging.getLogger().removeHandler(self._capture)
+                self._capture = None
 
+    def serving(self, queue, workers):
+        """Note that this process consumes ``queue`` with ``workers`` threads (heartbeats say so)."""
+        if queue not in self.queues:
+            self.queues.append(queue)
+        self.concurrency += workers
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.heartbeats.queues = list(self.queues)
+            recorder.heartbeats.concurrency = self.concurrency
 
-def backlogged():
-    """Whether this process's recorder holds too many unwritten changes to take more jobs."""
-    current = _recorder
-    return current is not None and current.backlogged()
+    def backlogged(self):
+        """Whether the recorder holds too many unwritten changes to take more jobs."""
+        recorder = self.recorder
+        return recorder is not None and recorder.backlogged()
 
+    def attach(self, huey, queue):
+        """Record ``huey``'s signals (and its jobs' progress and log) as changes to jobs of ``queue``."""
+        if huey.name in self._attached:
+            return
+        self._attached.add(huey.name)
 
-def stop():
-    """Flush and stop this process's recorder."""
-    global _recorder
-    with _lock:
-        if _recorder is not None:
-            _recorder.close()
-            _recorder = None
-            task_api.sink = task_api.log_sink = None
-            _serving.update(queues=[], concurrency=0)
-            while _capture:
-                logging.getLogger().removeHandler(_capture.pop())
+        def on_signal(signal, task, *args):
+            recorder = self.recorder
+            if recorder is not None:
+                recorder.on_signal(huey, queue, signal, task, *args)
 
+        def on_post_execute(task, value, exc):
+            recorder = self.recorder
+            if recorder is not None:
+                recorder.on_post_execute(task, value, exc)
 
-def _on_consumer_shutdown():
-    if _recorder is not None:
-        try:
-            _recorder.flush()
-        except Exception:
-            logger.exception('ledger: flush at worker shutdown failed')
+        def on_progress(running, fraction, message):
+            recorder = self.recorder
+            if recorder is not None:
+                recorder.on_progress(running, fraction, message)
 
+        def on_log(running, level, line):
+            recorder = self.recorder
+            if recorder is not None:
+                recorder.on_log(running, level, line)
 
-def attach(huey, queue):
-    """Record ``huey``'s signals as changes to jobs of ``queue``."""
-    if huey.name in _attached:
-        return
-    _attached.add(huey.name)
+        def on_shutdown():
+            recorder = self.recorder
+            if recorder is not None:
+                try:
+                    recorder.flush()
+                except Exception:
+                    logger.exception('ledger: flush at worker shutdown failed')
 
-    def on_signal(signal, task, *args):
-        if _recorder is not None:
-            _recorder.on_signal(huey, queue, signal, task, *args)
-
-    def on_post_execute(task, value, exc):
-        if _recorder is not None:
-            _recorder.on_post_execute(task, value, exc)
-
-    # Only the signals the ledger uses: COMPLETE and ERROR come through
-    # the post-execute hook, which also sees the result and the exception.
-    huey.signal(S.SIGNAL_EXECUTING, S.SIGNAL_ENQUEUED, S.SIGNAL_SCHEDULED,
-                S.SIGNAL_INTERRUPTED)(on_signal)
-    huey.post_execute('qm_ledger')(on_post_execute)
-    huey.on_shutdown('qm_ledger')(_on_consumer_shutdown)
+        # Only the signals the ledger uses: COMPLETE and ERROR come through
+        # the post-execute hook, which also sees the result and the exception.
+        huey.signal(S.SIGNAL_EXECUTING, S.SIGNAL_ENQUEUED, S.SIGNAL_SCHEDULED,
+                    S.SIGNAL_INTERRUPTED)(on_signal)
+        huey.post_execute('qm_ledger')(on_post_execute)
+        huey.on_shutdown('qm_ledger')(on_shutdown)
+        huey.on_progress, huey.on_log = on_progress, on_log

@@ -109,18 +109,20 @@ class ProcessWriter:
     group, systemd signals the whole control group) do not stop it: it
     stops when the consumer closes the pipe, after its last write.
 
-    ``app_factory()`` builds, in the child, the Flask app whose database it
-    writes (the caller passes ``create_app``: this package does not import
-    the application); ``acknowledge`` is as for :class:`Writer`. Both must
-    be module-level functions: the child is spawned, and receives them by
-    name.
+    ``app_factory(config=config)`` builds, in the child, the Flask app whose
+    database it writes (the caller passes ``create_app``: this package does
+    not import the application), from the parent's loaded ``config`` (the
+    environment's when None); ``acknowledge`` is as for :class:`Writer`.
+    Both must be module-level functions: the child is spawned, and receives
+    them by name.
     """
 
     RESTART_AFTER = 1.0  # seconds between restarts of a writer process that died
 
-    def __init__(self, app_factory, acknowledge=None):
+    def __init__(self, app_factory, acknowledge=None, config=None):
         self._app_factory = app_factory
         self._acknowledge = acknowledge
+        self._config = config
         self._restarted = 0.0
         self._start()
 
@@ -131,7 +133,8 @@ class ProcessWriter:
         # ``acknowledge`` and ``app_factory`` are module-level functions,
         # sent to the child by name.
         self._child = ctx.Process(target=_write_in_child,
-                                  args=(receive, self._acknowledge, self._app_factory),
+                                  args=(receive, self._acknowledge, self._app_factory,
+                                        self._config),
                                   name='ledger-writer')
         # Born deaf to the stop signals: the child inherits this thread's
         # blocked set, so a Ctrl-C while it starts up stays pending until it
@@ -186,10 +189,11 @@ class ProcessWriter:
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _write_in_child(receive, acknowledge, app_factory):
+def _write_in_child(receive, acknowledge, app_factory, config=None):
     """The ledger writer process: write every batch received until told to stop.
 
-    ``app_factory()`` builds the Flask app whose database it writes to.
+    ``app_factory(config=config)`` builds the Flask app whose database it
+    writes to (``app_factory()`` when ``config`` is None).
     """
     # Out of the consumer's process group, deaf to the signals that stop
     # it: the consumer's last batches arrive after those signals.
@@ -200,7 +204,7 @@ def _write_in_child(receive, acknowledge, app_factory):
     for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    app = app_factory()
+    app = app_factory() if config is None else app_factory(config=config)
     with app.app_context():
         writer = Writer(db.engine, acknowledge=acknowledge)
     while True:
