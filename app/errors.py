@@ -59,7 +59,7 @@ def register(app):
         except Exception:
             pass
         logger.warning('ledger unavailable on %s %s: %s', request.method, request.path,
-                       str(exc).splitlines()[0][:300])
+                       (str(exc).splitlines() or ['(no message)'])[0][:300])
         return respond(503, 'the ledger database is unreachable; try again shortly')
 
     @app.errorhandler(HTTPException)

@@ -126,3 +126,22 @@ def test_the_checks_see_cycles_and_upward_imports_in_functions(tmp_path):
     assert graph['app.text'] == {'app.jobs'}
     assert cycles(graph) == [['app.api', 'app.jobs']]
     assert upward_imports(graph) == [('app.jobs', 'app.api'), ('app.text', 'app.jobs')]
+
+
+# Modules whose tests live in a file named otherwise: the package's own
+# module (create_app) is tested with the configuration it loads, and the
+# ledger package's modules together, through its recorder.
+TESTED_IN = {'app': 'test_config.py', 'app.ledger': 'test_ledger.py'}
+
+
+def test_every_module_has_a_test_file_of_its_own():
+    tests = {path.name for path in (ROOT / 'tests').glob('test_*.py')}
+    untested = []
+    for module in project_modules(ROOT):
+        if not module.startswith('app'):
+            continue  # huey_tasks, wsgi and gunicorn.conf run in the process tests
+        top = module if module.count('.') < 2 else module.rsplit('.', module.count('.') - 1)[0]
+        wanted = TESTED_IN.get(top, f'test_{top.rpartition(".")[2]}.py')
+        if wanted not in tests:
+            untested.append(f'{module} (tests/{wanted})')
+    assert untested == []
