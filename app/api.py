@@ -14,9 +14,9 @@ bp = Blueprint('api', __name__, url_prefix='/api')
 
 # Query parameters, declared once: parsed by the views, documented by openapi.
 STATE = Query('state', choices=states.JOB_STATES, help='Only jobs in this state')
-QUEUE = Query('queue', help='Only jobs of this queue')
-TASK = Query('task', help='Only jobs of this task type')
-SEARCH = Query('q', help='An id prefix, or text in the parameters, the error or the result '
+QUEUE = Query('queue', max_length=queries.MAX_FILTER, help='Only jobs of this queue')
+TASK = Query('task', max_length=queries.MAX_FILTER, help='Only jobs of this task type')
+SEARCH = Query('q', max_length=queries.MAX_FILTER, help='An id prefix, or text in the parameters, the error or the result '
                          '(ASCII letters in any case, anything else as typed)')
 LIMIT = Query('limit', int, minimum=1, maximum='MAX_PAGE_SIZE',
               help='Jobs per page (default PAGE_SIZE)')

@@ -138,9 +138,21 @@ def configure(redis_client):
     return bus
 
 
+def job_change(job_id, state, queue, task, version=None):
+    """One changed job as an event carries it: ``{"id", "state", "queue", "task"[, "version"]}``.
+
+    ``version`` is the row's version once the change is committed, when
+    the publisher knows it (live pages skip a render they already did).
+    """
+    change = {'id': job_id, 'state': state, 'queue': queue, 'task': task}
+    if version is not None:
+        change['version'] = version
+    return change
+
+
 def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False):
-    """Announce changed job rows (dicts with id, state, queue, task and maybe
-    version), deleted job ids, and whether consumers, queues or periodic tasks changed."""
+    """Announce changed jobs (:func:`job_change` dicts), deleted job ids, and whether
+    consumers, queues or periodic tasks changed."""
     event = {}
     if jobs:
         event['jobs'] = list(jobs)

@@ -17,8 +17,8 @@ from .queries import BadQuery, get, query_filters
 
 def announce(*jobs, deleted=()):
     """Tell the live pages that ``jobs`` (Job rows, committed) changed and ``deleted`` ids went."""
-    events.publish([{'id': j.id, 'version': j.version, 'state': j.state, 'queue': j.queue,
-                     'task': j.task} for j in jobs], deleted)
+    events.publish([events.job_change(j.id, j.state, j.queue, j.task, j.version)
+                    for j in jobs], deleted)
 
 
 def _announce_ids(ids):

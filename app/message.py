@@ -63,15 +63,23 @@ def kwargs(params, base, retries):
     return {'params': params, 'meta': {'base': base, 'retries': retries}}
 
 
+def _kwargs(task):
+    return task.kwargs if isinstance(task.kwargs, dict) else {}
+
+
+def _meta(task):
+    meta = _kwargs(task).get('meta')
+    return meta if isinstance(meta, dict) else {}
+
+
 def params(task):
     """The job's parameters carried by ``task`` (a Huey Task), ``{}`` if it has none."""
-    return task.kwargs.get('params') or {}
+    return _kwargs(task).get('params') or {}
 
 
 def retries(task):
     """The retries ``task``'s message was written with; Huey's count if it has no ``meta``."""
-    meta = task.kwargs.get('meta') or {}
-    return meta.get('retries', task.retries)
+    return _meta(task).get('retries', task.retries)
 
 
 def again(task, base):
@@ -86,10 +94,14 @@ def again(task, base):
                       timeout=task.timeout)
 
 
+def base(task):
+    """Attempts of ``task``'s job made before its message was written (0 if it has no ``meta``)."""
+    return _meta(task).get('base', 0)
+
+
 def attempt_number(task):
     """The number of the attempt ``task`` (a Huey Task) runs, counted from 1."""
-    meta = task.kwargs.get('meta') or {}
-    return meta.get('base', 0) + retries(task) - task.retries + 1
+    return base(task) + retries(task) - task.retries + 1
 
 
 def task_name(huey_name):

@@ -136,6 +136,7 @@ def search_condition(q):
 
 
 FILTER_KEYS = ('state', 'queue', 'task', 'q')  # the jobs list's filters, in its query string
+MAX_FILTER = 1000  # characters in a filter value, for pages and API alike
 
 
 def parse_filters(args, prefix=''):
@@ -151,15 +152,23 @@ def parse_filters(args, prefix=''):
 
 
 def check_filters(filters):
-    """Raise :class:`BadQuery` if ``filters`` (as :func:`parse_filters` returns) cannot be used."""
+    """Raise :class:`BadQuery` if ``filters`` (as :func:`parse_filters` returns) cannot be used.
+
+    The API's query declarations (``app.api.FILTERS``) say the same; this
+    is the check for every other way in (the pages, bulk actions).
+    """
     state = filters.get('state')
     if state and state not in states.JOB_STATES:
         raise BadQuery(f'state must be one of {", ".join(states.JOB_STATES)}')
+    for key in FILTER_KEYS:
+        value = filters.get(key)
+        if value is not None and len(value) > MAX_FILTER:
+            raise BadQuery(f'{key} must be at most {MAX_FILTER} characters')
 
 
 def query_filters(state=None, queue=None, task=None, q=None):
     """Validated filters as SQL conditions; raises :class:`BadQuery`."""
-    check_filters({'state': state})
+    check_filters({'state': state, 'queue': queue, 'task': task, 'q': q})
     conditions = []
     if state:
         conditions.append(Job.state == state)

@@ -226,17 +226,15 @@ def _mark_lost(attempt, reason, now):
 def _job_from_message(msg, queue, number, now):
     """A row for a job the ledger never heard of (enqueued around the API), from its message."""
     name = message.task_name(msg.name)
-    kwargs = msg.kwargs or {}
-    meta = kwargs.get('meta') or {}
     try:
         uuid.UUID(str(msg.id))
     except ValueError:
         logger.error('reaper: a lost message has an id no job can have: %.80r', msg.id)
         return None
-    job = Job(id=msg.id, task=name, queue=queue, params=kwargs.get('params') or {},
+    job = Job(id=msg.id, task=name, queue=queue, params=message.params(msg),
               state=states.QUEUED, priority=msg.priority or 0,
-              attempts=number - 1, attempt_base=meta.get('base', 0),
-              retries=meta.get('retries', msg.retries or 0), retry_delay=msg.retry_delay or 0.0,
+              attempts=number - 1, attempt_base=message.base(msg),
+              retries=message.retries(msg) or 0, retry_delay=msg.retry_delay or 0.0,
               timeout=msg.timeout, created_at=now, updated_at=now, version=1)
     db.session.add(job)
     db.session.flush()

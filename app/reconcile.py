@@ -282,10 +282,10 @@ class Reconciler:
         queue, tasks = jobs[0].queue, {j.id: j.task for j in jobs}
         due = sa.and_(Job.state == states.SCHEDULED,
                       sa.or_(Job.scheduled_for.is_(None), Job.scheduled_for <= now))
-        moved = dict(jobs_service.change(
+        moved = {job_id: (state, version) for job_id, state, version in jobs_service.change(
             Job.state.in_(_WAITING), sa.tuple_(Job.id, Job.version).in_(list(by_key)),
             state=sa.case((due, states.QUEUED), else_=Job.state),
-            returning=(Job.id, Job.state)))
+            returning=(Job.id, Job.state, Job.version))}
         if not moved:
             db.session.rollback()
             return []
@@ -306,8 +306,8 @@ class Reconciler:
             db.session.rollback()
             raise
         db.session.commit()
-        events.publish([{'id': job_id, 'state': state, 'queue': queue, 'task': tasks[job_id]}
-                        for job_id, state in moved.items()])
+        events.publish([events.job_change(job_id, state, queue, tasks[job_id], version)
+                        for job_id, (state, version) in moved.items()])
         return list(moved)
 
 

@@ -53,6 +53,11 @@ def _fast_tier_starts_no_process(monkeypatch, request):
                                f'fast tier: mark it "processes" or give it one of '
                                f'PROCESS_FIXTURES')
         monkeypatch.setattr(subprocess.Popen, '__init__', refuse)
+        # multiprocessing's spawn and forkserver start through Popen too, but
+        # fork does not: refuse every start there (the ledger's writer process).
+        import multiprocessing.process
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, 'start',
+                            lambda self: refuse(self, [self.name]))
 
 
 def pytest_report_header(config):

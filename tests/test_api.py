@@ -205,16 +205,20 @@ def test_healthz_reports_broker_and_database(client):
 def broker_locked():
     """Hold the embedded broker's write lock, as a stuck writer would."""
     from app import broker
-    storage = broker.hueys['default'].storage
-    storage._timeout = 0.2
-    storage.close()
-    blocker = sqlite3.connect(storage.filename, isolation_level=None)
+    huey = broker.hueys['default']
+    kept = huey.storage, huey.storage_kwargs
+    # A storage that waits 0.2 s for the lock (Huey's SqliteStorage ``timeout``).
+    huey.storage_kwargs = {**huey.storage_kwargs, 'timeout': 0.2}
+    huey.storage = huey.create_storage()
+    blocker = sqlite3.connect(huey.storage.filename, isolation_level=None)
     blocker.execute('BEGIN EXCLUSIVE')
     try:
         yield
     finally:
         blocker.rollback()
         blocker.close()
+        huey.storage.close()
+        huey.storage, huey.storage_kwargs = kept
 
 
 def test_broker_refusal_is_503_and_leaves_no_row(client, app):

@@ -63,3 +63,9 @@ def test_over_redis_every_process_hears_and_ticks_go_on_under_traffic(redis_serv
         stop.set()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_a_job_change_carries_its_version_only_when_known():
+    assert events.job_change('j1', 'queued', 'default', 'noop') == {
+        'id': 'j1', 'state': 'queued', 'queue': 'default', 'task': 'noop'}
+    assert events.job_change('j1', 'running', 'default', 'noop', 3)['version'] == 3

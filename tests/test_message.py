@@ -37,3 +37,14 @@ def test_again_runs_the_same_job_as_its_next_attempt():
 def test_a_message_of_an_older_version_without_meta_counts_from_huey():
     task = Task((), {'params': {}}, retries=2)
     assert message.attempt_number(task) == 1
+
+
+def test_a_message_without_our_meta_reads_as_a_first_message():
+    bare = Task((), {'params': {'n': 1}})
+    odd = Task((), {'params': {'n': 1}, 'meta': 'not a dict'})
+    for task in (bare, odd):
+        assert (message.params(task), message.base(task), message.retries(task)) == (
+            {'n': 1}, 0, task.retries)
+        assert message.attempt_number(task) == 1
+    ours = Task((), message.kwargs({'n': 1}, 2, 3), retries=1)
+    assert (message.base(ours), message.retries(ours), message.attempt_number(ours)) == (2, 3, 5)

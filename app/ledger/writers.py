@@ -230,6 +230,6 @@ def _write_in_child(receive, acknowledge, app_factory, config=None):
 def announce(changed):
     """Publish what a batch changed (ids with state, queue and task as written)."""
     workers = changed.pop(WORKERS, None) is not None
-    events.publish([{'id': job_id, 'state': state, 'queue': queue, 'task': task}
+    events.publish([events.job_change(job_id, state, queue, task)
                     for job_id, (state, queue, task) in changed.items()],
                    workers=workers)
