@@ -112,7 +112,7 @@ def payment(amount, currency, card, failure_rate, latency):
             'authorization': f'AUTH-{random.randrange(16 ** 8):08X}'}
 
 
-@periodic(minute='0', hour='3', run_with={'days': 30}, retries=1, params=[
+@periodic(minute='0', hour='3', run_with={'days': 30}, retries=1, role='admin', params=[
     Param('days', int, default=30, min=1, max=3650, help='Keep finished jobs this many days'),
 ])
 def purge(days):

@@ -56,8 +56,14 @@ def create_app(test_config=None, *, config=None):
 
     # Imported here, not at the top: gunicorn.conf.py imports this package in
     # the master, and the live hub belongs to each worker.
-    from . import api, errors, health, live, pages, templating
+    from . import api, auth, cli, errors, health, live, pages, templating
     templating.register(app)
+    # Text that cannot be stored is refused before any view (or socket) sees
+    # it, and before anything reads the body (the form's bytes are checked
+    # as they came); then who is asking, and whether they may.
+    app.before_request(inputs.check_request)
+    auth.register(app)
+    cli.register(app)
     app.register_blueprint(pages.bp)
     app.register_blueprint(live.bp)
     app.register_blueprint(api.bp)
@@ -65,8 +71,6 @@ def create_app(test_config=None, *, config=None):
     errors.register(app)
     from .reconcile import loss_notice
     app.add_template_global(loss_notice, 'broker_loss')
-    # Text that cannot be stored is refused before any view (or socket) sees it.
-    app.before_request(inputs.check_request)
     return app
 
 

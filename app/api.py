@@ -6,7 +6,7 @@ those declarations, and the query parameters are parsed by them.
 """
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import (catalog, inputs, jobs, openapi, periodic, queries, queues, states)
+from . import (auth, catalog, inputs, jobs, openapi, periodic, queries, queues, states)
 from .models import isoformat
 from .openapi import Query, declare
 
@@ -35,6 +35,7 @@ def _limit(value):
 
 
 @bp.get('/openapi.json')
+@auth.public  # the contract itself holds nothing of the deployment's
 @declare(responses={200: ('OpenAPI', 'This document: the API as OpenAPI 3.1')})
 def openapi_document():
     """The API as an OpenAPI 3.1 document."""
@@ -42,6 +43,7 @@ def openapi_document():
 
 
 @bp.post('/jobs')
+@auth.action(auth.on_task('submit'))
 @declare(body=catalog.submission_schema,
          responses={201: ('JobWithAttempts', 'The job, queued or scheduled'),
                     200: ('JobWithAttempts', 'The job an idempotency key already named'),
@@ -86,6 +88,7 @@ def job_log(job_id):
 
 
 @bp.post('/jobs/<job_id>/retry')
+@auth.action(auth.on_task('retry'))
 @declare(responses={200: ('JobWithAttempts', 'The job, queued again'), 409: 'Error',
                     503: 'Error'})
 def retry_job(job_id):
@@ -95,6 +98,7 @@ def retry_job(job_id):
 
 
 @bp.post('/jobs/<job_id>/cancel')
+@auth.action('cancel')
 @declare(responses={200: ('JobWithAttempts', 'The job, canceled'),
                     202: ('JobWithAttempts', 'The job was running: it is asked to stop'),
                     409: 'Error', 503: 'Error'})
@@ -105,6 +109,7 @@ def cancel_job(job_id):
 
 
 @bp.post('/jobs/<job_id>/run-now')
+@auth.action(auth.on_task('run-now'))
 @declare(responses={200: ('JobWithAttempts', 'The job, queued'), 409: 'Error', 503: 'Error'})
 def run_job_now(job_id):
     """Run a scheduled job, or one waiting for its retry, at once."""
@@ -113,6 +118,7 @@ def run_job_now(job_id):
 
 
 @bp.delete('/jobs/<job_id>')
+@auth.action('delete')
 @declare(responses={204: (None, 'Deleted, with its attempts'), 409: 'Error'})
 def delete_job(job_id):
     """Delete a finished job."""
@@ -167,6 +173,7 @@ def bulk_schema(config):
 
 
 @bp.post('/jobs/bulk')
+@auth.action(auth.on_bulk)
 @declare(body=bulk_schema, responses={200: ('BulkResult', 'What was done and skipped'),
                                       503: 'Error'})
 def bulk_action():
@@ -227,6 +234,7 @@ def list_queues():
 
 
 @bp.post('/queues/<name>/pause')
+@auth.action('pause')
 @declare(responses={200: ('Queue', 'The queue, paused'), 503: 'Error'})
 def pause_queue(name):
     """Pause a queue: its jobs stay queued, no worker takes one."""
@@ -234,6 +242,7 @@ def pause_queue(name):
 
 
 @bp.post('/queues/<name>/resume')
+@auth.action('resume')
 @declare(responses={200: ('Queue', 'The queue, resumed'), 503: 'Error'})
 def resume_queue(name):
     """Resume a paused queue."""
@@ -255,6 +264,7 @@ def list_periodic():
 
 
 @bp.post('/periodic/<name>/pause')
+@auth.action('pause')
 @declare(responses={200: ('Periodic', 'The periodic task, paused'), 503: 'Error'})
 def pause_periodic(name):
     """Stop starting a periodic task on its schedule."""
@@ -262,6 +272,7 @@ def pause_periodic(name):
 
 
 @bp.post('/periodic/<name>/resume')
+@auth.action('resume')
 @declare(responses={200: ('Periodic', 'The periodic task, resumed'), 503: 'Error'})
 def resume_periodic(name):
     """Start a paused periodic task on its schedule again."""
@@ -269,6 +280,7 @@ def resume_periodic(name):
 
 
 @bp.post('/periodic/<name>/trigger')
+@auth.action(auth.on_task('trigger'))
 @declare(responses={201: ('JobWithAttempts', 'The new job'), 503: 'Error'})
 def trigger_periodic(name):
     """Start a periodic task now, as an ordinary job."""

@@ -9,6 +9,8 @@ import datetime as dt
 import math
 from dataclasses import dataclass, field
 
+from . import roles
+
 REQUIRED = object()
 
 # Job-level fields of a submission; task parameters may not reuse these names.
@@ -186,6 +188,8 @@ class TaskType:
     no_retry: tuple = ()
     # Whether a job whose worker was lost mid-run may run again.
     rerun: bool = True
+    # The lowest role that may submit, run now or trigger it (app.roles).
+    role: str = 'operator'
     wrappers: dict = field(default_factory=dict)  # queue -> Huey TaskWrapper
 
     def param(self, name):
@@ -203,6 +207,7 @@ class TaskType:
             'retry_delay': defaults['DEFAULT_RETRY_DELAY'] if self.retry_delay is None else self.retry_delay,
             'priority': self.priority,
             'timeout': self.timeout,
+            'role': self.role,
             'rerun': self.rerun,
         }
 
@@ -246,7 +251,7 @@ def register(task_type):
 
 
 def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
-         no_retry=(), rerun=True):
+         no_retry=(), rerun=True, role='operator'):
     """Declare a task type: the decorated function runs each of its jobs.
 
     ``params`` lists :class:`Param` objects. ``retries`` and ``retry_delay``
@@ -255,8 +260,10 @@ def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
     fails on the spot. ``timeout`` (seconds) stops an attempt at its next
     ``progress()`` once it is over time. ``rerun=False`` marks a task that
     must not run twice: if its worker is lost mid-run the job fails instead
-    of running again. The function gets ``task_type`` (a :class:`TaskType`).
-    Raises ValueError when the name is already declared.
+    of running again. ``role`` is the lowest role that may submit, run now
+    or trigger its jobs (``'admin'`` for a destructive task, as ``purge``).
+    The function gets ``task_type`` (a :class:`TaskType`). Raises ValueError
+    when the name is already declared or ``role`` is not a role.
     """
     def decorator(func):
         doc = (func.__doc__ or '').strip().splitlines()
@@ -264,7 +271,7 @@ def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
             name=func.__name__, func=func, params=tuple(params),
             description=doc[0] if doc else '', retries=retries,
             retry_delay=retry_delay, priority=priority, timeout=timeout,
-            no_retry=tuple(no_retry), rerun=rerun))
+            no_retry=tuple(no_retry), rerun=rerun, role=roles.check(role)))
         return func
     return decorator
 

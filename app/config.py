@@ -86,13 +86,21 @@ DEFAULTS = {
     'PAGE_SIZE': 50,
     'MAX_PAGE_SIZE': 500,
     'LOG_LEVEL': 'INFO',
+    # Who must log in. auto: everyone in the distributed mode, or when HOST is
+    # not a loopback address, or for requests from other machines; on a
+    # loopback-only embedded server (make run) only once a user exists.
+    # login: always.
+    'AUTH': 'auto',
+    # A session unused this long (s) ends: its user logs in again.
+    'SESSION_IDLE_TIMEOUT': 8 * 3600.0,
 }
 
 _INT = {'PERIODIC', 'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
         'PAGE_SIZE', 'MAX_PAGE_SIZE'}
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',
-          'RECONCILE_INTERVAL', 'RECONCILE_GRACE', 'PERIODIC_CATCH_UP', 'WORKER_RETENTION', 'GRACE_PERIOD'}
+          'RECONCILE_INTERVAL', 'RECONCILE_GRACE', 'PERIODIC_CATCH_UP', 'WORKER_RETENTION', 'GRACE_PERIOD',
+          'SESSION_IDLE_TIMEOUT'}
 
 
 class ConfigError(ValueError):
@@ -152,6 +160,8 @@ def load(test_config=None, environ=None):
         modules = [m.strip() for m in modules.split(',') if m.strip()]
     config['TASK_MODULES'] = list(modules)
     config['EMBEDDED'] = not config['REDIS_URL']
+    if config['AUTH'] not in ('auto', 'login'):
+        raise ConfigError(f"AUTH={config['AUTH']!r}: use auto or login")
     return config
 
 

@@ -5,7 +5,7 @@ rotation); documented in the API contract like the rest of the API.
 """
 from flask import Blueprint, current_app
 
-from . import broker, reconcile
+from . import auth, broker, reconcile
 from .extensions import db
 from .openapi import declare
 
@@ -13,6 +13,7 @@ bp = Blueprint('health', __name__)
 
 
 @bp.get('/healthz')
+@auth.public
 @declare(responses={200: ('Health', 'The broker and the database answer'),
                     503: ('Health', 'The broker or the database did not answer')})
 def healthz():

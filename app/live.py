@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import NotFound
 
 from . import events, fragments, sockets
@@ -412,6 +412,23 @@ def shutdown(app):
         hub.shutdown()
 
 
+# Where a live render's request keeps the role of the sockets it serves.
+ROLE_KEY = 'queue_manager.role'
+
+
+def refuse_socket(reason):
+    """The answer to a WebSocket handshake refused for ``reason``: accepted, then closed with 1008.
+
+    A browser shows no HTTP status for a refused handshake; a close code and
+    reason it does (the page says why). Falls back to a plain 403.
+    """
+    try:
+        hub_for(current_app._get_current_object()).refuse(request.environ, reason[:120])
+        return _HandedOver()
+    except (ws.HandshakeError, RuntimeError):
+        return Response(reason, 403, mimetype='text/plain')
+
+
 class _HandedOver(Response):
     # The socket now belongs to the loop: gunicorn must write nothing and
     # close its (replaced) descriptor, which this tells its gthread worker.
@@ -429,6 +446,12 @@ def live_socket():
     hub = hub_for(current_app._get_current_object())
     try:
         key, factory = view_for(request.args, current_app.config)
+        # Renders are shared by the sockets that show the same thing to the
+        # same role (the actions shown depend on it); the render's request
+        # carries the role (app.auth reads it there).
+        role = getattr(g.get('principal'), 'role', None)
+        key = (role, *key)
+        request.environ[ROLE_KEY] = role or ''
     except ValueError as exc:
         if upgrade:
             try:

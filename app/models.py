@@ -254,3 +254,67 @@ class Control(db.Model):
     key: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
     value: Mapped[object] = mapped_column(sa.JSON)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class User(db.Model):
+    """Someone who logs in to the dashboard: a name, a password hash and a role.
+
+    ``session_epoch`` is part of every session's user id (see
+    :meth:`get_id`): moving it on ends every session of the user at once (a
+    new password, a new role, a deletion).
+    """
+    __tablename__ = 'app_user'  # "user" is a reserved word in PostgreSQL
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    session_epoch: Mapped[int] = mapped_column(default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[dt.datetime | None]
+
+    # What Flask-Login asks of a user object.
+    is_authenticated = True
+    is_active = True
+    is_anonymous = False
+
+    def get_id(self):
+        """The id a session keeps: ``"<id>:<session_epoch>"``."""
+        return f'{self.id}:{self.session_epoch}'
+
+    def to_dict(self):
+        return {'id': self.id, 'name': self.name, 'role': self.role,
+                'created_at': isoformat(self.created_at),
+                'last_login_at': isoformat(self.last_login_at)}
+
+
+class ApiToken(db.Model):
+    """A bearer token for programs, bound to a user (and so to a role); only its hash is kept.
+
+    Tokens are 256-bit random strings, so a SHA-256 of the token is as good
+    as a slow password hash and can be looked up by index (GitHub's scheme).
+    """
+    __tablename__ = 'api_token'
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey('app_user.id', ondelete='CASCADE'))
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[dt.datetime | None]
+
+    user: Mapped['User'] = relationship()
+
+    def to_dict(self):
+        return {'id': self.id, 'name': self.name, 'user': self.user.name,
+                'role': self.user.role, 'created_at': isoformat(self.created_at),
+                'last_used_at': isoformat(self.last_used_at)}
+
+
+class LoginFailure(db.Model):
+    """Failed logins lately, per account (``account:<name>``) or per address (``address:<ip>``)."""
+    __tablename__ = 'login_failure'
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    failures: Mapped[int] = mapped_column(default=0)
+    last_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

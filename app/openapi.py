@@ -219,6 +219,8 @@ def declare(query=(), body=None, responses=None, headers=None):
 _ERRORS = {
     400: 'Invalid input: `fields` names each bad field (text that cannot be stored, '
          'a bad value, an unknown field)',
+    401: 'No credentials, or an unknown or revoked token: send `Authorization: Bearer <token>`',
+    403: "The token's role may not do this (the reason says who may)",
     404: 'No such job, queue or periodic task',
     409: "The job's state does not allow this; `state` says what it is",
     413: 'The body is larger than MAX_CONTENT_LENGTH',
@@ -243,6 +245,12 @@ def _operation(rule, method, view, declared, config):
             'application/json': {'schema': declared.body(config)}}}
     responses = dict(declared.responses)
     responses.setdefault(400, ('Error', _ERRORS[400]))
+    # Every route but the public ones (app.auth marks them) needs a token or
+    # a session, and a role that may take its action.
+    if not getattr(view, 'qm_public', False):
+        operation['security'] = [{'bearer': []}]
+        responses.setdefault(401, ('Error', _ERRORS[401]))
+        responses.setdefault(403, ('Error', _ERRORS[403]))
     if rule.arguments:
         responses.setdefault(404, ('Error', _ERRORS[404]))
     if declared.body is not None:
@@ -285,5 +293,9 @@ def document(app):
                  'description': 'Submit background jobs, follow them, act on them. '
                                 'Errors are JSON objects with an "error" message.'},
         'paths': paths,
-        'components': {'schemas': _schemas(config)},
+        'components': {'schemas': _schemas(config),
+                       'securitySchemes': {'bearer': {
+                           'type': 'http', 'scheme': 'bearer',
+                           'description': 'An API token (`flask --app wsgi tokens create`); '
+                                          'a browser session works too'}}},
     }

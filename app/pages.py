@@ -4,7 +4,7 @@ import logging
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
 
-from . import catalog, errors, fragments, jobs, periodic, queries, queues, states, text
+from . import auth, catalog, errors, fragments, jobs, periodic, queries, queues, states, text
 from .fragments import PAGES, Scope
 from .live import socket_url
 from .models import utcnow
@@ -130,6 +130,7 @@ def refused_input(exc):
 
 
 @bp.post('/jobs')
+@auth.action(auth.on_task('submit'))
 def create_job():
     """Submit from the form; errors re-render it with messages by the fields."""
     values = request.form.to_dict()
@@ -184,6 +185,7 @@ def _back(job_id=None):
 
 
 @bp.post('/jobs/<job_id>/retry')
+@auth.action(auth.on_task('retry'))
 def retry_job(job_id):
     """Retry a failed or canceled job."""
     job = jobs.retry(job_id)
@@ -192,6 +194,7 @@ def retry_job(job_id):
 
 
 @bp.post('/jobs/<job_id>/cancel')
+@auth.action('cancel')
 def cancel_job(job_id):
     """Cancel a waiting job, or ask a running one to stop."""
     job = jobs.cancel(job_id)
@@ -203,6 +206,7 @@ def cancel_job(job_id):
 
 
 @bp.post('/jobs/<job_id>/run-now')
+@auth.action(auth.on_task('run-now'))
 def run_now_job(job_id):
     """Run a scheduled job, or one waiting for its retry, at once."""
     job = jobs.run_now(job_id)
@@ -211,6 +215,7 @@ def run_now_job(job_id):
 
 
 @bp.post('/jobs/bulk')
+@auth.action(auth.on_bulk)
 def bulk_jobs():
     """Retry, cancel or delete the ticked jobs or every job matching the filter."""
     form = request.form
@@ -250,6 +255,7 @@ def queues_page():
 
 
 @bp.post('/queues/<name>/pause')
+@auth.action('pause')
 def pause_queue(name):
     """Pause a queue."""
     queues.pause(current_app.config, name)
@@ -258,6 +264,7 @@ def pause_queue(name):
 
 
 @bp.post('/queues/<name>/resume')
+@auth.action('resume')
 def resume_queue(name):
     """Resume a queue."""
     queues.resume(current_app.config, name)
@@ -292,6 +299,7 @@ def periodic_page():
 
 
 @bp.post('/periodic/<name>/pause')
+@auth.action('pause')
 def pause_periodic(name):
     """Stop starting a periodic task on its schedule."""
     periodic.pause(name)
@@ -300,6 +308,7 @@ def pause_periodic(name):
 
 
 @bp.post('/periodic/<name>/resume')
+@auth.action('resume')
 def resume_periodic(name):
     """Start a periodic task on its schedule again."""
     periodic.resume(name)
@@ -308,6 +317,7 @@ def resume_periodic(name):
 
 
 @bp.post('/periodic/<name>/trigger')
+@auth.action(auth.on_task('trigger'))
 def trigger_periodic(name):
     """Start a periodic task now."""
     job = periodic.trigger(name, current_app.config)
@@ -316,6 +326,7 @@ def trigger_periodic(name):
 
 
 @bp.post('/jobs/<job_id>/delete')
+@auth.action('delete')
 def delete_job(job_id):
     """Delete a finished job."""
     jobs.delete(job_id)

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 sys.path.insert(0, str(ROOT))
-from helpers import (RedisServer, Socket, SocketCrowd, migrate,  # noqa: E402
-                     service_env, start_consumer, start_web, wait_for)
+from helpers import (CREDENTIALS, RedisServer, Socket, SocketCrowd, grant_admin,  # noqa: E402
+                     migrate, service_env, start_consumer, start_web, wait_for)
 from wsproto.events import TextMessage  # noqa: E402
 
 ROW = re.compile(r'<tr id="job-([0-9a-f-]+)" data-state="(\w+)" data-version="\d+" '
@@ -230,7 +230,9 @@ def main():
     redis = RedisServer(tmp / 'redis')
     env = service_env(tmp, redis.url, WEB_CONCURRENCY=1, LOG_LEVEL='WARNING')
     migrate(env, tmp)
+    token = grant_admin(env)  # the distributed mode asks for a login: the clients send a token
     web, api = start_web(env, tmp)
+    CREDENTIALS[api.base.split('//', 1)[1]] = token
     consumer = start_consumer(env, tmp)
     ws_base = api.base.replace('http://', 'ws://')
     try:

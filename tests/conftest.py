@@ -18,6 +18,8 @@ os.environ['INSTANCE_PATH'] = _IMPORT_DIR
 
 from helpers import IN_CI, RedisServer, need  # noqa: E402
 
+from flask.testing import FlaskClient  # noqa: E402
+
 from app import create_app, embedded  # noqa: E402
 from app.extensions import db  # noqa: E402
 
@@ -91,6 +93,14 @@ def postgres_url(postgres_server):
         conn.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
 
 
+class BrowserClient(FlaskClient):
+    """Flask's test client as a current browser on the app's own pages (it sends Sec-Fetch-Site)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.environ_base['HTTP_SEC_FETCH_SITE'] = 'same-origin'
+
+
 def make_app(tmp_path, **overrides):
     from flask_migrate import upgrade
     config = {'INSTANCE_PATH': str(tmp_path), 'SECRET_KEY': 'test',
@@ -99,6 +109,7 @@ def make_app(tmp_path, **overrides):
               'PERIODIC': 0, 'TESTING': True}
     config.update(overrides)
     app = create_app(config)
+    app.test_client_class = BrowserClient
     with app.app_context():
         upgrade()
     return app

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -135,8 +136,47 @@ class RedisServer:
             self.process = None
 
 
+# host:port of a test deployment -> the admin's API token there; the test
+# clients below (Api, Socket, SocketCrowd) send it to that deployment.
+CREDENTIALS = {}
+ADMIN = ('admin', 'admin-password')  # the user grant_admin creates
+
+
+def auth_headers(url):
+    """``{'Authorization': 'Bearer ...'}`` for the deployment serving ``url``, or ``{}``."""
+    token = CREDENTIALS.get(urllib.parse.urlsplit(url).netloc)
+    return {'Authorization': f'Bearer {token}'} if token else {}
+
+
+def grant_admin(env):
+    """Create the admin user (:data:`ADMIN`) and an API token in ``env``'s ledger; the token.
+
+    Written straight into the database (as ``flask users create`` and
+    ``flask tokens create`` would write it), so no process is started.
+    """
+    import hashlib
+    import secrets
+
+    from werkzeug.security import generate_password_hash
+    token = 'qm_' + secrets.token_urlsafe(32)
+    engine = sa.create_engine(env['DATABASE_URL'])
+    try:
+        with engine.begin() as conn:
+            user_id = conn.execute(sa.text(
+                "INSERT INTO app_user (name, password_hash, role, session_epoch, created_at) "
+                "VALUES (:name, :hash, 'admin', 1, CURRENT_TIMESTAMP) RETURNING id"),
+                {'name': ADMIN[0], 'hash': generate_password_hash(ADMIN[1], method='scrypt')}).scalar()
+            conn.execute(sa.text(
+                "INSERT INTO api_token (user_id, name, token_hash, created_at) "
+                "VALUES (:user, 'tests', :hash, CURRENT_TIMESTAMP)"),
+                {'user': user_id, 'hash': hashlib.sha256(token.encode()).hexdigest()})
+    finally:
+        engine.dispose()
+    return token
+
+
 class Api:
-    """A minimal JSON client over urllib (no extra dependency)."""
+    """A minimal JSON client over urllib (no extra dependency); sends the deployment's token."""
 
     def __init__(self, base_url):
         self.base = base_url.rstrip('/')
@@ -146,7 +186,7 @@ class Api:
         req = urllib.request.Request(self.base + path, data=data, method=method)
         if data is not None:
             req.add_header('Content-Type', 'application/json')
-        for k, v in (headers or {}).items():
+        for k, v in {**auth_headers(self.base), **(headers or {})}.items():
             req.add_header(k, v)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
@@ -252,8 +292,13 @@ class Deployment:
         self.env = service_env(tmp, self.redis.url if self.redis else None,
                                WEB_CONCURRENCY=web_workers, **env)
         migrate(self.env, tmp)
+        # The distributed mode always asks for a login; the embedded one
+        # (make run) needs none while no user exists, and is left so.
+        self.token = grant_admin(self.env) if mode == 'distributed' else None
         self.web, self.api = start_web(self.env, tmp)
         self.port = int(self.api.base.rsplit(':', 1)[1])
+        if self.token:
+            CREDENTIALS[f'127.0.0.1:{self.port}'] = self.token
         self.processes.append(self.web)
         if self.redis:
             self.processes.append(start_consumer(self.env, tmp))
@@ -261,6 +306,19 @@ class Deployment:
     @property
     def ws_base(self):
         return self.api.base.replace('http://', 'ws://')
+
+    def open(self, page, path):
+        """Open ``path`` in ``page`` (Playwright), logged in as the admin where login is asked for.
+
+        The distributed mode asks: the first visit logs in through the login
+        form, which then leads to ``path``.
+        """
+        page.goto(self.api.base + path)
+        if self.token and urllib.parse.urlsplit(page.url).path == '/login':
+            page.fill('#login-name', ADMIN[0])
+            page.fill('#login-password', ADMIN[1])
+            page.click('.login button[type=submit]')
+            page.wait_for_url(lambda url: urllib.parse.urlsplit(url).path != '/login')
 
     def restart_web(self, signum=signal.SIGTERM):
         """Stop the web server and start another on the same port."""
@@ -274,6 +332,7 @@ class Deployment:
         assert self.web.alive(), self.web.log()
 
     def close(self):
+        CREDENTIALS.pop(f'127.0.0.1:{self.port}', None)
         for proc in reversed(self.processes):
             proc.stop()
             print(f'--- {proc.name} log (tail) ---\n{proc.log()[-3000:]}')
@@ -301,7 +360,7 @@ class Socket:
     """A WebSocket client that reads every message on a thread of its own."""
 
     def __init__(self, url):
-        self.ws = _Client.connect(url)
+        self.ws = _Client.connect(url, headers=auth_headers(url) or None)
         self.messages = []  # (monotonic time, text)
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -355,7 +414,8 @@ class SocketCrowd:
         for _ in range(count):
             s = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
             conn = WSConnection(ConnectionType.CLIENT)
-            s.sendall(conn.send(Request(host=parts.netloc, target=path)))
+            s.sendall(conn.send(Request(host=parts.netloc, target=path,
+                                        extra_headers=list(auth_headers(url).items()))))
             i = len(self.sockets)
             self.sockets.append(s)
             self.first.append(None)
@@ -447,7 +507,9 @@ class Stack:
         self.redis = RedisServer(tmp / 'redis')
         self.env = service_env(tmp, self.redis.url, **{**self.FAST, **env})
         migrate(self.env, tmp)
+        self.token = grant_admin(self.env)
         self.web, self.api = start_web(self.env, tmp, workers=1)
+        CREDENTIALS[self.api.base.split('//', 1)[1]] = self.token
         self.consumers = []
         self.count = 0
 
@@ -488,6 +550,7 @@ class Stack:
         return [a['state'] for a in self.api.job(job_id)['attempts']]
 
     def close(self):
+        CREDENTIALS.pop(self.api.base.split('//', 1)[1], None)
         for proc in [*self.consumers, self.web]:
             proc.stop()
             print(f'--- {proc.name} ---\n{proc.log()[-4000:]}')

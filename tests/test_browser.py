@@ -78,7 +78,7 @@ def submit_from_dashboard(page, task, **fields):
 
 
 def test_submitted_job_appears_and_succeeds_without_reload(deployment, page):
-    page.goto(deployment.api.base + '/')
+    deployment.open(page, '/')
     live(page)
     marker = page.evaluate('() => (window.__marker = Math.random())')
     job_id = submit_from_dashboard(page, 'sleep', seconds=1, steps=2)
@@ -91,7 +91,7 @@ def test_submitted_job_appears_and_succeeds_without_reload(deployment, page):
 
 def test_flaky_job_page_shows_three_attempts_appear_live(deployment, page):
     job = deployment.api.submit('flaky', {'failures': 2}, retry_delay=1.5)
-    page.goto(f'{deployment.api.base}/jobs/{job["id"]}')
+    deployment.open(page, f'/jobs/{job["id"]}')
     live(page)
     attempts = page.locator('.timeline .attempt')
     seen = set()
@@ -106,7 +106,7 @@ def test_flaky_job_page_shows_three_attempts_appear_live(deployment, page):
 
 def test_sleep_progress_bar_advances(deployment, page):
     job = deployment.api.submit('sleep', {'seconds': 5, 'steps': 10})
-    page.goto(f'{deployment.api.base}/jobs/{job["id"]}')
+    deployment.open(page, f'/jobs/{job["id"]}')
     live(page)
     bar = page.locator(f'#job-{job["id"]}-summary .progress')
     values = []
@@ -126,7 +126,7 @@ def test_two_windows_both_update(deployment, browser):
         pages = [c.new_page() for c in contexts]
         for p in pages:
             trace(p)
-            p.goto(deployment.api.base + '/')
+            deployment.open(p, '/')
             live(p)
         job_id = submit_from_dashboard(pages[0], 'noop')
         for p in pages:
@@ -141,7 +141,7 @@ def test_restarted_web_process_leaves_the_page_reconnected_and_current(tmp_path,
     dep = Deployment('distributed', tmp_path, web_workers=1)
     try:
         job = dep.api.submit('sleep', {'seconds': 3, 'steps': 3})
-        page.goto(f'{dep.api.base}/jobs/{job["id"]}')
+        dep.open(page, f'/jobs/{job["id"]}')
         live(page)
         node = page.locator('#live-status').get_attribute('data-node')
         dep.restart_web()
@@ -158,7 +158,7 @@ def test_restarted_web_process_leaves_the_page_reconnected_and_current(tmp_path,
 
 
 def test_jobs_list_follows_its_filter(deployment, page):
-    page.goto(deployment.api.base + '/jobs?state=scheduled')
+    deployment.open(page, '/jobs?state=scheduled')
     live(page)
     job = deployment.api.submit('noop', delay=600)
     row = page.locator(f'#job-{job["id"]}')
@@ -175,7 +175,7 @@ def test_the_socket_opens_even_when_the_extension_arrives_late(deployment, page)
         time.sleep(0.5)  # the extension's script arrives after htmx's
         route.continue_()
     page.route('**/hx-ws-*.js', slow)
-    page.goto(deployment.api.base + '/')
+    deployment.open(page, '/')
     live(page)
 
 
@@ -183,7 +183,7 @@ def test_bulk_retry_from_the_jobs_list(deployment, page):
     failed = [deployment.api.submit('flaky', {'failures': 1}, retries=0)['id'] for _ in range(3)]
     for job_id in failed:
         deployment.api.wait_state(job_id, 'failed')
-    page.goto(deployment.api.base + '/jobs?state=failed&task=flaky')
+    deployment.open(page, '/jobs?state=failed&task=flaky')
     live(page)
     for job_id in failed[:2]:
         page.check(f'#select-{job_id}')
@@ -193,14 +193,14 @@ def test_bulk_retry_from_the_jobs_list(deployment, page):
         assert deployment.api.wait_state(job_id, 'succeeded')['attempt_count'] == 2
     assert deployment.api.job(failed[2])['state'] == 'failed'
     # the page follows its filter: the retried jobs leave it, live
-    page.goto(deployment.api.base + '/jobs?state=failed&task=flaky')
+    deployment.open(page, '/jobs?state=failed&task=flaky')
     live(page)
     expect(page.locator(f'#job-{failed[2]}')).to_be_visible()
     expect(page.locator(f'#job-{failed[0]}')).to_have_count(0)
 
 
 def test_pausing_a_queue_lets_jobs_pile_up_then_drain_live(deployment, page):
-    page.goto(deployment.api.base + '/queues')
+    deployment.open(page, '/queues')
     live(page)
     row = page.locator('#queue-default')
     page.click('#queue-default button[value=pause]')
@@ -224,7 +224,7 @@ def test_a_job_on_a_killed_worker_is_seen_to_recover(tmp_path, page):
         victim = dep.processes[-1]
         # Long enough to be seen running however slow the machine.
         job = dep.api.submit('sleep', {'seconds': 10, 'steps': 20})
-        page.goto(f'{dep.api.base}/jobs/{job["id"]}')
+        dep.open(page, f'/jobs/{job["id"]}')
         live(page)
         summary = page.locator(f'#job-{job["id"]}-summary')
         expect(summary).to_have_attribute('data-state', 'running', timeout=20_000)
@@ -246,7 +246,7 @@ def test_a_page_refused_by_a_full_server_polls_until_a_socket_is_free(tmp_path, 
     try:
         holder = Socket(f'{dep.ws_base}/ws?view=dashboard')  # takes the only place
         wait_for(lambda: holder.messages, 10, message='the holder\'s snapshot')
-        page.goto(dep.api.base + '/')
+        dep.open(page, '/')
         status = page.locator('#live-status')
         expect(status).to_have_text('not live (polling)', timeout=10_000)
         marker = page.evaluate('() => (window.__marker = Math.random())')

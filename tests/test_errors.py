@@ -10,7 +10,7 @@ from conftest import make_app
 from flask import request
 from werkzeug.exceptions import InternalServerError, NotFound
 
-from app import broker, catalog, errors, queries, states
+from app import auth, broker, catalog, errors, queries, states
 from app.extensions import db
 from app.models import Control
 
@@ -46,6 +46,7 @@ def raising(app):
         if request.method == 'POST':
             request.get_data()  # reading the body is what hits MAX_CONTENT_LENGTH
         raise RAISED[kind]()
+    auth.action('submit')(handler)  # a POST route must say what it does (app.auth)
     app.add_url_rule('/api/raise/<kind>', 'api_raise', handler, methods=['GET', 'POST'])
     app.add_url_rule('/raise/<kind>', 'page_raise', handler, methods=['GET', 'POST'])
 
@@ -245,6 +246,7 @@ def test_a_body_over_the_limit_is_a_413_naming_the_limit(tmp_path):
     app = make_app(tmp_path, MAX_CONTENT_LENGTH=100)
 
     @app.post('/api/echo')
+    @auth.action('submit')
     def echo():
         return {'size': len(request.get_data())}
     client = app.test_client()

@@ -1,0 +1,367 @@
+"""Who is asking, whether they may, and whether the request really comes from our own pages.
+
+Every request passes :func:`check_request` before its view:
+
+1. **Who.** A bearer token (``Authorization: Bearer <token>``, for
+   programs), else the session of a logged-in user (Flask-Login), else
+   nobody. With no login required (:func:`login_required`) nobody is the
+   local user, who may do everything: ``make run`` needs no set-up.
+2. **From where.** A state-changing request (and a WebSocket handshake)
+   made with a session must come from this site's own pages: the browser's
+   ``Sec-Fetch-Site`` must say ``same-origin``, or failing that its
+   ``Origin`` must name this host (Sidekiq 8.1's approach); a browser that
+   sends neither but holds a session cookie must send the form's
+   synchronizer token (Flask-WTF). A request with a bearer token, or with
+   no cookie at all (curl), has nothing ambient to abuse and needs none of
+   this.
+3. **May they.** Each view declares its action (:func:`action`); a read is
+   ``view``; a state-changing view that declares nothing is refused, so a
+   new route cannot be left open by accident. The action's lowest role is in
+   :mod:`app.roles`.
+
+Refusals: 401 (API: JSON with ``WWW-Authenticate: Bearer``; pages: a
+redirect to the login page), 403 with the reason, and for a WebSocket a
+close with 1008 and the reason, which the page shows.
+"""
+import datetime as dt
+import ipaddress
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from flask import (Blueprint, current_app, g, jsonify, redirect, render_template, request,
+                   session, url_for)
+from flask_login import current_user, login_user, logout_user
+from flask_wtf.csrf import CSRFError, generate_csrf
+from markupsafe import Markup, escape
+
+from . import accounts, catalog, errors, live, roles
+from .extensions import csrf, db, login_manager
+from .models import Job
+
+UNSAFE_METHODS = frozenset({'POST', 'PUT', 'PATCH', 'DELETE'})
+
+bp = Blueprint('auth', __name__)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: a user's ``name`` (None for the local user), ``role``, ``via``
+    (``'session'``, ``'token'`` or ``'local'``)."""
+    name: str | None
+    role: str
+    via: str
+
+
+LOCAL = Principal(None, 'admin', 'local')
+
+
+def action(name):
+    """Declare the action a view takes (a key of :data:`app.roles.ACTIONS`).
+
+    ``name`` may be a function of no arguments that returns the action for
+    the request at hand (a bulk action's ``delete`` needs more than its
+    ``retry``).
+    """
+    if not callable(name):
+        roles.ACTIONS[name]  # KeyError for an action nobody declared
+    def mark(view):
+        view.qm_action = name
+        return view
+    return mark
+
+
+def public(view):
+    """Declare a view open to anyone (the login page, /healthz, static files)."""
+    view.qm_public = True
+    return view
+
+
+def principal():
+    """The :class:`Principal` of this request (None: nobody, as on the login page).
+
+    A live render (:mod:`app.live`) has no user of its own: it acts for the
+    role of the sockets it serves, which its request carries.
+    """
+    if 'principal' not in g:
+        # Not decided yet (an answer made before check_request ran, such as
+        # a 400 for bad input): decided now the same way, for display only.
+        if request.environ.get(live.ROLE_KEY) in roles.ROLES:
+            g.principal = Principal(None, request.environ[live.ROLE_KEY], 'socket')
+        else:
+            who, _refusal = _who()
+            g.principal = who if who is not None or login_required() else LOCAL
+    return g.principal
+
+
+def can(what, task=None):
+    """Whether this request's principal may take action ``what`` (templates hide what it may not).
+
+    With ``task`` (a task type's name), the action on a job of that task:
+    submitting, retrying, running now or triggering an admin-only task needs
+    an admin.
+    """
+    who = principal()
+    if who is None:
+        return False
+    what = what.replace('_', '-')  # the states' and the URLs' spellings of run-now
+    task_type = catalog.TASKS.get(task) if task else None
+    if (task_type is not None and task_type.role == 'admin'
+            and what in ('submit', 'retry', 'run-now', 'trigger')):
+        what = 'admin-task'
+    return roles.may(who.role, what)
+
+
+def refusal(what):
+    """Why this request's principal may not take action ``what`` (a sentence, for pages)."""
+    who = principal()
+    return roles.refusal(who.role if who else None, what)
+
+
+def csrf_field():
+    """The form's hidden synchronizer-token field (empty in a live render, which has no session)."""
+    who = principal()
+    if who is not None and who.via == 'socket':
+        return Markup('')
+    return Markup(f'<input type="hidden" name="csrf_token" value="{escape(generate_csrf())}">')
+
+
+def login_required():
+    """Whether this request needs a logged-in user (or a token).
+
+    Always with ``AUTH=login``, in the distributed mode, when the server is
+    configured to listen on anything but a loopback address, or for a
+    request that does not come from this machine; otherwise (``make run``)
+    only once a user exists.
+    """
+    config = current_app.config
+    if (config['AUTH'] == 'login' or not config['EMBEDDED'] or not _loopback(config['HOST'])
+            or not _loopback(request.remote_addr)):
+        return True
+    return accounts.any_user()
+
+
+def _loopback(host):
+    if host in ('localhost',):
+        return True
+    try:
+        return ipaddress.ip_address((host or '').strip('[]')).is_loopback
+    except ValueError:
+        return False
+
+
+def register(app):
+    """Sessions, the synchronizer token, the check before every view, the login pages."""
+    login_manager.init_app(app)
+    login_manager.user_loader(accounts.load_session_user)
+    # Checked by check_request, only for browsers that send no Sec-Fetch-Site or Origin.
+    app.config['WTF_CSRF_CHECK_DEFAULT'] = False
+    app.config['WTF_CSRF_TIME_LIMIT'] = None  # as long as the session
+    app.config['PERMANENT_SESSION_LIFETIME'] = dt.timedelta(seconds=app.config['SESSION_IDLE_TIMEOUT'])
+    csrf.init_app(app)
+    app.before_request(check_request)
+    app.register_blueprint(bp)
+    app.add_template_global(can)
+    app.add_template_global(refusal)
+    app.add_template_global(principal)
+    app.add_template_global(csrf_field)
+    public(app.view_functions['static'])
+
+
+def check_request():
+    """Flask's ``before_request``: answer for the view when the request must be refused."""
+    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    if view is None:
+        return None  # a 404 or 405 follows; nothing is done
+    upgrade = request.url_rule.websocket
+    who, refusal = _who()
+    if refusal is not None:
+        return _refuse(401, refusal, upgrade)
+    public = getattr(view, 'qm_public', False)
+    if who is None and not public and not login_required():
+        who = LOCAL
+    g.principal = who
+    if who is None or who.via != 'token':
+        reason = _cross_site(upgrade)
+        if reason is not None:
+            return _refuse(403, reason, upgrade)
+    if public:
+        return None
+    if who is None:
+        expired = g.pop('session_expired', False)
+        return _refuse(401, 'your session expired: log in again' if expired else 'log in first',
+                       upgrade)
+    needed = getattr(view, 'qm_action', None)
+    if callable(needed):
+        needed = needed()
+    if needed is None:
+        if request.method in UNSAFE_METHODS:
+            return _refuse(403, 'this route declares no permission', upgrade)
+        needed = 'view'
+    if not roles.may(who.role, needed):
+        return _refuse(403, roles.refusal(who.role, needed), upgrade)
+    return None
+
+
+def on_task(default):
+    """An action for :func:`action`: ``default``, or ``'admin-task'`` when the request's
+    task type is declared admin-only.
+
+    The task type is the submitted one (form or JSON ``task``), the periodic
+    task named in the URL, or the task of the job named in the URL.
+    """
+    def decide():
+        args = request.view_args or {}
+        if 'job_id' in args:
+            job = db.session.get(Job, args['job_id'])
+            name = job.task if job is not None else None
+        elif 'name' in args:
+            name = args['name']
+        elif request.is_json:
+            name = _json_field('task')
+        else:
+            name = request.form.get('task')
+        task_type = catalog.TASKS.get(name) if isinstance(name, str) else None
+        return 'admin-task' if task_type is not None and task_type.role == 'admin' else default
+    return decide
+
+
+def _json_field(name):
+    # Read before the body is checked (app.inputs, then the view, refuse a
+    # bad one): whatever it holds, it only picks the action.
+    try:
+        body = request.get_json(silent=True)
+    except Exception:
+        return None
+    return body.get(name) if isinstance(body, dict) else None
+
+
+def on_bulk():
+    """An action for :func:`action`: the bulk action asked for (``delete`` needs an admin)."""
+    if request.is_json:
+        asked = _json_field('action')
+    else:
+        asked = request.form.get('action')
+    return asked if asked in ('retry', 'cancel', 'delete') else 'delete'  # unknown: the strictest
+
+
+def _who():
+    """``(Principal or None, refusal or None)`` from the token or the session."""
+    header = request.headers.get('Authorization')
+    if header is not None:
+        scheme, _, token = header.partition(' ')
+        if scheme.lower() != 'bearer':
+            return None, 'send Authorization: Bearer <token>'
+        user = accounts.token_user(token.strip())
+        if user is None:
+            return None, 'unknown or revoked token'
+        return Principal(user.name, user.role, 'token'), None
+    if not current_user.is_authenticated:
+        return None, None
+    now = int(time.time())
+    seen = session.get('seen', 0)
+    if now - seen > current_app.config['SESSION_IDLE_TIMEOUT']:
+        logout_user()
+        session.clear()
+        g.session_expired = True
+        return None, None
+    if now - seen >= 30:  # the cookie is rewritten twice a minute at most
+        session['seen'] = now
+    return Principal(current_user.name, current_user.role, 'session'), None
+
+
+def _cross_site(upgrade):
+    """Why this request may have been made by another site (None: it was not)."""
+    if not (upgrade or request.method in UNSAFE_METHODS):
+        return None
+    origin = request.headers.get('Origin')
+    if upgrade:
+        # Browsers always send Origin with a WebSocket handshake.
+        if origin is not None and not _same_host(origin):
+            return f'a socket opened from another site ({origin[:100]}) is refused'
+        return None
+    site = request.headers.get('Sec-Fetch-Site')
+    if site is not None:
+        if site in ('same-origin', 'none'):  # 'none': typed or bookmarked by the user
+            return None
+        return f'a request from another site is refused (Sec-Fetch-Site: {site[:40]})'
+    if origin is not None:
+        return None if _same_host(origin) else f'a request from another site ({origin[:100]}) is refused'
+    if current_app.session_interface.get_cookie_name(current_app) not in request.cookies:
+        # Neither header and no cookie: not a browser acting on its session
+        # (curl, a script), so nothing ambient to abuse (Go's
+        # CrossOriginProtection reasons the same way).
+        return None
+    try:
+        csrf.protect()
+    except CSRFError as exc:
+        return f'{exc.description} (reload the page and try again)'
+    return None
+
+
+def _same_host(origin):
+    parts = urlsplit(origin)
+    return parts.scheme in ('http', 'https', 'ws', 'wss') and parts.netloc.lower() == request.host.lower()
+
+
+def _refuse(status, reason, upgrade):
+    if upgrade:
+        return live.refuse_socket(reason)
+    if status == 401:
+        if request.blueprint == 'pages' and request.method == 'GET' and not request.headers.get('HX-Request'):
+            return redirect(url_for('auth.login', next=request.full_path.rstrip('?'),
+                                    expired=1 if 'expired' in reason else None))
+        if request.path.startswith('/api/'):
+            resp = jsonify({'error': f'authentication required: {reason}; log in, or send '
+                                     f'Authorization: Bearer <token>'})
+            resp.status_code = 401
+            resp.headers['WWW-Authenticate'] = 'Bearer realm="queue-manager"'
+            return resp
+    return errors.respond(status, reason)
+
+
+def _safe_next(target):
+    # Only a path on this site: never an open redirect to another.
+    if target and target.startswith('/') and not target.startswith('//') and '\\' not in target:
+        return target
+    return url_for('pages.dashboard')
+
+
+@bp.route('/login', methods=['GET', 'POST'])
+@public
+def login():
+    """The login form (no JavaScript needed); a POST logs in and goes back where it was sent from."""
+    next_url = request.values.get('next') or ''
+    context = {'next_url': _safe_next(next_url), 'name': '', 'error': None,
+               'required': login_required(),
+               'expired': bool(request.args.get('expired'))}
+    if request.method == 'GET':
+        return render_template('login.html', **context)
+    name = request.form.get('name', '')[:accounts.MAX_NAME]
+    password = request.form.get('password', '')
+    address = request.remote_addr
+    context['name'] = name
+    wait = accounts.login_wait(name, address)
+    if wait > 0:
+        context['error'] = f'Too many failed logins: try again in {int(wait) + 1} s.'
+        return render_template('login.html', **context), 429, {'Retry-After': str(int(wait) + 1)}
+    user = accounts.authenticate(name, password)
+    if user is None:
+        accounts.login_failed(name, address)
+        context['error'] = 'Wrong name or password.'
+        return render_template('login.html', **context), 401
+    accounts.login_succeeded(name, address)
+    session.clear()  # a fresh session: one fixed before login is worth nothing
+    login_user(user)
+    session.permanent = True
+    session['seen'] = int(time.time())
+    return redirect(_safe_next(next_url), 303)
+
+
+@bp.post('/logout')
+@public
+def logout():
+    """End this browser's session."""
+    logout_user()
+    session.clear()
+    return redirect(url_for('auth.login'), 303)

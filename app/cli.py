@@ -1,0 +1,149 @@
+"""Command-line management of users and API tokens, in Flask's conventions.
+
+``flask --app wsgi users create NAME --role ROLE [--password-stdin]``,
+``users list``, ``users set-role NAME ROLE``, ``users set-password NAME``,
+``users delete NAME``, ``users ensure-admin``; ``flask --app wsgi tokens
+create --user NAME [--name LABEL]`` (prints the token once), ``tokens
+list``, ``tokens revoke ID``. Errors print a message and exit with status 1.
+"""
+import os
+import secrets
+import sys
+
+import click
+from flask.cli import AppGroup
+
+from . import accounts, roles
+
+users = AppGroup('users', help='Manage the users who log in to the dashboard.')
+tokens = AppGroup('tokens', help='Manage the API tokens of programs (Authorization: Bearer).')
+
+
+def register(app):
+    """Add the ``users`` and ``tokens`` command groups to ``app``'s ``flask`` command."""
+    app.cli.add_command(users)
+    app.cli.add_command(tokens)
+
+
+def _fail(exc):
+    raise click.ClickException(str(exc))
+
+
+def _read_password(password_stdin):
+    if password_stdin:
+        password = sys.stdin.readline().rstrip('\r\n')
+    else:
+        password = click.prompt('Password', hide_input=True, confirmation_prompt=True)
+    return password
+
+
+@users.command('create')
+@click.argument('name')
+@click.option('--role', type=click.Choice(roles.ROLES), required=True, help='What the user may do.')
+@click.option('--password-stdin', is_flag=True, help='Read the password from standard input.')
+def create_user(name, role, password_stdin):
+    """Create user NAME with ROLE (password from a prompt, or from standard input)."""
+    try:
+        user = accounts.create_user(name, _read_password(password_stdin), role)
+    except (accounts.AccountError, roles.UnknownRole) as exc:
+        _fail(exc)
+    click.echo(f'created {user.name} ({user.role})')
+
+
+@users.command('list')
+def list_users():
+    """List the users: name, role, created, last login."""
+    for user in accounts.list_users():
+        d = user.to_dict()
+        click.echo(f"{d['name']}\t{d['role']}\tcreated {d['created_at']}\t"
+                   f"last login {d['last_login_at'] or 'never'}")
+
+
+@users.command('set-role')
+@click.argument('name')
+@click.argument('role', type=click.Choice(roles.ROLES))
+def set_role(name, role):
+    """Give user NAME the role ROLE (their sessions end)."""
+    try:
+        accounts.set_role(name, role)
+    except (accounts.AccountError, roles.UnknownRole) as exc:
+        _fail(exc)
+    click.echo(f'{name} is now {role}')
+
+
+@users.command('set-password')
+@click.argument('name')
+@click.option('--password-stdin', is_flag=True, help='Read the password from standard input.')
+def set_password(name, password_stdin):
+    """Give user NAME a new password (their sessions end)."""
+    try:
+        accounts.set_password(name, _read_password(password_stdin))
+    except accounts.AccountError as exc:
+        _fail(exc)
+    click.echo(f'password of {name} changed')
+
+
+@users.command('delete')
+@click.argument('name')
+def delete_user(name):
+    """Delete user NAME with their tokens and sessions."""
+    try:
+        accounts.delete_user(name)
+    except accounts.AccountError as exc:
+        _fail(exc)
+    click.echo(f'deleted {name}')
+
+
+@users.command('ensure-admin')
+@click.option('--name', default='admin', show_default=True)
+def ensure_admin(name):
+    """Create the first admin if no user exists: password from $ADMIN_PASSWORD, else a
+    one-time password printed here (change it with ``users set-password``)."""
+    if accounts.any_user():
+        click.echo('users exist already; nothing to do')
+        return
+    password = os.environ.get('ADMIN_PASSWORD')
+    generated = not password
+    if generated:
+        password = secrets.token_urlsafe(12)
+    try:
+        accounts.create_user(name, password, 'admin')
+    except accounts.AccountError as exc:
+        _fail(exc)
+    if generated:
+        click.echo(f'created admin {name!r} with the one-time password {password} '
+                   f'(change it: flask --app wsgi users set-password {name})')
+    else:
+        click.echo(f'created admin {name!r} with the password in ADMIN_PASSWORD')
+
+
+@tokens.command('create')
+@click.option('--user', 'user_name', required=True, help='The user the token acts as.')
+@click.option('--name', 'label', default=None, help='A label, to recognise it later.')
+def create_token(user_name, label):
+    """Create an API token for a user and print it (it is shown only this once)."""
+    try:
+        _row, token = accounts.create_token(user_name, label)
+    except accounts.AccountError as exc:
+        _fail(exc)
+    click.echo(token)
+
+
+@tokens.command('list')
+def list_tokens():
+    """List the tokens: id, name, user, role, created, last used (never the token)."""
+    for row in accounts.list_tokens():
+        d = row.to_dict()
+        click.echo(f"{d['id']}\t{d['name']}\t{d['user']}\t{d['role']}\tcreated {d['created_at']}"
+                   f"\tlast used {d['last_used_at'] or 'never'}")
+
+
+@tokens.command('revoke')
+@click.argument('token_id', type=int)
+def revoke_token(token_id):
+    """Revoke token ID: programs using it get 401 from now on."""
+    try:
+        row = accounts.revoke_token(token_id)
+    except accounts.AccountError as exc:
+        _fail(exc)
+    click.echo(f'revoked token {row.id} ({row.name})')
