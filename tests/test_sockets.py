@@ -369,6 +369,8 @@ def test_call_and_call_soon_run_on_the_loop_thread_and_start_is_once(server):
 
 def test_close_all_closes_every_socket_with_1012_and_refuses_new_ones(server):
     held = [Client(server, Relays().hold) for _ in range(2)]
+    # both taken over by the loop first: only the socket opened later is refused
+    wait_for(lambda: len(server.connections) == 2, 5, 0.01, 'both sockets to be held')
     server.close_all()
     for client in held:
         assert client.close_code() == (ws.RESTART, 'server restarting')
