@@ -67,6 +67,9 @@ def create_app(test_config=None, *, config=None):
     app.add_template_global(loss_notice, 'broker_loss')
     # Text that cannot be stored is refused before any view (or socket) sees it.
     app.before_request(inputs.check_request)
+    # Headers on every response, the session cookie's flags, trusted proxies.
+    from . import headers
+    headers.register(app)
     return app
 
 
