@@ -26,6 +26,11 @@ workers = 1 if _config['EMBEDDED'] else _config['WEB_CONCURRENCY']
 # finish on stop, with a few seconds to write the ledger out after them.
 graceful_timeout = max(30, _config['GRACE_PERIOD'] + 5)
 accesslog = '-'
+# gunicorn would take X-Forwarded-Proto from any local peer (a proxy that
+# passes the client's header on, another program on the host) as the
+# request's scheme. The app trusts proxies only as PROXY_FIX says
+# (app/headers.py), so gunicorn trusts none.
+secure_scheme_headers = {}
 loglevel = _config['LOG_LEVEL'].lower()
 
 # Every live socket is an open file: take the whole allowance the system

@@ -71,6 +71,9 @@ def create_app(test_config=None, *, config=None):
     errors.register(app)
     from .reconcile import loss_notice
     app.add_template_global(loss_notice, 'broker_loss')
+    # Headers on every response, the session cookie's flags, trusted proxies.
+    from . import headers
+    headers.register(app)
     return app
 
 

@@ -37,6 +37,15 @@ DEFAULTS = {
     # Most live sockets (open pages) one web process holds; one more is
     # closed with code 1013 and its page polls until a place is free.
     'LIVE_SOCKETS': 10000,
+    # Proxies in front of the web process that terminate TLS or rewrite the
+    # address (nginx, Caddy, a load balancer): how many of their
+    # X-Forwarded-For/-Proto/-Host/-Port/-Prefix headers to trust. 0: none,
+    # the request is taken as it arrives (anyone can send those headers).
+    'PROXY_FIX': 0,
+    # https: the site is served over HTTPS only; the session cookie is Secure
+    # even on a request that arrived as plain HTTP (a proxy not trusted with
+    # PROXY_FIX), and links built outside a request use https.
+    'PREFERRED_URL_SCHEME': 'http',
     # Local state: the SQLite ledger, the embedded Huey database, the secret key.
     'INSTANCE_PATH': str(ROOT / 'instance'),
     # Embedded mode only: the Huey SQLite file and worker threads per queue.
@@ -95,7 +104,7 @@ DEFAULTS = {
     'SESSION_IDLE_TIMEOUT': 8 * 3600.0,
 }
 
-_INT = {'PERIODIC', 'PORT', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
+_INT = {'PERIODIC', 'PORT', 'PROXY_FIX', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
         'PAGE_SIZE', 'MAX_PAGE_SIZE'}
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',
@@ -159,6 +168,10 @@ def load(test_config=None, environ=None):
     if isinstance(modules, str):
         modules = [m.strip() for m in modules.split(',') if m.strip()]
     config['TASK_MODULES'] = list(modules)
+    if config['PROXY_FIX'] < 0:
+        raise ConfigError(f"PROXY_FIX={config['PROXY_FIX']!r}: the number of trusted proxies, 0 or more")
+    if config['PREFERRED_URL_SCHEME'] not in ('http', 'https'):
+        raise ConfigError(f"PREFERRED_URL_SCHEME={config['PREFERRED_URL_SCHEME']!r}: http or https")
     config['EMBEDDED'] = not config['REDIS_URL']
     if config['AUTH'] not in ('auto', 'login'):
         raise ConfigError(f"AUTH={config['AUTH']!r}: use auto or login")

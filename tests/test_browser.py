@@ -268,3 +268,87 @@ def test_a_page_refused_by_a_full_server_polls_until_a_socket_is_free(tmp_path, 
         if holder:
             holder.close()
         dep.close()
+
+
+# -- the Content-Security-Policy: nothing the pages do is refused --
+
+WATCH_POLICY = """
+window.__violations = [];
+document.addEventListener('securitypolicyviolation', function (e) {
+  window.__violations.push(e.violatedDirective + ' blocked ' + (e.blockedURI || '(inline)')
+                           + ' at ' + (e.sourceFile || '?') + ':' + e.lineNumber);
+});
+"""
+
+
+def watch_policy(page):
+    """Record every policy violation (per document) and every console error of ``page``."""
+    page.add_init_script(WATCH_POLICY)  # runs before the page's own scripts
+    errors = []
+    page.on('console', lambda msg: errors.append(msg.text) if msg.type == 'error' else None)
+    return errors
+
+
+def violations(page):
+    return page.evaluate('() => window.__violations')
+
+
+def test_pages_run_live_under_the_policy_without_a_violation(deployment, page):
+    errors = watch_policy(page)
+    base = deployment.api.base
+    response = page.goto(base + '/')
+    assert "script-src 'self'" in response.headers['content-security-policy']
+    live(page)
+    job_id = submit_from_dashboard(page, 'sleep', seconds=1, steps=2)
+    expect(page.locator(f'#job-{job_id}')).to_have_attribute('data-state', 'succeeded', timeout=20_000)
+    assert violations(page) == []
+
+    page.goto(f'{base}/jobs')
+    live(page)
+    other = deployment.api.submit('sleep', {'seconds': 1, 'steps': 4})
+    expect(page.locator(f'#job-{other["id"]}')).to_have_attribute('data-state', 'succeeded',
+                                                                   timeout=20_000)
+    assert violations(page) == []
+
+    page.goto(f'{base}/jobs/{other["id"]}')
+    live(page)
+    # the bar is a <progress>, drawn without a style attribute
+    expect(page.locator(f'#job-{other["id"]}-summary progress.progress-fill')).to_have_attribute(
+        'value', '100')
+    assert page.locator('[style]').count() == 0
+    assert violations(page) == []
+    assert errors == []
+
+    # The watch sees a violation when there is one: inline script is refused.
+    page.evaluate("""() => { const s = document.createElement('script');
+                             s.textContent = 'window.__ran = true'; document.body.append(s); }""")
+    page.wait_for_function('() => window.__violations.length > 0')
+    assert violations(page)[0].startswith('script-src-elem blocked inline')
+    assert page.evaluate('() => window.__ran') is None
+    assert any('Content Security Policy' in e for e in errors)
+
+
+def test_deleting_a_job_asks_first_under_the_policy(deployment, page):
+    watch_policy(page)
+    job = deployment.api.submit('noop')
+    deployment.api.wait_state(job['id'], 'succeeded')
+    page.goto(f'{deployment.api.base}/jobs/{job["id"]}')
+    live(page)
+    questions = []
+
+    def answer(accept):
+        def on_dialog(dialog):
+            questions.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+        return on_dialog
+
+    page.once('dialog', answer(False))
+    page.click('form[data-confirm] button[value=delete]')
+    assert questions == [f'Delete job {job["id"][:8]} and its history?']
+    assert deployment.api.job(job['id'])['state'] == 'succeeded'  # kept
+    page.once('dialog', answer(True))
+    page.click('form[data-confirm] button[value=delete]')
+    expect(page.locator('.flash-ok')).to_contain_text(f'Job {job["id"][:8]} deleted.')
+    assert deployment.api.get(f'/api/jobs/{job["id"]}')[0] == 404
+    assert len(questions) == 2
+    assert violations(page) == []

@@ -27,6 +27,8 @@ def test_lists_are_split_trimmed_and_deduplicated_and_default_is_always_there(tm
 @pytest.mark.parametrize('environ, message', [
     ({'QUEUES': 'Reports'}, "queue name 'Reports'"),
     ({'LOST_AFTER': 'soon'}, "LOST_AFTER='soon' is not a number"),
+    ({'PROXY_FIX': '-1'}, 'PROXY_FIX=-1: the number of trusted proxies'),
+    ({'PREFERRED_URL_SCHEME': 'HTTPS'}, "PREFERRED_URL_SCHEME='HTTPS': http or https"),
 ])
 def test_bad_values_are_refused_by_name(tmp_path, environ, message):
     with pytest.raises(config.ConfigError, match=message):

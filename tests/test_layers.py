@@ -17,7 +17,8 @@ LAYERS = (
     ('services', {'app.jobs', 'app.queries', 'app.queues', 'app.periodic', 'app.reaper', 'app.reconcile',
                   'app.inputs', 'app.openapi', 'app.accounts'}),
     ('wiring', {'app', 'app.consumer', 'app.embedded', 'app.fragments', 'app.live', 'app.auth', 'app.cli',
-                'app.pages', 'app.api', 'app.health', 'app.errors', 'app.templating', 'huey_tasks',
+                'app.pages', 'app.api', 'app.health', 'app.errors', 'app.headers', 'app.templating',
+                'huey_tasks',
                 'wsgi',
                 'gunicorn.conf'}),
 )
