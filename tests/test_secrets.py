@@ -208,3 +208,23 @@ def test_a_payment_submitted_by_the_form_is_masked_and_its_errors_do_not_echo_it
     assert cards == [CARD]
     assert db.session.get(Job, job_id).state == 'succeeded'
     assert_no_route_shows_it(client, job_id)
+
+
+def test_a_payment_enqueued_around_the_api_is_recorded_masked_and_can_be_retried(secrets_app):
+    app, recorder, cards, fail = secrets_app
+    huey = broker.hueys['default']
+    fail.append(True)
+    task = catalog.TASKS['payment'].wrappers[huey.name].s(params=PAYMENT)
+    huey.enqueue(task)  # no row yet: the recorder writes it from the message
+    run_next()
+    flushed(recorder)
+    row = db.session.get(Job, task.id)
+    assert row.state == 'failed'
+    assert (row.params['card'], row.secret_params) == ('**** 1234', {'card': CARD})
+    assert_hidden(stored_text(task.id), 'the ledger')
+    fail.clear()
+    assert app.test_client().post(f'/api/jobs/{task.id}/retry').status_code == 200
+    run_next()
+    flushed(recorder)
+    assert cards == [CARD, CARD]
+    assert db.session.get(Job, task.id).state == 'succeeded'
