@@ -84,7 +84,9 @@ def fail(message):
 @task(no_retry=(CardDeclined,), rerun=False, params=[
     Param('amount', float, default=25.0, min=0.01, max=1_000_000, help='Amount to charge'),
     Param('currency', str, default='EUR', choices=('EUR', 'USD', 'GBP', 'JPY')),
-    Param('card', str, default='4242 4242 4242 4242', max_length=32, help='Card number'),
+    # Secret: shown masked (**** 4242) everywhere; the task gets the real number.
+    Param('card', str, default='4242 4242 4242 4242', max_length=32, help='Card number',
+          secret=True),
     Param('failure_rate', float, default=0.2, min=0, max=1,
           help='Chance the gateway times out (retried)'),
     Param('latency', float, default=0, min=0, max=600,

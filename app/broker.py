@@ -488,7 +488,8 @@ def build(job, base=0, retries=None):
     task_class = task_type.wrappers[huey.name].task_class
     retries = job.retries if retries is None else retries
     return task_class(
-        (), message.kwargs(job.params, base, retries),
+        # The message carries the real secret values: the task needs them.
+        (), message.kwargs(job.run_params, base, retries),
         id=job.id, eta=job.scheduled_for, retries=retries,
         retry_delay=job.retry_delay, retry_backoff=huey.retry_backoff,
         priority=job.priority or None,

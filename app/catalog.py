@@ -9,7 +9,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass, field
 
-from . import roles
+from . import masking, roles
 
 REQUIRED = object()
 
@@ -38,7 +38,15 @@ class ValidationError(Exception):
 
 @dataclass(frozen=True)
 class Param:
-    """One declared parameter of a task type."""
+    """One declared parameter of a task type.
+
+    ``secret=True`` (strings only) marks a value that must never be shown:
+    the job's row keeps it masked (``**** 4242``, see :mod:`app.masking`)
+    in its ``params``, which every page, the API and search read, and the
+    real value apart, in ``secret_params``, which only the broker reads to
+    run the task (:meth:`TaskType.split`). What the task logs, raises or
+    returns is stored with the value masked wherever it appears.
+    """
     name: str
     type: type = str
     default: object = REQUIRED
@@ -47,10 +55,13 @@ class Param:
     choices: tuple | None = None
     max_length: int = 1000
     help: str = ''
+    secret: bool = False
 
     def __post_init__(self):
         if self.type not in _TYPE_NAMES:
             raise TypeError(f'{self.name}: type must be one of int, float, str, bool')
+        if self.secret and self.type is not str:
+            raise TypeError(f'{self.name}: only a str parameter can be secret')
         if self.name in OPTION_NAMES:
             raise ValueError(f'{self.name!r} is reserved for job options')
         if self.default is not REQUIRED:
@@ -93,7 +104,9 @@ class Param:
             return raw not in (None, '', 'off', 'false', '0')
         if raw is None or (raw == '' and self.type is not str):
             return None
-        if raw == '' and self.type is str and self.required:
+        if raw == '' and self.type is str and (self.required or self.secret):
+            # A secret's field is never filled in again: left empty, it
+            # takes its default.
             return None
         if self.type is int:
             try:
@@ -149,7 +162,12 @@ class Param:
             schema['maximum'] = self.max
         if self.type is str:
             schema['maxLength'] = self.max_length
-        if self.default is not REQUIRED and self.default is not None:
+        if self.secret:
+            # Sent, never shown back (the job shows it masked); even its
+            # declared default is not written out.
+            schema['writeOnly'] = True
+            schema['format'] = 'password'
+        elif self.default is not REQUIRED and self.default is not None:
             schema['default'] = self.default
         if self.help:
             schema['description'] = self.help
@@ -160,13 +178,18 @@ class Param:
             'name': self.name,
             'type': self.type_name,
             'required': self.required,
-            'default': None if self.required else self.default,
+            'default': None if self.required else self.shown(self.default),
             'min': self.min,
             'max': self.max,
             'choices': list(self.choices) if self.choices is not None else None,
             'max_length': self.max_length if self.type is str else None,
             'help': self.help,
+            'secret': self.secret,
         }
+
+    def shown(self, value):
+        """``value`` of this parameter as pages and the API may show it: masked if secret."""
+        return masking.mask(value) if self.secret and isinstance(value, str) else value
 
 
 def _fmt(number):
@@ -197,6 +220,23 @@ class TaskType:
             if p.name == name:
                 return p
         return None
+
+    def split(self, params):
+        """``(shown, secret)``: ``params`` with each secret value masked, and the real secret
+        values by name (``{}`` when the task has none).
+
+        ``shown`` is what the job's row keeps in ``params``; ``secret`` goes in
+        ``secret_params``, which nothing shows: the broker merges it back
+        into the message that runs the task.
+        """
+        params = dict(params or {})
+        secret = {p.name: params[p.name] for p in self.params
+                  if p.secret and isinstance(params.get(p.name), str)}
+        return {k: masking.mask(v) if k in secret else v for k, v in params.items()}, secret
+
+    def redactor(self, params):
+        """A :class:`~app.masking.Redactor` of the secret values among ``params`` (the real ones)."""
+        return masking.Redactor(self.split(params)[1].values())
 
     def to_dict(self, defaults):
         return {
@@ -230,6 +270,18 @@ class Periodic:
 
 
 PERIODIC: dict[str, Periodic] = {}
+
+
+def split(task_name, params):
+    """:meth:`TaskType.split` for the task type ``task_name``; an undeclared one has no secrets."""
+    task_type = TASKS.get(task_name)
+    return task_type.split(params) if task_type else (dict(params or {}), {})
+
+
+def redactor(task_name, params):
+    """:meth:`TaskType.redactor` for the task type ``task_name``; empty for an undeclared one."""
+    task_type = TASKS.get(task_name)
+    return task_type.redactor(params) if task_type else masking.Redactor()
 
 
 # Called with each task type as it is declared (the broker registers it on

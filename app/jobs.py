@@ -71,7 +71,11 @@ def submit(sub):
             existing.created = False
             return existing
     now = utcnow()
-    job = Job(id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=sub.params,
+    # The row shows secret parameters masked; their values are kept apart
+    # for the broker (see Job.secret_params).
+    shown, secret = sub.task.split(sub.params)
+    job = Job(id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=shown,
+              secret_params=secret or None,
               state=states.SCHEDULED if sub.eta else states.QUEUED, priority=sub.priority,
               retries=sub.retries, retry_delay=sub.retry_delay, attempts=0, attempt_base=0,
               timeout=sub.timeout, idempotency_key=sub.idempotency_key,

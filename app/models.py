@@ -48,7 +48,15 @@ class Job(db.Model):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the Huey task id
     task: Mapped[str] = mapped_column(String(64))
     queue: Mapped[str] = mapped_column(String(32))
+    # The parameters as every page, the API and search show them: a secret
+    # parameter's value masked (``**** 4242``).
     params: Mapped[dict] = mapped_column(sa.JSON(none_as_null=True))
+    # The real values of the secret parameters, by name, which only the
+    # broker reads (``run_params``) to enqueue the job again (a retry, a job
+    # recovered by the reaper or the reconciler). Never serialized, loaded
+    # only when asked for, and cleared once the job has succeeded.
+    secret_params: Mapped[dict | None] = mapped_column(sa.JSON(none_as_null=True),
+                                                       deferred=True)
     state: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(default=0)
     # Fraction done (0..1) of the current attempt, and what the task said about it.
@@ -102,6 +110,11 @@ class Job(db.Model):
         # An index, not a table constraint: SQLite adds it without copying the table.
         sa.Index('uq_job_idempotency_key', 'idempotency_key', unique=True),
     )
+
+    @property
+    def run_params(self):
+        """The parameters the task runs with: ``params`` with the real secret values."""
+        return {**(self.params or {}), **(self.secret_params or {})}
 
     def retries_left(self, after):
         """Retries the current round still allows once attempt ``after`` has ended."""

@@ -49,7 +49,9 @@ def _schemas(config):
         'error': _null({**_STR, 'description': '"Type: message"'}),
         'error_type': _null(_STR), 'error_message': _null(_STR), 'traceback': _null(_STR)})
     job_properties = {
-        'id': _STR, 'task': _STR, 'queue': _STR, 'params': {'type': 'object'},
+        'id': _STR, 'task': _STR, 'queue': _STR,
+        'params': {'type': 'object', 'description': 'the parameters; a secret one masked '
+                                                    '("**** 4242")'},
         'state': {'type': 'string', 'enum': job_states}, 'priority': _INT,
         'progress': _null({**_NUM, 'description': 'fraction 0 to 1 of the current attempt'}),
         'progress_message': _null(_STR),
@@ -71,7 +73,9 @@ def _schemas(config):
     param = _object({
         'name': _STR, 'type': {'type': 'string', 'enum': ['integer', 'number', 'string', 'boolean']},
         'required': _BOOL, 'default': {}, 'min': _null(_NUM), 'max': _null(_NUM),
-        'choices': _null({'type': 'array'}), 'max_length': _null(_INT), 'help': _STR})
+        'choices': _null({'type': 'array'}), 'max_length': _null(_INT), 'help': _STR,
+        'secret': {**_BOOL, 'description': 'shown masked ("**** 4242") wherever the job is '
+                                           'shown; its default too'}})
     task = _object({'name': _STR, 'description': _STR,
                     'params': {'type': 'array', 'items': _ref('TaskParam')},
                     'retries': _INT, 'retry_delay': _NUM, 'priority': _INT,

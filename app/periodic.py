@@ -182,6 +182,7 @@ def overview():
             .order_by(Job.created_at.desc(), Job.id.desc()).limit(1)).first()
         paused = entry.name in paused_names
         rows.append({'name': entry.name, 'description': entry.task.description,
-                     'schedule': entry.schedule, 'params': entry.params, 'paused': paused,
+                     'schedule': entry.schedule, 'params': entry.task.split(entry.params)[0],
+                     'paused': paused,
                      'last': last, 'next_run': None if paused else next_run(entry)})
     return rows

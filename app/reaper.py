@@ -231,7 +231,8 @@ def _job_from_message(msg, queue, number, now):
     except ValueError:
         logger.error('reaper: a lost message has an id no job can have: %.80r', msg.id)
         return None
-    job = Job(id=msg.id, task=name, queue=queue, params=message.params(msg),
+    shown, secret = catalog.split(name, message.params(msg))
+    job = Job(id=msg.id, task=name, queue=queue, params=shown, secret_params=secret or None,
               state=states.QUEUED, priority=msg.priority or 0,
               attempts=number - 1, attempt_base=message.base(msg),
               retries=message.retries(msg) or 0, retry_delay=msg.retry_delay or 0.0,

@@ -134,5 +134,38 @@ def test_task_declarations_describe_themselves():
     seconds = described['sleep']['params'][0]
     assert seconds == {'name': 'seconds', 'type': 'number', 'required': False, 'default': 5.0,
                        'min': 0, 'max': 3600, 'choices': None, 'max_length': None,
-                       'help': 'Total time to sleep'}
+                       'help': 'Total time to sleep', 'secret': False}
     assert described['flaky']['retries'] == 2 and described['flaky']['retry_delay'] == 5.0
+
+
+def test_a_secret_parameter_is_validated_then_split_into_shown_and_secret():
+    sub = check({'task': 'payment', 'params': {'card': '4111 1111 1111 1111', 'amount': 5}})
+    assert sub.params['card'] == '4111 1111 1111 1111'  # the task is given the real value
+    shown, secret = sub.task.split(sub.params)
+    assert shown['card'] == '**** 1111' and shown['amount'] == 5.0
+    assert secret == {'card': '4111 1111 1111 1111'}
+    assert catalog.split('sleep', {'seconds': 1}) == ({'seconds': 1}, {})
+    assert catalog.split('no_such_task', {'x': 'y'}) == ({'x': 'y'}, {})
+
+
+def test_a_secret_is_described_masked_and_write_only():
+    card = catalog.TASKS['payment'].param('card')
+    assert card.to_dict()['secret'] is True
+    assert card.to_dict()['default'] == '**** 4242'
+    schema = card.json_schema()
+    assert (schema['writeOnly'], schema['format']) == (True, 'password')
+    assert 'default' not in schema  # not even the declared default is written out
+
+
+def test_an_empty_secret_form_field_takes_the_default_and_errors_do_not_echo_it():
+    # The field is never filled in again, so left empty it means "the default".
+    assert check({'task': 'payment', 'params.card': ''}, from_form=True).params['card'] == \
+        '4242 4242 4242 4242'
+    long_card = '5' * 40
+    fields = fields_of({'task': 'payment', 'params': {'card': long_card}})
+    assert fields == {'params.card': 'must be at most 32 characters'}
+
+
+def test_only_string_parameters_can_be_secret():
+    with pytest.raises(TypeError, match='only a str parameter can be secret'):
+        Param('pin', int, secret=True)

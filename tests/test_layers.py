@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # one, never of a higher one; a package entry covers its submodules.
 LAYERS = (
     ('leaves', {'app.config', 'app.extensions', 'app.states', 'app.text', 'app.models',
-                'app.events', 'app.catalog', 'app.task_api', 'app.roles'}),
+                'app.events', 'app.catalog', 'app.task_api', 'app.roles', 'app.masking'}),
     ('adapters', {'app.message', 'app.storage', 'app.broker', 'app.ledger', 'app.leader',
                   'app.controls', 'app.websocket', 'app.sockets'}),
     ('services', {'app.jobs', 'app.queries', 'app.queues', 'app.periodic', 'app.reaper', 'app.reconcile',

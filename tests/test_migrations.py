@@ -63,3 +63,38 @@ def test_json_stored_with_ascii_escapes_is_rewritten_as_utf8_text(tmp_path, ledg
             assert (stored['job-bad'], results['job-bad']) == ('{not json', 'NaN')  # left as they were
         assert len(app.test_client().get('/api/jobs?q=café&limit=500').get_json()['jobs']) == 500
         db.engine.dispose()
+
+
+def test_secret_values_recorded_before_move_out_of_the_shown_params(tmp_path, ledger_url):
+    app = make_app(tmp_path, DATABASE_URL=ledger_url)
+    with app.app_context():
+        downgrade(revision='0005')
+        postgres = db.engine.dialect.name == 'postgresql'
+        cast = 'CAST({} AS json)' if postgres else '{}'
+        rows = [{'id': f'job-{n:04d}', 'task': task, 'params': json.dumps(params)}
+                for n, (task, params) in enumerate(
+                    [('payment', {'card': '4111 1111 1111 1234', 'amount': 5.0})] * 600
+                    + [('payment', {'card': '123', 'amount': 1.0}),
+                       ('fail', {'message': '4111 1111 1111 1234'})])]
+        with db.engine.begin() as conn:
+            conn.execute(sa.text(
+                'INSERT INTO job (id, task, queue, params, state, priority, attempts, '
+                'attempt_base, retries, retry_delay, created_at, updated_at, version) VALUES '
+                f"(:id, :task, 'default', {cast.format(':params')}, 'failed', 0, 1, 0, 0, 0, "
+                "'2026-01-01 00:00:00', '2026-01-01 00:00:00', 1)"), rows)
+        upgrade()
+        read = 'SELECT id, CAST(params AS TEXT), CAST(secret_params AS TEXT) FROM job'
+        with db.engine.connect() as conn:
+            stored = {i: (json.loads(p), s and json.loads(s))
+                      for i, p, s in conn.execute(sa.text(read))}
+        assert stored['job-0000'] == ({'card': '**** 1234', 'amount': 5.0},
+                                      {'card': '4111 1111 1111 1234'})
+        assert stored['job-0599'][0]['card'] == '**** 1234'  # past the first batch
+        assert stored['job-0600'] == ({'card': '****', 'amount': 1.0}, {'card': '123'})
+        assert stored['job-0601'] == ({'message': '4111 1111 1111 1234'}, None)  # not secret
+        downgrade(revision='0005')
+        with db.engine.connect() as conn:
+            params = dict(conn.execute(sa.text('SELECT id, CAST(params AS TEXT) FROM job')).all())
+        assert json.loads(params['job-0000'])['card'] == '4111 1111 1111 1234'
+        assert json.loads(params['job-0600'])['card'] == '123'
+        db.engine.dispose()

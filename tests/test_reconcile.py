@@ -298,3 +298,16 @@ def test_a_broker_restored_from_an_older_copy_runs_nothing_again(ctx):
     r.run(ctx.config)
     assert broker.message_ids('default') == {waits.id}  # the finished job's message is gone
     assert reconcile.loss_notice() is not None
+
+
+def test_a_payment_the_broker_lost_comes_back_with_its_real_card(ctx):
+    card = '4111 1111 1111 1234'
+    r = reconcile.Reconciler()
+    job = submit(ctx, 'payment', params={'card': card})
+    assert db.session.get(Job, job.id).params['card'] == '**** 1234'  # what pages show
+    r.run(ctx.config)
+    wipe()
+    assert passes(ctx, r, lambda: broker.message_ids('default') == {job.id}) == [job.id]
+    # Rebuilt from the ledger row: the message carries the real number again.
+    [task] = huey().pending()
+    assert task.kwargs['params']['card'] == card

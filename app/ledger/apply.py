@@ -103,6 +103,10 @@ def apply(conn, ops):
         _executemany(conn, d.sql['end_attempt'], ended)
     if finish_rows:
         _executemany(conn, d.sql['finish'], finish_rows)
+    succeeded = [(job_id,) for job_id, (state, _q, _t) in changed.items()
+                 if state == states.SUCCEEDED]
+    if succeeded:
+        _executemany(conn, d.sql['forget_secrets'], succeeded)
     if queued:
         _executemany(conn, d.sql['queued'], [(now, i) for i in queued])
         for q in queued.values():
@@ -158,7 +162,8 @@ def _insert_missing_jobs(conn, d, start_ops, now):
     """
     rows = []
     for job_id, s in {s.job_id: s for s in start_ops}.items():
-        rows.append((job_id, s.task, s.queue, d.json(s.params), s.priority, s.number - 1,
+        rows.append((job_id, s.task, s.queue, d.json(s.params), d.json(s.secret_params or None),
+                     s.priority, s.number - 1,
                      s.retries, s.retry_delay, d.ts(s.at), now))
     _executemany(conn, d.sql['job'], rows)
 

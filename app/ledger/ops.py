@@ -13,8 +13,9 @@ class Start(NamedTuple):
 
     The rest is what the job's row is made of if the ledger has not seen
     the job (enqueued around the API): its task type's name, queue,
-    parameters, priority, retries (as the job was submitted with) and
-    retry delay (seconds).
+    parameters (secret ones masked), priority, retries (as the job was
+    submitted with), retry delay (seconds) and the real values of its
+    secret parameters (``{}`` if none).
     """
     job_id: str
     number: int
@@ -26,6 +27,7 @@ class Start(NamedTuple):
     priority: int
     retries: int
     retry_delay: float
+    secret_params: dict = {}
 
 
 class Finish(NamedTuple):

@@ -1,4 +1,10 @@
-"""The recorder: Huey's signals, on its worker threads, become buffered ledger changes."""
+"""The recorder: Huey's signals, on its worker threads, become buffered ledger changes.
+
+Everything a task writes about its job (log lines, progress messages, error
+messages, tracebacks, results) is stored with the values of its secret
+parameters masked (:mod:`app.masking`): the task gets the real values, the
+ledger never holds them outside the job's ``secret_params``.
+"""
 import collections
 import json
 import logging
@@ -11,7 +17,7 @@ import sqlalchemy as sa
 from huey import signals as S
 from huey.exceptions import CancelExecution, TaskTimeout
 
-from .. import message, states, text
+from .. import catalog, message, states, text
 from ..leader import process_name
 from ..models import utcnow
 from . import interrupted
@@ -64,11 +70,18 @@ def _error_type(exc):
 
 
 class _Run(NamedTuple):
-    """An attempt this process runs: since when (monotonic s, and naive UTC), which, where."""
+    """An attempt this process runs: since when (monotonic s, and naive UTC), which, where,
+    and what masks its secret values in what it writes."""
     began: float
     at: object
     number: int
     queue: str
+    redactor: object
+
+
+def _redactor(task):
+    """The :class:`~app.masking.Redactor` of the secret parameters ``task`` (a Huey Task) carries."""
+    return catalog.redactor(message.task_name(task.name), message.params(task))
 
 
 class Recorder:
@@ -117,10 +130,12 @@ class Recorder:
                 number = message.attempt_number(task)
                 # Kept for the end of the attempt: a task may change its own
                 # retries (no_retry), which the number is computed from.
-                self._started[task] = _Run(time.monotonic(), now, number, queue)
+                shown, secret = catalog.split(message.task_name(task.name), message.params(task))
+                self._started[task] = _Run(time.monotonic(), now, number, queue,
+                                           _redactor(task))
                 self._ops.append(Start(task.id, number, self._worker_name(), now, task.name,
-                                       queue, message.params(task), task.priority or 0,
-                                       message.retries(task), task.retry_delay or 0.0))
+                                       queue, shown, task.priority or 0,
+                                       message.retries(task), task.retry_delay or 0.0, secret))
             elif signal == S.SIGNAL_ENQUEUED:
                 # The scheduler moving a due job into the queue.
                 if task.eta is None or task.eta <= utcnow():
@@ -166,8 +181,14 @@ class Recorder:
         if ending is not None:
             self._finish(task, states.ATTEMPT_INTERRUPTED, ending.error, final=ending.final)
 
+    def _redactor_of(self, task):
+        started = self._started.get(task)
+        return started.redactor if started else _redactor(task)
+
     def on_progress(self, running, fraction, message):
         """The running attempt (a :class:`app.task_api.Running`) is ``fraction`` (0..1) done."""
+        if message is not None:
+            message = text.storable(self._redactor_of(running.task).text(message), 200)
         self._ops.append(Progress(running.job_id, running.attempt, fraction, message))
 
     def on_log(self, running, level, message):
@@ -176,15 +197,18 @@ class Recorder:
         count = self._log_counts.get(key, 0) + 1
         self._log_counts[key] = count
         if count < self.log_lines:
+            # Masked before it is cut: a cut must not leave part of a secret.
+            line = self._redactor_of(running.task).text(text.safe_str(message))
             self._ops.append(Log(running.job_id, running.attempt, utcnow(),
                                  text.storable(level, MAX_LEVEL),
-                                 text.storable(message, MAX_MESSAGE)))
+                                 text.storable(line, MAX_MESSAGE)))
         elif count == self.log_lines:
             self._ops.append(Log(running.job_id, running.attempt, utcnow(), 'WARNING',
                                  f'(more than {self.log_lines} lines: the rest are not kept)'))
 
     def _finish(self, task, outcome, exc, final, result=None, acknowledges=True):
         now = utcnow()
+        redactor = self._redactor_of(task)
         started = self._started.pop(task, None)
         duration = time.monotonic() - started.began if started else None
         number = started.number if started else message.attempt_number(task)
@@ -193,14 +217,18 @@ class Recorder:
         if exc is not None:
             # Whatever the task raised must become text the ledger accepts:
             # a change it refuses is dropped, and the job would then look lost.
+            # Secrets masked before the text is cut (a cut must not leave a
+            # part of one).
             etype = _error_type(exc)
-            emsg = text.storable(exc, MAX_MESSAGE)
+            emsg = text.storable(redactor.text(text.safe_str(exc)), MAX_MESSAGE)
             if exc.__traceback__ is not None:
                 try:
                     tb = ''.join(tb_module.format_exception(exc))
                 except Exception:
                     tb = 'the traceback could not be formatted'
-                tb = text.storable(tb, MAX_TRACEBACK, keep_end=True)
+                tb = text.storable(redactor.text(tb), MAX_TRACEBACK, keep_end=True)
+        if redactor and result is not None:
+            result = redactor.value(result)
         self._log_counts.pop((task.id, number), None)
         receipt = None
         if acknowledges:

@@ -47,9 +47,13 @@ _SQL = {
     'stopped': 'UPDATE worker SET stopped_at = ?, last_seen = ?, current = ?, leader = ? '
                'WHERE id = ?',
     # rows for jobs Huey runs that the ledger has not seen; the API's wins
-    'job': 'INSERT INTO job (id, task, queue, params, state, priority, attempts, retries, '
-           'retry_delay, created_at, updated_at, version) '
-           'VALUES (?, ?, ?, ?, {queued}, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING',
+    'job': 'INSERT INTO job (id, task, queue, params, secret_params, state, priority, attempts, '
+           'retries, retry_delay, created_at, updated_at, version) '
+           'VALUES (?, ?, ?, ?, ?, {queued}, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING',
+    # a job that succeeded never runs again: the real values of its secret
+    # parameters are no longer needed
+    'forget_secrets': 'UPDATE job SET secret_params = NULL '
+                      'WHERE id = ? AND state = {succeeded} AND secret_params IS NOT NULL',
 }
 
 
@@ -59,6 +63,7 @@ class Dialect:
     def __init__(self, dialect):
         literals = {name: f"'{value}'" for name, value in (
             ('running', states.RUNNING), ('queued', states.QUEUED),
+            ('succeeded', states.SUCCEEDED),
             ('scheduled', states.SCHEDULED), ('retrying', states.RETRYING),
             ('attempt_running', states.ATTEMPT_RUNNING))}
         self.sql = {k: v.format(**literals) for k, v in _SQL.items()}
