@@ -181,7 +181,9 @@ def check_request():
     if who is None and not public and not login_required():
         who = LOCAL
     g.principal = who
-    if who is None or who.via != 'token':
+    # A socket's Origin is checked whatever its credentials: a program sends
+    # none, and a page on another site has no business opening one.
+    if upgrade or who is None or who.via != 'token':
         reason = _cross_site(upgrade)
         if reason is not None:
             return _refuse(403, reason, upgrade)

@@ -12,6 +12,7 @@
 (function () {
   var RECONNECTS = [1001, 1005, 1006, 1011, 1012, 1014];  // hx-ws retries these
   var FULL = 1013;          // the server has no room: try again later
+  var REFUSED = 1008;       // policy: the socket is refused, with the reason
   var POLL_AFTER = 3000;    // ms without a live socket before polling starts
   var POLL_EVERY = 5000;    // ms between polls
   var RETRY_FULL = [5000, 10000, 20000, 30000];  // ms before asking a full server again
@@ -91,6 +92,10 @@
     if (detail.code === FULL) {
       refusals += 1;
       startPolling();
+    } else if (detail.code === REFUSED) {
+      // Refused for good (logged out, a bad view, another site): say why.
+      stopPolling();
+      show('not live: ' + (detail.reason || 'refused') + ' (reload)', false);
     } else if (detail.code === null || RECONNECTS.indexOf(detail.code) >= 0) {
       if (polling === null) show('reconnecting…', false);
       armFallback();

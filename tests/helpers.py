@@ -148,8 +148,8 @@ def auth_headers(url):
     return {'Authorization': f'Bearer {token}'} if token else {}
 
 
-def grant_admin(env):
-    """Create the admin user (:data:`ADMIN`) and an API token in ``env``'s ledger; the token.
+def add_user(env, name, role, password, token=False):
+    """Create a user in ``env``'s ledger (and an API token for it if ``token``); the token or None.
 
     Written straight into the database (as ``flask users create`` and
     ``flask tokens create`` would write it), so no process is started.
@@ -158,21 +158,29 @@ def grant_admin(env):
     import secrets
 
     from werkzeug.security import generate_password_hash
-    token = 'qm_' + secrets.token_urlsafe(32)
     engine = sa.create_engine(env['DATABASE_URL'])
     try:
         with engine.begin() as conn:
             user_id = conn.execute(sa.text(
                 "INSERT INTO app_user (name, password_hash, role, session_epoch, created_at) "
-                "VALUES (:name, :hash, 'admin', 1, CURRENT_TIMESTAMP) RETURNING id"),
-                {'name': ADMIN[0], 'hash': generate_password_hash(ADMIN[1], method='scrypt')}).scalar()
+                "VALUES (:name, :hash, :role, 1, CURRENT_TIMESTAMP) RETURNING id"),
+                {'name': name, 'role': role,
+                 'hash': generate_password_hash(password, method='scrypt')}).scalar()
+            if not token:
+                return None
+            value = 'qm_' + secrets.token_urlsafe(32)
             conn.execute(sa.text(
                 "INSERT INTO api_token (user_id, name, token_hash, created_at) "
                 "VALUES (:user, 'tests', :hash, CURRENT_TIMESTAMP)"),
-                {'user': user_id, 'hash': hashlib.sha256(token.encode()).hexdigest()})
+                {'user': user_id, 'hash': hashlib.sha256(value.encode()).hexdigest()})
+            return value
     finally:
         engine.dispose()
-    return token
+
+
+def grant_admin(env):
+    """Create the admin user (:data:`ADMIN`) and an API token in ``env``'s ledger; the token."""
+    return add_user(env, *ADMIN[:1], 'admin', ADMIN[1], token=True)
 
 
 class Api:
@@ -307,16 +315,17 @@ class Deployment:
     def ws_base(self):
         return self.api.base.replace('http://', 'ws://')
 
-    def open(self, page, path):
-        """Open ``path`` in ``page`` (Playwright), logged in as the admin where login is asked for.
+    def open(self, page, path, user=ADMIN):
+        """Open ``path`` in ``page`` (Playwright), logged in as ``user`` ``(name, password)``
+        where login is asked for.
 
         The distributed mode asks: the first visit logs in through the login
         form, which then leads to ``path``.
         """
         page.goto(self.api.base + path)
-        if self.token and urllib.parse.urlsplit(page.url).path == '/login':
-            page.fill('#login-name', ADMIN[0])
-            page.fill('#login-password', ADMIN[1])
+        if urllib.parse.urlsplit(page.url).path == '/login':
+            page.fill('#login-name', user[0])
+            page.fill('#login-password', user[1])
             page.click('.login button[type=submit]')
             page.wait_for_url(lambda url: urllib.parse.urlsplit(url).path != '/login')
 
@@ -359,8 +368,10 @@ class _Client(simple_websocket.Client):
 class Socket:
     """A WebSocket client that reads every message on a thread of its own."""
 
-    def __init__(self, url):
-        self.ws = _Client.connect(url, headers=auth_headers(url) or None)
+    def __init__(self, url, headers=None):
+        """Connect to ``url`` with ``headers`` (default: the deployment's token)."""
+        headers = auth_headers(url) if headers is None else headers
+        self.ws = _Client.connect(url, headers=headers or None)
         self.messages = []  # (monotonic time, text)
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)

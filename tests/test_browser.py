@@ -3,13 +3,15 @@
 Everything here happens without reloading the page: the WebSocket pushes
 fragments and htmx swaps them in.
 """
+import http.server
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
-from helpers import Deployment, Socket, need, start_consumer, wait_for
+from helpers import ADMIN, Deployment, Socket, add_user, need, start_consumer, wait_for
 from playwright.sync_api import expect, sync_playwright
 
 # Every test here starts real processes: the full suite only (make test).
@@ -352,3 +354,105 @@ def test_deleting_a_job_asks_first_under_the_policy(deployment, page):
     assert deployment.api.get(f'/api/jobs/{job["id"]}')[0] == 404
     assert len(questions) == 2
     assert violations(page) == []
+
+
+# -- access control --
+
+def test_each_role_sees_and_does_only_what_it_may(tmp_path, browser):
+    dep = Deployment('distributed', tmp_path, web_workers=1)
+    try:
+        for role in ('viewer', 'operator'):
+            add_user(dep.env, role, role, f'{role}-password')
+        failed = dep.api.wait_state(dep.api.submit('fail', retries=0)['id'], 'failed')['id']
+        seen = {}
+        for role in ('viewer', 'operator', 'admin'):
+            context = browser.new_context()
+            try:
+                page = context.new_page()
+                user = ADMIN if role == 'admin' else (role, f'{role}-password')
+                dep.open(page, f'/jobs/{failed}', user=user)
+                live(page)
+                expect(page.locator('.who')).to_contain_text(f'{user[0]} ({role})')
+                summary = page.locator(f'#job-{failed}-summary')
+                seen[role] = sorted(summary.locator('button[name=action]').evaluate_all(
+                    'buttons => buttons.map(b => b.value)'))
+                if role == 'operator':
+                    summary.locator('button[value=retry]').click()
+                    wait_for(lambda: len(dep.api.job(failed)['attempts']) == 2, 20,
+                             message='the retry to run')
+                if role == 'admin':
+                    page.once('dialog', lambda dialog: dialog.accept())
+                    summary.locator('button[value=delete]').click()
+                    wait_for(lambda: dep.api.get(f'/api/jobs/{failed}')[0] == 404, 15,
+                             message='the job to be deleted')
+            finally:
+                context.close()
+        assert seen == {'viewer': [], 'operator': ['retry'], 'admin': ['delete', 'retry']}
+    finally:
+        dep.close()
+
+
+EVIL_PAGE = """<!doctype html><html><body>
+{forms}
+<iframe name="sink"></iframe>
+<script>
+  for (const form of document.forms) form.submit();
+  const ws = new WebSocket('{ws}');
+  ws.onclose = e => {{ document.title = 'closed ' + e.code + ' ' + e.reason; }};
+  ws.onmessage = e => {{ document.title = 'received'; }};
+</script></body></html>"""
+
+
+def test_a_page_on_another_site_can_neither_act_nor_listen(tmp_path, browser):
+    dep = Deployment('distributed', tmp_path, web_workers=1)
+    server = None
+    try:
+        job = dep.api.submit('sleep', {'seconds': 1}, delay=3600)
+        targets = [('post', f'/jobs/{job["id"]}/{verb}', {}) for verb in
+                   ('retry', 'cancel', 'run-now', 'delete')]
+        targets += [('post', '/jobs', {'task': 'noop'}), ('post', '/queues/default/pause', {}),
+                    ('post', '/periodic/report/trigger', {}),
+                    ('post', '/jobs/bulk', {'action': 'delete', 'scope': 'filter',
+                                            'confirmed': '1'})]
+        forms = '\n'.join(
+            f'<form method="{method}" action="{dep.api.base}{path}" target="sink">'
+            + ''.join(f'<input name="{k}" value="{v}">' for k, v in fields.items()) + '</form>'
+            for method, path, fields in targets)
+        html = EVIL_PAGE.format(forms=forms, ws=f'{dep.ws_base}/ws?view=dashboard')
+
+        class Evil(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = html.encode()
+                self.send_response(200)
+                self.send_header('Content-Type', 'text/html')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Evil)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            dep.open(page, '/')  # logged in: its session cookie is what the other site would use
+            live(page)
+            evil = context.new_page()
+            # localhost, not 127.0.0.1: another site, not only another origin
+            evil.goto(f'http://localhost:{server.server_address[1]}/')
+            evil.wait_for_function("document.title.startsWith('closed')", timeout=15_000)
+            assert evil.title() == 'closed 1008 a socket opened from another site ' \
+                                   f'(http://localhost:{server.server_address[1]}) is refused'
+        finally:
+            context.close()
+        # Nothing changed: the job waits as it did, the queue runs, nothing new.
+        after = dep.api.job(job['id'])
+        assert (after['state'], after['attempts']) == ('scheduled', [])
+        status, listed = dep.api.get('/api/jobs')
+        assert [j['id'] for j in listed['jobs']] == [job['id']]
+        assert not dep.api.get('/api/queues')[1]['queues'][0]['paused']
+    finally:
+        if server is not None:
+            server.shutdown()
+        dep.close()

@@ -1,6 +1,7 @@
 """The distributed mode when Redis goes away: clear 503s, no phantom rows, recovery."""
 import pytest
-from helpers import RedisServer, migrate, service_env, start_consumer, start_web
+from helpers import (CREDENTIALS, RedisServer, grant_admin, migrate, service_env, start_consumer,
+                     start_web)
 
 # Every test here starts real processes: the full suite only (make test).
 pytestmark = pytest.mark.processes
@@ -11,9 +12,13 @@ def stack(tmp_path):
     redis = RedisServer(tmp_path / 'redis')
     env = service_env(tmp_path, redis.url)
     migrate(env, tmp_path)
+    token = grant_admin(env)  # the distributed mode asks for a login
     web, api = start_web(env, tmp_path, workers=1)
+    netloc = api.base.split('//', 1)[1]
+    CREDENTIALS[netloc] = token
     consumer = start_consumer(env, tmp_path)
     yield redis, api
+    CREDENTIALS.pop(netloc, None)
     for proc in (consumer, web):
         proc.stop()
         print(f'--- {proc.name} ---\n{proc.log()[-3000:]}')

@@ -173,7 +173,8 @@ def test_a_bad_view_is_refused_with_1008(stack):
 def upgrade_answer(port, **headers):
     """The answer to a raw upgrade request for the dashboard: its head, and its body if any."""
     fields = {'Host': f'127.0.0.1:{port}', 'Upgrade': 'websocket', 'Connection': 'Upgrade',
-              'Sec-WebSocket-Key': 'dGhlIHNhbXBsZSBub25jZQ==', 'Sec-WebSocket-Version': '13'}
+              'Sec-WebSocket-Key': 'dGhlIHNhbXBsZSBub25jZQ==', 'Sec-WebSocket-Version': '13',
+              **helpers.auth_headers(f'http://127.0.0.1:{port}')}
     fields.update(headers)
     request = 'GET /ws?view=dashboard HTTP/1.1\r\n' + ''.join(
         f'{k}: {v}\r\n' for k, v in fields.items() if v is not None) + '\r\n'
@@ -201,6 +202,24 @@ def test_a_bad_upgrade_request_is_answered_with_a_4xx_and_why(stack):
     assert refused.startswith('HTTP/1.1 400 ') and 'Sec-WebSocket-Key' in refused
     old = upgrade_answer(port, **{'Sec-WebSocket-Version': '8'})
     assert old.startswith('HTTP/1.1 426 ') and '\r\nSec-WebSocket-Version: 13\r\n' in old
+
+
+def test_a_socket_without_credentials_or_from_another_site_is_closed_with_1008_and_why(stack):
+    url = f'{stack.ws_base}/ws?view=dashboard'
+    for headers, reason in (
+            ({}, 'log in first'),
+            ({**helpers.auth_headers(url), 'Origin': 'http://evil.example'},
+             'a socket opened from another site (http://evil.example) is refused'),
+            ({'Authorization': 'Bearer qm_revoked'}, 'unknown or revoked token')):
+        sock = helpers.Socket(url, headers=headers)
+        assert sock.closed.wait(10), 'the refusal'
+        assert (sock.close_code, sock.ws.close_message, sock.messages) == (1008, reason, [])
+    # The same socket with the page's own origin and credentials is served
+    # (simple-websocket's Host header leaves the port out, so its Origin does).
+    sock = helpers.Socket(url, headers={**helpers.auth_headers(url), 'Origin': 'http://127.0.0.1'})
+    wait_for(lambda: sock.messages, 10, message='the snapshot')
+    assert sock.messages[0][1].startswith('<hx-partial')
+    sock.close()
 
 
 def test_redis_restart_resumes_the_relay_without_restarting_web(tmp_path):
