@@ -58,17 +58,17 @@ def create_app(test_config=None, *, config=None):
     # the master, and the live hub belongs to each worker.
     from . import api, auth, cli, errors, health, live, pages, templating
     templating.register(app)
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(live.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(health.bp)
+    errors.register(app)
     # Text that cannot be stored is refused before any view (or socket) sees
     # it, and before anything reads the body (the form's bytes are checked
     # as they came); then who is asking, and whether they may.
     app.before_request(inputs.check_request)
     auth.register(app)
     cli.register(app)
-    app.register_blueprint(pages.bp)
-    app.register_blueprint(live.bp)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(health.bp)
-    errors.register(app)
     from .reconcile import loss_notice
     app.add_template_global(loss_notice, 'broker_loss')
     # Headers on every response, the session cookie's flags, trusted proxies.

@@ -6,7 +6,7 @@ those declarations, and the query parameters are parsed by them.
 """
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import (auth, catalog, inputs, jobs, openapi, periodic, queries, queues, states)
+from . import (audit, auth, catalog, inputs, jobs, openapi, periodic, queries, queues, states)
 from .models import isoformat
 from .openapi import Query, declare
 
@@ -141,6 +141,23 @@ def stats():
     return queries.stats()
 
 
+AUDIT_LIMIT = Query('limit', int, minimum=1, maximum=1000, help='Entries per page (default 200)')
+AUDIT_BEFORE = Query('before', int, minimum=1, help='The `next` value of the previous page')
+
+
+@bp.get('/audit')
+@auth.action('audit')
+@declare(query=(AUDIT_LIMIT, AUDIT_BEFORE),
+         responses={200: ('Audit', 'Actions taken or refused, newest first (admins only)')})
+def audit_log():
+    """The audit log, newest first, a page at a time."""
+    args = _query(AUDIT_LIMIT, AUDIT_BEFORE)
+    limit = args['limit'] or 200
+    entries = audit.entries(limit=limit, before=args['before'])
+    return {'entries': [e.to_dict() for e in entries],
+            'next': entries[-1].id if len(entries) == limit else None}
+
+
 @bp.get('/workers')
 @declare(responses={200: ('Workers', 'Consumers, online first')})
 def list_workers():
@@ -205,7 +222,9 @@ def bulk_action():
         raise catalog.ValidationError(fields, 'invalid bulk action')
     if filters is not None:
         filters = queries.parse_filters(filters)
-    return jobs.bulk(action, ids=ids, filters=filters)
+    result = jobs.bulk(action, ids=ids, filters=filters)
+    auth.note(count=result['done'])
+    return result
 
 
 @bp.get('/failures')

@@ -25,6 +25,7 @@ close with 1008 and the reason, which the page shows.
 """
 import datetime as dt
 import ipaddress
+import logging
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -35,11 +36,13 @@ from flask_login import current_user, login_user, logout_user
 from flask_wtf.csrf import CSRFError, generate_csrf
 from markupsafe import Markup, escape
 
-from . import accounts, catalog, errors, live, roles
+from . import accounts, audit, catalog, errors, fragments, live, roles
 from .extensions import csrf, db, login_manager
 from .models import Job
 
 UNSAFE_METHODS = frozenset({'POST', 'PUT', 'PATCH', 'DELETE'})
+
+logger = logging.getLogger(__name__)
 
 bp = Blueprint('auth', __name__)
 
@@ -160,6 +163,9 @@ def register(app):
     app.config['PERMANENT_SESSION_LIFETIME'] = dt.timedelta(seconds=app.config['SESSION_IDLE_TIMEOUT'])
     csrf.init_app(app)
     app.before_request(check_request)
+    app.after_request(_audit)
+    # A live view needs what its page needs (the audit log is for admins).
+    app.view_functions['live.live_socket'].qm_action = _live_page_action
     app.register_blueprint(bp)
     app.add_template_global(can)
     app.add_template_global(refusal)
@@ -175,9 +181,11 @@ def check_request():
         return None  # a 404 or 405 follows; nothing is done
     upgrade = request.url_rule.websocket
     who, refusal = _who()
+    public = getattr(view, 'qm_public', False)
+    if request.method in UNSAFE_METHODS and not public:
+        g.audit = view  # written after the answer, taken or refused (_audit)
     if refusal is not None:
         return _refuse(401, refusal, upgrade)
-    public = getattr(view, 'qm_public', False)
     if who is None and not public and not login_required():
         who = LOCAL
     g.principal = who
@@ -226,6 +234,73 @@ def on_task(default):
         task_type = catalog.TASKS.get(name) if isinstance(name, str) else None
         return 'admin-task' if task_type is not None and task_type.role == 'admin' else default
     return decide
+
+
+def _live_page_action():
+    page = fragments.PAGES.get(request.args.get('view'))
+    return page.action if page is not None else 'view'
+
+
+def note(count=None, outcome=None):
+    """Tell the audit entry of this request how many jobs it concerned, or its outcome."""
+    if count is not None:
+        g.audit_count = count
+    if outcome is not None:
+        g.audit_outcome = outcome
+
+
+def _action_of(view):
+    needed = getattr(view, 'qm_action', None)
+    try:
+        return needed() if callable(needed) else needed or 'unknown'
+    except Exception:
+        return 'unknown'
+
+
+def _target():
+    args = request.view_args or {}
+    if 'job_id' in args:
+        return args['job_id']
+    if 'name' in args:
+        kind = 'queue' if '/queues/' in request.url_rule.rule else 'periodic'
+        return f"{kind} {args['name']}"
+    if request.endpoint in ('pages.bulk_jobs', 'api.bulk_action'):
+        if request.is_json:
+            ids, filters = _json_field('ids'), _json_field('filter')
+        else:
+            ids = request.form.getlist('ids') if request.form.get('scope') != 'filter' else None
+            filters = {k[2:]: v for k, v in request.form.items() if k.startswith('f.') and v}
+        if isinstance(ids, list):
+            return 'ids ' + ', '.join(str(i) for i in ids)
+        if isinstance(filters, dict):
+            return 'filter ' + (' '.join(f'{k}={v}' for k, v in filters.items()) or '(all jobs)')
+    if request.endpoint in ('pages.create_job', 'api.submit_job'):
+        task = _json_field('task') if request.is_json else request.form.get('task')
+        return f'task {task}' if isinstance(task, str) else None
+    return None
+
+
+def _audit(response):
+    """Flask's ``after_request``: write the audit entry of a state-changing request."""
+    view = g.pop('audit', None)
+    if view is None:
+        return response
+    who = g.get('principal')
+    status = response.status_code
+    outcome = g.get('audit_outcome') or ('done' if status < 400 else f'refused: {status} '
+                                         f'{response.status.split(" ", 1)[-1].lower()}')
+    count = g.get('audit_count')
+    if count is None and status < 400 and 'job_id' in (request.view_args or {}):
+        count = 1
+    try:
+        audit.record(user=who.name if who else None, role=who.role if who else None,
+                     via=who.via if who else 'anonymous', action=_action_of(view),
+                     target=_target(), count=count, address=request.remote_addr,
+                     outcome=outcome)
+    except Exception:
+        db.session.rollback()
+        logger.exception('audit: entry not written for %s %s', request.method, request.path)
+    return response
 
 
 def _json_field(name):
@@ -346,13 +421,18 @@ def login():
     wait = accounts.login_wait(name, address)
     if wait > 0:
         context['error'] = f'Too many failed logins: try again in {int(wait) + 1} s.'
+        audit.record(user=name, role=None, via='anonymous', action='login', address=address,
+                     outcome='slowed: too many failures')
         return render_template('login.html', **context), 429, {'Retry-After': str(int(wait) + 1)}
     user = accounts.authenticate(name, password)
     if user is None:
         accounts.login_failed(name, address)
+        audit.record(user=name, role=None, via='anonymous', action='login', address=address,
+                     outcome='wrong name or password')
         context['error'] = 'Wrong name or password.'
         return render_template('login.html', **context), 401
     accounts.login_succeeded(name, address)
+    audit.record(user=user.name, role=user.role, via='session', action='login', address=address)
     session.clear()  # a fresh session: one fixed before login is worth nothing
     login_user(user)
     session.permanent = True
@@ -364,6 +444,10 @@ def login():
 @public
 def logout():
     """End this browser's session."""
+    who = principal()
+    if who is not None and who.via == 'session':
+        audit.record(user=who.name, role=who.role, via='session', action='logout',
+                     address=request.remote_addr)
     logout_user()
     session.clear()
     return redirect(url_for('auth.login'), 303)

@@ -150,9 +150,9 @@ def job_change(job_id, state, queue, task, version=None):
     return change
 
 
-def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False):
+def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False, audit=False):
     """Announce changed jobs (:func:`job_change` dicts), deleted job ids, and whether
-    consumers, queues or periodic tasks changed."""
+    consumers, queues, periodic tasks or the audit log changed."""
     event = {}
     if jobs:
         event['jobs'] = list(jobs)
@@ -164,5 +164,7 @@ def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False):
         event['queues'] = True
     if periodic:
         event['periodic'] = True
+    if audit:
+        event['audit'] = True
     if event:
         bus.publish(event)

@@ -22,9 +22,10 @@ from typing import Callable, NamedTuple
 from flask import current_app, render_template
 from markupsafe import Markup
 
-from . import catalog, periodic, queries, queues, states
+from . import audit, catalog, periodic, queries, queues, states
 
 RECENT = 20  # rows in the dashboard's newest jobs
+AUDIT_ROWS = 200  # entries on the audit page
 
 _PARAMETER = re.compile(r'-?\{(\w+)\}')
 
@@ -136,7 +137,8 @@ class Page:
     """A page that shows live fragments, and the live view (``/ws?view=name``) that pushes them.
 
     ``fragments``: ``{slot: Fragment}``, in render order; the page's
-    template places each as ``{{ fragments.<slot> }}``. ``parse(args)``:
+    template places each as ``{{ fragments.<slot> }}``. ``action``: the
+    action (:mod:`app.roles`) its page and its socket need. ``parse(args)``:
     the page's parameters, ``{name: str or None}`` (always the same names,
     in the same order), from a query string (a mapping); raises ValueError
     (:class:`~app.queries.BadQuery` for a filter or cursor) for values it
@@ -145,6 +147,7 @@ class Page:
     name: str
     fragments: dict
     parse: Callable[[object], dict]
+    action: str = 'view'  # what seeing it takes (app.roles): the audit log is for admins
 
     def render(self, scope):
         """``{slot: Markup}``: every fragment's HTML; raises what a fragment raises."""
@@ -250,6 +253,10 @@ def _periodic(scope):
     return {'periodic': periodic.overview()}
 
 
+def _audit_log(scope):
+    return {'entries': audit.entries(limit=AUDIT_ROWS)}
+
+
 # -- what changes them ------------------------------------------------------------
 
 def _any_job(change, view):
@@ -291,6 +298,10 @@ def _waiting_for_time(change, view):
                            states.CANCELED, None) for c in change.jobs)
 
 
+def _audited(change, view):
+    return bool(change.event.get('audit'))
+
+
 def _periodic_jobs(change, view):
     return bool(change.event.get('periodic')) or any(
         c.get('task') in catalog.PERIODIC or c.get('task') is None for c in change.jobs)
@@ -309,12 +320,13 @@ WORKERS = Fragment('workers', _workers, _workers_changed)
 FAILURES = Fragment('failures', _failures, _failed_or_gone)
 SCHEDULED = Fragment('scheduled', _scheduled, _waiting_for_time)
 PERIODIC = Fragment('periodic', _periodic, _periodic_jobs)
+AUDIT_LOG = Fragment('audit-log', _audit_log, _audited)
 # The live indicator in every live page's header: rendered with ``live`` and
 # ``node`` by its caller, sent with each snapshot, never refreshed.
 LIVE_STATUS = Fragment('live-status', None, None)
 
 FRAGMENTS = (QUEUE_STATS, RECENT_JOBS, JOBS_PAGE_ROWS, PAGER, JOB_SUMMARY, JOB_ATTEMPTS,
-             QUEUES, WORKERS, FAILURES, SCHEDULED, PERIODIC, LIVE_STATUS)
+             QUEUES, WORKERS, FAILURES, SCHEDULED, PERIODIC, AUDIT_LOG, LIVE_STATUS)
 
 PAGES = {page.name: page for page in (
     Page('dashboard', {'stats': QUEUE_STATS, 'recent': RECENT_JOBS}, _no_params),
@@ -325,4 +337,5 @@ PAGES = {page.name: page for page in (
     Page('failures', {'failures': FAILURES}, _queue_param),
     Page('scheduled', {'scheduled': SCHEDULED}, _queue_param),
     Page('periodic', {'periodic': PERIODIC}, _no_params),
+    Page('audit', {'log': AUDIT_LOG}, _no_params, action='audit'),
 )}

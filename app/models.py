@@ -331,3 +331,26 @@ class LoginFailure(db.Model):
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     failures: Mapped[int] = mapped_column(default=0)
     last_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(db.Model):
+    """One action someone took (or was refused): who, as what role, what, on what, from where, when."""
+    __tablename__ = 'audit_entry'
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    user: Mapped[str | None] = mapped_column(String(64))  # None: the local user (no login)
+    role: Mapped[str | None] = mapped_column(String(16))
+    via: Mapped[str] = mapped_column(String(16))  # session, token, local; anonymous
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str | None] = mapped_column(Text)  # a job id, a queue, a filter...
+    count: Mapped[int | None]  # jobs it concerned, when known
+    address: Mapped[str | None] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(64))  # "done", or why it was refused
+
+    __table_args__ = (sa.Index('ix_audit_entry_at', 'at'),)
+
+    def to_dict(self):
+        return {'id': self.id, 'at': isoformat(self.at), 'user': self.user, 'role': self.role,
+                'via': self.via, 'action': self.action, 'target': self.target,
+                'count': self.count, 'address': self.address, 'outcome': self.outcome}

@@ -11,7 +11,7 @@ cannot leave one out.
 import re
 from dataclasses import dataclass, field
 
-from . import catalog, states
+from . import catalog, roles, states
 
 OPENAPI = '3.1.0'
 
@@ -79,7 +79,9 @@ def _schemas(config):
     task = _object({'name': _STR, 'description': _STR,
                     'params': {'type': 'array', 'items': _ref('TaskParam')},
                     'retries': _INT, 'retry_delay': _NUM, 'priority': _INT,
-                    'timeout': _null(_NUM), 'rerun': _BOOL})
+                    'timeout': _null(_NUM), 'rerun': _BOOL,
+                    'role': {'type': 'string', 'enum': list(roles.ROLES),
+                             'description': 'the lowest role that may submit it'}})
     worker = _object({'id': _STR, 'host': _STR, 'pid': _INT,
                       'queues': {'type': 'array', 'items': _STR}, 'concurrency': _INT,
                       'started_at': _TIME, 'last_seen': _TIME, 'stopped_at': _null(_TIME),
@@ -119,6 +121,11 @@ def _schemas(config):
                           'queues': {'type': 'object', 'additionalProperties': counts},
                           'total': _INT}),
         'Workers': _object({'workers': {'type': 'array', 'items': worker}}),
+        'Audit': _object({'entries': {'type': 'array', 'items': _object({
+            'id': _INT, 'at': _TIME, 'user': _null(_STR), 'role': _null(_STR), 'via': _STR,
+            'action': _STR, 'target': _null(_STR), 'count': _null(_INT),
+            'address': _null(_STR), 'outcome': _STR})},
+            'next': _null({**_INT, 'description': 'the `before` of the next page'})}),
         'BulkResult': _object({'action': {'type': 'string', 'enum': ['retry', 'cancel', 'delete']},
                                'matched': _INT, 'done': _INT, 'skipped': counts,
                                'truncated': _BOOL}),

@@ -238,8 +238,10 @@ def bulk_jobs():
         fields = [('action', action), ('scope', 'selected')] + [('ids', i) for i in ids] + [
             (f'f.{k}', v) for k, v in filters.items() if v]
     if action in ('cancel', 'delete') and not form.get('confirmed'):
+        auth.note(count=count, outcome='asked to confirm')
         return render_template('confirm.html', action=action, count=count, fields=fields, back=back)
     result = jobs.bulk(action, ids=ids, filters=None if ids is not None else filters)
+    auth.note(count=result['done'])
     skipped = ', '.join(f'{n} {state}' for state, n in sorted(result['skipped'].items()))
     verb = {'retry': 'retried', 'cancel': 'canceled (or asked to stop)', 'delete': 'deleted'}[action]
     flash(f'{result["done"]} of {result["matched"]} jobs {verb}'
@@ -270,6 +272,13 @@ def resume_queue(name):
     queues.resume(current_app.config, name)
     flash(f'Queue {name} resumed.', 'ok')
     return redirect(url_for('pages.queues_page'), 303)
+
+
+@bp.get('/audit')
+@auth.action('audit')
+def audit_page():
+    """The audit log: who did what, from where, when (admins only)."""
+    return _page('audit', 'audit.html', rows=fragments.AUDIT_ROWS)
 
 
 @bp.get('/workers')

@@ -43,6 +43,7 @@ ROUTES = {
     ('api.pause_queue', 'POST'): 'pause', ('api.resume_queue', 'POST'): 'resume',
     ('api.pause_periodic', 'POST'): 'pause', ('api.resume_periodic', 'POST'): 'resume',
     ('api.trigger_periodic', 'POST'): 'trigger',
+    ('pages.audit_page', 'GET'): 'audit', ('api.audit_log', 'GET'): 'audit',
 }
 PASSWORD = 'long enough'
 
