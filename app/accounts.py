@@ -79,7 +79,7 @@ def create_user(name, password, role):
     if db.session.scalar(sa.select(User.id).where(User.name == name)) is not None:
         raise AccountError(f'a user named {name!r} exists already')
     user = User(name=name, password_hash=generate_password_hash(password, method='scrypt'),
-                role=role, session_epoch=1, created_at=utcnow())
+                role=role, session_epoch=secrets.randbelow(2 ** 62), created_at=utcnow())
     db.session.add(user)
     db.session.commit()
     return user
@@ -104,6 +104,12 @@ def set_password(name, password):
     user.session_epoch += 1
     db.session.commit()
     return user
+
+
+def end_sessions(user):
+    """End every session of ``user`` (a :class:`User`): logging out, here or anywhere."""
+    user.session_epoch += 1
+    db.session.commit()
 
 
 def delete_user(name):
@@ -218,17 +224,27 @@ def login_wait(name, address):
 
 
 def login_failed(name, address):
-    """Count a failed login against the account and the address."""
+    """Count a failed login against the account and the address.
+
+    Called before the password is checked (and undone by
+    :func:`login_succeeded`), so that guesses sent in parallel are counted
+    before any of them is heard.
+    """
     now = utcnow()
     for key in _keys(name, address):
-        row = db.session.get(LoginFailure, key)
-        if row is None:
-            db.session.add(LoginFailure(key=key, failures=1, last_at=now))
-        else:
-            stale = (now - row.last_at).total_seconds() > FAILURE_WINDOW
-            row.failures = 1 if stale else row.failures + 1
-            row.last_at = now
-    db.session.commit()
+        for _try in range(3):  # two first failures at once: one inserts, one updates
+            row = db.session.get(LoginFailure, key)
+            if row is None:
+                db.session.add(LoginFailure(key=key, failures=1, last_at=now))
+            else:
+                stale = (now - row.last_at).total_seconds() > FAILURE_WINDOW
+                db.session.execute(sa.update(LoginFailure).where(LoginFailure.key == key).values(
+                    failures=1 if stale else LoginFailure.failures + 1, last_at=now))
+            try:
+                db.session.commit()
+                break
+            except sa.exc.IntegrityError:
+                db.session.rollback()
 
 
 def login_succeeded(name, address):

@@ -115,6 +115,17 @@ def can(what, task=None):
     return roles.may(who.role, what)
 
 
+def out_of_reach(action):
+    """Task types whose jobs this request's principal may not take bulk ``action`` on.
+
+    Retrying a job runs it again: an admin-only task's jobs (``purge``) are
+    spared unless the principal may run admin-only tasks.
+    """
+    if action != 'retry' or can('admin-task'):
+        return ()
+    return tuple(name for name, task_type in catalog.TASKS.items() if task_type.role == 'admin')
+
+
 def refusal(what):
     """Why this request's principal may not take action ``what`` (a sentence, for pages)."""
     who = principal()
@@ -134,18 +145,36 @@ def login_required():
 
     Always with ``AUTH=login``, in the distributed mode, when the server is
     configured to listen on anything but a loopback address, or for a
-    request that does not come from this machine; otherwise (``make run``)
-    only once a user exists.
+    request that does not come from this machine: from another address, for
+    a host name that is not a loopback one (a page on another site that
+    rebound its DNS name to 127.0.0.1 sends its own name), or through an
+    undeclared proxy (``X-Forwarded-*`` with ``PROXY_FIX=0``); otherwise
+    (``make run``) only once a user exists.
     """
     config = current_app.config
     if (config['AUTH'] == 'login' or not config['EMBEDDED'] or not _loopback(config['HOST'])
-            or not _loopback(request.remote_addr)):
+            or not _loopback(request.remote_addr) or not _loopback(_host_name())
+            or (not config['PROXY_FIX'] and _forwarded())):
         return True
     return accounts.any_user()
 
 
+def _host_name():
+    try:
+        return urlsplit('//' + request.host).hostname
+    except ValueError:
+        return None
+
+
+def _forwarded():
+    # Sent through a proxy or tunnel on this machine (nginx, ssh -R, a
+    # port forwarder) that nobody declared (PROXY_FIX=0): from elsewhere.
+    return any(key.startswith(('HTTP_X_FORWARDED_', 'HTTP_FORWARDED'))
+               for key in request.environ)
+
+
 def _loopback(host):
-    if host in ('localhost',):
+    if (host or '').lower() in ('localhost', 'localhost.'):
         return True
     try:
         return ipaddress.ip_address((host or '').strip('[]')).is_loopback
@@ -283,9 +312,9 @@ def _target():
 def _audit(response):
     """Flask's ``after_request``: write the audit entry of a state-changing request."""
     view = g.pop('audit', None)
-    if view is None:
-        return response
     who = g.get('principal')
+    if view is None or who is None:
+        return response  # nobody's refused attempts are not kept: anyone could flood the log
     status = response.status_code
     outcome = g.get('audit_outcome') or ('done' if status < 400 else f'refused: {status} '
                                          f'{response.status.split(" ", 1)[-1].lower()}')
@@ -398,9 +427,14 @@ def _refuse(status, reason, upgrade):
 
 
 def _safe_next(target):
-    # Only a path on this site: never an open redirect to another.
-    if target and target.startswith('/') and not target.startswith('//') and '\\' not in target:
-        return target
+    # Only a path on this site: never an open redirect to another. Browsers
+    # drop tabs and newlines from URLs and read \\ as /, so "/\t/evil" and
+    # "/\\evil" would lead away; anything but printable ASCII is refused.
+    if (target and target.startswith('/') and not target.startswith('//')
+            and all(' ' < ch < '\x7f' and ch != '\\' for ch in target)):
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc:
+            return target
     return url_for('pages.dashboard')
 
 
@@ -424,9 +458,9 @@ def login():
         audit.record(user=name, role=None, via='anonymous', action='login', address=address,
                      outcome='slowed: too many failures')
         return render_template('login.html', **context), 429, {'Retry-After': str(int(wait) + 1)}
+    accounts.login_failed(name, address)  # counted first: parallel guesses all count
     user = accounts.authenticate(name, password)
     if user is None:
-        accounts.login_failed(name, address)
         audit.record(user=name, role=None, via='anonymous', action='login', address=address,
                      outcome='wrong name or password')
         context['error'] = 'Wrong name or password.'
@@ -443,11 +477,14 @@ def login():
 @bp.post('/logout')
 @public
 def logout():
-    """End this browser's session."""
+    """End this user's sessions (this browser's and any other's)."""
     who = principal()
     if who is not None and who.via == 'session':
         audit.record(user=who.name, role=who.role, via='session', action='logout',
                      address=request.remote_addr)
+        # A copy of the cookie must not outlive the logout: the session id
+        # it holds stops fitting (every session of the user ends).
+        accounts.end_sessions(current_user._get_current_object())
     logout_user()
     session.clear()
     return redirect(url_for('auth.login'), 303)

@@ -221,12 +221,14 @@ MAX_BULK = 50_000
 ACTIONS = ('retry', 'cancel', 'delete')
 
 
-def bulk(action, ids=None, filters=None):
+def bulk(action, ids=None, filters=None, spare_tasks=()):
     """Apply ``action`` to the jobs named, or to every job matching ``filters``.
 
     Jobs whose state does not allow the action are skipped and counted by
-    state. At most ``MAX_BULK`` jobs are handled per call (``truncated``
-    says there are more: call again). Returns a summary.
+    state; jobs of the task types in ``spare_tasks`` (those the caller may
+    not act on) are skipped as ``"not allowed"``. At most ``MAX_BULK`` jobs
+    are handled per call (``truncated`` says there are more: call again).
+    Returns a summary.
     """
     if action not in ACTIONS:
         raise BadQuery(f'action must be one of {", ".join(ACTIONS)}')
@@ -244,11 +246,13 @@ def bulk(action, ids=None, filters=None):
     for start in range(0, len(targets), 500):
         chunk = targets[start:start + 500]
         rows = db.session.execute(
-            sa.select(Job.id, Job.state, Job.queue).where(Job.id.in_(chunk))).all()
+            sa.select(Job.id, Job.state, Job.queue, Job.task).where(Job.id.in_(chunk))).all()
         _skip(summary, 'missing', len(chunk) - len(rows))
         allowed = []
         for r in rows:
-            if states.allows(r.state, action):
+            if r.task in spare_tasks:
+                _skip(summary, 'not allowed')
+            elif states.allows(r.state, action):
                 allowed.append(r)
             else:
                 _skip(summary, r.state)

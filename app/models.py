@@ -274,15 +274,19 @@ class User(db.Model):
 
     ``session_epoch`` is part of every session's user id (see
     :meth:`get_id`): moving it on ends every session of the user at once (a
-    new password, a new role, a deletion).
+    new password, a new role, logging out). It starts at a random number,
+    so a session can fit no other user even if ids were reused.
     """
     __tablename__ = 'app_user'  # "user" is a reserved word in PostgreSQL
+    # Ids are never given again (SQLite reuses the highest freed one
+    # otherwise): a session or token of a deleted user must not fit a new one.
+    __table_args__ = {'sqlite_autoincrement': True}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[str] = mapped_column(String(16))
-    session_epoch: Mapped[int] = mapped_column(default=1)
+    session_epoch: Mapped[int] = mapped_column(sa.BigInteger, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[dt.datetime | None]
 
@@ -308,6 +312,7 @@ class ApiToken(db.Model):
     as a slow password hash and can be looked up by index (GitHub's scheme).
     """
     __tablename__ = 'api_token'
+    __table_args__ = {'sqlite_autoincrement': True}  # a revoked id is never another token's
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(sa.ForeignKey('app_user.id', ondelete='CASCADE'))

@@ -240,7 +240,8 @@ def bulk_jobs():
     if action in ('cancel', 'delete') and not form.get('confirmed'):
         auth.note(count=count, outcome='asked to confirm')
         return render_template('confirm.html', action=action, count=count, fields=fields, back=back)
-    result = jobs.bulk(action, ids=ids, filters=None if ids is not None else filters)
+    result = jobs.bulk(action, ids=ids, filters=None if ids is not None else filters,
+                       spare_tasks=auth.out_of_reach(action))
     auth.note(count=result['done'])
     skipped = ', '.join(f'{n} {state}' for state, n in sorted(result['skipped'].items()))
     verb = {'retry': 'retried', 'cancel': 'canceled (or asked to stop)', 'delete': 'deleted'}[action]

@@ -65,7 +65,8 @@ def test_refusals_and_failed_logins_are_recorded_too(audited):
     job_id = olly.post('/api/jobs', json={'task': 'noop', 'delay': 600}).get_json()['id']
     assert olly.delete(f'/api/jobs/{job_id}').status_code == 403
     assert olly.post(f'/jobs/{job_id}/retry', headers={'Sec-Fetch-Site': 'cross-site'}).status_code == 403
-    assert app.test_client().post('/api/jobs', json={'task': 'noop'}).status_code == 401
+    for _ in range(20):  # nobody's refused attempts are not kept: no flooding the log
+        assert app.test_client().post('/api/jobs', json={'task': 'noop'}).status_code == 401
     got = [(e['user'], e['action'], e['outcome']) for e in entries(app)]
     assert got == [
         ('ada', 'login', 'wrong name or password'),
@@ -73,7 +74,6 @@ def test_refusals_and_failed_logins_are_recorded_too(audited):
         ('olly', 'submit', 'done'),
         ('olly', 'delete', 'refused: 403 forbidden'),
         ('olly', 'retry', 'refused: 403 forbidden'),
-        (None, 'submit', 'refused: 401 unauthorized'),
     ]
 
 

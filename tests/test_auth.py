@@ -185,6 +185,24 @@ def test_bulk_delete_and_admin_only_tasks_need_an_admin(users_app):
     assert operator.post(f'/api/jobs/{job_id}/cancel').status_code == 200  # finished: deletable
     resp = admin.post('/api/jobs/bulk', json={'action': 'delete', 'ids': [job_id]})
     assert resp.status_code == 200 and resp.get_json()['done'] == 1
+    # A bulk retry spares the admin-only jobs an operator may not run again.
+    assert admin.post(f'/api/jobs/{purge_id}/cancel').status_code == 200
+    noop_id = new_job(app, delay=600)
+    assert operator.post(f'/api/jobs/{noop_id}/cancel').status_code == 200
+    for client, expected in ((operator, {'done': 1, 'skipped': {'not allowed': 1}}),
+                             (admin, {'done': 2, 'skipped': {}})):
+        resp = client.post('/api/jobs/bulk', json={'action': 'retry', 'ids': [purge_id, noop_id]})
+        got = resp.get_json()
+        assert {'done': got['done'], 'skipped': got['skipped']} == expected
+        with app.app_context():
+            assert db.session.get(Job, purge_id).state == ('canceled' if client is operator
+                                                           else 'queued')
+        if client is operator:
+            assert operator.post('/jobs/bulk', data={'action': 'retry', 'scope': 'filter',
+                                                     'f.task': 'purge'}).status_code == 303
+            with app.app_context():
+                assert db.session.get(Job, purge_id).state == 'canceled'
+            admin.post(f'/api/jobs/{noop_id}/cancel')
 
 
 def test_pages_show_only_the_actions_the_role_allows(users_app):
@@ -293,7 +311,8 @@ def test_login_logout_and_a_safe_next(users_app):
                                        'next': '/jobs?state=failed'})
     assert resp.headers['Location'] == '/jobs?state=failed'
     assert client.get('/jobs').status_code == 200
-    for evil in ('//evil.example/x', 'https://evil.example', '/\\evil.example'):
+    for evil in ('//evil.example/x', 'https://evil.example', '/\\evil.example',
+                 '/\t/evil.example', '/\n/x', '/ /evil.example', '/%09/x\x7f'):
         client.post('/logout')
         resp = client.post('/login', data={'name': 'viewer', 'password': PASSWORD, 'next': evil})
         assert resp.headers['Location'] == '/', evil
@@ -362,3 +381,38 @@ def test_login_is_asked_for_when_the_deployment_is_not_a_local_one(tmp_path, con
     assert client.get('/api/stats').status_code == 401
     assert client.get('/').status_code == 302
     assert client.post('/api/jobs', json={'task': 'noop'}).status_code == 401
+
+
+def test_a_logged_out_sessions_cookie_is_worth_nothing_after(users_app):
+    client = login(users_app.test_client(), 'operator')
+    copy = client.get_cookie('session').value
+    assert client.post('/logout').status_code == 303
+    thief = users_app.test_client()
+    thief.set_cookie('session', copy)
+    assert thief.get('/api/stats').status_code == 401
+
+
+def test_a_deleted_users_session_never_fits_the_next_user(users_app):
+    app = users_app
+    with app.app_context():
+        accounts.create_user('mallory', PASSWORD, 'viewer')
+    client = login(app.test_client(), 'mallory')
+    with app.app_context():
+        accounts.delete_user('mallory')
+        zed = accounts.create_user('zed', PASSWORD, 'admin')
+        assert zed.id > max(u.id for u in accounts.list_users() if u.name != 'zed')
+    assert client.get('/api/stats').status_code == 401
+
+
+@pytest.mark.parametrize('headers', [
+    {'Host': 'rebound.evil.example:8000'},  # a page whose DNS name now points here
+    {'X-Forwarded-For': '203.0.113.9'},  # through a tunnel or proxy nobody declared
+    {'Forwarded': 'for=203.0.113.9'},
+], ids=['dns-rebinding', 'x-forwarded-for', 'forwarded'])
+def test_the_login_free_local_mode_is_for_this_machine_only(tmp_path, headers):
+    client = make_app(tmp_path).test_client()
+    assert client.get('/api/stats').status_code == 200
+    for host in ('localhost:8000', '[::1]:8000', '[::1]', '127.0.0.1', 'LOCALHOST'):
+        assert client.get('/api/stats', headers={'Host': host}).status_code == 200, host
+    assert client.get('/api/stats', headers=headers).status_code == 401
+    assert client.post('/api/jobs', json={'task': 'noop'}, headers=headers).status_code == 401

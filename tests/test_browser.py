@@ -298,6 +298,7 @@ def violations(page):
 def test_pages_run_live_under_the_policy_without_a_violation(deployment, page):
     errors = watch_policy(page)
     base = deployment.api.base
+    deployment.open(page, '/')  # logged in where login is asked for (its page is policed too)
     response = page.goto(base + '/')
     assert "script-src 'self'" in response.headers['content-security-policy']
     live(page)
@@ -334,7 +335,7 @@ def test_deleting_a_job_asks_first_under_the_policy(deployment, page):
     watch_policy(page)
     job = deployment.api.submit('noop')
     deployment.api.wait_state(job['id'], 'succeeded')
-    page.goto(f'{deployment.api.base}/jobs/{job["id"]}')
+    deployment.open(page, f'/jobs/{job["id"]}')
     live(page)
     questions = []
 

@@ -22,11 +22,12 @@ def upgrade():
     sa.Column('name', sa.String(length=64), nullable=False),
     sa.Column('password_hash', sa.String(length=255), nullable=False),
     sa.Column('role', sa.String(length=16), nullable=False),
-    sa.Column('session_epoch', sa.Integer(), nullable=False),
+    sa.Column('session_epoch', sa.BigInteger(), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('last_login_at', sa.DateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_app_user')),
-    sa.UniqueConstraint('name', name=op.f('uq_app_user_name'))
+    sa.UniqueConstraint('name', name=op.f('uq_app_user_name')),
+    sqlite_autoincrement=True
     )
     op.create_table('api_token',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -37,7 +38,8 @@ def upgrade():
     sa.Column('last_used_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['user_id'], ['app_user.id'], name=op.f('fk_api_token_user_id_app_user'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_token')),
-    sa.UniqueConstraint('token_hash', name=op.f('uq_api_token_token_hash'))
+    sa.UniqueConstraint('token_hash', name=op.f('uq_api_token_token_hash')),
+    sqlite_autoincrement=True
     )
     op.create_table('login_failure',
     sa.Column('key', sa.String(length=200), nullable=False),
