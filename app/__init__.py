@@ -56,9 +56,10 @@ def create_app(test_config=None, *, config=None):
 
     # Imported here, not at the top: gunicorn.conf.py imports this package in
     # the master, and the live hub belongs to each worker.
-    from . import api, auth, cli, errors, health, live, pages, templating
+    from . import admin, api, auth, cli, errors, health, live, pages, templating
     templating.register(app)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(admin.bp)
     app.register_blueprint(live.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)

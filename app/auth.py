@@ -270,12 +270,14 @@ def _live_page_action():
     return page.action if page is not None else 'view'
 
 
-def note(count=None, outcome=None):
-    """Tell the audit entry of this request how many jobs it concerned, or its outcome."""
+def note(count=None, outcome=None, target=None):
+    """Tell the audit entry of this request how many jobs it concerned, its outcome or target."""
     if count is not None:
         g.audit_count = count
     if outcome is not None:
         g.audit_outcome = outcome
+    if target is not None:
+        g.audit_target = target
 
 
 def _action_of(view):
@@ -287,12 +289,21 @@ def _action_of(view):
 
 
 def _target():
+    if g.get('audit_target'):
+        return g.audit_target
     args = request.view_args or {}
+    rule = request.url_rule.rule
     if 'job_id' in args:
         return args['job_id']
+    if 'token_id' in args:
+        return f"token {args['token_id']}"
     if 'name' in args:
-        kind = 'queue' if '/queues/' in request.url_rule.rule else 'periodic'
-        return f"{kind} {args['name']}"
+        kind = next(k for part, k in (('/queues/', 'queue'), ('/periodic/', 'periodic'),
+                                      ('/users/', 'user')) if part in rule)
+        return f"{kind} {args['name']}" + (f" -> {request.form.get('role')}"
+                                           if rule.endswith('/role') else '')
+    if request.endpoint == 'admin.create_user':
+        return f"user {request.form.get('name', '')} ({request.form.get('role', '')})"
     if request.endpoint in ('pages.bulk_jobs', 'api.bulk_action'):
         if request.is_json:
             ids, filters = _json_field('ids'), _json_field('filter')

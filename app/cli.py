@@ -6,6 +6,7 @@
 create --user NAME [--name LABEL]`` (prints the token once), ``tokens
 list``, ``tokens revoke ID``. Errors print a message and exit with status 1.
 """
+import getpass
 import os
 import secrets
 import sys
@@ -13,7 +14,7 @@ import sys
 import click
 from flask.cli import AppGroup
 
-from . import accounts, roles
+from . import accounts, audit, roles
 
 users = AppGroup('users', help='Manage the users who log in to the dashboard.')
 tokens = AppGroup('tokens', help='Manage the API tokens of programs (Authorization: Bearer).')
@@ -27,6 +28,16 @@ def register(app):
 
 def _fail(exc):
     raise click.ClickException(str(exc))
+
+
+def _audit(action, target):
+    # Account changes made here are in the audit log too, as the system
+    # user who ran the command.
+    try:
+        who = getpass.getuser()
+    except Exception:
+        who = None
+    audit.record(user=who, role=None, via='cli', action=action, target=target)
 
 
 def _read_password(password_stdin):
@@ -47,6 +58,7 @@ def create_user(name, role, password_stdin):
         user = accounts.create_user(name, _read_password(password_stdin), role)
     except (accounts.AccountError, roles.UnknownRole) as exc:
         _fail(exc)
+    _audit('users', f'user {user.name} ({user.role})')
     click.echo(f'created {user.name} ({user.role})')
 
 
@@ -68,6 +80,7 @@ def set_role(name, role):
         accounts.set_role(name, role)
     except (accounts.AccountError, roles.UnknownRole) as exc:
         _fail(exc)
+    _audit('users', f'user {name} -> {role}')
     click.echo(f'{name} is now {role}')
 
 
@@ -80,6 +93,7 @@ def set_password(name, password_stdin):
         accounts.set_password(name, _read_password(password_stdin))
     except accounts.AccountError as exc:
         _fail(exc)
+    _audit('users', f'user {name} password')
     click.echo(f'password of {name} changed')
 
 
@@ -91,6 +105,7 @@ def delete_user(name):
         accounts.delete_user(name)
     except accounts.AccountError as exc:
         _fail(exc)
+    _audit('users', f'user {name} deleted')
     click.echo(f'deleted {name}')
 
 
@@ -110,6 +125,7 @@ def ensure_admin(name):
         accounts.create_user(name, password, 'admin')
     except accounts.AccountError as exc:
         _fail(exc)
+    _audit('users', f'user {name} (admin)')
     if generated:
         click.echo(f'created admin {name!r} with the one-time password {password} '
                    f'(change it: flask --app wsgi users set-password {name})')
@@ -123,9 +139,10 @@ def ensure_admin(name):
 def create_token(user_name, label):
     """Create an API token for a user and print it (it is shown only this once)."""
     try:
-        _row, token = accounts.create_token(user_name, label)
+        row, token = accounts.create_token(user_name, label)
     except accounts.AccountError as exc:
         _fail(exc)
+    _audit('users', f'token {row.id} for {user_name}')
     click.echo(token)
 
 
@@ -146,4 +163,5 @@ def revoke_token(token_id):
         row = accounts.revoke_token(token_id)
     except accounts.AccountError as exc:
         _fail(exc)
+    _audit('users', f'token {row.id} revoked')
     click.echo(f'revoked token {row.id} ({row.name})')

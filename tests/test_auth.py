@@ -44,6 +44,9 @@ ROUTES = {
     ('api.pause_periodic', 'POST'): 'pause', ('api.resume_periodic', 'POST'): 'resume',
     ('api.trigger_periodic', 'POST'): 'trigger',
     ('pages.audit_page', 'GET'): 'audit', ('api.audit_log', 'GET'): 'audit',
+    ('admin.users_page', 'GET'): 'users', ('admin.create_user', 'POST'): 'users',
+    ('admin.set_role', 'POST'): 'users', ('admin.delete_user', 'POST'): 'users',
+    ('admin.create_token', 'POST'): 'users', ('admin.revoke_token', 'POST'): 'users',
 }
 PASSWORD = 'long enough'
 
@@ -55,8 +58,9 @@ def app_routes(app):
 
 
 def url_of(rule, job_id):
-    values = {'job_id': job_id, 'name': 'report' if 'periodic' in rule.rule else 'default',
-              'filename': 'app.css'}
+    values = {'job_id': job_id, 'filename': 'app.css', 'token_id': '1',
+              'name': 'report' if '/periodic/' in rule.rule else
+                      'viewer' if '/users/' in rule.rule else 'default'}
     path = rule.rule
     for arg in rule.arguments:
         path = re.sub(rf'<(?:[^:<>]+:)?{arg}>', values[arg], path)

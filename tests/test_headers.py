@@ -4,10 +4,10 @@ import urllib.parse
 
 import pytest
 from conftest import make_app
-from helpers import Deployment, start_web
+from helpers import Deployment, add_user, start_web
 from werkzeug.exceptions import NotFound
 
-from app import headers
+from app import accounts, headers
 from app.extensions import db
 
 HEADERS = {
@@ -183,19 +183,32 @@ def test_the_session_cookie_is_secure_over_https(app):
         "'self'", 'wss://localhost']
 
 
-def test_a_forwarded_proto_is_ignored_without_proxy_fix(client):
-    flags = session_cookie(client, headers={'X-Forwarded-Proto': 'https'})
+def logged_in(app):
+    """A test client logged in as an admin (a proxied request is another machine's: it logs in)."""
+    with app.app_context():
+        accounts.create_user('ada', 'long enough', 'admin')
+    client = app.test_client()
+    assert client.post('/login', data={'name': 'ada', 'password': 'long enough'}).status_code == 303
+    return client
+
+
+def test_a_forwarded_proto_is_ignored_without_proxy_fix(client, app):
+    # Through a proxy nobody declared, the login-free local mode does not answer.
+    assert client.post('/jobs/bulk', data={'action': 'retry'},
+                       headers={'X-Forwarded-Proto': 'https'}).status_code == 401
+    flags = session_cookie(logged_in(app), headers={'X-Forwarded-Proto': 'https'})
     assert 'secure' not in flags
 
 
 def test_proxy_fix_trusts_the_proxys_scheme_and_host(tmp_path):
     app = make_app(tmp_path, PROXY_FIX=1)
     try:
-        client = app.test_client()
+        client = logged_in(app)
         forwarded = {'X-Forwarded-Proto': 'https', 'X-Forwarded-Host': 'dash.example.com'}
         assert 'secure' in session_cookie(client, headers=forwarded)
         # the client's own address comes from the proxy too: another machine logs in
-        resp = client.get('/api/stats', headers={**forwarded, 'X-Forwarded-For': '203.0.113.7'})
+        resp = app.test_client().get('/api/stats',
+                                     headers={**forwarded, 'X-Forwarded-For': '203.0.113.7'})
         assert resp.status_code == 401
         resp = client.get('/', headers=forwarded)
         assert_secured(resp, '/ behind a proxy', host='dash.example.com', scheme='wss')
@@ -234,8 +247,10 @@ def post_from_localhost(base, headers):
 
 @pytest.mark.processes
 def test_gunicorn_trusts_a_forwarded_scheme_only_with_proxy_fix(tmp_path):
-    forwarded = {'X-Forwarded-Proto': 'https'}
     dep = Deployment('embedded', tmp_path)
+    # A proxied request is another machine's: it comes with credentials.
+    token = add_user(dep.env, 'ada', 'admin', 'long enough', token=True)
+    forwarded = {'X-Forwarded-Proto': 'https', 'Authorization': f'Bearer {token}'}
     try:
         # gunicorn's own default would trust this from 127.0.0.1
         cookie, csp = post_from_localhost(dep.api.base, forwarded)
