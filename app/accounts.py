@@ -11,7 +11,7 @@ import secrets
 import sqlalchemy as sa
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from . import roles
+from . import events, roles
 from .extensions import db
 from .models import ApiToken, LoginFailure, User, utcnow
 
@@ -82,6 +82,8 @@ def create_user(name, password, role):
                 role=role, session_epoch=secrets.randbelow(2 ** 62), created_at=utcnow())
     db.session.add(user)
     db.session.commit()
+    # The login-free mode ends with the first user: its sockets close ('').
+    events.publish(sessions=[''])
     return user
 
 
@@ -93,6 +95,7 @@ def set_role(name, role):
     user.role = role
     user.session_epoch += 1
     db.session.commit()
+    events.publish(sessions=[user.name])
     return user
 
 
@@ -103,6 +106,7 @@ def set_password(name, password):
     user.password_hash = generate_password_hash(password, method='scrypt')
     user.session_epoch += 1
     db.session.commit()
+    events.publish(sessions=[user.name])
     return user
 
 
@@ -110,6 +114,7 @@ def end_sessions(user):
     """End every session of ``user`` (a :class:`User`): logging out, here or anywhere."""
     user.session_epoch += 1
     db.session.commit()
+    events.publish(sessions=[user.name])
 
 
 def delete_user(name):
@@ -119,6 +124,7 @@ def delete_user(name):
     db.session.execute(sa.delete(ApiToken).where(ApiToken.user_id == user.id))
     db.session.delete(user)
     db.session.commit()
+    events.publish(sessions=[name])
 
 
 def _refuse_last_admin(user, new_role):

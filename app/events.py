@@ -150,9 +150,11 @@ def job_change(job_id, state, queue, task, version=None):
     return change
 
 
-def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False, audit=False):
-    """Announce changed jobs (:func:`job_change` dicts), deleted job ids, and whether
-    consumers, queues, periodic tasks or the audit log changed."""
+def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False, audit=False,
+            sessions=()):
+    """Announce changed jobs (:func:`job_change` dicts), deleted job ids, whether
+    consumers, queues, periodic tasks or the audit log changed, and the users whose
+    sessions ended (names)."""
     event = {}
     if jobs:
         event['jobs'] = list(jobs)
@@ -166,5 +168,7 @@ def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False, au
         event['periodic'] = True
     if audit:
         event['audit'] = True
+    if sessions:
+        event['sessions'] = list(sessions)
     if event:
         bus.publish(event)

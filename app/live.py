@@ -226,6 +226,7 @@ class Hub:
     def __init__(self, app):
         self.app = app
         self.views = {}
+        self.users = {}  # user name -> their open sockets (loop thread)
         self.server = None
         self.renderer = None
         self.status_html = None  # the live indicator every snapshot starts with
@@ -289,10 +290,16 @@ class Hub:
         """Refresh every view: events may have been missed."""
         self.server.call_soon(self._resync)
 
-    def adopt(self, environ, key, factory):
-        """Hand a WebSocket request over to the loop (see :meth:`SocketServer.adopt`)."""
+    def adopt(self, environ, key, factory, user=None):
+        """Hand a WebSocket request over to the loop (see :meth:`SocketServer.adopt`).
+
+        ``user``: the name of the user it acts for (its socket closes when
+        their sessions end; ``''``: the local user of the login-free mode), or
+        None.
+        """
         environ_copy = _request_environ(environ)
-        self.server.adopt(environ, lambda conn: self._serve(conn, key, factory, environ_copy))
+        self.server.adopt(environ,
+                          lambda conn: self._serve(conn, key, factory, environ_copy, user))
 
     def refuse(self, environ, reason):
         """Accept a WebSocket request only to close it with 1008 and ``reason``."""
@@ -322,12 +329,14 @@ class Hub:
         view.polled = asyncio.get_running_loop().time()
         return (await view.latest(self)).html
 
-    async def _serve(self, conn, key, factory, environ):
+    async def _serve(self, conn, key, factory, environ, user=None):
         """The relay: subscribe, send the snapshot, then each change; unsubscribe when done."""
         view = self._view(key, factory, environ)
         client = Client(view)
         view.clients.add(client)
         conn.on_lost = client.wake.set
+        if user is not None:
+            self.users.setdefault(user, set()).add(conn)
         try:
             # A fresh snapshot on every (re)connect heals whatever was missed.
             render = await view.latest(self)
@@ -353,6 +362,11 @@ class Hub:
         finally:
             view.clients.discard(client)
             self._forget(view)
+            if user is not None:
+                held = self.users.get(user, set())
+                held.discard(conn)
+                if not held:
+                    self.users.pop(user, None)
 
     def _forget(self, view):
         loop = asyncio.get_running_loop()
@@ -368,6 +382,11 @@ class Hub:
                 self._forget(view)
 
     def _on_event(self, event):
+        # A user's sessions ended (logged out, a new role or password,
+        # deleted): their open sockets end too, and the page says why.
+        for user in event.get('sessions') or ():
+            for conn in list(self.users.get(user, ())):
+                conn.close(CLOSE_POLICY, SESSION_ENDED)
         change = fragments.Change.of(event)
         for view in list(self.views.values()):
             try:
@@ -412,6 +431,7 @@ def shutdown(app):
         hub.shutdown()
 
 
+SESSION_ENDED = 'your session ended: log in again'
 # Where a live render's request keeps the role of the sockets it serves.
 ROLE_KEY = 'queue_manager.role'
 
@@ -467,7 +487,10 @@ def live_socket():
         status = fragments.LIVE_STATUS
         hub.status_html = partial(status.dom_id({}), status.render(node=process_name(), live=True))
     try:
-        hub.adopt(request.environ, key, factory)
+        # The user it acts for: '' for the local user of the login-free mode,
+        # whose sockets end when the first user is created.
+        who = g.get('principal')
+        hub.adopt(request.environ, key, factory, user=None if who is None else who.name or '')
     except ws.HandshakeError as exc:
         return Response(str(exc), exc.status, exc.headers, mimetype='text/plain')
     except RuntimeError as exc:

@@ -4,6 +4,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -101,6 +102,33 @@ class BrowserClient(FlaskClient):
         self.environ_base['HTTP_SEC_FETCH_SITE'] = 'same-origin'
 
 
+_MIGRATED = {}  # a SQLite ledger the migrations made, once per test session
+
+
+def _migrated_sqlite_copy(url):
+    """Put a copy of a freshly migrated SQLite ledger at ``url`` (a new file); False if it exists.
+
+    The migrations themselves run once per session (and every time in
+    tests/test_migrations.py, which goes down and up again); each test then
+    starts from a copy, as a fresh ``upgrade()`` would leave it.
+    """
+    from flask_migrate import upgrade
+    path = Path(url[len('sqlite:///'):])
+    if path.exists():
+        return False
+    if 'file' not in _MIGRATED:
+        where = Path(tempfile.mkdtemp(prefix='qm-migrated-'))
+        app = create_app({'INSTANCE_PATH': str(where), 'SECRET_KEY': 'test', 'REDIS_URL': None,
+                          'DATABASE_URL': f'sqlite:///{where}/ledger.db', 'PERIODIC': 0})
+        with app.app_context():
+            upgrade()
+            db.engine.dispose()
+        _MIGRATED['file'] = where / 'ledger.db'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_MIGRATED['file'], path)
+    return True
+
+
 def make_app(tmp_path, **overrides):
     from flask_migrate import upgrade
     config = {'INSTANCE_PATH': str(tmp_path), 'SECRET_KEY': 'test',
@@ -108,10 +136,13 @@ def make_app(tmp_path, **overrides):
               'HUEY_SQLITE_PATH': str(tmp_path / 'huey.db'), 'REDIS_URL': None,
               'PERIODIC': 0, 'TESTING': True}
     config.update(overrides)
+    copied = (config['DATABASE_URL'].startswith('sqlite:///')
+              and _migrated_sqlite_copy(config['DATABASE_URL']))
     app = create_app(config)
     app.test_client_class = BrowserClient
-    with app.app_context():
-        upgrade()
+    if not copied:
+        with app.app_context():
+            upgrade()
     return app
 
 

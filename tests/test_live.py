@@ -6,6 +6,7 @@ drive the same endpoint through htmx in Chromium.
 import re
 import signal
 import socket
+import subprocess
 import time
 
 import helpers
@@ -375,3 +376,20 @@ def test_a_fragment_that_fails_to_render_leaves_the_socket_and_other_pages_live(
         dash.close()
     finally:
         dep.close()
+
+
+def test_a_users_open_sockets_close_when_their_sessions_end(stack):
+    url = f'{stack.ws_base}/ws?view=dashboard'
+    token = helpers.add_user(stack.env, 'olly', 'operator', 'long enough', token=True)
+    sock = helpers.Socket(url, headers={'Authorization': f'Bearer {token}'})
+    wait_for(lambda: sock.messages, 10, message='the snapshot')
+    admin = helpers.Socket(url)  # another user's socket stays
+    wait_for(lambda: admin.messages, 10, message='the snapshot')
+    run = subprocess.run([str(helpers.BIN / 'flask'), '--app', 'wsgi', 'users', 'set-role', 'olly',
+                          'viewer'], env=stack.env, cwd=helpers.ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert sock.closed.wait(10), 'the socket to close'
+    assert (sock.close_code, sock.ws.close_message) == (1008, 'your session ended: log in again')
+    assert not admin.closed.is_set()
+    admin.close()
