@@ -315,6 +315,15 @@ class Deployment:
     def ws_base(self):
         return self.api.base.replace('http://', 'ws://')
 
+    def sql(self, query, **params):
+        """Rows of ``query`` on the deployment's ledger."""
+        engine = sa.create_engine(self.env['DATABASE_URL'])
+        try:
+            with engine.begin() as conn:
+                return conn.execute(sa.text(query), params).all()
+        finally:
+            engine.dispose()
+
     def open(self, page, path, user=ADMIN):
         """Open ``path`` in ``page`` (Playwright), logged in as ``user`` ``(name, password)``
         where login is asked for.

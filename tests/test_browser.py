@@ -12,6 +12,9 @@ import time
 
 import pytest
 from helpers import ADMIN, Deployment, Socket, add_user, need, start_consumer, wait_for
+from test_auth import ROUTES, app_routes, url_of
+
+from app import create_app
 from playwright.sync_api import expect, sync_playwright
 
 # Every test here starts real processes: the full suite only (make test).
@@ -395,8 +398,9 @@ def test_each_role_sees_and_does_only_what_it_may(tmp_path, browser):
 
 EVIL_PAGE = """<!doctype html><html><body>
 {forms}
-<iframe name="sink"></iframe>
 <script>
+  window.answered = 0;
+  for (const frame of document.querySelectorAll('iframe')) frame.onload = () => window.answered++;
   for (const form of document.forms) form.submit();
   const ws = new WebSocket('{ws}');
   ws.onclose = e => {{ document.title = 'closed ' + e.code + ' ' + e.reason; }};
@@ -404,21 +408,32 @@ EVIL_PAGE = """<!doctype html><html><body>
 </script></body></html>"""
 
 
-def test_a_page_on_another_site_can_neither_act_nor_listen(tmp_path, browser):
-    dep = Deployment('distributed', tmp_path, web_workers=1)
+@pytest.mark.parametrize('mode', ['embedded', 'distributed'])
+def test_a_page_on_another_site_can_neither_act_nor_listen(tmp_path, browser, mode):
+    # Embedded, no user: make run's login-free mode, where the browser needs no
+    # cookie to act; distributed: an admin's session (its cookie is SameSite).
+    dep = Deployment(mode, tmp_path, web_workers=1)
     server = None
     try:
         job = dep.api.submit('sleep', {'seconds': 1}, delay=3600)
-        targets = [('post', f'/jobs/{job["id"]}/{verb}', {}) for verb in
-                   ('retry', 'cancel', 'run-now', 'delete')]
-        targets += [('post', '/jobs', {'task': 'noop'}), ('post', '/queues/default/pause', {}),
-                    ('post', '/periodic/report/trigger', {}),
-                    ('post', '/jobs/bulk', {'action': 'delete', 'scope': 'filter',
-                                            'confirmed': '1'})]
+        # A form for every state-changing route a form can reach (POST), with
+        # the fields its action needs; DELETE is out of a form's reach.
+        app = create_app({'INSTANCE_PATH': str(tmp_path / 'routes'), 'REDIS_URL': None})
+        fields = {'pages.create_job': {'task': 'noop'}, 'api.submit_job': {'task': 'noop'},
+                  'pages.bulk_jobs': {'action': 'delete', 'scope': 'filter', 'confirmed': '1'},
+                  'api.bulk_action': {'action': 'delete'},
+                  'admin.create_user': {'name': 'mallory', 'role': 'admin',
+                                        'password': 'long enough'},
+                  'admin.create_token': {'user': 'admin'}}
+        targets = [('post', url_of(rule, job['id']), fields.get(endpoint, {}))
+                   for endpoint, method, rule in app_routes(app)
+                   if method == 'POST' and ROUTES[(endpoint, method)] is not None]
+        assert len(targets) >= 20
         forms = '\n'.join(
-            f'<form method="{method}" action="{dep.api.base}{path}" target="sink">'
+            f'<iframe name="sink{n}"></iframe>'
+            f'<form method="{method}" action="{dep.api.base}{path}" target="sink{n}">'
             + ''.join(f'<input name="{k}" value="{v}">' for k, v in fields.items()) + '</form>'
-            for method, path, fields in targets)
+            for n, (method, path, fields) in enumerate(targets))
         html = EVIL_PAGE.format(forms=forms, ws=f'{dep.ws_base}/ws?view=dashboard')
 
         class Evil(http.server.BaseHTTPRequestHandler):
@@ -445,14 +460,31 @@ def test_a_page_on_another_site_can_neither_act_nor_listen(tmp_path, browser):
             evil.wait_for_function("document.title.startsWith('closed')", timeout=15_000)
             assert evil.title() == 'closed 1008 a socket opened from another site ' \
                                    f'(http://localhost:{server.server_address[1]}) is refused'
+
+            # Every form was sent and answered (the answers are refusals, and
+            # framed by no one: each frame shows the browser's error page).
+            evil.wait_for_function(f'window.answered >= {len(targets)}', timeout=20_000)
         finally:
             context.close()
-        # Nothing changed: the job waits as it did, the queue runs, nothing new.
+        # Nothing changed: the job waits as it did, the queue runs, nothing new,
+        # no user or token made, and the audit log names the refusals.
         after = dep.api.job(job['id'])
         assert (after['state'], after['attempts']) == ('scheduled', [])
         status, listed = dep.api.get('/api/jobs')
         assert [j['id'] for j in listed['jobs']] == [job['id']]
-        assert not dep.api.get('/api/queues')[1]['queues'][0]['paused']
+        assert not any(q['paused'] for q in dep.api.get('/api/queues')[1]['queues'])
+        assert not any(p['paused'] for p in dep.api.get('/api/periodic')[1]['periodic'])
+        users = dep.sql('SELECT name FROM app_user')
+        assert users == ([('admin',)] if mode == 'distributed' else [])
+        entries = dep.api.get('/api/audit?limit=1000')[1]['entries']
+        if mode == 'distributed':
+            # The forms came without the cookie: nobody's, not logged.
+            assert sorted(e['action'] for e in entries) == ['login', 'submit']
+        else:
+            # They came as the local user, and were refused, each of them.
+            refused = [e for e in entries if e['outcome'] != 'done']
+            assert len(refused) == len(targets)
+            assert {(e['via'], e['outcome']) for e in refused} == {('local', 'refused: 403 forbidden')}
     finally:
         if server is not None:
             server.shutdown()
