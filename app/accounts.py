@@ -6,6 +6,7 @@ Every function works in the current app context and commits its change.
 """
 import datetime as dt
 import hashlib
+import re
 import secrets
 
 import sqlalchemy as sa
@@ -37,10 +38,14 @@ class AccountError(ValueError):
     """A user or token command that cannot be done (unknown name, bad password...)."""
 
 
+_NAME = re.compile(r'[\w@+-][\w.@+-]*')
+
+
 def _check_name(name):
     name = (name or '').strip()
-    if not name or len(name) > MAX_NAME or not name.isprintable():
-        raise AccountError(f'a user name is 1 to {MAX_NAME} printable characters')
+    if not name or len(name) > MAX_NAME or not _NAME.fullmatch(name):
+        raise AccountError(f'a user name is 1 to {MAX_NAME} letters, digits and . @ + - _, '
+                           f'not starting with a dot')
     return name
 
 
@@ -91,9 +96,10 @@ def set_role(name, role):
     """Give ``name`` another role; its sessions end (it logs in again). Returns the user."""
     roles.check(role)
     user = get_user(name)
-    _refuse_last_admin(user, role)
     user.role = role
     user.session_epoch += 1
+    db.session.flush()
+    _keep_an_admin(user)
     db.session.commit()
     events.publish(sessions=[user.name])
     return user
@@ -120,19 +126,27 @@ def end_sessions(user):
 def delete_user(name):
     """Delete ``name``, its tokens and (through its session epoch) its sessions."""
     user = get_user(name)
-    _refuse_last_admin(user, None)
     db.session.execute(sa.delete(ApiToken).where(ApiToken.user_id == user.id))
     db.session.delete(user)
+    db.session.flush()
+    _keep_an_admin(user)
     db.session.commit()
     events.publish(sessions=[name])
 
 
-def _refuse_last_admin(user, new_role):
-    # The last admin cannot be demoted or deleted: nobody could manage users then.
-    if user.role == 'admin' and new_role != 'admin':
-        admins = db.session.scalar(sa.select(sa.func.count()).where(User.role == 'admin'))
-        if admins <= 1:
-            raise AccountError(f'{user.name!r} is the last admin; make another admin first')
+def _keep_an_admin(user):
+    """Undo the change just flushed and refuse it if it left no admin.
+
+    Counted after the change, in its transaction: the write holds SQLite's
+    lock (another writer waits, then counts this change too) and the admins'
+    rows are locked on PostgreSQL, so two admins demoting each other at once
+    cannot both succeed.
+    """
+    admins = db.session.scalars(
+        sa.select(User.id).where(User.role == 'admin').with_for_update()).all()
+    if not admins:
+        db.session.rollback()
+        raise AccountError(f'{user.name!r} is the last admin; make another admin first')
 
 
 def authenticate(name, password):

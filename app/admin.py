@@ -7,9 +7,10 @@ bp = Blueprint('admin', __name__)
 
 
 def _page(status=200, **context):
+    # Never cached: the page that shows a new token must not be kept anywhere.
     return render_template('users.html', users=accounts.list_users(),
                            tokens=accounts.list_tokens(), roles=roles.ROLES,
-                           **context), status
+                           **context), status, {'Cache-Control': 'no-store'}
 
 
 @bp.get('/users')
@@ -23,6 +24,7 @@ def users_page():
 @auth.action('users')
 def create_user():
     """Create a user from the form (name, role, password)."""
+    auth.note(action='create-user')
     form = request.form
     try:
         user = accounts.create_user(form.get('name', ''), form.get('password', ''),
@@ -37,6 +39,7 @@ def create_user():
 @auth.action('users')
 def set_role(name):
     """Give a user another role (their sessions end)."""
+    auth.note(action='set-role')
     try:
         accounts.set_role(name, request.form.get('role', ''))
     except (accounts.AccountError, roles.UnknownRole) as exc:
@@ -49,6 +52,7 @@ def set_role(name):
 @auth.action('users')
 def delete_user(name):
     """Delete a user with their tokens and sessions."""
+    auth.note(action='delete-user')
     try:
         accounts.delete_user(name)
     except accounts.AccountError as exc:
@@ -61,6 +65,7 @@ def delete_user(name):
 @auth.action('users')
 def create_token():
     """Create a token for a user; the page shows it this once (never in a redirect or cookie)."""
+    auth.note(action='create-token')
     try:
         row, token = accounts.create_token(request.form.get('user', ''), request.form.get('name'))
     except accounts.AccountError as exc:
@@ -73,6 +78,7 @@ def create_token():
 @auth.action('users')
 def revoke_token(token_id):
     """Revoke a token: programs using it get 401 from now on."""
+    auth.note(action='revoke-token')
     try:
         row = accounts.revoke_token(token_id)
     except accounts.AccountError as exc:

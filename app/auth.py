@@ -59,6 +59,36 @@ class Principal:
 LOCAL = Principal(None, 'admin', 'local')
 
 
+@dataclass(frozen=True)
+class Credential:
+    """What a live socket was let in with, checked again while it stays open (:mod:`app.live`).
+
+    ``kind`` is ``'session'`` (``key``: the session's user id
+    ``"<id>:<epoch>"``, ``seen``: its last use, epoch seconds),
+    ``'token'`` (``key``: the token) or ``'local'`` (the login-free mode);
+    ``user`` is the user's name (``''`` for the local user).
+    """
+    kind: str
+    user: str
+    key: str | None = None
+    seen: float = 0.0
+    idle_timeout: float = 0.0
+
+    def ended(self):
+        """Why the socket may no longer stay open (a sentence), or None; in an app context."""
+        if self.kind == 'session':
+            if time.time() - self.seen > self.idle_timeout:
+                return 'your session expired: log in again'
+            if accounts.load_session_user(self.key) is None:
+                return live.SESSION_ENDED
+        elif self.kind == 'token':
+            if accounts.token_user(self.key) is None:
+                return 'your token was revoked'
+        elif accounts.any_user():  # the login-free mode ended with the first user
+            return live.SESSION_ENDED
+        return None
+
+
 def action(name):
     """Declare the action a view takes (a key of :data:`app.roles.ACTIONS`).
 
@@ -169,8 +199,14 @@ def _host_name():
 def _forwarded():
     # Sent through a proxy or tunnel on this machine (nginx, ssh -R, a
     # port forwarder) that nobody declared (PROXY_FIX=0): from elsewhere.
-    return any(key.startswith(('HTTP_X_FORWARDED_', 'HTTP_FORWARDED'))
-               for key in request.environ)
+    return any(key.startswith(_PROXY_HEADERS) for key in request.environ)
+
+
+# What proxies and tunnels commonly add (X-Forwarded-*, Forwarded, X-Real-IP,
+# Via, and the client-address headers of some load balancers and CDNs).
+_PROXY_HEADERS = ('HTTP_X_FORWARDED_', 'HTTP_FORWARDED', 'HTTP_X_REAL_IP', 'HTTP_VIA',
+                  'HTTP_TRUE_CLIENT_IP', 'HTTP_CLIENT_IP', 'HTTP_X_CLIENT_IP',
+                  'HTTP_CF_CONNECTING_IP')
 
 
 def _loopback(host):
@@ -223,6 +259,7 @@ def check_request():
     if upgrade or who is None or who.via != 'token':
         reason = _cross_site(upgrade)
         if reason is not None:
+            g.cross_site = True
             return _refuse(403, reason, upgrade)
     if public:
         return None
@@ -239,6 +276,12 @@ def check_request():
         needed = 'view'
     if not roles.may(who.role, needed):
         return _refuse(403, roles.refusal(who.role, needed), upgrade)
+    if upgrade:
+        g.socket_credential = Credential(
+            who.via, who.name or '',
+            key=(current_user.get_id() if who.via == 'session' else
+                 request.headers.get('Authorization', '').partition(' ')[2].strip() or None),
+            seen=session.get('seen', 0), idle_timeout=current_app.config['SESSION_IDLE_TIMEOUT'])
     return None
 
 
@@ -270,8 +313,11 @@ def _live_page_action():
     return page.action if page is not None else 'view'
 
 
-def note(count=None, outcome=None, target=None):
-    """Tell the audit entry of this request how many jobs it concerned, its outcome or target."""
+def note(count=None, outcome=None, target=None, action=None):
+    """Tell the audit entry of this request how many jobs it concerned, its outcome, its
+    target, or its action when the view's own is too broad (``users``: which change)."""
+    if action is not None:
+        g.audit_action = action
     if count is not None:
         g.audit_count = count
     if outcome is not None:
@@ -324,8 +370,11 @@ def _audit(response):
     """Flask's ``after_request``: write the audit entry of a state-changing request."""
     view = g.pop('audit', None)
     who = g.get('principal')
-    if view is None or who is None:
-        return response  # nobody's refused attempts are not kept: anyone could flood the log
+    if view is None or who is None or g.get('cross_site'):
+        # Not kept: the refused attempts of nobody, and requests another site
+        # made (in the name of whoever's browser it was): anyone could flood
+        # the log with them.
+        return response
     status = response.status_code
     outcome = g.get('audit_outcome') or ('done' if status < 400 else f'refused: {status} '
                                          f'{response.status.split(" ", 1)[-1].lower()}')
@@ -334,7 +383,8 @@ def _audit(response):
         count = 1
     try:
         audit.record(user=who.name if who else None, role=who.role if who else None,
-                     via=who.via if who else 'anonymous', action=_action_of(view),
+                     via=who.via if who else 'anonymous',
+                     action=g.get('audit_action') or _action_of(view),
                      target=_target(), count=count, address=request.remote_addr,
                      outcome=outcome)
     except Exception:
@@ -359,7 +409,8 @@ def on_bulk():
         asked = _json_field('action')
     else:
         asked = request.form.get('action')
-    return asked if asked in ('retry', 'cancel', 'delete') else 'delete'  # unknown: the strictest
+    # An unknown action changes nothing (the view answers 400): any operator may ask.
+    return asked if asked in ('retry', 'cancel', 'delete') else 'retry'
 
 
 def _who():
@@ -425,7 +476,8 @@ def _refuse(status, reason, upgrade):
     if upgrade:
         return live.refuse_socket(reason)
     if status == 401:
-        if request.blueprint == 'pages' and request.method == 'GET' and not request.headers.get('HX-Request'):
+        if (request.blueprint in ('pages', 'admin') and request.method == 'GET'
+                and not request.headers.get('HX-Request')):
             return redirect(url_for('auth.login', next=request.full_path.rstrip('?'),
                                     expired=1 if 'expired' in reason else None))
         if request.path.startswith('/api/'):
@@ -435,6 +487,11 @@ def _refuse(status, reason, upgrade):
             resp.headers['WWW-Authenticate'] = 'Bearer realm="queue-manager"'
             return resp
     return errors.respond(status, reason)
+
+
+def safe_path(target, default=None):
+    """``target`` if it is a path on this site (never a way to another), else ``default``."""
+    return _safe_next(target) if target and _safe_next(target) == target else default
 
 
 def _safe_next(target):
@@ -466,8 +523,6 @@ def login():
     wait = accounts.login_wait(name, address)
     if wait > 0:
         context['error'] = f'Too many failed logins: try again in {int(wait) + 1} s.'
-        audit.record(user=name, role=None, via='anonymous', action='login', address=address,
-                     outcome='slowed: too many failures')
         return render_template('login.html', **context), 429, {'Retry-After': str(int(wait) + 1)}
     accounts.login_failed(name, address)  # counted first: parallel guesses all count
     user = accounts.authenticate(name, password)

@@ -58,7 +58,7 @@ def create_user(name, role, password_stdin):
         user = accounts.create_user(name, _read_password(password_stdin), role)
     except (accounts.AccountError, roles.UnknownRole) as exc:
         _fail(exc)
-    _audit('users', f'user {user.name} ({user.role})')
+    _audit('create-user', f'user {user.name} ({user.role})')
     click.echo(f'created {user.name} ({user.role})')
 
 
@@ -80,7 +80,7 @@ def set_role(name, role):
         accounts.set_role(name, role)
     except (accounts.AccountError, roles.UnknownRole) as exc:
         _fail(exc)
-    _audit('users', f'user {name} -> {role}')
+    _audit('set-role', f'user {name} -> {role}')
     click.echo(f'{name} is now {role}')
 
 
@@ -93,7 +93,7 @@ def set_password(name, password_stdin):
         accounts.set_password(name, _read_password(password_stdin))
     except accounts.AccountError as exc:
         _fail(exc)
-    _audit('users', f'user {name} password')
+    _audit('set-password', f'user {name}')
     click.echo(f'password of {name} changed')
 
 
@@ -105,7 +105,7 @@ def delete_user(name):
         accounts.delete_user(name)
     except accounts.AccountError as exc:
         _fail(exc)
-    _audit('users', f'user {name} deleted')
+    _audit('delete-user', f'user {name}')
     click.echo(f'deleted {name}')
 
 
@@ -125,7 +125,7 @@ def ensure_admin(name):
         accounts.create_user(name, password, 'admin')
     except accounts.AccountError as exc:
         _fail(exc)
-    _audit('users', f'user {name} (admin)')
+    _audit('create-user', f'user {name} (admin)')
     if generated:
         click.echo(f'created admin {name!r} with the one-time password {password} '
                    f'(change it: flask --app wsgi users set-password {name})')
@@ -142,7 +142,7 @@ def create_token(user_name, label):
         row, token = accounts.create_token(user_name, label)
     except accounts.AccountError as exc:
         _fail(exc)
-    _audit('users', f'token {row.id} for {user_name}')
+    _audit('create-token', f'token {row.id} for {user_name}')
     click.echo(token)
 
 
@@ -163,5 +163,5 @@ def revoke_token(token_id):
         row = accounts.revoke_token(token_id)
     except accounts.AccountError as exc:
         _fail(exc)
-    _audit('users', f'token {row.id} revoked')
+    _audit('revoke-token', f'token {row.id}')
     click.echo(f'revoked token {row.id} ({row.name})')

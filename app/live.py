@@ -50,6 +50,7 @@ BURST = 3           # messages an idle socket may send back to back
 RENDER_RATE = 5.0   # sustained renders per second per view (BURST back to back)
 RENDER_THREADS = 4  # threads rendering fragments (database reads), per process
 POLL_KEEP = 30.0    # s a view only polled (no socket) stays cached after its last poll
+RECHECK = 10.0      # s between checks that each open socket's session or token still holds
 # File descriptors kept for everything but live sockets: gunicorn's worker
 # connections (1000, gunicorn.conf.py), the database and broker, logs.
 FD_RESERVE = 1200
@@ -226,7 +227,7 @@ class Hub:
     def __init__(self, app):
         self.app = app
         self.views = {}
-        self.users = {}  # user name -> their open sockets (loop thread)
+        self.credentials = {}  # open socket -> what it was let in with (loop thread)
         self.server = None
         self.renderer = None
         self.status_html = None  # the live indicator every snapshot starts with
@@ -253,6 +254,7 @@ class Hub:
             server = sockets.SocketServer(limit, FULL_REASON)
             server.start()
             server.call_soon(lambda: server.loop.create_task(self._sweep()))
+            server.call_soon(lambda: server.loop.create_task(self._recheck()))
             self.server = server
             bus = events.bus
             self._unsubscribe = bus.subscribe(self.on_event)
@@ -290,16 +292,17 @@ class Hub:
         """Refresh every view: events may have been missed."""
         self.server.call_soon(self._resync)
 
-    def adopt(self, environ, key, factory, user=None):
+    def adopt(self, environ, key, factory, credential=None):
         """Hand a WebSocket request over to the loop (see :meth:`SocketServer.adopt`).
 
-        ``user``: the name of the user it acts for (its socket closes when
-        their sessions end; ``''``: the local user of the login-free mode), or
-        None.
+        ``credential``: what the socket was let in with (an
+        :class:`app.auth.Credential`: its ``user``, and ``ended()``, the
+        reason it no longer holds or None), re-checked while it is open; None
+        for none.
         """
         environ_copy = _request_environ(environ)
         self.server.adopt(environ,
-                          lambda conn: self._serve(conn, key, factory, environ_copy, user))
+                          lambda conn: self._serve(conn, key, factory, environ_copy, credential))
 
     def refuse(self, environ, reason):
         """Accept a WebSocket request only to close it with 1008 and ``reason``."""
@@ -329,14 +332,14 @@ class Hub:
         view.polled = asyncio.get_running_loop().time()
         return (await view.latest(self)).html
 
-    async def _serve(self, conn, key, factory, environ, user=None):
+    async def _serve(self, conn, key, factory, environ, credential=None):
         """The relay: subscribe, send the snapshot, then each change; unsubscribe when done."""
         view = self._view(key, factory, environ)
         client = Client(view)
         view.clients.add(client)
         conn.on_lost = client.wake.set
-        if user is not None:
-            self.users.setdefault(user, set()).add(conn)
+        if credential is not None:
+            self.credentials[conn] = credential
         try:
             # A fresh snapshot on every (re)connect heals whatever was missed.
             render = await view.latest(self)
@@ -362,11 +365,7 @@ class Hub:
         finally:
             view.clients.discard(client)
             self._forget(view)
-            if user is not None:
-                held = self.users.get(user, set())
-                held.discard(conn)
-                if not held:
-                    self.users.pop(user, None)
+            self.credentials.pop(conn, None)
 
     def _forget(self, view):
         loop = asyncio.get_running_loop()
@@ -381,12 +380,41 @@ class Hub:
             for view in list(self.views.values()):
                 self._forget(view)
 
+    async def _recheck(self):
+        # Every socket's credential is checked again now and then, so one
+        # whose session expired or ended, or whose token was revoked, closes
+        # even when no event said so (a change made by another process, say).
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(RECHECK)
+            held = list(self.credentials.items())
+            if not held:
+                continue
+            try:
+                ended = await loop.run_in_executor(self.renderer, self._ended, held)
+            except Exception:
+                logger.exception('live: socket credentials not checked')
+                continue
+            for conn, reason in ended:
+                conn.close(CLOSE_POLICY, reason)
+
+    def _ended(self, held):
+        """``[(conn, reason)]`` of the sockets whose credential no longer holds (a render thread)."""
+        with self.app.app_context():
+            try:
+                return [(conn, reason) for conn, credential in held
+                        if (reason := credential.ended()) is not None]
+            finally:
+                db.session.remove()
+
     def _on_event(self, event):
         # A user's sessions ended (logged out, a new role or password,
         # deleted): their open sockets end too, and the page says why.
-        for user in event.get('sessions') or ():
-            for conn in list(self.users.get(user, ())):
-                conn.close(CLOSE_POLICY, SESSION_ENDED)
+        ended = set(event.get('sessions') or ())
+        if ended:
+            for conn, credential in list(self.credentials.items()):
+                if credential.user in ended:
+                    conn.close(CLOSE_POLICY, SESSION_ENDED)
         change = fragments.Change.of(event)
         for view in list(self.views.values()):
             try:
@@ -487,10 +515,7 @@ def live_socket():
         status = fragments.LIVE_STATUS
         hub.status_html = partial(status.dom_id({}), status.render(node=process_name(), live=True))
     try:
-        # The user it acts for: '' for the local user of the login-free mode,
-        # whose sockets end when the first user is created.
-        who = g.get('principal')
-        hub.adopt(request.environ, key, factory, user=None if who is None else who.name or '')
+        hub.adopt(request.environ, key, factory, credential=g.get('socket_credential'))
     except ws.HandshakeError as exc:
         return Response(str(exc), exc.status, exc.headers, mimetype='text/plain')
     except RuntimeError as exc:

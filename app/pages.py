@@ -176,8 +176,8 @@ def job_attempts(job_id):
 
 
 def _back(job_id=None):
-    target = request.form.get('next') or request.referrer
-    if target and target.startswith('/') and not target.startswith('//'):
+    target = auth.safe_path(request.form.get('next'))
+    if target:
         return redirect(target, 303)
     if job_id:
         return redirect(url_for('pages.job_page', job_id=job_id), 303)

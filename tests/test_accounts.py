@@ -1,5 +1,6 @@
 """Accounts: users with hashed passwords and roles, API tokens, slowed failed logins."""
 import datetime as dt
+import threading
 
 import pytest
 
@@ -20,7 +21,9 @@ def test_a_user_logs_in_with_the_right_password_only(ctx):
 @pytest.mark.parametrize('name,password,role,message', [
     ('', 'long enough', 'viewer', 'a user name is 1 to 64'),
     ('x' * 65, 'long enough', 'viewer', 'a user name is 1 to 64'),
-    ('tab\there', 'long enough', 'viewer', 'printable'),
+    ('tab\there', 'long enough', 'viewer', 'letters, digits'),
+    ('a/b', 'long enough', 'viewer', 'letters, digits'),
+    ('..', 'long enough', 'viewer', 'not starting with a dot'),
     ('ok', 'short', 'viewer', 'at least 8 characters'),
     ('ok', 'nul\x00inside', 'viewer', 'NUL'),
 ])
@@ -112,3 +115,30 @@ def test_failed_logins_are_slowed_per_account_and_per_address(ctx):
     accounts.login_succeeded('ada', '10.0.0.1')
     assert db.session.query(LoginFailure).count() == 0
     assert db.session.query(User).count() == 0
+
+
+def test_two_admins_demoting_each_other_at_once_leave_one_admin(app):
+    with app.app_context():
+        accounts.create_user('ada', 'long enough', 'admin')
+        accounts.create_user('bob', 'long enough', 'admin')
+    barrier = threading.Barrier(2)
+    outcomes = []
+
+    def demote(name):
+        with app.app_context():
+            barrier.wait()
+            try:
+                accounts.set_role(name, 'viewer')
+                outcomes.append('done')
+            except accounts.AccountError:
+                outcomes.append('refused')
+            finally:
+                db.session.remove()
+    threads = [threading.Thread(target=demote, args=(n,)) for n in ('ada', 'bob')]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    with app.app_context():
+        assert [u.role for u in accounts.list_users()].count('admin') == 1
+    assert sorted(outcomes) == ['done', 'refused']

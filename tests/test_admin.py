@@ -68,12 +68,12 @@ def test_account_changes_are_in_the_audit_log(admin, tmp_path):
                input=PASSWORD + '\n')
     with admin.app.app_context():
         got = [(e.user, e.via, e.action, e.target) for e in reversed(audit.entries())][1:]
-    assert got[:4] == [('ada', 'session', 'users', 'user bob (viewer)'),
-                       ('ada', 'session', 'users', 'user bob -> operator'),
-                       ('ada', 'session', 'users', got[2][3]),
-                       ('ada', 'session', 'users', 'user bob')]
+    assert got[:4] == [('ada', 'session', 'create-user', 'user bob (viewer)'),
+                       ('ada', 'session', 'set-role', 'user bob -> operator'),
+                       ('ada', 'session', 'create-token', got[2][3]),
+                       ('ada', 'session', 'delete-user', 'user bob')]
     assert re.fullmatch(r'token \d+ for bob', got[2][3])
-    assert got[4][1:] == ('cli', 'users', 'user cli-made (viewer)')
+    assert got[4][1:] == ('cli', 'create-user', 'user cli-made (viewer)')
 
 
 def test_only_admins_reach_the_page(tmp_path):

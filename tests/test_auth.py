@@ -5,12 +5,13 @@ takes; a route added without a line here fails the first test, so none is
 left open by accident.
 """
 import re
+import time
 import urllib.parse
 
 import pytest
 from conftest import make_app
 
-from app import accounts, catalog, jobs, roles
+from app import accounts, auth, catalog, jobs, roles
 from app.extensions import db
 from app.models import Job
 
@@ -151,7 +152,7 @@ def test_nobody_gets_401_from_the_api_and_the_login_page_from_pages(users_app):
         job_id = new_job(app)
         resp = client.open(url_of(rule, job_id), method=method, **body_of(endpoint, job_id))
         where = f'{method} {rule.rule}'
-        if endpoint.startswith('pages.') and method == 'GET':
+        if endpoint.startswith(('pages.', 'admin.')) and method == 'GET':
             assert resp.status_code == 302, where
             target = urllib.parse.urlsplit(resp.headers['Location'])
             assert target.path == '/login'
@@ -420,3 +421,26 @@ def test_the_login_free_local_mode_is_for_this_machine_only(tmp_path, headers):
         assert client.get('/api/stats', headers={'Host': host}).status_code == 200, host
     assert client.get('/api/stats', headers=headers).status_code == 401
     assert client.post('/api/jobs', json={'task': 'noop'}, headers=headers).status_code == 401
+
+
+def test_a_sockets_credential_ends_with_its_session_token_or_the_local_mode(users_app, tmp_path):
+    app = users_app
+    with app.app_context():
+        user = accounts.get_user('viewer')
+        alive = auth.Credential('session', 'viewer', key=user.get_id(), seen=time.time(),
+                                idle_timeout=60)
+        idle = auth.Credential('session', 'viewer', key=user.get_id(), seen=time.time() - 61,
+                               idle_timeout=60)
+        token = auth.Credential('token', 'viewer', key=app.tokens['viewer'])
+        assert (alive.ended(), idle.ended(), token.ended()) == (
+            None, 'your session expired: log in again', None)
+        accounts.set_role('viewer', 'operator')  # its sessions end
+        assert alive.ended() == 'your session ended: log in again'
+        accounts.revoke_token(accounts.list_tokens()[-1].id)  # the first, the viewer's
+        assert token.ended() == 'your token was revoked'
+    local = make_app(tmp_path / 'local')
+    with local.app_context():
+        credential = auth.Credential('local', '')
+        assert credential.ended() is None
+        accounts.create_user('ada', PASSWORD, 'admin')
+        assert credential.ended() == 'your session ended: log in again'

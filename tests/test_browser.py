@@ -477,14 +477,9 @@ def test_a_page_on_another_site_can_neither_act_nor_listen(tmp_path, browser, mo
         users = dep.sql('SELECT name FROM app_user')
         assert users == ([('admin',)] if mode == 'distributed' else [])
         entries = dep.api.get('/api/audit?limit=1000')[1]['entries']
-        if mode == 'distributed':
-            # The forms came without the cookie: nobody's, not logged.
-            assert sorted(e['action'] for e in entries) == ['login', 'submit']
-        else:
-            # They came as the local user, and were refused, each of them.
-            refused = [e for e in entries if e['outcome'] != 'done']
-            assert len(refused) == len(targets)
-            assert {(e['via'], e['outcome']) for e in refused} == {('local', 'refused: 403 forbidden')}
+        # Another site's requests are not kept (anyone could flood the log).
+        assert sorted(e['action'] for e in entries) == (
+            ['login', 'submit'] if mode == 'distributed' else ['submit'])
     finally:
         if server is not None:
             server.shutdown()

@@ -393,3 +393,22 @@ def test_a_users_open_sockets_close_when_their_sessions_end(stack):
     assert (sock.close_code, sock.ws.close_message) == (1008, 'your session ended: log in again')
     assert not admin.closed.is_set()
     admin.close()
+
+
+def test_a_socket_closes_when_its_token_is_revoked_by_another_process(tmp_path):
+    # Embedded: the CLI's change is not announced to the web process; the
+    # socket's credential is checked again every live.RECHECK seconds.
+    dep = Deployment('embedded', tmp_path)
+    try:
+        token = helpers.add_user(dep.env, 'bot', 'viewer', 'long enough', token=True)
+        sock = helpers.Socket(f'{dep.ws_base}/ws?view=dashboard',
+                              headers={'Authorization': f'Bearer {token}'})
+        wait_for(lambda: sock.messages, 10, message='the snapshot')
+        run = subprocess.run([str(helpers.BIN / 'flask'), '--app', 'wsgi', 'tokens', 'revoke', '1'],
+                             env=dep.env, cwd=helpers.ROOT, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert sock.closed.wait(30), 'the socket to close'
+        assert (sock.close_code, sock.ws.close_message) == (1008, 'your token was revoked')
+    finally:
+        dep.close()
