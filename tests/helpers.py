@@ -189,7 +189,7 @@ class Api:
     def __init__(self, base_url):
         self.base = base_url.rstrip('/')
 
-    def request(self, method, path, body=None, headers=None, raw=None):
+    def request(self, method, path, body=None, headers=None, raw=None, timeout=30):
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         req = urllib.request.Request(self.base + path, data=data, method=method)
         if data is not None:
@@ -197,7 +197,7 @@ class Api:
         for k, v in {**auth_headers(self.base), **(headers or {})}.items():
             req.add_header(k, v)
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 status, text = resp.status, resp.read().decode()
         except urllib.error.HTTPError as err:
             status, text = err.code, err.read().decode()

@@ -35,7 +35,10 @@ def test_a_locked_broker_gives_503_and_no_row(tmp_path):
         blocker = sqlite3.connect(tmp_path / 'huey.db', isolation_level=None, timeout=30)
         blocker.execute('BEGIN EXCLUSIVE')
         try:
-            status, body = api.post('/api/jobs', {'task': 'fail'})
+            # Huey's SQLite storage serializes its threads on one lock, and each
+            # waits out the busy timeout (5 s): the answer may come after the
+            # consumer threads' turns.
+            status, body = api.post('/api/jobs', {'task': 'fail'}, timeout=90)
         finally:
             blocker.rollback()
             blocker.close()
