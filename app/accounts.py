@@ -96,10 +96,12 @@ def set_role(name, role):
     """Give ``name`` another role; its sessions end (it logs in again). Returns the user."""
     roles.check(role)
     user = get_user(name)
+    was_admin = user.role == 'admin'
     user.role = role
     user.session_epoch += 1
     db.session.flush()
-    _keep_an_admin(user)
+    if was_admin:
+        _keep_an_admin(user)
     db.session.commit()
     events.publish(sessions=[user.name])
     return user
@@ -126,10 +128,12 @@ def end_sessions(user):
 def delete_user(name):
     """Delete ``name``, its tokens and (through its session epoch) its sessions."""
     user = get_user(name)
+    was_admin = user.role == 'admin'
     db.session.execute(sa.delete(ApiToken).where(ApiToken.user_id == user.id))
     db.session.delete(user)
     db.session.flush()
-    _keep_an_admin(user)
+    if was_admin:
+        _keep_an_admin(user)
     db.session.commit()
     events.publish(sessions=[name])
 

@@ -56,6 +56,14 @@ def test_a_new_role_or_password_ends_the_users_sessions(ctx):
         assert accounts.load_session_user(forged) is None
 
 
+def test_without_any_admin_other_users_can_still_change(ctx):
+    accounts.create_user('vic', 'long enough', 'viewer')
+    accounts.create_user('olly', 'long enough', 'operator')
+    accounts.set_role('vic', 'operator')
+    accounts.delete_user('olly')
+    assert [(u.name, u.role) for u in accounts.list_users()] == [('vic', 'operator')]
+
+
 def test_the_last_admin_stays(ctx):
     accounts.create_user('root', 'long enough', 'admin')
     with pytest.raises(accounts.AccountError, match='last admin'):
