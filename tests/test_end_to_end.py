@@ -181,6 +181,9 @@ def test_a_task_raising_unencodable_text_fails_with_its_error_not_as_lost(deploy
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().splitlines()[-1]
+    # The ledger hears of it when a consumer takes it (until then: 404).
+    wait_for(lambda: deployment.api.get(f'/api/jobs/{job_id}')[0] == 200, 20, 0.1,
+             'the job to be recorded')
     # Seconds, not the ~50 s after which a job whose outcome was lost is reaped.
     job = deployment.api.wait_state(job_id, ('failed', 'retrying'), timeout=20)
     assert job['state'] == 'failed'
