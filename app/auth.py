@@ -242,8 +242,10 @@ def register(app):
 def check_request():
     """Flask's ``before_request``: answer for the view when the request must be refused."""
     view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
-    if view is None:
-        return None  # a 404 or 405 follows; nothing is done
+    if view is None or request.endpoint == 'static':
+        # A 404 or 405 follows, or a static file, which anyone may read: no
+        # need to look up who is asking.
+        return None
     upgrade = request.url_rule.websocket
     who, refusal = _who()
     public = getattr(view, 'qm_public', False)
@@ -490,20 +492,22 @@ def _refuse(status, reason, upgrade):
 
 
 def safe_path(target, default=None):
-    """``target`` if it is a path on this site (never a way to another), else ``default``."""
-    return _safe_next(target) if target and _safe_next(target) == target else default
+    r"""``target`` if it is a path on this site (never a way to another), else ``default``.
 
-
-def _safe_next(target):
-    # Only a path on this site: never an open redirect to another. Browsers
-    # drop tabs and newlines from URLs and read \\ as /, so "/\t/evil" and
-    # "/\\evil" would lead away; anything but printable ASCII is refused.
+    Browsers drop tabs and newlines from URLs and read \ as /, so "/\t/evil"
+    and "/\evil" would lead away: anything but printable ASCII is refused.
+    """
     if (target and target.startswith('/') and not target.startswith('//')
             and all(' ' < ch < '\x7f' and ch != '\\' for ch in target)):
         parts = urlsplit(target)
         if not parts.scheme and not parts.netloc:
             return target
-    return url_for('pages.dashboard')
+    return default
+
+
+def _safe_next(target):
+    # Where the login page leads: a path on this site, else the dashboard.
+    return safe_path(target) or url_for('pages.dashboard')
 
 
 @bp.route('/login', methods=['GET', 'POST'])

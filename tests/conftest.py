@@ -21,7 +21,7 @@ from helpers import IN_CI, RedisServer, need  # noqa: E402
 
 from flask.testing import FlaskClient  # noqa: E402
 
-from app import create_app, embedded  # noqa: E402
+from app import broker, consumer, create_app, embedded  # noqa: E402
 from app.extensions import db  # noqa: E402
 
 
@@ -144,6 +144,31 @@ def make_app(tmp_path, **overrides):
         with app.app_context():
             upgrade()
     return app
+
+
+def start_recording(app):
+    """This process's recorder, started for ``app`` on Hueys wired to it (as a consumer's are).
+
+    Stop it with ``consumer.process.recording.stop()``.
+    """
+    consumer.wire()
+    return consumer.process.recording.start(app)
+
+
+def run_next(huey=None):
+    """Take the next message and execute it, as a worker thread would; the task."""
+    huey = huey or broker.hueys['default']
+    task = huey.dequeue()
+    assert task is not None, 'nothing queued'
+    huey.execute(task)
+    return task
+
+
+def flushed(recorder):
+    """Write everything ``recorder`` holds, and read the ledger afresh."""
+    while recorder.pending:
+        recorder.flush()
+    db.session.expire_all()
 
 
 @pytest.fixture(params=['sqlite', 'postgresql'])

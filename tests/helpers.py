@@ -1,4 +1,5 @@
 """Test helpers: waiting with deadlines, real processes, a tiny JSON client."""
+import contextlib
 import json
 import os
 import shutil
@@ -148,6 +149,17 @@ def auth_headers(url):
     return {'Authorization': f'Bearer {token}'} if token else {}
 
 
+@contextlib.contextmanager
+def ledger(env):
+    """A connection to ``env``'s ledger database, in one transaction (committed on leaving)."""
+    engine = sa.create_engine(env['DATABASE_URL'])
+    try:
+        with engine.begin() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
 def add_user(env, name, role, password, token=False):
     """Create a user in ``env``'s ledger (and an API token for it if ``token``); the token or None.
 
@@ -158,24 +170,20 @@ def add_user(env, name, role, password, token=False):
     import secrets
 
     from werkzeug.security import generate_password_hash
-    engine = sa.create_engine(env['DATABASE_URL'])
-    try:
-        with engine.begin() as conn:
-            user_id = conn.execute(sa.text(
-                "INSERT INTO app_user (name, password_hash, role, session_epoch, created_at) "
-                "VALUES (:name, :hash, :role, 1, CURRENT_TIMESTAMP) RETURNING id"),
-                {'name': name, 'role': role,
-                 'hash': generate_password_hash(password, method='scrypt')}).scalar()
-            if not token:
-                return None
-            value = 'qm_' + secrets.token_urlsafe(32)
-            conn.execute(sa.text(
-                "INSERT INTO api_token (user_id, name, token_hash, created_at) "
-                "VALUES (:user, 'tests', :hash, CURRENT_TIMESTAMP)"),
-                {'user': user_id, 'hash': hashlib.sha256(value.encode()).hexdigest()})
-            return value
-    finally:
-        engine.dispose()
+    with ledger(env) as conn:
+        user_id = conn.execute(sa.text(
+            "INSERT INTO app_user (name, password_hash, role, session_epoch, created_at) "
+            "VALUES (:name, :hash, :role, 1, CURRENT_TIMESTAMP) RETURNING id"),
+            {'name': name, 'role': role,
+             'hash': generate_password_hash(password, method='scrypt')}).scalar()
+        if not token:
+            return None
+        value = 'qm_' + secrets.token_urlsafe(32)
+        conn.execute(sa.text(
+            "INSERT INTO api_token (user_id, name, token_hash, created_at) "
+            "VALUES (:user, 'tests', :hash, CURRENT_TIMESTAMP)"),
+            {'user': user_id, 'hash': hashlib.sha256(value.encode()).hexdigest()})
+        return value
 
 
 def grant_admin(env):
@@ -317,12 +325,8 @@ class Deployment:
 
     def sql(self, query, **params):
         """Rows of ``query`` on the deployment's ledger."""
-        engine = sa.create_engine(self.env['DATABASE_URL'])
-        try:
-            with engine.begin() as conn:
-                return conn.execute(sa.text(query), params).all()
-        finally:
-            engine.dispose()
+        with ledger(self.env) as conn:
+            return conn.execute(sa.text(query), params).all()
 
     def open(self, page, path, user=ADMIN):
         """Open ``path`` in ``page`` (Playwright), logged in as ``user`` ``(name, password)``
@@ -547,20 +551,12 @@ class Stack:
         return proc
 
     def sql(self, query, **params):
-        engine = sa.create_engine(self.env['DATABASE_URL'])
-        try:
-            with engine.begin() as conn:
-                return conn.execute(sa.text(query), params).all()
-        finally:
-            engine.dispose()
+        with ledger(self.env) as conn:
+            return conn.execute(sa.text(query), params).all()
 
     def execute(self, query, **params):
-        engine = sa.create_engine(self.env['DATABASE_URL'])
-        try:
-            with engine.begin() as conn:
-                conn.execute(sa.text(query), params)
-        finally:
-            engine.dispose()
+        with ledger(self.env) as conn:
+            conn.execute(sa.text(query), params)
 
     @property
     def client(self):

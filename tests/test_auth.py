@@ -11,7 +11,7 @@ import urllib.parse
 import pytest
 from conftest import make_app
 
-from app import accounts, auth, catalog, jobs, roles
+from app import accounts, auth, catalog, create_app, jobs, roles
 from app.extensions import db
 from app.models import Job
 
@@ -108,7 +108,7 @@ def users_app(tmp_path):
 
 
 def test_every_route_is_in_the_table():
-    app = make_app.__globals__['create_app']({'INSTANCE_PATH': '/nonexistent', 'REDIS_URL': None})
+    app = create_app({'INSTANCE_PATH': '/nonexistent', 'REDIS_URL': None})
     found = {(endpoint, method) for endpoint, method, _rule in app_routes(app)}
     assert found == set(ROUTES), ('routes not in ROUTES (give each its action)', found - set(ROUTES),
                                   'gone', set(ROUTES) - found)

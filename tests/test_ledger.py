@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from conftest import make_app
+from conftest import flushed, make_app, run_next, start_recording
 
 import huey_tasks
 from app import broker, catalog, consumer, jobs, ledger, queries, queues
@@ -28,30 +28,9 @@ def ledger_app(tmp_path, ledger_url):
         db.engine.dispose()
 
 
-def start_recording(app):
-    """This process's recorder, started for ``app`` on Hueys wired to it (as a consumer's are)."""
-    consumer.wire()
-    return consumer.process.recording.start(app)
-
-
 def submit(app, task, params=None, **options):
     sub = catalog.validate({'task': task, 'params': params or {}, **options}, app.config)
     return jobs.submit(sub)
-
-
-def run_next(huey=None):
-    """Take the next message and execute it, as a worker thread would."""
-    huey = huey or broker.hueys['default']
-    task = huey.dequeue()
-    assert task is not None, 'nothing queued'
-    huey.execute(task)
-    return task
-
-
-def flushed(recorder):
-    while recorder.pending:
-        recorder.flush()
-    db.session.expire_all()
 
 
 def attempts_of(job_id):

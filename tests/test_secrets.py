@@ -9,7 +9,7 @@ none of them, nor in the stored log lines, errors or results.
 """
 import pytest
 import sqlalchemy as sa
-from conftest import make_app
+from conftest import flushed, make_app, run_next, start_recording
 
 import huey_tasks
 from app import broker, catalog, consumer
@@ -43,27 +43,21 @@ def secrets_app(tmp_path, ledger_url, monkeypatch):
 
     monkeypatch.setattr(catalog.TASKS['payment'], 'func', payment)
     with app.app_context():
-        consumer.wire()
-        recorder = consumer.process.recording.start(app)
+        recorder = start_recording(app)
         yield app, recorder, cards, fail
         consumer.process.recording.stop()
         db.session.remove()
         db.engine.dispose()
 
 
-def run_next():
-    """Take the next message and execute it, as a worker thread would."""
-    huey = broker.hueys['default']
-    task = huey.dequeue()
-    assert task is not None, 'nothing queued'
-    huey.execute(task)
-    return task
-
-
-def flushed(recorder):
-    while recorder.pending:
-        recorder.flush()
-    db.session.expire_all()
+def failed_payment(client, recorder, fail):
+    """Submit a payment with no retries and run it, the gateway refusing: its job id."""
+    fail.append(True)
+    job_id = client.post('/api/jobs', json={'task': 'payment', 'params': PAYMENT,
+                                            'retries': 0}).get_json()['id']
+    run_next()
+    flushed(recorder)
+    return job_id
 
 
 def assert_hidden(body, where):
@@ -141,11 +135,7 @@ def test_a_payment_submitted_by_the_api_charges_the_real_card_and_nothing_shows_
 def test_a_failed_payment_hides_the_card_in_its_errors_and_retries_with_it(secrets_app):
     app, recorder, cards, fail = secrets_app
     client = app.test_client()
-    fail.append(True)
-    job_id = client.post('/api/jobs', json={'task': 'payment', 'params': PAYMENT,
-                                            'retries': 0}).get_json()['id']
-    run_next()
-    flushed(recorder)
+    job_id = failed_payment(client, recorder, fail)
     row = db.session.get(Job, job_id)
     assert row.state == 'failed'
     assert row.error == 'RuntimeError: gateway refused card **** 1234 (**** 1234)'
@@ -171,11 +161,7 @@ def test_a_retry_from_the_dashboard_and_a_reenqueue_from_the_row_use_the_real_ca
         secrets_app):
     app, recorder, cards, fail = secrets_app
     client = app.test_client()
-    fail.append(True)
-    job_id = client.post('/api/jobs', json={'task': 'payment', 'params': PAYMENT,
-                                            'retries': 0}).get_json()['id']
-    run_next()
-    flushed(recorder)
+    job_id = failed_payment(client, recorder, fail)
     fail.clear()
     page = client.post(f'/jobs/{job_id}/retry', headers={'HX-Request': 'true'})
     assert page.status_code < 400
