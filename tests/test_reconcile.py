@@ -268,8 +268,10 @@ with app.app_context():
     assert stack.client.zcard(schedule) == total
     wait_for(lambda: stack.client.get('qm:epoch'), 20, 0.1, 'the leader to mark the broker')
     stack.client.flushall()
-    wait_for(lambda: stack.client.zcard(schedule) == total, 120, 0.2, 'every job restored')
-    assert stack.sql("SELECT count(*) FROM job_event WHERE kind = 'restored'")[0][0] == total
+    # A batch's messages reach the broker just before its rows commit: wait for both.
+    restored = "SELECT count(*) FROM job_event WHERE kind = 'restored'"
+    wait_for(lambda: stack.client.zcard(schedule) == total and stack.sql(restored)[0][0] == total,
+             120, 0.2, 'every job restored')
     assert stack.sql("SELECT count(*) FROM job WHERE state != 'scheduled'")[0][0] == 0
     assert stack.client.zcard(schedule) == total  # once each: nothing doubled
 
