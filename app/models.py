@@ -107,6 +107,10 @@ class Job(db.Model):
         sa.Index('ix_job_queue_state', 'queue', 'state'),
         # Throughput per queue: jobs finished in the last minutes.
         sa.Index('ix_job_queue_finished', 'queue', 'finished_at'),
+        # The latest failed job of each failure group (task, error type), per queue.
+        sa.Index('ix_job_failed', 'queue', 'task', 'error_type', 'finished_at',
+                 sqlite_where=sa.text("state = 'failed'"),
+                 postgresql_where=sa.text("state = 'failed'")),
         # An index, not a table constraint: SQLite adds it without copying the table.
         sa.Index('uq_job_idempotency_key', 'idempotency_key', unique=True),
     )
@@ -359,3 +363,46 @@ class AuditEntry(db.Model):
         return {'id': self.id, 'at': isoformat(self.at), 'user': self.user, 'role': self.role,
                 'via': self.via, 'action': self.action, 'target': self.target,
                 'count': self.count, 'address': self.address, 'outcome': self.outcome}
+
+
+class JobCount(db.Model):
+    """How many jobs are in each (queue, task, state): a counter the database keeps.
+
+    Triggers on ``job`` (migration 0008) add and subtract in the same
+    transaction as every insert, update and delete, whoever writes it, so
+    counts and failure groups are read from a few rows instead of a scan of
+    the ledger. ``error_type`` is the failed jobs' error type ('' for every
+    other state, and for a failure without a type), which makes the failed
+    rows the failure groups. ``shard`` is 0 on SQLite (one writer at a
+    time); on PostgreSQL each database session adds to its own rows (its
+    backend pid), so concurrent writers never wait on, or deadlock over, a
+    counter row; :func:`app.ledger.tallies.compact` folds the rows of
+    sessions that have ended into shard 0. A count is the sum over shards.
+    """
+    __tablename__ = 'job_count'
+
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    error_type: Mapped[str] = mapped_column(String(200), primary_key=True)
+    shard: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    n: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class JobMinute(db.Model):
+    """How many jobs finished in each minute, per queue, task and final state.
+
+    Kept by triggers like :class:`JobCount`, keyed by the minute of
+    ``finished_at`` (UTC, truncated): it always equals a count of the rows
+    as they are now (a job retried and finished again counts in its new
+    minute; a deleted job counts nowhere). Throughput reads a few recent
+    rows instead of scanning the ledger.
+    """
+    __tablename__ = 'job_minute'
+
+    minute: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    n: Mapped[int] = mapped_column(sa.BigInteger)

@@ -17,7 +17,7 @@ from werkzeug.exceptions import NotFound
 
 from . import catalog, states, text
 from .extensions import db
-from .models import Attempt, AttemptLog, Job, Worker, utcnow
+from .models import Attempt, AttemptLog, Job, JobCount, JobMinute, Worker, utcnow
 
 
 class BadQuery(ValueError):
@@ -118,21 +118,81 @@ def _contains(column, needles):
     return sa.or_(*(_position(folded, n) > 0 for n in dict.fromkeys(needles)))
 
 
+# A search that finds at most this many candidates in the index reads them
+# by id; one that finds more matches so much of the ledger that a walk of
+# the list's own order meets a page of matches soon.
+CANDIDATES = 2000
+# The trigram index finds substrings of this many characters or more.
+TRIGRAM = 3
+
+
+def _search_variants(q):
+    """The folded texts a search for ``q`` looks for: as typed, and as stored in JSON."""
+    typed = q.translate(_ASCII_LOWER)
+    in_json = json.dumps(q, ensure_ascii=False)[1:-1].translate(_ASCII_LOWER)
+    return typed, in_json
+
+
+def _id_prefix(typed):
+    """Jobs whose id starts with ``typed`` (ids are lowercase), as an index can answer it.
+
+    SQLite compares text by code point, so the prefix is a range of the
+    primary key. PostgreSQL may compare by locale, where a prefix is no
+    range: there a LIKE, which the ``text_pattern_ops`` index answers.
+    """
+    if db.session.get_bind().dialect.name == 'sqlite':
+        return sa.and_(Job.id >= typed, Job.id < typed + '\U0010ffff')
+    return Job.id.startswith(typed, autoescape=True)
+
+
+def _indexed(typed, in_json):
+    """A condition that narrows a search through the search index, or None where none helps.
+
+    The index is a prefilter: it finds every row the exact condition can
+    match (it folds case at least as much), and the exact condition decides.
+    SQLite (FTS5 trigram): the candidates' rowids are read first; up to
+    :data:`CANDIDATES` become the condition, more mean the matches are
+    dense enough for the list's own order to find them (None). PostgreSQL
+    (pg_trgm GIN over ``job_search_text``): an ILIKE the planner can answer
+    from the index.
+    """
+    needles = [n for n in dict.fromkeys((typed, in_json)) if len(n) >= TRIGRAM]
+    if len(needles) < len(dict.fromkeys((typed, in_json))):
+        return None  # too short for trigrams: only a scan can tell
+    bind = db.session.get_bind()
+    if bind.dialect.name == 'sqlite':
+        phrase = ' OR '.join('"' + n.replace('"', '""') + '"' for n in needles)
+        rowids = db.session.execute(
+            sa.text('SELECT rowid FROM job_search WHERE job_search MATCH :q LIMIT :n'),
+            {'q': phrase, 'n': CANDIDATES + 1}).scalars().all()
+        if len(rowids) > CANDIDATES:
+            return None
+        return sa.literal_column('job.rowid').in_(rowids)
+    text_ = sa.func.job_search_text(Job.params, Job.error, Job.result)
+    return sa.or_(*(text_.ilike('%' + n + '%', escape='\\') for n in
+                    (n.replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_')
+                     for n in needles)))
+
+
 def search_condition(q):
     """Jobs whose id starts with ``q``, or whose parameters, error or result contain it.
 
     Any text: accented, CJK, emoji. ASCII letters match in either case.
     Parameters and results are searched in their stored JSON, both as typed
     (``"n": 2`` finds ``{"n": 2}``) and as a JSON string holds it (``a"b``
-    is stored ``a\\"b``).
+    is stored ``a\\"b``). The meaning is this exact condition on SQLite
+    and PostgreSQL alike; an index (see :func:`_indexed`) only makes it
+    fast for searches of :data:`TRIGRAM` characters or more.
     """
     q = q.strip()[:200]
-    typed = q.translate(_ASCII_LOWER)
-    in_json = json.dumps(q, ensure_ascii=False)[1:-1].translate(_ASCII_LOWER)
-    return sa.or_(Job.id.startswith(typed, autoescape=True),
-                  _contains(sa.cast(Job.params, sa.Text), (typed, in_json)),
-                  _contains(Job.error, (typed,)),
-                  _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
+    typed, in_json = _search_variants(q)
+    contains = sa.or_(_contains(sa.cast(Job.params, sa.Text), (typed, in_json)),
+                      _contains(Job.error, (typed,)),
+                      _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
+    indexed = _indexed(typed, in_json)
+    if indexed is not None:
+        contains = sa.and_(indexed, contains)
+    return sa.or_(_id_prefix(typed), contains)
 
 
 FILTER_KEYS = ('state', 'queue', 'task', 'q')  # the jobs list's filters, in its query string
@@ -202,15 +262,75 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
 
 
 def stats():
-    """Counts of jobs by state, overall and per queue."""
+    """Counts of jobs by state, overall and per queue.
+
+    ``{'states': {state: n}, 'queues': {queue: {state: n}}, 'total': n}``,
+    read from the counters the database keeps (:class:`app.models.JobCount`):
+    a few rows, whatever the size of the ledger.
+    """
     rows = db.session.execute(
-        sa.select(Job.queue, Job.state, sa.func.count()).group_by(Job.queue, Job.state)).all()
+        sa.select(JobCount.queue, JobCount.state, sa.func.sum(JobCount.n))
+        .group_by(JobCount.queue, JobCount.state)).all()
     by_state = dict.fromkeys(states.JOB_STATES, 0)
     by_queue = {}
     for queue, state, count in rows:
+        if not count:
+            continue
+        count = int(count)  # PostgreSQL sums to a Decimal
         by_state[state] = by_state.get(state, 0) + count
         by_queue.setdefault(queue, dict.fromkeys(states.JOB_STATES, 0))[state] = count
     return {'states': by_state, 'queues': by_queue, 'total': sum(by_state.values())}
+
+
+def _whole_minute(at, up=False):
+    floor = at.replace(second=0, microsecond=0)
+    return floor + dt.timedelta(minutes=1) if up and floor != at else floor
+
+
+def finished(since, until, by):
+    """Jobs finished in ``[since, until)``, counted by the columns named in ``by``.
+
+    ``by`` is a tuple of ``'queue'``, ``'task'``, ``'state'``; returns
+    ``{key tuple: n}``. Exact, and its cost follows the window's length in
+    minutes and the finishes of two minutes, not the ledger's size: whole
+    minutes come from the per-minute rollups, the two ends from the rows
+    (an index range per queue over ``finished_at``).
+    """
+    counts = {}
+
+    def add(rows):
+        for *key, n in rows:
+            if n:
+                counts[tuple(key)] = counts.get(tuple(key), 0) + int(n)
+
+    first, last = _whole_minute(since, up=True), _whole_minute(until)
+    if first >= last:
+        edges = [(since, until)]
+    else:
+        edges = [(since, first), (last, until)]
+        add(db.session.execute(
+            sa.select(*(getattr(JobMinute, c) for c in by), sa.func.sum(JobMinute.n))
+            .where(JobMinute.minute >= first, JobMinute.minute < last)
+            .group_by(*(getattr(JobMinute, c) for c in by))))
+    queues = db.session.scalars(sa.select(JobCount.queue).distinct()).all()
+    for a, b in edges:
+        if a < b and queues:
+            add(db.session.execute(
+                sa.select(*(getattr(Job, c) for c in by), sa.func.count())
+                .where(Job.queue.in_(queues), Job.finished_at >= a, Job.finished_at < b)
+                .group_by(*(getattr(Job, c) for c in by))))
+    return counts
+
+
+def finished_per_queue(now=None):
+    """Jobs finished per queue over the last minute and the last 15: ``{queue: {60: n, 900: n}}``."""
+    now = now or utcnow()
+    recent = {}
+    for seconds in (60, 900):
+        for (queue,), n in finished(now - dt.timedelta(seconds=seconds),
+                                    now + dt.timedelta(microseconds=1), ('queue',)).items():
+            recent.setdefault(queue, {})[seconds] = n
+    return recent
 
 
 def logs(job):
@@ -230,21 +350,36 @@ def count_matching(filters, limit):
 
 
 def failures(queue=None):
-    """Failed jobs grouped by task and error type: count, and the latest of each group."""
-    latest = (sa.select(Job.id, Job.task, Job.error_type,
-                        sa.func.row_number().over(
-                            partition_by=(Job.task, Job.error_type),
-                            order_by=(Job.finished_at.desc(), Job.id.desc())).label('rank'),
-                        sa.func.count().over(partition_by=(Job.task, Job.error_type)).label('n'))
-              .where(Job.state == states.FAILED, *([Job.queue == queue] if queue else []))
-              .subquery())
+    """Failed jobs grouped by task and error type: count, and the latest of each group.
+
+    ``[{'task', 'error_type', 'count', 'latest': Job}]``, largest group
+    first. Counts come from the kept counters; each group's latest job is
+    one probe of a partial index over failed jobs (``ix_job_failed``) per
+    queue, so the cost follows the number of groups, not of jobs.
+    """
     rows = db.session.execute(
-        sa.select(latest.c.id, latest.c.n).where(latest.c.rank == 1)).all()
-    by_id = {j.id: j for j in db.session.scalars(
-        sa.select(Job).where(Job.id.in_([r.id for r in rows])))} if rows else {}
-    groups = [{'task': by_id[r.id].task, 'error_type': by_id[r.id].error_type, 'count': r.n,
-               'latest': by_id[r.id]} for r in rows]
-    return sorted(groups, key=lambda g: (-g['count'], g['task'], g['error_type'] or ''))
+        sa.select(JobCount.queue, JobCount.task, JobCount.error_type, sa.func.sum(JobCount.n))
+        .where(JobCount.state == states.FAILED, *([JobCount.queue == queue] if queue else []))
+        .group_by(JobCount.queue, JobCount.task, JobCount.error_type)).all()
+    groups = {}
+    for q, task, error_type, n in rows:
+        if not n:
+            continue
+        error_type = error_type or None
+        latest = db.session.scalars(
+            sa.select(Job).where(Job.state == states.FAILED, Job.queue == q, Job.task == task,
+                                 Job.error_type.is_(None) | (Job.error_type == '')
+                                 if error_type is None else Job.error_type == error_type)
+            .order_by(Job.finished_at.desc(), Job.id.desc()).limit(1)).first()
+        if latest is None:
+            continue
+        group = groups.setdefault((task, error_type), {'task': task, 'error_type': error_type,
+                                                       'count': 0, 'latest': latest})
+        group['count'] += int(n)
+        if (latest.finished_at or dt.datetime.min, latest.id) > (
+                group['latest'].finished_at or dt.datetime.min, group['latest'].id):
+            group['latest'] = latest
+    return sorted(groups.values(), key=lambda g: (-g['count'], g['task'], g['error_type'] or ''))
 
 
 def scheduled(queue=None, limit=50):
@@ -259,11 +394,9 @@ def scheduled(queue=None, limit=50):
 
 def finished_counts(hours):
     """``{(task, state): count}`` of jobs finished in the last ``hours`` hours."""
-    since = utcnow() - dt.timedelta(hours=hours)
-    rows = db.session.execute(
-        sa.select(Job.task, Job.state, sa.func.count())
-        .where(Job.finished_at >= since).group_by(Job.task, Job.state)).all()
-    return {(task, state): n for task, state, n in rows}
+    now = utcnow()
+    return finished(now - dt.timedelta(hours=hours), now + dt.timedelta(microseconds=1),
+                    ('task', 'state'))
 
 
 def workers(lost_after):

@@ -1,24 +1,12 @@
 """Queues: what waits, runs and fails in each, how fast they drain, pausing."""
-import datetime as dt
-
-import sqlalchemy as sa
-
 from . import broker, controls, events, queries, states
 from .extensions import db
-from .models import Job, utcnow
 
 
 def overview(config):
     """Every configured queue, with its broker depth and its ledger counts."""
     counts = queries.stats()['queues']
-    now = utcnow()
-    last_minute = now - dt.timedelta(seconds=60)
-    # Jobs finished per queue over the last minute and the last 15, in one read.
-    recent = {queue: {60: n1, 900: n15} for queue, n1, n15 in db.session.execute(
-        sa.select(Job.queue, sa.func.count().filter(Job.finished_at >= last_minute),
-                  sa.func.count())
-        .where(Job.finished_at >= now - dt.timedelta(seconds=900))
-        .group_by(Job.queue))}
+    recent = queries.finished_per_queue()
     result = []
     paused_queues = controls.paused_queues()
     for name in config['QUEUES']:

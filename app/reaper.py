@@ -24,6 +24,7 @@ once, and every second run shows as a second attempt with its reason.
 """
 import datetime as dt
 import logging
+import time
 import uuid
 
 import sqlalchemy as sa
@@ -31,9 +32,12 @@ import sqlalchemy as sa
 from . import broker, catalog, events, jobs, message, states
 from .extensions import db
 from .leader import leadership
+from .ledger import tallies
 from .models import Attempt, Job, Worker, utcnow
 
 logger = logging.getLogger(__name__)
+
+COMPACT_EVERY = 300  # seconds between foldings of the counters' session rows (PostgreSQL)
 
 
 def reap(config, reconciler=None):
@@ -53,6 +57,9 @@ def reap(config, reconciler=None):
             break
     db.session.execute(sa.delete(Worker).where(
         Worker.last_seen < now - dt.timedelta(seconds=config['WORKER_RETENTION'])))
+    if time.time() % COMPACT_EVERY < config['REAP_INTERVAL']:
+        # About once per COMPACT_EVERY seconds: fold ended sessions' counter rows.
+        tallies.compact(db.session.connection())
     db.session.commit()
     if handled:
         logger.warning('reaper: recovered %d lost jobs', len(handled))

@@ -87,6 +87,9 @@ def run_migrations_online():
                 logger.info('No changes in schema detected.')
 
     conf_args = current_app.extensions['migrate'].configure_args
+    # The search index (FTS5 tables, pg_trgm index) is kept by migrations only.
+    from app.ledger.tallies import modelled
+    conf_args.setdefault('include_name', modelled)
     if conf_args.get("process_revision_directives") is None:
         conf_args["process_revision_directives"] = process_revision_directives
 

@@ -1,0 +1,270 @@
+"""Counters, per-minute rollups and a search index, kept by the database.
+
+``job_count`` (jobs per queue, task, state and, for failed jobs, error type)
+and ``job_minute`` (jobs finished per minute, queue, task and state) are
+kept by triggers on ``job`` in the same transaction as every change to it,
+so the pages read a few rows instead of scanning the ledger. A search index
+covers the parameters, the error and the result: an FTS5 trigram table on
+SQLite, a pg_trgm GIN index on PostgreSQL. Both are filled from the rows
+already there.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-11-29 21:15:00
+
+"""
+import logging
+
+from alembic import op
+import sqlalchemy as sa
+
+
+# revision identifiers, used by Alembic.
+revision = '0008'
+down_revision = '0007'
+branch_labels = None
+depends_on = None
+
+logger = logging.getLogger('alembic.runtime.migration')
+
+# -- SQLite -----------------------------------------------------------------
+
+# A failed job's error type is part of its counter's key; every other state's is ''.
+_SQLITE_ERROR_KEY = "CASE WHEN {r}.state = 'failed' THEN coalesce({r}.error_type, '') ELSE '' END"
+# The minute a job finished: its stored time (text) cut to the minute.
+_SQLITE_MINUTE = "substr({r}.finished_at, 1, 16) || ':00.000000'"
+
+
+# A row whose count falls to 0 is deleted at once (a key of the primary
+# index), so neither table keeps keys no job has.
+def _sqlite_count(r, sign):
+    op_ = '+' if sign > 0 else '-'
+    error_key = _SQLITE_ERROR_KEY.format(r=r)
+    sql = (f"INSERT INTO job_count (queue, task, state, error_type, shard, n) "
+           f"VALUES ({r}.queue, {r}.task, {r}.state, {error_key}, 0, {sign}) "
+           f"ON CONFLICT (queue, task, state, error_type, shard) "
+           f"DO UPDATE SET n = n {op_} 1;")
+    if sign < 0:
+        sql += (f" DELETE FROM job_count WHERE queue = {r}.queue AND task = {r}.task "
+                f"AND state = {r}.state AND error_type = {error_key} AND shard = 0 AND n = 0;")
+    return sql
+
+
+def _sqlite_minute(r, sign):
+    op_ = '+' if sign > 0 else '-'
+    minute = _SQLITE_MINUTE.format(r=r)
+    sql = (f"INSERT INTO job_minute (minute, queue, task, state, shard, n) "
+           f"SELECT {minute}, {r}.queue, {r}.task, {r}.state, 0, {sign} "
+           f"WHERE {r}.finished_at IS NOT NULL "
+           f"ON CONFLICT (minute, queue, task, state, shard) DO UPDATE SET n = n {op_} 1;")
+    if sign < 0:
+        sql += (f" DELETE FROM job_minute WHERE minute = {minute} AND queue = {r}.queue "
+                f"AND task = {r}.task AND state = {r}.state AND shard = 0 AND n = 0;")
+    return sql
+
+
+_SQLITE_SEARCH_ADD = ("INSERT INTO job_search (rowid, params, error, result) "
+                      "VALUES (NEW.rowid, NEW.params, NEW.error, NEW.result);")
+_SQLITE_SEARCH_REMOVE = ("INSERT INTO job_search (job_search, rowid, params, error, result) "
+                         "VALUES ('delete', OLD.rowid, OLD.params, OLD.error, OLD.result);")
+
+SQLITE_TRIGGERS = {
+    'job_count_insert': f"AFTER INSERT ON job BEGIN {_sqlite_count('NEW', 1)} END",
+    'job_count_delete': f"AFTER DELETE ON job BEGIN {_sqlite_count('OLD', -1)} END",
+    'job_count_update': (
+        "AFTER UPDATE OF queue, task, state, error_type ON job "
+        "WHEN OLD.queue IS NOT NEW.queue OR OLD.task IS NOT NEW.task "
+        "OR OLD.state IS NOT NEW.state "
+        "OR (NEW.state = 'failed' AND OLD.error_type IS NOT NEW.error_type) "
+        f"BEGIN {_sqlite_count('OLD', -1)} {_sqlite_count('NEW', 1)} END"),
+    'job_minute_insert': ("AFTER INSERT ON job WHEN NEW.finished_at IS NOT NULL "
+                          f"BEGIN {_sqlite_minute('NEW', 1)} END"),
+    'job_minute_delete': ("AFTER DELETE ON job WHEN OLD.finished_at IS NOT NULL "
+                          f"BEGIN {_sqlite_minute('OLD', -1)} END"),
+    'job_minute_update': (
+        "AFTER UPDATE OF queue, task, state, finished_at ON job "
+        "WHEN (OLD.finished_at IS NOT NULL OR NEW.finished_at IS NOT NULL) AND ("
+        "OLD.finished_at IS NOT NEW.finished_at OR OLD.queue IS NOT NEW.queue "
+        "OR OLD.task IS NOT NEW.task OR OLD.state IS NOT NEW.state) "
+        f"BEGIN {_sqlite_minute('OLD', -1)} {_sqlite_minute('NEW', 1)} END"),
+    'job_search_insert': f"AFTER INSERT ON job BEGIN {_SQLITE_SEARCH_ADD} END",
+    'job_search_delete': f"AFTER DELETE ON job BEGIN {_SQLITE_SEARCH_REMOVE} END",
+    'job_search_update': (
+        "AFTER UPDATE OF params, error, result ON job "
+        "WHEN OLD.params IS NOT NEW.params OR OLD.error IS NOT NEW.error "
+        "OR OLD.result IS NOT NEW.result "
+        f"BEGIN {_SQLITE_SEARCH_REMOVE} {_SQLITE_SEARCH_ADD} END"),
+}
+
+# -- PostgreSQL ---------------------------------------------------------------
+
+# One function for both tables. Each database session adds to rows of its
+# own (shard = its backend pid), so concurrent writers never wait on one
+# counter row or deadlock over two; the leader folds ended sessions' rows
+# into shard 0. A row whose count falls to 0 is deleted.
+POSTGRES_FUNCTION = """
+CREATE OR REPLACE FUNCTION job_tally() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    own_shard integer := pg_backend_pid();
+    remaining bigint;
+    moved boolean := true;
+    finish_moved boolean := true;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        moved := OLD.queue IS DISTINCT FROM NEW.queue OR OLD.task IS DISTINCT FROM NEW.task
+                 OR OLD.state IS DISTINCT FROM NEW.state
+                 OR (NEW.state = 'failed' AND OLD.error_type IS DISTINCT FROM NEW.error_type);
+        finish_moved := (OLD.finished_at IS NOT NULL OR NEW.finished_at IS NOT NULL) AND (
+                 OLD.finished_at IS DISTINCT FROM NEW.finished_at
+                 OR OLD.queue IS DISTINCT FROM NEW.queue OR OLD.task IS DISTINCT FROM NEW.task
+                 OR OLD.state IS DISTINCT FROM NEW.state);
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        IF moved THEN
+            INSERT INTO job_count AS c (queue, task, state, error_type, shard, n)
+            VALUES (OLD.queue, OLD.task, OLD.state,
+                    CASE WHEN OLD.state = 'failed' THEN coalesce(OLD.error_type, '') ELSE '' END,
+                    own_shard, -1)
+            ON CONFLICT (queue, task, state, error_type, shard) DO UPDATE SET n = c.n - 1
+            RETURNING c.n INTO remaining;
+            IF remaining = 0 THEN
+                DELETE FROM job_count WHERE queue = OLD.queue AND task = OLD.task
+                    AND state = OLD.state AND shard = own_shard AND n = 0 AND error_type =
+                    CASE WHEN OLD.state = 'failed' THEN coalesce(OLD.error_type, '') ELSE '' END;
+            END IF;
+        END IF;
+        IF finish_moved AND OLD.finished_at IS NOT NULL THEN
+            INSERT INTO job_minute AS m (minute, queue, task, state, shard, n)
+            VALUES (date_trunc('minute', OLD.finished_at), OLD.queue, OLD.task, OLD.state,
+                    own_shard, -1)
+            ON CONFLICT (minute, queue, task, state, shard) DO UPDATE SET n = m.n - 1
+            RETURNING m.n INTO remaining;
+            IF remaining = 0 THEN
+                DELETE FROM job_minute WHERE minute = date_trunc('minute', OLD.finished_at)
+                    AND queue = OLD.queue AND task = OLD.task AND state = OLD.state
+                    AND shard = own_shard AND n = 0;
+            END IF;
+        END IF;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        IF moved THEN
+            INSERT INTO job_count AS c (queue, task, state, error_type, shard, n)
+            VALUES (NEW.queue, NEW.task, NEW.state,
+                    CASE WHEN NEW.state = 'failed' THEN coalesce(NEW.error_type, '') ELSE '' END,
+                    own_shard, 1)
+            ON CONFLICT (queue, task, state, error_type, shard) DO UPDATE SET n = c.n + 1;
+        END IF;
+        IF finish_moved AND NEW.finished_at IS NOT NULL THEN
+            INSERT INTO job_minute AS m (minute, queue, task, state, shard, n)
+            VALUES (date_trunc('minute', NEW.finished_at), NEW.queue, NEW.task, NEW.state,
+                    own_shard, 1)
+            ON CONFLICT (minute, queue, task, state, shard) DO UPDATE SET n = m.n + 1;
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$
+"""
+
+# The text a search looks in, as one immutable expression the index is built on.
+POSTGRES_SEARCH_FUNCTION = """
+CREATE OR REPLACE FUNCTION job_search_text(params json, error text, result json)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(params::text, '') || chr(10) || coalesce(error, '') || chr(10)
+           || coalesce(result::text, '')
+$$
+"""
+
+
+def _raw(sql):
+    """Run ``sql`` as written (its ``:00`` is text, not a bound parameter)."""
+    op.get_bind().exec_driver_sql(sql)
+
+
+def _tables():
+    op.create_table('job_count',
+    sa.Column('queue', sa.String(length=32), nullable=False),
+    sa.Column('task', sa.String(length=64), nullable=False),
+    sa.Column('state', sa.String(length=16), nullable=False),
+    sa.Column('error_type', sa.String(length=200), nullable=False),
+    sa.Column('shard', sa.Integer(), autoincrement=False, nullable=False),
+    sa.Column('n', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('queue', 'task', 'state', 'error_type', 'shard',
+                            name=op.f('pk_job_count'))
+    )
+    op.create_table('job_minute',
+    sa.Column('minute', sa.DateTime(), nullable=False),
+    sa.Column('queue', sa.String(length=32), nullable=False),
+    sa.Column('task', sa.String(length=64), nullable=False),
+    sa.Column('state', sa.String(length=16), nullable=False),
+    sa.Column('shard', sa.Integer(), autoincrement=False, nullable=False),
+    sa.Column('n', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('minute', 'queue', 'task', 'state', 'shard',
+                            name=op.f('pk_job_minute'))
+    )
+    with op.batch_alter_table('job', schema=None) as batch_op:
+        batch_op.create_index('ix_job_failed', ['queue', 'task', 'error_type', 'finished_at'],
+                              unique=False, sqlite_where=sa.text("state = 'failed'"),
+                              postgresql_where=sa.text("state = 'failed'"))
+
+
+def _fill(minute):
+    """Counters and rollups from the rows already in the ledger."""
+    _raw(
+        "INSERT INTO job_count (queue, task, state, error_type, shard, n) "
+        "SELECT queue, task, state, CASE WHEN state = 'failed' THEN coalesce(error_type, '') "
+        "ELSE '' END AS e, 0, count(*) FROM job GROUP BY queue, task, state, e")
+    _raw(
+        f"INSERT INTO job_minute (minute, queue, task, state, shard, n) "
+        f"SELECT {minute} AS m, queue, task, state, 0, count(*) FROM job "
+        f"WHERE finished_at IS NOT NULL GROUP BY m, queue, task, state")
+
+
+def upgrade():
+    _tables()
+    bind = op.get_bind()
+    if bind.dialect.name == 'sqlite':
+        _fill(_SQLITE_MINUTE.format(r='job'))
+        _raw("CREATE VIRTUAL TABLE job_search USING fts5(params, error, result, "
+                   "content='job', content_rowid='rowid', tokenize='trigram')")
+        _raw("INSERT INTO job_search (job_search) VALUES ('rebuild')")
+        for name, body in SQLITE_TRIGGERS.items():
+            _raw(f'CREATE TRIGGER {name} {body}')
+    else:
+        _fill("date_trunc('minute', finished_at)")
+        _raw(POSTGRES_FUNCTION)
+        _raw('CREATE TRIGGER job_tally AFTER INSERT OR UPDATE OR DELETE ON job '
+                   'FOR EACH ROW EXECUTE FUNCTION job_tally()')
+        _raw(POSTGRES_SEARCH_FUNCTION)
+        # An id prefix (a search) as an index range, whatever the collation.
+        _raw('CREATE INDEX ix_job_id_pattern ON job (id text_pattern_ops)')
+        # pg_trgm ships with PostgreSQL and is a trusted extension (13+): a
+        # database owner may create it. Without it search still works, by scan.
+        try:
+            with bind.begin_nested():
+                bind.exec_driver_sql('CREATE EXTENSION IF NOT EXISTS pg_trgm')
+        except sa.exc.DBAPIError as exc:
+            logger.warning('pg_trgm is not available (%s): job search will scan the ledger',
+                           exc.orig)
+        else:
+            _raw('CREATE INDEX ix_job_search ON job USING gin '
+                       '(job_search_text(params, error, result) gin_trgm_ops)')
+
+
+def downgrade():
+    bind = op.get_bind()
+    if bind.dialect.name == 'sqlite':
+        for name in SQLITE_TRIGGERS:
+            _raw(f'DROP TRIGGER IF EXISTS {name}')
+        _raw('DROP TABLE IF EXISTS job_search')
+    else:
+        _raw('DROP INDEX IF EXISTS ix_job_search')
+        _raw('DROP INDEX IF EXISTS ix_job_id_pattern')
+        _raw('DROP TRIGGER IF EXISTS job_tally ON job')
+        _raw('DROP FUNCTION IF EXISTS job_tally()')
+        _raw('DROP FUNCTION IF EXISTS job_search_text(json, text, json)')
+    with op.batch_alter_table('job', schema=None) as batch_op:
+        batch_op.drop_index('ix_job_failed', sqlite_where=sa.text("state = 'failed'"),
+                            postgresql_where=sa.text("state = 'failed'"))
+    op.drop_table('job_minute')
+    op.drop_table('job_count')

@@ -1,0 +1,354 @@
+"""The counters, rollups and search index the database keeps beside the job rows.
+
+Whatever changes the rows (the ledger's writer, commands, bulk actions, a
+purge, SQL typed by hand, concurrent writers), the kept values equal a
+count of the rows, and a search through the index finds what a scan finds.
+"""
+import datetime as dt
+import random
+import threading
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from conftest import flushed, make_app, start_recording
+
+from app import broker, catalog, consumer, jobs, queries, states
+from app.extensions import db
+from app.ledger import tallies
+from app.models import Job, JobCount, JobMinute, utcnow
+
+TASKS = ('noop', 'fail', 'flaky', 'sleep')
+
+
+@pytest.fixture
+def ledger_app(tmp_path, ledger_url):
+    app = make_app(tmp_path, DATABASE_URL=ledger_url, QUEUES='default,bulk')
+    with app.app_context():
+        recorder = start_recording(app)
+        yield app, recorder
+        consumer.process.recording.stop()
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def ledger_ctx(tmp_path, ledger_url):
+    app = make_app(tmp_path, DATABASE_URL=ledger_url, QUEUES='default,bulk')
+    with app.app_context():
+        yield app
+        db.session.remove()
+        db.engine.dispose()
+
+
+def submit(app, task, params=None, **options):
+    sub = catalog.validate({'task': task, 'params': params or {}, **options}, app.config)
+    return jobs.submit(sub)
+
+
+def disagreements():
+    db.session.commit()
+    with db.engine.connect() as conn:
+        return tallies.differences(conn)
+
+
+def counted_stats():
+    """queries.stats() as a scan of the rows would say it."""
+    by_queue = {}
+    for queue, state, n in db.session.execute(
+            sa.select(Job.queue, Job.state, sa.func.count()).group_by(Job.queue, Job.state)):
+        by_queue.setdefault(queue, dict.fromkeys(states.JOB_STATES, 0))[state] = n
+    return by_queue
+
+
+def scanned_failures(queue=None):
+    """queries.failures() as a scan of the rows would say it: {(task, type): (n, latest id)}."""
+    rows = db.session.scalars(sa.select(Job).where(
+        Job.state == states.FAILED, *([Job.queue == queue] if queue else [])))
+    groups = {}
+    for job in rows:
+        key = (job.task, job.error_type or None)
+        n, latest = groups.get(key, (0, None))
+        if latest is None or (job.finished_at, job.id) > (latest.finished_at, latest.id):
+            latest = job
+        groups[key] = (n + 1, latest)
+    return {k: (n, latest.id) for k, (n, latest) in groups.items()}
+
+
+def drain():
+    """Run every job the queues hold, retries included (their delay is 0), as workers would."""
+    for _ in range(100):
+        ran = False
+        for name in ('default', 'bulk'):
+            huey = broker.hueys[name]
+            huey.enqueue_due()
+            task = huey.dequeue()
+            if task is not None:
+                huey.execute(task)
+                ran = True
+        if not ran:
+            return
+    raise AssertionError('the queues never emptied')
+
+
+def job_row(task='noop', queue='default', state='queued', finished_at=None, **fields):
+    now = utcnow()
+    return Job(id=str(uuid.uuid4()), task=task, queue=queue, params=fields.pop('params', {}),
+               state=state, retries=0, retry_delay=0.0, created_at=fields.pop('created_at', now),
+               updated_at=now, finished_at=finished_at, **fields)
+
+
+def test_counters_agree_with_the_rows_through_every_kind_of_change(ledger_app):
+    app, recorder = ledger_app
+    made = [submit(app, 'noop') for _ in range(4)]
+    made += [submit(app, 'fail', {'message': f'boom {n}'}, retries=1, retry_delay=0)
+             for n in range(3)]
+    made += [submit(app, 'flaky', {'failures': 1}, retries=2, retry_delay=0)]
+    made += [submit(app, 'noop', queue='bulk') for _ in range(2)]
+    assert disagreements() == {}
+    drain()
+    flushed(recorder)
+    assert disagreements() == {}
+    assert {s for s, in db.session.execute(sa.select(Job.state))} >= {'succeeded', 'failed'}
+
+    # Commands and bulk actions.
+    failed = db.session.scalars(sa.select(Job.id).where(Job.state == 'failed')).all()
+    jobs.retry(failed[0])
+    jobs.bulk('delete', ids=[failed[1]])
+    waiting = submit(app, 'sleep', {'seconds': 1}, delay=600)
+    jobs.cancel(waiting.id)
+    jobs.bulk('retry', filters=queries.parse_filters({'state': 'failed'}))
+    assert disagreements() == {}
+    drain()
+    flushed(recorder)
+
+    # A purge, and SQL typed by hand: moves between queues, states and
+    # error types, a finish time rewritten, deletes.
+    db.session.execute(sa.update(Job).where(Job.state == 'succeeded')
+                       .values(finished_at=utcnow() - dt.timedelta(days=40)))
+    db.session.commit()
+    assert jobs.purge_finished(30) > 0
+    db.session.add_all([job_row('fail', state='failed', error_type=None,
+                                finished_at=utcnow()) for _ in range(3)])
+    db.session.commit()
+    db.session.execute(sa.update(Job).where(Job.queue == 'bulk').values(queue='default'))
+    db.session.execute(sa.update(Job).where(Job.state == 'failed', Job.error_type.is_(None))
+                       .values(error_type='Renamed'))
+    db.session.execute(sa.update(Job).where(Job.state == 'canceled').values(state='failed'))
+    db.session.execute(sa.delete(Job).where(Job.task == 'flaky'))
+    db.session.commit()
+    assert disagreements() == {}
+    assert queries.stats()['queues'] == counted_stats()
+    got = {(g['task'], g['error_type']): (g['count'], g['latest'].id) for g in queries.failures()}
+    assert got == scanned_failures()
+    # No key is kept that no job has (on PostgreSQL, once the sessions'
+    # rows, which may go below 0 and back, are folded).
+    db.session.commit()
+    db.engine.dispose()
+    with db.engine.begin() as conn:
+        tallies.compact(conn)
+    assert disagreements() == {}
+    assert db.session.scalar(sa.select(sa.func.count()).select_from(JobCount)
+                             .where(JobCount.n == 0)) == 0
+
+
+def test_failure_groups_by_queue_name_the_latest_failure_of_each(ledger_ctx):
+    now = utcnow()
+    rows = [job_row('fail', queue=random.choice(('default', 'bulk')), state='failed',
+                    error_type=random.choice(('ValueError', 'KeyError', None)),
+                    finished_at=now - dt.timedelta(seconds=random.randrange(5000)))
+            for _ in range(60)]
+    rows += [job_row('noop', state='succeeded', finished_at=now)]
+    db.session.add_all(rows)
+    db.session.commit()
+    for queue in (None, 'default', 'bulk'):
+        got = {(g['task'], g['error_type']): (g['count'], g['latest'].id)
+               for g in queries.failures(queue)}
+        assert got == scanned_failures(queue)
+
+
+def test_throughput_windows_count_exactly_across_minute_edges(ledger_ctx):
+    now = utcnow()
+    finishes = [now - dt.timedelta(seconds=random.uniform(0, 3 * 3600)) for _ in range(400)]
+    # Some exactly on minute edges and on the window's edges.
+    finishes += [now.replace(second=0, microsecond=0) - dt.timedelta(minutes=m)
+                 for m in range(0, 20)]
+    finishes += [now - dt.timedelta(seconds=60), now - dt.timedelta(seconds=900)]
+    db.session.add_all(job_row(random.choice(TASKS), queue=random.choice(('default', 'bulk')),
+                               state=random.choice(('succeeded', 'failed')), finished_at=at)
+                       for at in finishes)
+    db.session.commit()
+    rows = db.session.execute(sa.select(Job.queue, Job.task, Job.state, Job.finished_at)).all()
+    for since, until in [(now - dt.timedelta(seconds=60), now),
+                         (now - dt.timedelta(seconds=900), now),
+                         (now - dt.timedelta(hours=2, seconds=7), now - dt.timedelta(seconds=13)),
+                         (now.replace(second=0, microsecond=0) - dt.timedelta(minutes=30),
+                          now.replace(second=0, microsecond=0))]:
+        for by in (('queue',), ('task', 'state')):
+            expected = {}
+            for row in rows:
+                if since <= row.finished_at < until:
+                    key = tuple(getattr(row, c) for c in by)
+                    expected[key] = expected.get(key, 0) + 1
+            assert queries.finished(since, until, by) == expected
+    per_queue = queries.finished_per_queue(now)
+    for queue in ('default', 'bulk'):
+        assert per_queue.get(queue, {}).get(900, 0) == sum(
+            1 for r in rows if r.queue == queue and now - dt.timedelta(seconds=900)
+            <= r.finished_at <= now)
+
+
+def test_recount_rebuilds_what_was_changed_around_the_triggers(ledger_ctx):
+    now = utcnow()
+    db.session.add_all([job_row(state='succeeded', finished_at=now) for _ in range(5)]
+                       + [job_row('fail', state='failed', error_type='E', finished_at=now)])
+    db.session.commit()
+    runner = ledger_ctx.test_cli_runner()
+    assert 'agree' in runner.invoke(args=['ledger', 'recount', '--check']).output
+    # As a restore or an edit with the triggers off would leave them.
+    db.session.execute(sa.update(JobCount).values(n=JobCount.n + 5))
+    db.session.execute(sa.delete(JobMinute))
+    db.session.commit()
+    assert set(disagreements()) == {'job_count', 'job_minute'}
+    checked = runner.invoke(args=['ledger', 'recount', '--check'])
+    assert checked.exit_code == 1
+    assert 'job_count default noop succeeded : kept 10, rows 5' in checked.output
+    rebuilt = runner.invoke(args=['ledger', 'recount'])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert 'rebuilt: 2 counter rows, 2 per-minute rows (4 differed before)' in rebuilt.output
+    assert disagreements() == {}
+    assert queries.stats()['states']['succeeded'] == 5
+    assert runner.invoke(args=['ledger', 'recount', '--check']).exit_code == 0
+
+
+def test_concurrent_writers_keep_exact_counts_and_compaction_folds_their_rows(ledger_ctx):
+    """Writers in parallel transactions, each touching many counter rows in its own order."""
+    engine = db.engine
+    ids = [str(uuid.uuid4()) for _ in range(240)]
+    now = utcnow()
+    errors = []
+
+    def writer(my_ids, seed):
+        rnd = random.Random(seed)
+        try:
+            with engine.connect() as conn:
+                for chunk in range(0, len(my_ids), 10):
+                    with conn.begin():
+                        for job_id in my_ids[chunk:chunk + 10]:
+                            conn.execute(sa.insert(Job).values(
+                                id=job_id, task=rnd.choice(TASKS), queue='default', params={},
+                                state='queued', retries=0, retry_delay=0.0, created_at=now,
+                                updated_at=now))
+                    with conn.begin():
+                        for job_id in rnd.sample(my_ids[:chunk + 10], 10):
+                            state = rnd.choice(('running', 'succeeded', 'failed', 'queued'))
+                            conn.execute(sa.update(Job).where(Job.id == job_id).values(
+                                state=state, error_type=rnd.choice(('A', 'B')),
+                                finished_at=utcnow() if state in ('succeeded', 'failed')
+                                else None))
+                    if chunk % 30 == 0:
+                        with conn.begin():
+                            conn.execute(sa.delete(Job).where(
+                                Job.id == rnd.choice(my_ids[:chunk + 10])))
+        except Exception as exc:  # reported below, with the thread's name
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(ids[n::4], n)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert disagreements() == {}
+    before = db.session.scalar(sa.select(sa.func.count(sa.distinct(JobCount.shard))))
+    engine.dispose()  # the writers' sessions end
+    with engine.begin() as conn:
+        folded = tallies.compact(conn)
+    shards = set(db.session.scalars(sa.select(JobCount.shard).distinct()))
+    if engine.dialect.name == 'postgresql':
+        assert before > 1 and folded > 0
+        # Only this test's own session may still have rows of its own.
+        assert len(shards - {0}) <= 1
+    else:
+        assert (before, folded, shards) == (1, 0, {0})
+    assert disagreements() == {}
+
+
+# -- search ------------------------------------------------------------------------
+
+TEXTS = ['Hello World', 'hello there', 'HELLO', 'café crème', 'CAFÉ', '东京タワー', 'emoji 🎉 party',
+         'say "hi" now', 'back\\slash', '100% sure', 'under_score', 'ab', 'RuntimeError: disk full',
+         'KeyError: \'missing\'', 'nested {"k": [1, 2]}']
+QUERIES = ['hello', 'HELLO', 'Hello', 'world', 'caf', 'café', 'CAFÉ', 'crème', '东京', 'タワー',
+           '🎉', '"hi"', 'say "hi', 'back\\slash', '100%', '%', 'under_score', '_', 'ab', 'a',
+           'disk full', 'error', "'missing'", '"k": [1', 'nothing like this at all', 'xyz',
+           '1, 2]', 'ell']
+
+
+def fill_search_ledger():
+    rnd = random.Random(7)
+    rows = []
+    for n in range(300):
+        text_ = rnd.choice(TEXTS)
+        where = rnd.choice(('params', 'error', 'result'))
+        rows.append(job_row(
+            random.choice(TASKS), state='failed' if where == 'error' else 'succeeded',
+            params={'message': text_, 'n': n} if where == 'params' else {'n': n},
+            error=text_ if where == 'error' else None,
+            result={'out': text_} if where == 'result' else None,
+            created_at=utcnow() - dt.timedelta(seconds=n)))
+    db.session.add_all(rows)
+    db.session.commit()
+    return rows
+
+
+def search_ids(q, **filters):
+    found, cursor = [], None
+    while True:
+        page, cursor = queries.list_jobs(q=q, limit=50, cursor=cursor, **filters)
+        found += [j.id for j in page]
+        if cursor is None:
+            return found
+
+
+def test_an_indexed_search_finds_exactly_what_a_scan_finds(ledger_ctx, monkeypatch):
+    rows = fill_search_ledger()
+    queries_ = QUERIES + [rows[5].id[:8], rows[9].id.upper()[:6], rows[11].id]
+    indexed = {q: search_ids(q) for q in queries_}
+    monkeypatch.setattr(queries, 'CANDIDATES', 15)  # many queries now find too many candidates
+    dense = {q: search_ids(q) for q in queries_}
+    monkeypatch.setattr(queries, '_indexed', lambda typed, in_json: None)
+    scanned = {q: search_ids(q) for q in queries_}
+    assert indexed == scanned
+    assert dense == scanned
+    assert scanned['hello'] and scanned['caf'] and scanned['🎉'] and scanned['_']
+    assert scanned['nothing like this at all'] == []
+    assert scanned[rows[5].id[:8]][0] == rows[5].id
+
+
+def test_the_search_index_is_used_and_follows_changes_to_the_rows(ledger_ctx):
+    fill_search_ledger()
+    typed, in_json = queries._search_variants('disk full')
+    assert queries._indexed(typed, in_json) is not None  # three characters or more
+    assert queries._indexed(*queries._search_variants('ab')) is None  # too short for trigrams
+    job = db.session.scalars(sa.select(Job).where(Job.error == 'RuntimeError: disk full')).first()
+    others = len(search_ids('disk full'))
+    job.error = 'OSError: network unreachable'
+    db.session.commit()
+    assert len(search_ids('disk full')) == others - 1
+    assert job.id in search_ids('network unreachable')
+    db.session.delete(job)
+    db.session.commit()
+    assert search_ids('network unreachable') == []
+    if db.engine.dialect.name == 'sqlite':
+        plan = ' '.join(str(r) for r in db.session.execute(sa.text(
+            'EXPLAIN QUERY PLAN SELECT rowid FROM job_search WHERE job_search MATCH :q'),
+            {'q': '"disk"'}))
+        assert 'VIRTUAL TABLE INDEX' in plan
+    else:
+        db.session.execute(sa.text('SET LOCAL enable_seqscan = off'))
+        plan = ' '.join(r[0] for r in db.session.execute(sa.text(
+            "EXPLAIN SELECT id FROM job WHERE job_search_text(params, error, result) "
+            "ILIKE '%disk full%'")))
+        db.session.rollback()
+        assert 'ix_job_search' in plan
