@@ -62,7 +62,11 @@ def submit_job():
 @bp.get('/jobs')
 @declare(query=FILTERS + (LIMIT, CURSOR), responses={200: ('JobPage', 'Jobs newest first')})
 def list_jobs():
-    """Jobs newest first, filtered; ``next`` is the cursor of the following page."""
+    """Jobs newest first, filtered; ``next`` is the cursor of the following page.
+
+    A page may hold fewer than ``limit`` jobs and still have a ``next``
+    (see :func:`app.queries.list_jobs`): follow ``next`` until it is null.
+    """
     args = _query(*FILTERS, LIMIT, CURSOR)
     page, next_cursor = queries.list_jobs(
         **queries.parse_filters(args), limit=_limit(args['limit']), cursor=args['cursor'],

@@ -212,9 +212,13 @@ def _jobs_page_rows(scope):
 
 
 def _pager(scope):
-    _, next_cursor = _job_page(scope)
+    page, next_cursor = _job_page(scope)
+    # A search the index cannot narrow looks at a window of jobs per page:
+    # a short page with more to come says how far back it has looked.
+    partial = next_cursor is not None and len(page) < current_app.config['PAGE_SIZE']
     return {'filters': filters_of(scope.params), 'cursor': scope.params['cursor'],
-            'next_cursor': next_cursor}
+            'next_cursor': next_cursor,
+            'searched_to': queries.decode_cursor(next_cursor)[0] if partial else None}
 
 
 def _job(scope):

@@ -108,7 +108,7 @@ class Job(db.Model):
         # Throughput per queue: jobs finished in the last minutes.
         sa.Index('ix_job_queue_finished', 'queue', 'finished_at'),
         # The latest failed job of each failure group (task, error type), per queue.
-        sa.Index('ix_job_failed', 'queue', 'task', 'error_type', 'finished_at',
+        sa.Index('ix_job_failed', 'queue', 'task', 'error_type', 'finished_at', 'id',
                  sqlite_where=sa.text("state = 'failed'"),
                  postgresql_where=sa.text("state = 'failed'")),
         # An index, not a table constraint: SQLite adds it without copying the table.

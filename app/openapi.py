@@ -110,7 +110,11 @@ def _schemas(config):
     return {
         'Job': job, 'JobWithAttempts': job_with_attempts, 'Attempt': attempt,
         'JobPage': _object({'jobs': {'type': 'array', 'items': _ref('Job')},
-                            'next': _null({**_STR, 'description': 'cursor of the next page'})}),
+                            'next': _null({**_STR, 'description': (
+                                'cursor of the next page; null after the last. A search '
+                                'shorter than 3 characters, or one matching very many jobs, '
+                                'looks at 10,000 jobs a page, so a page may hold fewer '
+                                'jobs than `limit` (even none) and still have a `next`')})}),
         'JobList': _object({'jobs': {'type': 'array', 'items': _ref('Job')}}),
         'JobLog': _object({'attempts': {'type': 'object', 'additionalProperties': {
             'type': 'array', 'items': _object({'at': _TIME, 'level': _STR, 'message': _STR})}}}),

@@ -174,6 +174,25 @@ def _indexed(typed, in_json):
                      for n in needles)))
 
 
+def search_plan(q):
+    """``(condition, indexed)`` for a search for ``q`` (see :func:`search_condition`).
+
+    ``indexed`` is True when the search index narrows it to a few rows;
+    False when only a walk of the rows can answer it (fewer than
+    :data:`TRIGRAM` characters, or matches too many to list): a list then
+    walks at most :data:`SCAN_WINDOW` rows per page (:func:`list_jobs`).
+    """
+    q = q.strip()[:200]
+    typed, in_json = _search_variants(q)
+    contains = sa.or_(_contains(sa.cast(Job.params, sa.Text), (typed, in_json)),
+                      _contains(Job.error, (typed,)),
+                      _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
+    indexed = _indexed(typed, in_json)
+    if indexed is not None:
+        contains = sa.and_(indexed, contains)
+    return sa.or_(_id_prefix(typed), contains), indexed is not None
+
+
 def search_condition(q):
     """Jobs whose id starts with ``q``, or whose parameters, error or result contain it.
 
@@ -184,15 +203,7 @@ def search_condition(q):
     and PostgreSQL alike; an index (see :func:`_indexed`) only makes it
     fast for searches of :data:`TRIGRAM` characters or more.
     """
-    q = q.strip()[:200]
-    typed, in_json = _search_variants(q)
-    contains = sa.or_(_contains(sa.cast(Job.params, sa.Text), (typed, in_json)),
-                      _contains(Job.error, (typed,)),
-                      _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
-    indexed = _indexed(typed, in_json)
-    if indexed is not None:
-        contains = sa.and_(indexed, contains)
-    return sa.or_(_id_prefix(typed), contains)
+    return search_plan(q)[0]
 
 
 FILTER_KEYS = ('state', 'queue', 'task', 'q')  # the jobs list's filters, in its query string
@@ -241,24 +252,54 @@ def query_filters(state=None, queue=None, task=None, q=None):
     return conditions
 
 
+# Rows a search the index cannot narrow looks at per page, at most: a page
+# then holds the matches among them, and its cursor goes on from the last.
+SCAN_WINDOW = 10_000
+
+
+class _Key:
+    """A list position, as :func:`encode_cursor` reads it from a job."""
+
+    def __init__(self, created_at, id):
+        self.created_at, self.id = created_at, id
+
+
 def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
               with_result=False):
     """One page of jobs, newest first: ``(jobs, next_cursor)``.
 
     Keyset pagination on (created_at, id): each page is an index range scan,
     as fast on page 10,000 as on page 1. Results (up to 64 KiB each) are only
-    loaded when asked for.
+    loaded when asked for. A search the index cannot narrow (see
+    :func:`search_plan`) looks at no more than :data:`SCAN_WINDOW` rows: the
+    page may then hold fewer than ``limit`` jobs (even none) with a cursor
+    that goes on further back, so that every page costs about the same at
+    any ledger size. ``next_cursor`` is None after the last page. Raises
+    :class:`BadQuery` for a bad filter or cursor.
     """
-    stmt = (sa.select(Job).options(*(() if with_result else (defer(Job.result, raiseload=True),)))
-            .where(*query_filters(state, queue, task, q))
-            .order_by(Job.created_at.desc(), Job.id.desc())
-            .limit(limit + 1))
+    conditions = query_filters(state, queue, task)
     if cursor:
         created, job_id = decode_cursor(cursor)
-        stmt = stmt.where(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(created, job_id))
+        conditions.append(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(created, job_id))
+    order = (Job.created_at.desc(), Job.id.desc())
+    edge = None
+    if q and q.strip():
+        search, indexed = search_plan(q)
+        if not indexed:
+            # The last row of the window this page may look at (None: what
+            # is left of the list is shorter than a window).
+            edge = db.session.execute(
+                sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
+                .offset(SCAN_WINDOW - 1).limit(1)).first()
+        conditions.append(search)
+        if edge is not None:
+            conditions.append(sa.tuple_(Job.created_at, Job.id) >= sa.tuple_(*edge))
+    stmt = (sa.select(Job).options(*(() if with_result else (defer(Job.result, raiseload=True),)))
+            .where(*conditions).order_by(*order).limit(limit + 1))
     rows = db.session.scalars(stmt).all()
-    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    if len(rows) > limit:
+        return rows[:limit], encode_cursor(rows[limit - 1])
+    return rows, encode_cursor(_Key(*edge)) if edge is not None else None
 
 
 def stats():
@@ -349,35 +390,51 @@ def count_matching(filters, limit):
     return min(db.session.scalar(sa.select(sa.func.count()).select_from(ids)), limit)
 
 
+def _latest_failed(error_type):
+    """A correlated subquery: the id of the latest failed job in ``JobCount``'s group.
+
+    One probe of the partial index ``ix_job_failed`` (queue, task, error
+    type, finished_at, id) over failed jobs.
+    """
+    return (sa.select(Job.id)
+            .where(Job.state == states.FAILED, Job.queue == JobCount.queue,
+                   Job.task == JobCount.task, error_type)
+            .order_by(Job.finished_at.desc(), Job.id.desc()).limit(1)
+            .correlate(JobCount).scalar_subquery())
+
+
 def failures(queue=None):
     """Failed jobs grouped by task and error type: count, and the latest of each group.
 
     ``[{'task', 'error_type', 'count', 'latest': Job}]``, largest group
-    first. Counts come from the kept counters; each group's latest job is
-    one probe of a partial index over failed jobs (``ix_job_failed``) per
-    queue, so the cost follows the number of groups, not of jobs.
+    first. Counts come from the kept counters, and each group's latest job
+    from one index probe per queue (in the same statement), so the cost
+    follows the number of groups, not of jobs.
     """
     rows = db.session.execute(
-        sa.select(JobCount.queue, JobCount.task, JobCount.error_type, sa.func.sum(JobCount.n))
+        sa.select(JobCount.queue, JobCount.task, JobCount.error_type, sa.func.sum(JobCount.n),
+                  _latest_failed(Job.error_type == JobCount.error_type),
+                  # A failure without a type is counted under ''; its row may hold NULL.
+                  sa.case((JobCount.error_type == '', _latest_failed(Job.error_type.is_(None)))))
         .where(JobCount.state == states.FAILED, *([JobCount.queue == queue] if queue else []))
         .group_by(JobCount.queue, JobCount.task, JobCount.error_type)).all()
+    ids = {i for row in rows for i in row[4:] if i is not None}
+    by_id = {j.id: j for j in db.session.scalars(sa.select(Job).where(Job.id.in_(ids)))} \
+        if ids else {}
+
+    def newest(job):
+        return (job.finished_at or dt.datetime.min, job.id)
+
     groups = {}
-    for q, task, error_type, n in rows:
-        if not n:
+    for _queue, task, error_type, n, *latest_ids in rows:
+        found = [by_id[i] for i in latest_ids if i in by_id]
+        if not n or not found:
             continue
-        error_type = error_type or None
-        latest = db.session.scalars(
-            sa.select(Job).where(Job.state == states.FAILED, Job.queue == q, Job.task == task,
-                                 Job.error_type.is_(None) | (Job.error_type == '')
-                                 if error_type is None else Job.error_type == error_type)
-            .order_by(Job.finished_at.desc(), Job.id.desc()).limit(1)).first()
-        if latest is None:
-            continue
-        group = groups.setdefault((task, error_type), {'task': task, 'error_type': error_type,
-                                                       'count': 0, 'latest': latest})
-        group['count'] += int(n)
-        if (latest.finished_at or dt.datetime.min, latest.id) > (
-                group['latest'].finished_at or dt.datetime.min, group['latest'].id):
+        latest = max(found, key=newest)
+        group = groups.setdefault((task, error_type or None), {
+            'task': task, 'error_type': error_type or None, 'count': 0, 'latest': latest})
+        group['count'] += int(n)  # PostgreSQL sums to a Decimal
+        if newest(latest) > newest(group['latest']):
             group['latest'] = latest
     return sorted(groups.values(), key=lambda g: (-g['count'], g['task'], g['error_type'] or ''))
 

@@ -352,3 +352,24 @@ def test_the_search_index_is_used_and_follows_changes_to_the_rows(ledger_ctx):
             "ILIKE '%disk full%'")))
         db.session.rollback()
         assert 'ix_job_search' in plan
+
+
+def test_a_search_the_index_cannot_narrow_looks_at_one_window_per_page(ledger_ctx, monkeypatch):
+    rows = fill_search_ledger()  # newest first: rows[0] is the newest
+    monkeypatch.setattr(queries, 'SCAN_WINDOW', 40)
+    # 'ab' (too short for trigrams) is in about one row in fifteen.
+    expected = [r.id for r in rows if r.id.startswith('ab')
+                or 'ab' in (r.error or '') + str(r.params) + str(r.result)]
+    pages, cursor = [], None
+    while True:
+        page, cursor = queries.list_jobs(q='ab', limit=50, cursor=cursor)
+        pages.append(page)
+        if cursor is None:
+            break
+    assert [j.id for page in pages for j in page] == expected
+    # 300 rows, 40 a window: 8 pages, each holding only its window's matches.
+    assert len(pages) == 8
+    assert all(len(page) < 40 for page in pages)
+    # The index narrows a longer search: one page, as many as match.
+    monkeypatch.setattr(queries, 'SCAN_WINDOW', 1)
+    assert len(queries.list_jobs(q='hello', limit=500)[0]) == len(search_ids('hello')) > 40

@@ -203,7 +203,7 @@ def _tables():
                             name=op.f('pk_job_minute'))
     )
     with op.batch_alter_table('job', schema=None) as batch_op:
-        batch_op.create_index('ix_job_failed', ['queue', 'task', 'error_type', 'finished_at'],
+        batch_op.create_index('ix_job_failed', ['queue', 'task', 'error_type', 'finished_at', 'id'],
                               unique=False, sqlite_where=sa.text("state = 'failed'"),
                               postgresql_where=sa.text("state = 'failed'"))
 
