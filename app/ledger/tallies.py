@@ -13,6 +13,9 @@ triggers off), say whether the kept values agree with the rows
 (:func:`differences`), and keep the tables small (:func:`compact`).
 """
 
+# The job columns a search looks in, in the order the SQLite index numbers them.
+SEARCHED = ('params', 'error', 'result')
+
 # What each counter row is keyed by, computed from the job rows: the same
 # expressions the triggers use (migration 0008).
 _ERROR_KEY = "CASE WHEN state = 'failed' THEN coalesce(error_type, '') ELSE '' END"
@@ -80,8 +83,12 @@ def recount(conn):
     else:
         # A write first, so the transaction holds SQLite's write lock before
         # it reads (a read first could not become a write once another
-        # writer committed).
-        conn.exec_driver_sql("INSERT INTO job_search (job_search) VALUES ('rebuild')")
+        # writer committed). The search index (contentless FTS5, one row per
+        # job column, numbered job rowid * 4 + column) is refilled.
+        conn.exec_driver_sql("INSERT INTO job_search (job_search) VALUES ('delete-all')")
+        for k, column in enumerate(SEARCHED):
+            conn.exec_driver_sql(f'INSERT INTO job_search (rowid, text) SELECT rowid * 4 + {k}, '
+                                 f'{column} FROM job WHERE {column} IS NOT NULL')
     written = {'differed': sum(map(len, differences(conn).values()))}
     for table, sql in _counted(conn).items():
         conn.exec_driver_sql(f'DELETE FROM {table}')

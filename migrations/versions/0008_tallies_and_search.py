@@ -63,10 +63,19 @@ def _sqlite_minute(r, sign):
     return sql
 
 
-_SQLITE_SEARCH_ADD = ("INSERT INTO job_search (rowid, params, error, result) "
-                      "VALUES (NEW.rowid, NEW.params, NEW.error, NEW.result);")
-_SQLITE_SEARCH_REMOVE = ("INSERT INTO job_search (job_search, rowid, params, error, result) "
-                         "VALUES ('delete', OLD.rowid, OLD.params, OLD.error, OLD.result);")
+# The search index holds each searched column of a job as a row of its own,
+# numbered job rowid * 4 + column number, so a job finishing adds its result
+# or error without the parameters being indexed again.
+SEARCHED = ('params', 'error', 'result')
+
+
+def _sqlite_search(r, column, k, sign):
+    if sign > 0:
+        return (f"INSERT INTO job_search (rowid, text) SELECT {r}.rowid * 4 + {k}, {r}.{column} "
+                f"WHERE {r}.{column} IS NOT NULL;")
+    return (f"INSERT INTO job_search (job_search, rowid, text) "
+            f"SELECT 'delete', {r}.rowid * 4 + {k}, {r}.{column} WHERE {r}.{column} IS NOT NULL;")
+
 
 SQLITE_TRIGGERS = {
     'job_count_insert': f"AFTER INSERT ON job BEGIN {_sqlite_count('NEW', 1)} END",
@@ -87,13 +96,16 @@ SQLITE_TRIGGERS = {
         "OLD.finished_at IS NOT NEW.finished_at OR OLD.queue IS NOT NEW.queue "
         "OR OLD.task IS NOT NEW.task OR OLD.state IS NOT NEW.state) "
         f"BEGIN {_sqlite_minute('OLD', -1)} {_sqlite_minute('NEW', 1)} END"),
-    'job_search_insert': f"AFTER INSERT ON job BEGIN {_SQLITE_SEARCH_ADD} END",
-    'job_search_delete': f"AFTER DELETE ON job BEGIN {_SQLITE_SEARCH_REMOVE} END",
-    'job_search_update': (
-        "AFTER UPDATE OF params, error, result ON job "
-        "WHEN OLD.params IS NOT NEW.params OR OLD.error IS NOT NEW.error "
-        "OR OLD.result IS NOT NEW.result "
-        f"BEGIN {_SQLITE_SEARCH_REMOVE} {_SQLITE_SEARCH_ADD} END"),
+    **{f'job_search_insert_{c}': (f"AFTER INSERT ON job WHEN NEW.{c} IS NOT NULL "
+                                  f"BEGIN {_sqlite_search('NEW', c, k, 1)} END")
+       for k, c in enumerate(SEARCHED)},
+    **{f'job_search_delete_{c}': (f"AFTER DELETE ON job WHEN OLD.{c} IS NOT NULL "
+                                  f"BEGIN {_sqlite_search('OLD', c, k, -1)} END")
+       for k, c in enumerate(SEARCHED)},
+    **{f'job_search_update_{c}': (f"AFTER UPDATE OF {c} ON job WHEN OLD.{c} IS NOT NEW.{c} "
+                                  f"BEGIN {_sqlite_search('OLD', c, k, -1)} "
+                                  f"{_sqlite_search('NEW', c, k, 1)} END")
+       for k, c in enumerate(SEARCHED)},
 }
 
 # -- PostgreSQL ---------------------------------------------------------------
@@ -225,9 +237,11 @@ def upgrade():
     bind = op.get_bind()
     if bind.dialect.name == 'sqlite':
         _fill(_SQLITE_MINUTE.format(r='job'))
-        _raw("CREATE VIRTUAL TABLE job_search USING fts5(params, error, result, "
-                   "content='job', content_rowid='rowid', tokenize='trigram')")
-        _raw("INSERT INTO job_search (job_search) VALUES ('rebuild')")
+        # Contentless: the text is in the job rows; the index holds only trigrams.
+        _raw("CREATE VIRTUAL TABLE job_search USING fts5(text, content='', tokenize='trigram')")
+        for k, column in enumerate(SEARCHED):
+            _raw(f"INSERT INTO job_search (rowid, text) SELECT rowid * 4 + {k}, {column} "
+                 f"FROM job WHERE {column} IS NOT NULL")
         for name, body in SQLITE_TRIGGERS.items():
             _raw(f'CREATE TRIGGER {name} {body}')
     else:
