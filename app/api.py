@@ -52,7 +52,7 @@ def openapi_document():
 def submit_job():
     """Submit a job."""
     data = inputs.json_object('invalid job')
-    job = jobs.submit(catalog.validate(data, current_app.config))
+    job = jobs.submit(catalog.validate(data, current_app.config), audit=auth.audit_entry())
     response = jsonify(job.to_dict(attempts=queries.attempts(job) if not job.created else []))
     response.headers['Location'] = url_for('api.get_job', job_id=job.id)
     # An idempotency key already used: the existing job, 200 instead of 201.
