@@ -285,8 +285,9 @@ def _hand_over_new(new):
     """Give the broker the messages of ``new`` jobs, one round trip per queue.
 
     On a refusal the transaction is rolled back and what an earlier queue
-    took is withdrawn (best effort: the reconciler drops a message whose job
-    has no row); raises :class:`~app.broker.BrokerUnavailable`.
+    took is withdrawn again (if that fails too, such a message runs as a job
+    enqueued around the API does: its consumer writes its row); raises
+    :class:`~app.broker.BrokerUnavailable`.
     """
     by_queue = {}
     for job in new:
