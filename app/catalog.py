@@ -28,11 +28,18 @@ _TYPE_NAMES = {int: 'integer', float: 'number', str: 'string', bool: 'boolean'}
 
 
 class ValidationError(Exception):
-    """A submission with bad fields; ``fields`` maps field name to message."""
+    """A submission with bad fields; ``fields`` maps field name to message.
 
-    def __init__(self, fields, message='invalid job'):
+    For many submissions at once (:func:`validate_many`) ``errors`` lists
+    each bad field as ``{"index": 3, "field": "params.seconds", "message":
+    "..."}`` (``fields`` then names it ``jobs[3].params.seconds``); else it
+    is empty.
+    """
+
+    def __init__(self, fields, message='invalid job', errors=()):
         self.fields = fields
         self.message = message
+        self.errors = list(errors)
         super().__init__(f'{message}: {fields}')
 
 
@@ -509,6 +516,37 @@ def validate(data, config, from_form=False, now=None):
     return Submission(task=task_type, params=params, queue=queue, priority=priority,
                       eta=eta, retries=retries, retry_delay=float(retry_delay),
                       timeout=timeout, idempotency_key=options['idempotency_key'] or None)
+
+
+def validate_many(items, config, limit, now=None):
+    """Check a list of submissions (each what :func:`validate` takes); their
+    :class:`Submission` objects, in order.
+
+    All or nothing: raises :class:`ValidationError` (``"invalid jobs"``)
+    naming every bad field of every item, by index (see its ``errors``),
+    when any is bad, when ``items`` is not a non-empty list, or when it
+    holds more than ``limit`` items (then ``fields`` has ``jobs`` alone).
+    """
+    if not isinstance(items, list) or not items:
+        raise ValidationError({'jobs': 'must be a non-empty list of jobs'}, 'invalid jobs')
+    if len(items) > limit:
+        raise ValidationError({'jobs': f'at most {limit} jobs a call (got {len(items)}): '
+                                       f'split the batch'}, 'too many jobs')
+    now = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    subs, errors = [], []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            errors.append({'index': index, 'field': '', 'message': 'must be a JSON object'})
+            continue
+        try:
+            subs.append(validate(item, config, now=now))
+        except ValidationError as exc:
+            errors.extend({'index': index, 'field': field, 'message': message}
+                          for field, message in exc.fields.items())
+    if errors:
+        raise ValidationError({f'jobs[{e["index"]}]' + (f'.{e["field"]}' if e['field'] else ''):
+                               e['message'] for e in errors}, 'invalid jobs', errors)
+    return subs
 
 
 def parse_eta(text):
