@@ -241,6 +241,30 @@ class TaskType:
                   if p.secret and isinstance(params.get(p.name), str)}
         return {k: masking.mask(v) if k in secret else v for k, v in params.items()}, secret
 
+    def job(self, **fields):
+        """A submission of this task type as ``POST /api/jobs`` takes it (a dict).
+
+        ``fields`` are its parameters and the job options (``delay``,
+        ``eta``, ``queue``, ``priority``, ``retries``, ``retry_delay``,
+        ``timeout``, ``idempotency_key``), told apart by name: no parameter
+        may take an option's name. Nothing is checked here; submitting does.
+        """
+        if 'task' in fields:
+            raise TypeError('task is the task type itself; it is not a field')
+        params = dict(fields.pop('params', None) or {})
+        params.update((k, fields.pop(k)) for k in list(fields) if k not in OPTION_NAMES)
+        return {'task': self.name, 'params': params, **fields}
+
+    def submit(self, **fields):
+        """Submit a job of this task type from Python (see :mod:`app.producer`); the job.
+
+        ``fields`` as for :meth:`job`. Raises ``app.producer.InvalidJob`` or
+        ``app.producer.BrokerUnavailable``, writing nothing.
+        """
+        if not on_submit:
+            raise RuntimeError('no producer: import the app package (app.producer) first')
+        return on_submit[-1](self.job(**fields))
+
     def redactor(self, params):
         """A :class:`~app.masking.Redactor` of the secret values among ``params`` (the real ones)."""
         return masking.Redactor(self.split(params)[1].values())
@@ -295,6 +319,11 @@ def redactor(task_name, params):
 # every queue's Huey). A hook slot: this module never fills it.
 on_declare = []
 
+# Called with a submission dict by TaskType.submit (``sleep.submit(seconds=1)``);
+# returns the job. A hook slot the wiring fills (app.producer, imported with
+# the app package); this module never fills it.
+on_submit = []
+
 
 def register(task_type):
     """Add ``task_type`` to :data:`TASKS` and tell :data:`on_declare`.
@@ -331,6 +360,8 @@ def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
             description=doc[0] if doc else '', retries=retries,
             retry_delay=retry_delay, priority=priority, timeout=timeout,
             no_retry=tuple(no_retry), rerun=rerun, role=roles.check(role)))
+        # From Python: sleep.submit(seconds=1, delay=5), sleep.job(...) for submit_many.
+        func.submit, func.job = func.task_type.submit, func.task_type.job
         return func
     return decorator
 
