@@ -12,6 +12,7 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from flask import current_app
 from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from . import audit as audit_log, broker, events, states
 from .extensions import db
@@ -109,16 +110,15 @@ def submit_many(subs, audit=None):
     makes one job, the later slot getting the earlier one, as if submitted
     one after the other. ``audit`` (an unsaved
     :class:`~app.models.AuditEntry`) is committed with the jobs, or not at all.
-    Announces the new jobs (and the audit entry) once committed.
+    Announces the new jobs (and the audit entry) once committed. New jobs
+    come back as written, outside the session (putting a thousand rows in it
+    would cost more than writing them): read one with
+    :func:`app.queries.get` to act on it.
     """
     subs = list(subs)
     if len(subs) > MAX_BATCH:
         raise ValueError(f'at most {MAX_BATCH} submissions at once')
-    slots = _record(subs, [audit] if audit is not None else [])
-    for job, created in slots:
-        if created and job not in db.session:
-            _attach(job)
-    return slots
+    return _record(subs, [audit] if audit is not None else [])
 
 
 def _record(subs, audits):
@@ -268,9 +268,7 @@ def _new_job(sub, now):
                created_at=now, updated_at=now, scheduled_for=sub.eta, version=1,
                progress=None, progress_message=None, result=None, error=None,
                error_type=None, started_at=None, finished_at=None, worker=None,
-               cancel_requested_at=None,
-               # A new job has neither attempts nor events: nothing to load.
-               attempt_rows=[], event_rows=[])
+               cancel_requested_at=None)
 
 
 _COLUMNS = frozenset(c.key for c in sa.inspect(Job).column_attrs)
@@ -313,6 +311,8 @@ def _hand_over_new(new):
 def _attach(job):
     """Put a committed new ``job`` in the session as it was written (no reload)."""
     make_transient_to_detached(job)
+    # A new job has no events yet: nothing to load when it is shown.
+    set_committed_value(job, 'event_rows', [])
     db.session.add(job)
 
 
