@@ -33,6 +33,7 @@ test-fast: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
+	$(BIN)/python bench/submit.py
 	$(BIN)/python bench/live.py
 	$(BIN)/python bench/reconcile.py
 

@@ -115,3 +115,11 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cursor.execute('PRAGMA cache_size=-65536')
     cursor.close()
 
+
+# Jobs submitted from Python (``sleep.submit(...)``) go through app.producer,
+# which fills the catalog's hook slot: imported with the package, so that
+# any process importing a task module can submit; it builds its app with
+# create_app.
+from . import producer  # noqa: E402
+
+producer.producer.app_factory = create_app

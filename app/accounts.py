@@ -10,6 +10,7 @@ import re
 import secrets
 
 import sqlalchemy as sa
+from sqlalchemy.orm import joinedload
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from . import events, roles
@@ -210,6 +211,11 @@ def revoke_token(token_id):
     return row
 
 
+# The token with its user, in one query built once: every API request asks.
+_TOKEN_QUERY = (sa.select(ApiToken).options(joinedload(ApiToken.user))
+                .where(ApiToken.token_hash == sa.bindparam('hash')))
+
+
 def token_user(token):
     """The :class:`User` a bearer ``token`` belongs to, or None; notes when it was last used.
 
@@ -218,7 +224,7 @@ def token_user(token):
     """
     if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
-    row = db.session.scalar(sa.select(ApiToken).where(ApiToken.token_hash == _hash_token(token)))
+    row = db.session.scalar(_TOKEN_QUERY, {'hash': _hash_token(token)})
     if row is None:
         return None
     now = utcnow()

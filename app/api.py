@@ -6,7 +6,8 @@ those declarations, and the query parameters are parsed by them.
 """
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import (audit, auth, catalog, inputs, jobs, openapi, periodic, queries, queues, states)
+from . import (audit, auth, catalog, errors, inputs, jobs, openapi, periodic, queries, queues,
+               states)
 from .models import isoformat
 from .openapi import Query, declare
 
@@ -52,11 +53,53 @@ def openapi_document():
 def submit_job():
     """Submit a job."""
     data = inputs.json_object('invalid job')
-    job = jobs.submit(catalog.validate(data, current_app.config))
+    job = jobs.submit(catalog.validate(data, current_app.config), audit=auth.audit_entry())
     response = jsonify(job.to_dict(attempts=queries.attempts(job) if not job.created else []))
     response.headers['Location'] = url_for('api.get_job', job_id=job.id)
     # An idempotency key already used: the existing job, 200 instead of 201.
     return response, 201 if job.created else 200
+
+
+def batch_schema(config):
+    """The body of ``POST /api/jobs/batch`` as a JSON Schema: ``jobs``, each a submission."""
+    return {'type': 'object', 'required': ['jobs'], 'additionalProperties': False,
+            'properties': {'jobs': {
+                'type': 'array', 'minItems': 1, 'maxItems': jobs.MAX_BATCH,
+                'items': catalog.submission_schema(config),
+                'description': f'Up to {jobs.MAX_BATCH} jobs, each what POST /api/jobs takes'}}}
+
+
+@bp.post('/jobs/batch')
+@auth.action('submit')
+@declare(body=batch_schema,
+         responses={201: ('JobBatch', 'The jobs in order, queued or scheduled'),
+                    200: ('JobBatch', 'Every job was one an idempotency key already named'),
+                    403: 'Error', 503: 'Error'})
+def submit_batch():
+    """Submit many jobs at once: all of them, or none."""
+    # Its own body limit: a thousand jobs are larger than one.
+    request.max_content_length = current_app.config['MAX_BATCH_CONTENT_LENGTH']
+    data = inputs.json_object('invalid jobs')
+    items = data.get('jobs')
+    unknown = {key: 'unknown field' for key in data if key != 'jobs'}
+    if unknown:
+        raise catalog.ValidationError(unknown, 'invalid jobs')
+    if isinstance(items, list) and len(items) > jobs.MAX_BATCH:
+        return errors.respond(413, f'at most {jobs.MAX_BATCH} jobs a call (got {len(items)}): '
+                                   f'split the batch', fields={'jobs': 'too many jobs'})
+    subs = catalog.validate_many(items, current_app.config, jobs.MAX_BATCH)
+    refused = [i for i, sub in enumerate(subs) if not auth.can('submit', sub.task.name)]
+    if refused:
+        # All or nothing: one job this role may not submit refuses the batch.
+        reason = auth.refusal('admin-task')
+        return errors.respond(403, reason, errors=[
+            {'index': i, 'field': 'task', 'message': reason} for i in refused])
+    names = sorted({sub.task.name for sub in subs})
+    slots = jobs.submit_many(subs, audit=auth.audit_entry(
+        count=len(subs), target='tasks ' + ', '.join(names)))
+    body = {'jobs': [job.to_dict() for job, _created in slots],
+            'created': [created for _job, created in slots]}
+    return body, 201 if any(body['created']) else 200
 
 
 @bp.get('/jobs')

@@ -4,7 +4,8 @@ Who (user name, or None for the local user of a login-free ``make run``),
 as what role and through what (session, token, local), which action, on
 what (a job id, a queue or periodic task, a bulk action's filter or ids),
 how many jobs, from which address, when, and the outcome ("done", or the
-refusal). Oban Web keeps such a log; so do we, in SQL, shown at ``/audit``
+refusal). Jobs submitted from Python (:mod:`app.producer`) are recorded
+``via='python'``, with the submitting process as the address. Oban Web keeps such a log; so do we, in SQL, shown at ``/audit``
 to admins and served at ``GET /api/audit``.
 """
 import sqlalchemy as sa
@@ -16,16 +17,37 @@ from .models import AuditEntry, utcnow
 MAX_TARGET = 500  # characters of a target kept (a long filter is cut)
 
 
-def record(*, user, role, via, action, target=None, count=None, address=None, outcome='done'):
-    """Write one entry (and announce it to open audit pages); returns it."""
-    entry = AuditEntry(at=utcnow(), user=user, role=role, via=via, action=action[:32],
-                       target=None if target is None else str(target)[:MAX_TARGET],
-                       count=count, address=(address or '')[:64] or None,
-                       outcome=outcome[:64])
-    db.session.add(entry)
+def entry(*, user, role, via, action, target=None, count=None, address=None, outcome='done'):
+    """One entry, not yet written: for a command that commits it with its own change
+    (:func:`app.jobs.submit_many` takes one) and announces it. Text is cut to its column."""
+    return AuditEntry(at=utcnow(), user=user, role=role, via=via[:16], action=action[:32],
+                      target=None if target is None else str(target)[:MAX_TARGET],
+                      count=count, address=(address or '')[:64] or None,
+                      outcome=outcome[:64])
+
+
+_COLUMNS = frozenset(c.key for c in sa.inspect(AuditEntry).column_attrs)
+
+
+def insert(written):
+    """Add ``written`` (entries from :func:`entry`) to the current transaction; not committed.
+
+    The caller commits them with its own change, then announces them
+    (``events.publish(audit=True)``).
+    """
+    if written:
+        db.session.execute(AuditEntry.__table__.insert(), [
+            {k: v for k, v in vars(e).items() if k in _COLUMNS} for e in written])
+
+
+def record(**fields):
+    """Write one entry (the fields of :func:`entry`) and announce it to open audit pages;
+    returns it."""
+    written = entry(**fields)
+    db.session.add(written)
     db.session.commit()
     events.publish(audit=True)
-    return entry
+    return written
 
 
 def entries(limit=200, before=None):

@@ -328,6 +328,24 @@ def note(count=None, outcome=None, target=None, action=None):
         g.audit_target = target
 
 
+def audit_entry(count=None, target=None):
+    """This request's audit entry, outcome "done", for a command to commit with its change.
+
+    For a view whose service writes the entry in its own transaction
+    (:func:`app.jobs.submit_many`): after a successful answer the entry is
+    not written again; after a failed one (the service rolled back) the
+    refusal is written as for any other request.
+    """
+    who = principal()
+    g.audit_entry = audit.entry(
+        user=who.name if who else None, role=who.role if who else None,
+        via=who.via if who else 'anonymous', action=g.get('audit_action') or _action_of(
+            current_app.view_functions[request.endpoint]),
+        target=target if target is not None else _target(), count=count,
+        address=request.remote_addr)
+    return g.audit_entry
+
+
 def _action_of(view):
     needed = getattr(view, 'qm_action', None)
     try:
@@ -378,6 +396,8 @@ def _audit(response):
         # the log with them.
         return response
     status = response.status_code
+    if status < 400 and g.get('audit_entry') is not None:
+        return response  # committed by the view's service, with its change
     outcome = g.get('audit_outcome') or ('done' if status < 400 else f'refused: {status} '
                                          f'{response.status.split(" ", 1)[-1].lower()}')
     count = g.get('audit_count')

@@ -28,11 +28,18 @@ _TYPE_NAMES = {int: 'integer', float: 'number', str: 'string', bool: 'boolean'}
 
 
 class ValidationError(Exception):
-    """A submission with bad fields; ``fields`` maps field name to message."""
+    """A submission with bad fields; ``fields`` maps field name to message.
 
-    def __init__(self, fields, message='invalid job'):
+    For many submissions at once (:func:`validate_many`) ``errors`` lists
+    each bad field as ``{"index": 3, "field": "params.seconds", "message":
+    "..."}`` (``fields`` then names it ``jobs[3].params.seconds``); else it
+    is empty.
+    """
+
+    def __init__(self, fields, message='invalid job', errors=()):
         self.fields = fields
         self.message = message
+        self.errors = list(errors)
         super().__init__(f'{message}: {fields}')
 
 
@@ -234,6 +241,30 @@ class TaskType:
                   if p.secret and isinstance(params.get(p.name), str)}
         return {k: masking.mask(v) if k in secret else v for k, v in params.items()}, secret
 
+    def job(self, **fields):
+        """A submission of this task type as ``POST /api/jobs`` takes it (a dict).
+
+        ``fields`` are its parameters and the job options (``delay``,
+        ``eta``, ``queue``, ``priority``, ``retries``, ``retry_delay``,
+        ``timeout``, ``idempotency_key``), told apart by name: no parameter
+        may take an option's name. Nothing is checked here; submitting does.
+        """
+        if 'task' in fields:
+            raise TypeError('task is the task type itself; it is not a field')
+        params = dict(fields.pop('params', None) or {})
+        params.update((k, fields.pop(k)) for k in list(fields) if k not in OPTION_NAMES)
+        return {'task': self.name, 'params': params, **fields}
+
+    def submit(self, **fields):
+        """Submit a job of this task type from Python (see :mod:`app.producer`); the job.
+
+        ``fields`` as for :meth:`job`. Raises ``app.producer.InvalidJob`` or
+        ``app.producer.BrokerUnavailable``, writing nothing.
+        """
+        if not on_submit:
+            raise RuntimeError('no producer: import the app package (app.producer) first')
+        return on_submit[-1](self.job(**fields))
+
     def redactor(self, params):
         """A :class:`~app.masking.Redactor` of the secret values among ``params`` (the real ones)."""
         return masking.Redactor(self.split(params)[1].values())
@@ -288,6 +319,11 @@ def redactor(task_name, params):
 # every queue's Huey). A hook slot: this module never fills it.
 on_declare = []
 
+# Called with a submission dict by TaskType.submit (``sleep.submit(seconds=1)``);
+# returns the job. A hook slot the wiring fills (app.producer, imported with
+# the app package); this module never fills it.
+on_submit = []
+
 
 def register(task_type):
     """Add ``task_type`` to :data:`TASKS` and tell :data:`on_declare`.
@@ -324,6 +360,8 @@ def task(params=(), retries=None, retry_delay=None, priority=0, timeout=None,
             description=doc[0] if doc else '', retries=retries,
             retry_delay=retry_delay, priority=priority, timeout=timeout,
             no_retry=tuple(no_retry), rerun=rerun, role=roles.check(role)))
+        # From Python: sleep.submit(seconds=1, delay=5), sleep.job(...) for submit_many.
+        func.submit, func.job = func.task_type.submit, func.task_type.job
         return func
     return decorator
 
@@ -509,6 +547,37 @@ def validate(data, config, from_form=False, now=None):
     return Submission(task=task_type, params=params, queue=queue, priority=priority,
                       eta=eta, retries=retries, retry_delay=float(retry_delay),
                       timeout=timeout, idempotency_key=options['idempotency_key'] or None)
+
+
+def validate_many(items, config, limit, now=None):
+    """Check a list of submissions (each what :func:`validate` takes); their
+    :class:`Submission` objects, in order.
+
+    All or nothing: raises :class:`ValidationError` (``"invalid jobs"``)
+    naming every bad field of every item, by index (see its ``errors``),
+    when any is bad, when ``items`` is not a non-empty list, or when it
+    holds more than ``limit`` items (then ``fields`` has ``jobs`` alone).
+    """
+    if not isinstance(items, list) or not items:
+        raise ValidationError({'jobs': 'must be a non-empty list of jobs'}, 'invalid jobs')
+    if len(items) > limit:
+        raise ValidationError({'jobs': f'at most {limit} jobs a call (got {len(items)}): '
+                                       f'split the batch'}, 'too many jobs')
+    now = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    subs, errors = [], []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            errors.append({'index': index, 'field': '', 'message': 'must be a JSON object'})
+            continue
+        try:
+            subs.append(validate(item, config, now=now))
+        except ValidationError as exc:
+            errors.extend({'index': index, 'field': field, 'message': message}
+                          for field, message in exc.fields.items())
+    if errors:
+        raise ValidationError({f'jobs[{e["index"]}]' + (f'.{e["field"]}' if e['field'] else ''):
+                               e['message'] for e in errors}, 'invalid jobs', errors)
+    return subs
 
 
 def parse_eta(text):

@@ -58,6 +58,8 @@ DEFAULTS = {
     'TASK_MODULES': 'huey_tasks',
     # Largest accepted request body (bytes), forms and API alike; bigger get a 413.
     'MAX_CONTENT_LENGTH': 64 * 1024,
+    # Largest accepted body of POST /api/jobs/batch (up to 1,000 jobs a call).
+    'MAX_BATCH_CONTENT_LENGTH': 4 * 1024 * 1024,
     # Retry policy when neither the task nor the submission says otherwise:
     # 2 retries (3 attempts in all), first retry after 5 s, doubling, +-25%.
     'DEFAULT_RETRIES': 2,
@@ -104,7 +106,8 @@ DEFAULTS = {
     'SESSION_IDLE_TIMEOUT': 8 * 3600.0,
 }
 
-_INT = {'PERIODIC', 'PORT', 'PROXY_FIX', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
+_INT = {'PERIODIC', 'PORT', 'PROXY_FIX', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH',
+        'MAX_BATCH_CONTENT_LENGTH', 'DEFAULT_RETRIES', 'LOG_LINES',
         'PAGE_SIZE', 'MAX_PAGE_SIZE'}
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',

@@ -31,6 +31,8 @@ def respond(status, message, **extra):
 def register(app):
     @app.errorhandler(catalog.ValidationError)
     def invalid(exc):
+        if exc.errors:  # many submissions at once: also each bad field by index
+            return respond(400, exc.message, fields=exc.fields, errors=exc.errors)
         return respond(400, exc.message, fields=exc.fields)
 
     @app.errorhandler(queries.BadQuery)
@@ -65,7 +67,7 @@ def register(app):
     @app.errorhandler(HTTPException)
     def http_error(exc):
         if exc.code == 413:
-            limit = app.config['MAX_CONTENT_LENGTH']
+            limit = request.max_content_length  # the route's own, or MAX_CONTENT_LENGTH
             return respond(413, f'request body larger than {limit} bytes')
         body, status = respond(exc.code, exc.description)
         # A 405 says which methods the URL does take (RFC 9110).

@@ -5,20 +5,26 @@ The write side of the jobs service, shared by the pages and the JSON API;
 announced with :func:`announce`.
 """
 import datetime as dt
+import threading
 import uuid
+from typing import NamedTuple
 
 import sqlalchemy as sa
+from flask import current_app
+from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
-from . import broker, events, states
+from . import audit as audit_log, broker, events, states
 from .extensions import db
 from .models import Job, utcnow
 from .queries import BadQuery, get, query_filters
 
 
-def announce(*jobs, deleted=()):
-    """Tell the live pages that ``jobs`` (Job rows, committed) changed and ``deleted`` ids went."""
+def announce(*jobs, deleted=(), audit=False):
+    """Tell the live pages that ``jobs`` (Job rows, committed) changed, ``deleted`` ids went,
+    and (``audit``) the audit log grew: one event."""
     events.publish([events.job_change(j.id, j.state, j.queue, j.task, j.version)
-                    for j in jobs], deleted)
+                    for j in jobs], deleted, audit=audit)
 
 
 def _announce_ids(ids):
@@ -57,46 +63,257 @@ def _revert_cancel(before, canceled_at):
     db.session.commit()
 
 
-def submit(sub):
-    """Record and enqueue a validated :class:`~app.catalog.Submission`.
+def submit(sub, audit=None):
+    """Record and enqueue a validated :class:`~app.catalog.Submission`; the :class:`Job`.
 
     The row is written before the message is enqueued and committed after,
     so a job the broker refuses leaves no row behind (``BrokerUnavailable``).
     A submission whose idempotency key was used before returns that job
-    instead; ``job.created`` says which happened.
+    instead; ``job.created`` says which happened. ``audit`` (an unsaved
+    :class:`~app.models.AuditEntry`) is committed in the same transaction.
+
+    Submissions made at the same moment by other threads of this process
+    (concurrent API requests) share that transaction and broker round trip
+    (:class:`SubmitGroup`); each call still returns only once its own row
+    is committed, and fails as its group does.
     """
-    if sub.idempotency_key:
-        existing = _by_key(sub.idempotency_key)
-        if existing is not None:
-            existing.created = False
-            return existing
+    group = current_app.extensions.setdefault('queue_manager.submit_group', SubmitGroup())
+    job, created = group.submit(sub, audit)
+    if created:
+        _attach(job)
+    elif job not in db.session:  # found by another thread's session: read it in ours
+        job = db.session.get(Job, sa.inspect(job).identity[0])
+    job.created = created
+    return job
+
+
+class Submitted(NamedTuple):
+    """One slot of :func:`submit_many`'s answer: the job, and whether this call created it."""
+    job: Job
+    created: bool
+
+
+MAX_BATCH = 1000  # submissions in one call of submit_many (one transaction)
+
+
+def submit_many(subs, audit=None):
+    """Record and enqueue validated submissions at once: a list of :class:`Submitted`, in order.
+
+    ``subs`` are :class:`~app.catalog.Submission` objects, at most
+    :data:`MAX_BATCH` (``ValueError`` otherwise). Their rows go into one
+    transaction and their messages to the broker in one round trip per
+    queue; the rows commit only once the broker holds every message. If it
+    refuses (:class:`~app.broker.BrokerUnavailable`) nothing is committed and
+    the messages it took are withdrawn again: no row claims a job the broker
+    does not hold. A submission whose idempotency key names a job already
+    recorded gets that job (``created`` False); a key used twice in one call
+    makes one job, the later slot getting the earlier one, as if submitted
+    one after the other. ``audit`` (an unsaved
+    :class:`~app.models.AuditEntry`) is committed with the jobs, or not at all.
+    Announces the new jobs (and the audit entry) once committed. New jobs
+    come back as written, outside the session (putting a thousand rows in it
+    would cost more than writing them): read one with
+    :func:`app.queries.get` to act on it.
+    """
+    subs = list(subs)
+    if len(subs) > MAX_BATCH:
+        raise ValueError(f'at most {MAX_BATCH} submissions at once')
+    return _record(subs, [audit] if audit is not None else [])
+
+
+def _record(subs, audits):
+    """Write ``subs`` and ``audits`` in one transaction, messages first; the slots.
+
+    New jobs come back committed but outside the session (see :func:`_attach`).
+    """
+    for attempt in range(3):
+        slots, new = _plan(subs)
+        if not new:
+            break
+        try:
+            # Core's INSERT (the ORM's unit of work costs more than the row).
+            db.session.execute(Job.__table__.insert(), [_columns(j) for j in new])
+            break
+        except sa.exc.IntegrityError:
+            # A key taken meanwhile by another submission: look again.
+            db.session.rollback()
+            if attempt == 2:
+                raise
+    audit_log.insert(audits)
+    _hand_over_new(new)
+    db.session.commit()
+    if new or audits:
+        announce(*new, audit=bool(audits))
+    return slots
+
+
+class _Waiting:
+    """One submission waiting in a :class:`SubmitGroup`."""
+    __slots__ = ('sub', 'audit', 'woken', 'lead', 'slot', 'error')
+
+    def __init__(self, sub, audit):
+        self.sub, self.audit = sub, audit
+        self.woken = threading.Event()
+        self.lead, self.slot, self.error = False, None, None
+
+
+class SubmitGroup:
+    """Single submissions of one process written together (group commit).
+
+    The first caller leads: it writes every submission waiting at that
+    moment (its own among them) in one transaction with one broker round
+    trip, wakes their callers with their jobs, and hands the lead to a
+    caller that arrived meanwhile. Under load the rows and messages of many
+    requests cost one commit; alone, a submission is written at once. One
+    per app (``app.extensions``), so per process.
+    """
+    LIMIT = MAX_BATCH
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting = []
+        self._busy = False
+
+    def submit(self, sub, audit=None):
+        """``(job, created)`` for ``sub`` once committed; raises what writing its group raised.
+
+        A new job comes back outside any session; an existing one (an
+        idempotency key used before) as the leading thread's session read it.
+        """
+        me = _Waiting(sub, audit)
+        with self._lock:
+            self._waiting.append(me)
+            me.lead = not self._busy
+            self._busy = True
+        while not me.lead:
+            me.woken.wait()
+            me.woken.clear()
+            if me.slot is not None or me.error is not None:
+                break
+        if me.lead:
+            self._lead()
+        if me.error is not None:
+            raise me.error
+        return me.slot
+
+    def _lead(self):
+        with self._lock:
+            batch, self._waiting = self._waiting[:self.LIMIT], self._waiting[self.LIMIT:]
+        try:
+            self._write(batch)
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting[0].lead = True
+                    self._waiting[0].woken.set()
+                else:
+                    self._busy = False
+            for waiting in batch:
+                waiting.lead = False
+                waiting.woken.set()
+
+    @staticmethod
+    def _write(batch):
+        try:
+            slots = _record([w.sub for w in batch], [w.audit for w in batch if w.audit])
+        except broker.BrokerUnavailable as exc:
+            for waiting in batch:
+                waiting.error = exc
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            # Something about one of them (not the broker): each on its own,
+            # so that one submission's failure is not its neighbours'.
+            db.session.rollback()
+            for waiting in batch:
+                SubmitGroup._write([waiting])
+            return
+        for waiting, slot in zip(batch, slots):
+            waiting.slot = slot
+
+
+def _plan(subs):
+    """``(slots, new jobs)``: each submission's job, an existing one or a new row (not written)."""
+    keys = list({s.idempotency_key for s in subs if s.idempotency_key})
+    existing = {}
+    for start in range(0, len(keys), 500):
+        existing.update((j.idempotency_key, j) for j in db.session.scalars(
+            sa.select(Job).where(Job.idempotency_key.in_(keys[start:start + 500]))))
     now = utcnow()
+    slots, new = [], []
+    for sub in subs:
+        key = sub.idempotency_key
+        if key and key in existing:
+            slots.append(Submitted(existing[key], False))
+            continue
+        job = _new_job(sub, now)
+        new.append(job)
+        slots.append(Submitted(job, True))
+        if key:
+            existing[key] = job
+    return slots, new
+
+
+def _new_job(sub, now):
     # The row shows secret parameters masked; their values are kept apart
     # for the broker (see Job.secret_params).
     shown, secret = sub.task.split(sub.params)
-    job = Job(id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=shown,
-              secret_params=secret or None,
-              state=states.SCHEDULED if sub.eta else states.QUEUED, priority=sub.priority,
-              retries=sub.retries, retry_delay=sub.retry_delay, attempts=0, attempt_base=0,
-              timeout=sub.timeout, idempotency_key=sub.idempotency_key,
-              created_at=now, updated_at=now, scheduled_for=sub.eta, version=1)
-    db.session.add(job)
+    return Job(id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=shown,
+               secret_params=secret or None,
+               state=states.SCHEDULED if sub.eta else states.QUEUED, priority=sub.priority,
+               retries=sub.retries, retry_delay=sub.retry_delay, attempts=0, attempt_base=0,
+               timeout=sub.timeout, idempotency_key=sub.idempotency_key,
+               created_at=now, updated_at=now, scheduled_for=sub.eta, version=1,
+               progress=None, progress_message=None, result=None, error=None,
+               error_type=None, started_at=None, finished_at=None, worker=None,
+               cancel_requested_at=None)
+
+
+_COLUMNS = frozenset(c.key for c in sa.inspect(Job).column_attrs)
+
+
+def _columns(job):
+    # The columns given a value; any other takes its default in the INSERT.
+    return {name: value for name, value in vars(job).items() if name in _COLUMNS}
+
+
+def _hand_over_new(new):
+    """Give the broker the messages of ``new`` jobs, one round trip per queue.
+
+    On a refusal the transaction is rolled back and what an earlier queue
+    took is withdrawn again (if that fails too, such a message runs as a job
+    enqueued around the API does: its consumer writes its row); raises
+    :class:`~app.broker.BrokerUnavailable`.
+    """
+    by_queue = {}
+    for job in new:
+        by_queue.setdefault(job.queue, []).append(job)
+    done = []
     try:
-        db.session.flush()
-    except sa.exc.IntegrityError:
-        # The same key, submitted at the same moment by someone else.
+        for queue, queued in by_queue.items():
+            if len(queued) == 1:
+                broker.enqueue(queued[0])  # one message: no pipeline to prepare
+            else:
+                broker.put_prepared(queue, [broker.prepare(j) for j in queued])
+            done.append(queue)
+    except broker.BrokerUnavailable:
         db.session.rollback()
-        existing = _by_key(sub.idempotency_key)
-        if existing is None:
-            raise
-        existing.created = False
-        return existing
-    job.created = True
-    return _commit_if_handed_over(job, lambda: broker.enqueue(job))
+        for queue in done:
+            try:
+                broker.remove_waiting(queue, [j.id for j in by_queue[queue]])
+            except broker.BrokerUnavailable:
+                pass
+        raise
 
 
-def _by_key(key):
-    return db.session.scalars(sa.select(Job).where(Job.idempotency_key == key)).first()
+def _attach(job):
+    """Put a committed new ``job`` in the session as it was written (no reload)."""
+    make_transient_to_detached(job)
+    # A new job has no events yet: nothing to load when it is shown.
+    set_committed_value(job, 'event_rows', [])
+    db.session.add(job)
 
 
 def _commit_if_handed_over(job, hand_over):

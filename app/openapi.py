@@ -104,6 +104,9 @@ def _schemas(config):
         'error': _STR,
         'fields': {'type': 'object', 'additionalProperties': _STR,
                    'description': 'field (e.g. params.seconds) -> what is wrong with it'},
+        'errors': {'type': 'array', 'description': 'a batch: each bad field by the index of '
+                                                   'its job ("field" empty: the whole job)',
+                   'items': _object({'index': _INT, 'field': _STR, 'message': _STR})},
         'state': {**_STR, 'description': 'the state a 409 found the job in'},
         'detail': {**_STR, 'description': 'why the broker refused (503)'}},
         required=['error'])
@@ -116,6 +119,11 @@ def _schemas(config):
                                 'looks at 10,000 jobs a page, so a page may hold fewer '
                                 'jobs than `limit` (even none) and still have a `next`')})}),
         'JobList': _object({'jobs': {'type': 'array', 'items': _ref('Job')}}),
+        'JobBatch': _object({'jobs': {'type': 'array', 'items': _ref('Job'),
+                                      'description': 'the jobs, in the order submitted'},
+                             'created': {'type': 'array', 'items': _BOOL,
+                                         'description': 'false where an idempotency key named '
+                                                        'a job already recorded (that job)'}}),
         'JobLog': _object({'attempts': {'type': 'object', 'additionalProperties': {
             'type': 'array', 'items': _object({'at': _TIME, 'level': _STR, 'message': _STR})}}}),
         'TaskParam': param,

@@ -317,3 +317,140 @@ def test_json_is_stored_as_utf8_text(ledger_client):
         stored = db.session.execute(
             sa.select(sa.cast(Job.params, sa.Text)).where(Job.id == job['id'])).scalar()
     assert stored == '{"message": "é ☕"}'
+
+
+# -- POST /api/jobs/batch ------------------------------------------------------------
+
+def batch(client, items, **kw):
+    return client.post('/api/jobs/batch', json={'jobs': items}, **kw)
+
+
+def test_a_batch_answers_201_with_its_jobs_in_order(client, app):
+    from app import broker
+    items = [{'task': 'sleep', 'params': {'seconds': n}} for n in range(5)]
+    items.append({'task': 'noop', 'delay': 600, 'priority': 7})
+    resp = batch(client, items)
+    assert resp.status_code == 201
+    body = resp.get_json()
+    assert body['created'] == [True] * 6
+    assert [j['params'].get('seconds') for j in body['jobs']] == [0.0, 1.0, 2.0, 3.0, 4.0, None]
+    assert [j['state'] for j in body['jobs']] == ['queued'] * 5 + ['scheduled']
+    assert body['jobs'][5]['priority'] == 7
+    ids = [j['id'] for j in body['jobs']]
+    assert len(set(ids)) == 6
+    assert broker.message_ids('default') == set(ids)  # every message in the broker, rows committed
+    huey = broker.hueys['default']
+    assert (huey.pending_count(), huey.scheduled_count()) == (5, 1)
+    assert [client.get(f'/api/jobs/{i}').get_json()['state'] for i in ids] == \
+        ['queued'] * 5 + ['scheduled']
+
+
+def test_a_batch_is_validated_all_or_nothing_with_errors_by_index(client, app):
+    items = [{'task': 'noop'}, {'task': 'sleep', 'params': {'seconds': 'soon'}},
+             {'task': 'noop'}, {'task': 'launch'}, 'not a job',
+             {'task': 'sleep', 'retries': -1, 'colour': 'red'}]
+    resp = batch(client, items)
+    assert resp.status_code == 400
+    body = resp.get_json()
+    assert body['error'] == 'invalid jobs'
+    assert body['errors'] == [
+        {'index': 1, 'field': 'params.seconds', 'message': 'must be a number'},
+        {'index': 3, 'field': 'task', 'message': body['errors'][1]['message']},
+        {'index': 4, 'field': '', 'message': 'must be a JSON object'},
+        {'index': 5, 'field': 'colour', 'message': 'unknown field'},
+        {'index': 5, 'field': 'retries', 'message': 'must be at least 0'}]
+    assert body['errors'][1]['message'].startswith('unknown task; one of ')
+    # The single endpoint's shape too, the fields named by their job.
+    assert body['fields']['jobs[1].params.seconds'] == 'must be a number'
+    assert body['fields']['jobs[4]'] == 'must be a JSON object'
+    from app import broker
+    with app.app_context():
+        assert db.session.query(Job).count() == 0
+    assert broker.message_ids('default') == set()
+
+
+def test_a_batch_body_must_be_a_list_of_jobs(client):
+    for body in ({}, {'jobs': []}, {'jobs': {'task': 'noop'}}, {'jobs': [{'task': 'noop'}], 'x': 1}):
+        resp = client.post('/api/jobs/batch', json=body)
+        assert resp.status_code == 400, body
+        assert resp.get_json()['fields'], body
+
+
+def test_a_batch_holds_at_most_1000_jobs(client, app):
+    resp = batch(client, [{'task': 'noop'}] * 1001)
+    assert resp.status_code == 413
+    assert resp.get_json() == {'error': 'at most 1000 jobs a call (got 1001): split the batch',
+                               'fields': {'jobs': 'too many jobs'}}
+    resp = batch(client, [{'task': 'noop'}] * 1000)
+    assert resp.status_code == 201 and len(resp.get_json()['jobs']) == 1000
+    with app.app_context():
+        assert db.session.query(Job).count() == 1000
+
+
+def test_a_batch_larger_than_its_body_limit_is_413(tmp_path):
+    from conftest import make_app
+    app = make_app(tmp_path, MAX_BATCH_CONTENT_LENGTH=2000)
+    client = app.test_client()
+    resp = batch(client, [{'task': 'fail', 'params': {'message': 'x' * 400}}] * 10)
+    assert resp.status_code == 413
+    assert resp.get_json() == {'error': 'request body larger than 2000 bytes'}
+    # Larger than one job may be (MAX_CONTENT_LENGTH), within the batch's own limit.
+    assert batch(client, [{'task': 'noop'}] * 100).status_code == 201
+
+
+def test_idempotency_keys_hold_within_and_across_batches(client, app):
+    first = batch(client, [{'task': 'noop', 'idempotency_key': 'a'},
+                           {'task': 'noop', 'idempotency_key': 'b'},
+                           {'task': 'sleep', 'idempotency_key': 'a'}])
+    assert first.status_code == 201
+    body = first.get_json()
+    # The same key twice in one batch: one job, as if submitted one after the other.
+    assert body['created'] == [True, True, False]
+    assert body['jobs'][2]['id'] == body['jobs'][0]['id'] and body['jobs'][2]['task'] == 'noop'
+    again = batch(client, [{'task': 'noop', 'idempotency_key': 'b'},
+                           {'task': 'noop', 'idempotency_key': 'c'}])
+    assert again.status_code == 201
+    assert again.get_json()['created'] == [False, True]
+    assert again.get_json()['jobs'][0]['id'] == body['jobs'][1]['id']
+    single = post(client, {'task': 'noop', 'idempotency_key': 'c'})
+    assert single.status_code == 200 and single.get_json()['id'] == again.get_json()['jobs'][1]['id']
+    only_old = batch(client, [{'task': 'noop', 'idempotency_key': 'a'}])
+    assert only_old.status_code == 200 and only_old.get_json()['created'] == [False]
+    from app import broker
+    with app.app_context():
+        assert db.session.query(Job).count() == 3
+    assert len(broker.message_ids('default')) == 3
+
+
+def test_a_batch_the_broker_refuses_is_503_and_leaves_no_row(client, app):
+    from app import broker
+    with broker_locked():
+        resp = batch(client, [{'task': 'noop'}, {'task': 'noop', 'delay': 60}])
+    assert resp.status_code == 503
+    assert resp.get_json()['error'].startswith('the job broker is unreachable')
+    with app.app_context():
+        assert db.session.query(Job).count() == 0
+    assert broker.message_ids('default') == set()
+    assert batch(client, [{'task': 'noop'}]).status_code == 201
+
+
+def test_a_batch_the_broker_refuses_part_way_takes_back_what_it_took(tmp_path, monkeypatch):
+    """Two queues, two round trips: the second refused, the first queue's messages withdrawn."""
+    from conftest import make_app
+
+    from app import broker
+    app = make_app(tmp_path, QUEUES='default,mail')
+    client = app.test_client()
+    real = broker.put_prepared
+
+    def second_refused(queue, entries):
+        if queue == 'mail':
+            raise broker.BrokerUnavailable('the broker refused: down')
+        return real(queue, entries)
+    monkeypatch.setattr(broker, 'put_prepared', second_refused)
+    resp = batch(client, [{'task': 'noop'}, {'task': 'noop'},
+                          {'task': 'noop', 'queue': 'mail'}, {'task': 'noop', 'queue': 'mail'}])
+    assert resp.status_code == 503
+    with app.app_context():
+        assert db.session.query(Job).count() == 0
+    assert broker.message_ids('default') == set() and broker.message_ids('mail') == set()

@@ -77,6 +77,30 @@ def test_refusals_and_failed_logins_are_recorded_too(audited):
     ]
 
 
+
+def test_a_batch_is_one_entry_counting_its_jobs_and_written_with_them(audited, monkeypatch):
+    app = audited
+    bot = app.test_client()
+    token = {'Authorization': f'Bearer {app.token}'}
+    items = [{'task': 'noop'}, {'task': 'sleep'}, {'task': 'noop'}]
+    assert bot.post('/api/jobs/batch', json={'jobs': items}, headers=token).status_code == 201
+    assert bot.post('/api/jobs/batch', json={'jobs': [{'task': 'nope'}]},
+                    headers=token).status_code == 400
+    from app import broker
+
+    def down(*args):
+        raise broker.BrokerUnavailable('the broker refused: down')
+    monkeypatch.setattr(broker, 'put_prepared', down)
+    assert bot.post('/api/jobs/batch', json={'jobs': items}, headers=token).status_code == 503
+    got = [(e['user'], e['via'], e['action'], e['target'], e['count'], e['outcome'])
+           for e in entries(app)]
+    assert got == [
+        ('olly', 'token', 'submit', 'tasks noop, sleep', 3, 'done'),
+        ('olly', 'token', 'submit', None, None, 'refused: 400 bad request'),
+        ('olly', 'token', 'submit', None, None, 'refused: 503 service unavailable'),
+    ]
+
+
 def test_only_admins_read_the_log_and_it_pages(audited):
     app = audited
     olly = login(app, 'olly')

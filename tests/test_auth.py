@@ -38,7 +38,8 @@ ROUTES = {
     ('api.job_log', 'GET'): 'view', ('api.failures', 'GET'): 'view', ('api.scheduled', 'GET'): 'view',
     ('api.list_queues', 'GET'): 'view', ('api.list_periodic', 'GET'): 'view',
     ('api.list_tasks', 'GET'): 'view', ('api.list_workers', 'GET'): 'view',
-    ('api.submit_job', 'POST'): 'submit', ('api.retry_job', 'POST'): 'retry',
+    ('api.submit_job', 'POST'): 'submit', ('api.submit_batch', 'POST'): 'submit',
+    ('api.retry_job', 'POST'): 'retry',
     ('api.cancel_job', 'POST'): 'cancel', ('api.run_job_now', 'POST'): 'run-now',
     ('api.delete_job', 'DELETE'): 'delete', ('api.bulk_action', 'POST'): 'retry',
     ('api.pause_queue', 'POST'): 'pause', ('api.resume_queue', 'POST'): 'resume',
@@ -72,6 +73,8 @@ def body_of(endpoint, job_id):
     """``(kwargs for the client)`` a request to ``endpoint`` needs to reach its action."""
     if endpoint == 'api.submit_job':
         return {'json': {'task': 'noop'}}
+    if endpoint == 'api.submit_batch':
+        return {'json': {'jobs': [{'task': 'noop'}, {'task': 'noop'}]}}
     if endpoint == 'pages.create_job':
         return {'data': {'task': 'noop'}}
     if endpoint == 'api.bulk_action':
@@ -141,6 +144,31 @@ def test_each_role_may_do_what_its_role_allows_on_every_route(users_app, via):
                 assert roles.refusal(role, action) in text.replace('&#39;', "'"), where
                 with app.app_context():
                     assert db.session.get(Job, job_id) is not None  # nothing changed
+
+
+
+def test_a_batch_with_an_admin_only_task_is_refused_whole_unless_admin(users_app):
+    app = users_app
+    operator, admin = (login(app.test_client(), name) for name in ('operator', 'admin'))
+    items = [{'task': 'noop'}, {'task': 'purge'}, {'task': 'noop'}, {'task': 'purge'}]
+    resp = operator.post('/api/jobs/batch', json={'jobs': items})
+    assert resp.status_code == 403
+    reason = roles.refusal('operator', 'admin-task')
+    assert resp.get_json() == {'error': reason, 'errors': [
+        {'index': 1, 'field': 'task', 'message': reason},
+        {'index': 3, 'field': 'task', 'message': reason}]}
+    with app.app_context():
+        assert db.session.query(Job).count() == 0  # not even the noop jobs
+    ok = operator.post('/api/jobs/batch', json={'jobs': [items[0], items[2]]})
+    assert ok.status_code == 201
+    resp = admin.post('/api/jobs/batch', json={'jobs': items})
+    assert resp.status_code == 201 and [j['task'] for j in resp.get_json()['jobs']] == \
+        ['noop', 'purge', 'noop', 'purge']
+    viewer = app.test_client()
+    resp = viewer.post('/api/jobs/batch', json={'jobs': [items[0]]},
+                       headers={'Authorization': f"Bearer {app.tokens['viewer']}"})
+    assert resp.status_code == 403
+    assert resp.get_json()['error'] == roles.refusal('viewer', 'submit')
 
 
 def test_nobody_gets_401_from_the_api_and_the_login_page_from_pages(users_app):

@@ -1,4 +1,8 @@
-"""Job commands: one guarded update, and a cancel the broker did not hear undone."""
+"""Job commands: one guarded update, a cancel the broker did not hear undone, submissions
+written together."""
+import threading
+import time
+
 import pytest
 
 from app import broker, catalog, jobs, states
@@ -41,3 +45,74 @@ def test_a_cancel_the_broker_does_not_hear_leaves_the_job_waiting(ctx, monkeypat
     row = db.session.get(Job, waiting.id)
     assert (row.state, row.finished_at) == (states.SCHEDULED, None)
     assert row.version == version + 2  # canceled, then put back: two changes
+
+
+def test_submissions_arriving_together_share_one_transaction(app, monkeypatch):
+    """While one submission is being written, those arriving meanwhile wait and go together."""
+    writing, release, calls = threading.Event(), threading.Event(), []
+    real = jobs._record
+
+    def slow(subs, audits):
+        calls.append(len(subs))
+        if len(calls) == 1:
+            writing.set()
+            release.wait(10)
+        return real(subs, audits)
+    monkeypatch.setattr(jobs, '_record', slow)
+    got = {}
+
+    def one(i):
+        with app.app_context():
+            job = submit(app, idempotency_key=f'k{i}')
+            got[i] = (job.id, job.created, job in db.session, job.idempotency_key)
+
+    first = threading.Thread(target=one, args=(0,))
+    first.start()
+    assert writing.wait(10)
+    others = [threading.Thread(target=one, args=(i,)) for i in range(1, 6)]
+    for t in others:
+        t.start()
+    group = app.extensions['queue_manager.submit_group']
+    deadline = time.monotonic() + 10
+    while len(group._waiting) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert calls == [1, 5]  # the five that waited: one transaction
+    assert sorted(k for _id, _c, _s, k in got.values()) == [f'k{i}' for i in range(6)]
+    assert all(created and in_session for _id, created, in_session, _k in got.values())
+    with app.app_context():
+        assert {j.id for j in db.session.query(Job)} == {i for i, *_ in got.values()}
+        assert broker.message_ids('default') == {i for i, *_ in got.values()}
+
+
+def test_a_submission_that_fails_its_group_fails_alone(app, monkeypatch):
+    real = jobs._record
+
+    def picky(subs, audits):
+        if any(s.idempotency_key == 'bad' for s in subs):
+            raise RuntimeError('this one cannot be written')
+        return real(subs, audits)
+    monkeypatch.setattr(jobs, '_record', picky)
+    group = jobs.SubmitGroup()
+    ok, bad = (jobs._Waiting(catalog.validate({'task': 'noop', 'idempotency_key': key},
+                                              app.config), None) for key in ('ok', 'bad'))
+    with app.app_context():
+        jobs.SubmitGroup._write([ok, bad])
+        assert ok.slot.created and ok.error is None
+        assert isinstance(bad.error, RuntimeError) and bad.slot is None
+        assert [j.idempotency_key for j in db.session.query(Job)] == ['ok']
+    assert group._waiting == []
+
+
+def test_submit_many_returns_every_slot_in_order_with_duplicate_keys_sharing_a_job(ctx):
+    subs = [catalog.validate({'task': 'noop', **extra}, ctx.config) for extra in (
+        {'idempotency_key': 'x'}, {}, {'idempotency_key': 'x'}, {'delay': 60})]
+    slots = jobs.submit_many(subs)
+    assert [created for _job, created in slots] == [True, True, False, True]
+    assert slots[0].job is slots[2].job
+    assert [j.state for j, _c in slots] == ['queued', 'queued', 'queued', 'scheduled']
+    assert db.session.query(Job).count() == 3
+    with pytest.raises(ValueError):
+        jobs.submit_many(subs * 300)

@@ -1,0 +1,182 @@
+"""Submitting jobs from Python: ``sleep.submit(seconds=1, delay=5)`` and :func:`submit_many`.
+
+For any Python process started with the deployment's environment (the
+same ``DATABASE_URL``, ``REDIS_URL`` and ``.env`` as its consumers): a
+script, a cron job, another service, a task submitting follow-up jobs. The
+caller sets nothing up: the first submission builds this process's app
+once, from the environment (``create_app()``); inside an app context (a
+running task, a view) that app is used instead, with its session.
+
+Each task function declared with ``@task`` has:
+
+- ``sleep.submit(**fields)``: submit one job now; ``fields`` are the
+  task's parameters (``seconds=1``) and the job options of ``POST /api/jobs``
+  (``delay``, ``eta``, ``queue``, ``priority``, ``retries``, ``retry_delay``,
+  ``timeout``, ``idempotency_key``), told apart by name;
+- ``sleep.job(**fields)``: the same submission as a dict, exactly what
+  ``POST /api/jobs`` takes, for :func:`submit_many`.
+
+Both go through the same service as the API (:func:`app.jobs.submit`,
+:func:`app.jobs.submit_many`): the same validation, idempotency keys,
+masking of secret parameters and recording, and an audit entry ``via
+'python'`` with this process (``host:pid-start``) as its address. A
+process that can reach the ledger and the broker is trusted as the
+consumers are: admin-only task types may be submitted too.
+
+Errors leave nothing written: :class:`InvalidJob` (a ``ValueError``) for
+bad parameters or options, :class:`BrokerUnavailable` when the broker
+cannot be reached; both are :class:`SubmitError`.
+"""
+import threading
+from dataclasses import dataclass
+
+from flask import current_app, has_app_context
+
+from . import audit, broker, catalog, jobs
+from .leader import process_name
+
+
+class SubmitError(Exception):
+    """Nothing was submitted (see the subclasses)."""
+
+
+class InvalidJob(SubmitError, ValueError):
+    """A submission the API would refuse with a 400; nothing was written.
+
+    ``fields`` maps each bad field to what is wrong (``{"params.seconds":
+    "must be a number"}``; ``jobs[3].params.seconds`` from
+    :func:`submit_many`), ``errors`` lists them by index for
+    :func:`submit_many` (``[{"index": 3, "field": "params.seconds",
+    "message": "..."}]``).
+    """
+
+    def __init__(self, message, fields, errors=()):
+        self.fields = dict(fields)
+        self.errors = list(errors)
+        super().__init__(f'{message}: ' + '; '.join(f'{k} {v}' for k, v in self.fields.items()))
+
+
+class BrokerUnavailable(SubmitError):
+    """The broker (Redis, or the embedded SQLite queue) could not be reached; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A submitted job as the API shows it: read-only, taken when it was submitted.
+
+    ``params`` shows secret parameters masked; ``scheduled_for`` and
+    ``created_at`` are ISO 8601 UTC (``...Z``); ``created`` is False when an
+    idempotency key named a job already recorded (this is that job).
+    ``data`` is the whole job (``GET /api/jobs/<id>`` without its attempts).
+    """
+    id: str
+    task: str
+    queue: str
+    state: str
+    params: dict
+    priority: int
+    created_at: str
+    scheduled_for: str | None
+    idempotency_key: str | None
+    created: bool
+    data: dict
+
+    @classmethod
+    def of(cls, row, created):
+        data = row.to_dict()
+        return cls(id=data['id'], task=data['task'], queue=data['queue'], state=data['state'],
+                   params=data['params'], priority=data['priority'],
+                   created_at=data['created_at'], scheduled_for=data['scheduled_for'],
+                   idempotency_key=data['idempotency_key'], created=created, data=data)
+
+
+class Producer:
+    """This process's way in: its app, built once on first use. One per process (:data:`producer`)."""
+
+    def __init__(self):
+        self._app = None
+        self._lock = threading.Lock()
+        # Builds the app from the environment: create_app, which the app
+        # package puts here (this module is below it and cannot import it).
+        self.app_factory = None
+
+    def app(self):
+        """The app to submit with: the current one, else this process's (built once)."""
+        if has_app_context():
+            return current_app._get_current_object()
+        with self._lock:
+            if self._app is None:
+                self._app = self.app_factory()
+            return self._app
+
+    def submit(self, item):
+        """:func:`submit` for one submission dict."""
+        return self._run(lambda config: self._one(item, config))
+
+    def submit_many(self, items):
+        """:func:`submit_many`."""
+        return self._run(lambda config: self._many(list(items), config))
+
+    def _run(self, work):
+        app = self.app()
+        if has_app_context():
+            return self._errors(work, app.config)
+        with app.app_context():
+            return self._errors(work, app.config)
+
+    @staticmethod
+    def _errors(work, config):
+        try:
+            return work(config)
+        except catalog.ValidationError as exc:
+            raise InvalidJob(exc.message, exc.fields, exc.errors) from None
+        except broker.BrokerUnavailable as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    @staticmethod
+    def _one(item, config):
+        sub = catalog.validate(item, config)
+        row = jobs.submit(sub, audit=_entry([sub]))
+        return Job.of(row, row.created)
+
+    @staticmethod
+    def _many(items, config):
+        subs = catalog.validate_many(items, config, jobs.MAX_BATCH)
+        return [Job.of(row, created) for row, created in jobs.submit_many(subs, audit=_entry(subs))]
+
+
+def _entry(subs):
+    names = sorted({sub.task.name for sub in subs})
+    return audit.entry(user=None, role=None, via='python', action='submit',
+                       target=('task ' if len(names) == 1 else 'tasks ') + ', '.join(names),
+                       count=len(subs), address=process_name())
+
+
+producer = Producer()
+
+
+def submit(item):
+    """Submit one job: ``item`` is what ``POST /api/jobs`` takes (``sleep.job(seconds=1)``
+    makes one); returns its :class:`Job` once its row is committed and its message queued.
+
+    Raises :class:`InvalidJob` or :class:`BrokerUnavailable`, writing nothing.
+    ``sleep.submit(seconds=1)`` is ``submit(sleep.job(seconds=1))``.
+    """
+    return producer.submit(item)
+
+
+def submit_many(items):
+    """Submit up to 1,000 jobs in one transaction: all of them, or none.
+
+    ``items`` are dicts as ``POST /api/jobs`` takes them (``sleep.job(...)``,
+    or written out: ``{"task": "sleep", "params": {"seconds": 1}}``);
+    returns their :class:`Job` objects in order. An idempotency key already
+    used gives that job (``created`` False); one used twice in ``items``
+    gives one job. Raises :class:`InvalidJob` (every bad field, by index in
+    ``errors``; also for more than 1,000 items) or :class:`BrokerUnavailable`,
+    writing nothing.
+    """
+    return producer.submit_many(items)
+
+
+catalog.on_submit.append(submit)

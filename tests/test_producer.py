@@ -1,0 +1,149 @@
+"""Submitting from Python: sleep.submit(...) and submit_many, in-process and from another process."""
+import json
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+from helpers import ROOT, free_port, ledger, migrate, service_env
+
+import huey_tasks
+from app import audit, broker, producer
+from app.extensions import db
+from app.models import Job
+
+
+def test_a_task_function_makes_the_submission_the_api_takes():
+    assert huey_tasks.sleep.job(seconds=1, delay=5) == {
+        'task': 'sleep', 'params': {'seconds': 1}, 'delay': 5}
+    assert huey_tasks.noop.job(params={}, queue='default', idempotency_key='k') == {
+        'task': 'noop', 'params': {}, 'queue': 'default', 'idempotency_key': 'k'}
+    with pytest.raises(TypeError):
+        huey_tasks.noop.job(task='sleep')
+
+
+def test_submit_records_and_queues_the_job_as_the_api_does(ctx):
+    job = huey_tasks.payment.submit(amount=12.5, card='4111 1111 1111 1111', priority=4)
+    assert isinstance(job, producer.Job) and job.created
+    assert (job.task, job.state, job.priority, job.queue) == ('payment', 'queued', 4, 'default')
+    assert job.params['card'] == '**** 1111' and job.data['id'] == job.id
+    row = db.session.get(Job, job.id)
+    assert row.params['card'] == '**** 1111' and row.secret_params == {'card': '4111 1111 1111 1111'}
+    assert broker.message_ids('default') == {job.id}
+    later = huey_tasks.sleep.submit(seconds=1, delay=5)
+    assert later.state == 'scheduled' and later.scheduled_for.endswith('Z')
+    entry = audit.entries()[1]
+    assert (entry.via, entry.action, entry.target, entry.count) == ('python', 'submit',
+                                                                    'task payment', 1)
+    assert entry.address.split(':')[0]  # the submitting process, host:pid-start
+
+
+def test_submit_many_is_one_batch_with_its_idempotency_keys(ctx):
+    jobs = producer.submit_many([huey_tasks.noop.job(idempotency_key='a'),
+                                 {'task': 'sleep', 'params': {'seconds': 2}},
+                                 huey_tasks.noop.job(idempotency_key='a')])
+    assert [j.created for j in jobs] == [True, True, False]
+    assert jobs[2].id == jobs[0].id and jobs[1].params == {'seconds': 2.0, 'steps': 10}
+    again = producer.submit_many([huey_tasks.noop.job(idempotency_key='a')])
+    assert again[0].id == jobs[0].id and not again[0].created
+    assert db.session.query(Job).count() == 2
+    assert [(e.target, e.count) for e in audit.entries()] == [('task noop', 1),
+                                                             ('tasks noop, sleep', 3)]
+
+
+def test_bad_parameters_raise_invalid_job_and_write_nothing(ctx):
+    with pytest.raises(producer.InvalidJob) as caught:
+        huey_tasks.sleep.submit(seconds='soon', colour='red')
+    assert caught.value.fields == {'params.colour': 'unknown parameter',
+                                   'params.seconds': 'must be a number'}
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(producer.InvalidJob) as caught:
+        producer.submit_many([huey_tasks.noop.job(), huey_tasks.sleep.job(steps=0)])
+    assert caught.value.errors == [{'index': 1, 'field': 'params.steps',
+                                    'message': 'must be at least 1'}]
+    with pytest.raises(producer.InvalidJob):
+        producer.submit_many([huey_tasks.noop.job()] * 1001)
+    assert db.session.query(Job).count() == 0 and audit.entries() == []
+
+
+def test_a_broker_that_refuses_raises_and_leaves_no_row(ctx, monkeypatch):
+    def down(*args, **kwargs):
+        raise broker.BrokerUnavailable('the broker refused the job: down')
+    monkeypatch.setattr(broker, 'enqueue', down)
+    monkeypatch.setattr(broker, 'put_prepared', down)
+    with pytest.raises(producer.BrokerUnavailable):
+        huey_tasks.noop.submit()
+    with pytest.raises(producer.BrokerUnavailable):
+        producer.submit_many([huey_tasks.noop.job(), huey_tasks.noop.job()])
+    assert db.session.query(Job).count() == 0 and audit.entries() == []
+
+
+SCRIPT = '''
+import json, sys
+import huey_tasks
+from app import producer
+out = {}
+if sys.argv[1] == 'submit':
+    job = huey_tasks.sleep.submit(seconds=1, delay=5)
+    out['one'] = [job.id, job.state, job.params, job.created]
+    many = producer.submit_many([huey_tasks.noop.job(), huey_tasks.payment.job(card='4111 1111 1111 1111'),
+                                 {'task': 'noop', 'idempotency_key': 'k'},
+                                 huey_tasks.noop.job(idempotency_key='k')])
+    out['many'] = [[j.id, j.task, j.params.get('card'), j.created] for j in many]
+    try:
+        huey_tasks.sleep.submit(seconds='soon')
+    except producer.InvalidJob as exc:
+        out['invalid'] = exc.fields
+else:
+    for call in (lambda: huey_tasks.noop.submit(),
+                 lambda: producer.submit_many([huey_tasks.noop.job()] * 3)):
+        try:
+            call()
+        except producer.BrokerUnavailable as exc:
+            out.setdefault('refused', []).append(type(exc).__name__)
+print(json.dumps(out))
+'''
+
+
+def _run(env, what):
+    done = subprocess.run([sys.executable, '-c', SCRIPT, what], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_another_process_submits_with_nothing_set_up(redis_server, tmp_path):
+    import redis
+    env = service_env(tmp_path, redis_server.url)
+    migrate(env, tmp_path)
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    out = _run(env, 'submit')
+    one_id, state, params, created = out['one']
+    assert (state, params, created) == ('scheduled', {'seconds': 1.0, 'steps': 10}, True)
+    assert [(task, card, created) for _id, task, card, created in out['many']] == [
+        ('noop', None, True), ('payment', '**** 1111', True), ('noop', None, True),
+        ('noop', None, False)]
+    assert out['many'][3][0] == out['many'][2][0]
+    assert out['invalid'] == {'params.seconds': 'must be a number'}
+    with ledger(env) as conn:
+        rows = dict(conn.execute(sa.text('SELECT id, state FROM job')).all())
+        secret = conn.execute(sa.text("SELECT secret_params FROM job WHERE task = 'payment'")).scalar()
+        entries = conn.execute(sa.text(
+            'SELECT via, target, count FROM audit_entry ORDER BY id')).all()
+    assert rows == {one_id: 'scheduled', **{i: 'queued' for i, *_ in out['many']}}
+    assert json.loads(secret) == {'card': '4111 1111 1111 1111'}
+    assert [tuple(e) for e in entries] == [('python', 'task sleep', 1),
+                                           ('python', 'tasks noop, payment', 4)]
+    assert client.zcard('huey.redis.qm.default') == 3
+    assert client.zcard('huey.schedule.qm.default') == 1
+
+
+@pytest.mark.processes
+def test_another_process_told_the_broker_is_away_writes_nothing(tmp_path):
+    env = service_env(tmp_path, f'redis://127.0.0.1:{free_port()}/0')
+    migrate(env, tmp_path)
+    assert _run(env, 'refused') == {'refused': ['BrokerUnavailable', 'BrokerUnavailable']}
+    with ledger(env) as conn:
+        assert conn.execute(sa.text('SELECT count(*) FROM job')).scalar() == 0
+        assert conn.execute(sa.text('SELECT count(*) FROM audit_entry')).scalar() == 0
