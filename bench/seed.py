@@ -34,11 +34,9 @@ import bisect
 import datetime as dt
 import itertools
 import math
-import multiprocessing
 import random
 import sys
 import time
-import traceback
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -637,19 +635,31 @@ class Generator:
 
 # -- writing ------------------------------------------------------------------------------
 
-def write(session, stories):
-    """Write one chunk of stories in ``session``'s transaction (the caller commits)."""
-    from app.jobs import change
-    from app.models import Job
+class Chunk(NamedTuple):
+    """One transaction's worth of stories, in the form the writes take.
 
-    conn = session.connection()
-    d = dialect(conn)
+    ``rows``: the ledger's job-insert rows, in its driver's values;
+    ``submitted``: the columns ``jobs.submit`` writes, by name; ``ops``
+    and ``later``: what :func:`apply` writes, in two passes; ``cancels``:
+    ``(job id, when)`` of jobs canceled while they waited; ``states``
+    (Counter), ``attempts`` and ``logs``: what it adds up to.
+    """
+    rows: list
+    submitted: list
+    ops: list
+    later: list
+    cancels: list
+    states: Counter
+    attempts: int
+    logs: int
+
+
+def chunk_of(stories, d):
+    """The :class:`Chunk` of ``stories``, with ``d`` (:func:`app.ledger.sql.dialect`)'s values."""
     ts, json = d.ts, d.json
-    plain = [(s.id, s.task, s.queue, json(s.params), json(s.secret or None), s.priority, 0,
-              s.retries, s.retry_delay, created, created)
-             for s in stories if s.row == 'ledger' for created in (ts(s.created),)]
-    if plain:
-        conn.exec_driver_sql(d.sql['job'], plain)
+    rows = [(s.id, s.task, s.queue, json(s.params), json(s.secret or None), s.priority, 0,
+             s.retries, s.retry_delay, created, created)
+            for s in stories if s.row == 'ledger' for created in (ts(s.created),)]
     submitted = [dict(id=s.id, task=s.task, queue=s.queue, params=s.params,
                       secret_params=s.secret or None, state=s.initial, priority=s.priority,
                       retries=s.retries, retry_delay=s.retry_delay, attempts=0, attempt_base=0,
@@ -657,66 +667,45 @@ def write(session, stories):
                       created_at=s.created, updated_at=s.created,
                       scheduled_for=s.scheduled_for, version=1)
                  for s in stories if s.row == 'api']
-    if submitted:
-        conn.execute(sa.insert(Job.__table__), submitted)
     ops = [op for s in stories for op in s.ops]
-    if ops:
-        apply(conn, ops)
-    for s in stories:
-        if s.canceled_at is not None:  # as jobs.cancel does for a job that waits
-            change(Job.id == s.id, Job.state.in_(states.WAITING), state=states.CANCELED,
-                   finished_at=s.canceled_at, progress_message=None)
     later = [op for s in stories for op in s.later]
-    if later:
-        apply(conn, later)
+    kinds = Counter(type(op) for op in itertools.chain(ops, later))
+    return Chunk(rows, submitted, ops, later,
+                 [(s.id, s.canceled_at) for s in stories if s.canceled_at is not None],
+                 Counter(s.state for s in stories), kinds[Start], kinds[Log])
 
 
-def _made_here(gen, chunk):
-    """``gen``'s chunks of stories, then its consumers' heartbeats: ``(kind, payload)``."""
+def write(session, chunk):
+    """Write a :class:`Chunk` in ``session``'s transaction (the caller commits)."""
+    from app.jobs import change
+    from app.models import Job
+
+    conn = session.connection()
+    if chunk.rows:
+        conn.exec_driver_sql(dialect(conn).sql['job'], chunk.rows)
+    if chunk.submitted:
+        conn.execute(sa.insert(Job.__table__), chunk.submitted)
+    if chunk.ops:
+        apply(conn, chunk.ops)
+    for job_id, at in chunk.cancels:  # as jobs.cancel does for a job that waits
+        change(Job.id == job_id, Job.state.in_(states.WAITING), state=states.CANCELED,
+               finished_at=at, progress_message=None)
+    if chunk.later:
+        apply(conn, chunk.later)
+
+
+def _made_here(gen, chunk, d):
+    """``gen``'s :class:`Chunk` objects, then its consumers' heartbeats: ``(kind, payload)``."""
     for stories in gen.stories(chunk):
-        yield 'stories', stories
+        yield 'chunk', chunk_of(stories, d)
     yield 'heartbeats', gen.heartbeats()
 
 
-def _made_by_child(gen, chunk):
-    """What :func:`_made_here` yields, made by a forked child while this process writes."""
-    ctx = multiprocessing.get_context('fork')
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_make, args=(gen, chunk, send), name='seed-stories', daemon=True)
-    child.start()
-    send.close()
-    try:
-        while True:
-            kind, payload = receive.recv()
-            if kind == 'error':
-                raise RuntimeError(f'making the stories failed:\n{payload}')
-            yield kind, payload
-            if kind == 'heartbeats':
-                return
-    finally:
-        receive.close()
-        child.join(10)
-        if child.is_alive():
-            child.terminate()
-
-
-def _make(gen, chunk, send):
-    # In the child: each chunk is pickled down the pipe while the parent writes the last one.
-    try:
-        for item in _made_here(gen, chunk):
-            send.send(item)
-    except Exception:
-        send.send(('error', traceback.format_exc()))
-    finally:
-        send.close()
-
-
-def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, parallel=False):
+def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None):
     """Write ``n`` jobs of history into ``app``'s ledger (migrated); return a summary.
 
     ``now`` (naive UTC) is the end of the period (default: now); ``report(done,
-    n)`` is called after each transaction; ``parallel`` makes the stories in a
-    child process (forked) while this one writes. The summary has ``jobs``,
+    n)`` is called after each transaction. The summary has ``jobs``,
     ``states`` (Counter), ``attempts``, ``logs``, ``now`` and ``seconds``.
     """
     from app import catalog
@@ -729,28 +718,24 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, parallel=
     started = time.monotonic()
     with app.app_context():
         if db.engine.dialect.name == 'sqlite':
-            # A bigger page cache for this connection: the indexes outgrow the default 2 MiB.
+            # A bigger page cache for this connection (1 GiB): the indexes outgrow the
+            # default 2 MiB.
             conn = db.session.connection()
-            conn.exec_driver_sql('PRAGMA cache_size=-262144')
+            conn.exec_driver_sql('PRAGMA cache_size=-1048576')
             # Fewer, larger checkpoints; no fsync: a seeding cut short is started again.
             conn.exec_driver_sql('PRAGMA wal_autocheckpoint=20000')
             conn.exec_driver_sql('PRAGMA synchronous=OFF')
-        made = _made_by_child if parallel else _made_here
-        for kind, payload in made(gen, chunk):
+        for kind, payload in _made_here(gen, chunk, dialect(db.session.connection())):
             if kind == 'heartbeats':
                 apply(db.session.connection(), payload)
                 db.session.commit()
                 break
             write(db.session, payload)
             db.session.commit()
-            summary['jobs'] += len(payload)
-            for s in payload:
-                summary['states'][s.state] += 1
-                for op in s.ops + s.later:
-                    if isinstance(op, Start):
-                        summary['attempts'] += 1
-                    elif isinstance(op, Log):
-                        summary['logs'] += 1
+            summary['states'] += payload.states
+            summary['jobs'] = summary['states'].total()
+            summary['attempts'] += payload.attempts
+            summary['logs'] += payload.logs
             if report:
                 report(summary['jobs'], n)
         db.session.remove()
@@ -820,8 +805,7 @@ def main(argv=None):
     def report(done, total):
         if done % 100_000 < CHUNK or done == total:
             print(f'  {done} jobs', flush=True)
-    summary = seed(app, args.jobs, days=args.days, seed=args.seed, now=now, report=report,
-                   parallel=True)
+    summary = seed(app, args.jobs, days=args.days, seed=args.seed, now=now, report=report)
     by_state = ', '.join(f'{summary["states"][s]} {s}' for s in states.JOB_STATES)
     rate = summary['jobs'] / summary['seconds'] if summary['seconds'] else 0
     print(f'seeded {summary["jobs"]} jobs ({by_state}), {summary["attempts"]} attempts, '
