@@ -27,7 +27,7 @@ The same ``--seed`` and ``--now`` make the same ledger. (``updated_at`` is
 the time of the seeding, as the ledger writer stamps it.)
 
 Usage: python bench/seed.py --jobs N [--database-url URL] [--days 180] [--seed 0]
-                            [--now 2026-01-31T12:00:00] [--append]
+                            [--now 2026-01-31T12:00:00] [--queues a,b,c] [--append]
 """
 import argparse
 import bisect
@@ -160,7 +160,7 @@ def _traceback(task, statement, tail, etype, message):
     return _HUEY_FRAMES + _frame(statement, task) + tail + f'{etype}: {message}\n'
 
 
-def _timeout_tail(seconds):
+def _timeout_tail():
     return (_PROGRESS_FRAMES
             + '  File "/srv/queue-manager/app/task_api.py", line 96, in checkpoint\n'
               '    job.task.check_timeout()\n'
@@ -183,7 +183,9 @@ class Outcome(NamedTuple):
     traceback: str | None = None
     result: object = None
     logs: tuple = ()  # (seconds into the attempt, level, message)
-    gap: float | None = None  # seconds before the next attempt, when not a retry's delay
+    # Seconds before the next attempt when not a retry's delay; -1: none follows
+    # (the task does not retry this error, or must not run twice).
+    gap: float | None = None
 
 
 class Generator:
@@ -332,7 +334,7 @@ class Generator:
                 return Outcome(states.ATTEMPT_TIMEOUT, done * per_step + 0.001,
                                'huey.exceptions.TaskTimeout', message,
                                _traceback('sleep', "progress(step + 1, steps, f'step {step + 1} "
-                                          "of {steps}')", _timeout_tail(timeout),
+                                          "of {steps}')", _timeout_tail(),
                                           'huey.exceptions.TaskTimeout', message),
                                logs=lambda: logs(done))
             if rng.random() < 0.02:
@@ -694,13 +696,6 @@ def write(session, chunk):
         apply(conn, chunk.later)
 
 
-def _made_here(gen, chunk, d):
-    """``gen``'s :class:`Chunk` objects, then its consumers' heartbeats: ``(kind, payload)``."""
-    for stories in gen.stories(chunk):
-        yield 'chunk', chunk_of(stories, d)
-    yield 'heartbeats', gen.heartbeats()
-
-
 def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None):
     """Write ``n`` jobs of history into ``app``'s ledger (migrated); return a summary.
 
@@ -725,19 +720,19 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None):
             # Fewer, larger checkpoints; no fsync: a seeding cut short is started again.
             conn.exec_driver_sql('PRAGMA wal_autocheckpoint=20000')
             conn.exec_driver_sql('PRAGMA synchronous=OFF')
-        for kind, payload in _made_here(gen, chunk, dialect(db.session.connection())):
-            if kind == 'heartbeats':
-                apply(db.session.connection(), payload)
-                db.session.commit()
-                break
-            write(db.session, payload)
+        d = dialect(db.session.connection())
+        for stories in gen.stories(chunk):
+            made = chunk_of(stories, d)
+            write(db.session, made)
             db.session.commit()
-            summary['states'] += payload.states
+            summary['states'] += made.states
             summary['jobs'] = summary['states'].total()
-            summary['attempts'] += payload.attempts
-            summary['logs'] += payload.logs
+            summary['attempts'] += made.attempts
+            summary['logs'] += made.logs
             if report:
                 report(summary['jobs'], n)
+        apply(db.session.connection(), gen.heartbeats())
+        db.session.commit()
         db.session.remove()
     summary['seconds'] = time.monotonic() - started
     return summary
