@@ -1,0 +1,152 @@
+"""bench/seed.py: a small seeded ledger has the mix it promises, written as production writes it."""
+import datetime as dt
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from app import catalog, states
+from app.extensions import db
+
+from conftest import make_app
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location('bench_seed', ROOT / 'bench' / 'seed.py')
+seed = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(seed)
+
+NOW = dt.datetime(2026, 3, 2, 12, 0, 0)
+DAYS = 30
+ENDED = {states.ATTEMPT_SUCCEEDED, states.ATTEMPT_FAILED, states.ATTEMPT_TIMEOUT,
+         states.ATTEMPT_CANCELED, states.ATTEMPT_LOST}
+
+
+@pytest.fixture(scope='module')
+def seeded(tmp_path_factory):
+    """300 jobs over 30 days on three queues: ``(app, summary)``."""
+    tmp = tmp_path_factory.mktemp('seeded')
+    app = make_app(tmp, QUEUES='default,critical,bulk')
+    summary = seed.seed(app, 300, days=DAYS, seed=7, now=NOW)
+    yield app, summary
+    with app.app_context():
+        db.engine.dispose()
+
+
+def rows(app, query):
+    with app.app_context():
+        try:
+            return db.session.execute(sa.text(query)).all()
+        finally:
+            db.session.remove()
+
+
+def test_the_ledger_holds_every_job_in_the_states_the_summary_counts(seeded):
+    app, summary = seeded
+    assert summary['jobs'] == 300
+    by_state = dict(rows(app, 'SELECT state, count(*) FROM job GROUP BY state'))
+    assert by_state == dict(summary['states'])
+    assert set(by_state) == set(states.JOB_STATES)
+    assert by_state[states.SUCCEEDED] > 0.75 * 300
+    assert 0 < by_state[states.FAILED] < 0.15 * 300
+    assert rows(app, 'SELECT count(*) FROM attempt')[0][0] == summary['attempts']
+    assert rows(app, 'SELECT count(*) FROM attempt_log')[0][0] == summary['logs'] > 0
+
+
+def test_jobs_spread_over_the_tasks_and_queues(seeded):
+    app, _ = seeded
+    tasks = dict(rows(app, 'SELECT task, count(*) FROM job GROUP BY task'))
+    assert {'noop', 'sleep', 'payment', 'flaky'} <= set(tasks)
+    assert set(dict(rows(app, 'SELECT queue, count(*) FROM job GROUP BY queue'))) == {
+        'default', 'critical', 'bulk'}
+
+
+def test_attempts_agree_with_each_jobs_state(seeded):
+    app, _ = seeded
+    outcomes = {}
+    for job_id, number, outcome in rows(app, 'SELECT job_id, number, outcome FROM attempt '
+                                             'ORDER BY job_id, number'):
+        outcomes.setdefault(job_id, []).append((number, outcome))
+    retried = 0
+    for job_id, state, attempts, error in rows(app, 'SELECT id, state, attempts, error FROM job'):
+        mine = outcomes.get(job_id, [])
+        assert [n for n, _ in mine] == list(range(1, attempts + 1)), job_id
+        last = mine[-1][1] if mine else None
+        if state in (states.QUEUED, states.SCHEDULED):
+            assert attempts == 0
+        elif state == states.RUNNING:
+            assert last == states.ATTEMPT_RUNNING
+        elif state == states.RETRYING:
+            assert last in ENDED - {states.ATTEMPT_SUCCEEDED} and error
+        elif state == states.SUCCEEDED:
+            assert last == states.ATTEMPT_SUCCEEDED and error is None
+        elif state == states.FAILED:
+            assert last in ENDED - {states.ATTEMPT_SUCCEEDED} and error
+        elif state == states.CANCELED:
+            assert last in (None, states.ATTEMPT_CANCELED)
+        # Every attempt but the last ended without success.
+        assert all(o not in (states.ATTEMPT_SUCCEEDED, states.ATTEMPT_RUNNING)
+                   for _, o in mine[:-1]), job_id
+        retried += attempts > 1
+    assert retried > 0.05 * 300
+
+
+def test_failed_attempts_keep_an_error_and_a_multi_line_traceback(seeded):
+    app, _ = seeded
+    failed = rows(app, "SELECT error_type, error_message, traceback FROM attempt "
+                       "WHERE outcome = 'failed'")
+    assert failed
+    for error_type, message, tb in failed:
+        assert error_type and message
+        assert tb.startswith('Traceback (most recent call last):')
+        assert tb.count('\n') > 4 and tb.rstrip().endswith(f'{error_type}: {message}')
+    types = {t for t, _, _ in failed}
+    assert 'RuntimeError' in types and len(types) >= 2
+
+
+def test_times_fall_within_the_period_and_in_order(seeded):
+    app, _ = seeded
+    start = NOW - dt.timedelta(days=DAYS)
+    parse = dt.datetime.fromisoformat
+    for state, created, started, finished, scheduled in rows(
+            app, 'SELECT state, created_at, started_at, finished_at, scheduled_for FROM job'):
+        created = parse(created)
+        assert start <= created <= NOW
+        if started is not None:
+            assert created <= parse(started) <= NOW
+        if finished is not None:
+            assert created <= parse(finished) <= NOW
+            assert state in states.FINISHED
+        if state in (states.SCHEDULED, states.RETRYING):
+            assert parse(scheduled) > NOW
+    for started, finished in rows(app, 'SELECT started_at, finished_at FROM attempt '
+                                       'WHERE started_at IS NOT NULL AND finished_at IS NOT NULL'):
+        assert parse(started) <= parse(finished) <= NOW
+
+
+def test_secret_values_are_kept_only_for_jobs_that_may_run_again(seeded):
+    app, _ = seeded
+    payments = rows(app, "SELECT state, params, secret_params FROM job WHERE task = 'payment'")
+    assert payments
+    for state, params, secret in payments:
+        assert '"**** ' in params
+        assert (secret is None) == (state == states.SUCCEEDED)
+
+
+def test_consumers_have_their_rows_and_counts(seeded):
+    app, summary = seeded
+    workers = rows(app, 'SELECT id, processed, stopped_at FROM worker')
+    assert len(workers) >= 2
+    ended = rows(app, "SELECT count(*) FROM attempt WHERE outcome != 'running'")[0][0]
+    assert sum(p for _, p, _ in workers) == ended
+    assert [w for w in workers if w[2] is None]  # the current consumers
+
+
+def test_the_same_seed_and_now_make_the_same_jobs(seeded):
+    app, summary = seeded
+    again = seed.Generator(300, DAYS, NOW, 7, app.config, catalog.TASKS)
+    stories = [s for chunk in again.stories() for s in chunk]
+    assert Counter(s.state for s in stories) == summary['states']
+    ids = {r[0] for r in rows(app, 'SELECT id FROM job')}
+    assert {s.id for s in stories} == ids
