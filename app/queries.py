@@ -150,8 +150,9 @@ def _indexed(typed, in_json):
 
     The index is a prefilter: it finds every row the exact condition can
     match (it folds case at least as much), and the exact condition decides.
-    SQLite (contentless FTS5 trigram, a row per job column): the candidates'
-    rowids are read first; up to
+    SQLite (FTS5 trigram, a row per job column, brought up to date by the
+    ledger's writer, plus the jobs written since): the candidates' rowids
+    are read first; up to
     :data:`CANDIDATES` become the condition, more mean the matches are
     dense enough for the list's own order to find them (None). PostgreSQL
     (pg_trgm GIN over ``job_search_text``): an ILIKE the planner can answer
@@ -162,14 +163,19 @@ def _indexed(typed, in_json):
         return None  # too short for trigrams: only a scan can tell
     bind = db.session.get_bind()
     if bind.dialect.name == 'sqlite':
-        # One index row per job column, numbered job rowid * 4 + column.
+        # One index row per job column, numbered job rowid * 4 + column; and
+        # the jobs written since the index was last brought up to date.
         phrase = ' OR '.join('"' + n.replace('"', '""') + '"' for n in needles)
-        rowids = db.session.execute(
-            sa.text('SELECT rowid FROM job_search WHERE job_search MATCH :q LIMIT :n'),
+        found = db.session.execute(
+            sa.text('SELECT rowid / 4 FROM job_search WHERE job_search MATCH :q LIMIT :n'),
             {'q': phrase, 'n': CANDIDATES + 1}).scalars().all()
+        found += db.session.execute(
+            sa.text('SELECT job_rowid FROM job_search_pending LIMIT :n'),
+            {'n': CANDIDATES + 1}).scalars().all()
+        rowids = set(found)
         if len(rowids) > CANDIDATES:
             return None
-        return sa.literal_column('job.rowid').in_(sorted({r // 4 for r in rowids}))
+        return sa.literal_column('job.rowid').in_(sorted(rowids))
     text_ = sa.func.job_search_text(Job.params, Job.error, Job.result)
     return sa.or_(*(text_.ilike('%' + n + '%', escape='\\') for n in
                     (n.replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_')

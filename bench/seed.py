@@ -705,6 +705,7 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None):
     """
     from app import catalog
     from app.extensions import db
+    from app.ledger import tallies
     from app.models import utcnow
 
     now = now or utcnow().replace(microsecond=0)
@@ -724,6 +725,10 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None):
         for stories in gen.stories(chunk):
             made = chunk_of(stories, d)
             write(db.session, made)
+            # The search index brought up to date, as the ledger's writer
+            # does about once a second (SQLite; PostgreSQL's is synchronous).
+            while tallies.index_pending(db.session.connection()):
+                pass
             db.session.commit()
             summary['states'] += made.states
             summary['jobs'] = summary['states'].total()

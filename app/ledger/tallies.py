@@ -5,13 +5,15 @@
 0008, in the same transaction as every change to ``job``, whoever makes it:
 the ledger's writer, the API, bulk actions, the reaper, a purge, or SQL
 typed by hand. The same migration indexes the searched text (an FTS5
-trigram table on SQLite, a pg_trgm index on PostgreSQL).
+trigram table on SQLite, a pg_trgm index on PostgreSQL); on SQLite the
+index is brought up to date in bulk by :func:`index_pending`.
 
 What lives here is what the triggers cannot do: rebuild everything from
 the rows (:func:`recount`, after a restore or a hand edit with the
 triggers off), say whether the kept values agree with the rows
 (:func:`differences`), and keep the tables small (:func:`compact`).
 """
+import json
 
 # The job columns a search looks in, in the order the SQLite index numbers them.
 SEARCHED = ('params', 'error', 'result')
@@ -83,12 +85,10 @@ def recount(conn):
     else:
         # A write first, so the transaction holds SQLite's write lock before
         # it reads (a read first could not become a write once another
-        # writer committed). The search index (contentless FTS5, one row per
-        # job column, numbered job rowid * 4 + column) is refilled.
-        conn.exec_driver_sql("INSERT INTO job_search (job_search) VALUES ('delete-all')")
-        for k, column in enumerate(SEARCHED):
-            conn.exec_driver_sql(f'INSERT INTO job_search (rowid, text) SELECT rowid * 4 + {k}, '
-                                 f'{column} FROM job WHERE {column} IS NOT NULL')
+        # writer committed).
+        conn.exec_driver_sql('DELETE FROM job_search')
+        conn.exec_driver_sql('DELETE FROM job_search_pending')
+        _index(conn, None)
     written = {'differed': sum(map(len, differences(conn).values()))}
     for table, sql in _counted(conn).items():
         conn.exec_driver_sql(f'DELETE FROM {table}')
@@ -133,9 +133,49 @@ def compact(conn):
     return folded
 
 
+def _index(conn, rowids):
+    """(Re)index the jobs whose rowids are in the JSON array ``rowids`` (None: every job)."""
+    if rowids is None:
+        where = ''
+    else:
+        where = 'AND rowid IN (SELECT value FROM json_each(?))'
+        # A job changed or deleted: its old text leaves the index first.
+        conn.exec_driver_sql(
+            'DELETE FROM job_search WHERE rowid IN (SELECT value * 4 + k FROM json_each(?), '
+            '(SELECT 0 AS k UNION ALL SELECT 1 UNION ALL SELECT 2))', (rowids,))
+    for k, column in enumerate(SEARCHED):
+        conn.exec_driver_sql(
+            f'INSERT INTO job_search (rowid, text) SELECT rowid * 4 + {k}, {column} FROM job '
+            f'WHERE {column} IS NOT NULL {where}', () if rowids is None else (rowids,))
+
+
+def index_pending(conn, limit=50_000):
+    """Index the jobs written since the last call (SQLite); return how many it indexed.
+
+    On SQLite, writing a job only notes its rowid (``job_search_pending``,
+    by trigger): indexing in bulk costs a tenth of indexing row by row in
+    the writing statement. This takes up to ``limit`` noted jobs, replaces
+    what the index holds for them with their columns as they are now (a
+    deleted job leaves it), and clears their notes, in the caller's
+    transaction on ``conn``. The ledger's writer calls it about once a
+    second; until then a search reads the noted jobs as candidates (see
+    :func:`app.queries.search_plan`). On PostgreSQL the index is kept by the
+    database: 0.
+    """
+    if conn.dialect.name != 'sqlite':
+        return 0
+    # A write first: the transaction holds the write lock before it reads.
+    taken = conn.exec_driver_sql(
+        'DELETE FROM job_search_pending WHERE job_rowid IN (SELECT job_rowid FROM '
+        'job_search_pending ORDER BY job_rowid LIMIT ?) RETURNING job_rowid', (limit,)).all()
+    if taken:
+        _index(conn, json.dumps([r[0] for r in taken]))
+    return len(taken)
+
+
 # Schema objects migration 0008 creates that no model describes (the search
 # index and its shadow tables): autogenerate and the schema test leave them be.
-_OUTSIDE_MODELS = ('job_search', 'ix_job_search', 'ix_job_id_pattern')
+_OUTSIDE_MODELS = ('job_search', 'ix_job_search', 'ix_job_id_pattern')  # job_search_pending too
 
 
 def modelled(name, type_, parent_names):

@@ -5,8 +5,12 @@ and ``job_minute`` (jobs finished per minute, queue, task and state) are
 kept by triggers on ``job`` in the same transaction as every change to it,
 so the pages read a few rows instead of scanning the ledger. A search index
 covers the parameters, the error and the result: an FTS5 trigram table on
-SQLite, a pg_trgm GIN index on PostgreSQL. Both are filled from the rows
-already there.
+SQLite (kept up to date by the ledger's writer from the rows the triggers
+note in ``job_search_pending``), a pg_trgm GIN index on PostgreSQL. All are
+filled from the rows already there.
+
+A later migration that rebuilds ``job`` (Alembic's batch mode on SQLite
+copies the table) must create these triggers again.
 
 Revision ID: 0008
 Revises: 0007
@@ -64,17 +68,12 @@ def _sqlite_minute(r, sign):
 
 
 # The search index holds each searched column of a job as a row of its own,
-# numbered job rowid * 4 + column number, so a job finishing adds its result
-# or error without the parameters being indexed again.
+# numbered job rowid * 4 + column number. Writing a job only notes its rowid
+# in job_search_pending; the ledger's writer indexes what is noted in bulk
+# about once a second (a tenth of the cost of indexing row by row in the
+# writing statement), and a search reads the noted rows as candidates too.
 SEARCHED = ('params', 'error', 'result')
-
-
-def _sqlite_search(r, column, k, sign):
-    if sign > 0:
-        return (f"INSERT INTO job_search (rowid, text) SELECT {r}.rowid * 4 + {k}, {r}.{column} "
-                f"WHERE {r}.{column} IS NOT NULL;")
-    return (f"INSERT INTO job_search (job_search, rowid, text) "
-            f"SELECT 'delete', {r}.rowid * 4 + {k}, {r}.{column} WHERE {r}.{column} IS NOT NULL;")
+_SQLITE_NOTE = "INSERT OR IGNORE INTO job_search_pending (job_rowid) VALUES ({r}.rowid);"
 
 
 SQLITE_TRIGGERS = {
@@ -96,16 +95,12 @@ SQLITE_TRIGGERS = {
         "OLD.finished_at IS NOT NEW.finished_at OR OLD.queue IS NOT NEW.queue "
         "OR OLD.task IS NOT NEW.task OR OLD.state IS NOT NEW.state) "
         f"BEGIN {_sqlite_minute('OLD', -1)} {_sqlite_minute('NEW', 1)} END"),
-    **{f'job_search_insert_{c}': (f"AFTER INSERT ON job WHEN NEW.{c} IS NOT NULL "
-                                  f"BEGIN {_sqlite_search('NEW', c, k, 1)} END")
-       for k, c in enumerate(SEARCHED)},
-    **{f'job_search_delete_{c}': (f"AFTER DELETE ON job WHEN OLD.{c} IS NOT NULL "
-                                  f"BEGIN {_sqlite_search('OLD', c, k, -1)} END")
-       for k, c in enumerate(SEARCHED)},
-    **{f'job_search_update_{c}': (f"AFTER UPDATE OF {c} ON job WHEN OLD.{c} IS NOT NEW.{c} "
-                                  f"BEGIN {_sqlite_search('OLD', c, k, -1)} "
-                                  f"{_sqlite_search('NEW', c, k, 1)} END")
-       for k, c in enumerate(SEARCHED)},
+    'job_search_insert': f"AFTER INSERT ON job BEGIN {_SQLITE_NOTE.format(r='NEW')} END",
+    'job_search_delete': f"AFTER DELETE ON job BEGIN {_SQLITE_NOTE.format(r='OLD')} END",
+    'job_search_update': (
+        "AFTER UPDATE OF params, error, result ON job "
+        "WHEN OLD.params IS NOT NEW.params OR OLD.error IS NOT NEW.error "
+        f"OR OLD.result IS NOT NEW.result BEGIN {_SQLITE_NOTE.format(r='NEW')} END"),
 }
 
 # -- PostgreSQL ---------------------------------------------------------------
@@ -237,8 +232,8 @@ def upgrade():
     bind = op.get_bind()
     if bind.dialect.name == 'sqlite':
         _fill(_SQLITE_MINUTE.format(r='job'))
-        # Contentless: the text is in the job rows; the index holds only trigrams.
-        _raw("CREATE VIRTUAL TABLE job_search USING fts5(text, content='', tokenize='trigram')")
+        _raw("CREATE VIRTUAL TABLE job_search USING fts5(text, tokenize='trigram')")
+        _raw('CREATE TABLE job_search_pending (job_rowid INTEGER PRIMARY KEY)')
         for k, column in enumerate(SEARCHED):
             _raw(f"INSERT INTO job_search (rowid, text) SELECT rowid * 4 + {k}, {column} "
                  f"FROM job WHERE {column} IS NOT NULL")
@@ -271,6 +266,7 @@ def downgrade():
         for name in SQLITE_TRIGGERS:
             _raw(f'DROP TRIGGER IF EXISTS {name}')
         _raw('DROP TABLE IF EXISTS job_search')
+        _raw('DROP TABLE IF EXISTS job_search_pending')
     else:
         _raw('DROP INDEX IF EXISTS ix_job_search')
         _raw('DROP INDEX IF EXISTS ix_job_id_pattern')
