@@ -8,8 +8,11 @@ import datetime as dt
 import hashlib
 import re
 import secrets
+import threading
+import time
 
 import sqlalchemy as sa
+from flask import current_app, has_app_context
 from sqlalchemy.orm import joinedload
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -104,6 +107,7 @@ def set_role(name, role):
     if was_admin:
         _keep_an_admin(user)
     db.session.commit()
+    _forget_tokens()
     events.publish(sessions=[user.name])
     return user
 
@@ -115,6 +119,7 @@ def set_password(name, password):
     user.password_hash = generate_password_hash(password, method='scrypt')
     user.session_epoch += 1
     db.session.commit()
+    _forget_tokens()
     events.publish(sessions=[user.name])
     return user
 
@@ -123,6 +128,7 @@ def end_sessions(user):
     """End every session of ``user`` (a :class:`User`): logging out, here or anywhere."""
     user.session_epoch += 1
     db.session.commit()
+    _forget_tokens()
     events.publish(sessions=[user.name])
 
 
@@ -136,6 +142,7 @@ def delete_user(name):
     if was_admin:
         _keep_an_admin(user)
     db.session.commit()
+    _forget_tokens()
     events.publish(sessions=[name])
 
 
@@ -208,12 +215,65 @@ def revoke_token(token_id):
         raise AccountError(f'no token with id {token_id}')
     db.session.delete(row)
     db.session.commit()
+    _forget_tokens()
     return row
 
 
 # The token with its user, in one query built once: every API request asks.
 _TOKEN_QUERY = (sa.select(ApiToken).options(joinedload(ApiToken.user))
                 .where(ApiToken.token_hash == sa.bindparam('hash')))
+
+
+class TokenCache:
+    """Who bearer tokens name, remembered by this process for up to :attr:`SECONDS`.
+
+    Every API request shows its token; looking it up costs a query. A known
+    token's ``(user name, role)`` is kept for 10 seconds (what an open
+    socket waits before it checks its credential again): a token revoked,
+    or a user changed, by another process counts for at most that long
+    here; changes made in this process clear it at once. Unknown tokens are
+    never kept. At most :attr:`SIZE` tokens; keyed by the token's SHA-256.
+    """
+    SECONDS = 10.0
+    SIZE = 10_000
+
+    def __init__(self):
+        self._known = {}
+        self._lock = threading.Lock()
+
+    def identity(self, token):
+        """``(name, role)`` of ``token``'s user, or None (unknown or revoked)."""
+        if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+            return None
+        key = _hash_token(token)
+        now = time.monotonic()
+        with self._lock:
+            known = self._known.get(key)
+        if known is not None and known[0] > now:
+            return known[1]
+        user = token_user(token)
+        if user is None:
+            return None
+        with self._lock:
+            if len(self._known) >= self.SIZE:
+                self._known.clear()
+            self._known[key] = (now + self.SECONDS, (user.name, user.role))
+        return user.name, user.role
+
+    def clear(self):
+        """Forget every token (a token, a role or a user changed)."""
+        with self._lock:
+            self._known.clear()
+
+
+def token_cache():
+    """This process's :class:`TokenCache` (one per app); in an app context."""
+    return current_app.extensions.setdefault('queue_manager.tokens', TokenCache())
+
+
+def _forget_tokens():
+    if has_app_context():
+        token_cache().clear()
 
 
 def token_user(token):

@@ -442,10 +442,10 @@ def _who():
         scheme, _, token = header.partition(' ')
         if scheme.lower() != 'bearer':
             return None, 'send Authorization: Bearer <token>'
-        user = accounts.token_user(token.strip())
-        if user is None:
+        known = accounts.token_cache().identity(token.strip())
+        if known is None:
             return None, 'unknown or revoked token'
-        return Principal(user.name, user.role, 'token'), None
+        return Principal(*known, 'token'), None
     if not current_user.is_authenticated:
         return None, None
     now = int(time.time())

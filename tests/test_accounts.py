@@ -3,6 +3,7 @@ import datetime as dt
 import threading
 
 import pytest
+import sqlalchemy as sa
 
 from app import accounts
 from app.extensions import db
@@ -88,6 +89,30 @@ def test_a_token_acts_as_its_user_until_revoked_and_only_its_hash_is_kept(ctx):
     assert accounts.token_user(token) is None
     with pytest.raises(accounts.AccountError, match='no token'):
         accounts.revoke_token(row.id)
+
+
+def test_a_known_token_is_looked_up_once_in_a_while_and_forgotten_when_changed_here(
+        ctx, monkeypatch):
+    accounts.create_user('bot', 'long enough', 'operator')
+    row, token = accounts.create_token('bot')
+    cache = accounts.token_cache()
+    assert cache.identity(token) == ('bot', 'operator')
+    # Changed around this process (another web process, the CLI): still known
+    # until the entry is older than SECONDS, then looked up again.
+    db.session.execute(sa.update(User).where(User.name == 'bot').values(role='viewer'))
+    db.session.commit()
+    assert cache.identity(token) == ('bot', 'operator')
+    monkeypatch.setattr(accounts.TokenCache, 'SECONDS', 0.0)
+    cache.clear()
+    assert cache.identity(token) == ('bot', 'viewer')
+    monkeypatch.setattr(accounts.TokenCache, 'SECONDS', 60.0)
+    assert cache.identity(token) == ('bot', 'viewer')
+    # Changed here: forgotten at once.
+    accounts.set_role('bot', 'operator')
+    assert cache.identity(token) == ('bot', 'operator')
+    accounts.revoke_token(row.id)
+    assert cache.identity(token) is None
+    assert cache.identity('qm_unknown') is None and cache.identity('x' * 500) is None
 
 
 def test_deleting_a_user_revokes_their_tokens(ctx):
