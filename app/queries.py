@@ -152,9 +152,9 @@ def _indexed(typed, in_json):
     match (it folds case at least as much), and the exact condition decides.
     SQLite (FTS5 trigram, a row per job column, brought up to date by the
     ledger's writer, plus the jobs written since): the candidates' rowids
-    are read first; up to
-    :data:`CANDIDATES` become the condition, more mean the matches are
-    dense enough for the list's own order to find them (None). PostgreSQL
+    are read first; up to :data:`CANDIDATES` become the condition, more
+    mean the matches are dense enough for the list's own order to find them
+    (None). PostgreSQL
     (pg_trgm GIN over ``job_search_text``): an ILIKE the planner can answer
     from the index.
     """
