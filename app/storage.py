@@ -131,6 +131,19 @@ count(KEYS[2], string.sub(r[1], 9), -1)
 return r[1]
 """
 
+# Many messages at once. KEYS: queue, index, wake. ARGV: member, score, member, score...
+_ENQUEUE_MANY = _LUA_INDEX + """
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) == 1 then
+    count(KEYS[2], string.sub(ARGV[i], 9), 1)
+  end
+  n = n + 1
+end
+for _ = 1, math.min(n, LAST_TOKEN + 1) do redis.call('LPUSH', KEYS[3], '1') end
+redis.call('LTRIM', KEYS[3], 0, LAST_TOKEN)
+"""
+
 # KEYS: in-flight, queue, index, wake. ARGV: member.
 _NACK = _LUA_INDEX + """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -245,6 +258,7 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         self._schedule, self._pop_due = script(_SCHEDULE), script(_POP_DUE)
         self._move_due, self._remove = script(_MOVE_DUE), script(_REMOVE)
         self._retire = script(_RETIRE)
+        self._enqueue_many = script(_ENQUEUE_MANY)
         self._requeue = script(_REQUEUE)
         # Set by the Huey that owns this storage: the job id of a message
         # without a header (an older message), or None.
@@ -270,13 +284,17 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         one without to the queue, as ``add_to_schedule`` and ``enqueue`` do.
         """
         pipe = self.conn.pipeline(transaction=False)
+        due = []
         for data, priority, eta in entries:
             if eta is None:
-                self._enqueue(keys=[self.queue_key, self.index_key, self.wake_key],
-                              args=[_prefix() + bytes(data), -(priority or 0)], client=pipe)
+                due += (_prefix() + bytes(data), -(priority or 0))
             else:
                 self._schedule(keys=[self.schedule_key, self.index_key],
                                args=[bytes(data), self.convert_ts(eta)], client=pipe)
+        # Messages due now in scripts of 500 (one call each, not one per message).
+        for start in range(0, len(due), 1000):
+            self._enqueue_many(keys=[self.queue_key, self.index_key, self.wake_key],
+                               args=due[start:start + 1000], client=pipe)
         pipe.execute()
 
     def add_to_schedule(self, data, ts):

@@ -196,3 +196,19 @@ def test_a_retry_replaces_its_claim_only_while_the_claim_holds(store):
     store.ack([taken.receipt])  # the leader took it back meanwhile
     assert store.requeue(taken.receipt, msg('j2'), 0, None) is False
     assert store.queue_size() == 0 and store.held(['j2']) == set()
+
+
+def test_many_messages_put_at_once_are_indexed_waiting_and_taken_by_priority(store):
+    now = dt.datetime.now()
+    entries = [(msg(f'j{n}', n % 3), n % 3, None) for n in range(1200)]
+    entries += [(msg('later'), 0, now + dt.timedelta(hours=1))]
+    store.put_many(entries)
+    assert store.queue_size() == 1200 and store.schedule_size() == 1
+    assert store.held(['j0', 'j599', 'j1199', 'later', 'other']) == {
+        'j0', 'j599', 'j1199', 'later'}
+    assert store.index_ok()
+    taken = [store.fetch('c:1').data for _ in range(401)]
+    assert all(m.startswith(b'qm1 j') and m.endswith(b'body') for m in taken)
+    # Priority 2 first (every n with n % 3 == 2), then priority 1.
+    priorities = [int(m.split(b'\n', 1)[0].rsplit(b' ', 1)[1]) for m in taken]
+    assert priorities == [2] * 400 + [1]
