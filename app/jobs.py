@@ -80,7 +80,7 @@ def submit(sub, audit=None):
     group = current_app.extensions.setdefault('queue_manager.submit_group', SubmitGroup())
     job, created = group.submit(sub, audit)
     if created:
-        _attach(job)
+        job = job.orm()
     elif job not in db.session:  # found by another thread's session: read it in ours
         job = db.session.get(Job, sa.inspect(job).identity[0])
     job.created = created
@@ -88,7 +88,8 @@ def submit(sub, audit=None):
 
 
 class Submitted(NamedTuple):
-    """One slot of :func:`submit_many`'s answer: the job, and whether this call created it."""
+    """One slot of :func:`submit_many`'s answer: the job (a :class:`Job`, or a new one as
+    :class:`Written`), and whether this call created it."""
     job: Job
     created: bool
 
@@ -132,7 +133,7 @@ def _record(subs, audits):
             break
         try:
             # Core's INSERT (the ORM's unit of work costs more than the row).
-            db.session.execute(Job.__table__.insert(), [_columns(j) for j in new])
+            db.session.execute(Job.__table__.insert(), [j.columns() for j in new])
             break
         except sa.exc.IntegrityError:
             # A key taken meanwhile by another submission: look again.
@@ -256,27 +257,46 @@ def _plan(subs):
     return slots, new
 
 
+_COLUMNS = tuple(c.key for c in sa.inspect(Job).column_attrs)
+
+
+class Written:
+    """A new job as written: its columns as attributes, and :class:`Job`'s reads.
+
+    What :func:`submit_many` hands back for the jobs it created: building a
+    thousand ORM objects (with the bookkeeping of a session) costs more than
+    writing their rows. ``to_dict`` and ``run_params`` are :class:`Job`'s;
+    :meth:`orm` gives the ORM object for a caller that acts on the job.
+    """
+    __slots__ = _COLUMNS
+    to_dict = Job.to_dict
+    run_params = Job.run_params
+
+    def __init__(self, **columns):
+        for name in _COLUMNS:
+            setattr(self, name, columns.get(name))
+
+    def columns(self):
+        """``{column: value}``, as the INSERT takes them."""
+        return {name: getattr(self, name) for name in _COLUMNS}
+
+    def orm(self):
+        """The same job as a :class:`Job`, committed, in the session (see :func:`_attach`)."""
+        job = Job(**self.columns())
+        _attach(job)
+        return job
+
+
 def _new_job(sub, now):
     # The row shows secret parameters masked; their values are kept apart
     # for the broker (see Job.secret_params).
     shown, secret = sub.task.split(sub.params)
-    return Job(id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=shown,
-               secret_params=secret or None,
-               state=states.SCHEDULED if sub.eta else states.QUEUED, priority=sub.priority,
-               retries=sub.retries, retry_delay=sub.retry_delay, attempts=0, attempt_base=0,
-               timeout=sub.timeout, idempotency_key=sub.idempotency_key,
-               created_at=now, updated_at=now, scheduled_for=sub.eta, version=1,
-               progress=None, progress_message=None, result=None, error=None,
-               error_type=None, started_at=None, finished_at=None, worker=None,
-               cancel_requested_at=None)
-
-
-_COLUMNS = frozenset(c.key for c in sa.inspect(Job).column_attrs)
-
-
-def _columns(job):
-    # The columns given a value; any other takes its default in the INSERT.
-    return {name: value for name, value in vars(job).items() if name in _COLUMNS}
+    return Written(id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=shown,
+                   secret_params=secret or None,
+                   state=states.SCHEDULED if sub.eta else states.QUEUED, priority=sub.priority,
+                   retries=sub.retries, retry_delay=sub.retry_delay, attempts=0, attempt_base=0,
+                   timeout=sub.timeout, idempotency_key=sub.idempotency_key,
+                   created_at=now, updated_at=now, scheduled_for=sub.eta, version=1)
 
 
 def _hand_over_new(new):
