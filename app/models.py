@@ -103,8 +103,6 @@ class Job(db.Model):
         sa.Index('ix_job_state_created', 'state', 'created_at', 'id'),
         sa.Index('ix_job_queue_created', 'queue', 'created_at', 'id'),
         sa.Index('ix_job_task_created', 'task', 'created_at', 'id'),
-        # Counts by queue and state (the dashboard) from the index alone.
-        sa.Index('ix_job_queue_state', 'queue', 'state'),
         # Throughput per queue: jobs finished in the last minutes.
         sa.Index('ix_job_queue_finished', 'queue', 'finished_at'),
         # The latest failed job of each failure group (task, error type), per queue.

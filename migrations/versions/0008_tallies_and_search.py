@@ -209,6 +209,9 @@ def _tables():
     sa.PrimaryKeyConstraint('minute', 'queue', 'task', 'state', 'shard',
                             name=op.f('pk_job_minute'))
     )
+    # Counts no longer come from an index over (queue, state): one index
+    # less for every job written.
+    op.drop_index('ix_job_queue_state', table_name='job')
     with op.batch_alter_table('job', schema=None) as batch_op:
         batch_op.create_index('ix_job_failed', ['queue', 'task', 'error_type', 'finished_at', 'id'],
                               unique=False, sqlite_where=sa.text("state = 'failed'"),
@@ -276,5 +279,6 @@ def downgrade():
     with op.batch_alter_table('job', schema=None) as batch_op:
         batch_op.drop_index('ix_job_failed', sqlite_where=sa.text("state = 'failed'"),
                             postgresql_where=sa.text("state = 'failed'"))
+    op.create_index('ix_job_queue_state', 'job', ['queue', 'state'], unique=False)
     op.drop_table('job_minute')
     op.drop_table('job_count')
