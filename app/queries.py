@@ -121,7 +121,7 @@ def _contains(column, needles):
 # A search that finds at most this many candidates in the index reads them
 # by id; one that finds more matches so much of the ledger that a walk of
 # the list's own order meets a page of matches soon.
-CANDIDATES = 2000
+CANDIDATES = 5000
 # The trigram index finds substrings of this many characters or more.
 TRIGRAM = 3
 
@@ -175,7 +175,10 @@ def _indexed(typed, in_json):
         rowids = set(found)
         if len(rowids) > CANDIDATES:
             return None
-        return sa.literal_column('job.rowid').in_(sorted(rowids))
+        # One parameter (a JSON array) rather than one per candidate.
+        return sa.literal_column('job.rowid').in_(
+            sa.select(sa.literal_column('value')).select_from(
+                sa.func.json_each(json.dumps(sorted(rowids)))).scalar_subquery())
     text_ = sa.func.job_search_text(Job.params, Job.error, Job.result)
     return sa.or_(*(text_.ilike('%' + n + '%', escape='\\') for n in
                     (n.replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_')
@@ -302,9 +305,13 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
         conditions.append(search)
         if edge is not None:
             conditions.append(sa.tuple_(Job.created_at, Job.id) >= sa.tuple_(*edge))
-    stmt = (sa.select(Job).options(*(() if with_result else (defer(Job.result, raiseload=True),)))
-            .where(*conditions).order_by(*order).limit(limit + 1))
-    rows = db.session.scalars(stmt).all()
+    # The page's ids first (what the sort holds stays small), then its rows.
+    ids = db.session.scalars(
+        sa.select(Job.id).where(*conditions).order_by(*order).limit(limit + 1)).all()
+    by_id = {job.id: job for job in db.session.scalars(
+        sa.select(Job).options(*(() if with_result else (defer(Job.result, raiseload=True),)))
+        .where(Job.id.in_(ids)))} if ids else {}
+    rows = [by_id[i] for i in ids if i in by_id]  # (one deleted in between is left out)
     if len(rows) > limit:
         return rows[:limit], encode_cursor(rows[limit - 1])
     return rows, encode_cursor(_Key(*edge)) if edge is not None else None
