@@ -108,6 +108,9 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cursor.execute('PRAGMA synchronous=NORMAL')
     cursor.execute('PRAGMA busy_timeout=30000')
     cursor.execute('PRAGMA foreign_keys=ON')
+    # A REPLACE that deletes a row fires its delete triggers (the counters
+    # the ledger keeps, migration 0008) only with this on.
+    cursor.execute('PRAGMA recursive_triggers=ON')
     # Up to 64 MiB of pages per connection (the default is 2 MiB): the search
     # index's merges and the ledger's indexes stay in memory instead of
     # being read back from the file on every write (finishing jobs ran 3.5

@@ -191,11 +191,17 @@ def recount(check):
             wrong = tallies.differences(conn)
             for table, keys in sorted(wrong.items()):
                 for key, (kept, counted) in sorted(keys.items()):
-                    click.echo(f'{table} {" ".join(key)}: kept {kept}, rows {counted}')
+                    if table == 'job_search':
+                        click.echo(f'search index: {kept} rows {key[0]}')
+                    else:
+                        shown = ' '.join(k if k else "''" for k in key)
+                        click.echo(f'{table} {shown}: kept {kept}, rows {counted}')
             if wrong:
+                counters = sum(len(keys) for table, keys in wrong.items() if table != 'job_search')
                 raise click.ClickException(
-                    f'{sum(map(len, wrong.values()))} counters differ from the rows; '
-                    f'run "flask --app wsgi ledger recount" to rebuild them')
+                    f'{counters} counters differ from the rows'
+                    + ('' if 'job_search' not in wrong else '; the search index is out of date')
+                    + '; run "flask --app wsgi ledger recount" to rebuild them')
             click.echo('counters agree with the rows')
             return
         written = tallies.recount(conn)

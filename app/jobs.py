@@ -132,13 +132,24 @@ def _record(subs, audits):
         if not new:
             break
         try:
-            # Core's INSERT (the ORM's unit of work costs more than the row).
-            db.session.execute(Job.__table__.insert(), [j.columns() for j in new])
+            # Core's INSERT (the ORM's unit of work costs more than the row),
+            # in the order of the idempotency keys: two submissions sharing
+            # keys then wait for each other on PostgreSQL instead of each
+            # holding a key the other needs (a deadlock).
+            db.session.execute(Job.__table__.insert(), sorted(
+                (j.columns() for j in new),
+                key=lambda row: (row['idempotency_key'] is None, row['idempotency_key'] or '')))
             break
         except sa.exc.IntegrityError:
             # A key taken meanwhile by another submission: look again.
             db.session.rollback()
             if attempt == 2:
+                raise
+        except sa.exc.OperationalError as exc:
+            # PostgreSQL chose this transaction to end a deadlock (a
+            # submission of rows by another path): once more, from the start.
+            db.session.rollback()
+            if attempt == 2 or getattr(exc.orig, 'sqlstate', None) != '40P01':
                 raise
     audit_log.insert(audits)
     _hand_over_new(new)

@@ -164,16 +164,20 @@ def _indexed(typed, in_json):
     bind = db.session.get_bind()
     if bind.dialect.name == 'sqlite':
         # One index row per job column, numbered job rowid * 4 + column; and
-        # the jobs written since the index was last brought up to date.
+        # the jobs written since the index was last brought up to date. One
+        # statement, so both parts see the same moment (the writer indexing
+        # in between would otherwise hide jobs from both).
         phrase = ' OR '.join('"' + n.replace('"', '""') + '"' for n in needles)
         found = db.session.execute(
-            sa.text('SELECT rowid / 4 FROM job_search WHERE job_search MATCH :q LIMIT :n'),
-            {'q': phrase, 'n': CANDIDATES + 1}).scalars().all()
-        found += db.session.execute(
-            sa.text('SELECT job_rowid FROM job_search_pending LIMIT :n'),
-            {'n': CANDIDATES + 1}).scalars().all()
-        rowids = set(found)
-        if len(rowids) > CANDIDATES:
+            sa.text('SELECT 0, r FROM (SELECT rowid / 4 AS r FROM job_search '
+                    'WHERE job_search MATCH :q LIMIT :n) UNION ALL '
+                    'SELECT 1, r FROM (SELECT job_rowid AS r FROM job_search_pending LIMIT :n)'),
+            {'q': phrase, 'n': CANDIDATES + 1}).all()
+        rowids = {r for _part, r in found}
+        # Over the limit in either part (index rows, not jobs: a job matching
+        # in two columns is two rows) means the candidates are not all read.
+        if len(rowids) > CANDIDATES or max(
+                sum(1 for part, _r in found if part == p) for p in (0, 1)) > CANDIDATES:
             return None
         # One parameter (a JSON array) rather than one per candidate.
         return sa.literal_column('job.rowid').in_(
@@ -193,7 +197,7 @@ def search_plan(q):
     :data:`TRIGRAM` characters, or matches too many to list): a list then
     walks at most :data:`SCAN_WINDOW` rows per page (:func:`list_jobs`).
     """
-    q = q.strip()[:200]
+    q = q.strip()
     typed, in_json = _search_variants(q)
     contains = sa.or_(_contains(sa.cast(Job.params, sa.Text), (typed, in_json)),
                       _contains(Job.error, (typed,)),

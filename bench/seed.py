@@ -792,8 +792,15 @@ def main(argv=None):
     now = None
     if args.now:
         from app.catalog import parse_eta
-        now = parse_eta(args.now)
-    app = make_app(_url(args.database_url), args.queues)
+        try:
+            now = parse_eta(args.now)
+        except ValueError as exc:
+            parser.error(f'--now: {exc}')
+    from app.config import ConfigError
+    try:
+        app = make_app(_url(args.database_url), args.queues)
+    except ConfigError as exc:
+        parser.error(str(exc))
     existing = job_count(app)
     if existing and not args.append:
         sys.exit(f'the ledger already holds {existing} jobs: seed an empty one, or give '
@@ -805,7 +812,10 @@ def main(argv=None):
     def report(done, total):
         if done % 100_000 < CHUNK or done == total:
             print(f'  {done} jobs', flush=True)
-    summary = seed(app, args.jobs, days=args.days, seed=args.seed, now=now, report=report)
+    try:
+        summary = seed(app, args.jobs, days=args.days, seed=args.seed, now=now, report=report)
+    except sa.exc.IntegrityError:
+        sys.exit('the ledger already holds jobs of this --seed: give --append another one')
     by_state = ', '.join(f'{summary["states"][s]} {s}' for s in states.JOB_STATES)
     rate = summary['jobs'] / summary['seconds'] if summary['seconds'] else 0
     print(f'seeded {summary["jobs"]} jobs ({by_state}), {summary["attempts"]} attempts, '

@@ -116,3 +116,37 @@ def test_submit_many_returns_every_slot_in_order_with_duplicate_keys_sharing_a_j
     assert db.session.query(Job).count() == 3
     with pytest.raises(ValueError):
         jobs.submit_many(subs * 300)
+
+
+def test_batches_sharing_keys_in_any_order_never_deadlock(tmp_path, ledger_url):
+    """On PostgreSQL two transactions inserting the same unique keys in opposite
+    orders would each hold one the other waits for; rows go in key order."""
+    from conftest import make_app
+    app = make_app(tmp_path, DATABASE_URL=ledger_url)
+    keys = [f'k{n:03d}' for n in range(120)]
+    errors, slots = [], []
+
+    def send(order):
+        with app.app_context():
+            try:
+                subs = [catalog.validate({'task': 'noop', 'idempotency_key': k}, app.config)
+                        for k in order]
+                slots.append([s.job.idempotency_key for s in jobs.submit_many(subs)])
+            except Exception as exc:  # reported below
+                errors.append(exc)
+            finally:
+                db.session.remove()
+
+    for _round in range(3):
+        threads = [threading.Thread(target=send, args=(keys if n % 2 else keys[::-1],))
+                   for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    assert all(sorted(s) == keys for s in slots) and len(slots) == 12
+    with app.app_context():
+        assert db.session.query(Job).count() == 120
+        db.session.remove()
+        db.engine.dispose()

@@ -50,16 +50,39 @@ def _as_dict(rows):
     return {tuple(str(v) for v in row[:-1]): row[-1] for row in rows if row[-1]}
 
 
+def _search_drift(conn):
+    """``{'out of date': n, 'missing': n}``: SQLite search index rows that no longer
+    hold their job column's text (or whose job is gone), and job columns with
+    no index row; jobs noted for indexing (``job_search_pending``) aside."""
+    pending = 'SELECT job_rowid FROM job_search_pending'
+    stale = conn.exec_driver_sql(
+        f'SELECT count(*) FROM job_search s LEFT JOIN job j ON j.rowid = s.rowid / 4 '
+        f'WHERE s.rowid / 4 NOT IN ({pending}) AND (j.rowid IS NULL OR s.text IS NOT '
+        f'CASE s.rowid % 4 WHEN 0 THEN j.params WHEN 1 THEN j.error ELSE j.result END)').scalar()
+    missing = sum(conn.exec_driver_sql(
+        f'SELECT count(*) FROM job j LEFT JOIN job_search s ON s.rowid = j.rowid * 4 + {k} '
+        f'WHERE j.{column} IS NOT NULL AND s.rowid IS NULL AND j.rowid NOT IN ({pending})'
+    ).scalar() for k, column in enumerate(SEARCHED))
+    return {name: n for name, n in (('out of date', stale), ('missing', missing)) if n}
+
+
 def differences(conn):
     """Where the kept counters disagree with the rows: ``{table: {key: (kept, counted)}}``.
 
     ``conn`` is a SQLAlchemy connection; keys are tuples of text (the
     columns of :data:`_COLUMNS`). An empty dict means every counter and
-    rollup agrees with a count of the job rows as they are now. Reads only;
-    on PostgreSQL run it in a REPEATABLE READ transaction (or with writers
-    stopped) so both sides see the same rows.
+    rollup agrees with a count of the job rows as they are now. On SQLite
+    the search index is checked too: ``'job_search'`` then maps
+    ``('out of date',)`` and ``('missing',)`` to ``(rows, 0)`` (see
+    :func:`_search_drift`). Reads only; on PostgreSQL run it in a
+    REPEATABLE READ transaction (or with writers stopped) so both sides see
+    the same rows.
     """
     found = {}
+    if conn.dialect.name == 'sqlite':
+        drift = _search_drift(conn)
+        if drift:
+            found['job_search'] = {(name,): (n, 0) for name, n in drift.items()}
     for table, sql in _counted(conn).items():
         counted = _as_dict(conn.exec_driver_sql(sql).all())
         kept = _as_dict(conn.exec_driver_sql(_KEPT[table]).all())

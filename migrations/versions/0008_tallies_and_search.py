@@ -173,6 +173,17 @@ END
 $$
 """
 
+# TRUNCATE fires no row trigger: it empties the counters too.
+POSTGRES_TRUNCATE_FUNCTION = """
+CREATE OR REPLACE FUNCTION job_tally_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM job_count;
+    DELETE FROM job_minute;
+    RETURN NULL;
+END
+$$
+"""
+
 # The text a search looks in, as one immutable expression the index is built on.
 POSTGRES_SEARCH_FUNCTION = """
 CREATE OR REPLACE FUNCTION job_search_text(params json, error text, result json)
@@ -247,6 +258,9 @@ def upgrade():
         _raw(POSTGRES_FUNCTION)
         _raw('CREATE TRIGGER job_tally AFTER INSERT OR UPDATE OR DELETE ON job '
                    'FOR EACH ROW EXECUTE FUNCTION job_tally()')
+        _raw(POSTGRES_TRUNCATE_FUNCTION)
+        _raw('CREATE TRIGGER job_tally_truncate AFTER TRUNCATE ON job '
+             'FOR EACH STATEMENT EXECUTE FUNCTION job_tally_truncate()')
         _raw(POSTGRES_SEARCH_FUNCTION)
         # An id prefix (a search) as an index range, whatever the collation.
         _raw('CREATE INDEX ix_job_id_pattern ON job (id text_pattern_ops)')
@@ -275,6 +289,8 @@ def downgrade():
         _raw('DROP INDEX IF EXISTS ix_job_id_pattern')
         _raw('DROP TRIGGER IF EXISTS job_tally ON job')
         _raw('DROP FUNCTION IF EXISTS job_tally()')
+        _raw('DROP TRIGGER IF EXISTS job_tally_truncate ON job')
+        _raw('DROP FUNCTION IF EXISTS job_tally_truncate()')
         _raw('DROP FUNCTION IF EXISTS job_search_text(json, text, json)')
     with op.batch_alter_table('job', schema=None) as batch_op:
         batch_op.drop_index('ix_job_failed', sqlite_where=sa.text("state = 'failed'"),
