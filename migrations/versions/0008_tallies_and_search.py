@@ -258,6 +258,13 @@ def upgrade():
         _raw(POSTGRES_FUNCTION)
         _raw('CREATE TRIGGER job_tally AFTER INSERT OR UPDATE OR DELETE ON job '
                    'FOR EACH ROW EXECUTE FUNCTION job_tally()')
+        # Every job written updates a few counter rows: room on each page for
+        # their new versions (HOT updates, pruned in place), and a vacuum
+        # after every 1,000 dead ones, so a burst of writes leaves no bloat
+        # for the readers to scan.
+        for table, fill in (('job_count', 10), ('job_minute', 50)):
+            _raw(f'ALTER TABLE {table} SET (fillfactor = {fill}, '
+                 'autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)')
         _raw(POSTGRES_TRUNCATE_FUNCTION)
         _raw('CREATE TRIGGER job_tally_truncate AFTER TRUNCATE ON job '
              'FOR EACH STATEMENT EXECUTE FUNCTION job_tally_truncate()')
