@@ -39,31 +39,32 @@ _SQLITE_ERROR_KEY = "CASE WHEN {r}.state = 'failed' THEN coalesce({r}.error_type
 _SQLITE_MINUTE = "substr({r}.finished_at, 1, 16) || ':00.000000'"
 
 
-# A row whose count falls to 0 is deleted at once (a key of the primary
-# index), so neither table keeps keys no job has.
-def _sqlite_count(r, sign):
-    op_ = '+' if sign > 0 else '-'
-    error_key = _SQLITE_ERROR_KEY.format(r=r)
-    sql = (f"INSERT INTO job_count (queue, task, state, error_type, shard, n) "
-           f"VALUES ({r}.queue, {r}.task, {r}.state, {error_key}, 0, {sign}) "
-           f"ON CONFLICT (queue, task, state, error_type, shard) "
-           f"DO UPDATE SET n = n {op_} 1;")
-    if sign < 0:
-        sql += (f" DELETE FROM job_count WHERE queue = {r}.queue AND task = {r}.task "
-                f"AND state = {r}.state AND error_type = {error_key} AND shard = 0 AND n = 0;")
-    return sql
+# What each table's rows are keyed by (beside shard 0), as expressions of
+# the job row {r}; and which job rows each counts.
+_SQLITE_KEYS = {
+    'job_count': {'queue': '{r}.queue', 'task': '{r}.task', 'state': '{r}.state',
+                  'error_type': _SQLITE_ERROR_KEY},
+    'job_minute': {'minute': _SQLITE_MINUTE, 'queue': '{r}.queue', 'task': '{r}.task',
+                   'state': '{r}.state'},
+}
+_SQLITE_COUNTED = {'job_count': '1', 'job_minute': '{r}.finished_at IS NOT NULL'}
 
 
-def _sqlite_minute(r, sign):
-    op_ = '+' if sign > 0 else '-'
-    minute = _SQLITE_MINUTE.format(r=r)
-    sql = (f"INSERT INTO job_minute (minute, queue, task, state, shard, n) "
-           f"SELECT {minute}, {r}.queue, {r}.task, {r}.state, 0, {sign} "
-           f"WHERE {r}.finished_at IS NOT NULL "
-           f"ON CONFLICT (minute, queue, task, state, shard) DO UPDATE SET n = n {op_} 1;")
+def _sqlite_tally(table, r, sign):
+    """Add ``sign`` (1 or -1) to ``table``'s row for job row ``r`` (NEW or OLD).
+
+    A row whose count falls to 0 is deleted at once (a key of the primary
+    index), so neither table keeps keys no job has.
+    """
+    keys = {column: expr.format(r=r) for column, expr in _SQLITE_KEYS[table].items()}
+    columns = ', '.join(keys)
+    sql = (f"INSERT INTO {table} ({columns}, shard, n) "
+           f"SELECT {', '.join(keys.values())}, 0, {sign} "
+           f"WHERE {_SQLITE_COUNTED[table].format(r=r)} "
+           f"ON CONFLICT ({columns}, shard) DO UPDATE SET n = n {'+' if sign > 0 else '-'} 1;")
     if sign < 0:
-        sql += (f" DELETE FROM job_minute WHERE minute = {minute} AND queue = {r}.queue "
-                f"AND task = {r}.task AND state = {r}.state AND shard = 0 AND n = 0;")
+        match = ' AND '.join(f'{column} = {expr}' for column, expr in keys.items())
+        sql += f" DELETE FROM {table} WHERE {match} AND shard = 0 AND n = 0;"
     return sql
 
 
@@ -77,24 +78,24 @@ _SQLITE_NOTE = "INSERT OR IGNORE INTO job_search_pending (job_rowid) VALUES ({r}
 
 
 SQLITE_TRIGGERS = {
-    'job_count_insert': f"AFTER INSERT ON job BEGIN {_sqlite_count('NEW', 1)} END",
-    'job_count_delete': f"AFTER DELETE ON job BEGIN {_sqlite_count('OLD', -1)} END",
+    'job_count_insert': f"AFTER INSERT ON job BEGIN {_sqlite_tally('job_count', 'NEW', 1)} END",
+    'job_count_delete': f"AFTER DELETE ON job BEGIN {_sqlite_tally('job_count', 'OLD', -1)} END",
     'job_count_update': (
         "AFTER UPDATE OF queue, task, state, error_type ON job "
         "WHEN OLD.queue IS NOT NEW.queue OR OLD.task IS NOT NEW.task "
         "OR OLD.state IS NOT NEW.state "
         "OR (NEW.state = 'failed' AND OLD.error_type IS NOT NEW.error_type) "
-        f"BEGIN {_sqlite_count('OLD', -1)} {_sqlite_count('NEW', 1)} END"),
+        f"BEGIN {_sqlite_tally('job_count', 'OLD', -1)} {_sqlite_tally('job_count', 'NEW', 1)} END"),
     'job_minute_insert': ("AFTER INSERT ON job WHEN NEW.finished_at IS NOT NULL "
-                          f"BEGIN {_sqlite_minute('NEW', 1)} END"),
+                          f"BEGIN {_sqlite_tally('job_minute', 'NEW', 1)} END"),
     'job_minute_delete': ("AFTER DELETE ON job WHEN OLD.finished_at IS NOT NULL "
-                          f"BEGIN {_sqlite_minute('OLD', -1)} END"),
+                          f"BEGIN {_sqlite_tally('job_minute', 'OLD', -1)} END"),
     'job_minute_update': (
         "AFTER UPDATE OF queue, task, state, finished_at ON job "
         "WHEN (OLD.finished_at IS NOT NULL OR NEW.finished_at IS NOT NULL) AND ("
         "OLD.finished_at IS NOT NEW.finished_at OR OLD.queue IS NOT NEW.queue "
         "OR OLD.task IS NOT NEW.task OR OLD.state IS NOT NEW.state) "
-        f"BEGIN {_sqlite_minute('OLD', -1)} {_sqlite_minute('NEW', 1)} END"),
+        f"BEGIN {_sqlite_tally('job_minute', 'OLD', -1)} {_sqlite_tally('job_minute', 'NEW', 1)} END"),
     'job_search_insert': f"AFTER INSERT ON job BEGIN {_SQLITE_NOTE.format(r='NEW')} END",
     'job_search_delete': f"AFTER DELETE ON job BEGIN {_SQLITE_NOTE.format(r='OLD')} END",
     'job_search_update': (
