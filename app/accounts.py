@@ -224,6 +224,11 @@ _TOKEN_QUERY = (sa.select(ApiToken).options(joinedload(ApiToken.user))
                 .where(ApiToken.token_hash == sa.bindparam('hash')))
 
 
+def _token_shaped(token):
+    """Whether ``token`` could be one of ours (else no lookup is worth it)."""
+    return bool(token) and token.startswith(TOKEN_PREFIX) and len(token) <= 200
+
+
 class TokenCache:
     """Who bearer tokens name, remembered by this process for up to :attr:`SECONDS`.
 
@@ -243,7 +248,7 @@ class TokenCache:
 
     def identity(self, token):
         """``(name, role)`` of ``token``'s user, or None (unknown or revoked)."""
-        if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        if not _token_shaped(token):
             return None
         key = _hash_token(token)
         now = time.monotonic()
@@ -282,7 +287,7 @@ def token_user(token):
     The last-use time is written at most once a minute per token, so a busy
     program does not write a row per request.
     """
-    if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+    if not _token_shaped(token):
         return None
     row = db.session.scalar(_TOKEN_QUERY, {'hash': _hash_token(token)})
     if row is None:

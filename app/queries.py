@@ -133,19 +133,19 @@ def _search_variants(q):
     return typed, in_json
 
 
-def _id_prefix(typed):
+def _id_prefix(typed, dialect):
     """Jobs whose id starts with ``typed`` (ids are lowercase), as an index can answer it.
 
     SQLite compares text by code point, so the prefix is a range of the
     primary key. PostgreSQL may compare by locale, where a prefix is no
     range: there a LIKE, which the ``text_pattern_ops`` index answers.
     """
-    if db.session.get_bind().dialect.name == 'sqlite':
+    if dialect == 'sqlite':
         return sa.and_(Job.id >= typed, Job.id < typed + '\U0010ffff')
     return Job.id.startswith(typed, autoescape=True)
 
 
-def _indexed(typed, in_json):
+def _indexed(typed, in_json, dialect):
     """A condition that narrows a search through the search index, or None where none helps.
 
     The index is a prefilter: it finds every row the exact condition can
@@ -161,8 +161,7 @@ def _indexed(typed, in_json):
     needles = [n for n in dict.fromkeys((typed, in_json)) if len(n) >= TRIGRAM]
     if len(needles) < len(dict.fromkeys((typed, in_json))):
         return None  # too short for trigrams: only a scan can tell
-    bind = db.session.get_bind()
-    if bind.dialect.name == 'sqlite':
+    if dialect == 'sqlite':
         # One index row per job column, numbered job rowid * 4 + column; and
         # the jobs written since the index was last brought up to date. One
         # statement, so both parts see the same moment (the writer indexing
@@ -202,10 +201,11 @@ def search_plan(q):
     contains = sa.or_(_contains(sa.cast(Job.params, sa.Text), (typed, in_json)),
                       _contains(Job.error, (typed,)),
                       _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
-    indexed = _indexed(typed, in_json)
+    dialect = db.session.get_bind().dialect.name
+    indexed = _indexed(typed, in_json, dialect)
     if indexed is not None:
         contains = sa.and_(indexed, contains)
-    return sa.or_(_id_prefix(typed), contains), indexed is not None
+    return sa.or_(_id_prefix(typed, dialect), contains), indexed is not None
 
 
 def search_condition(q):
@@ -347,14 +347,20 @@ def _whole_minute(at, up=False):
     return floor + dt.timedelta(minutes=1) if up and floor != at else floor
 
 
-def finished(since, until, by):
+def _counted_queues():
+    """Every queue some job row names (from the counters: a few rows)."""
+    return db.session.scalars(sa.select(JobCount.queue).distinct()).all()
+
+
+def finished(since, until, by, queues=None):
     """Jobs finished in ``[since, until)``, counted by the columns named in ``by``.
 
     ``by`` is a tuple of ``'queue'``, ``'task'``, ``'state'``; returns
     ``{key tuple: n}``. Exact, and its cost follows the window's length in
     minutes and the finishes of two minutes, not the ledger's size: whole
     minutes come from the per-minute rollups, the two ends from the rows
-    (an index range per queue over ``finished_at``).
+    (an index range per queue over ``finished_at``; ``queues``, every
+    queue a job names, is read when not given).
     """
     counts = {}
 
@@ -372,7 +378,7 @@ def finished(since, until, by):
             sa.select(*(getattr(JobMinute, c) for c in by), sa.func.sum(JobMinute.n))
             .where(JobMinute.minute >= first, JobMinute.minute < last)
             .group_by(*(getattr(JobMinute, c) for c in by))))
-    queues = db.session.scalars(sa.select(JobCount.queue).distinct()).all()
+    queues = _counted_queues() if queues is None else queues
     for a, b in edges:
         if a < b and queues:
             add(db.session.execute(
@@ -386,9 +392,11 @@ def finished_per_queue(now=None):
     """Jobs finished per queue over the last minute and the last 15: ``{queue: {60: n, 900: n}}``."""
     now = now or utcnow()
     recent = {}
+    queues = _counted_queues()
     for seconds in (60, 900):
         for (queue,), n in finished(now - dt.timedelta(seconds=seconds),
-                                    now + dt.timedelta(microseconds=1), ('queue',)).items():
+                                    now + dt.timedelta(microseconds=1), ('queue',),
+                                    queues).items():
             recent.setdefault(queue, {})[seconds] = n
     return recent
 

@@ -328,25 +328,20 @@ class Generator:
             def logs(upto=steps):  # made only for the attempts whose log is kept
                 return tuple((per_step * (k + 1), 'INFO', f'step {k + 1} of {steps} done')
                              for k in range(min(upto, 20)))
-            if timeout is not None and timeout < seconds:
-                done = min(steps, math.ceil(timeout / per_step))
-                message = f'timeout {timeout}s'
-                return Outcome(states.ATTEMPT_TIMEOUT, done * per_step + 0.001,
-                               'huey.exceptions.TaskTimeout', message,
+            def stopped(outcome, done, error_type, message, tail):  # at step ``done``
+                return Outcome(outcome, done * per_step + 0.001, error_type, message,
                                _traceback('sleep', "progress(step + 1, steps, f'step {step + 1} "
-                                          "of {steps}')", _timeout_tail(),
-                                          'huey.exceptions.TaskTimeout', message),
+                                          "of {steps}')", tail, error_type, message),
                                logs=lambda: logs(done))
+            if timeout is not None and timeout < seconds:
+                return stopped(states.ATTEMPT_TIMEOUT, min(steps, math.ceil(timeout / per_step)),
+                               'huey.exceptions.TaskTimeout', f'timeout {timeout}s',
+                               _timeout_tail())
             if rng.random() < 0.02:
                 done = rng.randrange(1, steps + 1)
-                message = (f'canceled by an operator at {done / steps:.0%} '
-                           f'(step {done} of {steps})')
-                return Outcome(states.ATTEMPT_CANCELED, done * per_step + 0.001,
-                               'app.task_api.Canceled', message,
-                               _traceback('sleep', "progress(step + 1, steps, f'step {step + 1} "
-                                          "of {steps}')", _cancel_tail(),
-                                          'app.task_api.Canceled', message),
-                               logs=lambda: logs(done))
+                return stopped(states.ATTEMPT_CANCELED, done, 'app.task_api.Canceled',
+                               f'canceled by an operator at {done / steps:.0%} '
+                               f'(step {done} of {steps})', _cancel_tail())
             return Outcome(states.ATTEMPT_SUCCEEDED, seconds + rng.uniform(0.001, 0.02),
                            result={'slept': seconds}, logs=logs)
         if task == 'payment':

@@ -1,5 +1,6 @@
 """Fixtures: an app on a temporary database, private Redis servers, PostgreSQL."""
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -153,6 +154,18 @@ def start_recording(app):
     """
     consumer.wire()
     return consumer.process.recording.start(app)
+
+
+@contextlib.contextmanager
+def recording_app(tmp_path, **overrides):
+    """``(app, recorder)``: ``make_app(tmp_path, **overrides)`` recording, in its app context."""
+    app = make_app(tmp_path, **overrides)
+    with app.app_context():
+        recorder = start_recording(app)
+        yield app, recorder
+        consumer.process.recording.stop()
+        db.session.remove()
+        db.engine.dispose()
 
 
 def run_next(huey=None):

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from conftest import flushed, make_app, run_next, start_recording
+from conftest import flushed, make_app, recording_app, run_next, start_recording
 
 import huey_tasks
 from app import broker, catalog, consumer, jobs, ledger, queries, queues
@@ -19,13 +19,8 @@ from app.models import Attempt, Job, utcnow
 
 @pytest.fixture
 def ledger_app(tmp_path, ledger_url):
-    app = make_app(tmp_path, DATABASE_URL=ledger_url)
-    with app.app_context():
-        recorder = start_recording(app)
-        yield app, recorder
-        consumer.process.recording.stop()
-        db.session.remove()
-        db.engine.dispose()
+    with recording_app(tmp_path, DATABASE_URL=ledger_url) as pair:
+        yield pair
 
 
 def submit(app, task, params=None, **options):
