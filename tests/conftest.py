@@ -179,6 +179,9 @@ def run_next(huey=None):
 
 def flushed(recorder):
     """Write everything ``recorder`` holds, and read the ledger afresh."""
+    # One flush even with nothing pending: it waits for a batch the
+    # recorder's own thread has taken and is still writing.
+    recorder.flush()
     while recorder.pending:
         recorder.flush()
     db.session.expire_all()

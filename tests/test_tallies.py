@@ -42,8 +42,12 @@ def submit(app, task, params=None, **options):
 
 
 def disagreements():
+    """tallies.differences, both sides read at one moment (as `ledger recount --check` does):
+    the recorder's writer may commit while the rows are counted."""
     db.session.commit()
-    with db.engine.connect() as conn:
+    with db.engine.begin() as conn:
+        if conn.dialect.name == 'postgresql':
+            conn.exec_driver_sql('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ')
         return tallies.differences(conn)
 
 
