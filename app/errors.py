@@ -28,6 +28,28 @@ def respond(status, message, **extra):
                            fields=extra.get('fields') or {}), status
 
 
+# Why a database refused a statement it could otherwise run: PostgreSQL's
+# SQLSTATEs for a deadlock victim, a serialization failure and a lock not
+# available (its manual, Appendix A), and SQLite's words for a lock held past
+# the busy timeout.
+BUSY_SQLSTATES = frozenset({'40P01', '40001', '55P03'})
+BUSY_SQLITE = ('database is locked', 'database table is locked', 'database is busy')
+
+
+def ledger_busy(exc):
+    """Whether ``exc`` (a SQLAlchemy ``DBAPIError``) says the database was busy, not away.
+
+    Busy: other transactions held what this one needed (a deadlock, a
+    serialization failure, a lock wait that timed out), so the same request
+    can succeed a moment later; anything else (a refused connection, a
+    closed socket, a full disk) counts as unreachable.
+    """
+    orig = getattr(exc, 'orig', None)
+    if getattr(orig, 'sqlstate', None) in BUSY_SQLSTATES:
+        return True
+    return str(orig).startswith(BUSY_SQLITE)
+
+
 def register(app):
     @app.errorhandler(catalog.ValidationError)
     def invalid(exc):
@@ -54,14 +76,18 @@ def register(app):
     @app.errorhandler(sa_exc.OperationalError)
     @app.errorhandler(sa_exc.DisconnectionError)
     def ledger_unavailable(exc):
-        # The database is away (or locked past its timeout): a 503 the
-        # client can retry, not a bug's 500. A bad statement is not this.
+        # The database is away, or busy past its timeout: a 503 the client
+        # can retry, not a bug's 500. A bad statement is not this.
         try:
             db.session.rollback()
         except Exception:
             pass
         logger.warning('ledger unavailable on %s %s: %s', request.method, request.path,
                        (str(exc).splitlines() or ['(no message)'])[0][:300])
+        if ledger_busy(exc):
+            body, status = respond(503, 'the ledger database is busy with other writers; '
+                                        'nothing was changed, try again shortly')
+            return body, status, {'Retry-After': '1'}
         return respond(503, 'the ledger database is unreachable; try again shortly')
 
     @app.errorhandler(HTTPException)

@@ -4,6 +4,7 @@ may have written half of something."""
 import logging
 import sqlite3
 
+import psycopg.errors
 import pytest
 import sqlalchemy as sa
 from conftest import make_app
@@ -21,7 +22,11 @@ RAISED = {
     'conflict': lambda: states.StateConflict('retry', 'running'),
     'broker': lambda: broker.BrokerUnavailable('connection refused'),
     'ledger': lambda: sa.exc.OperationalError(
+        'SELECT 1', {}, sqlite3.OperationalError('unable to open database file')),
+    'locked': lambda: sa.exc.OperationalError(
         'UPDATE job SET state = ?', {}, sqlite3.OperationalError('database is locked')),
+    'deadlock': lambda: sa.exc.OperationalError(
+        'INSERT INTO job', {}, psycopg.errors.DeadlockDetected('deadlock detected')),
     'disconnected': lambda: sa.exc.DisconnectionError('the server closed the connection'),
     'disconnected-silently': lambda: sa.exc.DisconnectionError(''),
     'not-found': lambda: NotFound('no job <b>x</b> here'),
@@ -55,6 +60,9 @@ def raising(app):
         app.seen.append(db.session.get(Control, 'half-written') is not None)
         return response
     return app
+
+
+BUSY = 'the ledger database is busy with other writers; nothing was changed, try again shortly'
 
 
 # -- respond(), called directly in a request --
@@ -122,6 +130,8 @@ def test_a_page_without_fields_has_no_field_list(app):
     ('conflict', 409, {'state': 'running'}),
     ('broker', 503, {'detail': 'connection refused'}),
     ('ledger', 503, {}),
+    ('locked', 503, {}),
+    ('deadlock', 503, {}),
     ('disconnected', 503, {}),
     ('not-found', 404, {}),
     ('bug', 500, {}),
@@ -139,6 +149,8 @@ def test_each_exception_is_its_status_with_a_json_error_under_api(raising, kind,
         'conflict': 'cannot retry a running job; only failed, canceled jobs can be retried',
         'broker': 'the job broker is unreachable; nothing was changed, try again shortly',
         'ledger': 'the ledger database is unreachable; try again shortly',
+        'locked': BUSY,
+        'deadlock': BUSY,
         'disconnected': 'the ledger database is unreachable; try again shortly',
         'not-found': 'no job <b>x</b> here',
         'bug': InternalServerError.description,
@@ -151,6 +163,7 @@ def test_each_exception_is_its_status_with_a_json_error_under_api(raising, kind,
     ('conflict', 409, ['cannot retry a running job']),
     ('broker', 503, ['the job broker is unreachable']),
     ('ledger', 503, ['the ledger database is unreachable']),
+    ('deadlock', 503, ['the ledger database is busy']),
     ('not-found', 404, ['no job &lt;b&gt;x&lt;/b&gt; here']),
     ('bug', 500, ['The server encountered an internal error']),
 ])
@@ -166,6 +179,31 @@ def test_each_exception_is_its_status_on_an_escaped_page_elsewhere(raising, kind
             assert text in html
     assert '<html' in page.get_data(as_text=True)
     assert '<html' not in fragment.get_data(as_text=True)
+
+
+@pytest.mark.parametrize('kind, retry_after', [
+    ('locked', '1'), ('deadlock', '1'), ('ledger', None), ('disconnected', None)])
+def test_a_busy_ledger_asks_to_come_back_in_a_second_and_one_that_is_away_does_not(
+        raising, kind, retry_after):
+    resp = raising.test_client().post(f'/api/raise/{kind}?write=1')
+    assert resp.status_code == 503
+    assert resp.headers.get('Retry-After') == retry_after
+    assert raising.seen == [False]
+
+
+@pytest.mark.parametrize('orig, busy', [
+    (psycopg.errors.DeadlockDetected('deadlock detected'), True),
+    (psycopg.errors.SerializationFailure('could not serialize access'), True),
+    (psycopg.errors.LockNotAvailable('could not obtain lock'), True),
+    (sqlite3.OperationalError('database is locked'), True),
+    (sqlite3.OperationalError('database table is locked: job'), True),
+    (psycopg.errors.AdminShutdown('terminating connection'), False),
+    (psycopg.OperationalError('connection refused'), False),
+    (sqlite3.OperationalError('disk I/O error'), False),
+    (sqlite3.OperationalError('no such table: job'), False),
+])
+def test_ledger_busy_tells_a_lock_or_deadlock_from_an_absent_database(orig, busy):
+    assert errors.ledger_busy(sa.exc.OperationalError('SELECT 1', {}, orig)) is busy
 
 
 @pytest.mark.parametrize('kind', ['conflict', 'broker', 'ledger', 'bug'])
