@@ -64,7 +64,12 @@ def _revert_cancel(before, canceled_at):
 
 
 def submit(sub, audit=None):
-    """Record and enqueue a validated :class:`~app.catalog.Submission`; the :class:`Job`.
+    """Record and enqueue a validated :class:`~app.catalog.Submission`; the job.
+
+    The job is a :class:`Written` when this call created it (its columns and
+    :class:`Job`'s reads, outside the session: an ORM object would cost a
+    third of a submission; ``.orm()`` gives one to act on), else the
+    :class:`Job` its idempotency key named, in the session.
 
     The row is written before the message is enqueued and committed after,
     so a job the broker refuses leaves no row behind (``BrokerUnavailable``).
@@ -79,9 +84,7 @@ def submit(sub, audit=None):
     """
     group = current_app.extensions.setdefault('queue_manager.submit_group', SubmitGroup())
     job, created = group.submit(sub, audit)
-    if created:
-        job = job.orm()
-    elif job not in db.session:  # found by another thread's session: read it in ours
+    if not created and job not in db.session:  # found by another thread's session: read it in ours
         job = db.session.get(Job, sa.inspect(job).identity[0])
     job.created = created
     return job
@@ -279,13 +282,15 @@ class Written:
     writing their rows. ``to_dict`` and ``run_params`` are :class:`Job`'s;
     :meth:`orm` gives the ORM object for a caller that acts on the job.
     """
-    __slots__ = _COLUMNS
+    __slots__ = _COLUMNS + ('created',)
     to_dict = Job.to_dict
     run_params = Job.run_params
+    event_rows = ()  # a job just written has no events yet
 
     def __init__(self, **columns):
         for name in _COLUMNS:
             setattr(self, name, columns.get(name))
+        self.created = True
 
     def columns(self):
         """``{column: value}``, as the INSERT takes them."""
@@ -295,6 +300,7 @@ class Written:
         """The same job as a :class:`Job`, committed, in the session (see :func:`_attach`)."""
         job = Job(**self.columns())
         _attach(job)
+        job.created = self.created
         return job
 
 

@@ -122,6 +122,11 @@ class Job(db.Model):
         """Retries the current round still allows once attempt ``after`` has ended."""
         return self.retries - (after - self.attempt_base)
 
+    def orm(self):
+        """This job: what :meth:`app.jobs.Written.orm` gives for a job just written, so
+        that a caller of ``jobs.submit`` gets the ORM object either way."""
+        return self
+
     def to_dict(self, attempts=None):
         data = {
             'id': self.id,

@@ -125,5 +125,5 @@ def test_a_local_user_without_login_is_recorded_as_local(tmp_path):
     with app.app_context():
         [entry] = audit.entries()
         assert (entry.user, entry.role, entry.via, entry.action) == (None, 'admin', 'local', 'submit')
-        jobs.submit(catalog.validate({'task': 'noop', 'params': {}}, app.config))
+        jobs.submit(catalog.validate({'task': 'noop', 'params': {}}, app.config)).orm()
         assert len(audit.entries()) == 1  # what the program does itself is not an action of anyone

@@ -159,7 +159,7 @@ class TestConsumerShutdownOnTrackedHuey(OnTrackedHuey, test_consumer.TestConsume
 # -- ours ------------------------------------------------------------------------
 
 def submit(app, task, **options):
-    return jobs.submit(catalog.validate({'task': task, **options}, app.config))
+    return jobs.submit(catalog.validate({'task': task, **options}, app.config)).orm()
 
 
 def test_huey_scheduler_asks_for_periodic_tasks_with_no_timestamp_and_gets_the_clock(ctx):

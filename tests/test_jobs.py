@@ -11,7 +11,7 @@ from app.models import Job
 
 
 def submit(app, **options):
-    return jobs.submit(catalog.validate({'task': 'noop', 'params': {}, **options}, app.config))
+    return jobs.submit(catalog.validate({'task': 'noop', 'params': {}, **options}, app.config)).orm()
 
 
 def test_a_change_moves_the_version_on_and_misses_a_row_changed_meanwhile(ctx):

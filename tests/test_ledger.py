@@ -25,7 +25,7 @@ def ledger_app(tmp_path, ledger_url):
 
 def submit(app, task, params=None, **options):
     sub = catalog.validate({'task': task, 'params': params or {}, **options}, app.config)
-    return jobs.submit(sub)
+    return jobs.submit(sub).orm()
 
 
 def attempts_of(job_id):

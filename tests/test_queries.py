@@ -5,7 +5,7 @@ from app import catalog, jobs, queries
 
 
 def submit(app, task='noop', params=None):
-    return jobs.submit(catalog.validate({'task': task, 'params': params or {}}, app.config))
+    return jobs.submit(catalog.validate({'task': task, 'params': params or {}}, app.config)).orm()
 
 
 def test_a_cursor_round_trips_and_a_forged_one_is_refused(ctx):

@@ -6,7 +6,7 @@ from app import broker, catalog, controls, jobs, queues
 
 
 def submit(app, task='noop', **options):
-    return jobs.submit(catalog.validate({'task': task, 'params': {}, **options}, app.config))
+    return jobs.submit(catalog.validate({'task': task, 'params': {}, **options}, app.config)).orm()
 
 
 def test_the_overview_counts_each_queue_from_the_ledger_and_the_broker(ctx):

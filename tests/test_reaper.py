@@ -16,7 +16,7 @@ from app.models import Attempt, Job, Worker, utcnow
 
 
 def submit(app, task, **options):
-    return jobs.submit(catalog.validate({'task': task, **options}, app.config))
+    return jobs.submit(catalog.validate({'task': task, **options}, app.config)).orm()
 
 
 def storage():

@@ -23,7 +23,7 @@ def ctx(ctx):
 
 
 def submit(app, task, **options):
-    return jobs.submit(catalog.validate({'task': task, **options}, app.config))
+    return jobs.submit(catalog.validate({'task': task, **options}, app.config)).orm()
 
 
 def huey():

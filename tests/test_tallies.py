@@ -38,7 +38,7 @@ def ledger_ctx(tmp_path, ledger_url):
 
 def submit(app, task, params=None, **options):
     sub = catalog.validate({'task': task, 'params': params or {}, **options}, app.config)
-    return jobs.submit(sub)
+    return jobs.submit(sub).orm()
 
 
 def disagreements():
