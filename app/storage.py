@@ -283,18 +283,26 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         A message with an ``eta`` (naive, Huey's clock) goes to the schedule,
         one without to the queue, as ``add_to_schedule`` and ``enqueue`` do.
         """
-        pipe = self.conn.pipeline(transaction=False)
-        due = []
+        calls, due = [], []
         for data, priority, eta in entries:
             if eta is None:
                 due += (_prefix() + bytes(data), -(priority or 0))
             else:
-                self._schedule(keys=[self.schedule_key, self.index_key],
-                               args=[bytes(data), self.convert_ts(eta)], client=pipe)
+                calls.append((self._schedule, [self.schedule_key, self.index_key],
+                              [bytes(data), self.convert_ts(eta)]))
         # Messages due now in scripts of 500 (one call each, not one per message).
         for start in range(0, len(due), 1000):
-            self._enqueue_many(keys=[self.queue_key, self.index_key, self.wake_key],
-                               args=due[start:start + 1000], client=pipe)
+            calls.append((self._enqueue_many, [self.queue_key, self.index_key, self.wake_key],
+                          due[start:start + 1000]))
+        if len(calls) == 1:
+            # One script: called alone it is one EVALSHA, where a pipeline
+            # first asks the server whether its scripts exist (a round trip).
+            script, keys, args = calls[0]
+            script(keys=keys, args=args)
+            return
+        pipe = self.conn.pipeline(transaction=False)
+        for script, keys, args in calls:
+            script(keys=keys, args=args, client=pipe)
         pipe.execute()
 
     def add_to_schedule(self, data, ts):

@@ -198,6 +198,23 @@ def test_a_retry_replaces_its_claim_only_while_the_claim_holds(store):
     assert store.queue_size() == 0 and store.held(['j2']) == set()
 
 
+@pytest.mark.parametrize('entries', [
+    [('due', None)], [('later', 3600)], [('due', None), ('later', 3600)]], ids=str)
+def test_a_few_messages_put_at_once_arrive_even_after_the_server_forgot_its_scripts(
+        store, entries):
+    # One script call goes without a pipeline: it must still find its
+    # script after a restart of Redis (or SCRIPT FLUSH) emptied the cache.
+    if isinstance(store, ReliableRedisStorage):
+        store.conn.script_flush()
+    now = dt.datetime.now()
+    store.put_many([(msg(job_id), 0, None if delay is None else now + dt.timedelta(seconds=delay))
+                    for job_id, delay in entries])
+    assert store.held([job_id for job_id, _ in entries]) == {job_id for job_id, _ in entries}
+    assert store.queue_size() == sum(delay is None for _, delay in entries)
+    assert store.schedule_size() == sum(delay is not None for _, delay in entries)
+    assert store.index_ok()
+
+
 def test_many_messages_put_at_once_are_indexed_waiting_and_taken_by_priority(store):
     now = dt.datetime.now()
     entries = [(msg(f'j{n}', n % 3), n % 3, None) for n in range(1200)]
