@@ -585,15 +585,28 @@ def _bulk_cancel(rows, summary):
 _BULK = {'retry': _bulk_retry, 'delete': _bulk_delete, 'cancel': _bulk_cancel}
 
 
-def purge_finished(days, report=None):
-    """Delete jobs that finished more than ``days`` days ago, in chunks; return how many."""
+def _finished_before(days):
+    """Conditions: the job finished more than ``days`` days ago."""
     cutoff = utcnow() - dt.timedelta(days=days)
-    total = db.session.scalar(sa.select(sa.func.count()).select_from(Job).where(
-        Job.state.in_(states.FINISHED), Job.finished_at < cutoff))
+    return Job.state.in_(states.FINISHED), Job.finished_at < cutoff
+
+
+def purgeable(days):
+    """How many jobs finished more than ``days`` days ago: what :func:`purge_finished` deletes."""
+    return db.session.scalar(sa.select(sa.func.count()).select_from(Job).where(
+        *_finished_before(days)))
+
+
+def purge_finished(days, report=None):
+    """Delete jobs that finished more than ``days`` days ago, in chunks; return how many.
+
+    ``report(deleted, total)`` is called after each chunk of 1,000.
+    """
+    old = _finished_before(days)
+    total = db.session.scalar(sa.select(sa.func.count()).select_from(Job).where(*old))
     deleted = 0
     while True:
-        ids = db.session.scalars(sa.select(Job.id).where(
-            Job.state.in_(states.FINISHED), Job.finished_at < cutoff).limit(1000)).all()
+        ids = db.session.scalars(sa.select(Job.id).where(*old).limit(1000)).all()
         if not ids:
             return deleted
         gone = _delete_finished(ids)

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -52,6 +53,26 @@ def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def broker_locked():
+    """Hold the embedded broker's write lock, as a stuck writer would."""
+    from app import broker
+    huey = broker.hueys['default']
+    kept = huey.storage, huey.storage_kwargs
+    # A storage that waits 0.2 s for the lock (Huey's SqliteStorage ``timeout``).
+    huey.storage_kwargs = {**huey.storage_kwargs, 'timeout': 0.2}
+    huey.storage = huey.create_storage()
+    blocker = sqlite3.connect(huey.storage.filename, isolation_level=None)
+    blocker.execute('BEGIN EXCLUSIVE')
+    try:
+        yield
+    finally:
+        blocker.rollback()
+        blocker.close()
+        huey.storage.close()
+        huey.storage, huey.storage_kwargs = kept
 
 
 class Process:

@@ -1,11 +1,10 @@
 """The JSON API contract, in-process on the embedded broker (no consumer)."""
-import contextlib
 import datetime as dt
 import json
-import sqlite3
 import uuid
 
 import sqlalchemy as sa
+from helpers import broker_locked
 
 from app.extensions import db
 from app.models import Attempt, AttemptLog, Job, utcnow
@@ -199,26 +198,6 @@ def test_healthz_reports_broker_and_database(client):
     body = client.get('/healthz').get_json()
     assert body == {'status': 'ok', 'broker': 'ok', 'broker_kind': 'sqlite (embedded)',
                     'database': 'ok'}
-
-
-@contextlib.contextmanager
-def broker_locked():
-    """Hold the embedded broker's write lock, as a stuck writer would."""
-    from app import broker
-    huey = broker.hueys['default']
-    kept = huey.storage, huey.storage_kwargs
-    # A storage that waits 0.2 s for the lock (Huey's SqliteStorage ``timeout``).
-    huey.storage_kwargs = {**huey.storage_kwargs, 'timeout': 0.2}
-    huey.storage = huey.create_storage()
-    blocker = sqlite3.connect(huey.storage.filename, isolation_level=None)
-    blocker.execute('BEGIN EXCLUSIVE')
-    try:
-        yield
-    finally:
-        blocker.rollback()
-        blocker.close()
-        huey.storage.close()
-        huey.storage, huey.storage_kwargs = kept
 
 
 def test_broker_refusal_is_503_and_leaves_no_row(client, app):
