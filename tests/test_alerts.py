@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import sqlalchemy as sa
 from conftest import flushed, make_app, recording_app, run_next
-from helpers import free_port, wait_for
+from helpers import Stack, free_port, wait_for
 from sqlalchemy.exc import IntegrityError
 
-from app import alerts, broker, catalog, events, jobs
+from app import alerts, broker, catalog, events, fragments, jobs, live
 from app.extensions import db
 from app.models import Alert, utcnow
 
@@ -307,6 +307,9 @@ def test_the_banner_shows_on_every_page_escaped_and_goes_when_resolved(tmp_path)
         assert '1 alert firing' in html, path
         assert HOSTILE not in html and '&lt;img src=x onerror=alert(1)&gt;' in html, path
         assert '0 consumers online for queue default' in html, path
+    for name in fragments.PAGES:  # every live page is refreshed when alerts change
+        key, factory = live.view_for({'view': name, 'id': job_id}, app.config)
+        assert factory(key, {}).concerns(fragments.Change.of({'alerts': True})), name
     pushed = client.get('/ws?view=queues').get_data(as_text=True)
     assert '<hx-partial hx-target="#alert-banner" hx-swap="outerHTML">' in pushed
     assert '1 alert firing' in pushed and HOSTILE not in pushed
@@ -364,3 +367,35 @@ def test_alerts_page_and_api_page_through_the_history(tmp_path):
     older = client.get(f'/alerts?before={ids[2]}').get_data(as_text=True)
     assert 'message 1' in older and 'message 3' not in older.split('id="alert-history"')[1]
     assert client.get('/alerts?before=abc').status_code == 400
+
+
+@pytest.fixture
+def stack(tmp_path, receiver):
+    """Redis, a web process and one real consumer, alerting to ``receiver`` every 0.5 s."""
+    rule = [{'name': 'failing', 'kind': 'failure_rate', 'queue': 'default', 'percent': 50,
+             'minutes': 5, 'min_jobs': 4}]
+    stack = Stack(tmp_path, ALERT_RULES=json.dumps(rule), ALERT_WEBHOOK_URL=receiver.url,
+                  ALERT_INTERVAL=0.5)
+    yield stack
+    stack.close()
+
+
+def test_a_real_consumer_running_failing_jobs_fires_the_rule_to_the_webhook_once(
+        stack, receiver):
+    stack.consumer()
+    api = stack.api
+    for job in [api.submit('fail', retries=0) for _ in range(4)]:
+        api.wait_state(job['id'], 'failed')
+    wait_for(lambda: receiver.delivered(), 30, 0.1, 'the webhook to hear the alert')
+    [fired] = receiver.delivered()
+    assert fired['status'] == 'firing' and fired['text'].startswith(
+        '[FIRING] failing: failure rate of queue default is 100.0% (4 of 4 jobs failed')
+    status, listed = api.get('/api/alerts?state=firing')
+    assert status == 200 and [a['id'] for a in listed['alerts']] == [fired['alert']['id']]
+    assert listed['alerts'][0]['delivery'] == 'sent'
+
+    for job in [api.submit('noop') for _ in range(5)]:
+        api.wait_state(job['id'], 'succeeded')
+    wait_for(lambda: len(receiver.delivered()) == 2, 30, 0.1, 'the webhook to hear it resolve')
+    assert [b['status'] for b in receiver.delivered()] == ['firing', 'resolved']
+    assert stack.sql("SELECT state FROM alert") == [('resolved',)]
