@@ -7,7 +7,7 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import event
 
-from . import broker, config as config_module, events, inputs, text
+from . import broker, catalog, config as config_module, events, inputs, rules, text
 from .extensions import db, migrate
 
 
@@ -45,6 +45,11 @@ def create_app(test_config=None, *, config=None):
                 raise
             raise config_module.ConfigError(
                 f'TASK_MODULES: no module named {module!r}') from None
+    try:
+        # Only now are the task types declared that a rule may name.
+        rules.check_tasks(config['ALERT_RULES'], catalog.TASKS)
+    except rules.RuleError as exc:
+        raise config_module.ConfigError(f'ALERT_RULES: {exc}') from None
     broker.configure(config)
     events.configure(broker.redis_client())
 

@@ -6,8 +6,8 @@ those declarations, and the query parameters are parsed by them.
 """
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import (audit, auth, catalog, errors, inputs, jobs, openapi, periodic, queries, queues,
-               states)
+from . import (alerts, audit, auth, catalog, errors, inputs, jobs, openapi, periodic, queries,
+               queues, states)
 from .models import isoformat
 from .openapi import Query, declare
 
@@ -203,6 +203,24 @@ def audit_log():
     entries = audit.entries(limit=limit, before=args['before'])
     return {'entries': [e.to_dict() for e in entries],
             'next': entries[-1].id if len(entries) == limit else None}
+
+
+ALERT_STATE = Query('state', choices=(alerts.FIRING, alerts.RESOLVED),
+                    help='Only alerts in this state')
+ALERT_LIMIT = Query('limit', int, minimum=1, maximum=1000, help='Alerts per page (default 50)')
+ALERT_BEFORE = Query('before', int, minimum=1, help='The `next` value of the previous page')
+
+
+@bp.get('/alerts')
+@declare(query=(ALERT_STATE, ALERT_LIMIT, ALERT_BEFORE),
+         responses={200: ('Alerts', 'Alerts newest first, and how many fire now')})
+def list_alerts():
+    """Alerts newest first, a page at a time; ``firing`` counts those firing now."""
+    args = _query(ALERT_STATE, ALERT_LIMIT, ALERT_BEFORE)
+    limit = args['limit'] or 50
+    rows = alerts.history(limit=limit, before=args['before'], state=args['state'])
+    return {'alerts': [a.to_dict() for a in rows], 'firing': len(alerts.firing()),
+            'next': rows[-1].id if len(rows) == limit else None}
 
 
 @bp.get('/workers')

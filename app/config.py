@@ -12,6 +12,8 @@ import re
 import secrets
 from pathlib import Path
 
+from . import rules as rules_module
+
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE_NAME = re.compile(r'[a-z][a-z0-9_]{0,31}')
 
@@ -104,6 +106,17 @@ DEFAULTS = {
     'AUTH': 'auto',
     # A session unused this long (s) ends: its user logs in again.
     'SESSION_IDLE_TIMEOUT': 8 * 3600.0,
+    # Alert rules, a JSON array (see app/rules.py and the README's "Alerts");
+    # unset: none. Checked at start: a bad rule stops the process, named.
+    'ALERT_RULES': None,
+    # Where alerts are posted (JSON with a Slack-compatible "text"), once
+    # when one fires and once when it resolves. Unset: shown on the pages only.
+    'ALERT_WEBHOOK_URL': None,
+    # The leader evaluates the rules this often (s).
+    'ALERT_INTERVAL': 20.0,
+    # Seconds a webhook delivery may take; one that fails is retried on the
+    # next evaluation.
+    'ALERT_WEBHOOK_TIMEOUT': 5.0,
 }
 
 _INT = {'PERIODIC', 'PORT', 'PROXY_FIX', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH',
@@ -112,7 +125,7 @@ _INT = {'PERIODIC', 'PORT', 'PROXY_FIX', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',
           'RECONCILE_INTERVAL', 'RECONCILE_GRACE', 'PERIODIC_CATCH_UP', 'WORKER_RETENTION', 'GRACE_PERIOD',
-          'SESSION_IDLE_TIMEOUT'}
+          'SESSION_IDLE_TIMEOUT', 'ALERT_INTERVAL', 'ALERT_WEBHOOK_TIMEOUT'}
 
 
 class ConfigError(ValueError):
@@ -178,6 +191,17 @@ def load(test_config=None, environ=None):
     config['EMBEDDED'] = not config['REDIS_URL']
     if config['AUTH'] not in ('auto', 'login'):
         raise ConfigError(f"AUTH={config['AUTH']!r}: use auto or login")
+    try:
+        config['ALERT_RULES'] = rules_module.parse(config['ALERT_RULES'], config['QUEUES'])
+    except rules_module.RuleError as exc:
+        raise ConfigError(f'ALERT_RULES: {exc}') from None
+    url = config['ALERT_WEBHOOK_URL']
+    if url and not re.match(r'https?://[^/\s]+', url):
+        # Not echoed: a webhook's URL is its secret.
+        raise ConfigError('ALERT_WEBHOOK_URL: an http:// or https:// URL')
+    for key in ('ALERT_INTERVAL', 'ALERT_WEBHOOK_TIMEOUT'):
+        if not config[key] > 0:
+            raise ConfigError(f'{key}={config[key]!r}: a number of seconds above 0')
     return config
 
 

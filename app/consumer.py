@@ -13,6 +13,9 @@ embedded mode), before any worker takes a message:
   before it wrote anything to the ledger;
 - the reaper and reconciler, acting only while this process leads;
 - the periodic launcher, likewise (fed by Huey's scheduler every minute);
+- the alerts: the rules evaluated and the webhook told every
+  ``ALERT_INTERVAL`` seconds, likewise, on a thread of their own so a slow
+  webhook never holds up the reaper;
 - the watcher that copies each queue's paused switch from the ledger, so a
   paused queue's workers take nothing.
 
@@ -25,7 +28,7 @@ import atexit
 import logging
 import threading
 
-from . import broker, config as config_module, controls, events, ledger, reaper
+from . import alerts, broker, config as config_module, controls, events, ledger, reaper
 from .extensions import db
 from .leader import leadership
 from .periodic import Launcher
@@ -157,6 +160,7 @@ class Services:
         for name, target in (('queue-manager-reaper', self._reap),
                              ('queue-manager-pauses', self._pauses),
                              ('queue-manager-lease', self._lease),
+                             ('queue-manager-alerts', self._alerts),
                              ('queue-manager-periodic', lambda: self.launcher.run(self.stopping))):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -205,6 +209,14 @@ class Services:
             leading = now_leading
             if self.stopping.wait(app.config['REAP_INTERVAL']):
                 return
+
+    def _alerts(self):
+        # Only the leader evaluates (its lease is claimed by the reaper's
+        # thread); incidents are in the ledger, so a new leader carries on.
+        app = self.app
+        while not self.stopping.wait(app.config['ALERT_INTERVAL']):
+            if leadership.leading:
+                alerts.check(app)
 
     def _pauses(self):
         # A pause is announced on the event channel, so workers stop taking

@@ -151,10 +151,10 @@ def job_change(job_id, state, queue, task, version=None):
 
 
 def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False, audit=False,
-            sessions=()):
+            sessions=(), alerts=False):
     """Announce changed jobs (:func:`job_change` dicts), deleted job ids, whether
-    consumers, queues, periodic tasks or the audit log changed, and the users whose
-    sessions ended (names)."""
+    consumers, queues, periodic tasks, the audit log or the alerts changed, and the
+    users whose sessions ended (names)."""
     event = {}
     if jobs:
         event['jobs'] = list(jobs)
@@ -170,5 +170,7 @@ def publish(jobs=(), deleted=(), workers=False, queues=False, periodic=False, au
         event['audit'] = True
     if sessions:
         event['sessions'] = list(sessions)
+    if alerts:
+        event['alerts'] = True
     if event:
         bus.publish(event)

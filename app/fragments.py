@@ -22,10 +22,12 @@ from typing import Callable, NamedTuple
 from flask import current_app, render_template
 from markupsafe import Markup
 
-from . import audit, catalog, periodic, queries, queues, states
+from . import alerts, audit, catalog, periodic, queries, queues, states
 
 RECENT = 20  # rows in the dashboard's newest jobs
 AUDIT_ROWS = 200  # entries on the audit page
+ALERT_ROWS = 50  # past alerts per page of /alerts
+BANNER_ROWS = 5  # firing alerts the banner names; it counts the rest
 
 _PARAMETER = re.compile(r'-?\{(\w+)\}')
 
@@ -185,6 +187,13 @@ def _no_params(args):
     return {}
 
 
+def _alert_params(args):
+    before = args.get('before') or None
+    if before is not None and not (before.isdigit() and len(before) <= 18):
+        raise queries.BadQuery('before must be an alert id')
+    return {'before': before}
+
+
 # -- what fragments show --------------------------------------------------------
 
 def _stats(scope):
@@ -261,6 +270,26 @@ def _audit_log(scope):
     return {'entries': audit.entries(limit=AUDIT_ROWS)}
 
 
+def _firing(scope):
+    return scope.once('firing', alerts.firing)
+
+
+def _alert_banner(scope):
+    firing = _firing(scope)
+    return {'alerts': firing[:BANNER_ROWS], 'more': max(0, len(firing) - BANNER_ROWS)}
+
+
+def _alerts_firing(scope):
+    return {'alerts': _firing(scope)}
+
+
+def _alert_history(scope):
+    before = scope.params['before']
+    rows = alerts.history(limit=ALERT_ROWS + 1, before=int(before) if before else None)
+    return {'alerts': rows[:ALERT_ROWS], 'before': before,
+            'next': rows[ALERT_ROWS - 1].id if len(rows) > ALERT_ROWS else None}
+
+
 # -- what changes them ------------------------------------------------------------
 
 def _any_job(change, view):
@@ -306,6 +335,10 @@ def _audited(change, view):
     return bool(change.event.get('audit'))
 
 
+def _alerted(change, view):
+    return bool(change.event.get('alerts'))
+
+
 def _periodic_jobs(change, view):
     return bool(change.event.get('periodic')) or any(
         c.get('task') in catalog.PERIODIC or c.get('task') is None for c in change.jobs)
@@ -325,14 +358,25 @@ FAILURES = Fragment('failures', _failures, _failed_or_gone)
 SCHEDULED = Fragment('scheduled', _scheduled, _waiting_for_time)
 PERIODIC = Fragment('periodic', _periodic, _periodic_jobs)
 AUDIT_LOG = Fragment('audit-log', _audit_log, _audited)
+# On every page (see PAGES below; base.html places it on the others).
+ALERT_BANNER = Fragment('alert-banner', _alert_banner, _alerted)
+ALERTS_FIRING = Fragment('alerts-firing', _alerts_firing, _alerted)
+ALERT_HISTORY = Fragment('alert-history', _alert_history, _alerted)
 # The live indicator in every live page's header: rendered with ``live`` and
 # ``node`` by its caller, sent with each snapshot, never refreshed.
 LIVE_STATUS = Fragment('live-status', None, None)
 
 FRAGMENTS = (QUEUE_STATS, RECENT_JOBS, JOBS_PAGE_ROWS, PAGER, JOB_SUMMARY, JOB_ATTEMPTS,
-             QUEUES, WORKERS, FAILURES, SCHEDULED, PERIODIC, AUDIT_LOG, LIVE_STATUS)
+             QUEUES, WORKERS, FAILURES, SCHEDULED, PERIODIC, AUDIT_LOG, ALERT_BANNER,
+             ALERTS_FIRING, ALERT_HISTORY, LIVE_STATUS)
 
-PAGES = {page.name: page for page in (
+
+def _with_banner(page):
+    # Every live page carries the alert banner, pushed as its other fragments are.
+    return Page(page.name, {**page.fragments, 'banner': ALERT_BANNER}, page.parse, page.action)
+
+
+PAGES = {page.name: _with_banner(page) for page in (
     Page('dashboard', {'stats': QUEUE_STATS, 'recent': RECENT_JOBS}, _no_params),
     Page('jobs', {'rows': JOBS_PAGE_ROWS, 'pager': PAGER}, _job_list_params),
     Page('job', {'summary': JOB_SUMMARY, 'attempts': JOB_ATTEMPTS}, _job_params),
@@ -342,4 +386,5 @@ PAGES = {page.name: page for page in (
     Page('scheduled', {'scheduled': SCHEDULED}, _queue_param),
     Page('periodic', {'periodic': PERIODIC}, _no_params),
     Page('audit', {'log': AUDIT_LOG}, _no_params, action='audit'),
+    Page('alerts', {'firing': ALERTS_FIRING, 'history': ALERT_HISTORY}, _alert_params),
 )}

@@ -42,6 +42,12 @@ def isoformat(value):
     return None if value is None else value.isoformat(timespec='milliseconds') + 'Z'
 
 
+# The conditions of the partial indexes of jobs waiting to run, written the
+# same in the queries that use them (app.queries.oldest_waiting).
+WAITING = "state = 'queued'"
+DUE = "state IN ('scheduled', 'retrying')"
+
+
 class Job(db.Model):
     __tablename__ = 'job'
 
@@ -111,6 +117,14 @@ class Job(db.Model):
                  postgresql_where=sa.text("state = 'failed'")),
         # An index, not a table constraint: SQLite adds it without copying the table.
         sa.Index('uq_job_idempotency_key', 'idempotency_key', unique=True),
+        # The oldest job waiting to run, per queue (alerts): since it was
+        # queued, or since it was due (a retry or scheduled job the broker
+        # holds ready; the ledger moves it on when it starts). Partial, so
+        # they hold only the jobs waiting.
+        sa.Index('ix_job_waiting', 'queue', 'updated_at',
+                 sqlite_where=sa.text(WAITING), postgresql_where=sa.text(WAITING)),
+        sa.Index('ix_job_due', 'queue', 'scheduled_for',
+                 sqlite_where=sa.text(DUE), postgresql_where=sa.text(DUE)),
     )
 
     @property
@@ -409,3 +423,55 @@ class JobMinute(db.Model):
     state: Mapped[str] = mapped_column(String(16), primary_key=True)
     shard: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     n: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class Alert(db.Model):
+    """One incident of an alert rule (:mod:`app.rules`) on one subject: fired, then resolved.
+
+    At most one row per rule and subject is ``firing`` (a unique partial
+    index), so a pass of a second leader cannot fire it again. ``value`` is
+    what crossed ``threshold`` (percent, messages, seconds, consumers);
+    ``message`` says so, ``resolution`` what was seen when it resolved.
+    Delivery to the webhook: ``delivery`` is ``pending`` while a message is
+    due (the firing one, then the resolving one), ``sent`` once both that
+    are due went out, ``off`` when no webhook was configured; ``notified``
+    is the last state delivered; a failed try counts in ``delivery_attempts``
+    and leaves its reason in ``delivery_error`` until the next try.
+    """
+    __tablename__ = 'alert'
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rule: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(32))
+    scope: Mapped[str] = mapped_column(String(8))  # queue, task
+    subject: Mapped[str] = mapped_column(String(100))  # the queue's or task's name
+    state: Mapped[str] = mapped_column(String(16))  # firing, resolved
+    fired_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[dt.datetime | None]
+    value: Mapped[float]
+    threshold: Mapped[float]
+    message: Mapped[str] = mapped_column(Text)
+    resolution: Mapped[str | None] = mapped_column(Text)
+    delivery: Mapped[str] = mapped_column(String(16))  # pending, sent, off
+    notified: Mapped[str | None] = mapped_column(String(16))
+    delivered_at: Mapped[dt.datetime | None]
+    delivery_attempts: Mapped[int] = mapped_column(default=0)
+    delivery_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        sa.Index('uq_alert_firing', 'rule', 'subject', unique=True,
+                 sqlite_where=sa.text("state = 'firing'"),
+                 postgresql_where=sa.text("state = 'firing'")),
+        sa.Index('ix_alert_state', 'state', 'id'),
+        sa.Index('ix_alert_delivery', 'delivery', 'id'),
+    )
+
+    def to_dict(self):
+        return {'id': self.id, 'rule': self.rule, 'kind': self.kind, 'scope': self.scope,
+                'subject': self.subject, 'state': self.state,
+                'fired_at': isoformat(self.fired_at), 'resolved_at': isoformat(self.resolved_at),
+                'value': self.value, 'threshold': self.threshold, 'message': self.message,
+                'resolution': self.resolution, 'delivery': self.delivery,
+                'notified': self.notified, 'delivered_at': isoformat(self.delivered_at),
+                'delivery_attempts': self.delivery_attempts,
+                'delivery_error': self.delivery_error}

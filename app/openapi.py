@@ -11,7 +11,7 @@ cannot leave one out.
 import re
 from dataclasses import dataclass, field
 
-from . import catalog, roles, states
+from . import catalog, roles, rules, states
 
 OPENAPI = '3.1.0'
 
@@ -137,6 +137,23 @@ def _schemas(config):
             'id': _INT, 'at': _TIME, 'user': _null(_STR), 'role': _null(_STR), 'via': _STR,
             'action': _STR, 'target': _null(_STR), 'count': _null(_INT),
             'address': _null(_STR), 'outcome': _STR})},
+            'next': _null({**_INT, 'description': 'the `before` of the next page'})}),
+        'Alerts': _object({
+            'alerts': {'type': 'array', 'items': _object({
+                'id': _INT, 'rule': _STR, 'kind': {'type': 'string', 'enum': list(rules.KINDS)},
+                'scope': {'type': 'string', 'enum': ['queue', 'task']}, 'subject': _STR,
+                'state': {'type': 'string', 'enum': ['firing', 'resolved']},
+                'fired_at': _TIME, 'resolved_at': _null(_TIME),
+                'value': {**_NUM, 'description': 'what crossed: percent, messages, seconds '
+                                                 'or consumers online'},
+                'threshold': _NUM, 'message': _STR, 'resolution': _null(_STR),
+                'delivery': {'type': 'string', 'enum': ['pending', 'sent', 'off'],
+                             'description': 'the webhook: a message due, all sent, or none '
+                                            'configured'},
+                'notified': _null({**_STR, 'description': 'the last state the webhook was told'}),
+                'delivered_at': _null(_TIME), 'delivery_attempts': _INT,
+                'delivery_error': _null({**_STR, 'description': 'why the last try failed'})})},
+            'firing': {**_INT, 'description': 'alerts firing now'},
             'next': _null({**_INT, 'description': 'the `before` of the next page'})}),
         'BulkResult': _object({'action': {'type': 'string', 'enum': ['retry', 'cancel', 'delete']},
                                'matched': _INT, 'done': _INT, 'skipped': counts,

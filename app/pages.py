@@ -6,6 +6,7 @@ from flask import (Blueprint, current_app, flash, redirect, render_template, req
 
 from . import auth, catalog, errors, fragments, jobs, periodic, queries, queues, states, text
 from .fragments import PAGES, Scope
+from .extensions import db
 from .live import socket_url
 from .models import utcnow
 
@@ -280,6 +281,35 @@ def resume_queue(name):
 def audit_page():
     """The audit log: who did what, from where, when (admins only)."""
     return _page('audit', 'audit.html', rows=fragments.AUDIT_ROWS)
+
+
+@bp.get('/alerts')
+def alerts_page():
+    """Alerts firing now, and every past one, newest first, paged."""
+    return _page('alerts', 'alerts.html')
+
+
+@bp.get('/alerts/banner')
+def alert_banner_fragment():
+    """The banner of firing alerts that every page carries."""
+    return fragments.ALERT_BANNER.render()
+
+
+@bp.app_template_global('alert_banner')
+def alert_banner():
+    """The alert banner for a page that is not live (Markup; empty for who may not see it).
+
+    Never raises: a page must not fail for its banner (the database away
+    on an error page, say); the failure is logged.
+    """
+    try:
+        if not auth.can('view'):
+            return ''
+        return fragments.ALERT_BANNER.render()
+    except Exception:
+        logger.exception('the alert banner could not be rendered')
+        db.session.rollback()
+        return ''
 
 
 @bp.get('/workers')

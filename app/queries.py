@@ -17,7 +17,7 @@ from werkzeug.exceptions import NotFound
 
 from . import catalog, states, text
 from .extensions import db
-from .models import Attempt, AttemptLog, Job, JobCount, JobMinute, Worker, utcnow
+from .models import DUE, WAITING, Attempt, AttemptLog, Job, JobCount, JobMinute, Worker, utcnow
 
 
 class BadQuery(ValueError):
@@ -399,6 +399,30 @@ def finished_per_queue(now=None):
                                     queues).items():
             recent.setdefault(queue, {})[seconds] = n
     return recent
+
+
+def oldest_waiting(queues, now=None):
+    """``{queue: seconds}``: how long the oldest job waiting to run in each of ``queues`` has waited.
+
+    Waiting means queued (since it was queued: its row's last change), or
+    scheduled or retrying and due (since it was due; the broker holds it
+    ready until a worker takes it). 0.0 for a queue where nothing waits.
+    Two probes of partial indexes per queue (``ix_job_waiting``,
+    ``ix_job_due``, which hold only such jobs), whatever the ledger's size;
+    their conditions are written as the indexes spell them, so both
+    databases match them to the query.
+    """
+    now = now or utcnow()
+    ages = {}
+    for queue in queues:
+        queued = (sa.select(Job.updated_at).where(Job.queue == queue, sa.text(WAITING))
+                  .order_by(Job.updated_at).limit(1).scalar_subquery())
+        due = (sa.select(Job.scheduled_for)
+               .where(Job.queue == queue, sa.text(DUE), Job.scheduled_for <= now)
+               .order_by(Job.scheduled_for).limit(1).scalar_subquery())
+        since = [t for t in db.session.execute(sa.select(queued, due)).one() if t is not None]
+        ages[queue] = max(0.0, (now - min(since)).total_seconds()) if since else 0.0
+    return ages
 
 
 def logs(job):

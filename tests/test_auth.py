@@ -27,6 +27,8 @@ ROUTES = {
     ('pages.queues_page', 'GET'): 'view', ('pages.periodic_page', 'GET'): 'view',
     ('pages.failures_page', 'GET'): 'view', ('pages.workers_page', 'GET'): 'view',
     ('pages.scheduled_list', 'GET'): 'view', ('pages.stats_fragment', 'GET'): 'view',
+    ('pages.alerts_page', 'GET'): 'view', ('pages.alert_banner_fragment', 'GET'): 'view',
+    ('api.list_alerts', 'GET'): 'view',
     ('live.live_socket', 'GET'): 'view',
     ('pages.create_job', 'POST'): 'submit', ('pages.retry_job', 'POST'): 'retry',
     ('pages.cancel_job', 'POST'): 'cancel', ('pages.run_now_job', 'POST'): 'run-now',

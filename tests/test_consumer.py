@@ -85,7 +85,7 @@ def test_the_services_run_once_per_process_and_stop_with_their_hooks_cleared(app
         assert consumer.process.recording.recorder is not None
         names = {t.name for t in consumer.process.services.threads}
         assert names == {'queue-manager-reaper', 'queue-manager-pauses',
-                         'queue-manager-lease', 'queue-manager-periodic'}
+                         'queue-manager-lease', 'queue-manager-periodic', 'queue-manager-alerts'}
         assert all(t.is_alive() for t in consumer.process.services.threads)
         threads = consumer.process.services.threads
     finally:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / 'templates'
 URLS = {'dashboard': '/', 'jobs': '/jobs', 'job': '/jobs/{id}', 'queues': '/queues',
         'workers': '/workers', 'failures': '/failures', 'scheduled': '/scheduled',
-        'periodic': '/periodic', 'audit': '/audit'}
+        'periodic': '/periodic', 'audit': '/audit', 'alerts': '/alerts'}
 ROOT_ID = re.compile(r'\s*<[a-z]+\b[^>]*?\sid="([^"]*)"')
 JINJA = re.compile(r'\{\{.*?\}\}|\{%.*?%\}', re.S)
 

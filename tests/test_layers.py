@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # one, never of a higher one; a package entry covers its submodules.
 LAYERS = (
     ('leaves', {'app.config', 'app.extensions', 'app.states', 'app.text', 'app.models',
-                'app.events', 'app.catalog', 'app.task_api', 'app.roles', 'app.masking'}),
+                'app.events', 'app.catalog', 'app.task_api', 'app.roles', 'app.masking',
+                'app.rules'}),
     ('adapters', {'app.message', 'app.storage', 'app.broker', 'app.ledger', 'app.leader',
                   'app.controls', 'app.websocket', 'app.sockets'}),
     ('services', {'app.jobs', 'app.queries', 'app.queues', 'app.periodic', 'app.reaper', 'app.reconcile',
-                  'app.inputs', 'app.openapi', 'app.accounts', 'app.audit'}),
+                  'app.inputs', 'app.openapi', 'app.accounts', 'app.audit', 'app.alerts'}),
     ('wiring', {'app', 'app.consumer', 'app.producer', 'app.embedded', 'app.fragments', 'app.live', 'app.auth', 'app.cli', 'app.admin',
                 'app.pages', 'app.api', 'app.health', 'app.errors', 'app.headers', 'app.templating',
                 'huey_tasks',

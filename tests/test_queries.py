@@ -56,3 +56,42 @@ def test_a_filter_value_over_the_limit_is_refused_the_same_by_pages_and_api(ctx,
     assert 'at most 1000 characters' in page.get_data(as_text=True)
     assert queries.get(job.id) is not None  # nothing deleted
     assert queries.check_filters({key: 'x' * queries.MAX_FILTER}) is None
+
+
+def test_oldest_waiting_counts_queued_jobs_and_due_retries_from_the_partial_indexes(ctx):
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from app.extensions import db
+    from app.models import Job, utcnow
+    now = utcnow()
+    assert queries.oldest_waiting(['default'], now) == {'default': 0.0}
+    queued = submit(ctx)
+    later = submit(ctx, 'noop')
+    row = db.session.get(Job, later.id)
+    row.state, row.scheduled_for = 'retrying', now + dt.timedelta(seconds=30)  # not due yet
+    db.session.commit()
+    at = queued.updated_at
+    assert queries.oldest_waiting(['default'], at + dt.timedelta(seconds=20)) == {'default': 20.0}
+    # Due 30 s from now, so by then the queued job is still the older one;
+    # once it starts, the retry waiting since it was due is the oldest.
+    db.session.get(Job, queued.id).state = 'running'
+    db.session.commit()
+    assert queries.oldest_waiting(['default'], now + dt.timedelta(seconds=45)) == {'default': 15.0}
+    assert queries.oldest_waiting(['default'], now + dt.timedelta(seconds=10)) == {'default': 0.0}
+    if db.engine.dialect.name == 'sqlite':
+        # The statement the query runs is answered from the two partial indexes.
+        seen = []
+
+        def note(conn, cursor, statement, params, context, many):
+            seen.append((statement, params))
+        sa.event.listen(db.engine, 'before_cursor_execute', note)
+        try:
+            queries.oldest_waiting(['default'], now)
+        finally:
+            sa.event.remove(db.engine, 'before_cursor_execute', note)
+        [(statement, params)] = seen
+        plan = ' '.join(r[-1] for r in db.session.connection().exec_driver_sql(
+            'EXPLAIN QUERY PLAN ' + statement, params))
+        assert 'ix_job_waiting' in plan and 'ix_job_due' in plan, plan
