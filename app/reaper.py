@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from . import broker, catalog, events, jobs, message, states
 from .extensions import db
 from .leader import leadership
-from .ledger import tallies
+from .ledger import history, tallies
 from .models import Attempt, Job, Worker, utcnow
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
     if job.attempts > number:
         if attempt is not None:  # a later attempt runs; this one's end was never heard
             _mark_lost(attempt, reason, now)
+            _count_lost(job, attempt, now, finished=False)
             db.session.commit()
             return True
         return False
@@ -177,6 +178,7 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
     if not (starting or (job.state == states.RUNNING and job.attempts == number)):
         if attempt is not None:
             _mark_lost(attempt, reason, now)
+            _count_lost(job, attempt, now, finished=False)
             db.session.commit()
             return True
         return False  # canceled or finished meanwhile: nothing ran that we know of
@@ -204,6 +206,7 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
         db.session.rollback()
         return None
     db.session.flush()
+    _count_lost(job, attempt, now, finished=why_not is not None)
     db.session.refresh(job)
     try:
         if why_not is None:
@@ -219,6 +222,14 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
     logger.warning('reaper: job %s attempt %d lost (%s); %s', job.id, number, reason,
                    'running it again' if why_not is None else f'failed: {why_not}')
     return True
+
+
+def _count_lost(job, attempt, now, finished):
+    """Add a lost attempt of ``job`` to the metric history (``attempt`` None: it never
+    started as far as the ledger knows, so its run time is unknown)."""
+    duration = attempt.duration if attempt is not None else None
+    history.add(db.session.connection(), [history.Ended(
+        job.queue, job.task, states.ATTEMPT_LOST, now, finished, duration)])
 
 
 def _mark_lost(attempt, reason, now):
