@@ -41,7 +41,9 @@ COMPACT_EVERY = 300  # seconds between foldings of the counters' session rows (P
 
 
 def reap(config, reconciler=None):
-    """One pass: recover lost jobs, reconcile, forget long-gone consumers.
+    """One pass: recover lost jobs, reconcile, forget long-gone consumers, sample the
+    queues' depth; about every COMPACT_EVERY seconds, fold counters and prune the metric
+    history. Notes in the broker that the reaper ran (``reaper``).
 
     Returns the ids of the jobs whose ledger row changed. Raises
     :class:`~app.broker.BrokerUnavailable` when the broker does not answer
@@ -57,15 +59,31 @@ def reap(config, reconciler=None):
             break
     db.session.execute(sa.delete(Worker).where(
         Worker.last_seen < now - dt.timedelta(seconds=config['WORKER_RETENTION'])))
+    sample_depth(config, now)
     if time.time() % COMPACT_EVERY < config['REAP_INTERVAL']:
-        # About once per COMPACT_EVERY seconds: fold ended sessions' counter rows.
+        # About once per COMPACT_EVERY seconds: fold ended sessions' counter
+        # rows, and forget the metric history past its retention.
         tallies.compact(db.session.connection())
+        history.fold(db.session.connection())
+        history.prune(db.session.connection(),
+                      now - dt.timedelta(seconds=config['METRICS_RETENTION']))
     db.session.commit()
+    broker.mark_seen('reaper')
     if handled:
         logger.warning('reaper: recovered %d lost jobs', len(handled))
     if reconciler is not None:
         handled += reconciler.run(config)  # it says what it restored itself
     return handled
+
+
+def sample_depth(config, now):
+    """Note each queue's depth in the broker for the minute of ``now`` (the first sample of
+    a minute is kept, so the leader's passes sample each queue once a minute).
+
+    In the caller's transaction; raises :class:`~app.broker.BrokerUnavailable`.
+    """
+    depths = {queue: broker.depth(queue) for queue in config['QUEUES']}
+    return history.sample_depth(db.session.connection(), now, depths)
 
 
 def _fresh(worker, now, lost_after):

@@ -27,7 +27,7 @@ ROUTES = {
     ('pages.queues_page', 'GET'): 'view', ('pages.periodic_page', 'GET'): 'view',
     ('pages.failures_page', 'GET'): 'view', ('pages.workers_page', 'GET'): 'view',
     ('pages.scheduled_list', 'GET'): 'view', ('pages.stats_fragment', 'GET'): 'view',
-    ('live.live_socket', 'GET'): 'view',
+    ('live.live_socket', 'GET'): 'view', ('health.prometheus_metrics', 'GET'): 'view',
     ('pages.create_job', 'POST'): 'submit', ('pages.retry_job', 'POST'): 'retry',
     ('pages.cancel_job', 'POST'): 'cancel', ('pages.run_now_job', 'POST'): 'run-now',
     ('pages.delete_job', 'POST'): 'delete', ('pages.bulk_jobs', 'POST'): 'retry',

@@ -47,12 +47,15 @@ def _timings():
             sa.Column('seconds', sa.Float(), nullable=False)]
 
 
+def _minute():
+    return sa.Column('minute', sa.DateTime(), nullable=False)
+
+
 def upgrade():
-    minute = sa.Column('minute', sa.DateTime(), nullable=False)
-    op.create_table('metric_minute', *_key(minute), *_counts(),
+    op.create_table('metric_minute', *_key(_minute()), *_counts(),
                     sa.PrimaryKeyConstraint('minute', 'queue', 'task', 'outcome', 'shard',
                                             name=op.f('pk_metric_minute')))
-    op.create_table('timing_minute', *_key(minute.copy()), *_timings(),
+    op.create_table('timing_minute', *_key(_minute()), *_timings(),
                     sa.PrimaryKeyConstraint('minute', 'queue', 'task', 'timing', 'bucket',
                                             'shard', name=op.f('pk_timing_minute')))
     op.create_table('metric_total', *_key(), *_counts(),
@@ -61,7 +64,7 @@ def upgrade():
     op.create_table('timing_total', *_key(), *_timings(),
                     sa.PrimaryKeyConstraint('queue', 'task', 'timing', 'bucket', 'shard',
                                             name=op.f('pk_timing_total')))
-    op.create_table('depth_minute', minute.copy(),
+    op.create_table('depth_minute', _minute(),
                     sa.Column('queue', sa.String(length=32), nullable=False),
                     sa.Column('ready', sa.BigInteger(), nullable=False),
                     sa.Column('scheduled', sa.BigInteger(), nullable=False),
