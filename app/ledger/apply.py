@@ -50,7 +50,7 @@ def apply(conn, ops):
     changed = {}
     attempts, ended, start_rows, ran_rows, finish_rows = [], [], [], [], []
     # What the metric history learns from this batch (see .history).
-    waited = _waits(conn, starts.values())
+    waited = _waits(conn, starts.values(), finishes, scheduled)
     done = []
     for key, s in starts.items():
         job_id, n, worker, at = s.job_id, s.number, s.worker, s.at
@@ -155,29 +155,45 @@ def _with_queues(conn, done):
             for job_id, e in done if e.queue is not None or job_id in queues]
 
 
-def _waits(conn, start_ops):
+def _waits(conn, start_ops, finishes, scheduled):
     """:class:`.history.Waited` records of the attempts ``start_ops`` start.
 
-    Read from the job rows before this batch changes them: when each job
-    became due (see :func:`.history.due_seconds`). A start the ledger will
-    not record (an older attempt than the row's) or of a job it has no row
-    for is left out.
+    The first attempt of a job the batch starts waited since its job became
+    due, read from the job's row before this batch changes it (see
+    :func:`.history.due_seconds`); a later one in the same batch (a quick
+    retry) since its retry time (``scheduled``: the batch's
+    :class:`Scheduled` records by job) or else the end of the attempt
+    before it (``finishes``: the batch's :class:`Finish` records by
+    ``(job, number)``). A start the ledger will not record (older than the
+    row's attempt) or of a job it has no row for is left out.
     """
-    starts = {s.job_id: s for s in start_ops}
-    if not starts:
+    by_job = {}
+    for s in start_ops:
+        by_job.setdefault(s.job_id, []).append(s)
+    if not by_job:
         return []
     waited = []
-    ids = sorted(starts)
+    ids = sorted(by_job)
     for i in range(0, len(ids), 1000):
         rows = conn.execute(sa.select(Job.id, Job.attempts, Job.scheduled_for, Job.updated_at)
                             .where(Job.id.in_(ids[i:i + 1000]))).all()
         for job_id, attempts, scheduled_for, updated_at in rows:
-            s = starts[job_id]
-            if attempts >= s.number:
-                continue
-            seconds = history.due_seconds(s.at, scheduled_for, updated_at)
-            if seconds is not None:
-                waited.append(history.Waited(s.queue, message.task_name(s.task), s.at, seconds))
+            first = True
+            for s in sorted(by_job[job_id], key=lambda s: s.number):
+                if attempts >= s.number:
+                    continue
+                if first:
+                    seconds = history.due_seconds(s.at, scheduled_for, updated_at)
+                    first = False
+                else:
+                    eta = scheduled[job_id].eta if job_id in scheduled else None
+                    before = finishes.get((job_id, s.number - 1))
+                    seconds = history.due_seconds(
+                        s.at, eta if eta is not None and eta <= s.at else None,
+                        before.at if before is not None else None)
+                if seconds is not None:
+                    waited.append(history.Waited(s.queue, message.task_name(s.task), s.at,
+                                                 seconds))
     return waited
 
 
