@@ -530,7 +530,7 @@ def _refuse(status, reason, upgrade):
                 and not request.headers.get('HX-Request')):
             return redirect(url_for('auth.login', next=request.full_path.rstrip('?'),
                                     expired=1 if 'expired' in reason else None))
-        if request.path.startswith('/api/'):
+        if request.path.startswith('/api/') or request.path == '/metrics':
             resp = jsonify({'error': f'authentication required: {reason}; log in, or send '
                                      f'Authorization: Bearer <token>'})
             resp.status_code = 401

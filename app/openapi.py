@@ -288,7 +288,8 @@ def _operation(rule, method, view, declared, config):
         name, description = entry if isinstance(entry, tuple) else (entry, _ERRORS.get(status, ''))
         response = {'description': description or name}
         if name == TEXT:
-            response['content'] = {'text/plain': {'schema': _STR}}
+            # The Prometheus text format names its version in the media type.
+            response['content'] = {'text/plain; version=0.0.4': {'schema': _STR}}
         elif name is not None:
             response['content'] = {'application/json': {'schema': _ref(name)}}
         if status in declared.headers:

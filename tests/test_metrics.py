@@ -171,7 +171,9 @@ def test_access_is_a_viewers_or_the_scrape_tokens(tmp_path):
         viewer = accounts.create_token('vera', 'tests')[1]
     client = app.test_client()
     bearer = lambda token: {'Authorization': f'Bearer {token}'}  # noqa: E731
-    assert client.get('/metrics').status_code == 401
+    refused = client.get('/metrics')
+    assert refused.status_code == 401 and refused.headers['WWW-Authenticate'].startswith('Bearer')
+    assert 'authentication required' in refused.get_json()['error']
     assert client.get('/metrics', headers=bearer(viewer)).status_code == 200
     scraped = client.get('/metrics', headers=bearer('scrape-secret-1234'))
     assert scraped.status_code == 200 and b'queue_manager_jobs{' in scraped.data
