@@ -24,6 +24,7 @@ redirect to the login page), 403 with the reason, and for a WebSocket a
 close with 1008 and the reason, which the page shows.
 """
 import datetime as dt
+import hmac
 import ipaddress
 import logging
 import time
@@ -108,6 +109,23 @@ def public(view):
     """Declare a view open to anyone (the login page, /healthz, static files)."""
     view.qm_public = True
     return view
+
+
+def scrape_token(key):
+    """Declare that the view also admits the token set in configuration ``key``.
+
+    ``Authorization: Bearer <token>`` with that token (compared in constant
+    time) acts as a viewer on this view only: what a scraper such as
+    Prometheus sends (its ``authorization`` setting). Unset, only the usual
+    credentials are admitted.
+    """
+    def mark(view):
+        view.qm_scrape_token = key
+        return view
+    return mark
+
+
+SCRAPER = Principal('scraper', 'viewer', 'scrape-token')
 
 
 def principal():
@@ -442,6 +460,8 @@ def _who():
         scheme, _, token = header.partition(' ')
         if scheme.lower() != 'bearer':
             return None, 'send Authorization: Bearer <token>'
+        if _scrape_token_fits(token.strip()):
+            return SCRAPER, None
         known = accounts.token_cache().identity(token.strip())
         if known is None:
             return None, 'unknown or revoked token'
@@ -458,6 +478,14 @@ def _who():
     if now - seen >= 30:  # the cookie is rewritten twice a minute at most
         session['seen'] = now
     return Principal(current_user.name, current_user.role, 'session'), None
+
+
+def _scrape_token_fits(token):
+    """Whether ``token`` is the scrape token the requested view admits (:func:`scrape_token`)."""
+    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    key = getattr(view, 'qm_scrape_token', None)
+    expected = current_app.config.get(key) if key else None
+    return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
 
 
 def _cross_site(upgrade):
@@ -502,7 +530,7 @@ def _refuse(status, reason, upgrade):
                 and not request.headers.get('HX-Request')):
             return redirect(url_for('auth.login', next=request.full_path.rstrip('?'),
                                     expired=1 if 'expired' in reason else None))
-        if request.path.startswith('/api/'):
+        if request.path.startswith('/api/') or request.path == '/metrics':
             resp = jsonify({'error': f'authentication required: {reason}; log in, or send '
                                      f'Authorization: Bearer <token>'})
             resp.status_code = 401

@@ -77,7 +77,16 @@ class TrackedScheduler(Scheduler):
     thread's memory.
     """
 
+    # Seconds between the scheduler's notes that it is alive (see :func:`mark_seen`).
+    SEEN_EVERY = 5.0
+
     def loop(self, now=None):
+        if time.monotonic() >= getattr(self, '_seen_due', 0.0):
+            self._seen_due = time.monotonic() + self.SEEN_EVERY
+            try:
+                self.huey.storage.mark_seen('scheduler', time.time())
+            except BROKER_ERRORS as exc:
+                self._logger.warning('scheduler: liveness not noted: %s', exc)
         current = self._next_loop
         self._next_loop += self.interval
         if self._next_loop < time.monotonic():
@@ -783,6 +792,26 @@ def stale_messages(queue, is_stale):
         if page:
             removed += len(huey.storage.remove_waiting(is_stale(page)))
     return removed
+
+
+def mark_seen(component):
+    """Note in the broker that ``component`` (``'scheduler'``, ``'reaper'``) did its work now.
+
+    A record every process can read (:func:`components_seen`): how
+    ``/metrics`` tells whether the component is alive. Raises
+    :class:`BrokerUnavailable`.
+    """
+    with _reaching():
+        hueys['default'].storage.mark_seen(component, time.time())
+
+
+def components_seen():
+    """``{component: Unix seconds}``: when each component last noted it did its work.
+
+    Raises :class:`BrokerUnavailable`.
+    """
+    with _reaching():
+        return hueys['default'].storage.seen()
 
 
 def ping():

@@ -117,6 +117,12 @@ DEFAULTS = {
     # Seconds a webhook delivery may take; one that fails is retried on the
     # next evaluation.
     'ALERT_WEBHOOK_TIMEOUT': 5.0,
+    # Seconds of per-minute metric history kept (30 days); the leader deletes
+    # older rollups. The totals /metrics exposes are kept for ever.
+    'METRICS_RETENTION': 30 * 86400.0,
+    # A token a scraper (Prometheus) may send as "Authorization: Bearer <token>"
+    # to read /metrics, and nothing else. Unset: /metrics asks for a viewer.
+    'METRICS_TOKEN': None,
 }
 
 _INT = {'PERIODIC', 'PORT', 'PROXY_FIX', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE_SOCKETS', 'EMBEDDED_WORKERS', 'MAX_CONTENT_LENGTH',
@@ -125,7 +131,8 @@ _INT = {'PERIODIC', 'PORT', 'PROXY_FIX', 'WEB_CONCURRENCY', 'WEB_THREADS', 'LIVE
 _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',
           'RECONCILE_INTERVAL', 'RECONCILE_GRACE', 'PERIODIC_CATCH_UP', 'WORKER_RETENTION', 'GRACE_PERIOD',
-          'SESSION_IDLE_TIMEOUT', 'ALERT_INTERVAL', 'ALERT_WEBHOOK_TIMEOUT'}
+          'SESSION_IDLE_TIMEOUT', 'ALERT_INTERVAL', 'ALERT_WEBHOOK_TIMEOUT',
+          'METRICS_RETENTION'}
 
 
 class ConfigError(ValueError):
@@ -189,6 +196,8 @@ def load(test_config=None, environ=None):
     if config['PREFERRED_URL_SCHEME'] not in ('http', 'https'):
         raise ConfigError(f"PREFERRED_URL_SCHEME={config['PREFERRED_URL_SCHEME']!r}: http or https")
     config['EMBEDDED'] = not config['REDIS_URL']
+    if config['METRICS_RETENTION'] <= 0:
+        raise ConfigError(f"METRICS_RETENTION={config['METRICS_RETENTION']!r}: seconds, more than 0")
     if config['AUTH'] not in ('auto', 'login'):
         raise ConfigError(f"AUTH={config['AUTH']!r}: use auto or login")
     try:

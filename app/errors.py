@@ -12,11 +12,11 @@ logger = logging.getLogger(__name__)
 
 
 def _wants_json():
-    return request.path.startswith('/api/') or request.path == '/healthz'
+    return request.path.startswith('/api/') or request.path in ('/healthz', '/metrics')
 
 
 def respond(status, message, **extra):
-    """An error answer: JSON under /api/ and /healthz, else a page (a fragment for htmx).
+    """An error answer: JSON under /api/, /healthz and /metrics, else a page (a fragment for htmx).
 
     ``extra`` goes into the JSON object; ``fields`` ({field: message}) is
     listed on the page too.

@@ -1,13 +1,15 @@
-"""``GET /healthz``: whether this web process can reach the broker and the database.
+"""``GET /healthz`` and ``GET /metrics``: for load balancers, orchestrators and monitoring.
 
-For load balancers and orchestrators (a 503 takes the process out of
-rotation); documented in the API contract like the rest of the API.
+``/healthz`` says whether this web process can reach the broker and the
+database (a 503 takes the process out of rotation); ``/metrics`` is the
+Prometheus exposition (:mod:`app.metrics`). Both are documented in the API
+contract like the rest of the API.
 """
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app
 
-from . import auth, broker, reconcile
+from . import auth, broker, metrics, reconcile
 from .extensions import db
-from .openapi import declare
+from .openapi import TEXT, declare
 
 bp = Blueprint('health', __name__)
 
@@ -37,3 +39,14 @@ def healthz():
         if loss:
             checks['broker_loss'] = loss
     return {'status': 'ok' if ok else 'unavailable', **checks}, 200 if ok else 503
+
+
+@bp.get('/metrics')
+@auth.action('view')
+@auth.scrape_token('METRICS_TOKEN')
+@declare(responses={200: (TEXT, 'Metrics in the Prometheus text format (version 0.0.4)')})
+def prometheus_metrics():
+    """Metrics in the Prometheus text format."""
+    body = metrics.exposition(current_app.config)
+    return Response(body, content_type=metrics.CONTENT_TYPE,
+                    headers={'Cache-Control': 'no-store'})

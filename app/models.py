@@ -475,3 +475,106 @@ class Alert(db.Model):
                 'notified': self.notified, 'delivered_at': isoformat(self.delivered_at),
                 'delivery_attempts': self.delivery_attempts,
                 'delivery_error': self.delivery_error}
+
+
+# Upper bounds (seconds) of the run-time and wait-time buckets the metric
+# history counts in: bucket ``i`` holds times ``<= TIMING_BUCKETS[i]`` (and
+# above the bound before), bucket ``len(TIMING_BUCKETS)`` the longer ones.
+# Fixed by migration 0009: stored rows name buckets by index.
+TIMING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                  60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+# The kinds of time measured: an attempt's duration, and the time from the
+# moment its job became due (enqueued, or its scheduled or retry time) to the
+# attempt's start.
+RUN, WAIT = 'run', 'wait'
+
+
+class MetricMinute(db.Model):
+    """Attempts that ended in each minute, per queue, task and attempt outcome.
+
+    Written by the ledger's writer with each batch (one upsert per key per
+    batch; :mod:`app.ledger.history`), and by the reaper for lost attempts.
+    ``attempts`` counts the attempts that ended with ``outcome``;
+    ``finished`` those of them that ended their job (no retry follows).
+    Unlike :class:`JobMinute` it records what happened, whatever becomes of
+    the jobs later (a purge or a retry changes nothing here). ``shard`` is
+    0 on SQLite; on PostgreSQL each database session writes rows of its own
+    (its backend pid), so writers never wait on one another's rows; a value
+    is the sum over shards. Kept ``METRICS_RETENTION`` seconds.
+    """
+    __tablename__ = 'metric_minute'
+
+    minute: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    attempts: Mapped[int] = mapped_column(sa.BigInteger)
+    finished: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class TimingMinute(db.Model):
+    """Run times and wait times per minute, queue and task, counted in fixed buckets.
+
+    ``timing`` is :data:`RUN` (an attempt's duration, in the minute it
+    ended) or :data:`WAIT` (from the moment the job became due to the
+    attempt's start, in the minute it started); ``bucket`` indexes
+    :data:`TIMING_BUCKETS`; ``n`` is how many times fell in it and
+    ``seconds`` their sum. Percentiles over any window, and the histograms
+    of ``/metrics``, are read from these. Written like :class:`MetricMinute`.
+    """
+    __tablename__ = 'timing_minute'
+
+    minute: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    timing: Mapped[str] = mapped_column(String(8), primary_key=True)
+    bucket: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True, autoincrement=False)
+    shard: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    n: Mapped[int] = mapped_column(sa.BigInteger)
+    seconds: Mapped[float] = mapped_column(sa.Float)
+
+
+class MetricTotal(db.Model):
+    """:class:`MetricMinute` summed over all time: counters that never go down.
+
+    Written in the same statements' transaction as the minute rows, never
+    pruned, untouched by purges: what ``queue_manager_jobs_finished_total``
+    reads. The leader folds ended PostgreSQL sessions' rows into shard 0.
+    """
+    __tablename__ = 'metric_total'
+
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    attempts: Mapped[int] = mapped_column(sa.BigInteger)
+    finished: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class TimingTotal(db.Model):
+    """:class:`TimingMinute` summed over all time (the histograms of ``/metrics``)."""
+    __tablename__ = 'timing_total'
+
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    timing: Mapped[str] = mapped_column(String(8), primary_key=True)
+    bucket: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True, autoincrement=False)
+    shard: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    n: Mapped[int] = mapped_column(sa.BigInteger)
+    seconds: Mapped[float] = mapped_column(sa.Float)
+
+
+class DepthMinute(db.Model):
+    """The broker's depth of each queue, sampled by the leader once a minute.
+
+    ``ready``: messages due now, waiting for a worker (the queue's depth);
+    ``scheduled``: messages due later (delays, retries). The first sample
+    of a minute is kept. Kept ``METRICS_RETENTION`` seconds.
+    """
+    __tablename__ = 'depth_minute'
+
+    minute: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    ready: Mapped[int] = mapped_column(sa.BigInteger)
+    scheduled: Mapped[int] = mapped_column(sa.BigInteger)

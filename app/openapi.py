@@ -242,11 +242,15 @@ class Operation:
     headers: dict = field(default_factory=dict)    # status -> {header: description}
 
 
+# A response's schema name for a plain-text body (``/metrics``).
+TEXT = 'text/plain'
+
+
 def declare(query=(), body=None, responses=None, headers=None):
     """Attach a declaration to an API view (the decorator goes under the route's).
 
     ``responses`` maps each success status to ``(schema name, description)``
-    (schema None: no body); :func:`document` adds the errors every route
+    (schema None: no body; :data:`TEXT`: plain text); :func:`document` adds the errors every route
     can answer with (400; 404 with path parameters; 413 with a body) to
     those listed.
     """
@@ -300,7 +304,10 @@ def _operation(rule, method, view, declared, config):
         entry = responses[status]
         name, description = entry if isinstance(entry, tuple) else (entry, _ERRORS.get(status, ''))
         response = {'description': description or name}
-        if name is not None:
+        if name == TEXT:
+            # The Prometheus text format names its version in the media type.
+            response['content'] = {'text/plain; version=0.0.4': {'schema': _STR}}
+        elif name is not None:
             response['content'] = {'application/json': {'schema': _ref(name)}}
         if status in declared.headers:
             response['headers'] = {h: {'description': d, 'required': True, 'schema': _STR}

@@ -6,6 +6,7 @@ writes.
 """
 import base64
 import binascii
+import calendar
 import datetime as dt
 import json
 import string
@@ -17,7 +18,9 @@ from werkzeug.exceptions import NotFound
 
 from . import catalog, states, text
 from .extensions import db
-from .models import DUE, WAITING, Attempt, AttemptLog, Job, JobCount, JobMinute, Worker, utcnow
+from .models import (DUE, RUN, TIMING_BUCKETS, WAIT, WAITING, Attempt, AttemptLog, DepthMinute, Job,
+                     JobCount, JobMinute, MetricMinute, MetricTotal, TimingMinute, TimingTotal,
+                     Worker, utcnow)
 
 
 class BadQuery(ValueError):
@@ -516,3 +519,157 @@ def workers(lost_after):
 def task_names():
     """Every declared task type's name, sorted."""
     return sorted(catalog.TASKS)
+
+
+# -- metrics ------------------------------------------------------------------
+
+def job_outcome(outcome):
+    """The job's outcome (succeeded, failed, canceled) when an attempt that ended with
+    ``outcome`` ended its job: a timeout, a loss or an interruption fails it."""
+    return outcome if outcome in (states.SUCCEEDED, states.CANCELED) else states.FAILED
+
+
+def finished_totals():
+    """Jobs ended by an attempt, over all time: ``{(queue, task, outcome): n}``.
+
+    ``outcome`` is the job's (:func:`job_outcome`). Read from the totals the
+    ledger's writer keeps (:class:`app.models.MetricTotal`): they never go
+    down, whatever is purged or pruned. A job canceled while it waited
+    ended by no attempt and is not counted here.
+    """
+    totals = {}
+    for queue, task, outcome, n in db.session.execute(
+            sa.select(MetricTotal.queue, MetricTotal.task, MetricTotal.outcome,
+                      sa.func.sum(MetricTotal.finished))
+            .group_by(MetricTotal.queue, MetricTotal.task, MetricTotal.outcome)):
+        if n:
+            key = (queue, task, job_outcome(outcome))
+            totals[key] = totals.get(key, 0) + int(n)
+    return totals
+
+
+def timing_totals(timing):
+    """Run times (``timing='run'``) or wait times (``'wait'``) over all time, per queue and task.
+
+    ``{(queue, task): (counts, seconds)}``: ``counts[i]`` times fell in bucket
+    ``i`` of :data:`~app.models.TIMING_BUCKETS` (the last one: longer than
+    every bound), ``seconds`` their sum. Never goes down (see
+    :func:`finished_totals`).
+    """
+    found = {}
+    for queue, task, bucket, n, seconds in db.session.execute(
+            sa.select(TimingTotal.queue, TimingTotal.task, TimingTotal.bucket,
+                      sa.func.sum(TimingTotal.n), sa.func.sum(TimingTotal.seconds))
+            .where(TimingTotal.timing == timing)
+            .group_by(TimingTotal.queue, TimingTotal.task, TimingTotal.bucket)):
+        counts, total = found.get((queue, task), ([0] * (len(TIMING_BUCKETS) + 1), 0.0))
+        counts[min(bucket, len(TIMING_BUCKETS))] += int(n or 0)
+        found[(queue, task)] = (counts, total + float(seconds or 0.0))
+    return found
+
+
+# Chart windows: their length and the step of their points (seconds).
+SERIES_WINDOWS = {'1h': (3600, 60), '24h': (86400, 900), '7d': (7 * 86400, 3600)}
+MAX_POINTS = 7 * 1440  # a week, minute by minute
+
+
+def quantile(q, counts):
+    """The ``q`` quantile (0..1) of times counted in ``counts`` (per bucket of
+    :data:`~app.models.TIMING_BUCKETS`), in seconds; None when nothing was counted.
+
+    Interpolated within the bucket it falls in, as Prometheus's
+    ``histogram_quantile`` does; in the bucket beyond the last bound, that bound.
+    """
+    total = sum(counts)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if i >= len(TIMING_BUCKETS):
+                return TIMING_BUCKETS[-1]
+            low = TIMING_BUCKETS[i - 1] if i else 0.0
+            return low + (TIMING_BUCKETS[i] - low) * (rank - seen) / n
+        seen += n
+    return TIMING_BUCKETS[-1]
+
+
+def _slot(column, since, step):
+    """SQL: the index of the ``step``-second slot from ``since`` that ``column`` (a minute) is in."""
+    start = calendar.timegm(since.timetuple())
+    if db.session.get_bind().dialect.name == 'postgresql':
+        return sa.cast(sa.func.floor((sa.extract('epoch', column) - start) / step), sa.Integer)
+    return (sa.cast(sa.func.strftime('%s', column), sa.Integer) - start) // step
+
+
+def metric_series(since, until, step=60, queue=None, task=None):
+    """The metric history from ``since`` to ``until`` (naive UTC), in points ``step`` s apart.
+
+    ``step`` is a whole number of minutes (seconds: 60, 900, 3600...);
+    ``since`` is cut to its minute. Returns a list, oldest first, with one
+    dict per point: ``at`` (the point's start, naive UTC), ``finished``
+    (jobs ended by an attempt, ``{succeeded, failed, canceled: n}``),
+    ``attempts`` (attempts ended, ``{attempt outcome: n}``), ``run_p50``,
+    ``run_p95``, ``wait_p50``, ``wait_p95`` (seconds, None without
+    attempts), ``run_count``, ``wait_count`` and ``depth`` (the largest
+    ready depth sampled in the point, None without a sample; only with no
+    ``task``, and summed over queues without ``queue``). ``queue`` and
+    ``task`` narrow it. Reads the per-minute rollups (grouped by the
+    database, a row per point and key), so a week costs about what an hour
+    does. Raises :class:`BadQuery` for a bad window or step.
+    """
+    if not isinstance(step, int) or step < 60 or step % 60:
+        raise BadQuery('step must be a whole number of minutes, in seconds (60, 900, 3600...)')
+    since = _whole_minute(since)
+    if until <= since:
+        raise BadQuery('until must come after since')
+    points = -(-int((until - since).total_seconds()) // step)
+    if points > MAX_POINTS:
+        raise BadQuery(f'at most {MAX_POINTS} points: choose a longer step')
+    series = [{'at': since + dt.timedelta(seconds=i * step),
+               'finished': dict.fromkeys(sorted(states.FINISHED), 0), 'attempts': {},
+               'depth': None, '_run': [0] * (len(TIMING_BUCKETS) + 1),
+               '_wait': [0] * (len(TIMING_BUCKETS) + 1)} for i in range(points)]
+
+    def narrowed(model):
+        return [model.minute >= since, model.minute < until,
+                *([model.queue == queue] if queue else []),
+                *([model.task == task] if task and hasattr(model, 'task') else [])]
+
+    slot = _slot(MetricMinute.minute, since, step).label('slot')
+    for i, outcome, attempts, finished_ in db.session.execute(
+            sa.select(slot, MetricMinute.outcome, sa.func.sum(MetricMinute.attempts),
+                      sa.func.sum(MetricMinute.finished))
+            .where(*narrowed(MetricMinute)).group_by(slot, MetricMinute.outcome)):
+        i = int(i)
+        if 0 <= i < points:
+            point = series[i]
+            point['attempts'][outcome] = point['attempts'].get(outcome, 0) + int(attempts)
+            point['finished'][job_outcome(outcome)] += int(finished_)
+    slot = _slot(TimingMinute.minute, since, step).label('slot')
+    for i, timing, bucket, n in db.session.execute(
+            sa.select(slot, TimingMinute.timing, TimingMinute.bucket, sa.func.sum(TimingMinute.n))
+            .where(*narrowed(TimingMinute))
+            .group_by(slot, TimingMinute.timing, TimingMinute.bucket)):
+        i = int(i)
+        if 0 <= i < points and timing in (RUN, WAIT):
+            series[i]['_' + timing][min(bucket, len(TIMING_BUCKETS))] += int(n)
+    if not task:
+        slot = _slot(DepthMinute.minute, since, step).label('slot')
+        per_minute = (sa.select(DepthMinute.minute, slot, sa.func.sum(DepthMinute.ready)
+                                .label('ready'))
+                      .where(*narrowed(DepthMinute))
+                      .group_by(DepthMinute.minute, slot).subquery())
+        for i, depth in db.session.execute(
+                sa.select(per_minute.c.slot, sa.func.max(per_minute.c.ready))
+                .group_by(per_minute.c.slot)):
+            i = int(i)
+            if 0 <= i < points:
+                series[i]['depth'] = int(depth)
+    for point in series:
+        for timing in (RUN, WAIT):
+            counts = point.pop('_' + timing)
+            point[f'{timing}_count'] = sum(counts)
+            point[f'{timing}_p50'] = quantile(0.5, counts)
+            point[f'{timing}_p95'] = quantile(0.95, counts)
+    return series

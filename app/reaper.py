@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from . import broker, catalog, events, jobs, message, states
 from .extensions import db
 from .leader import leadership
-from .ledger import tallies
+from .ledger import history, tallies
 from .models import Attempt, Job, Worker, utcnow
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,9 @@ COMPACT_EVERY = 300  # seconds between foldings of the counters' session rows (P
 
 
 def reap(config, reconciler=None):
-    """One pass: recover lost jobs, reconcile, forget long-gone consumers.
+    """One pass: recover lost jobs, reconcile, forget long-gone consumers, sample the
+    queues' depth; about every COMPACT_EVERY seconds, fold counters and prune the metric
+    history. Notes in the broker that the reaper ran (``reaper``).
 
     Returns the ids of the jobs whose ledger row changed. Raises
     :class:`~app.broker.BrokerUnavailable` when the broker does not answer
@@ -57,15 +59,31 @@ def reap(config, reconciler=None):
             break
     db.session.execute(sa.delete(Worker).where(
         Worker.last_seen < now - dt.timedelta(seconds=config['WORKER_RETENTION'])))
+    sample_depth(config, now)
     if time.time() % COMPACT_EVERY < config['REAP_INTERVAL']:
-        # About once per COMPACT_EVERY seconds: fold ended sessions' counter rows.
+        # About once per COMPACT_EVERY seconds: fold ended sessions' counter
+        # rows, and forget the metric history past its retention.
         tallies.compact(db.session.connection())
+        history.fold(db.session.connection())
+        history.prune(db.session.connection(),
+                      now - dt.timedelta(seconds=config['METRICS_RETENTION']))
     db.session.commit()
+    broker.mark_seen('reaper')
     if handled:
         logger.warning('reaper: recovered %d lost jobs', len(handled))
     if reconciler is not None:
         handled += reconciler.run(config)  # it says what it restored itself
     return handled
+
+
+def sample_depth(config, now):
+    """Note each queue's depth in the broker for the minute of ``now`` (the first sample of
+    a minute is kept, so the leader's passes sample each queue once a minute).
+
+    In the caller's transaction; raises :class:`~app.broker.BrokerUnavailable`.
+    """
+    depths = {queue: broker.depth(queue) for queue in config['QUEUES']}
+    return history.sample_depth(db.session.connection(), now, depths)
 
 
 def _fresh(worker, now, lost_after):
@@ -170,6 +188,7 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
     if job.attempts > number:
         if attempt is not None:  # a later attempt runs; this one's end was never heard
             _mark_lost(attempt, reason, now)
+            _count_lost(job, attempt, now, finished=False)
             db.session.commit()
             return True
         return False
@@ -177,6 +196,7 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
     if not (starting or (job.state == states.RUNNING and job.attempts == number)):
         if attempt is not None:
             _mark_lost(attempt, reason, now)
+            _count_lost(job, attempt, now, finished=False)
             db.session.commit()
             return True
         return False  # canceled or finished meanwhile: nothing ran that we know of
@@ -204,6 +224,7 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
         db.session.rollback()
         return None
     db.session.flush()
+    _count_lost(job, attempt, now, finished=why_not is not None)
     db.session.refresh(job)
     try:
         if why_not is None:
@@ -219,6 +240,14 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
     logger.warning('reaper: job %s attempt %d lost (%s); %s', job.id, number, reason,
                    'running it again' if why_not is None else f'failed: {why_not}')
     return True
+
+
+def _count_lost(job, attempt, now, finished):
+    """Add a lost attempt of ``job`` to the metric history (``attempt`` None: it never
+    started as far as the ledger knows, so its run time is unknown)."""
+    duration = attempt.duration if attempt is not None else None
+    history.add(db.session.connection(), [history.Ended(
+        job.queue, job.task, states.ATTEMPT_LOST, now, finished, duration)])
 
 
 def _mark_lost(attempt, reason, now):

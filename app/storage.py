@@ -36,6 +36,9 @@ from . import message
 ALIVE = 'qm:alive:{}'
 EPOCH = 'qm:epoch'
 CLOCK = 'qm:clock'  # counts the leader's passes: a broker restored from an old copy is behind
+# When each of the deployment's components (scheduler, reaper) last did its
+# work: a hash of component -> Unix seconds.
+COMPONENTS = 'qm:components'
 # A message read back into the queue is woken for this many waiting workers at most.
 WAKE_TOKENS = 64
 
@@ -503,6 +506,16 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         """Advance the broker's pass counter; return its new value (1 when it had none)."""
         return int(self.conn.incr(CLOCK))
 
+    # -- components' liveness ---------------------------------------------
+
+    def mark_seen(self, component, at):
+        """Note that ``component`` did its work at ``at`` (Unix seconds)."""
+        self.conn.hset(COMPONENTS, component, repr(float(at)))
+
+    def seen(self):
+        """``{component: Unix seconds}`` of each component's last :meth:`mark_seen`."""
+        return {k.decode(): float(v) for k, v in self.conn.hgetall(COMPONENTS).items()}
+
 
 # -- SQLite (the embedded mode) --------------------------------------------------
 
@@ -527,6 +540,8 @@ class ReliableSqliteStorage(_ByJobId, SqliteStorage):
         'create index if not exists qm_inflight_consumer on qm_inflight (queue, consumer)',
         'create table if not exists qm_alive (consumer text not null primary key, '
         'expires real not null)',
+        'create table if not exists qm_component (name text not null primary key, '
+        'seen real not null)',
         f'create index if not exists qm_task_job on task (queue, {_JOB_SQL})',
         f'create index if not exists qm_schedule_job on schedule (queue, {_JOB_SQL})',
     ]
@@ -722,3 +737,12 @@ class ReliableSqliteStorage(_ByJobId, SqliteStorage):
             curs.execute("insert or replace into kv (queue, key, value) values ('qm', ?, ?)",
                          (CLOCK, str(value).encode()))
         return value
+
+    def mark_seen(self, component, at):
+        """As :meth:`ReliableRedisStorage.mark_seen`."""
+        self.sql('insert into qm_component (name, seen) values (?, ?) on conflict (name) '
+                 'do update set seen = excluded.seen', (component, float(at)), commit=True)
+
+    def seen(self):
+        """As :meth:`ReliableRedisStorage.seen`."""
+        return dict(self.sql('select name, seen from qm_component', results=True))

@@ -29,7 +29,7 @@ ROUTES = {
     ('pages.scheduled_list', 'GET'): 'view', ('pages.stats_fragment', 'GET'): 'view',
     ('pages.alerts_page', 'GET'): 'view', ('pages.alert_banner_fragment', 'GET'): 'view',
     ('api.list_alerts', 'GET'): 'view',
-    ('live.live_socket', 'GET'): 'view',
+    ('live.live_socket', 'GET'): 'view', ('health.prometheus_metrics', 'GET'): 'view',
     ('pages.create_job', 'POST'): 'submit', ('pages.retry_job', 'POST'): 'retry',
     ('pages.cancel_job', 'POST'): 'cancel', ('pages.run_now_job', 'POST'): 'run-now',
     ('pages.delete_job', 'POST'): 'delete', ('pages.bulk_jobs', 'POST'): 'retry',

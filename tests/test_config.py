@@ -29,6 +29,8 @@ def test_lists_are_split_trimmed_and_deduplicated_and_default_is_always_there(tm
     ({'LOST_AFTER': 'soon'}, "LOST_AFTER='soon' is not a number"),
     ({'PROXY_FIX': '-1'}, 'PROXY_FIX=-1: the number of trusted proxies'),
     ({'PREFERRED_URL_SCHEME': 'HTTPS'}, "PREFERRED_URL_SCHEME='HTTPS': http or https"),
+    ({'METRICS_RETENTION': '0'}, 'METRICS_RETENTION=0.0: seconds, more than 0'),
+    ({'METRICS_RETENTION': '30d'}, "METRICS_RETENTION='30d' is not a number"),
 ])
 def test_bad_values_are_refused_by_name(tmp_path, environ, message):
     with pytest.raises(config.ConfigError, match=message):

@@ -38,10 +38,13 @@ def test_the_document_covers_every_api_route(app, client):
                   for method in ops}
     routes = {(re.sub(r'<(?:[^:<>]+:)?([^<>]+)>', r'{\1}', rule.rule), method)
               for rule in app.url_map.iter_rules()
-              if rule.rule.startswith('/api/') or rule.rule == '/healthz'
+              if rule.rule.startswith('/api/') or rule.rule in ('/healthz', '/metrics')
               for method in rule.methods - {'HEAD', 'OPTIONS'}}
     assert documented == routes
     assert len(routes) > 20
+    metrics = document['paths']['/metrics']['get']
+    assert list(metrics['responses']['200']['content']) == ['text/plain; version=0.0.4']
+    assert metrics['security'] == [{'bearer': []}]
 
 
 def test_the_submission_schema_is_the_task_catalog(client):

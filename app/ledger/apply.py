@@ -4,8 +4,9 @@ import logging
 
 import sqlalchemy as sa
 
-from .. import states
-from ..models import utcnow
+from .. import message, states
+from ..models import Job, utcnow
+from . import history
 from .ops import Finish, Heartbeat, Log, Progress, Queued, Scheduled, Start, Stopped
 from .sql import dialect
 
@@ -48,6 +49,9 @@ def apply(conn, ops):
 
     changed = {}
     attempts, ended, start_rows, ran_rows, finish_rows = [], [], [], [], []
+    # What the metric history learns from this batch (see .history).
+    waited = _waits(conn, starts.values(), finishes, scheduled)
+    done = []
     for key, s in starts.items():
         job_id, n, worker, at = s.job_id, s.number, s.worker, s.at
         f = finishes.pop(key, None)
@@ -63,6 +67,7 @@ def apply(conn, ops):
             ran_rows.append((state, n, ts(at), ts(finished), worker, d.json(result), error,
                              f.error_type, prog, now, job_id, n))
             changed[job_id] = (state, s.queue, s.task)
+            done.append((job_id, _ended(f, s.queue)))
     for f in finishes.values():
         ended.append((f.outcome, ts(f.at), f.duration, f.error_type, f.error_message,
                       f.traceback, f.job_id, f.number))
@@ -70,6 +75,7 @@ def apply(conn, ops):
         finish_rows.append((state, ts(finished), d.json(result), error, f.error_type, prog, now,
                             f.job_id, f.number))
         changed[f.job_id] = (state, f.queue, f.task)
+        done.append((f.job_id, _ended(f, f.queue)))
 
     # Job rows first: a start that matches no row means a job the ledger has
     # not seen, whose row the attempt needs.
@@ -126,7 +132,69 @@ def apply(conn, ops):
             _executemany(conn, d.sql['stopped'], [(ts(b.at), ts(b.at), '[]', False, b.consumer)])
     if beats:
         changed[WORKERS] = (None, None, None)
+    if done or waited:
+        history.add(conn, _with_queues(conn, done), waited)
     return changed
+
+
+def _ended(f, queue):
+    """The :class:`.history.Ended` record of :class:`Finish` ``f`` (``queue`` None if unknown)."""
+    return history.Ended(queue, message.task_name(f.task), f.outcome, f.at, f.final, f.duration)
+
+
+def _with_queues(conn, done):
+    """The :class:`.history.Ended` records of ``done`` (``(job id, Ended)`` pairs), each
+    unknown queue (an attempt whose start this process did not see) read from its job's
+    row; an attempt of a job the ledger has no row for is left out."""
+    unknown = sorted({job_id for job_id, e in done if e.queue is None})
+    queues = {}
+    for i in range(0, len(unknown), 1000):
+        queues.update(conn.execute(sa.select(Job.id, Job.queue)
+                                   .where(Job.id.in_(unknown[i:i + 1000]))).all())
+    return [e if e.queue is not None else e._replace(queue=queues[job_id])
+            for job_id, e in done if e.queue is not None or job_id in queues]
+
+
+def _waits(conn, start_ops, finishes, scheduled):
+    """:class:`.history.Waited` records of the attempts ``start_ops`` start.
+
+    The first attempt of a job the batch starts waited since its job became
+    due, read from the job's row before this batch changes it (see
+    :func:`.history.due_seconds`); a later one in the same batch (a quick
+    retry) since its retry time (``scheduled``: the batch's
+    :class:`Scheduled` records by job) or else the end of the attempt
+    before it (``finishes``: the batch's :class:`Finish` records by
+    ``(job, number)``). A start the ledger will not record (older than the
+    row's attempt) or of a job it has no row for is left out.
+    """
+    by_job = {}
+    for s in start_ops:
+        by_job.setdefault(s.job_id, []).append(s)
+    if not by_job:
+        return []
+    waited = []
+    ids = sorted(by_job)
+    for i in range(0, len(ids), 1000):
+        rows = conn.execute(sa.select(Job.id, Job.attempts, Job.scheduled_for, Job.updated_at)
+                            .where(Job.id.in_(ids[i:i + 1000]))).all()
+        for job_id, attempts, scheduled_for, updated_at in rows:
+            first = True
+            for s in sorted(by_job[job_id], key=lambda s: s.number):
+                if attempts >= s.number:
+                    continue
+                if first:
+                    seconds = history.due_seconds(s.at, scheduled_for, updated_at)
+                    first = False
+                else:
+                    eta = scheduled[job_id].eta if job_id in scheduled else None
+                    before = finishes.get((job_id, s.number - 1))
+                    seconds = history.due_seconds(
+                        s.at, eta if eta is not None and eta <= s.at else None,
+                        before.at if before is not None else None)
+                if seconds is not None:
+                    waited.append(history.Waited(s.queue, message.task_name(s.task), s.at,
+                                                 seconds))
+    return waited
 
 
 def _executemany(conn, sql, rows):
