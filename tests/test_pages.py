@@ -96,7 +96,7 @@ def test_actions_appear_only_where_the_state_allows(client, app):
     assert resp.status_code == 303
     html = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
     assert f'/jobs/{job["id"]}/retry' in html and f'/jobs/{job["id"]}/delete' in html
-    assert client.post(f'/jobs/{job["id"]}/delete').status_code == 303
+    assert client.post(f'/jobs/{job["id"]}/delete', data={'confirmed': '1'}).status_code == 303
     assert client.get(f'/jobs/{job["id"]}').status_code == 404
 
 
