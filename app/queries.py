@@ -295,7 +295,9 @@ _RUNTIME_CURSOR = '~'  # marks a cursor of the run-time order
 
 
 class _run_seconds(sa.sql.functions.FunctionElement):
-    """Seconds from a job's ``started_at`` to its ``finished_at`` (its last attempt's run time).
+    """Seconds from a job's ``started_at`` to its ``finished_at`` (its last attempt's run time),
+    to the millisecond (SQLite's day fractions are not exact below it: equal run times
+    would otherwise differ by their start).
 
     A float on SQLite, an exact numeric on PostgreSQL: the same expression
     is computed for every row and for a cursor's bound, so keyset paging
@@ -309,13 +311,13 @@ class _run_seconds(sa.sql.functions.FunctionElement):
 @compiles(_run_seconds)
 def _run_seconds_julian(element, compiler, **kw):
     started, finished = (compiler.process(c, **kw) for c in element.clauses)
-    return f'((julianday({finished}) - julianday({started})) * 86400.0)'
+    return f'round((julianday({finished}) - julianday({started})) * 86400.0, 3)'
 
 
 @compiles(_run_seconds, 'postgresql')
 def _run_seconds_epoch(element, compiler, **kw):
     started, finished = (compiler.process(c, **kw) for c in element.clauses)
-    return f'EXTRACT(EPOCH FROM ({finished} - {started}))'
+    return f'round(EXTRACT(EPOCH FROM ({finished} - {started})), 3)'
 
 
 def run_seconds():
