@@ -69,7 +69,7 @@ def test_select_the_page_then_every_matching_job_and_cancel_them_after_confirmin
 
 
 def test_without_javascript_deletes_and_bulk_actions_confirm_on_a_page(deployment, no_js_page):
-    page = no_js_page
+    page = no_js_page  # noqa: F811
     job = deployment.api.submit('noop', delay=3600)
     deployment.api.post(f'/api/jobs/{job["id"]}/cancel')
     deployment.open(page, f'/jobs/{job["id"]}')
