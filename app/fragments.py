@@ -166,10 +166,12 @@ def filters_of(params):
 def _job_list_params(args):
     filters = queries.parse_filters(args)
     queries.check_filters(filters)
+    sort = queries.check_sort(args.get('sort'))
     cursor = args.get('cursor') or None
     if cursor:
-        queries.decode_cursor(cursor)
-    return {**filters, 'cursor': cursor}
+        queries.check_cursor(cursor, sort)
+    # The default order is left out, so the plain list keeps its plain URL.
+    return {**filters, 'sort': None if sort == 'newest' else sort, 'cursor': cursor}
 
 
 def _job_params(args):
@@ -210,7 +212,8 @@ def _job_page(scope):
     # One read for the rows and the pager (which needs the next cursor).
     params = scope.params
     return scope.once('job page', lambda: queries.list_jobs(
-        **filters_of(params), cursor=params['cursor'], limit=current_app.config['PAGE_SIZE']))
+        **filters_of(params), cursor=params['cursor'], sort=params['sort'] or 'newest',
+        limit=current_app.config['PAGE_SIZE']))
 
 
 def _jobs_page_rows(scope):
@@ -225,9 +228,17 @@ def _pager(scope):
     # A search the index cannot narrow looks at a window of jobs per page:
     # a short page with more to come says how far back it has looked.
     partial = next_cursor is not None and len(page) < current_app.config['PAGE_SIZE']
+    sort = scope.params['sort']
     return {'filters': filters_of(scope.params), 'cursor': scope.params['cursor'],
-            'next_cursor': next_cursor,
-            'searched_to': queries.decode_cursor(next_cursor)[0] if partial else None}
+            'next_cursor': next_cursor, 'sort': sort,
+            'searched_to': queries.decode_cursor(next_cursor)[0] if partial and sort != 'runtime'
+            else None}
+
+
+def _job_count(scope):
+    count = queries.count_jobs(filters_of(scope.params))
+    return {'count': count, 'filtered': any(filters_of(scope.params).values()),
+            'shown': len(_job_page(scope)[0])}
 
 
 def _job(scope):
@@ -244,12 +255,17 @@ def _job_attempts(scope):
 
 
 def _queues(scope):
-    return {'queues': queues.overview(current_app.config)}
+    config = current_app.config
+    return {'queues': queues.overview(config),
+            'consumers': queries.consumers_of(config['QUEUES'], config['LOST_AFTER']),
+            'latency': queries.oldest_waiting(config['QUEUES'])}
 
 
 def _workers(scope):
     lost_after = current_app.config['LOST_AFTER']
-    return {'workers': queries.workers(lost_after), 'lost_after': lost_after}
+    rows = queries.workers(lost_after)
+    return {'workers': rows, 'lost_after': lost_after,
+            'running': queries.running_on(rows, lost_after)}
 
 
 def _failures(scope):
@@ -307,13 +323,24 @@ def _listed(change, view):
                    for k in ('state', 'queue', 'task')) for c in change.jobs)
 
 
+def _counted(change, view):
+    # Any change of a job the filter may count, on any page of the list.
+    if change.deleted:
+        return True
+    params = view.params
+    return any(all(not params[k] or c.get(k) in (params[k], None)
+                   for k in ('queue', 'task')) for c in change.jobs)
+
+
 def _the_job(change, view):
     job_id = view.params['id']
     return job_id in change.deleted or any(c['id'] == job_id for c in change.jobs)
 
 
 def _any_job_or_queue(change, view):
-    return bool(change.jobs or change.deleted or change.event.get('queues'))
+    # Consumers coming and going change which queues are served.
+    return bool(change.jobs or change.deleted or change.event.get('queues')
+                or change.event.get('workers'))
 
 
 def _workers_changed(change, view):
@@ -350,6 +377,7 @@ QUEUE_STATS = Fragment('queue-stats', _stats, _any_job)
 RECENT_JOBS = Fragment('recent-jobs', _recent_jobs, _any_job)
 JOBS_PAGE_ROWS = Fragment('jobs-page-rows', _jobs_page_rows, _listed)
 PAGER = Fragment('pager', _pager, _listed)
+JOB_COUNT = Fragment('job-count', _job_count, _counted)
 JOB_SUMMARY = Fragment('job-{id}-summary', _job_summary, _the_job, gone=True)
 JOB_ATTEMPTS = Fragment('job-{id}-attempts', _job_attempts, _the_job)
 QUEUES = Fragment('queues', _queues, _any_job_or_queue)
@@ -366,7 +394,7 @@ ALERT_HISTORY = Fragment('alert-history', _alert_history, _alerted)
 # ``node`` by its caller, sent with each snapshot, never refreshed.
 LIVE_STATUS = Fragment('live-status', None, None)
 
-FRAGMENTS = (QUEUE_STATS, RECENT_JOBS, JOBS_PAGE_ROWS, PAGER, JOB_SUMMARY, JOB_ATTEMPTS,
+FRAGMENTS = (QUEUE_STATS, RECENT_JOBS, JOBS_PAGE_ROWS, PAGER, JOB_COUNT, JOB_SUMMARY, JOB_ATTEMPTS,
              QUEUES, WORKERS, FAILURES, SCHEDULED, PERIODIC, AUDIT_LOG, ALERT_BANNER,
              ALERTS_FIRING, ALERT_HISTORY, LIVE_STATUS)
 
@@ -378,7 +406,8 @@ def _with_banner(page):
 
 PAGES = {page.name: _with_banner(page) for page in (
     Page('dashboard', {'stats': QUEUE_STATS, 'recent': RECENT_JOBS}, _no_params),
-    Page('jobs', {'rows': JOBS_PAGE_ROWS, 'pager': PAGER}, _job_list_params),
+    Page('jobs', {'rows': JOBS_PAGE_ROWS, 'pager': PAGER, 'count': JOB_COUNT},
+         _job_list_params),
     Page('job', {'summary': JOB_SUMMARY, 'attempts': JOB_ATTEMPTS}, _job_params),
     Page('queues', {'queues': QUEUES}, _no_params),
     Page('workers', {'workers': WORKERS}, _no_params),

@@ -54,8 +54,17 @@ def _form_context(values=None, errors=None, task_name=None):
         task_name = 'sleep' if 'sleep' in tasks else next(iter(tasks))
     errors = errors or {}
     placed = {'task', *_FORM_OPTIONS, *(f'params.{p.name}' for p in tasks[task_name].params)}
-    return {'tasks': tasks, 'task': tasks[task_name], 'values': values or {},
-            'errors': errors, 'queues': current_app.config['QUEUES'], 'options': _FORM_OPTIONS,
+    values = values or {}
+    queues_ = current_app.config['QUEUES']
+    # The options open when one of them is marked, or holds what is not its default.
+    options_open = any(errors.get(o) for o in _FORM_OPTIONS) or any(
+        values.get(o) not in (None, '') and not (o == 'queue' and values[o] == queues_[0])
+        for o in _FORM_OPTIONS)
+    return {'tasks': tasks, 'task': tasks[task_name], 'values': values,
+            'errors': errors, 'queues': queues_, 'options': _FORM_OPTIONS,
+            'options_open': options_open,
+            # Task types started on a schedule, offered apart (catalog.PERIODIC).
+            'periodic_tasks': [n for n in tasks if n in catalog.PERIODIC],
             # Errors of fields the form has no place for (sent by hand): shown on top.
             'unplaced': {k: v for k, v in errors.items() if k not in placed},
             'limits': {'priority': catalog.MAX_PRIORITY, 'retries': catalog.MAX_RETRIES,
@@ -98,7 +107,7 @@ def job_list():
     """Jobs, filtered and paged newest first."""
     params = PAGES['jobs'].parse(request.args)
     return _page('jobs', 'jobs.html', params, filters=fragments.filters_of(params),
-                 task_names=queries.task_names(), queues=current_app.config['QUEUES'])
+                 sort=params['sort'], task_names=queries.task_names(), queues=current_app.config['QUEUES'])
 
 
 @bp.get('/jobs/new')
@@ -215,6 +224,10 @@ def run_now_job(job_id):
     return _back(job.id)
 
 
+# Jobs a confirmation names one by one; it counts the rest.
+CONFIRM_NAMED = 10
+
+
 @bp.post('/jobs/bulk')
 @auth.action(auth.on_bulk)
 def bulk_jobs():
@@ -240,7 +253,12 @@ def bulk_jobs():
             (f'f.{k}', v) for k, v in filters.items() if v]
     if action in ('cancel', 'delete') and not form.get('confirmed'):
         auth.note(count=count, outcome='asked to confirm')
-        return render_template('confirm.html', action=action, count=count, fields=fields, back=back)
+        named = queries.jobs_by_id(ids[:CONFIRM_NAMED]) if ids is not None else None
+        return render_template('confirm.html', action=action, count=count, fields=fields,
+                               back=back, post_to=url_for('pages.bulk_jobs'),
+                               filters=filters if ids is None else None, named=named,
+                               limit=jobs.MAX_BULK,
+                               unnamed=count - len(named) if named is not None else 0)
     result = jobs.bulk(action, ids=ids, filters=None if ids is not None else filters,
                        spare_tasks=auth.out_of_reach(action))
     auth.note(count=result['done'])
@@ -368,7 +386,15 @@ def trigger_periodic(name):
 @bp.post('/jobs/<job_id>/delete')
 @auth.action('delete')
 def delete_job(job_id):
-    """Delete a finished job."""
+    """Delete a finished job, once confirmed (a page asks first when the form did not)."""
+    job = queries.get(job_id)
+    if not request.form.get('confirmed') and states.allows(job.state, 'delete'):
+        # Without JavaScript the form's own question is never asked: ask here.
+        auth.note(outcome='asked to confirm')
+        return render_template('confirm.html', action='delete', count=1, named=[job], unnamed=0,
+                               filters=None, fields=[], post_to=url_for('pages.delete_job',
+                                                                        job_id=job.id),
+                               back=url_for('pages.job_page', job_id=job.id))
     jobs.delete(job_id)
     flash(f'Job {job_id[:8]} deleted.', 'ok')
     return redirect(url_for('pages.job_list'), 303)

@@ -8,8 +8,11 @@ import base64
 import binascii
 import calendar
 import datetime as dt
+import decimal
 import json
+import math
 import string
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
@@ -33,6 +36,12 @@ def get(job_id):
     if job is None:
         raise NotFound(f'no job with id {job_id}')
     return job
+
+
+def jobs_by_id(ids):
+    """The jobs of ``ids`` that exist, in that order (their results not loaded)."""
+    ids = [i for i in ids if isinstance(i, str) and len(i) <= 36]
+    return _rows_of(ids, with_result=False)
 
 
 def attempts(job):
@@ -282,24 +291,126 @@ class _Key:
         self.created_at, self.id = created_at, id
 
 
-def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
-              with_result=False):
-    """One page of jobs, newest first: ``(jobs, next_cursor)``.
+# The orders a jobs list can be read in: newest first, oldest first, or the
+# finished jobs whose last attempt ran longest first.
+SORTS = ('newest', 'oldest', 'runtime')
+_RUNTIME_CURSOR = '~'  # marks a cursor of the run-time order
 
-    Keyset pagination on (created_at, id): each page is an index range scan,
-    as fast on page 10,000 as on page 1. Results (up to 64 KiB each) are only
-    loaded when asked for. A search the index cannot narrow (see
-    :func:`search_plan`) looks at no more than :data:`SCAN_WINDOW` rows: the
-    page may then hold fewer than ``limit`` jobs (even none) with a cursor
-    that goes on further back, so that every page costs about the same at
-    any ledger size. ``next_cursor`` is None after the last page. Raises
-    :class:`BadQuery` for a bad filter or cursor.
+
+class _run_seconds(sa.sql.functions.FunctionElement):
+    """Seconds from a job's ``started_at`` to its ``finished_at`` (its last attempt's run time),
+    to the millisecond (SQLite's day fractions are not exact below it: equal run times
+    would otherwise differ by their start).
+
+    A float on SQLite, an exact numeric on PostgreSQL: the same expression
+    is computed for every row and for a cursor's bound, so keyset paging
+    compares a value with itself exactly.
     """
+    type = sa.types.NullType()  # the driver's own value: a float, or an exact Decimal
+    name = 'run_seconds'
+    inherit_cache = True
+
+
+@compiles(_run_seconds)
+def _run_seconds_julian(element, compiler, **kw):
+    started, finished = (compiler.process(c, **kw) for c in element.clauses)
+    return f'round((julianday({finished}) - julianday({started})) * 86400.0, 3)'
+
+
+@compiles(_run_seconds, 'postgresql')
+def _run_seconds_epoch(element, compiler, **kw):
+    started, finished = (compiler.process(c, **kw) for c in element.clauses)
+    return f'round(EXTRACT(EPOCH FROM ({finished} - {started})), 3)'
+
+
+def run_seconds():
+    """The SQL expression of a job's run time in seconds (see :class:`_run_seconds`)."""
+    return _run_seconds(Job.started_at, Job.finished_at)
+
+
+def encode_run_cursor(seconds, job_id):
+    """The cursor of a run-time ordered page that ends with a job that ran ``seconds``."""
+    raw = f'{_RUNTIME_CURSOR}{seconds!r}|{job_id}' if isinstance(seconds, float) \
+        else f'{_RUNTIME_CURSOR}{seconds}|{job_id}'
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip('=')
+
+
+def decode_run_cursor(cursor):
+    """``(seconds as text, id)`` of a run-time cursor; raises :class:`BadQuery`."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4)).decode()
+        if not raw.startswith(_RUNTIME_CURSOR):
+            raise ValueError(raw)
+        seconds, job_id = raw[1:].split('|', 1)
+        if not math.isfinite(float(seconds)) or len(job_id) > 36 or text.problem(job_id):
+            raise ValueError(raw)
+        return seconds, job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadQuery('cursor is not one this server handed out') from None
+
+
+def check_sort(sort):
+    """``sort`` if it is one of :data:`SORTS` (None: ``'newest'``); raises :class:`BadQuery`."""
+    if sort in (None, ''):
+        return 'newest'
+    if sort not in SORTS:
+        raise BadQuery(f'sort must be one of {", ".join(SORTS)}')
+    return sort
+
+
+def check_cursor(cursor, sort='newest'):
+    """Raise :class:`BadQuery` unless ``cursor`` is one this server hands out for ``sort``."""
+    if sort == 'runtime':
+        decode_run_cursor(cursor)
+    else:
+        decode_cursor(cursor)
+
+
+def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
+              with_result=False, sort='newest'):
+    """One page of jobs in ``sort`` order (:data:`SORTS`): ``(jobs, next_cursor)``.
+
+    ``newest`` (the default) and ``oldest`` walk (created_at, id) down or
+    up; ``runtime`` lists finished jobs (those with a start and a finish)
+    by their last attempt's run time, longest first, then id. Keyset
+    pagination: a page continues strictly after the previous page's last
+    row, so a job is listed once whatever is added meanwhile; in the
+    created orders each page is an index range scan, as fast on page
+    10,000 as on page 1 (the run-time order sorts the matching finished
+    jobs). Results (up to 64 KiB each) are only loaded when asked for. A
+    search the index cannot narrow (see :func:`search_plan`) looks at no
+    more than :data:`SCAN_WINDOW` rows in the created orders: the page may
+    then hold fewer than ``limit`` jobs (even none) with a cursor that goes
+    on further, so that every page costs about the same at any ledger size.
+    ``next_cursor`` is None after the last page. Raises :class:`BadQuery`
+    for a bad filter, sort or cursor.
+    """
+    sort = check_sort(sort)
     conditions = query_filters(state, queue, task)
+    if sort == 'runtime':
+        key = (run_seconds(), Job.id)
+        conditions += [Job.started_at.is_not(None), Job.finished_at.is_not(None)]
+        order = (key[0].desc(), Job.id.desc())
+        if cursor:
+            seconds, job_id = decode_run_cursor(cursor)
+            bound = float(seconds) if db.session.get_bind().dialect.name == 'sqlite' \
+                else decimal.Decimal(seconds)
+            conditions.append(sa.tuple_(*key) < sa.tuple_(sa.literal(bound), job_id))
+        if q and q.strip():
+            conditions.append(search_condition(q))
+        rows = db.session.execute(
+            sa.select(Job.id, key[0]).where(*conditions).order_by(*order).limit(limit + 1)).all()
+        jobs = _rows_of([r[0] for r in rows], with_result)
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            return jobs[:limit], encode_run_cursor(last[1], last[0])
+        return jobs, None
+    newest = sort == 'newest'
+    key = sa.tuple_(Job.created_at, Job.id)
     if cursor:
-        created, job_id = decode_cursor(cursor)
-        conditions.append(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(created, job_id))
-    order = (Job.created_at.desc(), Job.id.desc())
+        bound = sa.tuple_(*decode_cursor(cursor))
+        conditions.append(key < bound if newest else key > bound)
+    order = (Job.created_at.desc(), Job.id.desc()) if newest else (Job.created_at, Job.id)
     edge = None
     if q and q.strip():
         search, indexed = search_plan(q)
@@ -311,17 +422,62 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
                 .offset(SCAN_WINDOW - 1).limit(1)).first()
         conditions.append(search)
         if edge is not None:
-            conditions.append(sa.tuple_(Job.created_at, Job.id) >= sa.tuple_(*edge))
+            conditions.append(key >= sa.tuple_(*edge) if newest else key <= sa.tuple_(*edge))
     # The page's ids first (what the sort holds stays small), then its rows.
     ids = db.session.scalars(
         sa.select(Job.id).where(*conditions).order_by(*order).limit(limit + 1)).all()
-    by_id = {job.id: job for job in db.session.scalars(
-        sa.select(Job).options(*(() if with_result else (defer(Job.result, raiseload=True),)))
-        .where(Job.id.in_(ids)))} if ids else {}
-    rows = [by_id[i] for i in ids if i in by_id]  # (one deleted in between is left out)
+    rows = _rows_of(ids, with_result)
     if len(rows) > limit:
         return rows[:limit], encode_cursor(rows[limit - 1])
     return rows, encode_cursor(_Key(*edge)) if edge is not None else None
+
+
+def _rows_of(ids, with_result):
+    """The Job rows of ``ids``, in that order (one deleted in between is left out)."""
+    by_id = {job.id: job for job in db.session.scalars(
+        sa.select(Job).options(*(() if with_result else (defer(Job.result, raiseload=True),)))
+        .where(Job.id.in_(ids)))} if ids else {}
+    return [by_id[i] for i in ids if i in by_id]
+
+
+# A count of jobs matching a search stops here: past it the list says "10,000+".
+COUNT_BOUND = 10_000
+
+
+class Count(NamedTuple):
+    """How many jobs match a list's filters.
+
+    ``n``: the count, or None when it cannot be had cheaply (a search the
+    index cannot narrow). ``exact``: False when the count stopped at its
+    bound, so at least ``n`` match.
+    """
+    n: int | None
+    exact: bool = True
+
+
+def count_jobs(filters, bound=COUNT_BOUND):
+    """A :class:`Count` of the jobs matching ``filters`` (as :func:`parse_filters` returns).
+
+    By state, queue and task alone it is the sum of the kept counters
+    (:class:`app.models.JobCount`, a few rows at any ledger size) and
+    exact; with a search the index narrows, the matches are counted up to
+    ``bound``; a search it cannot narrow is not counted (``n`` None).
+    Raises :class:`BadQuery` for a bad filter.
+    """
+    check_filters(filters)
+    q = (filters.get('q') or '').strip()
+    if not q:
+        column = {'state': JobCount.state, 'queue': JobCount.queue, 'task': JobCount.task}
+        n = db.session.scalar(sa.select(sa.func.coalesce(sa.func.sum(JobCount.n), 0)).where(
+            *(column[k] == filters[k] for k in column if filters.get(k))))
+        return Count(int(n))
+    search, indexed = search_plan(q)
+    if not indexed:
+        return Count(None, False)
+    conditions = query_filters(filters.get('state'), filters.get('queue'), filters.get('task'))
+    ids = sa.select(Job.id).where(*conditions, search).limit(bound + 1).subquery()
+    n = db.session.scalar(sa.select(sa.func.count()).select_from(ids))
+    return Count(min(n, bound), n <= bound)
 
 
 def stats():
@@ -514,6 +670,39 @@ def workers(lost_after):
     """Consumers as their heartbeats describe them: online first, newest first."""
     rows = db.session.scalars(sa.select(Worker).order_by(Worker.started_at.desc())).all()
     return sorted(rows, key=lambda w: not w.online(lost_after))
+
+
+def running_on(workers, lost_after):
+    """``{consumer id: [job id]}``: the jobs each of ``workers`` (Worker rows) runs now.
+
+    An online consumer's own last heartbeat says. An offline or stopped
+    one's last heartbeat is stale: only the jobs the ledger still shows
+    running on it are kept (the reaper recovers the rest, and a job it
+    recovered is no longer that consumer's). One query for all of them.
+    """
+    result = {w.id: list(w.current or []) for w in workers if w.online(lost_after)}
+    gone = [w for w in workers if w.id not in result]
+    ids = {i for w in gone for i in (w.current or []) if isinstance(i, str) and len(i) <= 36}
+    still = {}
+    if ids:
+        still = dict(db.session.execute(
+            sa.select(Job.id, Job.worker).where(Job.id.in_(sorted(ids)),
+                                                Job.state == states.RUNNING)).all())
+    for w in gone:
+        result[w.id] = [i for i in (w.current or [])
+                        if i in still and (still[i] or '').split('/')[0] == w.id]
+    return result
+
+
+def consumers_of(queues, lost_after):
+    """``{queue: [consumer id]}``: the consumers online now that serve each of ``queues``."""
+    serving = {q: [] for q in queues}
+    for w in workers(lost_after):
+        if w.online(lost_after):
+            for q in w.queues or []:
+                if q in serving:
+                    serving[q].append(w.id)
+    return serving
 
 
 def task_names():

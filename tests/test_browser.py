@@ -212,13 +212,13 @@ def test_pausing_a_queue_lets_jobs_pile_up_then_drain_live(deployment, page):
     expect(row).to_have_attribute('data-paused', 'true')
     live(page)
     ids = [deployment.api.submit('noop')['id'] for _ in range(5)]
-    expect(row.locator('td').nth(4)).to_have_text('5', timeout=15_000)  # queued, live
+    expect(row.locator('td.count-queued')).to_have_text('5', timeout=15_000)  # queued, live
     page.click('#queue-default button[value=resume]')
     expect(row).to_have_attribute('data-paused', 'false')
     live(page)
     for job_id in ids:
         deployment.api.wait_state(job_id, 'succeeded')
-    expect(row.locator('td').nth(4)).to_have_text('0', timeout=15_000)
+    expect(row.locator('td.count-queued')).to_have_text('0', timeout=15_000)
 
 
 def test_a_job_on_a_killed_worker_is_seen_to_recover(tmp_path, page):

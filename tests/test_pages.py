@@ -6,6 +6,7 @@ import re
 import uuid
 
 import sqlalchemy as sa
+from werkzeug.datastructures import MultiDict
 
 from app import live
 from app.extensions import db
@@ -96,7 +97,7 @@ def test_actions_appear_only_where_the_state_allows(client, app):
     assert resp.status_code == 303
     html = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
     assert f'/jobs/{job["id"]}/retry' in html and f'/jobs/{job["id"]}/delete' in html
-    assert client.post(f'/jobs/{job["id"]}/delete').status_code == 303
+    assert client.post(f'/jobs/{job["id"]}/delete', data={'confirmed': '1'}).status_code == 303
     assert client.get(f'/jobs/{job["id"]}').status_code == 404
 
 
@@ -294,3 +295,131 @@ def test_a_row_that_cannot_be_rendered_costs_that_row_only(client, app, caplog):
         assert page.status_code == 200
         assert f'id="job-{bad["id"]}-summary" class="unreadable"' in page.get_data(as_text=True)
     assert any('could not be rendered' in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+# -- lists, actions, truthful pages --------------------------------------------
+
+def test_the_options_open_on_their_own_errors_and_stay_folded_otherwise(client):
+    for headers in ({}, {'HX-Request': 'true'}):  # without JavaScript, and swapped by htmx
+        html = submit(client, task='noop', delay='99999999', queue='default').get_data(as_text=True)
+        assert re.search(r'<details class="options" open>', html), headers
+        assert 'openopen' not in html and 'delay must be at most' in html
+    # An error elsewhere, with the options as the form sends them (empty, the first queue).
+    html = submit(client, task='sleep', queue='default', delay='', priority='',
+                  **{'params.steps': '0'}).get_data(as_text=True)
+    assert '<details class="options">' in html
+    assert '<details class="options">' in client.get('/jobs/new').get_data(as_text=True)
+
+
+def test_periodic_task_types_are_offered_apart_under_their_label(client):
+    html = client.get('/jobs/new').get_data(as_text=True)
+    group = re.search(r'<optgroup label="periodic — normally started on schedule">(.*?)</optgroup>',
+                      html, re.S)
+    assert group and re.findall(r'value="(\w+)"', group.group(1)) == ['purge', 'report']
+    before = html[:group.start()]
+    assert 'value="sleep"' in before and 'value="purge"' not in before
+
+
+def test_the_jobs_list_counts_its_filter_and_sorts_with_cursors(client, app):
+    ids = [client.post('/api/jobs', json={'task': 'noop'}).get_json()['id'] for _ in range(3)]
+    client.post('/api/jobs', json={'task': 'fail'})
+    html = client.get('/jobs?task=noop').get_data(as_text=True)
+    assert re.search(r'id="job-count"[^>]*data-count="3"', html)
+    assert '<strong>3</strong> jobs match these filters' in html
+    app.config['PAGE_SIZE'] = 2
+    html = client.get('/jobs?task=noop&sort=oldest').get_data(as_text=True)
+    assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == ids[:2]
+    assert '3</strong> jobs match these filters; 2 on this page' in html
+    assert '<option value="oldest" selected>' in html
+    nxt = re.search(r'rel="next" href="([^"]+)"', html).group(1).replace('&amp;', '&')
+    assert 'sort=oldest' in nxt and 'task=noop' in nxt
+    html = client.get(nxt).get_data(as_text=True)
+    assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == ids[2:]
+    assert client.get('/jobs?sort=sideways').status_code == 400
+    assert 'sort must be one of' in client.get('/jobs?sort=sideways').get_data(as_text=True)
+    # A short search is listed but not counted.
+    assert 'total not counted for this search' in client.get('/jobs?q=no').get_data(as_text=True)
+
+
+def test_attempts_read_as_they_are(app, client):
+    with app.app_context():
+        first = _job(state='succeeded', attempts=1, retries=2)
+        third = _job(state='succeeded', attempts=3, retries=2)
+        waiting = _job(state='retrying', attempts=1, retries=3)
+        for row in (first, third, waiting):
+            _insert(app, 'job', row)
+    html = client.get('/jobs').get_data(as_text=True)
+
+    def cell(row):
+        return re.search(rf'id="job-{row["id"]}".*?<td class="num attempts">(.*?)</td>',
+                         html, re.S).group(1)
+    assert '1/3' not in html
+    assert re.fullmatch(r'<span class="muted" title="1 attempt made; up to 3 allowed"></span>',
+                        cell(first))
+    assert '>3 attempts<' in cell(third)
+    assert '>attempt 2 of 4<' in cell(waiting)
+
+
+def test_bulk_confirmations_name_the_filter_or_the_jobs_and_the_count(client, app):
+    ids = [client.post('/api/jobs', json={'task': 'noop'}).get_json()['id'] for _ in range(12)]
+    html = client.post('/jobs/bulk', data={'action': 'cancel', 'scope': 'filter',
+                                           'f.task': 'noop', 'f.state': 'queued'}
+                       ).get_data(as_text=True)
+    assert '<h1 id="confirm-title">Cancel 12 jobs?</h1>' in html
+    assert '<dt>state</dt><dd>queued</dd>' in html and '<dt>task</dt><dd>noop</dd>' in html
+    assert re.search(r'<button class="btn btn-danger btn-destructive" type="submit">Cancel 12 jobs'
+                     r'</button>\s*<a class="btn btn-safe" href="/jobs\?', html)
+    html = client.post('/jobs/bulk', data={'action': 'cancel', 'scope': 'filter'}
+                       ).get_data(as_text=True)
+    assert 'none: every job in the ledger' in html
+    html = client.post('/jobs/bulk', data=MultiDict([('action', 'cancel'), ('scope', 'selected')]
+                                                    + [('ids', i) for i in ids])
+                       ).get_data(as_text=True)
+    assert '<h1 id="confirm-title">Cancel 12 jobs?</h1>' in html
+    named = re.findall(r'<a class="mono" href="/jobs/([0-9a-f-]{36})">', html)
+    assert named == ids[:10] and '>and 2 more</li>' in html
+    # A searched filter is shown as text, escaped.
+    html = client.post('/jobs/bulk', data={'action': 'delete', 'scope': 'filter', 'f.q': XSS}
+                       ).get_data(as_text=True)
+    assert XSS not in html and '&lt;script&gt;' in html
+
+
+def test_a_single_delete_without_javascript_asks_first(client, app):
+    job = client.post('/api/jobs', json={'task': 'noop'}).get_json()
+    client.post(f'/jobs/{job["id"]}/cancel')
+    page = client.post(f'/jobs/{job["id"]}/delete')
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and '<h1 id="confirm-title">Delete 1 job?</h1>' in html
+    assert f'action="/jobs/{job["id"]}/delete"' in html and 'name="confirmed" value="1"' in html
+    assert f'<a class="btn btn-safe" href="/jobs/{job["id"]}">Keep it</a>' in html
+    assert client.get(f'/jobs/{job["id"]}').status_code == 200  # not deleted yet
+    assert client.post(f'/jobs/{job["id"]}/delete', data={'confirmed': '1'}).status_code == 303
+    assert client.get(f'/jobs/{job["id"]}').status_code == 404
+    # A job whose state forbids it is refused, not asked about.
+    running = client.post('/api/jobs', json={'task': 'noop'}).get_json()
+    assert client.post(f'/jobs/{running["id"]}/delete').status_code == 409
+
+
+def test_queues_say_who_serves_them_and_how_long_the_oldest_job_waited(tmp_path):
+    from conftest import make_app
+
+    from app.models import Worker, utcnow
+    app = make_app(tmp_path, QUEUES=['default', 'reports'])
+    client = app.test_client()
+    old = client.post('/api/jobs', json={'task': 'noop'}).get_json()
+    with app.app_context():
+        now = utcnow()
+        db.session.execute(sa.update(Job).where(Job.id == old['id']).values(
+            updated_at=now - dt.timedelta(seconds=130)))
+        db.session.add(Worker(id='host:7-1', host='host', pid=7, queues=['reports'],
+                              concurrency=1, started_at=now, last_seen=now, current=[]))
+        db.session.commit()
+    html = client.get('/queues').get_data(as_text=True)
+    default = re.search(r'<tr id="queue-default".*?</tr>', html, re.S).group(0)
+    reports = re.search(r'<tr id="queue-reports".*?</tr>', html, re.S).group(0)
+    assert 'data-consumers="0"' in default and 'no consumer online' in default
+    assert '>running<' not in html
+    assert re.search(r'class="num latency" data-seconds="13\d\.\d">2m 1\d', default), default
+    assert 'data-consumers="1"' in reports and '>served<' in reports and 'host:7-1' in reports
+    assert 'Waiting in Huey' not in html and 'Broker messages' in html
+    assert re.search(r'<abbr title="Depth: messages in the broker', html)

@@ -95,3 +95,121 @@ def test_oldest_waiting_counts_queued_jobs_and_due_retries_from_the_partial_inde
         plan = ' '.join(r[-1] for r in db.session.connection().exec_driver_sql(
             'EXPLAIN QUERY PLAN ' + statement, params))
         assert 'ix_job_waiting' in plan and 'ix_job_due' in plan, plan
+
+
+# -- sorts and counts -----------------------------------------------------------
+
+def _finished_jobs(app, spans):
+    """One succeeded job per ``(created second, run seconds)``; their ids, in that order."""
+    import datetime as dt
+
+    from app.extensions import db
+    from app.models import Job
+    base = dt.datetime(2026, 1, 1, 12, 0, 0)
+    ids = []
+    for created, ran in spans:
+        job = submit(app)
+        row = db.session.get(Job, job.id)
+        row.created_at = base + dt.timedelta(seconds=created)
+        row.started_at = row.created_at + dt.timedelta(seconds=1)
+        row.finished_at = row.started_at + dt.timedelta(seconds=ran)
+        row.state, row.attempts = 'succeeded', 1
+        ids.append(job.id)
+    db.session.commit()
+    return ids
+
+
+def _walk(sort, limit, **filters):
+    """Every page of a list in ``sort`` order: the ids, and how many pages it took."""
+    listed, cursor, pages = [], None, 0
+    while True:
+        page, cursor = queries.list_jobs(limit=limit, cursor=cursor, sort=sort, **filters)
+        listed += [j.id for j in page]
+        pages += 1
+        if cursor is None:
+            return listed, pages
+        assert pages < 50, 'the cursor does not move on'
+
+
+def test_each_sort_pages_through_every_job_once_in_its_order(tmp_path, ledger_url):
+    from conftest import make_app
+
+    from app.extensions import db
+    from app.models import Job
+    app = make_app(tmp_path, DATABASE_URL=ledger_url)
+    with app.app_context():
+        # Run times with ties (2.5 s twice, 0.25 s three times) and fractions.
+        spans = [(0, 2.5), (1, 0.25), (2, 7.125), (3, 0.25), (4, 2.5), (5, 0.25), (6, 30.0)]
+        ids = _finished_jobs(app, spans)
+        waiting = submit(app).id  # never ran: no run time, left out of that order
+        created = {i: n for n, i in enumerate(ids)}
+        newest, pages = _walk('newest', 3)
+        assert (newest, pages) == ([waiting] + ids[::-1], 3)
+        oldest, _ = _walk('oldest', 3)
+        assert oldest == ids + [waiting]
+        by_run, pages = _walk('runtime', 2)
+        ran = {i: spans[created[i]][1] for i in ids}
+        assert sorted(by_run) == sorted(ids) and pages == 4
+        # Longest first, then the larger id among equal run times.
+        assert by_run == sorted(ids, key=lambda i: (ran[i], i), reverse=True)
+        # A filter narrows each order the same way.
+        db.session.get(Job, ids[2]).task = 'sleep'
+        db.session.commit()
+        assert _walk('runtime', 1, task='sleep')[0] == [ids[2]]
+        assert _walk('oldest', 1, task='noop')[0] == [i for i in ids + [waiting] if i != ids[2]]
+        # A cursor of one order is refused by another, and a sort must be one of SORTS.
+        _, cursor = queries.list_jobs(limit=1, sort='runtime')
+        with pytest.raises(queries.BadQuery):
+            queries.list_jobs(limit=1, sort='newest', cursor=cursor)
+        with pytest.raises(queries.BadQuery, match='sort must be one of newest, oldest, runtime'):
+            queries.list_jobs(sort='longest')
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_counts_come_from_the_counters_and_a_search_is_counted_to_a_bound(ctx):
+    from app.extensions import db
+    from app.models import Job
+    for n in range(4):
+        submit(ctx, 'fail', {'message': f'needle {n}'})
+    submit(ctx, 'noop')
+    db.session.get(Job, submit(ctx, 'noop').id).state = 'failed'
+    db.session.commit()
+    assert queries.count_jobs({'state': None, 'queue': None, 'task': None, 'q': None}) == (6, True)
+    assert queries.count_jobs({'state': 'queued', 'queue': 'default', 'task': 'noop',
+                               'q': None}) == (1, True)
+    assert queries.count_jobs({'state': 'failed', 'queue': None, 'task': None,
+                               'q': None}) == (1, True)
+    assert queries.count_jobs({'state': None, 'queue': 'other', 'task': None,
+                               'q': None}) == (0, True)
+    search = {'state': None, 'queue': None, 'task': 'fail', 'q': 'needle'}
+    assert queries.count_jobs(search) == (4, True)
+    assert queries.count_jobs(search, bound=3) == (3, False)  # "3+"
+    # Too short for the index: not counted rather than a walk of the ledger.
+    assert queries.count_jobs({**search, 'q': 'ne'}) == (None, False)
+    with pytest.raises(queries.BadQuery):
+        queries.count_jobs({**search, 'state': 'nonsense'})
+
+
+def test_a_dead_consumer_lists_only_the_jobs_still_running_on_it(ctx):
+    import datetime as dt
+
+    from app.extensions import db
+    from app.models import Job, Worker, utcnow
+    still, recovered, other = (submit(ctx).id for _ in range(3))
+    for job_id, state, worker in ((still, 'running', 'dead:1/t1'), (recovered, 'queued', None),
+                                  (other, 'running', 'alive:2/t1')):
+        row = db.session.get(Job, job_id)
+        row.state, row.worker = state, worker
+    now = utcnow()
+    old = now - dt.timedelta(seconds=600)
+    db.session.add_all([
+        Worker(id='dead:1', host='dead', pid=1, queues=['default'], concurrency=2,
+               started_at=old, last_seen=old, current=[still, recovered, other]),
+        Worker(id='alive:2', host='alive', pid=2, queues=['default', 'reports'], concurrency=2,
+               started_at=now, last_seen=now, current=[other])])
+    db.session.commit()
+    rows = queries.workers(lost_after=30)
+    assert queries.running_on(rows, 30) == {'dead:1': [still], 'alive:2': [other]}
+    assert queries.consumers_of(['default', 'reports', 'idle'], 30) == {
+        'default': ['alive:2'], 'reports': ['alive:2'], 'idle': []}
