@@ -9,8 +9,8 @@ import math
 
 from flask import render_template, url_for
 
-from . import text
-from .models import isoformat
+from . import endings, text, tracebacks
+from .models import isoformat, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,69 @@ def format_duration(seconds):
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f'{hours}h {minutes:02d}m {secs:02d}s' if hours else f'{minutes}m {secs:02d}s'
+
+
+# -- relative times (static/times.js computes the same on the page) --------
+
+# (below this many seconds, unit in seconds, label): the first that fits.
+_UNITS = ((60, 1, 's'), (3600, 60, 'min'), (48 * 3600, 3600, 'h'), (30 * 86400, 86400, 'd'))
+JUST_NOW = 5  # seconds either way that read as "just now"
+
+
+def relative(value, now=None):
+    """A naive UTC datetime relative to ``now`` (default: this moment): ``3 min ago``.
+
+    ``just now`` within :data:`JUST_NOW` seconds either way; then whole
+    seconds (``12 s ago``), minutes (``in 5 min``), hours (up to 47) and days
+    (up to 29), always rounded down; further away, the date (``2026-01-31``).
+    '' for None. static/times.js writes the same text in the browser.
+    """
+    if value is None:
+        return ''
+    seconds = ((now or utcnow()) - value).total_seconds()
+    distance = abs(seconds)
+    if distance < JUST_NOW:
+        return 'just now'
+    for below, unit, label in _UNITS:
+        if distance < below:
+            amount = f'{int(distance // unit)} {label}'
+            return f'{amount} ago' if seconds > 0 else f'in {amount}'
+    return value.strftime('%Y-%m-%d')
+
+
+def format_elapsed(seconds):
+    """Whole seconds as a running clock: ``42 s``, ``3m 04s``, ``1h 02m 03s`` ('' for None).
+
+    A negative value (a clock a little behind another host's) reads ``0 s``.
+    """
+    if seconds is None or not math.isfinite(seconds):
+        return ''
+    total = max(int(seconds), 0)
+    if total < 60:
+        return f'{total} s'
+    minutes, secs = divmod(total, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f'{hours}h {minutes:02d}m {secs:02d}s' if hours else f'{minutes}m {secs:02d}s'
+
+
+def running_for(since, now=None):
+    """How long since the naive UTC datetime ``since``, as :func:`format_elapsed` writes it."""
+    if since is None:
+        return ''
+    return format_elapsed(((now or utcnow()) - since).total_seconds())
+
+
+def run_time(job):
+    """Seconds the latest attempt of a finished ``job`` ran, or None.
+
+    Only for a job that ended by running (succeeded or failed): a canceled
+    job may have been withdrawn before it ran, its times from an earlier
+    attempt. A running job's time is :func:`running_for` its ``started_at``.
+    """
+    if job.state not in ('succeeded', 'failed') or job.started_at is None \
+            or job.finished_at is None or job.finished_at < job.started_at:
+        return None
+    return (job.finished_at - job.started_at).total_seconds()
 
 
 def percent(fraction):
@@ -103,7 +166,10 @@ def _shown(value):
 
 FILTERS = {'ts': format_ts, 'iso': format_iso, 'iso_ms': format_iso_ms,
            'duration': format_duration, 'percent': percent, 'pretty_json': pretty_json,
-           'brief': brief, 'clip': clip}
+           'brief': brief, 'clip': clip,
+           'relative': relative, 'running_for': running_for, 'run_time': run_time,
+           'job_ending': endings.of_job, 'attempt_ending': endings.of_attempt,
+           'parse_traceback': tracebacks.parse}
 GLOBALS = {'isolated': isolated}
 
 

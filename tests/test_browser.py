@@ -4,6 +4,7 @@ Everything here happens without reloading the page: the WebSocket pushes
 fragments and htmx swaps them in.
 """
 import http.server
+import json
 import os
 import re
 import signal
@@ -484,3 +485,87 @@ def test_a_page_on_another_site_can_neither_act_nor_listen(tmp_path, browser, mo
         if server is not None:
             server.shutdown()
         dep.close()
+
+
+# -- times and the job page --
+
+def test_times_tick_copy_buttons_copy_and_framework_frames_unfold(deployment, browser):
+    failed = deployment.api.wait_state(deployment.api.submit('fail', {'message': 'no luck'},
+                                                             retries=0)['id'], 'failed')
+    # one step: no progress report, so nothing but the page's own clock moves its time
+    slow = deployment.api.submit('sleep', {'seconds': 20, 'steps': 1})
+    context = browser.new_context(viewport={'width': 1300, 'height': 900},
+                                  permissions=['clipboard-read', 'clipboard-write'])
+    try:
+        page = context.new_page()
+        errors = []
+        page.on('pageerror', lambda exc: errors.append(str(exc)))
+        trace(page)
+        deployment.open(page, f'/jobs/{failed["id"]}')
+        live(page)
+        marker = page.evaluate('() => (window.__marker = Math.random())')
+
+        # relative times move on in the page, without a reload or a push
+        finished = page.locator(f'#job-{failed["id"]}-summary dt:has-text("Finished") + dd time')
+        expect(finished).to_have_attribute('datetime', failed['finished_at'][:19] + 'Z')
+        assert finished.get_attribute('title').endswith(' UTC')
+        first = finished.locator('.ago').inner_text()
+        expect(finished.locator('.ago')).not_to_have_text(first, timeout=15_000)
+        expect(finished.locator('.ago')).to_have_text(re.compile(r'^\d+ s ago$'))
+
+        # the traceback: the task's frame shown, the framework's folded until asked for
+        attempt = page.locator(f'#attempt-{failed["id"]}-1')
+        own = attempt.locator('.tb-section > .tb-frames .tb-frame')
+        expect(own).to_have_count(1)
+        expect(own).to_contain_text('huey_tasks.py')
+        expect(own).to_contain_text('in fail')
+        folded = attempt.locator('details.tb-folded')
+        framework = folded.locator('.tb-frame').first
+        expect(framework).to_be_hidden()
+        folded.locator('summary').click()
+        expect(framework).to_be_visible()
+        assert any('/huey/' in f for f in folded.locator('.tb-frame .tb-where').all_inner_texts())
+
+        # copy buttons: shown with JavaScript, they copy and say so
+        copy_id = page.get_by_role('button', name='Copy the job id')
+        copy_id.click()
+        expect(copy_id).to_have_text('Copied')
+        expect(page.locator('#copy-status')).to_have_text('Copied')
+        assert page.evaluate('() => navigator.clipboard.readText()') == failed['id']
+        attempt.get_by_role('button', name='Copy the traceback').click()
+        copied = page.evaluate('() => navigator.clipboard.readText()')
+        assert copied.startswith('Traceback (most recent call last):')
+        assert copied.rstrip().endswith('RuntimeError: no luck')
+        page.get_by_role('button', name='Copy the parameters as JSON').click()
+        page.wait_for_function('async () => (await navigator.clipboard.readText()).includes("no luck")')
+        assert json.loads(page.evaluate('() => navigator.clipboard.readText()')) == {'message': 'no luck'}
+        assert page.evaluate('() => window.__marker') == marker  # all in one page, never reloaded
+
+        # a running job's clock runs in the page
+        page.goto(f'{deployment.api.base}/jobs/{slow["id"]}')
+        live(page)
+        clock = page.locator(f'#job-{slow["id"]}-summary .elapsed')
+        expect(clock).to_be_visible(timeout=20_000)
+        seconds = int(clock.inner_text().split()[0])
+        page.wait_for_function(
+            '([sel, s]) => parseInt(document.querySelector(sel).textContent) >= s + 2',
+            arg=[f'#job-{slow["id"]}-summary .elapsed', seconds], timeout=10_000)
+        assert errors == []
+    finally:
+        context.close()
+
+
+def test_times_read_and_copy_buttons_hide_without_javascript(deployment, browser):
+    job = deployment.api.wait_state(deployment.api.submit('noop')['id'], 'succeeded')
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        page = context.new_page()
+        deployment.open(page, f'/jobs/{job["id"]}')
+        finished = page.locator(f'#job-{job["id"]}-summary dt:has-text("Finished") + dd time')
+        expect(finished.locator('.ago')).to_have_text(re.compile(r'^(just now|\d+ s ago)$'))
+        expect(page.locator('.btn-copy').first).to_be_hidden()
+        assert page.locator('.btn-copy').count() >= 2
+        page.goto(deployment.api.base + '/jobs?state=succeeded')
+        expect(page.locator(f'#job-{job["id"]} td.run-time')).to_have_text(re.compile(r'\d+ (ms|s)$'))
+    finally:
+        context.close()

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # one, never of a higher one; a package entry covers its submodules.
 LAYERS = (
     ('leaves', {'app.config', 'app.extensions', 'app.states', 'app.text', 'app.models',
+                'app.tracebacks', 'app.endings',
                 'app.events', 'app.catalog', 'app.task_api', 'app.roles', 'app.masking',
                 'app.rules'}),
     ('adapters', {'app.message', 'app.storage', 'app.broker', 'app.ledger', 'app.leader',

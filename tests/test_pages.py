@@ -3,6 +3,7 @@ import datetime as dt
 import json
 import logging
 import re
+import traceback
 import uuid
 
 import sqlalchemy as sa
@@ -423,3 +424,132 @@ def test_queues_say_who_serves_them_and_how_long_the_oldest_job_waited(tmp_path)
     assert 'data-consumers="1"' in reports and '>served<' in reports and 'host:7-1' in reports
     assert 'Waiting in Huey' not in html and 'Broker messages' in html
     assert re.search(r'<abbr title="Depth: messages in the broker', html)
+
+# -- times and the job page --
+
+def _ended(app, job_id, state, error_type=None, message=None, outcome=None, traceback=None,
+           ran=2.5, **values):
+    """Give job ``job_id`` one attempt that ran ``ran`` s and ended as told."""
+    with app.app_context():
+        row = db.session.get(Job, job_id)
+        finished = dt.datetime.utcnow().replace(microsecond=0) - dt.timedelta(minutes=3)
+        started = finished - dt.timedelta(seconds=ran)
+        row.state, row.attempts, row.started_at, row.finished_at = state, 1, started, finished
+        row.error_type = error_type
+        row.error = (f'{error_type}: {message}' if message else error_type) if error_type else None
+        for key, value in values.items():
+            setattr(row, key, value)
+        db.session.add(Attempt(job_id=job_id, number=1, outcome=outcome or state, started_at=started,
+                               finished_at=finished, duration=ran, error_type=error_type,
+                               error_message=message, traceback=traceback))
+        db.session.commit()
+        return started, finished
+
+
+def test_times_read_relative_with_the_exact_utc_time_for_hover_and_screen_readers(client, app):
+    job = client.post('/api/jobs', json={'task': 'noop'}).get_json()
+    started, finished = _ended(app, job['id'], 'succeeded', result={'ok': True})
+    exact = finished.strftime('%Y-%m-%d %H:%M:%S')
+    stamp = (f'<time datetime="{finished.isoformat()}Z" title="{exact} UTC" data-relative>'
+             f'<span class="ago">3 min ago</span><span class="sr-only"> ({exact} UTC)</span></time>')
+    page = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
+    assert f'<dt>Finished</dt><dd>{stamp}</dd>' in page
+    assert '<dt>Run time</dt><dd class="run-time">2.50 s</dd>' in page
+    assert '<span class="muted run-time">ran 2.50 s</span>' in page
+    for path in ('/jobs', f'/jobs/{job["id"]}/row', '/'):
+        html = client.get(path).get_data(as_text=True)
+        assert f'<td class="finished">{stamp}</td>' in html, path
+        assert '<td class="num run-time">2.50 s</td>' in html, path
+    assert '<th>Finished</th><th class="num">Run time</th>' in client.get('/jobs').get_data(as_text=True)
+
+
+def test_a_running_job_shows_its_clock_from_its_start(client, app):
+    job = client.post('/api/jobs', json={'task': 'sleep'}).get_json()
+    with app.app_context():
+        row = db.session.get(Job, job['id'])
+        start = dt.datetime.utcnow().replace(microsecond=0) - dt.timedelta(seconds=75)
+        row.state, row.attempts, row.started_at = 'running', 1, start
+        db.session.add(Attempt(job_id=row.id, number=1, outcome='running', started_at=start))
+        db.session.commit()
+    clock = re.compile(r'<span class="elapsed" data-since="' + re.escape(start.isoformat() + 'Z')
+                       + r'" title="running since [^"]+ UTC">1m 1[5-9]s</span>')
+    page = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
+    assert re.search(r'<dt>Running for</dt><dd>' + clock.pattern, page)
+    assert re.search(r'running for ' + clock.pattern, page)  # the attempt
+    assert re.search(r'<td class="num run-time">' + clock.pattern, client.get('/jobs').get_data(as_text=True))
+
+
+def _real_traceback():
+    def hook(obj):
+        raise KeyError('no field a')
+    try:
+        json.loads('{"a": 1}', object_hook=hook)
+    except KeyError as exc:
+        return ''.join(traceback.format_exception(exc))
+
+
+def test_a_failed_job_shows_its_own_frames_first_and_folds_the_rest(client, app):
+    job = client.post('/api/jobs', json={'task': 'fail', 'params': {'message': 'x' * 300}}).get_json()
+    tb = _real_traceback()
+    _ended(app, job['id'], 'failed', 'KeyError', "'no field a'", traceback=tb)
+    page = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
+    own, _, rest = page.partition('<details class="tb-folded">')
+    own = own[own.index('<div class="tb">'):]
+    assert 'in <code>hook</code>' in own and 'in <code>_real_traceback</code>' in own
+    assert 'json' not in own.replace('json.loads', '')  # the standard library's frames are folded
+    assert re.match(r'<summary>\d+ framework frames? \(Huey, queue-manager, libraries\)</summary>', rest)
+    assert 'json/__init__.py' in rest.split('</details>')[0]
+    assert '<pre class="tb-exception">KeyError: &#39;no field a&#39;</pre>' in rest
+    dom_id = f'traceback-{job["id"]}-1'
+    assert f'<pre class="traceback" id="{dom_id}">' in rest  # as printed, folded
+    assert re.search(r'<button type="button" class="btn btn-copy" hidden aria-label="Copy the '
+                     r'traceback"\s+data-copy-target="' + dom_id + '">Copy</button>', page)
+    # the latest attempt's traceback is open; text that does not parse is shown as it is
+    assert '<details class="attempt-traceback" open>' in page
+
+
+def test_a_traceback_that_does_not_parse_is_shown_as_it_is(client, app):
+    job = client.post('/api/jobs', json={'task': 'fail'}).get_json()
+    _ended(app, job['id'], 'failed', 'RuntimeError', 'boom',
+           traceback='Traceback (most recent call last):\n… [90,000 characters, cut] …\nRuntimeError: boom')
+    page = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
+    assert (f'<pre class="traceback" id="traceback-{job["id"]}-1">Traceback (most recent call last):\n'
+            '… [90,000 characters, cut] …\nRuntimeError: boom</pre>') in page
+    assert 'tb-folded' not in page and 'tb-raw' not in page
+
+
+def test_cancels_timeouts_and_lost_attempts_read_in_an_operators_words(client, app):
+    cases = [('canceled', 'app.task_api.Canceled', 'canceled by an operator at 40% (step 4)',
+              'canceled', 'Canceled by an operator at 40% (step 4)'),
+             ('failed', 'huey.exceptions.TaskTimeout', 'timeout 2.0s', 'timeout',
+              'Timed out after 2 s'),
+             ('failed', 'WorkerLost', 'worker h:1-2 died (its lease ran out)', 'lost',
+              'Its consumer stopped while running it (lost): worker h:1-2 died (its lease ran out)')]
+    for state, etype, message, outcome, words in cases:
+        job = client.post('/api/jobs', json={'task': 'sleep'}).get_json()
+        _ended(app, job['id'], state, etype, message, outcome=outcome)
+        raw = f'{etype}: {message}'
+        shown = f'title="{raw}">{words}</bdi>'
+        page = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
+        assert f'<strong>Last error</strong> <bdi class="ending ending-{outcome}" {shown}' in page
+        assert f'<p class="attempt-error"><bdi class="ending ending-{outcome}" {shown}' in page
+        row = client.get(f'/jobs/{job["id"]}/row').get_data(as_text=True)
+        assert f'<td class="error-cell"><bdi class="ending ending-{outcome}" title="{raw}">' in row
+        # the API keeps what is stored
+        api = client.get(f'/api/jobs/{job["id"]}').get_json()
+        assert (api['error'], api['attempts'][0]['error']) == (raw, raw)
+
+
+def test_the_job_page_offers_copy_buttons_for_id_parameters_and_result(client, app):
+    job = client.post('/api/jobs', json={'task': 'fail', 'params': {'message': XSS}}).get_json()
+    _ended(app, job['id'], 'succeeded', result={'answer': XSS})
+    page = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
+    buttons = dict(re.findall(r'<button type="button" class="btn btn-copy" hidden aria-label="([^"]+)"'
+                              r'\s+(data-copy-(?:text|target)="[^"]*")>Copy</button>', page))
+    assert buttons == {
+        'Copy the job id': f'data-copy-text="{job["id"]}"',
+        'Copy the parameters as JSON': 'data-copy-text="{\n  &#34;message&#34;: '
+                                       '&#34;&lt;script&gt;alert(1)&lt;/script&gt;&#34;\n}"',
+        'Copy the result': f'data-copy-target="result-{job["id"]}"'}
+    assert f'<pre class="result" id="result-{job["id"]}">' in page
+    assert 'times.js' in page and 'copy.js' in page

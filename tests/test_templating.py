@@ -1,5 +1,6 @@
 """The filters every template uses."""
 import datetime as dt
+from types import SimpleNamespace
 
 from app import templating
 
@@ -25,3 +26,33 @@ def test_long_values_are_cut_saying_so():
     clipped = templating.clip('y' * 50, 10)
     assert clipped.startswith('y' * 10) and '40 more characters' in clipped
     assert templating.pretty_json({'b': 1, 'a': '☕'}) == '{\n  "a": "☕",\n  "b": 1\n}'
+
+
+def test_relative_times_read_as_people_say_them():
+    now = dt.datetime(2026, 1, 31, 12, 0, 0)
+    ago = {0: 'just now', 4.9: 'just now', -4: 'just now', 5: '5 s ago', 59.9: '59 s ago',
+           60: '1 min ago', 3599: '59 min ago', 3600: '1 h ago', 47.9 * 3600: '47 h ago',
+           48 * 3600: '2 d ago', 29.9 * 86400: '29 d ago', -5: 'in 5 s', -310: 'in 5 min',
+           -7200: 'in 2 h'}
+    for seconds, expected in ago.items():
+        assert templating.relative(now - dt.timedelta(seconds=seconds), now) == expected, seconds
+    assert templating.relative(dt.datetime(2025, 12, 1, 23, 59), now) == '2025-12-01'
+    assert templating.relative(None, now) == ''
+
+
+def test_a_running_clock_and_a_finished_run_time():
+    assert [templating.format_elapsed(s) for s in (None, -2, 0, 59.9, 184, 3723)] == [
+        '', '0 s', '0 s', '59 s', '3m 04s', '1h 02m 03s']
+    start = dt.datetime(2026, 1, 31, 12, 0, 0)
+    assert templating.running_for(start, start + dt.timedelta(seconds=75)) == '1m 15s'
+    assert templating.running_for(None) == ''
+
+    def job(state, started, finished):
+        return SimpleNamespace(state=state, started_at=started, finished_at=finished)
+    end = start + dt.timedelta(seconds=2.5)
+    assert templating.run_time(job('succeeded', start, end)) == 2.5
+    assert templating.run_time(job('failed', start, end)) == 2.5
+    # withdrawn before it ran again: its times are an earlier attempt's
+    assert templating.run_time(job('canceled', start, end)) is None
+    assert templating.run_time(job('succeeded', None, end)) is None
+    assert templating.run_time(job('succeeded', end, start)) is None  # clocks of two hosts
