@@ -96,14 +96,16 @@ def test_submitted_job_appears_and_succeeds_without_reload(deployment, page):
 
 
 def test_flaky_job_page_shows_three_attempts_appear_live(deployment, page):
-    job = deployment.api.submit('flaky', {'failures': 2}, retry_delay=1.5)
+    job = deployment.api.submit('flaky', {'failures': 2}, retry_delay=3)
     deployment.open(page, f'/jobs/{job["id"]}')
     live(page)
     attempts = page.locator('.timeline .attempt')
-    seen = set()
-    for count in (1, 2, 3):
+    # On a busy machine the first attempt may have ended before the page
+    # opened: each attempt from the one it shows first must appear live.
+    shown = attempts.count()
+    assert shown < 3, 'every attempt ended before the page opened: nothing to see live'
+    for count in range(max(shown, 1), 4):
         expect(attempts).to_have_count(count, timeout=20_000)
-        seen.add(count)
     expect(page.locator(f'#job-{job["id"]}-summary')).to_have_attribute('data-state', 'succeeded',
                                                                          timeout=20_000)
     assert [a.get_attribute('data-outcome') for a in attempts.all()] == ['failed', 'failed', 'succeeded']
