@@ -28,7 +28,7 @@ def test_an_admin_creates_changes_and_deletes_users_from_the_page(admin):
     resp = admin.post('/users', data={'name': 'bob', 'role': 'viewer', 'password': PASSWORD})
     assert resp.status_code == 303
     page = admin.get('/users').get_data(as_text=True)
-    assert 'Created bob (viewer).' in page and '<td>bob</td>' in page
+    assert 'Created bob (viewer).' in page and '<td data-label="Name">bob</td>' in page
     assert admin.post('/users/bob/role', data={'role': 'operator'}).status_code == 303
     with admin.app.app_context():
         assert accounts.get_user('bob').role == 'operator'
