@@ -220,7 +220,7 @@ def test_long_values_are_on_the_pages_wrapped_not_lost(site, browser):  # noqa: 
         page = context.new_page()
         open_page(dep, page, '/')
         row = page.locator(f'#job-{ids["failed"]}')
-        expect(row.locator('td.error-cell')).to_have_attribute('title', LONG_ERROR)
+        expect(row.locator('td.error-cell bdi')).to_have_attribute('title', LONG_ERROR)
         expect(row.locator('td.error-cell')).to_be_visible()
         expect(page.locator(f'#job-{ids["running"]} .progress-label')).to_contain_text(
             'step 12 of 60 · reticulating')

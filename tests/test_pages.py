@@ -352,7 +352,7 @@ def test_attempts_read_as_they_are(app, client):
     html = client.get('/jobs').get_data(as_text=True)
 
     def cell(row):
-        return re.search(rf'id="job-{row["id"]}".*?<td class="num attempts">(.*?)</td>',
+        return re.search(rf'id="job-{row["id"]}".*?<td class="num attempts" data-label="Attempts">(.*?)</td>',
                          html, re.S).group(1)
     assert '1/3' not in html
     assert re.fullmatch(r'<span class="muted" title="1 attempt made; up to 3 allowed"></span>',
@@ -420,7 +420,7 @@ def test_queues_say_who_serves_them_and_how_long_the_oldest_job_waited(tmp_path)
     reports = re.search(r'<tr id="queue-reports".*?</tr>', html, re.S).group(0)
     assert 'data-consumers="0"' in default and 'no consumer online' in default
     assert '>running<' not in html
-    assert re.search(r'class="num latency" data-seconds="13\d\.\d">2m 1\d', default), default
+    assert re.search(r'class="num latency" data-seconds="13\d\.\d" data-label="Latency">2m 1\d', default), default
     assert 'data-consumers="1"' in reports and '>served<' in reports and 'host:7-1' in reports
     assert 'Waiting in Huey' not in html and 'Broker messages' in html
     assert re.search(r'<abbr title="Depth: messages in the broker', html)
@@ -458,8 +458,8 @@ def test_times_read_relative_with_the_exact_utc_time_for_hover_and_screen_reader
     assert '<span class="muted run-time">ran 2.50 s</span>' in page
     for path in ('/jobs', f'/jobs/{job["id"]}/row', '/'):
         html = client.get(path).get_data(as_text=True)
-        assert f'<td class="finished">{stamp}</td>' in html, path
-        assert '<td class="num run-time">2.50 s</td>' in html, path
+        assert f'<td class="finished" data-label="Finished">{stamp}</td>' in html, path
+        assert '<td class="num run-time" data-label="Run time">2.50 s</td>' in html, path
     assert '<th>Finished</th><th class="num">Run time</th>' in client.get('/jobs').get_data(as_text=True)
 
 
@@ -476,7 +476,7 @@ def test_a_running_job_shows_its_clock_from_its_start(client, app):
     page = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
     assert re.search(r'<dt>Running for</dt><dd>' + clock.pattern, page)
     assert re.search(r'running for ' + clock.pattern, page)  # the attempt
-    assert re.search(r'<td class="num run-time">' + clock.pattern, client.get('/jobs').get_data(as_text=True))
+    assert re.search(r'<td class="num run-time" data-label="Run time">' + clock.pattern, client.get('/jobs').get_data(as_text=True))
 
 
 def _real_traceback():
@@ -501,7 +501,7 @@ def test_a_failed_job_shows_its_own_frames_first_and_folds_the_rest(client, app)
     assert 'json/__init__.py' in rest.split('</details>')[0]
     assert '<pre class="tb-exception">KeyError: &#39;no field a&#39;</pre>' in rest
     dom_id = f'traceback-{job["id"]}-1'
-    assert f'<pre class="traceback" id="{dom_id}">' in rest  # as printed, folded
+    assert f'<pre class="traceback" id="{dom_id}" tabindex="0">' in rest  # as printed, folded
     assert re.search(r'<button type="button" class="btn btn-copy" hidden aria-label="Copy the '
                      r'traceback"\s+data-copy-target="' + dom_id + '">Copy</button>', page)
     # the latest attempt's traceback is open; text that does not parse is shown as it is
@@ -513,7 +513,7 @@ def test_a_traceback_that_does_not_parse_is_shown_as_it_is(client, app):
     _ended(app, job['id'], 'failed', 'RuntimeError', 'boom',
            traceback='Traceback (most recent call last):\n… [90,000 characters, cut] …\nRuntimeError: boom')
     page = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
-    assert (f'<pre class="traceback" id="traceback-{job["id"]}-1">Traceback (most recent call last):\n'
+    assert (f'<pre class="traceback" id="traceback-{job["id"]}-1" tabindex="0">Traceback (most recent call last):\n'
             '… [90,000 characters, cut] …\nRuntimeError: boom</pre>') in page
     assert 'tb-folded' not in page and 'tb-raw' not in page
 
@@ -534,7 +534,7 @@ def test_cancels_timeouts_and_lost_attempts_read_in_an_operators_words(client, a
         assert f'<strong>Last error</strong> <bdi class="ending ending-{outcome}" {shown}' in page
         assert f'<p class="attempt-error"><bdi class="ending ending-{outcome}" {shown}' in page
         row = client.get(f'/jobs/{job["id"]}/row').get_data(as_text=True)
-        assert f'<td class="error-cell"><bdi class="ending ending-{outcome}" title="{raw}">' in row
+        assert f'<td class="error-cell" data-label="Last error"><bdi class="ending ending-{outcome}" title="{raw}">' in row
         # the API keeps what is stored
         api = client.get(f'/api/jobs/{job["id"]}').get_json()
         assert (api['error'], api['attempts'][0]['error']) == (raw, raw)
@@ -551,5 +551,5 @@ def test_the_job_page_offers_copy_buttons_for_id_parameters_and_result(client, a
         'Copy the parameters as JSON': 'data-copy-text="{\n  &#34;message&#34;: '
                                        '&#34;&lt;script&gt;alert(1)&lt;/script&gt;&#34;\n}"',
         'Copy the result': f'data-copy-target="result-{job["id"]}"'}
-    assert f'<pre class="result" id="result-{job["id"]}">' in page
+    assert f'<pre class="result" id="result-{job["id"]}" tabindex="0">' in page
     assert 'times.js' in page and 'copy.js' in page
