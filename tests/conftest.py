@@ -18,7 +18,7 @@ _IMPORT_DIR = tempfile.mkdtemp(prefix='qm-import-')
 atexit.register(shutil.rmtree, _IMPORT_DIR, ignore_errors=True)
 os.environ['INSTANCE_PATH'] = _IMPORT_DIR
 
-from helpers import IN_CI, RedisServer, need  # noqa: E402
+from helpers import CHROMIUM, CHROMIUM_ARGS, IN_CI, RedisServer, need  # noqa: E402
 
 from flask.testing import FlaskClient  # noqa: E402
 
@@ -234,6 +234,21 @@ def worker(app):
     embedded.start(app)
     yield app
     embedded.stop(app, timeout=5)
+
+
+@pytest.fixture(scope='session')
+def browser():
+    """The session's Chromium, driven by Playwright; one for every browser test module.
+
+    Defined here, once: a second ``sync_playwright()`` in the same process
+    (a copy of this fixture in another module) fails while this one runs.
+    """
+    from playwright.sync_api import sync_playwright
+    need(os.path.exists(CHROMIUM), f'{CHROMIUM} is missing (apt-get install chromium)')
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
 
 @pytest.fixture(scope='session')

@@ -28,6 +28,12 @@ BIN = Path(sys.executable).parent
 IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
 
 
+CHROMIUM = '/usr/bin/chromium'  # Debian's; never a downloaded browser
+# Chromium's own background traffic is refused on this network; keep it quiet.
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync', '--no-first-run']
+
+
 def need(condition, reason):
     """Skip on a developer machine that lacks something; fail loudly in CI."""
     if condition:

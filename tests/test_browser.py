@@ -5,36 +5,20 @@ fragments and htmx swaps them in.
 """
 import http.server
 import json
-import os
 import re
 import signal
 import threading
 import time
 
 import pytest
-from helpers import ADMIN, Deployment, Socket, add_user, need, start_consumer, wait_for
+from helpers import ADMIN, Deployment, Socket, add_user, start_consumer, wait_for
 from test_auth import ROUTES, app_routes, url_of
 
 from app import create_app
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 # Every test here starts real processes: the full suite only (make test).
 pytestmark = pytest.mark.processes
-
-CHROMIUM = '/usr/bin/chromium'
-# Chromium's own background traffic is refused on this network; keep it quiet.
-ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
-        '--disable-component-update', '--disable-sync', '--no-first-run']
-
-
-@pytest.fixture(scope='session')
-def browser():
-    need(os.path.exists(CHROMIUM), f'{CHROMIUM} is missing (apt-get install chromium)')
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
-
 
 @pytest.fixture
 def page(browser):

@@ -6,7 +6,7 @@ import re
 import pytest
 from helpers import Deployment
 from playwright.sync_api import expect
-from test_browser import browser, live, page, trace  # noqa: F401 (fixtures)
+from test_browser import live, page, trace  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.processes
 
@@ -58,10 +58,14 @@ def test_select_the_page_then_every_matching_job_and_cancel_them_after_confirmin
     expect(page.locator('.confirm-filter')).to_contain_text('scheduled')
     expect(page.locator('.confirm-filter')).to_contain_text('sleep')
     # The destructive button is filled red; the way out is not.
-    colors = page.evaluate("""() => [
-        getComputedStyle(document.querySelector('.btn-destructive')).backgroundColor,
-        getComputedStyle(document.querySelector('.btn-safe')).backgroundColor]""")
-    assert colors[0] == 'rgb(192, 54, 44)' and colors[1] != colors[0]
+    colors = page.evaluate("""() => {
+        const probe = document.createElement('span');
+        probe.style.color = 'var(--bad)';  // the theme's colour for danger
+        document.body.append(probe);
+        return [getComputedStyle(document.querySelector('.btn-destructive')).backgroundColor,
+                getComputedStyle(document.querySelector('.btn-safe')).backgroundColor,
+                getComputedStyle(probe).color]; }""")
+    assert colors[0] == colors[2] and colors[1] != colors[0]
     page.click('.btn-destructive')
     expect(page.locator('.flash-ok')).to_contain_text('5 of 5 jobs canceled')
     for job_id in ids:

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 from helpers import ROOT, Deployment, grant_admin, ledger
-from test_browser import browser, live  # noqa: F401 (the session's Chromium)
+from test_browser import live
 
 import sqlalchemy as sa
 from playwright.sync_api import expect
