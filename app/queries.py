@@ -224,7 +224,9 @@ def search_condition(q):
     return search_plan(q)[0]
 
 
-FILTER_KEYS = ('state', 'queue', 'task', 'q')  # the jobs list's filters, in its query string
+# The jobs list's filters, in its query string.
+FILTER_KEYS = ('state', 'queue', 'task', 'q', 'finished_from', 'finished_to')
+TIME_FILTERS = ('finished_from', 'finished_to')  # ISO 8601 times (UTC) among them
 MAX_FILTER = 1000  # characters in a filter value, for pages and API alike
 
 
@@ -253,12 +255,49 @@ def check_filters(filters):
         value = filters.get(key)
         if value is not None and len(value) > MAX_FILTER:
             raise BadQuery(f'{key} must be at most {MAX_FILTER} characters')
+    for key in TIME_FILTERS:
+        parse_time(filters.get(key), key)
 
 
-def query_filters(state=None, queue=None, task=None, q=None):
+def parse_time(value, name):
+    """An ISO 8601 time (``2026-03-01T12:00:00Z``) as a naive UTC datetime; None for None.
+
+    A time with another offset is converted to UTC; one with none is read as
+    UTC. Raises :class:`BadQuery` naming ``name`` for anything else.
+    """
+    if value is None:
+        return None
+    try:
+        if len(value) > 40:
+            raise ValueError(value)
+        at = dt.datetime.fromisoformat(value.strip())
+        if at.tzinfo is not None:
+            at = at.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return at
+    except (ValueError, TypeError, OverflowError):
+        raise BadQuery(f'{name} must be an ISO 8601 time in UTC, such as '
+                       f'2026-03-01T12:00:00Z') from None
+
+
+def finished_between(finished_from=None, finished_to=None):
+    """SQL conditions: finished at or after ``finished_from``, before ``finished_to``.
+
+    Both are ISO 8601 text (:func:`parse_time`) or None (no bound); a job
+    that has not finished matches no bound. Raises :class:`BadQuery`.
+    """
+    start = parse_time(finished_from, 'finished_from')
+    end = parse_time(finished_to, 'finished_to')
+    if start is not None and end is not None and end <= start:
+        raise BadQuery('finished_to must come after finished_from')
+    return ([Job.finished_at >= start] if start is not None else []) + (
+        [Job.finished_at < end] if end is not None else [])
+
+
+def query_filters(state=None, queue=None, task=None, q=None, finished_from=None,
+                  finished_to=None):
     """Validated filters as SQL conditions; raises :class:`BadQuery`."""
     check_filters({'state': state, 'queue': queue, 'task': task, 'q': q})
-    conditions = []
+    conditions = finished_between(finished_from, finished_to)
     if state:
         conditions.append(Job.state == state)
     if queue:
@@ -283,7 +322,7 @@ class _Key:
 
 
 def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
-              with_result=False):
+              with_result=False, finished_from=None, finished_to=None):
     """One page of jobs, newest first: ``(jobs, next_cursor)``.
 
     Keyset pagination on (created_at, id): each page is an index range scan,
@@ -292,10 +331,13 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     :func:`search_plan`) looks at no more than :data:`SCAN_WINDOW` rows: the
     page may then hold fewer than ``limit`` jobs (even none) with a cursor
     that goes on further back, so that every page costs about the same at
-    any ledger size. ``next_cursor`` is None after the last page. Raises
+    any ledger size. ``next_cursor`` is None after the last page.
+    ``finished_from`` and ``finished_to`` (ISO 8601, UTC) keep the jobs
+    finished in that range (:func:`finished_between`). Raises
     :class:`BadQuery` for a bad filter or cursor.
     """
-    conditions = query_filters(state, queue, task)
+    conditions = query_filters(state, queue, task, finished_from=finished_from,
+                               finished_to=finished_to)
     if cursor:
         created, job_id = decode_cursor(cursor)
         conditions.append(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(created, job_id))
