@@ -3,6 +3,7 @@ import logging
 
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
+from werkzeug.exceptions import NotFound
 
 from . import auth, catalog, errors, fragments, jobs, periodic, queries, queues, states, text
 from .fragments import PAGES, Scope
@@ -256,6 +257,24 @@ def bulk_jobs():
 def queues_page():
     """Every queue: waiting, running, failed, throughput; pause and resume."""
     return _page('queues', 'queues.html')
+
+
+@bp.get('/queues/<name>')
+def queue_page(name):
+    """One queue's charts: throughput, wait and run time, depth."""
+    if not queries.known_queue(name, current_app.config['QUEUES']):
+        raise NotFound(f'no queue named {name}')
+    params = PAGES['queue'].parse({**request.args.to_dict(), 'queue': name})
+    return _page('queue', 'queue.html', params, queue=name)
+
+
+@bp.get('/tasks/<name>')
+def task_page(name):
+    """One task type's charts: throughput, wait and run time."""
+    if not queries.known_task(name):
+        raise NotFound(f'no task type named {name}')
+    params = PAGES['task'].parse({**request.args.to_dict(), 'task': name})
+    return _page('task', 'task.html', params, task=name, declared=catalog.TASKS.get(name))
 
 
 @bp.post('/queues/<name>/pause')

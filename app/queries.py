@@ -563,6 +563,18 @@ def task_names():
     return sorted(catalog.TASKS)
 
 
+def known_queue(name, configured):
+    """Whether ``name`` is one of the ``configured`` queues or one some job row names."""
+    return name in configured or db.session.scalar(
+        sa.select(JobCount.queue).where(JobCount.queue == name).limit(1)) is not None
+
+
+def known_task(name):
+    """Whether ``name`` is a declared task type or one some job row names."""
+    return name in catalog.TASKS or db.session.scalar(
+        sa.select(JobCount.task).where(JobCount.task == name).limit(1)) is not None
+
+
 # -- metrics ------------------------------------------------------------------
 
 def job_outcome(outcome):
