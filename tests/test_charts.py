@@ -129,7 +129,7 @@ def test_each_window_has_its_points_and_the_switch_is_plain_links(client):
         path = re.search(r'series-succeeded" data-line="succeeded">\s*<path class="chart-line" '
                          r'fill="none" d="([^"]+)"', page).group(1)
         assert path.count(' L') == points - 1, window
-        assert f'<a href="/?window={window}" aria-current="true">' in page
+        assert f'<a href="/?window={window}" hx-boost="true" aria-current="true">' in page
         assert 'no data in this window' in page
     queue_page = client.get('/queues/default?window=7d').get_data(as_text=True)
     assert 'href="/queues/default?window=24h"' in queue_page
