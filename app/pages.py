@@ -277,6 +277,19 @@ def task_page(name):
     return _page('task', 'task.html', params, task=name, declared=catalog.TASKS.get(name))
 
 
+@bp.get('/charts')
+def charts_fragment():
+    """The charts fragment for ``window``, narrowed by ``queue`` or ``task`` (one of them)."""
+    queue, task = request.args.get('queue') or None, request.args.get('task') or None
+    if queue and not queries.known_queue(queue, current_app.config['QUEUES']):
+        raise NotFound(f'no queue named {queue}')
+    if task and not queries.known_task(task):
+        raise NotFound(f'no task type named {task}')
+    params = {'queue': None if task else queue, 'task': task,
+              **PAGES['dashboard'].parse(request.args)}
+    return fragments.CHARTS.render(Scope(params))
+
+
 @bp.post('/queues/<name>/pause')
 @auth.action('pause')
 def pause_queue(name):

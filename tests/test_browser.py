@@ -505,7 +505,7 @@ def test_the_throughput_chart_follows_finished_jobs_and_a_point_opens_them(deplo
     page.wait_for_function(f'() => ({SUCCEEDED_TOTAL})() >= {before + 3}', timeout=30_000)
     assert page.evaluate('() => window.__marker') == marker
     # The newest point holds them (or they straddle a minute: the one before it).
-    links = page.locator(f'#charts [data-chart="throughput"] .series-succeeded a')
+    links = page.locator('#charts [data-chart="throughput"] .series-succeeded a')
     hrefs = [links.nth(i).get_attribute('href') for i in range(links.count())][-2:]
     listed = set()
     for href in reversed(hrefs):

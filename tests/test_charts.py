@@ -157,6 +157,11 @@ def test_unknown_queue_or_task_is_404_and_a_bad_window_400(client):
         assert resp.status_code == 400, url
         assert 'window must be one of 1h, 24h, 7d' in resp.get_data(as_text=True)
     assert client.get('/ws?view=task').status_code == 400
+    assert client.get('/charts?queue=nope').status_code == 404
+    assert client.get('/charts?window=5m').status_code == 400
+    fragment = client.get('/charts?task=noop&window=7d').get_data(as_text=True)
+    assert fragment.startswith('<section id="charts"') and 'data-window="7d"' in fragment
+    assert 'chart-depth' not in fragment and 'href="/tasks/noop?window=1h"' in fragment
     assert client.get('/ws?view=dashboard&window=1y').status_code == 400
     with pytest.raises(queries.BadQuery):
         charts.window_of('1y')
