@@ -19,12 +19,18 @@ QUEUE = Query('queue', max_length=queries.MAX_FILTER, help='Only jobs of this qu
 TASK = Query('task', max_length=queries.MAX_FILTER, help='Only jobs of this task type')
 SEARCH = Query('q', max_length=queries.MAX_FILTER, help='An id prefix, or text in the parameters, the error or the result '
                          '(ASCII letters in any case, anything else as typed)')
+FINISHED_FROM = Query('finished_from', max_length=40,
+                      help='Only jobs finished at or after this time (ISO 8601, UTC, '
+                           'such as 2026-03-01T12:00:00Z)')
+FINISHED_TO = Query('finished_to', max_length=40,
+                    help='Only jobs finished before this time (ISO 8601, UTC)')
 LIMIT = Query('limit', int, minimum=1, maximum='MAX_PAGE_SIZE',
               help='Jobs per page (default PAGE_SIZE)')
 CURSOR = Query('cursor', help='The `next` value of the previous page')
 # The jobs list's filters, in queries.FILTER_KEYS order (a KeyError here if a
 # key has no declaration): checked by these, picked by queries.parse_filters.
-FILTERS = tuple({q.name: q for q in (STATE, QUEUE, TASK, SEARCH)}[k] for k in queries.FILTER_KEYS)
+FILTERS = tuple({q.name: q for q in (STATE, QUEUE, TASK, SEARCH, FINISHED_FROM, FINISHED_TO)}[k]
+                for k in queries.FILTER_KEYS)
 
 
 def _query(*params):

@@ -22,12 +22,13 @@ from typing import Callable, NamedTuple
 from flask import current_app, render_template
 from markupsafe import Markup
 
-from . import alerts, audit, catalog, periodic, queries, queues, states
+from . import alerts, audit, catalog, charts, periodic, queries, queues, states
 
 RECENT = 20  # rows in the dashboard's newest jobs
 AUDIT_ROWS = 200  # entries on the audit page
 ALERT_ROWS = 50  # past alerts per page of /alerts
 BANNER_ROWS = 5  # firing alerts the banner names; it counts the rest
+CHART_EVERY = 5.0  # least seconds between two pushes of a live view's charts
 
 _PARAMETER = re.compile(r'-?\{(\w+)\}')
 
@@ -88,12 +89,15 @@ class Fragment:
     ``displayed`` (the job ids its last render showed); None: never, the
     fragment is sent only with a snapshot. ``gone``: a live view shows
     ``_<name>-gone.html`` when ``build`` raises NotFound (else it leaves the
-    fragment out).
+    fragment out). ``every``: the least seconds between two renders of it
+    for a live view (0: whenever its page renders); the changes that concern
+    it in between go out together once it is due (:mod:`app.live`).
     """
     id: str
     build: Callable[[Scope], dict] | None
     concerns: Callable[[Change, object], bool] | None
     gone: bool = False
+    every: float = 0.0
 
     @property
     def name(self):
@@ -187,6 +191,19 @@ def _queue_param(args):
 
 def _no_params(args):
     return {}
+
+
+def _window_param(args):
+    return {'window': charts.window_of(args.get('window'))}
+
+
+def _named(key):
+    def parse(args):
+        name = args.get(key) or ''
+        if not name or len(name) > queries.MAX_FILTER:
+            raise ValueError(f'view={key} needs a {key} of at most {queries.MAX_FILTER} characters')
+        return {key: name, **_window_param(args)}
+    return parse
 
 
 def _alert_params(args):
@@ -306,6 +323,24 @@ def _alert_history(scope):
             'next': rows[ALERT_ROWS - 1].id if len(rows) > ALERT_ROWS else None}
 
 
+def _charts(scope):
+    params = scope.params
+    queue, task = params.get('queue'), params.get('task')
+    if task:
+        endpoint, args = 'pages.task_page', {'name': task}
+    elif queue:
+        endpoint, args = 'pages.queue_page', {'name': queue}
+    else:
+        endpoint, args = 'pages.dashboard', {}
+    window = params['window']
+    return {'charts': charts.charts(window, queue=queue, task=task), 'window': window,
+            'window_label': charts.WINDOW_LABELS[window], 'window_labels': charts.WINDOW_LABELS,
+            'step_label': charts.STEP_LABELS[charts.WINDOWS[window][1]],
+            'queue': queue, 'task': task, 'page_endpoint': endpoint, 'page_args': args,
+            'geometry': {'width': charts.WIDTH, 'height': charts.HEIGHT, 'left': charts.LEFT,
+                         'right': charts.RIGHT, 'top': charts.TOP, 'bottom': charts.BOTTOM}}
+
+
 # -- what changes them ------------------------------------------------------------
 
 def _any_job(change, view):
@@ -366,6 +401,13 @@ def _alerted(change, view):
     return bool(change.event.get('alerts'))
 
 
+def _charted(change, view):
+    # A job of the charts' queue or task moved: a rollup or the depth may have.
+    queue, task = view.params.get('queue'), view.params.get('task')
+    return any((not queue or c.get('queue') in (queue, None))
+               and (not task or c.get('task') in (task, None)) for c in change.jobs)
+
+
 def _periodic_jobs(change, view):
     return bool(change.event.get('periodic')) or any(
         c.get('task') in catalog.PERIODIC or c.get('task') is None for c in change.jobs)
@@ -390,13 +432,15 @@ AUDIT_LOG = Fragment('audit-log', _audit_log, _audited)
 ALERT_BANNER = Fragment('alert-banner', _alert_banner, _alerted)
 ALERTS_FIRING = Fragment('alerts-firing', _alerts_firing, _alerted)
 ALERT_HISTORY = Fragment('alert-history', _alert_history, _alerted)
+# Rollups move by the minute: a chart is re-rendered at most every CHART_EVERY s.
+CHARTS = Fragment('charts', _charts, _charted, every=CHART_EVERY)
 # The live indicator in every live page's header: rendered with ``live`` and
 # ``node`` by its caller, sent with each snapshot, never refreshed.
 LIVE_STATUS = Fragment('live-status', None, None)
 
 FRAGMENTS = (QUEUE_STATS, RECENT_JOBS, JOBS_PAGE_ROWS, PAGER, JOB_COUNT, JOB_SUMMARY, JOB_ATTEMPTS,
              QUEUES, WORKERS, FAILURES, SCHEDULED, PERIODIC, AUDIT_LOG, ALERT_BANNER,
-             ALERTS_FIRING, ALERT_HISTORY, LIVE_STATUS)
+             ALERTS_FIRING, ALERT_HISTORY, CHARTS, LIVE_STATUS)
 
 
 def _with_banner(page):
@@ -405,11 +449,14 @@ def _with_banner(page):
 
 
 PAGES = {page.name: _with_banner(page) for page in (
-    Page('dashboard', {'stats': QUEUE_STATS, 'recent': RECENT_JOBS}, _no_params),
+    Page('dashboard', {'stats': QUEUE_STATS, 'charts': CHARTS, 'recent': RECENT_JOBS},
+         _window_param),
     Page('jobs', {'rows': JOBS_PAGE_ROWS, 'pager': PAGER, 'count': JOB_COUNT},
          _job_list_params),
     Page('job', {'summary': JOB_SUMMARY, 'attempts': JOB_ATTEMPTS}, _job_params),
     Page('queues', {'queues': QUEUES}, _no_params),
+    Page('queue', {'charts': CHARTS}, _named('queue')),
+    Page('task', {'charts': CHARTS}, _named('task')),
     Page('workers', {'workers': WORKERS}, _no_params),
     Page('failures', {'failures': FAILURES}, _queue_param),
     Page('scheduled', {'scheduled': SCHEDULED}, _queue_param),

@@ -20,6 +20,12 @@ whatever number of sockets show it, and nothing queues per socket but "its
 view changed", so a burst of events costs a few messages per client and
 constant memory. A slow client only holds up its own messages.
 
+A fragment declared with ``every`` (the charts) is re-rendered at most once
+in that many seconds per view: a change that concerns it sooner marks it
+stale and a render is scheduled for when it is due; renders in between reuse
+its last HTML. Messages to a socket that already holds that HTML leave it
+out (the lean frame); a socket that does not gets everything.
+
 Capacity: a process holds at most ``LIVE_SOCKETS`` sockets; one more is
 answered and closed at once with code 1013 (try again later), and its page
 polls ``GET /ws?view=...`` (the same fragments, from the same shared
@@ -99,10 +105,30 @@ class Bucket:
 
 
 class Render(NamedTuple):
-    """A view's fragments as of ``version``: the HTML and its encoded frame (None if empty)."""
+    """A view's fragments as of ``version``: the HTML and its encoded frame (None if empty).
+
+    ``lean``: the frame without the throttled fragments this render reused
+    (None if empty); ``kept_at``: the version of the render that last
+    re-rendered them. A socket sent a render of ``kept_at`` or later holds
+    them already, and is sent ``lean``.
+    """
     version: int
     html: str
     frame: bytes | None
+    lean: bytes | None = None
+    kept_at: int = -1
+
+    def frame_for(self, sent_version):
+        """The frame for a socket last sent the render of ``sent_version``."""
+        return self.lean if sent_version >= self.kept_at else self.frame
+
+
+class Kept(NamedTuple):
+    """A throttled fragment's last HTML (wrapped), when it was rendered (monotonic s), and the
+    view version of that render."""
+    html: str
+    at: float
+    version: int
 
 
 class View:
@@ -124,21 +150,63 @@ class View:
         self._cache = Render(-1, '', None)
         self._rendering = None  # the render task in flight
         self._renders = Bucket(RENDER_RATE, BURST)
+        self.kept = {}  # slot -> Kept, for fragments with ``every``
+        self.stale = set()  # those slots a change concerned since their last render
+        self._due = None  # the timer that renders stale ones when due (loop thread)
 
     def concerns(self, change):
-        """Whether a :class:`~app.fragments.Change` may alter any of its fragments."""
-        return any(f.changed_by(change, self) for f in self.page.fragments.values())
+        """Whether a :class:`~app.fragments.Change` may alter any of its fragments.
 
-    def render_html(self):
+        A throttled fragment (``every``) it concerns is marked stale.
+        """
+        hit = False
+        for slot, fragment in self.page.fragments.items():
+            if fragment.changed_by(change, self):
+                hit = True
+                if fragment.every:
+                    self.stale.add(slot)
+        return hit
+
+    def due(self, now):
+        """``(slots, wait)``: the throttled slots to render now, and the seconds until the next
+        stale one is due (None: none waits). Unrendered ones are always due."""
+        slots, wait = set(), None
+        for slot, fragment in self.page.fragments.items():
+            if not fragment.every:
+                continue
+            kept = self.kept.get(slot)
+            if kept is None:
+                slots.add(slot)
+            elif slot in self.stale:
+                left = kept.at + fragment.every - now
+                if left <= 0:
+                    slots.add(slot)
+                else:
+                    wait = left if wait is None else min(wait, left)
+        return slots, wait
+
+    def render_html(self, refresh=None, version=0):
         """Every fragment that renders, wrapped for htmx; one that raises is logged and left out.
 
         A fragment whose subject is gone (its build raises NotFound) shows
-        its gone template if it has one, else is left out silently.
+        its gone template if it has one, else is left out silently. A
+        throttled fragment (``every``) not in ``refresh`` (slots; None: all)
+        that was rendered before is reused as it was.
         """
+        return ''.join(self.render_parts(refresh, version)[0])
+
+    def render_parts(self, refresh=None, version=0):
+        """``(parts, reused)``: every fragment's wrapped HTML, and which of them were reused
+        (see :meth:`render_html`); ``version`` is recorded with what is rendered afresh."""
         scope = fragments.Scope(self.params)
-        parts = []
-        for fragment in self.page.fragments.values():
+        parts, reused = [], set()
+        for slot, fragment in self.page.fragments.items():
             target = fragment.dom_id(self.params)
+            kept = self.kept.get(slot) if fragment.every else None
+            if kept is not None and refresh is not None and slot not in refresh:
+                parts.append(kept.html)
+                reused.add(len(parts) - 1)
+                continue
             try:
                 try:
                     html = fragment.render(scope)
@@ -147,12 +215,14 @@ class View:
                         continue
                     html = fragment.render_gone(scope)
                 parts.append(partial(target, html))
+                if fragment.every:
+                    self.kept[slot] = Kept(parts[-1], time.monotonic(), version)
             except Exception:
                 logger.exception('live: rendering #%s of %s failed', target, self.key)
                 db.session.rollback()
         if scope.shown is not None:
             self.displayed = scope.shown
-        return ''.join(parts)
+        return parts, reused
 
     async def latest(self, hub):
         """The newest :class:`Render`, no older than this view's version when called.
@@ -174,14 +244,25 @@ class View:
 
     async def _render(self, hub):
         version = self.version  # read first: a change during the render stays pending
+        loop = asyncio.get_running_loop()
+        refresh, wait = self.due(time.monotonic())
+        self.stale -= refresh  # a change during the render marks them again
         try:
-            html = await asyncio.get_running_loop().run_in_executor(hub.renderer, hub.render, self)
+            parts, reused = await loop.run_in_executor(
+                hub.renderer, hub.render, self, refresh, version)
         except Exception:
             logger.exception('live: rendering %s failed', self.key)
-            html = ''
+            parts, reused = [], set()
         finally:
             self._rendering = None
-        self._cache = Render(version, html, hub.server.frames.text(html) if html else None)
+        if wait is not None and self._due is None:
+            self._due = loop.call_later(wait, hub.render_due, self)
+        html = ''.join(parts)
+        lean = ''.join(p for i, p in enumerate(parts) if i not in reused)
+        kept_at = max((k.version for k in self.kept.values()), default=-1)
+        frames = hub.server.frames
+        self._cache = Render(version, html, frames.text(html) if html else None,
+                             frames.text(lean) if lean else None, kept_at)
 
 
 def view_for(args, config):
@@ -314,10 +395,16 @@ class Hub:
         """The view's fragments now (HTML), from its shared render (on a request thread)."""
         return self.server.call(self._poll(key, factory, _request_environ(environ)), timeout)
 
-    def render(self, view):
-        """Render ``view``'s fragments (on a render thread)."""
+    def render(self, view, refresh=None, version=0):
+        """Render ``view``'s fragments (on a render thread): :meth:`View.render_parts`."""
         with self.app.request_context(view.environ):
-            return view.render_html()
+            return view.render_parts(refresh, version)
+
+    def render_due(self, view):
+        """A view's throttled fragments are due: render and send them (loop thread)."""
+        view._due = None
+        if self.views.get(view.key) is view and view.stale:
+            self._touch(view)
 
     # -- on the loop thread --
 
@@ -354,9 +441,10 @@ class Hub:
                         await asyncio.sleep(wait)
                         continue
                     render = await view.latest(self)
-                    if render.frame is not None:
+                    frame = render.frame_for(client.sent_version)
+                    if frame is not None:
                         client.sends.take()
-                        if not await conn.send(render.frame):
+                        if not await conn.send(frame):
                             return
                     client.sent_version = render.version
                     continue

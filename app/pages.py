@@ -3,6 +3,7 @@ import logging
 
 from flask import (Blueprint, current_app, flash, redirect, render_template, request,
                    url_for)
+from werkzeug.exceptions import NotFound
 
 from . import auth, catalog, errors, fragments, jobs, periodic, queries, queues, states, text
 from .fragments import PAGES, Scope
@@ -274,6 +275,37 @@ def bulk_jobs():
 def queues_page():
     """Every queue: waiting, running, failed, throughput; pause and resume."""
     return _page('queues', 'queues.html')
+
+
+@bp.get('/queues/<name>')
+def queue_page(name):
+    """One queue's charts: throughput, wait and run time, depth."""
+    if not queries.known_queue(name, current_app.config['QUEUES']):
+        raise NotFound(f'no queue named {name}')
+    params = PAGES['queue'].parse({**request.args.to_dict(), 'queue': name})
+    return _page('queue', 'queue.html', params, queue=name)
+
+
+@bp.get('/tasks/<name>')
+def task_page(name):
+    """One task type's charts: throughput, wait and run time."""
+    if not queries.known_task(name):
+        raise NotFound(f'no task type named {name}')
+    params = PAGES['task'].parse({**request.args.to_dict(), 'task': name})
+    return _page('task', 'task.html', params, task=name, declared=catalog.TASKS.get(name))
+
+
+@bp.get('/charts')
+def charts_fragment():
+    """The charts fragment for ``window``, narrowed by ``queue`` or ``task`` (one of them)."""
+    queue, task = request.args.get('queue') or None, request.args.get('task') or None
+    if queue and not queries.known_queue(queue, current_app.config['QUEUES']):
+        raise NotFound(f'no queue named {queue}')
+    if task and not queries.known_task(task):
+        raise NotFound(f'no task type named {task}')
+    params = {'queue': None if task else queue, 'task': task,
+              **PAGES['dashboard'].parse(request.args)}
+    return fragments.CHARTS.render(Scope(params))
 
 
 @bp.post('/queues/<name>/pause')

@@ -233,7 +233,9 @@ def search_condition(q):
     return search_plan(q)[0]
 
 
-FILTER_KEYS = ('state', 'queue', 'task', 'q')  # the jobs list's filters, in its query string
+# The jobs list's filters, in its query string.
+FILTER_KEYS = ('state', 'queue', 'task', 'q', 'finished_from', 'finished_to')
+TIME_FILTERS = ('finished_from', 'finished_to')  # ISO 8601 times (UTC) among them
 MAX_FILTER = 1000  # characters in a filter value, for pages and API alike
 
 
@@ -262,12 +264,49 @@ def check_filters(filters):
         value = filters.get(key)
         if value is not None and len(value) > MAX_FILTER:
             raise BadQuery(f'{key} must be at most {MAX_FILTER} characters')
+    for key in TIME_FILTERS:
+        parse_time(filters.get(key), key)
 
 
-def query_filters(state=None, queue=None, task=None, q=None):
+def parse_time(value, name):
+    """An ISO 8601 time (``2026-03-01T12:00:00Z``) as a naive UTC datetime; None for None.
+
+    A time with another offset is converted to UTC; one with none is read as
+    UTC. Raises :class:`BadQuery` naming ``name`` for anything else.
+    """
+    if value is None:
+        return None
+    try:
+        if len(value) > 40:
+            raise ValueError(value)
+        at = dt.datetime.fromisoformat(value.strip())
+        if at.tzinfo is not None:
+            at = at.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return at
+    except (ValueError, TypeError, OverflowError):
+        raise BadQuery(f'{name} must be an ISO 8601 time in UTC, such as '
+                       f'2026-03-01T12:00:00Z') from None
+
+
+def finished_between(finished_from=None, finished_to=None):
+    """SQL conditions: finished at or after ``finished_from``, before ``finished_to``.
+
+    Both are ISO 8601 text (:func:`parse_time`) or None (no bound); a job
+    that has not finished matches no bound. Raises :class:`BadQuery`.
+    """
+    start = parse_time(finished_from, 'finished_from')
+    end = parse_time(finished_to, 'finished_to')
+    if start is not None and end is not None and end <= start:
+        raise BadQuery('finished_to must come after finished_from')
+    return ([Job.finished_at >= start] if start is not None else []) + (
+        [Job.finished_at < end] if end is not None else [])
+
+
+def query_filters(state=None, queue=None, task=None, q=None, finished_from=None,
+                  finished_to=None):
     """Validated filters as SQL conditions; raises :class:`BadQuery`."""
     check_filters({'state': state, 'queue': queue, 'task': task, 'q': q})
-    conditions = []
+    conditions = finished_between(finished_from, finished_to)
     if state:
         conditions.append(Job.state == state)
     if queue:
@@ -367,7 +406,7 @@ def check_cursor(cursor, sort='newest'):
 
 
 def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
-              with_result=False, sort='newest'):
+              with_result=False, sort='newest', finished_from=None, finished_to=None):
     """One page of jobs in ``sort`` order (:data:`SORTS`): ``(jobs, next_cursor)``.
 
     ``newest`` (the default) and ``oldest`` walk (created_at, id) down or
@@ -382,11 +421,14 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     more than :data:`SCAN_WINDOW` rows in the created orders: the page may
     then hold fewer than ``limit`` jobs (even none) with a cursor that goes
     on further, so that every page costs about the same at any ledger size.
-    ``next_cursor`` is None after the last page. Raises :class:`BadQuery`
-    for a bad filter, sort or cursor.
+    ``next_cursor`` is None after the last page. ``finished_from`` and
+    ``finished_to`` (ISO 8601, UTC) keep the jobs finished in that range
+    (:func:`finished_between`). Raises :class:`BadQuery` for a bad filter,
+    sort or cursor.
     """
     sort = check_sort(sort)
-    conditions = query_filters(state, queue, task)
+    conditions = query_filters(state, queue, task, finished_from=finished_from,
+                               finished_to=finished_to)
     if sort == 'runtime':
         key = (run_seconds(), Job.id)
         conditions += [Job.started_at.is_not(None), Job.finished_at.is_not(None)]
@@ -460,22 +502,27 @@ def count_jobs(filters, bound=COUNT_BOUND):
 
     By state, queue and task alone it is the sum of the kept counters
     (:class:`app.models.JobCount`, a few rows at any ledger size) and
-    exact; with a search the index narrows, the matches are counted up to
-    ``bound``; a search it cannot narrow is not counted (``n`` None).
+    exact; with a search the index narrows, or a range of finish times,
+    the matches are counted up to ``bound``; a search it cannot narrow is
+    not counted (``n`` None).
     Raises :class:`BadQuery` for a bad filter.
     """
     check_filters(filters)
     q = (filters.get('q') or '').strip()
-    if not q:
+    times = {k: filters.get(k) for k in TIME_FILTERS}
+    if not q and not any(times.values()):
         column = {'state': JobCount.state, 'queue': JobCount.queue, 'task': JobCount.task}
         n = db.session.scalar(sa.select(sa.func.coalesce(sa.func.sum(JobCount.n), 0)).where(
             *(column[k] == filters[k] for k in column if filters.get(k))))
         return Count(int(n))
-    search, indexed = search_plan(q)
-    if not indexed:
-        return Count(None, False)
-    conditions = query_filters(filters.get('state'), filters.get('queue'), filters.get('task'))
-    ids = sa.select(Job.id).where(*conditions, search).limit(bound + 1).subquery()
+    conditions = query_filters(filters.get('state'), filters.get('queue'), filters.get('task'),
+                               **times)
+    if q:
+        search, indexed = search_plan(q)
+        if not indexed:
+            return Count(None, False)
+        conditions.append(search)
+    ids = sa.select(Job.id).where(*conditions).limit(bound + 1).subquery()
     n = db.session.scalar(sa.select(sa.func.count()).select_from(ids))
     return Count(min(n, bound), n <= bound)
 
@@ -708,6 +755,18 @@ def consumers_of(queues, lost_after):
 def task_names():
     """Every declared task type's name, sorted."""
     return sorted(catalog.TASKS)
+
+
+def known_queue(name, configured):
+    """Whether ``name`` is one of the ``configured`` queues or one some job row names."""
+    return name in configured or db.session.scalar(
+        sa.select(JobCount.queue).where(JobCount.queue == name).limit(1)) is not None
+
+
+def known_task(name):
+    """Whether ``name`` is a declared task type or one some job row names."""
+    return name in catalog.TASKS or db.session.scalar(
+        sa.select(JobCount.task).where(JobCount.task == name).limit(1)) is not None
 
 
 # -- metrics ------------------------------------------------------------------

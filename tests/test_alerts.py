@@ -308,7 +308,8 @@ def test_the_banner_shows_on_every_page_escaped_and_goes_when_resolved(tmp_path)
         assert HOSTILE not in html and '&lt;img src=x onerror=alert(1)&gt;' in html, path
         assert '0 consumers online for queue default' in html, path
     for name in fragments.PAGES:  # every live page is refreshed when alerts change
-        key, factory = live.view_for({'view': name, 'id': job_id}, app.config)
+        key, factory = live.view_for({'view': name, 'id': job_id, 'queue': 'default', 'task': 'noop'},
+                                     app.config)
         assert factory(key, {}).concerns(fragments.Change.of({'alerts': True})), name
     pushed = client.get('/ws?view=queues').get_data(as_text=True)
     assert '<hx-partial hx-target="#alert-banner" hx-swap="outerHTML">' in pushed

@@ -175,8 +175,26 @@ def test_filters_and_search(client, app):
     assert len(client.get('/api/jobs?q="n": 2').get_json()['jobs']) == 2  # one per task
 
 
+def test_the_list_filters_by_the_time_jobs_finished(client, app):
+    _insert_jobs(app, 3, state='succeeded')
+    with app.app_context():
+        jobs_ = db.session.scalars(sa.select(Job).order_by(Job.created_at, Job.id)).all()
+        for i, job in enumerate(jobs_):
+            job.finished_at = dt.datetime(2026, 3, 1, 12, i * 10)
+        db.session.commit()
+        wanted = jobs_[1].id
+    body = client.get('/api/jobs?finished_from=2026-03-01T12:05:00Z'
+                      '&finished_to=2026-03-01T12:15:00Z').get_json()
+    assert [j['id'] for j in body['jobs']] == [wanted]
+    names = {p['name'] for p in client.get('/api/openapi.json').get_json()
+             ['paths']['/api/jobs']['get']['parameters']}
+    assert {'finished_from', 'finished_to'} <= names
+
+
 def test_bad_list_queries_are_400(client):
-    for query in ('state=exploded', 'limit=0', 'limit=100000', 'limit=ten', 'cursor=%%%'):
+    for query in ('state=exploded', 'limit=0', 'limit=100000', 'limit=ten', 'cursor=%%%',
+                  'finished_from=yesterday', 'finished_to=2026-02-30T00:00:00Z',
+                  'finished_from=2026-03-02T00:00:00Z&finished_to=2026-03-01T00:00:00Z'):
         resp = client.get(f'/api/jobs?{query}')
         assert resp.status_code == 400, query
         assert resp.get_json()['error']

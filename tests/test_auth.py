@@ -28,6 +28,8 @@ ROUTES = {
     ('pages.failures_page', 'GET'): 'view', ('pages.workers_page', 'GET'): 'view',
     ('pages.scheduled_list', 'GET'): 'view', ('pages.stats_fragment', 'GET'): 'view',
     ('pages.alerts_page', 'GET'): 'view', ('pages.alert_banner_fragment', 'GET'): 'view',
+    ('pages.queue_page', 'GET'): 'view', ('pages.task_page', 'GET'): 'view',
+    ('pages.charts_fragment', 'GET'): 'view',
     ('api.list_alerts', 'GET'): 'view',
     ('live.live_socket', 'GET'): 'view', ('health.prometheus_metrics', 'GET'): 'view',
     ('pages.create_job', 'POST'): 'submit', ('pages.retry_job', 'POST'): 'retry',
@@ -64,7 +66,8 @@ def app_routes(app):
 def url_of(rule, job_id):
     values = {'job_id': job_id, 'filename': 'app.css', 'token_id': '1',
               'name': 'report' if '/periodic/' in rule.rule else
-                      'viewer' if '/users/' in rule.rule else 'default'}
+                      'viewer' if '/users/' in rule.rule else
+                      'noop' if '/tasks/' in rule.rule else 'default'}
     path = rule.rule
     for arg in rule.arguments:
         path = re.sub(rf'<(?:[^:<>]+:)?{arg}>', values[arg], path)

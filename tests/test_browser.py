@@ -555,3 +555,45 @@ def test_times_read_and_copy_buttons_hide_without_javascript(deployment, browser
         expect(page.locator(f'#job-{job["id"]} td.run-time')).to_have_text(re.compile(r'\d+ (ms|s)$'))
     finally:
         context.close()
+
+
+SUCCEEDED_POINTS = '#charts [data-chart="throughput"] .series-succeeded circle'
+SUCCEEDED_TOTAL = """() => [...document.querySelectorAll('%s')]
+    .reduce((sum, c) => sum + Number(c.dataset.value), 0)""" % SUCCEEDED_POINTS
+
+
+def test_the_throughput_chart_follows_finished_jobs_and_a_point_opens_them(deployment, page):
+    policy = watch_policy(page)
+    deployment.open(page, '/')
+    live(page)
+    marker = page.evaluate('() => (window.__marker = Math.random())')
+    before = page.evaluate(SUCCEEDED_TOTAL)
+    made = [deployment.api.submit('noop')['id'] for _ in range(3)]
+    for job_id in made:
+        wait_for(lambda: deployment.api.job(job_id)['state'] == 'succeeded', 20,
+                 message=f'job {job_id} succeeded')
+    # Pushed over the socket (at most every few seconds), not reloaded.
+    page.wait_for_function(f'() => ({SUCCEEDED_TOTAL})() >= {before + 3}', timeout=30_000)
+    assert page.evaluate('() => window.__marker') == marker
+    # The newest point holds them (or they straddle a minute: the one before it).
+    links = page.locator('#charts [data-chart="throughput"] .series-succeeded a')
+    hrefs = [links.nth(i).get_attribute('href') for i in range(links.count())][-2:]
+    listed = set()
+    for href in reversed(hrefs):
+        page.goto(deployment.api.base + href)
+        live(page)
+        listed |= {i for i in made if page.locator(f'#job-{i}').count()}
+        assert page.locator('#jobs-page-rows tr[data-state]:not([data-state="succeeded"])').count() == 0
+    assert listed == set(made)
+    expect(page.locator('.finished-range')).to_be_visible()
+    # The window switch is a plain link, followed by htmx without a reload; the page stays live.
+    deployment.open(page, '/')
+    live(page)
+    marker = page.evaluate('() => (window.__marker = Math.random())')
+    page.click('#charts .chart-windows a[href="/?window=24h"]')
+    expect(page.locator('#charts')).to_have_attribute('data-window', '24h', timeout=10_000)
+    assert page.url.endswith('/?window=24h')
+    live(page)
+    assert page.evaluate('() => window.__marker') == marker
+    assert page.locator('[style]').count() == 0
+    assert violations(page) == [] and policy == []

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / 'templates'
 URLS = {'dashboard': '/', 'jobs': '/jobs', 'job': '/jobs/{id}', 'queues': '/queues',
         'workers': '/workers', 'failures': '/failures', 'scheduled': '/scheduled',
-        'periodic': '/periodic', 'audit': '/audit', 'alerts': '/alerts'}
+        'periodic': '/periodic', 'audit': '/audit', 'alerts': '/alerts',
+        'queue': '/queues/default', 'task': '/tasks/noop'}
 ROOT_ID = re.compile(r'\s*<[a-z]+\b[^>]*?\sid="([^"]*)"')
 JINJA = re.compile(r'\{\{.*?\}\}|\{%.*?%\}', re.S)
 
@@ -38,8 +39,11 @@ def pattern(fragment):
     return re.compile('^#?' + '.+'.join(map(re.escape, parts)) + '$')
 
 
+ARGS = {'queue': {'queue': 'default'}, 'task': {'task': 'noop'}}
+
+
 def params_for(page, job_id):
-    return page.parse({'id': job_id} if page.name == 'job' else {})
+    return page.parse({'id': job_id} if page.name == 'job' else ARGS.get(page.name, {}))
 
 
 @pytest.fixture
@@ -77,7 +81,8 @@ def test_every_fragment_renders_a_root_element_with_its_id(app, job_id):
 
 def test_every_live_view_pushes_each_fragment_onto_its_id(app, job_id):
     for page in PAGES.values():
-        args = {'view': page.name, **({'id': job_id} if page.name == 'job' else {})}
+        args = {'view': page.name, **({'id': job_id} if page.name == 'job' else {}),
+                **ARGS.get(page.name, {})}
         with app.test_request_context('/ws', query_string=args) as ctx:
             key, factory = live.view_for(args, app.config)
             html = factory(key, ctx.request.environ).render_html()

@@ -62,7 +62,7 @@ def samples(job_id):
     return {'job_id': job_id, 'filename': 'app.css', 'name': 'default'}
 
 
-QUERIES = {'live.live_socket': {'view': 'dashboard'}}
+QUERIES = {'live.live_socket': {'view': 'dashboard'}, 'pages.task_page': {'name': 'noop'}}
 
 
 def get_routes(app, job_id):

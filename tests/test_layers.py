@@ -18,7 +18,7 @@ LAYERS = (
                   'app.controls', 'app.websocket', 'app.sockets'}),
     ('services', {'app.jobs', 'app.queries', 'app.queues', 'app.periodic', 'app.reaper', 'app.reconcile',
                   'app.inputs', 'app.openapi', 'app.accounts', 'app.audit', 'app.alerts',
-                  'app.metrics'}),
+                  'app.metrics', 'app.charts'}),
     ('wiring', {'app', 'app.consumer', 'app.producer', 'app.embedded', 'app.fragments', 'app.live', 'app.auth', 'app.cli', 'app.admin',
                 'app.pages', 'app.api', 'app.health', 'app.errors', 'app.headers', 'app.templating',
                 'huey_tasks',

@@ -414,3 +414,39 @@ def test_a_socket_closes_when_its_token_is_revoked_by_another_process(tmp_path):
         assert (sock.close_code, sock.ws.close_message) == (1008, 'your token was revoked')
     finally:
         dep.close()
+
+
+def test_charts_render_at_most_every_few_seconds_per_view_and_lean_frames_leave_them_out(app):
+    from app import fragments
+    from app.ledger import history
+    from app.extensions import db
+    from app.models import utcnow
+    args = {'view': 'dashboard'}
+    with app.test_request_context('/ws', query_string=args) as ctx:
+        key, factory = live.view_for(args, app.config)
+        view = factory(key, ctx.request.environ)
+        first, reused = view.render_parts(None, 0)
+        assert reused == set() and view.due(time.monotonic()) == (set(), None)
+        with app.app_context():
+            history.add(db.session.connection(), [history.Ended(
+                'default', 'noop', 'succeeded', utcnow(), True, 0.1)])
+            db.session.commit()
+        change = fragments.Change([{'id': 'x', 'queue': 'default', 'task': 'noop'}], [], {})
+        assert view.concerns(change) and view.stale == {'charts'}
+        slots, wait = view.due(time.monotonic())
+        assert slots == set() and 0 < wait <= fragments.CHART_EVERY
+        again, reused = view.render_parts(slots, 1)
+        charts_at = [i for i, part in enumerate(again) if 'hx-target="#charts"' in part]
+        assert reused == set(charts_at) and again[charts_at[0]] == first[charts_at[0]]
+        slots, wait = view.due(time.monotonic() + fragments.CHART_EVERY)
+        assert slots == {'charts'} and wait is None
+        fresh, reused = view.render_parts(slots, 2)
+        assert reused == set() and fresh[charts_at[0]] != first[charts_at[0]]
+        assert 'data-value="1"' in fresh[charts_at[0]]
+        other = fragments.Change([{'id': 'y', 'queue': 'reports', 'task': 'noop'}], [], {})
+        queue_view = live.view_for({'view': 'queue', 'queue': 'default'}, app.config)[1](
+            ('q',), ctx.request.environ)
+        assert not queue_view.concerns(other) and queue_view.stale == set()
+    render = live.Render(5, 'all', b'full', b'lean', kept_at=3)
+    assert (render.frame_for(2), render.frame_for(3), render.frame_for(4)) == (
+        b'full', b'lean', b'lean')

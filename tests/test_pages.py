@@ -553,3 +553,27 @@ def test_the_job_page_offers_copy_buttons_for_id_parameters_and_result(client, a
         'Copy the result': f'data-copy-target="result-{job["id"]}"'}
     assert f'<pre class="result" id="result-{job["id"]}" tabindex="0">' in page
     assert 'times.js' in page and 'copy.js' in page
+
+
+def test_job_list_keeps_its_finished_range_through_paging_and_refuses_a_bad_one(client, app):
+    base = dt.datetime(2026, 3, 1, 12, 0)
+    with app.app_context():
+        db.session.add_all(Job(id=str(uuid.uuid4()), task='noop', queue='default', params={},
+                               state='succeeded', retries=0, retry_delay=1.0,
+                               created_at=base + dt.timedelta(seconds=i), updated_at=base,
+                               finished_at=base + dt.timedelta(minutes=1 if i < 55 else 30))
+                           for i in range(60))
+        db.session.commit()
+    html = client.get('/jobs?finished_from=2026-03-01T12:00:00Z&finished_to=2026-03-01T12:10:00Z'
+                      ).get_data(as_text=True)
+    assert html.count('data-state="succeeded"') == 50
+    older = re.search(r'<a rel="next" href="([^"]+)"', html).group(1).replace('&amp;', '&')
+    assert 'finished_from=2026-03-01T12:00:00Z' in older
+    assert 'finished_to=2026-03-01T12:10:00Z' in older
+    assert '<input type="hidden" name="finished_from" value="2026-03-01T12:00:00Z">' in html
+    assert html.count('name="f.finished_to"') == 1  # a bulk action by filter keeps it too
+    assert client.get(older).get_data(as_text=True).count('data-state="succeeded"') == 5
+    resp = client.get('/jobs?finished_from=<b>noon</b>')
+    assert resp.status_code == 400
+    body = resp.get_data(as_text=True)
+    assert 'finished_from must be an ISO 8601 time' in body and '<b>noon' not in body

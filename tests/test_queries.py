@@ -19,7 +19,8 @@ def test_a_cursor_round_trips_and_a_forged_one_is_refused(ctx):
 def test_filters_are_read_by_key_with_a_prefix_and_empty_is_none():
     args = {'f.state': 'failed', 'f.q': '', 'state': 'queued'}
     assert queries.parse_filters(args, prefix='f.') == {
-        'state': 'failed', 'queue': None, 'task': None, 'q': None}
+        'state': 'failed', 'queue': None, 'task': None, 'q': None, 'finished_from': None,
+        'finished_to': None}
 
 
 def test_pages_follow_the_cursor_newest_first_each_job_once(ctx):
@@ -40,7 +41,7 @@ def test_search_finds_text_in_parameters_as_typed(ctx):
         assert [j.id for j in found] == [wanted.id], q
 
 
-@pytest.mark.parametrize('key', queries.FILTER_KEYS[1:])
+@pytest.mark.parametrize('key', [k for k in queries.FILTER_KEYS[1:] if k not in queries.TIME_FILTERS])
 def test_a_filter_value_over_the_limit_is_refused_the_same_by_pages_and_api(ctx, key):
     job = submit(ctx)
     long = 'x' * (queries.MAX_FILTER + 1)
@@ -213,3 +214,46 @@ def test_a_dead_consumer_lists_only_the_jobs_still_running_on_it(ctx):
     assert queries.running_on(rows, 30) == {'dead:1': [still], 'alive:2': [other]}
     assert queries.consumers_of(['default', 'reports', 'idle'], 30) == {
         'default': ['alive:2'], 'reports': ['alive:2'], 'idle': []}
+
+
+def test_the_finished_range_keeps_jobs_finished_in_it_on_either_ledger(ledger_client):
+    import datetime as dt
+    import uuid
+    from app.extensions import db
+    from app.models import Job
+    app, _client = ledger_client
+    base = dt.datetime(2026, 3, 1, 12, 0)
+    with app.app_context():
+        ids = {}
+        for minute in (-1, 0, 4, 5, None):  # None: still queued
+            job_id = str(uuid.uuid4())
+            finished = None if minute is None else base + dt.timedelta(minutes=minute, seconds=30)
+            db.session.add(Job(id=job_id, task='noop', queue='default', params={},
+                               state='queued' if minute is None else 'succeeded', retries=0,
+                               retry_delay=1.0, created_at=base - dt.timedelta(hours=1),
+                               updated_at=base, finished_at=finished))
+            ids[minute] = job_id
+        db.session.commit()
+
+        def listed(**bounds):
+            return {j.id for j in queries.list_jobs(**bounds)[0]}
+
+        assert listed(finished_from='2026-03-01T12:00:00Z', finished_to='2026-03-01T12:05:00Z') \
+            == {ids[0], ids[4]}
+        assert listed(finished_from='2026-03-01T12:05:00') == {ids[5]}  # no offset: UTC
+        assert listed(finished_to='2026-03-01T13:00:00+01:00') == {ids[-1]}  # converted to UTC
+        assert listed(finished_from='2026-03-01T12:04:00Z', state='succeeded') == {ids[4], ids[5]}
+        assert queries.count_matching({'finished_from': '2026-03-01T11:00:00Z',
+                                       'finished_to': '2026-03-01T12:01:00Z'}, 100) == 2
+        db.session.remove()
+
+
+def test_a_bad_finished_range_is_refused_by_name():
+    with pytest.raises(queries.BadQuery, match='finished_from must be an ISO 8601 time'):
+        queries.check_filters({'finished_from': 'yesterday'})
+    with pytest.raises(queries.BadQuery, match='finished_to must be an ISO 8601'):
+        queries.finished_between(None, '2026-13-01T00:00:00Z')
+    with pytest.raises(queries.BadQuery, match='must come after'):
+        queries.finished_between('2026-03-01T12:00:00Z', '2026-03-01T12:00:00Z')
+    assert queries.parse_time('2026-03-01T12:00:00.250Z', 'x').isoformat() == \
+        '2026-03-01T12:00:00.250000'
