@@ -192,6 +192,23 @@ def test_counts_come_from_the_counters_and_a_search_is_counted_to_a_bound(ctx):
         queries.count_jobs({**search, 'state': 'nonsense'})
 
 
+def test_a_range_of_finish_times_is_counted_from_the_rows_as_the_list_shows_it(ctx):
+    # The counters know nothing of finish times: a chart point's jobs are
+    # counted from the rows, the same ones the list shows.
+    ids = _finished_jobs(ctx, [(0, 1), (10, 1), (20, 1), (30, 1)])  # finish at 2, 12, 22, 32 s
+    submit(ctx)  # not finished: never in a range
+    window = {'state': None, 'queue': None, 'task': None, 'q': None,
+              'finished_from': '2026-01-01T12:00:10Z', 'finished_to': '2026-01-01T12:00:30'}
+    listed, _ = queries.list_jobs(**window)
+    assert {j.id for j in listed} == set(ids[1:3])
+    assert queries.count_jobs(window) == (2, True)
+    assert queries.count_jobs(window, bound=1) == (1, False)
+    assert queries.count_jobs({**window, 'finished_to': None}) == (3, True)
+    assert queries.count_jobs({**window, 'state': 'failed'}) == (0, True)
+    with pytest.raises(queries.BadQuery):
+        queries.count_jobs({**window, 'finished_from': 'yesterday'})
+
+
 def test_a_dead_consumer_lists_only_the_jobs_still_running_on_it(ctx):
     import datetime as dt
 
