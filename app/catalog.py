@@ -490,7 +490,10 @@ def validate(data, config, from_form=False, now=None):
     params = {}
     if task_type is not None:
         for key in raw_params:
-            if task_type.param(key) is None:
+            # A form's fields of another task are what it showed before its
+            # task was changed without JavaScript (no "Show its parameters"):
+            # left over, not asked for.
+            if task_type.param(key) is None and not from_form:
                 errors[f'params.{key}'] = 'unknown parameter'
         for p in task_type.params:
             try:

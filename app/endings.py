@@ -71,8 +71,9 @@ def explain(error_type, message, outcome=None, timeout=None):
         limit = float(found.group(1)) if found else timeout
         return Ending(f'Timed out after {_seconds(limit)}' if limit else 'Timed out', raw, TIMEOUT)
     if error_type in LOST_TYPES or outcome == LOST:
-        return Ending('Its consumer stopped while running it (lost)'
-                      + (f': {message}' if message else ''), raw, LOST)
+        # The recorded message already says whose consumer and why.
+        return Ending(f'Lost: {message}' if message
+                      else 'Lost: its consumer stopped while running it', raw, LOST)
     if outcome == INTERRUPTED:
         return Ending('Interrupted by its consumer shutting down'
                       + (f': {message}' if message else ''), raw, INTERRUPTED)

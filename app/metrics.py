@@ -7,6 +7,8 @@ collector in a fresh registry. So any web process on any host answers
 the same, however many gunicorn workers there are. The names are listed in
 the README ("Metrics"); other tools build on them, so they do not change.
 """
+import concurrent.futures
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,14 +18,21 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from . import broker, queries, states
 from .models import RUN, TIMING_BUCKETS, WAIT, utcnow
 
+logger = logging.getLogger(__name__)
+
 PREFIX = 'queue_manager_'
+# Seconds a scrape waits for the broker's answers. A broker that hangs
+# (rather than refusing) would otherwise hold the scrape for the client's
+# socket timeout, past Prometheus's default scrape_timeout of 10 s, and the
+# ledger's metrics would be lost with it.
+BROKER_DEADLINE = 3.0
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 COMPONENTS = ('scheduler', 'reaper', 'ledger_writer')
 # Outcomes of queue_manager_jobs_finished_total, each always exposed.
 FINISHED_OUTCOMES = (states.SUCCEEDED, states.FAILED, states.CANCELED)
 
 
-def component_health(config, now=None):
+def component_health(config, now=None, seen=None):
     """``{component: (up, last seen as Unix seconds or None)}`` for :data:`COMPONENTS`.
 
     The scheduler and the reaper note in the broker when they last did their
@@ -33,10 +42,11 @@ def component_health(config, now=None):
     writes (the newest of a consumer still running). A component is up
     when it was seen within ``LOST_AFTER`` seconds (the reaper: three
     ``REAP_INTERVAL`` s, the leader's lease, if longer). Raises
-    :class:`~app.broker.BrokerUnavailable`.
+    :class:`~app.broker.BrokerUnavailable`. ``seen`` is
+    :func:`app.broker.components_seen`'s answer when already read.
     """
     now = time.time() if now is None else now
-    seen = broker.components_seen()
+    seen = dict(broker.components_seen() if seen is None else seen)
     lost_after = config['LOST_AFTER']
     limits = {'scheduler': lost_after, 'reaper': max(lost_after, 3 * config['REAP_INTERVAL']),
               'ledger_writer': lost_after}
@@ -46,6 +56,32 @@ def component_health(config, now=None):
         seen['ledger_writer'] = time.time() - (utcnow() - newest).total_seconds()
     return {name: (seen.get(name) is not None and now - seen[name] <= limits[name],
                    seen.get(name)) for name in COMPONENTS}
+
+
+def broker_reads(queues, deadline=BROKER_DEADLINE):
+    """``(depths, consumers online, components seen)`` per queue from the broker, or None.
+
+    ``depths`` and ``consumers online`` are ``{queue: n}``; the third is
+    :func:`app.broker.components_seen`'s answer. None when the broker
+    refuses (:class:`~app.broker.BrokerUnavailable`) or has not answered
+    within ``deadline`` seconds: the reads run on a thread of their own,
+    left to end at the client's socket timeout.
+    """
+    def read():
+        return ({queue: broker.depth(queue)[0] for queue in queues},
+                {queue: sum(broker.consumers(queue).values()) for queue in queues},
+                broker.components_seen())
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='metrics-broker')
+    try:
+        return pool.submit(read).result(timeout=deadline)
+    except broker.BrokerUnavailable:
+        return None
+    except concurrent.futures.TimeoutError:
+        logger.warning('metrics: the broker did not answer within %.1f s; its metrics are '
+                       'left out of this scrape', deadline)
+        return None
+    finally:
+        pool.shutdown(wait=False)
 
 
 class Collector:
@@ -102,12 +138,11 @@ class Collector:
             waiting.add_metric([queue], oldest[queue])
         yield waiting
 
-        try:
-            depths = {queue: broker.depth(queue)[0] for queue in queues}
-            online = {queue: sum(broker.consumers(queue).values()) for queue in queues}
-            health = component_health(config)
-        except broker.BrokerUnavailable:
+        read = broker_reads(queues)
+        if read is None:
             return
+        depths, online, seen = read
+        health = component_health(config, seen=seen)
         depth = GaugeMetricFamily(PREFIX + 'queue_depth', 'Messages the broker holds for the '
                                   'queue, ready to run.', labels=['queue'])
         consumers = GaugeMetricFamily(PREFIX + 'consumers', 'Consumers online for the queue '

@@ -242,7 +242,9 @@ def bulk_jobs():
     if form.get('scope') == 'filter':
         ids = None
         count = queries.count_matching(filters, jobs.MAX_BULK)
-        fields = [('action', action), ('scope', 'filter')] + [
+        # The count the operator agreed to: jobs that came to match the
+        # filter after the question was asked are not theirs to lose.
+        fields = [('action', action), ('scope', 'filter'), ('expected', count)] + [
             (f'f.{k}', v) for k, v in filters.items() if v]
     else:
         ids = form.getlist('ids')
@@ -252,13 +254,16 @@ def bulk_jobs():
         count = len(ids)
         fields = [('action', action), ('scope', 'selected')] + [('ids', i) for i in ids] + [
             (f'f.{k}', v) for k, v in filters.items() if v]
-    if action in ('cancel', 'delete') and not form.get('confirmed'):
+    agreed = form.get('expected')
+    changed = (ids is None and form.get('confirmed') and agreed is not None
+               and agreed != str(count))
+    if action in ('cancel', 'delete') and (not form.get('confirmed') or changed):
         auth.note(count=count, outcome='asked to confirm')
         named = queries.jobs_by_id(ids[:CONFIRM_NAMED]) if ids is not None else None
         return render_template('confirm.html', action=action, count=count, fields=fields,
                                back=back, post_to=url_for('pages.bulk_jobs'),
                                filters=filters if ids is None else None, named=named,
-                               limit=jobs.MAX_BULK,
+                               limit=jobs.MAX_BULK, changed_from=agreed if changed else None,
                                unnamed=count - len(named) if named is not None else 0)
     result = jobs.bulk(action, ids=ids, filters=None if ids is not None else filters,
                        spare_tasks=auth.out_of_reach(action))

@@ -32,10 +32,35 @@
   var G_WAIT = 1500;  // ms a "g" waits for the page's letter
   var pendingG = 0;
 
+  var NOT_TEXT = /^(checkbox|radio|button|submit|reset|range|color|file|image)$/;
+  // The row j/k chose, by id: a live update replaces the row's element, and
+  // the choice (and the focus on its link) is put back on its successor.
+  var chosen = null;
+
+  function restore() {
+    if (!chosen) return;
+    var row = document.getElementById(chosen.id);
+    if (!row || row.classList.contains('row-current')) return;
+    row.classList.add('row-current');
+    row.setAttribute('aria-current', 'true');
+    var link = row.querySelector('a[href]');
+    if (chosen.focused && link && (document.activeElement === document.body || !document.activeElement)) {
+      link.focus({preventScroll: true});
+    }
+  }
+  ['htmx:after:swap', 'htmx:after:settle', 'htmx:ws:after:message:incoming'].forEach(function (name) {
+    document.addEventListener(name, function () { setTimeout(restore, 0); });
+  });
+  document.addEventListener('focusin', function () {
+    if (chosen) chosen.focused = !!(document.activeElement && document.activeElement.closest &&
+                                    document.activeElement.closest('tr.row-current'));
+  });
+
   function typing(target) {
     if (!target || !target.tagName) return false;
     var tag = target.tagName.toLowerCase();
-    return tag === 'input' || tag === 'textarea' || tag === 'select' || target.isContentEditable;
+    if (tag === 'input') return !NOT_TEXT.test(target.type || 'text');  // a tick box is not typed in
+    return tag === 'textarea' || tag === 'select' || target.isContentEditable;
   }
 
   function rows() {
@@ -55,6 +80,7 @@
     row.classList.add('row-current');
     row.setAttribute('aria-current', 'true');
     var link = row.querySelector('a[href]');
+    chosen = {id: row.id, focused: !!link};
     if (link) link.focus({preventScroll: true});
     row.scrollIntoView({block: 'nearest'});
   }

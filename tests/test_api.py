@@ -3,6 +3,7 @@ import datetime as dt
 import json
 import uuid
 
+import pytest
 import sqlalchemy as sa
 from helpers import broker_locked
 
@@ -451,3 +452,16 @@ def test_a_batch_the_broker_refuses_part_way_takes_back_what_it_took(tmp_path, m
     with app.app_context():
         assert db.session.query(Job).count() == 0
     assert broker.message_ids('default') == set() and broker.message_ids('mail') == set()
+
+
+@pytest.mark.parametrize('path', ['/api/alerts', '/api/audit'])
+@pytest.mark.parametrize('before', ['99999999999999999999999', str(2**63), '0', '-1', 'x'])
+def test_a_page_cursor_out_of_a_row_ids_range_is_a_400_not_a_500(client, path, before):
+    resp = client.get(f'{path}?before={before}')
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert 'before' in resp.get_json()['fields']
+
+
+@pytest.mark.parametrize('path', ['/api/alerts', '/api/audit'])
+def test_the_largest_row_id_is_a_cursor_like_any_other(client, path):
+    assert client.get(f'{path}?before={2**63 - 1}').status_code == 200

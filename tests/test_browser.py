@@ -575,6 +575,10 @@ def test_the_throughput_chart_follows_finished_jobs_and_a_point_opens_them(deplo
     # Pushed over the socket (at most every few seconds), not reloaded.
     page.wait_for_function(f'() => ({SUCCEEDED_TOTAL})() >= {before + 3}', timeout=30_000)
     assert page.evaluate('() => window.__marker') == marker
+    # Drawn in the theme's colours: succeeded and failed lines, each its own.
+    strokes = page.evaluate("""() => ['succeeded', 'failed'].map(k => getComputedStyle(
+        document.querySelector(`#charts [data-chart="throughput"] .series-${k} .chart-line`)).stroke)""")
+    assert 'none' not in strokes and strokes[0] != strokes[1], strokes
     # The newest point holds them (or they straddle a minute: the one before it).
     links = page.locator('#charts [data-chart="throughput"] .series-succeeded a')
     hrefs = [links.nth(i).get_attribute('href') for i in range(links.count())][-2:]

@@ -153,6 +153,20 @@ def test_keyboard_shortcuts_and_their_help(deployment, page):  # noqa: F811
     expect(page.locator('tr.row-current')).to_have_id(f'job-{newest_first[1]}')
     page.keyboard.press('k')
     expect(page.locator('tr.row-current')).to_have_id(f'job-{newest_first[0]}')
+    # A live update re-renders the rows: the chosen row and its focus stay.
+    newer = scheduled_jobs(deployment, 1, task='fail')[0]
+    expect(page.locator(f'#job-{newer}')).to_have_count(1, timeout=15_000)
+    expect(page.locator('tr.row-current')).to_have_id(f'job-{newest_first[0]}')
+    expect(page.locator(f'#job-{newest_first[0]} a').first).to_be_focused()
+    page.keyboard.press('j')  # on from the chosen row, not from the top
+    expect(page.locator('tr.row-current')).to_have_id(f'job-{newest_first[1]}')
+    page.keyboard.press('k')
+    # A tick box is not a text field: the keys still work from it.
+    page.locator(f'#select-{newest_first[1]}').check()
+    page.keyboard.press('k')
+    expect(page.locator('tr.row-current')).to_have_id(f'job-{newer}')
+    page.keyboard.press('j')
+    expect(page.locator('tr.row-current')).to_have_id(f'job-{newest_first[0]}')
     page.locator('h1').click()  # focus off the row's link: Enter is the shortcut's
     page.keyboard.press('Enter')
     page.wait_for_url(re.compile(rf'/jobs/{newest_first[0]}$'))

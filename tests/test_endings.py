@@ -40,11 +40,11 @@ def test_a_timeout_says_after_how_long():
 def test_a_lost_attempt_names_its_consumer():
     reason = 'worker host:1-2 stopped heartbeating (last seen 2026-01-31 12:00:00 UTC, 40 s before)'
     e = endings.of_attempt(attempt('WorkerLost', reason, 'lost'))
-    assert e.text == f'Its consumer stopped while running it (lost): {reason}'
+    assert e.text == f'Lost: {reason}'
     assert e.kind == 'lost'
     # the job's error carries why it was not run again
     e = endings.of_job(job(f'WorkerLost: {reason} (no retries left)', 'WorkerLost'))
-    assert e.text == f'Its consumer stopped while running it (lost): {reason} (no retries left)'
+    assert e.text == f'Lost: {reason} (no retries left)'
 
 
 def test_an_interrupted_attempt_is_told_by_its_outcome():

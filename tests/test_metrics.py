@@ -4,12 +4,13 @@ import datetime as dt
 import time
 
 import pytest
+import redis
 import sqlalchemy as sa
 from conftest import make_app
 from helpers import Stack, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import accounts, broker, jobs, queries, states
+from app import accounts, broker, jobs, metrics, queries, states
 from app.extensions import db
 from app.ledger import Finish, Scheduled, Start, Writer, history
 from app.models import TIMING_BUCKETS, utcnow
@@ -345,3 +346,31 @@ def test_a_real_run_of_mixed_jobs_agrees_with_stats_redis_and_the_ledger(stack):
             == values(samples, 'queue_manager_job_run_seconds_count'))
     assert time.time() - values(after, 'queue_manager_component_last_seen_seconds')[
         ('reaper',)] < 10
+
+
+def test_a_broker_that_hangs_leaves_its_metrics_out_and_the_scrape_on_time(stack):
+    api = stack.api
+    api.submit('noop', queue='idle')  # no consumer: it stays queued
+
+    def scrape():
+        started = time.monotonic()
+        status, text = api.request('GET', '/metrics', headers={'Authorization': 'Bearer scrape-me'},
+                                   timeout=30)
+        assert status == 200, text
+        return parse(text), time.monotonic() - started
+
+    before, _ = scrape()
+    assert values(before, 'queue_manager_queue_depth') == {('default',): 0.0, ('idle',): 1.0}
+    stack.client.execute_command('CLIENT', 'PAUSE', 8000, 'ALL')  # answers no one for 8 s
+    try:
+        during, took = scrape()
+    finally:
+        # Paused too, this client's commands wait for the pause's end.
+        redis.Redis.from_url(stack.redis.url, socket_timeout=20).execute_command(
+            'CLIENT', 'UNPAUSE')
+    # Within the broker's deadline (plus the ledger's reads), not the pause's 8 s.
+    assert took < metrics.BROKER_DEADLINE + 3, took
+    assert not values(during, 'queue_manager_queue_depth')
+    assert not values(during, 'queue_manager_component_up')
+    assert values(during, 'queue_manager_jobs', queue='idle') == values(
+        before, 'queue_manager_jobs', queue='idle')

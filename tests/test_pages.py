@@ -385,6 +385,30 @@ def test_bulk_confirmations_name_the_filter_or_the_jobs_and_the_count(client, ap
     assert XSS not in html and '&lt;script&gt;' in html
 
 
+def test_a_bulk_action_confirmed_for_n_jobs_never_takes_more(client, app):
+    for _ in range(3):
+        client.post('/api/jobs', json={'task': 'noop', 'delay': 3600})
+    form = {'action': 'cancel', 'scope': 'filter', 'f.task': 'noop', 'f.state': 'scheduled'}
+    html = client.post('/jobs/bulk', data=form).get_data(as_text=True)
+    assert '<input type="hidden" name="expected" value="3">' in html
+    # Two more come to match while the question is on screen.
+    later = [client.post('/api/jobs', json={'task': 'noop', 'delay': 3600}).get_json()['id']
+             for _ in range(2)]
+    again = client.post('/jobs/bulk', data={**form, 'expected': '3', 'confirmed': '1'})
+    html = again.get_data(as_text=True)
+    assert again.status_code == 200 and '<h1 id="confirm-title">Cancel 5 jobs?</h1>' in html
+    assert 'The filter matched 3 when you confirmed; it matches 5 now' in html
+    assert all(client.get(f'/api/jobs/{i}').get_json()['state'] == 'scheduled' for i in later)
+    done = client.post('/jobs/bulk', data={**form, 'expected': '5', 'confirmed': '1'})
+    assert done.status_code == 303
+    assert all(client.get(f'/api/jobs/{i}').get_json()['state'] == 'canceled' for i in later)
+    # A range of finish times is named in the question too.
+    html = client.post('/jobs/bulk', data={'action': 'delete', 'scope': 'filter',
+                                           'f.finished_from': '2026-01-01T00:00:00Z'}
+                       ).get_data(as_text=True)
+    assert '<dt>finished from</dt>' in html and 'none: every job in the ledger' not in html
+
+
 def test_a_single_delete_without_javascript_asks_first(client, app):
     job = client.post('/api/jobs', json={'task': 'noop'}).get_json()
     client.post(f'/jobs/{job["id"]}/cancel')
@@ -524,7 +548,7 @@ def test_cancels_timeouts_and_lost_attempts_read_in_an_operators_words(client, a
              ('failed', 'huey.exceptions.TaskTimeout', 'timeout 2.0s', 'timeout',
               'Timed out after 2 s'),
              ('failed', 'WorkerLost', 'worker h:1-2 died (its lease ran out)', 'lost',
-              'Its consumer stopped while running it (lost): worker h:1-2 died (its lease ran out)')]
+              'Lost: worker h:1-2 died (its lease ran out)')]
     for state, etype, message, outcome, words in cases:
         job = client.post('/api/jobs', json={'task': 'sleep'}).get_json()
         _ended(app, job['id'], state, etype, message, outcome=outcome)
@@ -577,3 +601,19 @@ def test_job_list_keeps_its_finished_range_through_paging_and_refuses_a_bad_one(
     assert resp.status_code == 400
     body = resp.get_data(as_text=True)
     assert 'finished_from must be an ISO 8601 time' in body and '<b>noon' not in body
+
+
+def test_a_task_changed_without_javascript_ignores_the_fields_left_by_the_one_before(client):
+    # The form showed sleep's fields; noop was chosen without "Show its parameters".
+    resp = submit(client, task='noop', **{'params.seconds': '1', 'params.steps': '10'})
+    assert resp.status_code == 303, resp.get_data(as_text=True)
+    job = client.get('/api/jobs?task=noop').get_json()['jobs'][0]
+    assert job['params'] == {}
+    # Its own fields still count, wrong ones refused and named as the form names them.
+    resp = submit(client, task='fail', **{'params.seconds': '1', 'params.message': 'x' * 501})
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 400 and 'unknown parameter' not in html
+    assert 'name="params.message"' in html and 'name="params.seconds"' not in html
+    # The API names an unknown parameter as before.
+    api = client.post('/api/jobs', json={'task': 'noop', 'params': {'seconds': 1}})
+    assert api.status_code == 400 and api.get_json()['fields'] == {'params.seconds': 'unknown parameter'}
