@@ -555,7 +555,8 @@ def test_cancels_timeouts_and_lost_attempts_read_in_an_operators_words(client, a
         raw = f'{etype}: {message}'
         shown = f'title="{raw}">{words}</bdi>'
         page = client.get(f'/jobs/{job["id"]}').get_data(as_text=True)
-        assert f'<strong>Last error</strong> <bdi class="ending ending-{outcome}" {shown}' in page
+        heading = 'How it ended' if state == 'canceled' else 'Last error'
+        assert f'<strong>{heading}</strong> <bdi class="ending ending-{outcome}" {shown}' in page
         assert f'<p class="attempt-error"><bdi class="ending ending-{outcome}" {shown}' in page
         row = client.get(f'/jobs/{job["id"]}/row').get_data(as_text=True)
         assert f'<td class="error-cell" data-label="Last error"><bdi class="ending ending-{outcome}" title="{raw}">' in row
@@ -617,3 +618,21 @@ def test_a_task_changed_without_javascript_ignores_the_fields_left_by_the_one_be
     # The API names an unknown parameter as before.
     api = client.post('/api/jobs', json={'task': 'noop', 'params': {'seconds': 1}})
     assert api.status_code == 400 and api.get_json()['fields'] == {'params.seconds': 'unknown parameter'}
+
+
+def test_the_workers_page_marks_one_leader_the_one_heard_from_last(client, app):
+    # A leader killed outright keeps its flag until it is seen offline; its
+    # successor already leads.
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    for name, ago in (('host:dead', 6), ('host:new', 1), ('host:plain', 0)):
+        with app.app_context():
+            _insert(app, 'worker', {'id': name, 'host': 'host', 'pid': 1, 'concurrency': 1,
+                                    'started_at': now - dt.timedelta(minutes=5),
+                                    'last_seen': now - dt.timedelta(seconds=ago), 'processed': 0,
+                                    'failed': 0, 'leader': name != 'host:plain',
+                                    'queues': '["default"]', 'current': '[]'},
+                    json=('queues', 'current'))
+    html = client.get('/workers').get_data(as_text=True)
+    badges = re.findall(r'<td class="mono" data-label="Consumer">([^<]+) <span class="badge '
+                        r'badge-scheduled"[^>]*>leader</span>', html)
+    assert badges == ['host:new']
