@@ -16,6 +16,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from . import audit as audit_log, broker, events, states
 from .extensions import db
+from .ledger.turns import write_turn
 from .models import Job, utcnow
 from .queries import BadQuery, get, query_filters
 
@@ -215,7 +216,10 @@ class SubmitGroup:
         with self._lock:
             batch, self._waiting = self._waiting[:self.LIMIT], self._waiting[self.LIMIT:]
         try:
-            self._write(batch)
+            # On SQLite, the web processes take turns (app.ledger.turns)
+            # rather than poll for the database's lock.
+            with write_turn(db.engine):
+                self._write(batch)
         finally:
             with self._lock:
                 if self._waiting:

@@ -445,3 +445,53 @@ def test_an_exception_huey_cannot_describe_still_ends_the_job(ledger_app, monkey
     [attempt] = attempts_of(task.id)
     assert (row.state, attempt.outcome) == ('failed', 'failed')
     assert (attempt.error_type, attempt.error_message) == (error_type, message)
+
+
+# -- write turns (app.ledger.turns) --
+
+def test_write_turns_on_one_sqlite_file_are_taken_one_at_a_time(tmp_path):
+    import threading
+
+    import sqlalchemy as sa
+
+    from app.ledger.turns import write_turn
+    engine = sa.create_engine(f'sqlite:///{tmp_path / "ledger.db"}')
+    order, inside = [], threading.Event()
+    release = threading.Event()
+
+    def first():
+        with write_turn(engine):
+            order.append('first in')
+            inside.set()
+            release.wait(10)
+            order.append('first out')
+
+    def second():
+        inside.wait(10)
+        with write_turn(engine):  # its own open file: waits as another process would
+            order.append('second in')
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    inside.wait(10)
+    # The second cannot get in while the first holds the turn.
+    assert not threads[1].join(0.3) and threads[1].is_alive()
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert order == ['first in', 'first out', 'second in']
+    assert (tmp_path / 'ledger.db.lock').exists()
+
+
+@pytest.mark.parametrize('url', ['sqlite://', 'sqlite:///:memory:',
+                                 'postgresql+psycopg://postgres@127.0.0.1:5432/test'])
+def test_write_turns_are_nothing_where_no_file_is_shared(url, tmp_path, monkeypatch):
+    import sqlalchemy as sa
+
+    from app.ledger.turns import write_turn
+    monkeypatch.chdir(tmp_path)
+    with write_turn(sa.create_engine(url)):
+        with write_turn(sa.create_engine(url)):  # would wait for ever on a lock
+            pass
+    assert list(tmp_path.iterdir()) == []
