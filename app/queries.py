@@ -52,10 +52,23 @@ def attempts(job):
 
 # -- listing ------------------------------------------------------------------
 
+def _pack(key, job_id):
+    """A cursor holding ``key`` (text without ``|``) and ``job_id``: opaque to the client."""
+    return base64.urlsafe_b64encode(f'{key}|{job_id}'.encode()).decode().rstrip('=')
+
+
+def _unpack(cursor):
+    """``(key, job id)`` of a :func:`_pack` cursor; ValueError (or binascii's, Unicode's) if not one."""
+    raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4)).decode()
+    key, job_id = raw.split('|', 1)
+    if len(job_id) > 36 or text.problem(job_id):
+        raise ValueError(raw)
+    return key, job_id
+
+
 def encode_cursor(job):
     """The opaque ``next`` cursor of a list page that ends with ``job`` (see :func:`decode_cursor`)."""
-    raw = f'{job.created_at.isoformat()}|{job.id}'.encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip('=')
+    return _pack(job.created_at.isoformat(), job.id)
 
 
 def decode_cursor(cursor):
@@ -65,11 +78,10 @@ def decode_cursor(cursor):
     checked as any input would be before it reaches SQL.
     """
     try:
-        raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4)).decode()
-        created, job_id = raw.split('|', 1)
+        created, job_id = _unpack(cursor)
         created = dt.datetime.fromisoformat(created)
-        if created.tzinfo is not None or len(job_id) > 36 or text.problem(job_id):
-            raise ValueError(raw)
+        if created.tzinfo is not None:
+            raise ValueError(cursor)
         return created, job_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise BadQuery('cursor is not one this server handed out') from None
@@ -279,11 +291,8 @@ def parse_time(value, name):
     try:
         if len(value) > 40:
             raise ValueError(value)
-        at = dt.datetime.fromisoformat(value.strip())
-        if at.tzinfo is not None:
-            at = at.astimezone(dt.timezone.utc).replace(tzinfo=None)
-        return at
-    except (ValueError, TypeError, OverflowError):
+        return catalog.parse_eta(value)  # a submission's eta reads the same way
+    except (ValueError, TypeError, AttributeError):
         raise BadQuery(f'{name} must be an ISO 8601 time in UTC, such as '
                        f'2026-03-01T12:00:00Z') from None
 
@@ -369,20 +378,17 @@ def run_seconds():
 
 def encode_run_cursor(seconds, job_id):
     """The cursor of a run-time ordered page that ends with a job that ran ``seconds``."""
-    raw = f'{_RUNTIME_CURSOR}{seconds!r}|{job_id}' if isinstance(seconds, float) \
-        else f'{_RUNTIME_CURSOR}{seconds}|{job_id}'
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip('=')
+    return _pack(f'{_RUNTIME_CURSOR}{seconds!r}' if isinstance(seconds, float)
+                 else f'{_RUNTIME_CURSOR}{seconds}', job_id)
 
 
 def decode_run_cursor(cursor):
     """``(seconds as text, id)`` of a run-time cursor; raises :class:`BadQuery`."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4)).decode()
-        if not raw.startswith(_RUNTIME_CURSOR):
-            raise ValueError(raw)
-        seconds, job_id = raw[1:].split('|', 1)
-        if not math.isfinite(float(seconds)) or len(job_id) > 36 or text.problem(job_id):
-            raise ValueError(raw)
+        key, job_id = _unpack(cursor)
+        seconds = key[len(_RUNTIME_CURSOR):]
+        if not key.startswith(_RUNTIME_CURSOR) or not math.isfinite(float(seconds)):
+            raise ValueError(cursor)
         return seconds, job_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise BadQuery('cursor is not one this server handed out') from None
