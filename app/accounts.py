@@ -5,6 +5,7 @@ tokens are random and stored as their SHA-256 (see :class:`app.models.ApiToken`)
 Every function works in the current app context and commits its change.
 """
 import datetime as dt
+import functools
 import hashlib
 import re
 import secrets
@@ -33,9 +34,15 @@ FREE_FAILURES = 5
 FAILURE_WINDOW = 15 * 60
 MAX_WAIT = 300
 
-# Checked against when the account does not exist, so that the answer takes
-# as long as for a wrong password (the name's existence does not leak).
-_DUMMY_HASH = generate_password_hash('not a password', method='scrypt')
+
+@functools.cache
+def _dummy_hash():
+    # Checked against when the account does not exist, so that the answer
+    # takes as long as for a wrong password (the name's existence does not
+    # leak). Made on first use: a hash costs about 0.1 s of CPU, which every
+    # process importing this module (consumers, their ledger writers, CLI
+    # commands) paid at start.
+    return generate_password_hash('not a password', method='scrypt')
 
 
 class AccountError(ValueError):
@@ -165,7 +172,7 @@ def authenticate(name, password):
     """The :class:`User` with this name and password, or None (in about the same time either way)."""
     user = db.session.scalar(sa.select(User).where(User.name == (name or '').strip()))
     if user is None:
-        check_password_hash(_DUMMY_HASH, password or '')
+        check_password_hash(_dummy_hash(), password or '')
         return None
     if not check_password_hash(user.password_hash, password or ''):
         return None

@@ -23,8 +23,9 @@ import traceback
 import redis
 from huey import Huey
 from huey import signals as S
+from huey.api import Task
 from huey.constants import EmptyData
-from huey.consumer import Consumer, Scheduler
+from huey.consumer import Consumer, Scheduler, Worker
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -105,6 +106,23 @@ class TrackedScheduler(Scheduler):
         self.sleep_for_interval(current, self.interval)
 
 
+class TrackedWorker(Worker):
+    """Huey's worker thread, on which its :class:`TrackedHuey` clears a run task's
+    revocation flag with the next fetch rather than at once (see
+    ``TrackedHuey.delete``); it clears a flag still pending when it stops."""
+
+    def initialize(self):
+        self.huey._worker.defers = True
+        super().initialize()
+
+    def shutdown(self):
+        try:
+            self.huey.clear_deferred_flag()
+        except Exception:
+            self._logger.exception('a revocation flag was not cleared')
+        super().shutdown()
+
+
 class TrackedConsumer(Consumer):
     """``huey_consumer`` as we run it: SIGTERM and SIGINT both stop gracefully.
 
@@ -113,9 +131,10 @@ class TrackedConsumer(Consumer):
     are put back in the queue (see the ledger's INTERRUPTED handling). A
     second stop signal stops at once. Docker's stop signal is SIGTERM, Ctrl-C
     is SIGINT, a closing terminal sends SIGHUP: all mean "finish up". Its
-    scheduler is :class:`TrackedScheduler`.
+    scheduler is :class:`TrackedScheduler`, its workers :class:`TrackedWorker`.
     """
     scheduler_class = TrackedScheduler
+    worker_class = TrackedWorker
 
     def __init__(self, huey, **options):
         if options.get('shutdown_timeout') is None:
@@ -155,6 +174,11 @@ class TrackedHuey(Huey):
       record and keeps the receipt on the task; ``execute`` acknowledges it
       unless the ledger took charge of the acknowledgement (it does, once
       the attempt's outcome is written; see :func:`take_receipt`).
+    - The revocation flags Huey reads before running a message come with it
+      from ``fetch`` (``is_revoked`` uses them once), and the flag Huey
+      clears after a run is cleared by the worker's next fetch (``delete``):
+      a run costs one broker round trip where Huey's costs three. Types
+      revoked with ``revoke_all`` are noted in the broker for the fetch.
     - ``enqueue_due`` moves due messages into the queue in one step (our
       consumer's scheduler calls it instead of ``read_schedule``, whose
       contract is Huey's: pop and return).
@@ -197,6 +221,13 @@ class TrackedHuey(Huey):
         self.on_log = None
         super().__init__(*args, **kwargs)
         self.paused = threading.Event()  # refreshed from the ledger by the consumer
+        # Per worker thread: the task it runs (``running``) and the revocation
+        # flag its next fetch clears (``unflag``); see ``delete``.
+        self._worker = threading.local()
+        # Revocations changed through this instance: flags fetched before a
+        # change made here are not used (another process's change is seen as
+        # if made just after the fetch).
+        self._revocation_changes = 0
         self.stopping = threading.Event()  # its consumer is stopping: take nothing more
         # Retries written while the broker was away: (claim, bytes, priority, eta).
         self.deferred = collections.deque()
@@ -223,16 +254,24 @@ class TrackedHuey(Huey):
         return super().deserialize_task(message.split(data)[1])
 
     def dequeue(self):
-        if self.stopping.is_set():
-            return None
-        if self.paused.is_set() or (self.holding is not None and self.holding()):
-            # Idle like an empty queue; resuming is seen within a second.
-            time.sleep(0.5)
+        unflag = getattr(self._worker, 'unflag', None)
+        self._worker.unflag = None
+        if self.stopping.is_set() or self.paused.is_set() or (
+                self.holding is not None and self.holding()):
+            self._clear_flag(unflag)
+            if not self.stopping.is_set():
+                # Idle like an empty queue; resuming is seen within a second.
+                time.sleep(0.5)
             return None
         fetch = getattr(self.storage, 'fetch', None)
         if fetch is None:
+            self._clear_flag(unflag)
             return super().dequeue()
-        delivery = fetch(process_name())
+        try:
+            delivery = fetch(process_name(), unflag=unflag)
+        except BaseException:
+            self._worker.unflag = unflag  # cleared by the next fetch, then
+            raise
         if delivery is None:
             return None
         try:
@@ -251,7 +290,78 @@ class TrackedHuey(Huey):
             return None
         task.receipt = task.claim = delivery.receipt
         task.fetched_at = time.monotonic()
+        task.revocations = (self._revocation_changes, delivery.revocations)
         return task
+
+    def clear_deferred_flag(self):
+        """Clear the revocation flag this thread's next fetch was to clear, if any.
+
+        Raises the broker's errors (the flag is then kept for the next try)."""
+        key = getattr(self._worker, 'unflag', None)
+        self._worker.unflag = None
+        self._clear_flag(key)
+
+    def _clear_flag(self, key):
+        if key is not None:
+            try:
+                self.storage.delete_data(key)
+            except BROKER_ERRORS:
+                self._worker.unflag = key  # the next fetch tries again
+                raise
+
+    def is_revoked(self, task, timestamp=None, peek=True):
+        """As Huey's, but the first call after a fetch reads the flags fetched with the task."""
+        changes, known = (task.__dict__.pop('revocations', (None, None))
+                          if isinstance(task, Task) else (None, None))
+        if (not known or task.revoke_id not in known
+                or changes != self._revocation_changes):
+            return super().is_revoked(task, timestamp, peek)
+        for key in self._revoke_keys(task):
+            flag = known.get(key)
+            revoked, restore = self._check_revoked(EmptyData if flag is None else flag,
+                                                   timestamp, peek)
+            if restore:
+                self.delete(key)
+            if revoked:
+                return True
+        return False
+
+    def delete(self, key):
+        """As Huey's, except on a consumer's worker thread (:class:`TrackedWorker`) for
+        the running task's own revocation flag once it has run (or was found
+        revoked): the worker's next fetch clears it, in the same round trip, or
+        the worker as it stops (returns None). The next fetch follows at once:
+        the flag outlives the run by the worker's own bookkeeping."""
+        running = getattr(self._worker, 'running', None)
+        if (running is not None and getattr(self._worker, 'defers', False)
+                and key == running.revoke_id
+                and running not in self._tasks_in_flight
+                and getattr(self.storage, 'fetch', None) is not None):
+            previous = getattr(self._worker, 'unflag', None)
+            if previous is not None and previous != key:
+                self._clear_flag(previous)
+            self._worker.unflag = key
+            return None
+        return super().delete(key)
+
+    def revoke_all(self, task_class, revoke_until=None, revoke_once=False):
+        self._revocation_changes += 1
+        note = getattr(self.storage, 'note_revoked_type', None)
+        if note is not None:
+            note(self._task_key(task_class, 'rt'))  # before the flag: no fetch misses it
+        super().revoke_all(task_class, revoke_until, revoke_once)
+
+    def restore_all(self, task_class):
+        self._revocation_changes += 1
+        return super().restore_all(task_class)
+
+    def revoke(self, task, revoke_until=None, revoke_once=False):
+        self._revocation_changes += 1
+        super().revoke(task, revoke_until, revoke_once)
+
+    def restore(self, task):
+        self._revocation_changes += 1
+        return super().restore(task)
 
     def claim_held(self, task):
         """Whether this consumer still holds ``task``'s message (the leader did not take
@@ -276,7 +386,11 @@ class TrackedHuey(Huey):
                            'was unresponsive', task.id)
             task.receipt = None
             return None
-        value = super().execute(task, timestamp)
+        self._worker.running = task
+        try:
+            value = super().execute(task, timestamp)
+        finally:
+            self._worker.running = None
         receipt = take_receipt(task)
         if receipt is not None:
             # Nobody took charge of it (revoked, not due yet, or no ledger
@@ -337,6 +451,12 @@ class TrackedHuey(Huey):
             retry_eta = timestamp + dt.timedelta(seconds=task.retry_delay * spread)
             if task.retry_backoff:
                 task.retry_delay *= task.retry_backoff
+        # The retry must not meet the flag Huey cleared after this run.
+        if getattr(self._worker, 'unflag', None) == task.revoke_id:
+            try:
+                self.clear_deferred_flag()
+            except BROKER_ERRORS as exc:  # kept for the next fetch; the retry goes on
+                logger.warning('%s: revocation flag not cleared yet (%s)', task.id, exc)
         claim = getattr(task, 'claim', None)
         if claim is None or not hasattr(self.storage, 'requeue'):
             return super()._requeue_task(task, timestamp, retry_eta)

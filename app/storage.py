@@ -24,6 +24,7 @@ RQ's intermediate queue and StartedJobRegistry, Dramatiq's per-worker ack
 sets and BullMQ's stalled-job checker. Message bytes carry the header of
 :mod:`app.message`; messages without one still work but are not indexed.
 """
+import string
 import struct
 import time
 from typing import NamedTuple
@@ -56,9 +57,15 @@ class Receipt(NamedTuple):
 
 
 class Delivery(NamedTuple):
-    """A fetched message: its bytes as Huey wrote them, and its receipt."""
+    """A fetched message: its bytes as Huey wrote them, and its receipt.
+
+    ``revocations`` are the revocation flags that could stop it, read with
+    it (Huey's revoke keys, ``'r:<job id>'`` always among them, -> the stored
+    flag, or None where there is none), or None when they were not read.
+    """
     data: bytes
     receipt: Receipt
+    revocations: dict | None = None
 
 
 class InFlight(NamedTuple):
@@ -123,16 +130,57 @@ redis.call('LPUSH', KEYS[3], '1')
 redis.call('LTRIM', KEYS[3], 0, LAST_TOKEN)
 """
 
-# KEYS: queue, index, in-flight, alive, consumers. ARGV: lease (ms), consumer.
+# The hot path: one call per message a worker takes, so as few arguments as
+# can be (each costs the client time to encode). KEYS: queue. ARGV: consumer,
+# lease (ms), a revocation flag to clear first ('' for none). The storage's
+# other keys are written into the script (see _fetch_script); the consumer's
+# in-flight and liveness keys are made from its name. (Redis Cluster would
+# want every key in KEYS; the broker is one Redis.) Returns false, or
+# {member} for a message without a job id in its header, or {member,
+# 'r:<job id>', its flag or false, ['rt:<type>', its flag]...}: the flags
+# Huey reads before running it (see TrackedHuey.is_revoked), read in the
+# same step instead of a round trip of their own.
 _FETCH = _LUA_INDEX + """
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[1])
+if ARGV[3] ~= '' then redis.call('HDEL', RESULTS, ARGV[3]) end
+redis.call('SET', ALIVE .. ARGV[1], '1', 'PX', ARGV[2])
 local r = redis.call('ZPOPMIN', KEYS[1])
 if #r == 0 then return false end
-redis.call('SADD', KEYS[5], ARGV[2])
-redis.call('ZADD', KEYS[3], r[2], r[1])
-count(KEYS[2], string.sub(r[1], 9), -1)
-return r[1]
+redis.call('SADD', CONSUMERS, ARGV[1])
+redis.call('ZADD', INFLIGHT .. ARGV[1], r[2], r[1])
+local data = string.sub(r[1], 9)
+count(INDEX, data, -1)
+local id = job_of(data)
+if not id then return {r[1]} end
+local out = {r[1], 'r:' .. id, redis.call('HGET', RESULTS, 'r:' .. id)}
+for _, field in ipairs(redis.call('SMEMBERS', REVOKED)) do
+  local flag = redis.call('HGET', RESULTS, field)
+  if flag then
+    out[#out + 1] = field
+    out[#out + 1] = flag
+  end
+end
+return out
 """
+
+
+_LUA_PLAIN = frozenset(string.ascii_letters + string.digits + '._:-')
+
+
+def _lua_string(text):
+    """``text`` as a Lua string literal: its UTF-8 bytes, all but ASCII letters, digits
+    and ``._:-`` written as decimal escapes."""
+    return '"' + ''.join(chr(b) if chr(b) in _LUA_PLAIN else f'\\{b:03d}'
+                         for b in text.encode()) + '"'
+
+
+def _fetch_script(storage):
+    """The text of :data:`_FETCH` for ``storage``: its keys written in as constants."""
+    constants = {'INDEX': storage.index_key, 'CONSUMERS': storage.consumers_key,
+                 'RESULTS': storage.result_key, 'REVOKED': storage.revoked_types_key,
+                 'INFLIGHT': storage.inflight_key(''), 'ALIVE': ALIVE.format('')}
+    return ''.join(f'local {name} = {_lua_string(value)}\n'
+                   for name, value in constants.items()) + _FETCH
+
 
 # Many messages at once. KEYS: queue, index, wake. ARGV: member, score, member, score...
 _ENQUEUE_MANY = _LUA_INDEX + """
@@ -254,10 +302,12 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         self.index_key = f'qm:index:{self.name}'
         self.wake_key = f'qm:wake:{self.name}'
         self.consumers_key = f'qm:consumers:{self.name}'
+        self.revoked_types_key = f'qm:revoked-types:{self.name}'
         self._inflight_prefix = f'qm:inflight:{self.name}:'
         script = lambda lua: self.conn.register_script(  # noqa: E731
             lua.replace('LAST_TOKEN', str(WAKE_TOKENS - 1)))
-        self._enqueue, self._fetch, self._nack = script(_ENQUEUE), script(_FETCH), script(_NACK)
+        self._enqueue, self._nack = script(_ENQUEUE), script(_NACK)
+        self._fetch = script(_fetch_script(self))
         self._schedule, self._pop_due = script(_SCHEDULE), script(_POP_DUE)
         self._move_due, self._remove = script(_MOVE_DUE), script(_REMOVE)
         self._retire = script(_RETIRE)
@@ -322,37 +372,51 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
 
     def flush_all(self):
         super().flush_all()
-        keys = [self.wake_key, self.index_key, self.consumers_key,
+        keys = [self.wake_key, self.index_key, self.consumers_key, self.revoked_types_key,
                 *self.conn.scan_iter(match=self._inflight_prefix + '*', count=1000)]
         self.conn.delete(*keys)
 
     # -- reliable fetch -----------------------------------------------------
 
-    def fetch(self, consumer):
+    def fetch(self, consumer, unflag=None):
         """Move the next message into ``consumer``'s in-flight record.
 
-        Returns a :class:`Delivery`, or None when the queue stays empty for
-        ``read_timeout`` seconds. Also renews the consumer's lease. Raises
-        redis errors (Huey's worker backs off on them).
+        Returns a :class:`Delivery` (with the revocation flags that could
+        stop it, when its header names its job), or None when the queue stays
+        empty for ``read_timeout`` seconds. Also renews the consumer's lease.
+        ``unflag`` is a revocation flag (a key of Huey's results hash) to
+        delete first, in the same round trip. Raises redis errors (Huey's
+        worker backs off on them).
         """
-        keys = [self.queue_key, self.index_key, self.inflight_key(consumer),
-                ALIVE.format(consumer), self.consumers_key]
-        args = [int(self.lease * 1000), consumer]
-        member = self._fetch(keys=keys, args=args)
-        if member is None and self.blocking:
+        keys = [self.queue_key]
+        args = [consumer, int(self.lease * 1000), unflag or '']
+        reply = self._fetch(keys=keys, args=args)
+        if reply is None and self.blocking:
             # Idle: block on the wake list (each enqueue leaves a token), with
             # the fetch pipelined behind it, so Redis runs it the moment the
             # token arrives: one round trip, as Huey's BZPOPMIN.
+            args[2] = ''
             pipe = self.conn.pipeline(transaction=False)
             pipe.blpop([self.wake_key], timeout=self.read_timeout)
             self._fetch(keys=keys, args=args, client=pipe)
             try:
-                _token, member = pipe.execute()
+                _token, reply = pipe.execute()
             except (TimeoutError, TypeError, IndexError):
                 return None
-        if member is None:
+        if not reply:
             return None
-        return Delivery(member[8:], Receipt(self.name, consumer, member))
+        member, revocations = reply[0], None
+        if len(reply) > 1:
+            revocations = {reply[i].decode(): reply[i + 1] for i in range(1, len(reply), 2)}
+        return Delivery(member[8:], Receipt(self.name, consumer, member), revocations)
+
+    def note_revoked_type(self, key):
+        """Note that ``key`` (Huey's ``rt:<task type>`` key) may hold a revocation flag.
+
+        :meth:`fetch` reads the flags of the noted types with each message.
+        Notes are never removed: a type whose flag is gone costs a lookup.
+        """
+        self.conn.sadd(self.revoked_types_key, key)
 
     def ack(self, receipts):
         """Drop acknowledged messages from their consumers' in-flight records."""
@@ -555,8 +619,11 @@ class ReliableSqliteStorage(_ByJobId, SqliteStorage):
         super().flush_all()
         self.sql('delete from qm_inflight where queue = ?', (self.name,), commit=True)
 
-    def fetch(self, consumer):
-        """As :meth:`ReliableRedisStorage.fetch`; never blocks (the worker polls)."""
+    def fetch(self, consumer, unflag=None):
+        """As :meth:`ReliableRedisStorage.fetch`; never blocks (the worker polls), and
+        reads no revocation flags (Huey reads them before running the message)."""
+        if unflag:
+            self.delete_data(unflag)
         if not self.sql('select 1 from task where queue = ? limit 1', (self.name,),
                         results=True):
             self.keep_alive(consumer)

@@ -13,11 +13,19 @@ states ours:
   shutdown timeout;
 - ``test_chord_bookkeeping_cleared`` reads ``MemoryStorage``'s private
   counters, which a Redis storage does not have; it is not run.
+
+On a consumer's worker thread a run costs one round trip to the broker
+(Huey's costs three: take, read the revocation flags, clear its flag); the
+tests at the end check the count and that revocation means what it means
+in Huey.
 """
+import contextlib
 import datetime as dt
 import os
+import queue
 import signal
 import sqlite3
+import threading
 import time
 import uuid
 
@@ -25,6 +33,7 @@ import pytest
 
 os.environ['HUEY_SLOW_TESTS'] = '1'  # read when huey.tests.base is imported
 from huey.consumer import ConsumerStopped, Scheduler  # noqa: E402
+from huey.constants import EmptyData  # noqa: E402
 from huey.consumer_options import ConsumerConfig  # noqa: E402
 from huey.tests import test_api, test_consumer, test_priority, test_signals  # noqa: E402
 
@@ -231,8 +240,12 @@ def test_a_message_of_an_unknown_task_type_waits_in_the_schedule_instead_of_vani
 def test_a_paused_queue_puts_a_taken_message_back_where_it_was(ctx):
     huey = broker.hueys['default']
     first, second = submit(ctx, 'noop'), submit(ctx, 'noop')
-    huey.storage.fetch = (lambda fetch: lambda consumer: (huey.paused.set(), fetch(consumer))[1])(
-        huey.storage.fetch)  # the pause arrives while the worker waits
+    real_fetch = huey.storage.fetch
+
+    def fetch(consumer, **kw):  # the pause arrives while the worker waits
+        huey.paused.set()
+        return real_fetch(consumer, **kw)
+    huey.storage.fetch = fetch
     try:
         assert huey.dequeue() is None
     finally:
@@ -358,3 +371,168 @@ def test_a_process_that_comes_back_with_the_same_pid_has_another_name():
     second = leader.process_name()
     assert first != second and first.split('-')[0] == second.split('-')[0]
     assert leader.parse_name(second) == (second.split(':')[0], os.getpid())
+
+
+# -- a worker thread's round trips ----------------------------------------------
+
+@pytest.fixture
+def lone_huey(redis_server):
+    """A TrackedHuey of its own on the private Redis (no hooks), its tasks, and a way to
+    count the commands Redis has run."""
+    import redis
+    huey = TrackedHuey(f'qm.w{uuid.uuid4().hex[:8]}', utc=False, results=False,
+                       storage_class=ReliableRedisStorage, url=redis_server.url,
+                       clean_name=False)
+    ran = []
+
+    def put(task):
+        huey.enqueue(task)
+        return task
+
+    @huey.task(context=True)
+    def job(n, task=None):
+        ran.append(n)
+        if n == 'revokes itself':
+            huey.revoke(task, revoke_once=True)  # as a cancel while it runs
+
+    client = redis.Redis.from_url(redis_server.url)
+
+    @contextlib.contextmanager
+    def calls():
+        """The names of the commands clients send Redis meanwhile (not those scripts run)."""
+        seen, end = [], f'end-{uuid.uuid4().hex}'
+        ready = threading.Event()
+        marker = redis.Redis.from_url(redis_server.url)
+        marker.ping()  # connected before: the end marker goes alone
+
+        def watch():
+            with client.monitor() as monitor:
+                ready.set()
+                for command in monitor.listen():
+                    if end in command['command']:
+                        return
+                    if command.get('client_type') != 'lua':
+                        seen.append(command['command'].split()[0].upper())
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        assert ready.wait(5)
+        time.sleep(0.05)  # MONITOR is in effect once Redis has answered it
+        yield seen
+        marker.echo(end)
+        watcher.join(10)
+        marker.close()
+    yield huey, job, ran, calls, put
+    huey.storage.flush_all()
+    client.close()
+
+
+class _WorkerThread:
+    """A consumer's worker (TrackedWorker) on a thread of its own, taking turns on request."""
+
+    def __init__(self, huey):
+        self.worker = broker.TrackedWorker(huey, threading.Event(), 0.01, 0.1, 1.15)
+        self.orders, self.done = queue.Queue(), queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.done.get(timeout=10) == 'ready'
+
+    def _run(self):
+        try:
+            self.worker.initialize()
+            self.done.put('ready')
+            while self.orders.get() == 'turn':
+                self.worker.loop()
+                self.done.put('turned')
+            self.worker.shutdown()
+            self.done.put('stopped')
+        except BaseException as exc:  # reported to the test
+            self.done.put(exc)
+
+    def turns(self, count=1):
+        for _ in range(count):
+            self.orders.put('turn')
+            assert self.done.get(timeout=10) == 'turned'
+
+    def stop(self):
+        self.orders.put('stop')
+        assert self.done.get(timeout=10) == 'stopped'
+        self.thread.join(10)
+
+
+def _on_a_worker_thread(huey, turns):
+    """``turns`` turns of a new worker thread, then its shutdown."""
+    worker = _WorkerThread(huey)
+    worker.turns(turns)
+    worker.stop()
+
+
+def test_a_worker_takes_and_runs_a_message_in_one_round_trip(lone_huey):
+    huey, job, ran, calls, put = lone_huey
+    tasks = [put(job.s(n)) for n in range(4)]
+    worker = _WorkerThread(huey)
+    worker.turns(1)  # the first also loads the script into Redis
+    with calls() as sent:
+        worker.turns(3)
+    assert ran == [0, 1, 2, 3]
+    # One script per message: it takes it, reads its flags and clears the
+    # flag of the run before; no HMGET (Huey's flag read) nor HDEL (its
+    # clear). The acknowledgement is the ledger's, after the outcome is
+    # written, in batches: here, with no ledger, each run's own (ZREM).
+    assert sent == ['EVALSHA', 'ZREM'] * 3
+    worker.stop()
+    assert huey.storage.inflight(broker.process_name()) == []  # acknowledged
+    assert not any(huey.is_revoked(task) for task in tasks)
+
+
+def test_a_flag_set_while_a_job_ran_is_cleared_after_it_on_a_worker(lone_huey):
+    huey, job, ran, _calls, put = lone_huey
+    revoking = put(job.s('revokes itself'))
+    worker = _WorkerThread(huey)
+    worker.turns(1)
+    # Cleared by the worker's next fetch (Huey clears it as the run ends)...
+    assert huey.storage.peek_data(revoking.revoke_id) is not EmptyData
+    worker.turns(1)  # finds the queue empty
+    assert huey.storage.peek_data(revoking.revoke_id) is EmptyData
+    # ...or by the worker as it stops.
+    again = put(job.s('revokes itself'))
+    worker.turns(1)
+    assert huey.storage.peek_data(again.revoke_id) is not EmptyData
+    worker.stop()
+    assert ran == ['revokes itself'] * 2
+    assert huey.storage.peek_data(again.revoke_id) is EmptyData
+
+
+def test_a_worker_honours_flags_read_with_the_message(lone_huey):
+    huey, job, ran, _calls, put = lone_huey
+    once = put(job.s('revoked once'))
+    huey.revoke(once, revoke_once=True)
+    kept = put(job.s('revoked'))
+    huey.revoke(kept)
+    job.revoke()  # the whole task type, after the two above were queued
+    typed = put(job.s('type revoked'))
+    _on_a_worker_thread(huey, 3)
+    assert ran == []
+    assert huey.storage.peek_data(once.revoke_id) is EmptyData  # used up
+    assert huey.is_revoked(kept)
+    job.restore()
+    huey.restore(kept)
+    for task in (once, kept, typed):
+        huey.enqueue(task)
+    _on_a_worker_thread(huey, 3)
+    assert ran == ['revoked once', 'revoked', 'type revoked']
+    assert huey.pending_count() == 0 and huey.storage.inflight(broker.process_name()) == []
+
+
+def test_a_retry_does_not_meet_the_flag_its_attempt_cleared(lone_huey):
+    huey, _job, _ran, _calls, _put = lone_huey
+    runs = []
+
+    @huey.task(context=True, retries=1)
+    def flaky(task=None):
+        runs.append(task.retries)
+        if task.retries:
+            huey.revoke(task, revoke_once=True)  # canceled while it runs, then fails
+            raise RuntimeError('boom')
+    huey.enqueue(flaky.s())
+    _on_a_worker_thread(huey, 2)
+    assert runs == [1, 0]  # the retry ran: Huey clears the flag as the attempt ends

@@ -15,6 +15,7 @@ import pytest
 # Huey's suite skips its slower tests (a consumer running a chord end to end,
 # TTLs) unless asked; here they run. Read when huey.tests.base is imported.
 os.environ['HUEY_SLOW_TESTS'] = '1'
+from huey.constants import EmptyData  # noqa: E402
 from huey.tests.base import BaseTestCase  # noqa: E402
 from huey.tests.test_storage import StorageTests  # noqa: E402
 
@@ -229,3 +230,50 @@ def test_many_messages_put_at_once_are_indexed_waiting_and_taken_by_priority(sto
     # Priority 2 first (every n with n % 3 == 2), then priority 1.
     priorities = [int(m.split(b'\n', 1)[0].rsplit(b' ', 1)[1]) for m in taken]
     assert priorities == [2] * 400 + [1]
+
+
+@pytest.mark.processes
+def test_a_fetch_reads_the_revocation_flags_that_could_stop_its_message(redis_server):
+    s = ReliableRedisStorage(f'qm.t{uuid.uuid4().hex[:8]}', url=redis_server.url,
+                             clean_name=False, read_timeout=0.2)
+    try:
+        for data in (msg('j1'), msg('j2'), b'no header'):
+            s.enqueue(data)
+        s.put_data('r:j2', b'flag of j2')
+        s.note_revoked_type('rt:tasks.kind')
+        s.put_data('rt:tasks.kind', b'flag of the type')
+        s.note_revoked_type('rt:tasks.restored')  # noted, its flag since removed
+        assert s.fetch('c:1').revocations == {'r:j1': None, 'rt:tasks.kind': b'flag of the type'}
+        assert s.fetch('c:1').revocations == {'r:j2': b'flag of j2',
+                                              'rt:tasks.kind': b'flag of the type'}
+        assert s.fetch('c:1').revocations is None  # no job id to look a flag up by
+    finally:
+        s.flush_all()
+    assert not s.conn.exists(s.revoked_types_key)
+
+
+def test_a_fetch_first_clears_the_flag_it_is_given(store):
+    store.put_data('r:j1', b'flag')
+    store.put_data('r:j2', b'another')
+    assert store.fetch('c:1', unflag='r:j1') is None  # even with nothing to take
+    assert store.peek_data('r:j1') is EmptyData and store.peek_data('r:j2') == b'another'
+    store.enqueue(msg('j3'))
+    assert store.fetch('c:1', unflag='r:j2').data == msg('j3')
+    assert store.peek_data('r:j2') is EmptyData
+
+
+@pytest.mark.processes
+def test_a_storage_name_of_any_characters_fetches_into_its_own_keys(redis_server):
+    name = f'qm.t{uuid.uuid4().hex[:6]} "quoted" \\ é\n5'
+    s = ReliableRedisStorage(name, url=redis_server.url, clean_name=False, read_timeout=0.2)
+    try:
+        s.enqueue(msg('j1'))
+        delivery = s.fetch('host:1')
+        assert delivery.data == msg('j1')
+        assert s.conn.zcard(f'qm:inflight:{name}:host:1') == 1
+        assert s.conn.hget(f'qm:index:{name}', '*') == b'0'
+        assert s.consumers() == {'host:1': True}
+        s.ack([delivery.receipt])
+        assert s.inflight('host:1') == []
+    finally:
+        s.flush_all()
