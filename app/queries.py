@@ -142,10 +142,12 @@ def _contains(column, needles):
     return sa.or_(*(_position(folded, n) > 0 for n in dict.fromkeys(needles)))
 
 
-# A search that finds at most this many candidates in the index reads them
-# by id; one that finds more matches so much of the ledger that a walk of
-# the list's own order meets a page of matches soon.
-CANDIDATES = 5000
+# A search whose index finds at most this many candidates reads them all
+# and lists them from the whole ledger at once (a rare text, found in one
+# page however old). One that finds more is answered a window at a time:
+# each page reads only the candidates among the next SEARCH_WINDOW jobs of
+# the list, so its cost follows the page, not how many match in all.
+CANDIDATES = 500
 # The trigram index finds substrings of this many characters or more.
 TRIGRAM = 3
 
@@ -169,56 +171,135 @@ def _id_prefix(typed, dialect):
     return Job.id.startswith(typed, autoescape=True)
 
 
-def _indexed(typed, in_json, dialect):
-    """A condition that narrows a search through the search index, or None where none helps.
+class _Index(NamedTuple):
+    """What the search index can do for one search (see :func:`_indexed`).
 
-    The index is a prefilter: it finds every row the exact condition can
-    match (it folds case at least as much), and the exact condition decides.
-    SQLite (FTS5 trigram, a row per job column, brought up to date by the
-    ledger's writer, plus the jobs written since): the candidates' rowids
-    are read first; up to :data:`CANDIDATES` become the condition, more
-    mean the matches are dense enough for the list's own order to find them
-    (None). PostgreSQL
-    (pg_trgm GIN over ``job_search_text``): an ILIKE the planner can answer
-    from the index.
+    ``needles``: the folded texts looked for, each of :data:`TRIGRAM`
+    characters or more. ``few``: a condition naming every candidate the
+    index holds, when they are no more than :data:`CANDIDATES`; None when
+    there are more (the search is then answered a window at a time, and
+    :func:`_candidates_between` narrows each window).
     """
-    needles = [n for n in dict.fromkeys((typed, in_json)) if len(n) >= TRIGRAM]
-    if len(needles) < len(dict.fromkeys((typed, in_json))):
-        return None  # too short for trigrams: only a scan can tell
-    if dialect == 'sqlite':
-        # One index row per job column, numbered job rowid * 4 + column; and
-        # the jobs written since the index was last brought up to date. One
-        # statement, so both parts see the same moment (the writer indexing
-        # in between would otherwise hide jobs from both).
-        phrase = ' OR '.join('"' + n.replace('"', '""') + '"' for n in needles)
-        found = db.session.execute(
-            sa.text('SELECT 0, r FROM (SELECT rowid / 4 AS r FROM job_search '
-                    'WHERE job_search MATCH :q LIMIT :n) UNION ALL '
-                    'SELECT 1, r FROM (SELECT job_rowid AS r FROM job_search_pending LIMIT :n)'),
-            {'q': phrase, 'n': CANDIDATES + 1}).all()
-        rowids = {r for _part, r in found}
-        # Over the limit in either part (index rows, not jobs: a job matching
-        # in two columns is two rows) means the candidates are not all read.
-        if len(rowids) > CANDIDATES or max(
-                sum(1 for part, _r in found if part == p) for p in (0, 1)) > CANDIDATES:
-            return None
-        # One parameter (a JSON array) rather than one per candidate.
-        return sa.literal_column('job.rowid').in_(
-            sa.select(sa.literal_column('value')).select_from(
-                sa.func.json_each(json.dumps(sorted(rowids)))).scalar_subquery())
+    dialect: str
+    needles: tuple
+    few: object
+
+
+def _sqlite_candidates(needles, lo=None, hi=None):
+    """Job rowids that may match (SQLite), those in ``lo``..``hi`` if given; None if over CANDIDATES.
+
+    One index row per job column, numbered job rowid * 4 + column; and the
+    jobs written since the index was last brought up to date. One
+    statement, so both parts see the same moment (the writer indexing in
+    between would otherwise hide jobs from both).
+    """
+    phrase = ' OR '.join('"' + n.replace('"', '""') + '"' for n in needles)
+    params = {'q': phrase, 'n': CANDIDATES + 1}
+    search_range = pending_range = ''
+    if lo is not None:
+        search_range = ' AND rowid BETWEEN :lo * 4 AND :hi * 4 + 3'
+        pending_range = ' WHERE job_rowid BETWEEN :lo AND :hi'
+        params.update(lo=lo, hi=hi)
+    found = db.session.execute(
+        sa.text(f'SELECT 0, r FROM (SELECT rowid / 4 AS r FROM job_search '
+                f'WHERE job_search MATCH :q{search_range} LIMIT :n) UNION ALL '
+                f'SELECT 1, r FROM (SELECT job_rowid AS r FROM job_search_pending{pending_range} '
+                f'LIMIT :n)'), params).all()
+    rowids = {r for _part, r in found}
+    # Over the limit in either part (index rows, not jobs: a job matching
+    # in two columns is two rows) means the candidates are not all read.
+    if len(rowids) > CANDIDATES or max(
+            sum(1 for part, _r in found if part == p) for p in (0, 1)) > CANDIDATES:
+        return None
+    return rowids
+
+
+def _rowid_in(rowids):
+    """SQLite: the job's rowid is one of ``rowids``, as one parameter (a JSON array)."""
+    return sa.literal_column('job.rowid').in_(
+        sa.select(sa.literal_column('value')).select_from(
+            sa.func.json_each(json.dumps(sorted(rowids)))).scalar_subquery())
+
+
+def _trigram_match(needles):
+    """PostgreSQL: an ILIKE the pg_trgm GIN index over ``job_search_text`` answers."""
     text_ = sa.func.job_search_text(Job.params, Job.error, Job.result)
     return sa.or_(*(text_.ilike('%' + n + '%', escape='\\') for n in
                     (n.replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_')
                      for n in needles)))
 
 
-def search_plan(q):
-    """``(condition, indexed)`` for a search for ``q`` (see :func:`search_condition`).
+def _indexed(typed, in_json, dialect):
+    """What the search index can do for a search (an :class:`_Index`), or None where it cannot help.
 
-    ``indexed`` is True when the search index narrows it to a few rows;
-    False when only a walk of the rows can answer it (fewer than
-    :data:`TRIGRAM` characters, or matches too many to list): a list then
-    walks at most :data:`SCAN_WINDOW` rows per page (:func:`list_jobs`).
+    The index is a prefilter: it finds every row the exact condition can
+    match (it folds case at least as much), and the exact condition decides.
+    SQLite: an FTS5 trigram table, a row per job column, brought up to date
+    by the ledger's writer, plus the jobs written since. PostgreSQL: a
+    pg_trgm GIN index over ``job_search_text``. Up to
+    :data:`CANDIDATES + 1 <CANDIDATES>` candidates are read (on PostgreSQL,
+    rows the index's ILIKE matches, in no particular order) to tell a
+    search with few candidates from one with many.
+    """
+    needles = [n for n in dict.fromkeys((typed, in_json)) if len(n) >= TRIGRAM]
+    if len(needles) < len(dict.fromkeys((typed, in_json))):
+        return None  # too short for trigrams: only a scan can tell
+    if dialect == 'sqlite':
+        rowids = _sqlite_candidates(needles)
+        return _Index(dialect, tuple(needles), None if rowids is None else _rowid_in(rowids))
+    match = _trigram_match(needles)
+    found = db.session.scalar(sa.select(sa.func.count()).select_from(
+        sa.select(sa.literal(1)).where(match).limit(CANDIDATES + 1).subquery()))
+    return _Index(dialect, tuple(needles), match if found <= CANDIDATES else None)
+
+
+def _candidates_between(index, lo, hi):
+    """A condition narrowing a window of the list to the index's candidates in it, or None.
+
+    ``lo`` and ``hi`` are the least and greatest job rowid in the window
+    (SQLite; ignored on PostgreSQL, where the window's own bounds and the
+    GIN index meet in the plan). None when the window holds more than
+    :data:`CANDIDATES` of them: its rows are then tested one by one (the
+    list stops at a page of matches, which so many candidates fill soon).
+    """
+    if index.dialect != 'sqlite':
+        return _trigram_match(index.needles)
+    rowids = _sqlite_candidates(index.needles, lo, hi)
+    return None if rowids is None else _rowid_in(rowids)
+
+
+class SearchPlan(NamedTuple):
+    """How a search for ``q`` is answered (see :func:`search_plan`).
+
+    ``index``: the :class:`_Index`, or None for a search too short for it.
+    :meth:`condition` is the exact condition, narrowed by the index where
+    it can.
+    """
+    prefix: object
+    contains: object
+    index: _Index | None
+
+    @property
+    def whole(self):
+        """True when the index names every candidate in the ledger (few of them)."""
+        return self.index is not None and self.index.few is not None
+
+    def condition(self, narrow=None):
+        """The search's SQL condition; ``narrow`` (a window's candidates) narrows it further."""
+        narrow = self.index.few if self.whole else narrow
+        return sa.or_(self.prefix, self.contains if narrow is None
+                      else sa.and_(narrow, self.contains))
+
+
+def search_plan(q):
+    """A :class:`SearchPlan` for a search for ``q`` (see :func:`search_condition`).
+
+    With few candidates in the index (``plan.whole``) the condition holds
+    them and a list is read from the whole ledger at once. Otherwise a list
+    reads a window of the ledger per page (:func:`list_jobs`): at most
+    :data:`SEARCH_WINDOW` jobs where the index narrows it (many
+    candidates), :data:`SCAN_WINDOW` where it cannot (fewer than
+    :data:`TRIGRAM` characters).
     """
     q = q.strip()
     typed, in_json = _search_variants(q)
@@ -226,10 +307,7 @@ def search_plan(q):
                       _contains(Job.error, (typed,)),
                       _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
     dialect = db.session.get_bind().dialect.name
-    indexed = _indexed(typed, in_json, dialect)
-    if indexed is not None:
-        contains = sa.and_(indexed, contains)
-    return sa.or_(_id_prefix(typed, dialect), contains), indexed is not None
+    return SearchPlan(_id_prefix(typed, dialect), contains, _indexed(typed, in_json, dialect))
 
 
 def search_condition(q):
@@ -240,9 +318,16 @@ def search_condition(q):
     (``"n": 2`` finds ``{"n": 2}``) and as a JSON string holds it (``a"b``
     is stored ``a\\"b``). The meaning is this exact condition on SQLite
     and PostgreSQL alike; an index (see :func:`_indexed`) only makes it
-    fast for searches of :data:`TRIGRAM` characters or more.
+    fast for searches of :data:`TRIGRAM` characters or more, with few
+    candidates (a list reads a search with many a window at a time).
     """
-    return search_plan(q)[0]
+    plan = search_plan(q)
+    if plan.whole or plan.index is None:
+        return plan.condition()
+    # Many candidates, and no window to narrow: on PostgreSQL the index
+    # still narrows the rows; on SQLite the exact condition tests each.
+    return plan.condition(_trigram_match(plan.index.needles)
+                          if plan.index.dialect != 'sqlite' else None)
 
 
 # The jobs list's filters, in its query string.
@@ -327,9 +412,13 @@ def query_filters(state=None, queue=None, task=None, q=None, finished_from=None,
     return conditions
 
 
-# Rows a search the index cannot narrow looks at per page, at most: a page
-# then holds the matches among them, and its cursor goes on from the last.
+# Jobs a search looks at per page when the index does not name all its
+# candidates at once, at most: a page then holds the matches among them,
+# and its cursor goes on from the last. SCAN_WINDOW where the index cannot
+# narrow the search (too short for it); SEARCH_WINDOW where it narrows each
+# window to its candidates (a walk of the list's index, no row read).
 SCAN_WINDOW = 10_000
+SEARCH_WINDOW = 20_000
 
 
 class _Key:
@@ -461,14 +550,11 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     order = (Job.created_at.desc(), Job.id.desc()) if newest else (Job.created_at, Job.id)
     edge = None
     if q and q.strip():
-        search, indexed = search_plan(q)
-        if not indexed:
-            # The last row of the window this page may look at (None: what
-            # is left of the list is shorter than a window).
-            edge = db.session.execute(
-                sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
-                .offset(SCAN_WINDOW - 1).limit(1)).first()
-        conditions.append(search)
+        plan = search_plan(q)
+        narrow = None
+        if not plan.whole:
+            edge, narrow = _window(plan.index, conditions, order)
+        conditions.append(plan.condition(narrow))
         if edge is not None:
             conditions.append(key >= sa.tuple_(*edge) if newest else key <= sa.tuple_(*edge))
     # The page's ids first (what the sort holds stays small), then its rows.
@@ -478,6 +564,38 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     if len(rows) > limit:
         return rows[:limit], encode_cursor(rows[limit - 1])
     return rows, encode_cursor(_Key(*edge)) if edge is not None else None
+
+
+def _window(index, conditions, order):
+    """``(edge, narrow)``: the window a page of a search looks at, and its candidates.
+
+    The window is the next :data:`SEARCH_WINDOW` jobs of the list (those
+    meeting ``conditions``, in ``order``), or :data:`SCAN_WINDOW` for a
+    search the index cannot narrow (``index`` None). ``edge``: the
+    ``(created_at, id)`` of its last job, None when what is left of the
+    list is shorter than a window. ``narrow``: a condition naming the
+    index's candidates in the window (see :func:`_candidates_between`), or
+    None (each row of the window is tested).
+    """
+    size = SCAN_WINDOW if index is None else SEARCH_WINDOW
+    # The window's last job: the list's index skipped through, no row read.
+    edge = db.session.execute(
+        sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
+        .offset(size - 1).limit(1)).first()
+    if index is None:
+        return edge, None
+    lo = hi = None
+    if index.dialect == 'sqlite':
+        # The range of the window's rowids, which the search index is read
+        # in: one more walk of the list's index (each entry holds its job's
+        # rowid), no row read.
+        window = sa.select(sa.literal_column('job.rowid').label('r')).select_from(Job) \
+            .where(*conditions).order_by(*order).limit(size).subquery()
+        lo, hi = db.session.execute(
+            sa.select(sa.func.min(window.c.r), sa.func.max(window.c.r))).one()
+        if lo is None:
+            return None, None  # nothing left of the list
+    return edge, _candidates_between(index, lo, hi)
 
 
 def _rows_of(ids, with_result):
@@ -524,10 +642,12 @@ def count_jobs(filters, bound=COUNT_BOUND):
     conditions = query_filters(filters.get('state'), filters.get('queue'), filters.get('task'),
                                **times)
     if q:
-        search, indexed = search_plan(q)
-        if not indexed:
+        plan = search_plan(q)
+        if not plan.whole:
+            # Too short for the index, or too many candidates in it: only a
+            # walk of the ledger could count them.
             return Count(None, False)
-        conditions.append(search)
+        conditions.append(plan.condition())
     ids = sa.select(Job.id).where(*conditions).limit(bound + 1).subquery()
     n = db.session.scalar(sa.select(sa.func.count()).select_from(ids))
     return Count(min(n, bound), n <= bound)
