@@ -256,11 +256,14 @@ def _indexed(typed, in_json, dialect):
 def _candidates_between(index, lo, hi):
     """A condition narrowing a window of the list to the index's candidates in it, or None.
 
-    ``lo`` and ``hi`` are the least and greatest job rowid in the window
-    (SQLite; ignored on PostgreSQL, where the window's own bounds and the
-    GIN index meet in the plan). None when the window holds more than
-    :data:`CANDIDATES` of them: its rows are then tested one by one (the
-    list stops at a page of matches, which so many candidates fill soon).
+    SQLite: the candidates among job rowids ``lo`` to ``hi`` (the least and
+    greatest in the window), read from the index; None when there are more
+    than :data:`CANDIDATES` of them: the window's rows are then tested one
+    by one (the list stops at a page of matches, which so many candidates
+    fill soon). PostgreSQL: the trigram condition, which the planner
+    answers together with the window's range of the list's index (a
+    BitmapAnd: only the window's candidates are read from the table;
+    migration 0011 gives it the statistics to choose so).
     """
     if index.dialect != 'sqlite':
         return _trigram_match(index.needles)
@@ -570,8 +573,8 @@ def _window(index, conditions, order):
     """``(edge, narrow)``: the window a page of a search looks at, and its candidates.
 
     The window is the next :data:`SEARCH_WINDOW` jobs of the list (those
-    meeting ``conditions``, in ``order``), or :data:`SCAN_WINDOW` for a
-    search the index cannot narrow (``index`` None). ``edge``: the
+    meeting ``conditions``, in ``order``), or :data:`SCAN_WINDOW`
+    for a search the index cannot narrow (``index`` None). ``edge``: the
     ``(created_at, id)`` of its last job, None when what is left of the
     list is shorter than a window. ``narrow``: a condition naming the
     index's candidates in the window (see :func:`_candidates_between`), or
@@ -584,17 +587,17 @@ def _window(index, conditions, order):
         .offset(size - 1).limit(1)).first()
     if index is None:
         return edge, None
-    lo = hi = None
-    if index.dialect == 'sqlite':
-        # The range of the window's rowids, which the search index is read
-        # in: one more walk of the list's index (each entry holds its job's
-        # rowid), no row read.
-        window = sa.select(sa.literal_column('job.rowid').label('r')).select_from(Job) \
-            .where(*conditions).order_by(*order).limit(size).subquery()
-        lo, hi = db.session.execute(
-            sa.select(sa.func.min(window.c.r), sa.func.max(window.c.r))).one()
-        if lo is None:
-            return None, None  # nothing left of the list
+    if index.dialect != 'sqlite':
+        return edge, _candidates_between(index, None, None)
+    # SQLite: the range of the window's rowids, which the search index is
+    # read in: one more walk of the list's index (each entry holds its
+    # job's rowid), no row read.
+    window = sa.select(sa.literal_column('job.rowid').label('r')).select_from(Job) \
+        .where(*conditions).order_by(*order).limit(size).subquery()
+    lo, hi = db.session.execute(
+        sa.select(sa.func.min(window.c.r), sa.func.max(window.c.r))).one()
+    if lo is None:
+        return None, None  # nothing left of the list
     return edge, _candidates_between(index, lo, hi)
 
 
