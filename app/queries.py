@@ -515,10 +515,13 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     created orders each page is an index range scan, as fast on page
     10,000 as on page 1 (the run-time order sorts the matching finished
     jobs). Results (up to 64 KiB each) are only loaded when asked for. A
-    search the index cannot narrow (see :func:`search_plan`) looks at no
-    more than :data:`SCAN_WINDOW` rows in the created orders: the page may
-    then hold fewer than ``limit`` jobs (even none) with a cursor that goes
-    on further, so that every page costs about the same at any ledger size.
+    search whose candidates the index does not name all at once (see
+    :func:`search_plan`) looks at a window of the list per page in the
+    created orders (:data:`SEARCH_WINDOW` jobs, :data:`SCAN_WINDOW` for a
+    search too short for the index): the page holds the first ``limit``
+    matches in it, or fewer (even none) with a cursor that goes on from the
+    window's last job, so that every page costs about the same at any
+    ledger size however many jobs match.
     ``next_cursor`` is None after the last page. ``finished_from`` and
     ``finished_to`` (ISO 8601, UTC) keep the jobs finished in that range
     (:func:`finished_between`). Raises :class:`BadQuery` for a bad filter,
