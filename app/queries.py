@@ -148,6 +148,11 @@ def _contains(column, needles):
 # each page reads only the candidates among the next SEARCH_WINDOW jobs of
 # the list, so its cost follows the page, not how many match in all.
 CANDIDATES = 500
+# SQLite: jobs written since the search index was last brought up to date
+# are candidates whatever they hold; a burst of writes may leave thousands
+# for the second until the writer indexes them, and a rare text should not
+# be read a window at a time meanwhile: they have a cap of their own.
+PENDING_CANDIDATES = 5000
 # The trigram index finds substrings of this many characters or more.
 TRIGRAM = 3
 
@@ -186,7 +191,10 @@ class _Index(NamedTuple):
 
 
 def _sqlite_candidates(needles, lo=None, hi=None):
-    """Job rowids that may match (SQLite), those in ``lo``..``hi`` if given; None if over CANDIDATES.
+    """Job rowids that may match (SQLite), those in ``lo``..``hi`` if given; None if over the caps.
+
+    At most :data:`CANDIDATES` rows of the index and
+    :data:`PENDING_CANDIDATES` jobs not yet indexed, or None.
 
     One index row per job column, numbered job rowid * 4 + column; and the
     jobs written since the index was last brought up to date. One
@@ -194,7 +202,7 @@ def _sqlite_candidates(needles, lo=None, hi=None):
     between would otherwise hide jobs from both).
     """
     phrase = ' OR '.join('"' + n.replace('"', '""') + '"' for n in needles)
-    params = {'q': phrase, 'n': CANDIDATES + 1}
+    params = {'q': phrase, 'n': CANDIDATES + 1, 'p': PENDING_CANDIDATES + 1}
     search_range = pending_range = ''
     if lo is not None:
         search_range = ' AND rowid BETWEEN :lo * 4 AND :hi * 4 + 3'
@@ -204,14 +212,13 @@ def _sqlite_candidates(needles, lo=None, hi=None):
         sa.text(f'SELECT 0, r FROM (SELECT rowid / 4 AS r FROM job_search '
                 f'WHERE job_search MATCH :q{search_range} LIMIT :n) UNION ALL '
                 f'SELECT 1, r FROM (SELECT job_rowid AS r FROM job_search_pending{pending_range} '
-                f'LIMIT :n)'), params).all()
-    rowids = {r for _part, r in found}
+                f'LIMIT :p)'), params).all()
     # Over the limit in either part (index rows, not jobs: a job matching
     # in two columns is two rows) means the candidates are not all read.
-    if len(rowids) > CANDIDATES or max(
-            sum(1 for part, _r in found if part == p) for p in (0, 1)) > CANDIDATES:
+    if (sum(1 for part, _r in found if part == 0) > CANDIDATES
+            or sum(1 for part, _r in found if part == 1) > PENDING_CANDIDATES):
         return None
-    return rowids
+    return {r for _part, r in found}
 
 
 def _rowid_in(rowids):
