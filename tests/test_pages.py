@@ -362,6 +362,7 @@ def test_a_search_with_many_candidates_pages_a_window_at_a_time_and_says_how_far
     assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == [made[2], made[0]]
     # With the cap above the candidates, one page from the whole ledger, counted.
     monkeypatch.setattr(queries, 'CANDIDATES', 4)
+    monkeypatch.setattr(queries, 'PENDING_CANDIDATES', len(made))
     html = client.get('/jobs?q=needle').get_data(as_text=True)
     assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == [made[5], made[4], made[2],
                                                                   made[0]]
