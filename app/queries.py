@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.orm import defer
 from werkzeug.exceptions import NotFound
 
@@ -153,6 +155,10 @@ CANDIDATES = 500
 # for the second until the writer indexes them, and a rare text should not
 # be read a window at a time meanwhile: they have a cap of their own.
 PENDING_CANDIDATES = 5000
+# SQLite: the candidates read for one window of a list, at most. Only their
+# rowids are read (a millisecond or two for thousands); past this many, the
+# window's rows are tested one by one.
+WINDOW_CANDIDATES = 5000
 # The trigram index finds substrings of this many characters or more.
 TRIGRAM = 3
 
@@ -193,8 +199,8 @@ class _Index(NamedTuple):
 def _sqlite_candidates(needles, lo=None, hi=None):
     """Job rowids that may match (SQLite), those in ``lo``..``hi`` if given; None if over the caps.
 
-    At most :data:`CANDIDATES` rows of the index and
-    :data:`PENDING_CANDIDATES` jobs not yet indexed, or None.
+    At most :data:`CANDIDATES` rows of the index (:data:`WINDOW_CANDIDATES`
+    in a range) and :data:`PENDING_CANDIDATES` jobs not yet indexed, or None.
 
     One index row per job column, numbered job rowid * 4 + column; and the
     jobs written since the index was last brought up to date. One
@@ -202,7 +208,8 @@ def _sqlite_candidates(needles, lo=None, hi=None):
     between would otherwise hide jobs from both).
     """
     phrase = ' OR '.join('"' + n.replace('"', '""') + '"' for n in needles)
-    params = {'q': phrase, 'n': CANDIDATES + 1, 'p': PENDING_CANDIDATES + 1}
+    cap = CANDIDATES if lo is None else WINDOW_CANDIDATES
+    params = {'q': phrase, 'n': cap + 1, 'p': PENDING_CANDIDATES + 1}
     search_range = pending_range = ''
     if lo is not None:
         search_range = ' AND rowid BETWEEN :lo * 4 AND :hi * 4 + 3'
@@ -215,7 +222,7 @@ def _sqlite_candidates(needles, lo=None, hi=None):
                 f'LIMIT :p)'), params).all()
     # Over the limit in either part (index rows, not jobs: a job matching
     # in two columns is two rows) means the candidates are not all read.
-    if (sum(1 for part, _r in found if part == 0) > CANDIDATES
+    if (sum(1 for part, _r in found if part == 0) > cap
             or sum(1 for part, _r in found if part == 1) > PENDING_CANDIDATES):
         return None
     return {r for _part, r in found}
@@ -272,7 +279,7 @@ def _candidates_between(index, lo, hi):
 
     SQLite: the candidates among job rowids ``lo`` to ``hi`` (the least and
     greatest in the window), read from the index; None when there are more
-    than :data:`CANDIDATES` of them: the window's rows are then tested one
+    than :data:`WINDOW_CANDIDATES` of them: the window's rows are then tested one
     by one (the list stops at a page of matches, which so many candidates
     fill soon). PostgreSQL: the trigram condition, which the planner
     answers together with the window's range of the list's index (a
@@ -573,12 +580,20 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     order = (Job.created_at.desc(), Job.id.desc()) if newest else (Job.created_at, Job.id)
     edge = None
     if q and q.strip():
+        unfiltered = len(conditions) == bool(cursor)  # nothing but the cursor yet
         plan = search_plan(q)
         narrow = None
         if not plan.whole:
             edge, narrow = _window(plan.index, conditions, order)
         conditions.append(plan.condition(narrow))
         if edge is not None:
+            if (narrow is not None and unfiltered
+                    and db.session.get_bind().dialect.name == 'sqlite'):
+                # The window's candidates are named by rowid: SQLite is kept
+                # from walking the list's index between the cursor and the
+                # edge (all of the window) to find them. (With a filter it
+                # walks that filter's index, which the edge must then bound.)
+                key = sa.tuple_(_unindexed(Job.created_at), _unindexed(Job.id))
             conditions.append(key >= sa.tuple_(*edge) if newest else key <= sa.tuple_(*edge))
     # The page's ids first (what the sort holds stays small), then its rows.
     ids = db.session.scalars(
@@ -587,6 +602,11 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     if len(rows) > limit:
         return rows[:limit], encode_cursor(rows[limit - 1])
     return rows, encode_cursor(_Key(*edge)) if edge is not None else None
+
+
+def _unindexed(column):
+    """``+column`` (SQLite): the same value, which the planner does not answer from an index."""
+    return UnaryExpression(column, operator=operators.custom_op('+'), type_=column.type)
 
 
 def _window(index, conditions, order):

@@ -499,9 +499,12 @@ def test_a_search_with_many_candidates_reads_them_a_window_at_a_time(ledger_ctx,
     failed = [r for r in rows if r.state == 'failed']
     assert search_pages('hello', 5, sort, state='failed') == windowed_pages(
         failed, lambda r: contains(r, 'hello'), 5, 40, sort == 'oldest')
-    # Windows with more candidates than the cap test their rows one by one: the same pages.
+    # Windows with more candidates than their cap test their rows one by one: the same pages.
     monkeypatch.setattr(queries, 'SEARCH_WINDOW', 200)
-    monkeypatch.setattr(queries, 'CANDIDATES', 20)
+    monkeypatch.setattr(queries, 'WINDOW_CANDIDATES', 20)
+    if db.engine.dialect.name == 'sqlite':
+        assert queries._window(queries.search_plan('hello').index, [],
+                               (Job.created_at.desc(), Job.id.desc()))[1] is None
     assert search_pages('hello', 5, sort) == windowed_pages(
         rows, lambda r: contains(r, 'hello'), 5, 200, sort == 'oldest')
 
@@ -510,6 +513,7 @@ def test_a_window_is_narrowed_to_the_candidates_the_index_holds_in_it(ledger_ctx
     rows = fill_search_ledger()
     index_everything()
     monkeypatch.setattr(queries, 'CANDIDATES', 30)
+    monkeypatch.setattr(queries, 'WINDOW_CANDIDATES', 30)
     monkeypatch.setattr(queries, 'SEARCH_WINDOW', 40)
     plan = queries.search_plan('hello')
     order = (Job.created_at.desc(), Job.id.desc())
