@@ -259,8 +259,9 @@ def _indexed(typed, in_json, dialect):
     by the ledger's writer, plus the jobs written since. PostgreSQL: a
     pg_trgm GIN index over ``job_search_text``. Up to
     :data:`CANDIDATES + 1 <CANDIDATES>` candidates are read (on PostgreSQL,
-    rows the index's ILIKE matches, in no particular order) to tell a
-    search with few candidates from one with many.
+    the ids of rows the index's ILIKE matches, in no particular order) to
+    tell a search with few candidates from one with many; few are named by
+    rowid (SQLite) or id (PostgreSQL).
     """
     needles = [n for n in dict.fromkeys((typed, in_json)) if len(n) >= TRIGRAM]
     if len(needles) < len(dict.fromkeys((typed, in_json))):
@@ -268,10 +269,13 @@ def _indexed(typed, in_json, dialect):
     if dialect == 'sqlite':
         rowids = _sqlite_candidates(needles)
         return _Index(dialect, tuple(needles), None if rowids is None else _rowid_in(rowids))
-    match = _trigram_match(needles)
-    found = db.session.scalar(sa.select(sa.func.count()).select_from(
-        sa.select(sa.literal(1)).where(match).limit(CANDIDATES + 1).subquery()))
-    return _Index(dialect, tuple(needles), match if found <= CANDIDATES else None)
+    # The ids of the rows the index's ILIKE matches: with few, the list
+    # reads them by id rather than asking the trigram index again.
+    found = db.session.scalars(
+        sa.select(Job.id).where(_trigram_match(needles)).limit(CANDIDATES + 1)).all()
+    return _Index(dialect, tuple(needles),
+                  (Job.id.in_(found) if found else sa.false()) if len(found) <= CANDIDATES
+                  else None)
 
 
 def _candidates_between(index, lo, hi):
