@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import defer
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import UnaryExpression
-from sqlalchemy.orm import defer
 from werkzeug.exceptions import NotFound
 
 from . import catalog, states, text
@@ -283,9 +283,9 @@ def _candidates_between(index, lo, hi):
 
     SQLite: the candidates among job rowids ``lo`` to ``hi`` (the least and
     greatest in the window), read from the index; None when there are more
-    than :data:`WINDOW_CANDIDATES` of them: the window's rows are then tested one
-    by one (the list stops at a page of matches, which so many candidates
-    fill soon). PostgreSQL: the trigram condition, which the planner
+    than :data:`WINDOW_CANDIDATES` of them: the window's rows are then
+    tested one by one (the list stops at a page of matches, which so many
+    candidates fill soon). PostgreSQL: the trigram condition, which the planner
     answers together with the window's range of the list's index (a
     BitmapAnd: only the window's candidates are read from the table). It
     does so only when it expects the trigram index to match many rows,
@@ -653,7 +653,8 @@ def _rows_of(ids, with_result):
     return [by_id[i] for i in ids if i in by_id]
 
 
-# A count of jobs matching a search stops here: past it the list says "10,000+".
+# A count of the rows matching a list's filters (a range of finish times, a
+# search with few candidates) stops here: past it the list says "10,000+".
 COUNT_BOUND = 10_000
 
 
@@ -661,7 +662,8 @@ class Count(NamedTuple):
     """How many jobs match a list's filters.
 
     ``n``: the count, or None when it cannot be had cheaply (a search the
-    index cannot narrow). ``exact``: False when the count stopped at its
+    index does not name all the candidates of: too short for it, or more
+    than :data:`CANDIDATES`). ``exact``: False when the count stopped at its
     bound, so at least ``n`` match.
     """
     n: int | None
@@ -673,9 +675,10 @@ def count_jobs(filters, bound=COUNT_BOUND):
 
     By state, queue and task alone it is the sum of the kept counters
     (:class:`app.models.JobCount`, a few rows at any ledger size) and
-    exact; with a search the index narrows, or a range of finish times,
-    the matches are counted up to ``bound``; a search it cannot narrow is
-    not counted (``n`` None).
+    exact; with a search whose candidates the index names all at once
+    (:data:`CANDIDATES` at most), or a range of finish times, the matches
+    are counted up to ``bound``; any other search is not counted (``n``
+    None: it is listed a window at a time).
     Raises :class:`BadQuery` for a bad filter.
     """
     check_filters(filters)
