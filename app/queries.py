@@ -17,6 +17,8 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import defer
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import UnaryExpression
 from werkzeug.exceptions import NotFound
 
 from . import catalog, states, text
@@ -142,10 +144,21 @@ def _contains(column, needles):
     return sa.or_(*(_position(folded, n) > 0 for n in dict.fromkeys(needles)))
 
 
-# A search that finds at most this many candidates in the index reads them
-# by id; one that finds more matches so much of the ledger that a walk of
-# the list's own order meets a page of matches soon.
-CANDIDATES = 5000
+# A search whose index finds at most this many candidates reads them all
+# and lists them from the whole ledger at once (a rare text, found in one
+# page however old). One that finds more is answered a window at a time:
+# each page reads only the candidates among the next SEARCH_WINDOW jobs of
+# the list, so its cost follows the page, not how many match in all.
+CANDIDATES = 500
+# SQLite: jobs written since the search index was last brought up to date
+# are candidates whatever they hold; a burst of writes may leave thousands
+# for the second until the writer indexes them, and a rare text should not
+# be read a window at a time meanwhile: they have a cap of their own.
+PENDING_CANDIDATES = 5000
+# SQLite: the candidates read for one window of a list, at most. Only their
+# rowids are read (a millisecond or two for thousands); past this many, the
+# window's rows are tested one by one.
+WINDOW_CANDIDATES = 5000
 # The trigram index finds substrings of this many characters or more.
 TRIGRAM = 3
 
@@ -169,56 +182,155 @@ def _id_prefix(typed, dialect):
     return Job.id.startswith(typed, autoescape=True)
 
 
+class _Index(NamedTuple):
+    """What the search index can do for one search (see :func:`_indexed`).
+
+    ``needles``: the folded texts looked for, each of :data:`TRIGRAM`
+    characters or more. ``few``: a condition naming every candidate the
+    index holds, when they are no more than :data:`CANDIDATES`; None when
+    there are more (the search is then answered a window at a time, and
+    :func:`_candidates_between` narrows each window).
+    """
+    dialect: str
+    needles: tuple
+    few: object
+
+
+def _sqlite_candidates(needles, lo=None, hi=None):
+    """Job rowids that may match (SQLite), those in ``lo``..``hi`` if given; None if over the caps.
+
+    At most :data:`CANDIDATES` rows of the index (:data:`WINDOW_CANDIDATES`
+    in a range) and :data:`PENDING_CANDIDATES` jobs not yet indexed, or None.
+
+    One index row per job column, numbered job rowid * 4 + column; and the
+    jobs written since the index was last brought up to date. One
+    statement, so both parts see the same moment (the writer indexing in
+    between would otherwise hide jobs from both).
+    """
+    phrase = ' OR '.join('"' + n.replace('"', '""') + '"' for n in needles)
+    cap = CANDIDATES if lo is None else WINDOW_CANDIDATES
+    params = {'q': phrase, 'n': cap + 1, 'p': PENDING_CANDIDATES + 1}
+    search_range = pending_range = ''
+    if lo is not None:
+        search_range = ' AND rowid BETWEEN :lo * 4 AND :hi * 4 + 3'
+        pending_range = ' WHERE job_rowid BETWEEN :lo AND :hi'
+        params.update(lo=lo, hi=hi)
+    found = db.session.execute(
+        sa.text(f'SELECT 0, r FROM (SELECT rowid / 4 AS r FROM job_search '
+                f'WHERE job_search MATCH :q{search_range} LIMIT :n) UNION ALL '
+                f'SELECT 1, r FROM (SELECT job_rowid AS r FROM job_search_pending{pending_range} '
+                f'LIMIT :p)'), params).all()
+    # Over the limit in either part (index rows, not jobs: a job matching
+    # in two columns is two rows) means the candidates are not all read.
+    if (sum(1 for part, _r in found if part == 0) > cap
+            or sum(1 for part, _r in found if part == 1) > PENDING_CANDIDATES):
+        return None
+    return {r for _part, r in found}
+
+
+def _rowid_in(rowids):
+    """SQLite: the job's rowid is one of ``rowids``, as one parameter (a JSON array)."""
+    return sa.literal_column('job.rowid').in_(
+        sa.select(sa.literal_column('value')).select_from(
+            sa.func.json_each(json.dumps(sorted(rowids)))).scalar_subquery())
+
+
+def _trigram_match(needles, unseen=False):
+    """PostgreSQL: an ILIKE the pg_trgm GIN index over ``job_search_text`` answers.
+
+    ``unseen``: each pattern is given as a subquery's value, which the
+    planner does not see when it plans, so it estimates the ILIKE to match
+    a fixed share of the rows (0.5%) instead of what its statistics say of
+    the text: those say a few dozen for a word thousands of jobs hold.
+    """
+    text_ = sa.func.job_search_text(Job.params, Job.error, Job.result)
+    patterns = ['%' + n.replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_') + '%'
+                for n in needles]
+    return sa.or_(*(text_.ilike(sa.select(sa.literal(p)).scalar_subquery() if unseen else p,
+                                escape='\\') for p in patterns))
+
+
 def _indexed(typed, in_json, dialect):
-    """A condition that narrows a search through the search index, or None where none helps.
+    """What the search index can do for a search (an :class:`_Index`), or None where it cannot help.
 
     The index is a prefilter: it finds every row the exact condition can
     match (it folds case at least as much), and the exact condition decides.
-    SQLite (FTS5 trigram, a row per job column, brought up to date by the
-    ledger's writer, plus the jobs written since): the candidates' rowids
-    are read first; up to :data:`CANDIDATES` become the condition, more
-    mean the matches are dense enough for the list's own order to find them
-    (None). PostgreSQL
-    (pg_trgm GIN over ``job_search_text``): an ILIKE the planner can answer
-    from the index.
+    SQLite: an FTS5 trigram table, a row per job column, brought up to date
+    by the ledger's writer, plus the jobs written since. PostgreSQL: a
+    pg_trgm GIN index over ``job_search_text``. Up to
+    :data:`CANDIDATES + 1 <CANDIDATES>` candidates are read (on PostgreSQL,
+    the ids of rows the index's ILIKE matches, in no particular order) to
+    tell a search with few candidates from one with many; few are named by
+    rowid (SQLite) or id (PostgreSQL).
     """
     needles = [n for n in dict.fromkeys((typed, in_json)) if len(n) >= TRIGRAM]
     if len(needles) < len(dict.fromkeys((typed, in_json))):
         return None  # too short for trigrams: only a scan can tell
     if dialect == 'sqlite':
-        # One index row per job column, numbered job rowid * 4 + column; and
-        # the jobs written since the index was last brought up to date. One
-        # statement, so both parts see the same moment (the writer indexing
-        # in between would otherwise hide jobs from both).
-        phrase = ' OR '.join('"' + n.replace('"', '""') + '"' for n in needles)
-        found = db.session.execute(
-            sa.text('SELECT 0, r FROM (SELECT rowid / 4 AS r FROM job_search '
-                    'WHERE job_search MATCH :q LIMIT :n) UNION ALL '
-                    'SELECT 1, r FROM (SELECT job_rowid AS r FROM job_search_pending LIMIT :n)'),
-            {'q': phrase, 'n': CANDIDATES + 1}).all()
-        rowids = {r for _part, r in found}
-        # Over the limit in either part (index rows, not jobs: a job matching
-        # in two columns is two rows) means the candidates are not all read.
-        if len(rowids) > CANDIDATES or max(
-                sum(1 for part, _r in found if part == p) for p in (0, 1)) > CANDIDATES:
-            return None
-        # One parameter (a JSON array) rather than one per candidate.
-        return sa.literal_column('job.rowid').in_(
-            sa.select(sa.literal_column('value')).select_from(
-                sa.func.json_each(json.dumps(sorted(rowids)))).scalar_subquery())
-    text_ = sa.func.job_search_text(Job.params, Job.error, Job.result)
-    return sa.or_(*(text_.ilike('%' + n + '%', escape='\\') for n in
-                    (n.replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_')
-                     for n in needles)))
+        rowids = _sqlite_candidates(needles)
+        return _Index(dialect, tuple(needles), None if rowids is None else _rowid_in(rowids))
+    # The ids of the rows the index's ILIKE matches: with few, the list
+    # reads them by id rather than asking the trigram index again.
+    found = db.session.scalars(
+        sa.select(Job.id).where(_trigram_match(needles)).limit(CANDIDATES + 1)).all()
+    return _Index(dialect, tuple(needles),
+                  (Job.id.in_(found) if found else sa.false()) if len(found) <= CANDIDATES
+                  else None)
+
+
+def _candidates_between(index, lo, hi):
+    """A condition narrowing a window of the list to the index's candidates in it, or None.
+
+    SQLite: the candidates among job rowids ``lo`` to ``hi`` (the least and
+    greatest in the window), read from the index; None when there are more
+    than :data:`WINDOW_CANDIDATES` of them: the window's rows are then
+    tested one by one (the list stops at a page of matches, which so many
+    candidates fill soon). PostgreSQL: the trigram condition, which the planner
+    answers together with the window's range of the list's index (a
+    BitmapAnd: only the window's candidates are read from the table). It
+    does so only when it expects the trigram index to match many rows,
+    which a search with many candidates does: the pattern is kept from its
+    statistics, which expect a few dozen (reading every candidate in the
+    ledger to find a window's few: 5 ms for 2,344 at a million jobs).
+    """
+    if index.dialect != 'sqlite':
+        return _trigram_match(index.needles, unseen=True)
+    rowids = _sqlite_candidates(index.needles, lo, hi)
+    return None if rowids is None else _rowid_in(rowids)
+
+
+class SearchPlan(NamedTuple):
+    """How a search for ``q`` is answered (see :func:`search_plan`).
+
+    ``index``: the :class:`_Index`, or None for a search too short for it.
+    :meth:`condition` is the exact condition, narrowed by the index where
+    it can.
+    """
+    prefix: object
+    contains: object
+    index: _Index | None
+
+    @property
+    def whole(self):
+        """True when the index names every candidate in the ledger (few of them)."""
+        return self.index is not None and self.index.few is not None
+
+    def condition(self, narrow=None):
+        """The search's SQL condition; ``narrow`` (a window's candidates) narrows it further."""
+        narrow = self.index.few if self.whole else narrow
+        return sa.or_(self.prefix, self.contains if narrow is None
+                      else sa.and_(narrow, self.contains))
 
 
 def search_plan(q):
-    """``(condition, indexed)`` for a search for ``q`` (see :func:`search_condition`).
+    """A :class:`SearchPlan` for a search for ``q`` (see :func:`search_condition`).
 
-    ``indexed`` is True when the search index narrows it to a few rows;
-    False when only a walk of the rows can answer it (fewer than
-    :data:`TRIGRAM` characters, or matches too many to list): a list then
-    walks at most :data:`SCAN_WINDOW` rows per page (:func:`list_jobs`).
+    With few candidates in the index (``plan.whole``) the condition holds
+    them and a list is read from the whole ledger at once. Otherwise a list
+    reads a window of the ledger per page (:func:`list_jobs`): at most
+    :data:`SEARCH_WINDOW` jobs where the index narrows it (many
+    candidates), :data:`SCAN_WINDOW` where it cannot (fewer than
+    :data:`TRIGRAM` characters).
     """
     q = q.strip()
     typed, in_json = _search_variants(q)
@@ -226,10 +338,7 @@ def search_plan(q):
                       _contains(Job.error, (typed,)),
                       _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
     dialect = db.session.get_bind().dialect.name
-    indexed = _indexed(typed, in_json, dialect)
-    if indexed is not None:
-        contains = sa.and_(indexed, contains)
-    return sa.or_(_id_prefix(typed, dialect), contains), indexed is not None
+    return SearchPlan(_id_prefix(typed, dialect), contains, _indexed(typed, in_json, dialect))
 
 
 def search_condition(q):
@@ -240,9 +349,16 @@ def search_condition(q):
     (``"n": 2`` finds ``{"n": 2}``) and as a JSON string holds it (``a"b``
     is stored ``a\\"b``). The meaning is this exact condition on SQLite
     and PostgreSQL alike; an index (see :func:`_indexed`) only makes it
-    fast for searches of :data:`TRIGRAM` characters or more.
+    fast for searches of :data:`TRIGRAM` characters or more, with few
+    candidates (a list reads a search with many a window at a time).
     """
-    return search_plan(q)[0]
+    plan = search_plan(q)
+    if plan.whole or plan.index is None:
+        return plan.condition()
+    # Many candidates, and no window to narrow: on PostgreSQL the index
+    # still narrows the rows; on SQLite the exact condition tests each.
+    return plan.condition(_trigram_match(plan.index.needles)
+                          if plan.index.dialect != 'sqlite' else None)
 
 
 # The jobs list's filters, in its query string.
@@ -327,9 +443,13 @@ def query_filters(state=None, queue=None, task=None, q=None, finished_from=None,
     return conditions
 
 
-# Rows a search the index cannot narrow looks at per page, at most: a page
-# then holds the matches among them, and its cursor goes on from the last.
+# Jobs a search looks at per page when the index does not name all its
+# candidates at once, at most: a page then holds the matches among them,
+# and its cursor goes on from the last. SCAN_WINDOW where the index cannot
+# narrow the search (too short for it); SEARCH_WINDOW where it narrows each
+# window to its candidates (a walk of the list's index, no row read).
 SCAN_WINDOW = 10_000
+SEARCH_WINDOW = 20_000
 
 
 class _Key:
@@ -423,10 +543,13 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     created orders each page is an index range scan, as fast on page
     10,000 as on page 1 (the run-time order sorts the matching finished
     jobs). Results (up to 64 KiB each) are only loaded when asked for. A
-    search the index cannot narrow (see :func:`search_plan`) looks at no
-    more than :data:`SCAN_WINDOW` rows in the created orders: the page may
-    then hold fewer than ``limit`` jobs (even none) with a cursor that goes
-    on further, so that every page costs about the same at any ledger size.
+    search whose candidates the index does not name all at once (see
+    :func:`search_plan`) looks at a window of the list per page in the
+    created orders (:data:`SEARCH_WINDOW` jobs, :data:`SCAN_WINDOW` for a
+    search too short for the index): the page holds the first ``limit``
+    matches in it, or fewer (even none) with a cursor that goes on from the
+    window's last job, so that every page costs about the same at any
+    ledger size however many jobs match.
     ``next_cursor`` is None after the last page. ``finished_from`` and
     ``finished_to`` (ISO 8601, UTC) keep the jobs finished in that range
     (:func:`finished_between`). Raises :class:`BadQuery` for a bad filter,
@@ -461,15 +584,20 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     order = (Job.created_at.desc(), Job.id.desc()) if newest else (Job.created_at, Job.id)
     edge = None
     if q and q.strip():
-        search, indexed = search_plan(q)
-        if not indexed:
-            # The last row of the window this page may look at (None: what
-            # is left of the list is shorter than a window).
-            edge = db.session.execute(
-                sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
-                .offset(SCAN_WINDOW - 1).limit(1)).first()
-        conditions.append(search)
+        unfiltered = len(conditions) == bool(cursor)  # nothing but the cursor yet
+        plan = search_plan(q)
+        narrow = None
+        if not plan.whole:
+            edge, narrow = _window(plan.index, conditions, order)
+        conditions.append(plan.condition(narrow))
         if edge is not None:
+            if (narrow is not None and unfiltered
+                    and db.session.get_bind().dialect.name == 'sqlite'):
+                # The window's candidates are named by rowid: SQLite is kept
+                # from walking the list's index between the cursor and the
+                # edge (all of the window) to find them. (With a filter it
+                # walks that filter's index, which the edge must then bound.)
+                key = sa.tuple_(_unindexed(Job.created_at), _unindexed(Job.id))
             conditions.append(key >= sa.tuple_(*edge) if newest else key <= sa.tuple_(*edge))
     # The page's ids first (what the sort holds stays small), then its rows.
     ids = db.session.scalars(
@@ -480,6 +608,43 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     return rows, encode_cursor(_Key(*edge)) if edge is not None else None
 
 
+def _unindexed(column):
+    """``+column`` (SQLite): the same value, which the planner does not answer from an index."""
+    return UnaryExpression(column, operator=operators.custom_op('+'), type_=column.type)
+
+
+def _window(index, conditions, order):
+    """``(edge, narrow)``: the window a page of a search looks at, and its candidates.
+
+    The window is the next :data:`SEARCH_WINDOW` jobs of the list (those
+    meeting ``conditions``, in ``order``), or :data:`SCAN_WINDOW`
+    for a search the index cannot narrow (``index`` None). ``edge``: the
+    ``(created_at, id)`` of its last job, None when what is left of the
+    list is shorter than a window. ``narrow``: a condition naming the
+    index's candidates in the window (see :func:`_candidates_between`), or
+    None (each row of the window is tested).
+    """
+    size = SCAN_WINDOW if index is None else SEARCH_WINDOW
+    # The window's last job: the list's index skipped through, no row read.
+    edge = db.session.execute(
+        sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
+        .offset(size - 1).limit(1)).first()
+    if index is None:
+        return edge, None
+    if index.dialect != 'sqlite':
+        return edge, _candidates_between(index, None, None)
+    # SQLite: the range of the window's rowids, which the search index is
+    # read in: one more walk of the list's index (each entry holds its
+    # job's rowid), no row read.
+    window = sa.select(sa.literal_column('job.rowid').label('r')).select_from(Job) \
+        .where(*conditions).order_by(*order).limit(size).subquery()
+    lo, hi = db.session.execute(
+        sa.select(sa.func.min(window.c.r), sa.func.max(window.c.r))).one()
+    if lo is None:
+        return None, None  # nothing left of the list
+    return edge, _candidates_between(index, lo, hi)
+
+
 def _rows_of(ids, with_result):
     """The Job rows of ``ids``, in that order (one deleted in between is left out)."""
     by_id = {job.id: job for job in db.session.scalars(
@@ -488,7 +653,8 @@ def _rows_of(ids, with_result):
     return [by_id[i] for i in ids if i in by_id]
 
 
-# A count of jobs matching a search stops here: past it the list says "10,000+".
+# A count of the rows matching a list's filters (a range of finish times, a
+# search with few candidates) stops here: past it the list says "10,000+".
 COUNT_BOUND = 10_000
 
 
@@ -496,7 +662,8 @@ class Count(NamedTuple):
     """How many jobs match a list's filters.
 
     ``n``: the count, or None when it cannot be had cheaply (a search the
-    index cannot narrow). ``exact``: False when the count stopped at its
+    index does not name all the candidates of: too short for it, or more
+    than :data:`CANDIDATES`). ``exact``: False when the count stopped at its
     bound, so at least ``n`` match.
     """
     n: int | None
@@ -508,9 +675,10 @@ def count_jobs(filters, bound=COUNT_BOUND):
 
     By state, queue and task alone it is the sum of the kept counters
     (:class:`app.models.JobCount`, a few rows at any ledger size) and
-    exact; with a search the index narrows, or a range of finish times,
-    the matches are counted up to ``bound``; a search it cannot narrow is
-    not counted (``n`` None).
+    exact; with a search whose candidates the index names all at once
+    (:data:`CANDIDATES` at most), or a range of finish times, the matches
+    are counted up to ``bound``; any other search is not counted (``n``
+    None: it is listed a window at a time).
     Raises :class:`BadQuery` for a bad filter.
     """
     check_filters(filters)
@@ -524,10 +692,12 @@ def count_jobs(filters, bound=COUNT_BOUND):
     conditions = query_filters(filters.get('state'), filters.get('queue'), filters.get('task'),
                                **times)
     if q:
-        search, indexed = search_plan(q)
-        if not indexed:
+        plan = search_plan(q)
+        if not plan.whole:
+            # Too short for the index, or too many candidates in it: only a
+            # walk of the ledger could count them.
             return Count(None, False)
-        conditions.append(search)
+        conditions.append(plan.condition())
     ids = sa.select(Job.id).where(*conditions).limit(bound + 1).subquery()
     n = db.session.scalar(sa.select(sa.func.count()).select_from(ids))
     return Count(min(n, bound), n <= bound)

@@ -342,6 +342,34 @@ def test_the_jobs_list_counts_its_filter_and_sorts_with_cursors(client, app):
     assert 'total not counted for this search' in client.get('/jobs?q=no').get_data(as_text=True)
 
 
+def test_a_search_with_many_candidates_pages_a_window_at_a_time_and_says_how_far(
+        client, app, monkeypatch):
+    from app import queries
+    made = []  # oldest first
+    for message in ('needle 1', None, 'needle 2', None, 'needle 3', 'needle 4'):
+        body = {'task': 'fail', 'params': {'message': message}} if message else {'task': 'noop'}
+        made.append(client.post('/api/jobs', json=body).get_json()['id'])
+    monkeypatch.setattr(queries, 'CANDIDATES', 2)  # four candidates: too many to list at once
+    monkeypatch.setattr(queries, 'PENDING_CANDIDATES', 2)  # (SQLite: none indexed yet)
+    monkeypatch.setattr(queries, 'SEARCH_WINDOW', 3)
+    html = client.get('/jobs?q=needle').get_data(as_text=True)
+    # The newest three jobs hold two matches: both, newest first, and how far it looked.
+    assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == [made[5], made[4]]
+    assert 'Searched the jobs created back to' in html
+    assert 'total not counted for this search' in html
+    nxt = re.search(r'rel="next" href="([^"]+)"', html).group(1).replace('&amp;', '&')
+    html = client.get(nxt).get_data(as_text=True)
+    assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == [made[2], made[0]]
+    # With the cap above the candidates, one page from the whole ledger, counted.
+    monkeypatch.setattr(queries, 'CANDIDATES', 4)
+    monkeypatch.setattr(queries, 'PENDING_CANDIDATES', len(made))
+    html = client.get('/jobs?q=needle').get_data(as_text=True)
+    assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == [made[5], made[4], made[2],
+                                                                  made[0]]
+    assert '<strong>4</strong> jobs match these filters' in html
+    assert 'Searched the jobs created' not in html
+
+
 def test_attempts_read_as_they_are(app, client):
     with app.app_context():
         first = _job(state='succeeded', attempts=1, retries=2)

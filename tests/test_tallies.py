@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import flushed, make_app, recording_app
 
-from app import broker, catalog, jobs, queries, states
+from app import broker, catalog, jobs, queries, states, text
 from app.extensions import db
 from app.ledger import tallies
 from app.models import Job, JobCount, JobMinute, utcnow
@@ -433,6 +433,129 @@ def test_a_search_the_index_cannot_narrow_looks_at_one_window_per_page(ledger_ct
     # The index narrows a longer search: one page, as many as match.
     monkeypatch.setattr(queries, 'SCAN_WINDOW', 1)
     assert len(queries.list_jobs(q='hello', limit=500)[0]) == len(search_ids('hello')) > 40
+
+
+def windowed_pages(rows, matches, limit, window, oldest=False):
+    """The pages a search read a window at a time must give: ``[[id, ...], ...]``.
+
+    ``rows`` newest first; each page looks at the next ``window`` rows from
+    its cursor and holds the first ``limit`` matches among them, its cursor
+    going on from its last job when it is full, else from the window's last
+    row (None when the window reached the end of the list).
+    """
+    order = list(reversed(rows)) if oldest else list(rows)
+    pages, start = [], 0
+    while True:
+        seen = order[start:start + window]
+        found = [i for i, r in enumerate(seen) if matches(r)]
+        if len(found) > limit:
+            pages.append([seen[i].id for i in found[:limit]])
+            start += found[limit - 1] + 1
+            continue
+        pages.append([seen[i].id for i in found])
+        if start + window >= len(order):
+            return pages
+        start += window
+
+
+def search_pages(q, limit, sort='newest', **filters):
+    pages, cursor = [], None
+    while True:
+        page, cursor = queries.list_jobs(q=q, limit=limit, cursor=cursor, sort=sort, **filters)
+        pages.append([j.id for j in page])
+        if cursor is None:
+            return pages
+
+
+def contains(row, needle):
+    """What search_condition means for a row of fill_search_ledger (ASCII folded only)."""
+    fold = str.maketrans('ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+    texts = [text.dumps(row.params), row.error or '', text.dumps(row.result) if row.result else '']
+    return row.id.startswith(needle) or any(needle.translate(fold) in t.translate(fold)
+                                            for t in texts)
+
+
+@pytest.mark.parametrize('sort', ['newest', 'oldest'])
+def test_a_search_with_many_candidates_reads_them_a_window_at_a_time(ledger_ctx, monkeypatch,
+                                                                      sort):
+    rows = fill_search_ledger()  # newest first
+    index_everything()
+    # 'hello' is in about a fifth of the rows: more candidates than the cap,
+    # so each page reads those of its window only; the same pages on SQLite
+    # and PostgreSQL, as a model of the windows says.
+    monkeypatch.setattr(queries, 'CANDIDATES', 30)
+    monkeypatch.setattr(queries, 'SEARCH_WINDOW', 40)
+    assert not queries.search_plan('hello').whole
+    expected = windowed_pages(rows, lambda r: contains(r, 'hello'), 5, 40, sort == 'oldest')
+    assert search_pages('hello', 5, sort) == expected
+    # Across pages, exactly what a scan finds, newest (or oldest) first.
+    scanned = [r.id for r in (rows if sort == 'newest' else reversed(rows))
+               if contains(r, 'hello')]
+    assert [i for page in expected for i in page] == scanned and len(scanned) > 30
+    # Some pages are full and go on from their last job, some end at their
+    # window's edge with fewer (the pager says how far back they looked).
+    assert {len(page) for page in expected} > {5}
+    # A filter walks its own index: the windows are of the failed jobs.
+    failed = [r for r in rows if r.state == 'failed']
+    assert search_pages('hello', 5, sort, state='failed') == windowed_pages(
+        failed, lambda r: contains(r, 'hello'), 5, 40, sort == 'oldest')
+    # Windows with more candidates than their cap test their rows one by one: the same pages.
+    monkeypatch.setattr(queries, 'SEARCH_WINDOW', 200)
+    monkeypatch.setattr(queries, 'WINDOW_CANDIDATES', 20)
+    if db.engine.dialect.name == 'sqlite':
+        assert queries._window(queries.search_plan('hello').index, [],
+                               (Job.created_at.desc(), Job.id.desc()))[1] is None
+    assert search_pages('hello', 5, sort) == windowed_pages(
+        rows, lambda r: contains(r, 'hello'), 5, 200, sort == 'oldest')
+
+
+def test_a_window_is_narrowed_to_the_candidates_the_index_holds_in_it(ledger_ctx, monkeypatch):
+    rows = fill_search_ledger()
+    index_everything()
+    monkeypatch.setattr(queries, 'CANDIDATES', 30)
+    monkeypatch.setattr(queries, 'WINDOW_CANDIDATES', 30)
+    monkeypatch.setattr(queries, 'SEARCH_WINDOW', 40)
+    plan = queries.search_plan('hello')
+    order = (Job.created_at.desc(), Job.id.desc())
+    edge, narrow = queries._window(plan.index, [], order)
+    assert (edge[0], edge[1]) == (rows[39].created_at, rows[39].id)
+    assert narrow is not None  # about 8 candidates in 40 rows: under the cap
+    in_window = db.session.scalars(sa.select(Job.id).where(
+        narrow, sa.tuple_(Job.created_at, Job.id) >= sa.tuple_(*edge))).all()
+    expected = {r.id for r in rows[:40] if contains(r, 'hello')}
+    # The candidates hold every match of the window (and, on PostgreSQL, the
+    # exact condition still decides what case the index folded).
+    assert expected <= set(in_window) and len(in_window) < 40
+    # A job written since the index was brought up to date is a candidate too.
+    if db.engine.dialect.name == 'sqlite':
+        newest = job_row(params={'message': 'hello again'}, created_at=utcnow())
+        db.session.add(newest)
+        db.session.commit()
+        assert search_pages('hello', 500)[0][0] == newest.id
+
+
+def test_a_search_with_many_candidates_is_listed_but_not_counted(ledger_ctx, monkeypatch):
+    rows = fill_search_ledger()
+    index_everything()
+    search = {'state': None, 'queue': None, 'task': None, 'q': 'hello'}
+    n = sum(1 for r in rows if contains(r, 'hello'))
+    assert queries.count_jobs(search) == (n, True)
+    monkeypatch.setattr(queries, 'CANDIDATES', n - 1)  # the index holds one too many
+    assert queries.count_jobs(search) == (None, False)
+    assert queries.count_jobs({**search, 'q': 'xyz'}) == (0, True)  # none: counted
+
+
+def test_the_cap_on_candidates_tells_a_whole_ledger_search_from_a_windowed_one(ledger_ctx,
+                                                                                 monkeypatch):
+    # On PostgreSQL too: no more than CANDIDATES + 1 rows the index matches are read.
+    fill_search_ledger()
+    index_everything()
+    n = len(search_ids('hello'))  # each in one column: as many index rows as jobs
+    monkeypatch.setattr(queries, 'CANDIDATES', n)
+    assert queries.search_plan('hello').whole
+    monkeypatch.setattr(queries, 'CANDIDATES', n - 1)
+    assert not queries.search_plan('hello').whole
+    assert len(search_ids('hello')) == n
 
 
 def test_the_ledger_writer_brings_the_search_index_up_to_date(ledger_app):
