@@ -16,6 +16,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from . import audit as audit_log, broker, events, states
 from .extensions import db
+from .ledger import sql as ledger_sql
 from .ledger.turns import write_turn
 from .models import Job, utcnow
 from .queries import BadQuery, get, query_filters
@@ -136,13 +137,15 @@ def _record(subs, audits):
         if not new:
             break
         try:
-            # Core's INSERT (the ORM's unit of work costs more than the row),
+            # The driver's own INSERT over plain tuples (the ORM's unit of work,
+            # and even Core's per-value processing, cost more than the rows),
             # in the order of the idempotency keys: two submissions sharing
             # keys then wait for each other on PostgreSQL instead of each
             # holding a key the other needs (a deadlock).
-            db.session.execute(Job.__table__.insert(), sorted(
-                (j.columns() for j in new),
-                key=lambda row: (row['idempotency_key'] is None, row['idempotency_key'] or '')))
+            conn = db.session.connection()
+            d = ledger_sql.dialect(conn)
+            conn.exec_driver_sql(d.sql['submitted'], [d.submitted(j) for j in sorted(
+                new, key=lambda j: (j.idempotency_key is None, j.idempotency_key or ''))])
             break
         except sa.exc.IntegrityError:
             # A key taken meanwhile by another submission: look again.

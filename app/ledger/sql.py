@@ -50,11 +50,20 @@ _SQL = {
     'job': 'INSERT INTO job (id, task, queue, params, secret_params, state, priority, attempts, '
            'retries, retry_delay, created_at, updated_at, version) '
            'VALUES (?, ?, ?, ?, ?, {queued}, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING',
+    # a submitted job (app.jobs): the columns a new job's row is written with
+    # (SUBMITTED), the others left empty
+    'submitted': 'INSERT INTO job ({submitted}) VALUES ({submitted_values})',
     # a job that succeeded never runs again: the real values of its secret
     # parameters are no longer needed
     'forget_secrets': 'UPDATE job SET secret_params = NULL '
                       'WHERE id = ? AND state = {succeeded} AND secret_params IS NOT NULL',
 }
+
+
+# The columns of a submitted job's row, in the order of Dialect.submitted's values.
+SUBMITTED = ('id', 'task', 'queue', 'params', 'secret_params', 'state', 'priority', 'retries',
+             'retry_delay', 'attempts', 'attempt_base', 'timeout', 'idempotency_key',
+             'created_at', 'updated_at', 'scheduled_for', 'version')
 
 
 class Dialect:
@@ -66,6 +75,8 @@ class Dialect:
             ('succeeded', states.SUCCEEDED),
             ('scheduled', states.SCHEDULED), ('retrying', states.RETRYING),
             ('attempt_running', states.ATTEMPT_RUNNING))}
+        literals.update(submitted=', '.join(SUBMITTED),
+                        submitted_values=', '.join('?' * len(SUBMITTED)))
         self.sql = {k: v.format(**literals) for k, v in _SQL.items()}
         if dialect.paramstyle != 'qmark':
             self.sql = {k: v.replace('%', '%%').replace('?', '%s') for k, v in self.sql.items()}
@@ -75,6 +86,15 @@ class Dialect:
             self.ts = lambda v: None if v is None else v.strftime('%Y-%m-%d %H:%M:%S.%f')
         else:
             self.ts = lambda v: v
+
+    def submitted(self, job):
+        """The values of ``job``'s row (an object with the :data:`SUBMITTED` attributes)
+        for the ``submitted`` statement, as the driver takes them."""
+        ts, json = self.ts, self.json
+        return (job.id, job.task, job.queue, json(job.params), json(job.secret_params),
+                job.state, job.priority, job.retries, job.retry_delay, job.attempts,
+                job.attempt_base, job.timeout, job.idempotency_key, ts(job.created_at),
+                ts(job.updated_at), ts(job.scheduled_for), job.version)
 
     @staticmethod
     def json(value):
