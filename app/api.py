@@ -94,7 +94,8 @@ def submit_batch():
         return errors.respond(413, f'at most {jobs.MAX_BATCH} jobs a call (got {len(items)}): '
                                    f'split the batch', fields={'jobs': 'too many jobs'})
     subs = catalog.validate_many(items, current_app.config, jobs.MAX_BATCH)
-    refused = [i for i, sub in enumerate(subs) if not auth.can('submit', sub.task.name)]
+    allowed = {name: auth.can('submit', name) for name in {sub.task.name for sub in subs}}
+    refused = [i for i, sub in enumerate(subs) if not allowed[sub.task.name]]
     if refused:
         # All or nothing: one job this role may not submit refuses the batch.
         reason = auth.refusal('admin-task')

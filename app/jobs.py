@@ -299,6 +299,18 @@ class Written:
             setattr(self, name, columns.get(name))
         self.created = True
 
+    @classmethod
+    def _new(cls, columns):
+        # _new_job's: ``columns`` names every column with a value; the
+        # others are None (what __init__ does, without a lookup per column).
+        job = object.__new__(cls)
+        for name in _EMPTY:
+            setattr(job, name, None)
+        for name, value in columns.items():
+            setattr(job, name, value)
+        job.created = True
+        return job
+
     def columns(self):
         """``{column: value}``, as the INSERT takes them."""
         return {name: getattr(self, name) for name in _COLUMNS}
@@ -311,16 +323,23 @@ class Written:
         return job
 
 
+# The columns _new_job leaves empty.
+_EMPTY = tuple(name for name in _COLUMNS if name not in (
+    'id', 'task', 'queue', 'params', 'secret_params', 'state', 'priority', 'retries',
+    'retry_delay', 'attempts', 'attempt_base', 'timeout', 'idempotency_key', 'created_at',
+    'updated_at', 'scheduled_for', 'version'))
+
+
 def _new_job(sub, now):
     # The row shows secret parameters masked; their values are kept apart
     # for the broker (see Job.secret_params).
     shown, secret = sub.task.split(sub.params)
-    return Written(id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=shown,
-                   secret_params=secret or None,
-                   state=states.SCHEDULED if sub.eta else states.QUEUED, priority=sub.priority,
-                   retries=sub.retries, retry_delay=sub.retry_delay, attempts=0, attempt_base=0,
-                   timeout=sub.timeout, idempotency_key=sub.idempotency_key,
-                   created_at=now, updated_at=now, scheduled_for=sub.eta, version=1)
+    return Written._new(dict(
+        id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=shown,
+        secret_params=secret or None, state=states.SCHEDULED if sub.eta else states.QUEUED,
+        priority=sub.priority, retries=sub.retries, retry_delay=sub.retry_delay, attempts=0,
+        attempt_base=0, timeout=sub.timeout, idempotency_key=sub.idempotency_key,
+        created_at=now, updated_at=now, scheduled_for=sub.eta, version=1))
 
 
 def _hand_over_new(new):

@@ -495,3 +495,13 @@ def test_write_turns_are_nothing_where_no_file_is_shared(url, tmp_path, monkeypa
         with write_turn(sa.create_engine(url)):  # would wait for ever on a lock
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('value', [dt.datetime(2026, 11, 30, 3, 4, 5, 67), dt.datetime(2026, 1, 2),
+                                   dt.datetime(5, 6, 7, 8, 9, 10, 999999), None])
+def test_the_writers_timestamps_are_the_text_sqlalchemy_stores_on_sqlite(value):
+    # Pages compare them as text with the ORM's: one format, whatever the value.
+    from app.ledger.sql import Dialect
+    engine = sa.create_engine('sqlite://')
+    orm = sa.DateTime().dialect_impl(engine.dialect).bind_processor(engine.dialect)(value)
+    assert Dialect(engine.dialect).ts(value) == orm
