@@ -1,4 +1,6 @@
 """The ledger's SQL, in each database driver's own dialect."""
+import datetime as dt
+
 from .. import states, text
 
 
@@ -70,9 +72,7 @@ class Dialect:
         if dialect.paramstyle != 'qmark':
             self.sql = {k: v.replace('%', '%%').replace('?', '%s') for k, v in self.sql.items()}
         if dialect.name == 'sqlite':
-            # SQLAlchemy's storage format for DateTime on SQLite, which
-            # pages and keyset pagination compare as text.
-            self.ts = lambda v: None if v is None else v.strftime('%Y-%m-%d %H:%M:%S.%f')
+            self.ts = _sqlite_ts
         else:
             self.ts = lambda v: v
 
@@ -80,6 +80,17 @@ class Dialect:
     def json(value):
         # The same UTF-8 text as the ORM writes, storable whatever the task gave.
         return None if value is None else text.dumps(value)
+
+
+def _sqlite_ts(value):
+    """SQLAlchemy's storage format for DateTime on SQLite (``'2026-01-31 12:00:00.000000'``),
+    which pages and keyset pagination compare as text; None stays None."""
+    # isoformat writes the same text in a quarter of strftime's time (the
+    # writer converts several times per attempt); an aware time or a year
+    # before 1000 (which isoformat writes differently) takes strftime's way.
+    if type(value) is dt.datetime and value.tzinfo is None and value.year >= 1000:
+        return value.isoformat(' ', 'microseconds')
+    return None if value is None else value.strftime('%Y-%m-%d %H:%M:%S.%f')
 
 
 _dialects = {}
