@@ -711,19 +711,26 @@ def _produce(out, n, days, now, seed_, config, tasks, chunk, d):
         out.close()
 
 
-def _chunks(app, n, days, now, seed_, chunk, d):
+def _chunks(app, n, days, now, seed_, chunk, d, fork):
     """Yield ``('chunk', Chunk)`` for each transaction, then ``('beats', ops)``.
 
-    The stories are made (and turned into writes) by :func:`_produce` in a
-    process of its own, forked from this one, so that generating them
-    overlaps writing them: each takes about half of a core's time. Raises
-    RuntimeError if that process fails or ends early; the process is ended
-    when the caller stops early.
+    With ``fork``, the stories are made (and turned into writes) by
+    :func:`_produce` in a process of its own, forked from this one, so that
+    generating them overlaps writing them: each takes about half of a
+    core's time. Raises RuntimeError if that process fails or ends early;
+    the process is ended when the caller stops early. Without, they are
+    made here between the writes (the same chunks).
     """
     import multiprocessing
 
     from app import catalog
 
+    if not fork:
+        gen = Generator(n, days, now, seed_, app.config, catalog.TASKS)
+        for stories in gen.stories(chunk):
+            yield 'chunk', chunk_of(stories, d)
+        yield 'beats', gen.heartbeats()
+        return
     ctx = multiprocessing.get_context('fork')
     receiving, sending = ctx.Pipe(duplex=False)
     # A pipe holds about one message: the generator works at most a chunk ahead.
@@ -771,14 +778,15 @@ def _bulk_journal(conn):
     return 'wal' if mode == 'memory' else None
 
 
-def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None):
+def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, fork=True):
     """Write ``n`` jobs of history into ``app``'s ledger (migrated); return a summary.
 
     ``now`` (naive UTC) is the end of the period (default: now); ``report(done,
     n)`` is called after each transaction. The summary has ``jobs``,
     ``states`` (Counter), ``attempts``, ``logs``, ``now`` and ``seconds``.
-    The stories are made in a forked process (see :func:`_chunks`); raises
-    RuntimeError if it fails, and what the database driver raises.
+    With ``fork`` the stories are made in a forked process (see
+    :func:`_chunks`), the same ones as without. Raises RuntimeError if
+    making them fails, and what the database driver raises.
     """
     from app.extensions import db
     from app.ledger import tallies
@@ -800,7 +808,7 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None):
             restore = _bulk_journal(conn)
         try:
             d = dialect(db.session.connection())
-            for kind, made in _chunks(app, n, days, now, seed, chunk, d):
+            for kind, made in _chunks(app, n, days, now, seed, chunk, d, fork):
                 if kind == 'beats':
                     apply(db.session.connection(), made)
                     db.session.commit()

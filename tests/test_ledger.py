@@ -495,3 +495,17 @@ def test_write_turns_are_nothing_where_no_file_is_shared(url, tmp_path, monkeypa
         with write_turn(sa.create_engine(url)):  # would wait for ever on a lock
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sqlite_times_are_written_as_sqlalchemy_stores_them():
+    import datetime as dt
+
+    from app.ledger.sql import _sqlite_ts
+    fmt = '%Y-%m-%d %H:%M:%S.%f'
+    for value in (dt.datetime(2026, 1, 31, 12, 0, 0), dt.datetime(2026, 1, 31, 12, 0, 0, 789),
+                  dt.datetime(999, 12, 31, 23, 59, 59, 999999),
+                  dt.datetime(2026, 1, 31, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+                  dt.date(2026, 1, 31)):
+        assert _sqlite_ts(value) == value.strftime(fmt)
+    assert _sqlite_ts(dt.datetime(2026, 1, 31, 12, 0, 0)) == '2026-01-31 12:00:00.000000'
+    assert _sqlite_ts(None) is None
