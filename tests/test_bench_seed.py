@@ -25,10 +25,10 @@ ENDED = {states.ATTEMPT_SUCCEEDED, states.ATTEMPT_FAILED, states.ATTEMPT_TIMEOUT
 
 @pytest.fixture(scope='module')
 def seeded(tmp_path_factory):
-    """300 jobs over 30 days on three queues: ``(app, summary)``."""
+    """300 jobs over 30 days on three queues, 64 a transaction: ``(app, summary)``."""
     tmp = tmp_path_factory.mktemp('seeded')
     app = make_app(tmp, QUEUES='default,critical,bulk')
-    summary = seed.seed(app, 300, days=DAYS, seed=7, now=NOW)
+    summary = seed.seed(app, 300, days=DAYS, seed=7, now=NOW, chunk=64, fork=False)
     yield app, summary
     with app.app_context():
         db.engine.dispose()
@@ -150,3 +150,97 @@ def test_the_same_seed_and_now_make_the_same_jobs(seeded):
     assert Counter(s.state for s in stories) == summary['states']
     ids = {r[0] for r in rows(app, 'SELECT id FROM job')}
     assert {s.id for s in stories} == ids
+
+
+def journal_mode(app):
+    return rows(app, 'PRAGMA journal_mode')[0][0]
+
+
+def test_the_counters_agree_with_the_rows_and_search_holds_every_job(seeded):
+    from app.ledger import tallies
+    app, _ = seeded
+    with app.app_context():
+        try:
+            assert tallies.differences(db.session.connection()) == {}
+        finally:
+            db.session.remove()
+    assert rows(app, 'SELECT count(*) FROM job_search_pending')[0][0] == 0
+    params = rows(app, 'SELECT count(*) FROM job_search WHERE rowid % 4 = 0')[0][0]
+    assert params == 300
+
+
+def test_the_ledger_is_left_in_wal_mode_and_an_append_keeps_it_all_along(tmp_path, monkeypatch):
+    app = make_app(tmp_path)
+    assert journal_mode(app) == 'wal'
+    seen = []  # the journal mode while each transaction of the append was written
+    real = seed.write
+
+    def write(session, chunk):
+        seen.append(session.connection().exec_driver_sql('PRAGMA journal_mode').scalar())
+        return real(session, chunk)
+    seed.seed(app, 40, days=DAYS, seed=1, now=NOW, fork=False)
+    assert journal_mode(app) == 'wal'
+    monkeypatch.setattr(seed, 'write', write)
+    summary = seed.seed(app, 40, days=DAYS, seed=2, now=NOW, fork=False)
+    assert seen == ['wal'] and summary['jobs'] == 40
+    assert rows(app, 'SELECT count(*) FROM job')[0][0] == 80
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_a_fresh_ledger_is_written_with_its_journal_in_memory(tmp_path, monkeypatch):
+    app = make_app(tmp_path)
+    seen = []
+    real = seed.write
+
+    def write(session, chunk):
+        seen.append(session.connection().exec_driver_sql('PRAGMA journal_mode').scalar())
+        return real(session, chunk)
+    monkeypatch.setattr(seed, 'write', write)
+    seed.seed(app, 30, days=DAYS, seed=1, now=NOW, chunk=10, fork=False)
+    assert seen == ['memory'] * 3
+    assert journal_mode(app) == 'wal'
+    with app.app_context():
+        db.engine.dispose()
+
+
+def ledger_rows(app):
+    """Every row of the tables seeding writes, as text, but for the times of the writing."""
+    out = {}
+    for table in ('job', 'attempt', 'attempt_log', 'job_count', 'job_minute', 'metric_minute',
+                  'metric_total', 'timing_minute', 'timing_total', 'worker'):
+        columns = [r[1] for r in rows(app, f'PRAGMA table_info({table})')
+                   if r[1] not in ('updated_at', 'last_seen', 'stopped_at')]
+        out[table] = sorted(map(repr, rows(app, f'SELECT {", ".join(columns)} FROM {table}')))
+    return out
+
+
+@pytest.mark.processes
+def test_stories_made_in_a_forked_process_make_the_same_ledger(seeded, tmp_path):
+    app, summary = seeded
+    forked = make_app(tmp_path, QUEUES='default,critical,bulk')
+    again = seed.seed(forked, 300, days=DAYS, seed=7, now=NOW, chunk=64)
+    assert (again['states'], again['attempts'], again['logs']) == (
+        summary['states'], summary['attempts'], summary['logs'])
+    mine, theirs = ledger_rows(forked), ledger_rows(app)
+    assert len(mine['job']) == 300 and len(mine['metric_minute']) > 0
+    assert mine == theirs
+    with forked.app_context():
+        db.engine.dispose()
+
+
+@pytest.mark.processes
+def test_a_generator_that_fails_fails_the_seeding_and_leaves_wal_mode(tmp_path, monkeypatch):
+    app = make_app(tmp_path)
+
+    def broken(self, chunk=seed.CHUNK):
+        yield list(real(self, chunk))[0]
+        raise ValueError('no more stories')
+    real = seed.Generator.stories
+    monkeypatch.setattr(seed.Generator, 'stories', broken)  # the forked process inherits it
+    with pytest.raises(RuntimeError, match='no more stories'):
+        seed.seed(app, 30, days=DAYS, seed=1, now=NOW, chunk=10)
+    assert journal_mode(app) == 'wal'
+    assert rows(app, 'SELECT count(*) FROM job')[0][0] == 10  # the first chunk, committed
+    with app.app_context():
+        db.engine.dispose()

@@ -497,8 +497,10 @@ def test_write_turns_are_nothing_where_no_file_is_shared(url, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize('value', [dt.datetime(2026, 11, 30, 3, 4, 5, 67), dt.datetime(2026, 1, 2),
-                                   dt.datetime(5, 6, 7, 8, 9, 10, 999999), None])
+@pytest.mark.parametrize('value', [
+    dt.datetime(2026, 11, 30, 3, 4, 5, 67), dt.datetime(2026, 1, 2),
+    dt.datetime(5, 6, 7, 8, 9, 10, 999999), None,
+    dt.datetime(2026, 1, 31, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))])
 def test_the_writers_timestamps_are_the_text_sqlalchemy_stores_on_sqlite(value):
     # Pages compare them as text with the ORM's: one format, whatever the value.
     from app.ledger.sql import Dialect

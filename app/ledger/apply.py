@@ -179,7 +179,8 @@ def _waits(conn, start_ops, finishes, scheduled):
                             .where(Job.id.in_(ids[i:i + 1000]))).all()
         for job_id, attempts, scheduled_for, updated_at in rows:
             first = True
-            for s in sorted(by_job[job_id], key=lambda s: s.number):
+            mine = by_job[job_id]
+            for s in (mine if len(mine) == 1 else sorted(mine, key=lambda s: s.number)):
                 if attempts >= s.number:
                     continue
                 if first:

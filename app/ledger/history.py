@@ -97,9 +97,12 @@ def _sql(conn, name):
     return sql.replace('?', '%s') if conn.dialect.paramstyle != 'qmark' else sql
 
 
-def _add(into, key, *values):
+def _add(into, key, first, second):
+    # Two values per key in every table (a count and a count or a sum of
+    # seconds); added without a generator, as this runs several times per
+    # attempt the writer records.
     held = into.get(key)
-    into[key] = values if held is None else tuple(a + b for a, b in zip(held, values))
+    into[key] = (first, second) if held is None else (held[0] + first, held[1] + second)
 
 
 def add(conn, ended=(), waited=()):

@@ -1,4 +1,5 @@
 """The ledger's SQL, in each database driver's own dialect."""
+
 from .. import states, text
 
 
@@ -81,10 +82,7 @@ class Dialect:
         if dialect.paramstyle != 'qmark':
             self.sql = {k: v.replace('%', '%%').replace('?', '%s') for k, v in self.sql.items()}
         if dialect.name == 'sqlite':
-            # SQLAlchemy's storage format for DateTime on SQLite (a 4-digit
-            # year, microseconds always), which pages and keyset pagination
-            # compare as text; isoformat writes it in a quarter of strftime's time.
-            self.ts = lambda v: None if v is None else v.isoformat(' ', 'microseconds')
+            self.ts = _sqlite_ts
         else:
             self.ts = lambda v: v
 
@@ -103,6 +101,20 @@ class Dialect:
     def json(value):
         # The same UTF-8 text as the ORM writes, storable whatever the task gave.
         return None if value is None else text.dumps(value)
+
+
+def _sqlite_ts(value):
+    """SQLAlchemy's storage format for DateTime on SQLite (``'2026-01-31 12:00:00.000000'``:
+    a 4-digit year, microseconds always, no offset), which pages and keyset
+    pagination compare as text; None stays None."""
+    # isoformat writes it in a quarter of strftime's time (the writer
+    # converts several times per attempt), and pads years before 1000 as
+    # SQLAlchemy does, where strftime does not.
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.replace(tzinfo=None)
+    return value.isoformat(' ', 'microseconds')
 
 
 _dialects = {}
