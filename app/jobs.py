@@ -131,36 +131,45 @@ def _record(subs, audits):
     """Write ``subs`` and ``audits`` in one transaction, messages first; the slots.
 
     New jobs come back committed but outside the session (see :func:`_attach`).
+    What needs no lock (planning the rows, building the messages) is done
+    before the write turn; the turn covers the writing, from the INSERT to
+    the commit, when SQLite holds its one writer's lock.
     """
     for attempt in range(3):
         slots, new = _plan(subs)
-        if not new:
-            break
-        try:
-            # The driver's own INSERT over plain tuples (the ORM's unit of work,
-            # and even Core's per-value processing, cost more than the rows),
-            # in the order of the idempotency keys: two submissions sharing
-            # keys then wait for each other on PostgreSQL instead of each
-            # holding a key the other needs (a deadlock).
-            conn = db.session.connection()
-            d = ledger_sql.dialect(conn)
-            conn.exec_driver_sql(d.sql['submitted'], [d.submitted(j) for j in sorted(
-                new, key=lambda j: (j.idempotency_key is None, j.idempotency_key or ''))])
-            break
-        except sa.exc.IntegrityError:
-            # A key taken meanwhile by another submission: look again.
-            db.session.rollback()
-            if attempt == 2:
-                raise
-        except sa.exc.OperationalError as exc:
-            # PostgreSQL chose this transaction to end a deadlock (a
-            # submission of rows by another path): once more, from the start.
-            db.session.rollback()
-            if attempt == 2 or getattr(exc.orig, 'sqlstate', None) != '40P01':
-                raise
-    audit_log.insert(audits)
-    _hand_over_new(new)
-    db.session.commit()
+        # The driver's own INSERT over plain tuples (the ORM's unit of work,
+        # and even Core's per-value processing, cost more than the rows),
+        # in the order of the idempotency keys: two submissions sharing
+        # keys then wait for each other on PostgreSQL instead of each
+        # holding a key the other needs (a deadlock).
+        conn = db.session.connection()
+        d = ledger_sql.dialect(conn)
+        rows = [d.submitted(j) for j in sorted(
+            new, key=lambda j: (j.idempotency_key is None, j.idempotency_key or ''))]
+        messages = _messages(new)
+        # On SQLite, the web processes take turns (app.ledger.turns) rather
+        # than poll for the database's lock.
+        with write_turn(db.engine):
+            if rows:
+                try:
+                    conn.exec_driver_sql(d.sql['submitted'], rows)
+                except sa.exc.IntegrityError:
+                    # A key taken meanwhile by another submission: look again.
+                    db.session.rollback()
+                    if attempt == 2:
+                        raise
+                    continue
+                except sa.exc.OperationalError as exc:
+                    # PostgreSQL chose this transaction to end a deadlock (a
+                    # submission of rows by another path): once more, from the start.
+                    db.session.rollback()
+                    if attempt == 2 or getattr(exc.orig, 'sqlstate', None) != '40P01':
+                        raise
+                    continue
+            audit_log.insert(audits)
+            _hand_over_new(messages)
+            db.session.commit()
+        break
     if new or audits:
         announce(*new, audit=bool(audits))
     return slots
@@ -219,10 +228,7 @@ class SubmitGroup:
         with self._lock:
             batch, self._waiting = self._waiting[:self.LIMIT], self._waiting[self.LIMIT:]
         try:
-            # On SQLite, the web processes take turns (app.ledger.turns)
-            # rather than poll for the database's lock.
-            with write_turn(db.engine):
-                self._write(batch)
+            self._write(batch)
         finally:
             with self._lock:
                 if self._waiting:
@@ -342,30 +348,41 @@ def _new_job(sub, now):
         created_at=now, updated_at=now, scheduled_for=sub.eta, version=1))
 
 
-def _hand_over_new(new):
-    """Give the broker the messages of ``new`` jobs, one round trip per queue.
+def _messages(new):
+    """The messages of ``new`` jobs by queue: ``{queue: [(job, prepared message or None)]}``.
+
+    A queue's lone job is enqueued as it is (no pipeline to prepare); the
+    others' messages are built here, before the write turn.
+    """
+    by_queue = {}
+    for job in new:
+        by_queue.setdefault(job.queue, []).append(job)
+    return {queue: [(job, None if len(queued) == 1 else broker.prepare(job)) for job in queued]
+            for queue, queued in by_queue.items()}
+
+
+def _hand_over_new(messages):
+    """Give the broker the ``messages`` of new jobs (see :func:`_messages`), one round trip
+    per queue.
 
     On a refusal the transaction is rolled back and what an earlier queue
     took is withdrawn again (if that fails too, such a message runs as a job
     enqueued around the API does: its consumer writes its row); raises
     :class:`~app.broker.BrokerUnavailable`.
     """
-    by_queue = {}
-    for job in new:
-        by_queue.setdefault(job.queue, []).append(job)
     done = []
     try:
-        for queue, queued in by_queue.items():
+        for queue, queued in messages.items():
             if len(queued) == 1:
-                broker.enqueue(queued[0])  # one message: no pipeline to prepare
+                broker.enqueue(queued[0][0])
             else:
-                broker.put_prepared(queue, [broker.prepare(j) for j in queued])
+                broker.put_prepared(queue, [prepared for _job, prepared in queued])
             done.append(queue)
     except broker.BrokerUnavailable:
         db.session.rollback()
         for queue in done:
             try:
-                broker.remove_waiting(queue, [j.id for j in by_queue[queue]])
+                broker.remove_waiting(queue, [job.id for job, _prepared in messages[queue]])
             except broker.BrokerUnavailable:
                 pass
         raise
