@@ -42,6 +42,9 @@ CLOCK = 'qm:clock'  # counts the leader's passes: a broker restored from an old 
 COMPONENTS = 'qm:components'
 # A message read back into the queue is woken for this many waiting workers at most.
 WAKE_TOKENS = 64
+# Messages due now put into the queue by one script call (the API's largest
+# batch); each call holds Redis for about a millisecond.
+ENQUEUE_MANY = 1000
 
 
 class Receipt(NamedTuple):
@@ -343,10 +346,13 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
             else:
                 calls.append((self._schedule, [self.schedule_key, self.index_key],
                               [bytes(data), self.convert_ts(eta)]))
-        # Messages due now in scripts of 500 (one call each, not one per message).
-        for start in range(0, len(due), 1000):
+        # Messages due now in scripts of ENQUEUE_MANY (one call each, not one
+        # per message): a batch of the API's largest is one call, so one
+        # EVALSHA (see below).
+        step = 2 * ENQUEUE_MANY  # two arguments a message
+        for start in range(0, len(due), step):
             calls.append((self._enqueue_many, [self.queue_key, self.index_key, self.wake_key],
-                          due[start:start + 1000]))
+                          due[start:start + step]))
         if len(calls) == 1:
             # One script: called alone it is one EVALSHA, where a pipeline
             # first asks the server whether its scripts exist (a round trip).
