@@ -329,11 +329,8 @@ class Written:
         return job
 
 
-# The columns _new_job leaves empty.
-_EMPTY = tuple(name for name in _COLUMNS if name not in (
-    'id', 'task', 'queue', 'params', 'secret_params', 'state', 'priority', 'retries',
-    'retry_delay', 'attempts', 'attempt_base', 'timeout', 'idempotency_key', 'created_at',
-    'updated_at', 'scheduled_for', 'version'))
+# The columns a new job's row leaves empty (_new_job fills the others).
+_EMPTY = tuple(name for name in _COLUMNS if name not in ledger_sql.SUBMITTED)
 
 
 def _new_job(sub, now):
