@@ -15,6 +15,7 @@ sees plain HTTP unless it trusts the proxy's ``X-Forwarded-*`` headers:
 anyone could send those headers). ``PREFERRED_URL_SCHEME=https`` marks the
 cookie Secure whatever the request says.
 """
+import functools
 import re
 
 from flask import request
@@ -90,9 +91,19 @@ def policy(host=None, secure=False):
     return '; '.join(f'{name} {value}' for name, value in directives.items())
 
 
+@functools.lru_cache(maxsize=64)
+def _policy(host, secure):
+    # A process serves a few hosts (its name, its address, a proxy's): each
+    # policy is made once, not on every response.
+    return policy(host, secure)
+
+
 def add_headers(response):
     """Add the policy and the other security headers, unless the view set its own."""
-    response.headers.setdefault('Content-Security-Policy', policy(request.host, request.is_secure))
-    for name, value in HEADERS.items():
-        response.headers.setdefault(name, value)
+    headers = response.headers
+    present = {name.lower() for name in headers.keys()}
+    missing = [(name, value) for name, value in HEADERS.items() if name.lower() not in present]
+    if 'content-security-policy' not in present:
+        missing.append(('Content-Security-Policy', _policy(request.host, request.is_secure)))
+    headers.extend(missing)
     return response
