@@ -23,16 +23,21 @@ masking of secret parameters and recording, and an audit entry ``via
 process that can reach the ledger and the broker is trusted as the
 consumers are: admin-only task types may be submitted too.
 
+``eta`` may also be a ``datetime`` (naive means UTC, as for an ISO time
+without an offset). Text no ledger can store (NUL, a lone surrogate) is
+refused as the API refuses it at its edge.
+
 Errors leave nothing written: :class:`InvalidJob` (a ``ValueError``) for
 bad parameters or options, :class:`BrokerUnavailable` when the broker
 cannot be reached; both are :class:`SubmitError`.
 """
+import datetime as dt
 import threading
 from dataclasses import dataclass
 
 from flask import current_app, has_app_context
 
-from . import audit, broker, catalog, jobs
+from . import audit, broker, catalog, jobs, text
 from .leader import process_name
 
 
@@ -135,14 +140,34 @@ class Producer:
 
     @staticmethod
     def _one(item, config):
+        item = _as_sent(item)
+        bad = text.problems(item) if isinstance(item, dict) else {}
+        if bad:
+            raise catalog.ValidationError(bad)
         sub = catalog.validate(item, config)
         row = jobs.submit(sub, audit=_entry([sub]))
         return Job.of(row, row.created)
 
     @staticmethod
     def _many(items, config):
+        items = [_as_sent(item) for item in items]
+        errors = [{'index': i, 'field': field, 'message': message}
+                  for i, item in enumerate(items) if isinstance(item, dict)
+                  for field, message in text.problems(item).items()]
+        if errors:
+            raise catalog.ValidationError(
+                {f'jobs[{e["index"]}].{e["field"]}': e['message'] for e in errors},
+                'invalid jobs', errors)
         subs = catalog.validate_many(items, config, jobs.MAX_BATCH)
         return [Job.of(row, created) for row, created in jobs.submit_many(subs, audit=_entry(subs))]
+
+
+def _as_sent(item):
+    # A submission as the API would receive it: an ``eta`` given as a
+    # datetime becomes its ISO text (naive: UTC).
+    if isinstance(item, dict) and isinstance(item.get('eta'), dt.datetime):
+        return {**item, 'eta': item['eta'].isoformat()}
+    return item
 
 
 def _entry(subs):

@@ -66,6 +66,34 @@ def test_bad_parameters_raise_invalid_job_and_write_nothing(ctx):
     assert db.session.query(Job).count() == 0 and audit.entries() == []
 
 
+@pytest.mark.parametrize('bad', ['\ud800', 'a\x00b'], ids=['surrogate', 'nul'])
+def test_text_no_ledger_can_store_is_refused_as_the_api_refuses_it(ctx, bad):
+    message = ('contains an unpaired surrogate (U+D800)' if '\ud800' in bad
+               else 'contains a NUL character')
+    with pytest.raises(producer.InvalidJob) as caught:
+        huey_tasks.fail.submit(message=bad)
+    assert caught.value.fields == {'params.message': message}
+    with pytest.raises(producer.InvalidJob) as caught:
+        huey_tasks.noop.submit(idempotency_key=bad)
+    assert caught.value.fields == {'idempotency_key': message}
+    with pytest.raises(producer.InvalidJob) as caught:
+        producer.submit_many([huey_tasks.noop.job(), {'task': 'fail', 'params': {'message': bad}}])
+    assert caught.value.errors == [{'index': 1, 'field': 'params.message', 'message': message}]
+    assert caught.value.fields == {'jobs[1].params.message': message}
+    assert db.session.query(Job).count() == 0 and broker.message_ids('default') == set()
+
+
+def test_an_eta_may_be_a_datetime(ctx):
+    import datetime as dt
+    at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(hours=1)
+    naive = huey_tasks.noop.submit(eta=at.replace(tzinfo=None))
+    aware = huey_tasks.noop.submit(eta=at.astimezone(dt.timezone(dt.timedelta(hours=2))))
+    [many] = producer.submit_many([huey_tasks.noop.job(eta=at)])
+    expected = at.strftime('%Y-%m-%dT%H:%M:%S.000Z')
+    assert [j.scheduled_for for j in (naive, aware, many)] == [expected] * 3
+    assert {naive.state, aware.state, many.state} == {'scheduled'}
+
+
 def test_a_broker_that_refuses_raises_and_leaves_no_row(ctx, monkeypatch):
     def down(*args, **kwargs):
         raise broker.BrokerUnavailable('the broker refused the job: down')
