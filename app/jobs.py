@@ -301,21 +301,13 @@ class Written:
     event_rows = ()  # a job just written has no events yet
 
     def __init__(self, **columns):
-        for name in _COLUMNS:
-            setattr(self, name, columns.get(name))
-        self.created = True
-
-    @classmethod
-    def _new(cls, columns):
-        # _new_job's: ``columns`` names every column with a value; the
-        # others are None (what __init__ does, without a lookup per column).
-        job = object.__new__(cls)
+        # ``columns`` names every column a new job is written with (those
+        # of the ``submitted`` statement); the others are empty.
         for name in _EMPTY:
-            setattr(job, name, None)
+            setattr(self, name, None)
         for name, value in columns.items():
-            setattr(job, name, value)
-        job.created = True
-        return job
+            setattr(self, name, value)
+        self.created = True
 
     def columns(self):
         """``{column: value}``, as the INSERT takes them."""
@@ -337,12 +329,12 @@ def _new_job(sub, now):
     # The row shows secret parameters masked; their values are kept apart
     # for the broker (see Job.secret_params).
     shown, secret = sub.task.split(sub.params)
-    return Written._new(dict(
-        id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=shown,
-        secret_params=secret or None, state=states.SCHEDULED if sub.eta else states.QUEUED,
-        priority=sub.priority, retries=sub.retries, retry_delay=sub.retry_delay, attempts=0,
-        attempt_base=0, timeout=sub.timeout, idempotency_key=sub.idempotency_key,
-        created_at=now, updated_at=now, scheduled_for=sub.eta, version=1))
+    return Written(id=str(uuid.uuid4()), task=sub.task.name, queue=sub.queue, params=shown,
+                   secret_params=secret or None,
+                   state=states.SCHEDULED if sub.eta else states.QUEUED, priority=sub.priority,
+                   retries=sub.retries, retry_delay=sub.retry_delay, attempts=0, attempt_base=0,
+                   timeout=sub.timeout, idempotency_key=sub.idempotency_key,
+                   created_at=now, updated_at=now, scheduled_for=sub.eta, version=1)
 
 
 def _messages(new):

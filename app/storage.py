@@ -115,12 +115,14 @@ _LUA_INDEX = """
 local function job_of(data)
   return string.match(data, '^qm1 ([^ \\n]+) %-?%d+\\n')
 end
-local function count(idx, data, by)
-  local id = job_of(data)
+local function count_job(idx, id, by)
   if id then
     if redis.call('HINCRBY', idx, id, by) <= 0 then redis.call('HDEL', idx, id) end
     redis.call('HINCRBY', idx, '*', by)
   end
+end
+local function count(idx, data, by)
+  count_job(idx, job_of(data), by)
 end
 """
 
@@ -150,9 +152,8 @@ local r = redis.call('ZPOPMIN', KEYS[1])
 if #r == 0 then return false end
 redis.call('SADD', CONSUMERS, ARGV[1])
 redis.call('ZADD', INFLIGHT .. ARGV[1], r[2], r[1])
-local data = string.sub(r[1], 9)
-count(INDEX, data, -1)
-local id = job_of(data)
+local id = job_of(string.sub(r[1], 9))
+count_job(INDEX, id, -1)
 if not id then return {r[1]} end
 local out = {r[1], 'r:' .. id, redis.call('HGET', RESULTS, 'r:' .. id)}
 for _, field in ipairs(redis.call('SMEMBERS', REVOKED)) do

@@ -709,14 +709,20 @@ def _produce(out, n, days, now, seed_, config, tasks, chunk, d):
     """
     import traceback
     try:
-        gen = Generator(n, days, now, seed_, config, tasks)
-        for stories in gen.stories(chunk):
-            out.send(('chunk', tuple(chunk_of(stories, d))))
-        out.send(('beats', gen.heartbeats()))
+        for kind, value in _made(n, days, now, seed_, config, tasks, chunk, d):
+            out.send((kind, tuple(value) if kind == 'chunk' else value))
     except BaseException:
         out.send(('error', traceback.format_exc()))
     finally:
         out.close()
+
+
+def _made(n, days, now, seed_, config, tasks, chunk, d):
+    """Yield ``('chunk', Chunk)`` for each transaction, then ``('beats', ops)``, made here."""
+    gen = Generator(n, days, now, seed_, config, tasks)
+    for stories in gen.stories(chunk):
+        yield 'chunk', chunk_of(stories, d)
+    yield 'beats', gen.heartbeats()
 
 
 def _chunks(app, n, days, now, seed_, chunk, d, fork):
@@ -734,10 +740,7 @@ def _chunks(app, n, days, now, seed_, chunk, d, fork):
     from app import catalog
 
     if not fork:
-        gen = Generator(n, days, now, seed_, app.config, catalog.TASKS)
-        for stories in gen.stories(chunk):
-            yield 'chunk', chunk_of(stories, d)
-        yield 'beats', gen.heartbeats()
+        yield from _made(n, days, now, seed_, app.config, catalog.TASKS, chunk, d)
         return
     ctx = multiprocessing.get_context('fork')
     receiving, sending = ctx.Pipe(duplex=False)

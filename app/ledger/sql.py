@@ -1,5 +1,4 @@
 """The ledger's SQL, in each database driver's own dialect."""
-
 from .. import states, text
 
 
