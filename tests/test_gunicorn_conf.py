@@ -9,16 +9,16 @@ import pytest
 from helpers import BIN, ROOT, Process, migrate, service_env, start_web, wait_for
 
 
-ESTABLISHED = '01'  # the state column of /proc/net/tcp
+ESTABLISHED, LISTEN = '01', '0A'  # the state column of /proc/net/tcp
 
 
-def _established_inodes(port):
-    """Socket inodes of the connections accepted on ``port`` (IPv4)."""
+def _inodes(port, wanted):
+    """Socket inodes on local ``port`` (IPv4) in state ``wanted``."""
     inodes = set()
     for line in Path('/proc/net/tcp').read_text().splitlines()[1:]:
         fields = line.split()
         local, state, inode = fields[1], fields[3], fields[9]
-        if state == ESTABLISHED and int(local.rsplit(':', 1)[1], 16) == port:
+        if state == wanted and int(local.rsplit(':', 1)[1], 16) == port:
             inodes.add(inode)
     return inodes
 
@@ -42,6 +42,20 @@ def _workers(master_pid):
     return [int(pid) for pid in children]
 
 
+def _listening_workers(master_pid, port):
+    """The master's children that each listen on ``port`` on a socket of their own.
+
+    gunicorn forks its workers a random fraction of a second apart and each
+    binds its socket after the fork, so the first may answer before the
+    second exists.
+    """
+    listening = _inodes(port, LISTEN)
+    try:
+        return [pid for pid in _workers(master_pid) if _sockets_of(pid) & listening]
+    except FileNotFoundError:  # a worker exited meanwhile
+        return []
+
+
 def test_keep_alive_clients_are_spread_over_the_workers(redis_server, tmp_path):
     env = service_env(tmp_path, redis_server.url)
     migrate(env, tmp_path)
@@ -49,6 +63,8 @@ def test_keep_alive_clients_are_spread_over_the_workers(redis_server, tmp_path):
     port = int(api.base.rsplit(':', 1)[1])
     clients = []
     try:
+        wait_for(lambda: len(_listening_workers(web.pid, port)) == 2, 30, 0.05,
+                 'both workers to listen')
         workers = _workers(web.pid)
         assert len(workers) == 2
         for _ in range(16):
@@ -58,7 +74,7 @@ def test_keep_alive_clients_are_spread_over_the_workers(redis_server, tmp_path):
             resp.read()
             assert resp.status == 200
             clients.append(conn)  # kept open: a keep-alive client
-        accepted = _established_inodes(port)
+        accepted = _inodes(port, ESTABLISHED)
         held = {pid: len(_sockets_of(pid) & accepted) for pid in workers}
         assert sum(held.values()) == 16, held
         # On one shared socket nearly all of them went to one worker; on a
