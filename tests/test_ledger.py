@@ -507,3 +507,31 @@ def test_the_writers_timestamps_are_the_text_sqlalchemy_stores_on_sqlite(value):
     engine = sa.create_engine('sqlite://')
     orm = sa.DateTime().dialect_impl(engine.dialect).bind_processor(engine.dialect)(value)
     assert Dialect(engine.dialect).ts(value) == orm
+
+
+@pytest.mark.parametrize('stored', [
+    '2026-11-30 03:04:05.000067', '2026-01-02 00:00:00.000000', '0005-06-07 08:09:10.999999',
+    '2026-01-02 00:00:00', None])
+def test_the_writer_reads_sqlite_times_as_sqlalchemy_does(stored):
+    # The writer reads a starting job's times with the driver (Dialect.due_rows).
+    from app.ledger.sql import Dialect
+    engine = sa.create_engine('sqlite://')
+    orm = sa.DateTime().dialect_impl(engine.dialect).result_processor(engine.dialect, None)(stored)
+    assert Dialect(engine.dialect).read_ts(stored) == orm
+
+
+def test_due_rows_reads_the_jobs_that_have_rows(ledger_client):
+    from app.ledger.sql import dialect
+    app, _client = ledger_client
+    with app.app_context():
+        times = (dt.datetime(2026, 1, 2, 3, 4, 5, 6), dt.datetime(2026, 1, 1),
+                 dt.datetime(5, 6, 7, 8, 9, 10, 999999))
+        db.session.add_all([
+            Job(id='a' * 32, task='noop', queue='default', params={}, state='retrying', retries=3, retry_delay=1.0,
+                attempts=2, scheduled_for=times[0], updated_at=times[1]),
+            Job(id='b' * 32, task='noop', queue='default', params={}, state='queued', retries=0, retry_delay=0.0,
+                attempts=0, scheduled_for=None, updated_at=times[2])])
+        db.session.commit()
+        conn = db.session.connection()
+        rows = dialect(conn).due_rows(conn, ['a' * 32, 'b' * 32, 'c' * 32])
+        assert sorted(rows) == [('a' * 32, 2, times[0], times[1]), ('b' * 32, 0, None, times[2])]

@@ -174,10 +174,9 @@ def _waits(conn, start_ops, finishes, scheduled):
         return []
     waited = []
     ids = sorted(by_job)
+    d = dialect(conn)
     for i in range(0, len(ids), 1000):
-        rows = conn.execute(sa.select(Job.id, Job.attempts, Job.scheduled_for, Job.updated_at)
-                            .where(Job.id.in_(ids[i:i + 1000]))).all()
-        for job_id, attempts, scheduled_for, updated_at in rows:
+        for job_id, attempts, scheduled_for, updated_at in d.due_rows(conn, ids[i:i + 1000]):
             first = True
             mine = by_job[job_id]
             for s in (mine if len(mine) == 1 else sorted(mine, key=lambda s: s.number)):
