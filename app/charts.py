@@ -190,33 +190,42 @@ def _chart(key, title, unit, window, series, lines, fmt):
                  ' '.join(summary))
 
 
-def charts(window, queue=None, task=None, now=None):
+def series(window, queue=None, task=None, now=None):
+    """The metric history :func:`charts` draws for ``window``, ``queue`` and ``task`` (None:
+    all), ending with the point that holds ``now``: :func:`app.queries.metric_series`'s
+    list. Raises :class:`~app.queries.BadQuery` for a bad window."""
+    window = window_of(window)
+    since, until = bounds(window, now)
+    return queries.metric_series(since, until, WINDOWS[window][1], queue=queue, task=task)
+
+
+def charts(window, queue=None, task=None, now=None, points=None):
     """The charts of ``window`` (a key of :data:`WINDOWS`) for ``queue`` and ``task`` (None: all).
 
     ``[Chart]``: throughput (jobs succeeded and failed per point), wait time
     and run time (p50 and p95 of the attempts that ended in each point,
     seconds) and, without ``task`` (depth is kept per queue), queue depth
-    (the most jobs waiting in the broker sampled in each point). Reads the
-    metric history once. Raises :class:`~app.queries.BadQuery` for a bad
-    window.
+    (the most jobs waiting in the broker sampled in each point). Draws
+    ``points`` (what :func:`series` returned for the same window, queue and
+    task) or else reads the metric history once. Raises
+    :class:`~app.queries.BadQuery` for a bad window.
     """
     window = window_of(window)
     length, step = WINDOWS[window]
-    since, until = bounds(window, now)
-    series = queries.metric_series(since, until, step, queue=queue, task=task)
+    history = points if points is not None else series(window, queue, task, now)
     per = f'jobs per {STEP_LABELS[step]}'
     found = [
-        _chart('throughput', 'Throughput', per, window, series, [
+        _chart('throughput', 'Throughput', per, window, history, [
             ('succeeded', 'succeeded', lambda p: p['finished']['succeeded'], 'succeeded'),
             ('failed', 'failed', lambda p: p['finished']['failed'], 'failed')], count_label),
-        _chart('wait', 'Wait time', 'seconds from enqueue to start', window, series, [
+        _chart('wait', 'Wait time', 'seconds from enqueue to start', window, history, [
             ('p50', 'p50', lambda p: p['wait_p50'], None),
             ('p95', 'p95', lambda p: p['wait_p95'], None)], seconds_label),
-        _chart('run', 'Run time', 'seconds per attempt', window, series, [
+        _chart('run', 'Run time', 'seconds per attempt', window, history, [
             ('p50', 'p50', lambda p: p['run_p50'], None),
             ('p95', 'p95', lambda p: p['run_p95'], None)], seconds_label),
     ]
     if not task:
-        found.append(_chart('depth', 'Queue depth', 'jobs waiting in the broker', window, series, [
+        found.append(_chart('depth', 'Queue depth', 'jobs waiting in the broker', window, history, [
             ('depth', 'depth', lambda p: p['depth'], None)], count_label))
     return found

@@ -16,10 +16,12 @@ the id, the template and the data cannot drift apart.
   live view.
 """
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from flask import current_app, render_template
+from flask import current_app, render_template, request
 from markupsafe import Markup
 
 from . import alerts, audit, catalog, charts, periodic, queries, queues, states
@@ -29,6 +31,7 @@ AUDIT_ROWS = 200  # entries on the audit page
 ALERT_ROWS = 50  # past alerts per page of /alerts
 BANNER_ROWS = 5  # firing alerts the banner names; it counts the rest
 CHART_EVERY = 5.0  # least seconds between two pushes of a live view's charts
+DRAWN = 16  # fragments' HTML kept per app for reuse (Fragment.key)
 
 _PARAMETER = re.compile(r'-?\{(\w+)\}')
 
@@ -92,12 +95,16 @@ class Fragment:
     fragment out). ``every``: the least seconds between two renders of it
     for a live view (0: whenever its page renders); the changes that concern
     it in between go out together once it is due (:mod:`app.live`).
+    ``key(scope)``: for a fragment dearer to draw than to read (the charts),
+    a hashable value that is the same whenever its HTML would be; while it
+    is, the HTML drawn last is reused (:class:`Drawn`), ``build`` not called.
     """
     id: str
     build: Callable[[Scope], dict] | None
     concerns: Callable[[Change, object], bool] | None
     gone: bool = False
     every: float = 0.0
+    key: Callable[[Scope], object] | None = None
 
     @property
     def name(self):
@@ -125,6 +132,18 @@ class Fragment:
         Raises whatever ``build`` or the template raises.
         """
         scope = scope or Scope()
+        if self.key is None or context:
+            return self._draw(scope, context)
+        # Its links are made from the page's parameters (those given) and the app's root path.
+        given = frozenset((k, v) for k, v in scope.params.items() if v is not None)
+        key = (self.id, given, request.script_root, self.key(scope))
+        drawn = current_app.extensions.setdefault('qm.drawn', Drawn())
+        html = drawn.get(key)
+        if html is None:
+            html = drawn.put(key, self._draw(scope, context))
+        return html
+
+    def _draw(self, scope, context):
         data = self.build(scope) if self.build else {}
         return Markup(render_template(self.template, fragment_id=self.dom_id(scope.params),
                                       **data, **context))
@@ -136,6 +155,35 @@ class Fragment:
     def changed_by(self, change, view):
         """Whether ``change`` concerns it on ``view`` (False if it has no ``concerns``)."""
         return self.concerns is not None and self.concerns(change, view)
+
+
+class Drawn:
+    """The HTML last drawn for each of the last :data:`DRAWN` keys of fragments with a
+    ``key`` (one per app, shared by its threads): a least-recently-used map of
+    ``key -> Markup``."""
+
+    def __init__(self, size=None):
+        self.size = size or DRAWN
+        self._html = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        """The HTML drawn for ``key``, or None."""
+        with self._lock:
+            html = self._html.get(key)
+            if html is not None:
+                self._html.move_to_end(key)
+            return html
+
+    def put(self, key, html):
+        """Keep ``html`` for ``key`` (forgetting the least recently used beyond the size);
+        return it."""
+        with self._lock:
+            self._html[key] = html
+            self._html.move_to_end(key)
+            while len(self._html) > self.size:
+                self._html.popitem(last=False)
+        return html
 
 
 @dataclass(frozen=True)
@@ -323,6 +371,18 @@ def _alert_history(scope):
             'next': rows[ALERT_ROWS - 1].id if len(rows) > ALERT_ROWS else None}
 
 
+def _chart_points(scope):
+    params = scope.params
+    return scope.once('chart points', lambda: charts.series(
+        params['window'], queue=params.get('queue'), task=params.get('task')))
+
+
+def _charts_key(scope):
+    # The charts show their window's points and nothing else that changes:
+    # a dashboard reloaded, or open in several tabs, draws them once a change.
+    return repr(_chart_points(scope))
+
+
 def _charts(scope):
     params = scope.params
     queue, task = params.get('queue'), params.get('task')
@@ -333,7 +393,8 @@ def _charts(scope):
     else:
         endpoint, args = 'pages.dashboard', {}
     window = params['window']
-    return {'charts': charts.charts(window, queue=queue, task=task), 'window': window,
+    return {'charts': charts.charts(window, queue=queue, task=task, points=_chart_points(scope)),
+            'window': window,
             'window_label': charts.WINDOW_LABELS[window], 'window_labels': charts.WINDOW_LABELS,
             'step_label': charts.STEP_LABELS[charts.WINDOWS[window][1]],
             'queue': queue, 'task': task, 'page_endpoint': endpoint, 'page_args': args,
@@ -433,7 +494,7 @@ ALERT_BANNER = Fragment('alert-banner', _alert_banner, _alerted)
 ALERTS_FIRING = Fragment('alerts-firing', _alerts_firing, _alerted)
 ALERT_HISTORY = Fragment('alert-history', _alert_history, _alerted)
 # Rollups move by the minute: a chart is re-rendered at most every CHART_EVERY s.
-CHARTS = Fragment('charts', _charts, _charted, every=CHART_EVERY)
+CHARTS = Fragment('charts', _charts, _charted, every=CHART_EVERY, key=_charts_key)
 # The live indicator in every live page's header: rendered with ``live`` and
 # ``node`` by its caller, sent with each snapshot, never refreshed.
 LIVE_STATUS = Fragment('live-status', None, None)

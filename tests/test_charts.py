@@ -183,3 +183,45 @@ def test_queue_and_task_names_are_escaped(tmp_path):
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
+
+
+def test_charts_are_drawn_again_only_when_their_points_change(rollups):
+    from flask import template_rendered
+    app, client, minute = rollups
+    drawn = []
+
+    def note(sender, template, context, **extra):
+        if template.name == '_charts.html':
+            drawn.append(context.get('task'))  # None: every task
+    template_rendered.connect(note, app)
+    try:
+        first = client.get('/').get_data(as_text=True)
+        assert client.get('/').get_data(as_text=True) == first
+        assert client.get('/charts').status_code == 200
+        assert drawn == [None]
+        # Another scope with the same points (none) has its own links.
+        empty_a, empty_b = (client.get(f'/charts?task={t}').get_data(as_text=True)
+                            for t in ('sleep', 'report'))
+        assert '/tasks/sleep?window=' in empty_a and '/tasks/report?window=' in empty_b
+        assert drawn == [None, 'sleep', 'report']
+        # A job ends in the window: the dashboard's points change, and so does its HTML.
+        with app.app_context():
+            history.add(db.session.connection(), [history.Ended(
+                'default', 'noop', 'succeeded', minute['b'] + dt.timedelta(seconds=9), True, 0.1)])
+            db.session.commit()
+        again = client.get('/').get_data(as_text=True)
+        assert drawn == [None, 'sleep', 'report', None]
+        assert series_of(chart_svg(again, 'throughput'), 'succeeded')[-1] == (
+            3.0, iso(minute['b']))
+    finally:
+        template_rendered.disconnect(note, app)
+
+
+def test_drawn_html_forgets_the_least_recently_used():
+    from app.fragments import Drawn
+    drawn = Drawn(size=2)
+    drawn.put('a', 'A')
+    drawn.put('b', 'B')
+    assert drawn.get('a') == 'A'  # now the most recent
+    drawn.put('c', 'C')
+    assert (drawn.get('a'), drawn.get('b'), drawn.get('c')) == ('A', None, 'C')
