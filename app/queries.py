@@ -686,9 +686,14 @@ def count_jobs(filters, bound=COUNT_BOUND):
     times = {k: filters.get(k) for k in TIME_FILTERS}
     if not q and not any(times.values()):
         column = {'state': JobCount.state, 'queue': JobCount.queue, 'task': JobCount.task}
-        n = db.session.scalar(sa.select(sa.func.coalesce(sa.func.sum(JobCount.n), 0)).where(
-            *(column[k] == filters[k] for k in column if filters.get(k))))
-        return Count(int(n))
+        # Summed per queue, so that PostgreSQL reads the few rows through the
+        # counters' index: a plain sum reads the whole table, which keeps the
+        # space of its rows' past versions (a million-job seeding left 60 rows
+        # in 289 MB, and the sum took 226 ms instead of 0.1).
+        sums = db.session.scalars(sa.select(sa.func.sum(JobCount.n)).where(
+            *(column[k] == filters[k] for k in column if filters.get(k)))
+            .group_by(JobCount.queue)).all()
+        return Count(int(sum(sums)))
     conditions = query_filters(filters.get('state'), filters.get('queue'), filters.get('task'),
                                **times)
     if q:

@@ -274,3 +274,42 @@ def test_a_bad_finished_range_is_refused_by_name():
         queries.finished_between('2026-03-01T12:00:00Z', '2026-03-01T12:00:00Z')
     assert queries.parse_time('2026-03-01T12:00:00.250Z', 'x').isoformat() == \
         '2026-03-01T12:00:00.250000'
+
+
+def test_counts_read_the_counters_through_their_index_however_large_the_table(
+        postgres_url, tmp_path):
+    # PostgreSQL keeps the space of a counter row's past versions: after a
+    # burst of writes the table is large and its few live rows sit at its end.
+    import sqlalchemy as sa
+    from conftest import make_app
+
+    from app.extensions import db
+    app = make_app(tmp_path, DATABASE_URL=postgres_url)
+    with app.app_context():
+        for _ in range(3):
+            submit(app)
+        submit(app, 'fail')
+        conn = db.session.connection()
+        conn.exec_driver_sql(
+            "INSERT INTO job_count (queue, task, state, error_type, shard, n) "
+            "SELECT 'past', 'noop', 'queued', '', s, 1 FROM generate_series(1, 50000) s")
+        conn.exec_driver_sql("DELETE FROM job_count WHERE queue = 'past'")
+        db.session.commit()
+        db.session.connection().exec_driver_sql('ANALYZE job_count')
+        statements = []
+
+        def note(conn, cursor, statement, parameters, context, executemany):
+            statements.append((statement, parameters))
+        sa.event.listen(db.engine, 'before_cursor_execute', note)
+        counts = [queries.count_jobs({}).n, queries.count_jobs({'task': 'fail'}).n,
+                  queries.count_jobs({'state': 'queued', 'queue': 'default'}).n]
+        stats, failures = queries.stats(), queries.failures()
+        sa.event.remove(db.engine, 'before_cursor_execute', note)
+        assert counts == [4, 1, 4] and stats['total'] == 4 and failures == []
+        assert len(statements) == 5
+        for sql, params in statements:
+            plan = '\n'.join(r[0] for r in db.session.connection().exec_driver_sql(
+                'EXPLAIN ' + sql, params))
+            assert 'job_count' in plan and 'Seq Scan' not in plan, plan
+        db.session.remove()
+        db.engine.dispose()
