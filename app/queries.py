@@ -235,19 +235,24 @@ def _rowid_in(rowids):
             sa.func.json_each(json.dumps(sorted(rowids)))).scalar_subquery())
 
 
-def _trigram_match(needles, unseen=False):
+def _trigram_match(needles, unseen=False, scan=False):
     """PostgreSQL: an ILIKE the pg_trgm GIN index over ``job_search_text`` answers.
 
     ``unseen``: each pattern is given as a subquery's value, which the
     planner does not see when it plans, so it estimates the ILIKE to match
     a fixed share of the rows (0.5%) instead of what its statistics say of
     the text: those say a few dozen for a word thousands of jobs hold.
+    ``scan``: the same test in a form the index does not answer, for rows
+    read another way: a tenth of the cost of the exact condition per row
+    (whose ASCII-only case folding, ``translate``, is slow), which it spares
+    all but the candidates.
     """
     text_ = sa.func.job_search_text(Job.params, Job.error, Job.result)
     patterns = ['%' + n.replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_') + '%'
                 for n in needles]
-    return sa.or_(*(text_.ilike(sa.select(sa.literal(p)).scalar_subquery() if unseen else p,
-                                escape='\\') for p in patterns))
+    match = sa.or_(*(text_.ilike(sa.select(sa.literal(p)).scalar_subquery() if unseen else p,
+                                 escape='\\') for p in patterns))
+    return match.is_(sa.true()) if scan else match
 
 
 def _indexed(typed, in_json, dialect):
@@ -450,6 +455,9 @@ def query_filters(state=None, queue=None, task=None, q=None, finished_from=None,
 # window to its candidates (a walk of the list's index, no row read).
 SCAN_WINDOW = 10_000
 SEARCH_WINDOW = 20_000
+# The first jobs of a window a search with many candidates tries first: a
+# text one job in twenty holds fills a page from them.
+DENSE_WINDOW = 1_000
 
 
 class _Key:
@@ -549,7 +557,9 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     search too short for the index): the page holds the first ``limit``
     matches in it, or fewer (even none) with a cursor that goes on from the
     window's last job, so that every page costs about the same at any
-    ledger size however many jobs match.
+    ledger size however many jobs match (the window's first
+    :data:`DENSE_WINDOW` jobs are tried alone first: a common text fills
+    its page from them).
     ``next_cursor`` is None after the last page. ``finished_from`` and
     ``finished_to`` (ISO 8601, UTC) keep the jobs finished in that range
     (:func:`finished_between`). Raises :class:`BadQuery` for a bad filter,
@@ -582,30 +592,54 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
         bound = sa.tuple_(*decode_cursor(cursor))
         conditions.append(key < bound if newest else key > bound)
     order = (Job.created_at.desc(), Job.id.desc()) if newest else (Job.created_at, Job.id)
-    edge = None
-    if q and q.strip():
+    plan = search_plan(q) if q and q.strip() else None
+    if plan is None or plan.whole:
+        if plan is not None:
+            conditions.append(plan.condition())
+        # The page's ids first (what the sort holds stays small), then its rows.
+        ids = db.session.scalars(
+            sa.select(Job.id).where(*conditions).order_by(*order).limit(limit + 1)).all()
+        edge = None
+    else:
         unfiltered = len(conditions) == bool(cursor)  # nothing but the cursor yet
-        plan = search_plan(q)
-        narrow = None
-        if not plan.whole:
-            edge, narrow = _window(plan.index, conditions, order)
-        conditions.append(plan.condition(narrow))
-        if edge is not None:
-            if (narrow is not None and unfiltered
-                    and db.session.get_bind().dialect.name == 'sqlite'):
-                # The window's candidates are named by rowid: SQLite is kept
-                # from walking the list's index between the cursor and the
-                # edge (all of the window) to find them. (With a filter it
-                # walks that filter's index, which the edge must then bound.)
-                key = sa.tuple_(_unindexed(Job.created_at), _unindexed(Job.id))
-            conditions.append(key >= sa.tuple_(*edge) if newest else key <= sa.tuple_(*edge))
-    # The page's ids first (what the sort holds stays small), then its rows.
-    ids = db.session.scalars(
-        sa.select(Job.id).where(*conditions).order_by(*order).limit(limit + 1)).all()
+        size = SCAN_WINDOW if plan.index is None else SEARCH_WINDOW
+        # A common text fills a page from the first jobs of the window: they
+        # are tried first, and the whole window read only when they hold no
+        # page. The page is the same either way (the first matches in the
+        # window), and costs what the page does, not what the window does.
+        ids = None
+        if plan.index is not None and DENSE_WINDOW < size:
+            ids, edge = _window_page(plan, conditions, order, key, newest, DENSE_WINDOW, limit,
+                                     unfiltered, dense=True)
+            if len(ids) <= limit and edge is not None:
+                ids = None  # no page among them
+        if ids is None:
+            ids, edge = _window_page(plan, conditions, order, key, newest, size, limit,
+                                     unfiltered)
     rows = _rows_of(ids, with_result)
     if len(rows) > limit:
         return rows[:limit], encode_cursor(rows[limit - 1])
     return rows, encode_cursor(_Key(*edge)) if edge is not None else None
+
+
+def _window_page(plan, conditions, order, key, newest, size, limit, unfiltered, dense=False):
+    """``(ids, edge)``: the first ``limit + 1`` matches of ``plan`` among the next ``size``
+    jobs of the list (``conditions`` in ``order``; ``key`` is its position's columns) and the
+    window's last position (None: the rest of the list is shorter than a window); ``dense``
+    for the first few jobs of a window (see :func:`_window`)."""
+    edge, narrow = _window(plan.index, conditions, order, size, dense)
+    conditions = [*conditions, plan.condition(narrow)]
+    if edge is not None:
+        if narrow is not None and unfiltered and db.session.get_bind().dialect.name == 'sqlite':
+            # The window's candidates are named by rowid: SQLite is kept
+            # from walking the list's index between the cursor and the
+            # edge (all of the window) to find them. (With a filter it
+            # walks that filter's index, which the edge must then bound.)
+            key = sa.tuple_(_unindexed(Job.created_at), _unindexed(Job.id))
+        conditions.append(key >= sa.tuple_(*edge) if newest else key <= sa.tuple_(*edge))
+    ids = db.session.scalars(
+        sa.select(Job.id).where(*conditions).order_by(*order).limit(limit + 1)).all()
+    return ids, edge
 
 
 def _unindexed(column):
@@ -613,26 +647,32 @@ def _unindexed(column):
     return UnaryExpression(column, operator=operators.custom_op('+'), type_=column.type)
 
 
-def _window(index, conditions, order):
-    """``(edge, narrow)``: the window a page of a search looks at, and its candidates.
+def _window(index, conditions, order, size, dense=False):
+    """``(edge, narrow)``: the window of ``size`` jobs a page of a search looks at, and its
+    candidates.
 
-    The window is the next :data:`SEARCH_WINDOW` jobs of the list (those
-    meeting ``conditions``, in ``order``), or :data:`SCAN_WINDOW`
-    for a search the index cannot narrow (``index`` None). ``edge``: the
-    ``(created_at, id)`` of its last job, None when what is left of the
-    list is shorter than a window. ``narrow``: a condition naming the
-    index's candidates in the window (see :func:`_candidates_between`), or
-    None (each row of the window is tested).
+    The window is the next ``size`` jobs of the list (those meeting
+    ``conditions``, in ``order``): :data:`SEARCH_WINDOW` or
+    :data:`DENSE_WINDOW`, or :data:`SCAN_WINDOW` for a search the index
+    cannot narrow (``index`` None). ``edge``: the ``(created_at, id)`` of
+    its last job, None when what is left of the list is shorter than a
+    window. ``narrow``: a condition naming the index's candidates in the
+    window (see :func:`_candidates_between`), or None: each row of the
+    window is tested. Those of a ``dense`` one (the first few jobs of a
+    window) are tested without asking the index, which would read its
+    candidates in the whole ledger to name those among them: on
+    PostgreSQL with the index's own test first (``_trigram_match``'s
+    ``scan``).
     """
-    size = SCAN_WINDOW if index is None else SEARCH_WINDOW
     # The window's last job: the list's index skipped through, no row read.
     edge = db.session.execute(
         sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
         .offset(size - 1).limit(1)).first()
-    if index is None:
+    if index is None or (dense and index.dialect == 'sqlite'):
         return edge, None
     if index.dialect != 'sqlite':
-        return edge, _candidates_between(index, None, None)
+        return edge, (_trigram_match(index.needles, scan=True) if dense
+                      else _candidates_between(index, None, None))
     # SQLite: the range of the window's rowids, which the search index is
     # read in: one more walk of the list's index (each entry holds its
     # job's rowid), no row read.

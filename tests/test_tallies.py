@@ -504,9 +504,38 @@ def test_a_search_with_many_candidates_reads_them_a_window_at_a_time(ledger_ctx,
     monkeypatch.setattr(queries, 'WINDOW_CANDIDATES', 20)
     if db.engine.dialect.name == 'sqlite':
         assert queries._window(queries.search_plan('hello').index, [],
-                               (Job.created_at.desc(), Job.id.desc()))[1] is None
+                               (Job.created_at.desc(), Job.id.desc()), 200)[1] is None
     assert search_pages('hello', 5, sort) == windowed_pages(
         rows, lambda r: contains(r, 'hello'), 5, 200, sort == 'oldest')
+
+
+@pytest.mark.parametrize('sort', ['newest', 'oldest'])
+def test_a_common_text_is_first_looked_for_among_the_first_jobs_of_a_window(
+        ledger_ctx, monkeypatch, sort):
+    rows = fill_search_ledger()
+    index_everything()
+    monkeypatch.setattr(queries, 'CANDIDATES', 30)
+    monkeypatch.setattr(queries, 'SEARCH_WINDOW', 60)
+    monkeypatch.setattr(queries, 'DENSE_WINDOW', 25)
+    tries = []  # (dense, matches found + 1 at most, window reached the list's end)
+    real = queries._window_page
+
+    def noted(*args, dense=False):
+        ids, edge = real(*args, dense=dense)
+        tries.append((dense, len(ids), edge is None))
+        return ids, edge
+    monkeypatch.setattr(queries, '_window_page', noted)
+    # The pages are those of the windows of SEARCH_WINDOW jobs, whichever answered them.
+    assert search_pages('hello', 5, sort) == windowed_pages(
+        rows, lambda r: contains(r, 'hello'), 5, 60, sort == 'oldest')
+    assert search_pages('hello', 5, sort, state='failed') == windowed_pages(
+        [r for r in rows if r.state == 'failed'], lambda r: contains(r, 'hello'), 5, 60,
+        sort == 'oldest')
+    # Some pages came from the first 25 jobs alone; the others read the whole window.
+    dense = [t for t in tries if t[0]]
+    assert any(n > 5 for _d, n, _end in dense)
+    assert any(n <= 5 and not end for _d, n, end in dense)
+    assert len(tries) - len(dense) == sum(1 for _d, n, end in dense if n <= 5 and not end)
 
 
 def test_a_window_is_narrowed_to_the_candidates_the_index_holds_in_it(ledger_ctx, monkeypatch):
@@ -517,7 +546,7 @@ def test_a_window_is_narrowed_to_the_candidates_the_index_holds_in_it(ledger_ctx
     monkeypatch.setattr(queries, 'SEARCH_WINDOW', 40)
     plan = queries.search_plan('hello')
     order = (Job.created_at.desc(), Job.id.desc())
-    edge, narrow = queries._window(plan.index, [], order)
+    edge, narrow = queries._window(plan.index, [], order, 40)
     assert (edge[0], edge[1]) == (rows[39].created_at, rows[39].id)
     assert narrow is not None  # about 8 candidates in 40 rows: under the cap
     in_window = db.session.scalars(sa.select(Job.id).where(
