@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from flask import current_app, render_template, request
+from flask import current_app, has_request_context, render_template, request
 from markupsafe import Markup
 
 from . import alerts, audit, catalog, charts, periodic, queries, queues, states
@@ -136,7 +136,8 @@ class Fragment:
             return self._draw(scope, context)
         # Its links are made from the page's parameters (those given) and the app's root path.
         given = frozenset((k, v) for k, v in scope.params.items() if v is not None)
-        key = (self.id, given, request.script_root, self.key(scope))
+        root = request.script_root if has_request_context() else ''
+        key = (self.id, given, root, self.key(scope))
         drawn = current_app.extensions.setdefault('qm.drawn', Drawn())
         html = drawn.get(key)
         if html is None:
