@@ -110,6 +110,7 @@ class SqliteLedgers:
         if n > self.keep_above and cached.exists():
             print(f'  ledger of {n} jobs from the cache ({cached})', flush=True)
             shutil.copyfile(cached, target)
+            _on_disk(target)
         else:
             run_seed(f'sqlite:///{target}', n, queues, seed, run)
             _checkpoint(target)
@@ -117,11 +118,19 @@ class SqliteLedgers:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 partial = cached.with_suffix(f'.{os.getpid()}')
                 shutil.copyfile(target, partial)
+                _on_disk(partial)
                 partial.rename(cached)
         return f'sqlite:///{target}', lambda: None
 
     def close(self):
         pass
+
+
+def _on_disk(path):
+    """Wait until a copied file is written out: the kernel writing 2 GB of a copy back
+    while reads are timed slowed every one of them, ``/healthz`` included, by a third."""
+    with open(path, 'rb+') as f:
+        os.fsync(f.fileno())
 
 
 def _checkpoint(path):
