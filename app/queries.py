@@ -581,10 +581,10 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
             conditions.append(search_condition(q))
         rows = db.session.execute(
             sa.select(Job.id, key[0]).where(*conditions).order_by(*order).limit(limit + 1)).all()
-        jobs = _rows_of([r[0] for r in rows], with_result)
+        jobs = _rows_of([r[0] for r in rows[:limit]], with_result)
         if len(rows) > limit:
             last = rows[limit - 1]
-            return jobs[:limit], encode_run_cursor(last[1], last[0])
+            return jobs, encode_run_cursor(last[1], last[0])
         return jobs, None
     newest = sort == 'newest'
     key = sa.tuple_(Job.created_at, Job.id)
@@ -596,9 +596,8 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     if plan is None or plan.whole:
         if plan is not None:
             conditions.append(plan.condition())
-        # The page's ids first (what the sort holds stays small), then its rows.
-        ids = db.session.scalars(
-            sa.select(Job.id).where(*conditions).order_by(*order).limit(limit + 1)).all()
+        # The page's positions first (what the sort holds stays small), then its rows.
+        keys = _page_keys(conditions, order, limit)
         edge = None
     else:
         unfiltered = len(conditions) == bool(cursor)  # nothing but the cursor yet
@@ -607,26 +606,38 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
         # are tried first, and the whole window read only when they hold no
         # page. The page is the same either way (the first matches in the
         # window), and costs what the page does, not what the window does.
-        ids = None
+        keys = None
         if plan.index is not None and DENSE_WINDOW < size:
-            ids, edge = _window_page(plan, conditions, order, key, newest, DENSE_WINDOW, limit,
-                                     unfiltered, dense=True)
-            if len(ids) <= limit and edge is not None:
-                ids = None  # no page among them
-        if ids is None:
-            ids, edge = _window_page(plan, conditions, order, key, newest, size, limit,
-                                     unfiltered)
-    rows = _rows_of(ids, with_result)
-    if len(rows) > limit:
-        return rows[:limit], encode_cursor(rows[limit - 1])
+            keys, edge = _window_page(plan, conditions, order, key, newest, DENSE_WINDOW, limit,
+                                      unfiltered, dense=True)
+            if len(keys) <= limit and edge is not None:
+                keys = None  # no page among them
+        if keys is None:
+            keys, edge = _window_page(plan, conditions, order, key, newest, size, limit,
+                                      unfiltered)
+    # A job deleted between the two reads is left out of the page, which
+    # still ends where its positions did (not at the window's edge, which
+    # would skip the matches before it).
+    rows = _rows_of([job_id for _created, job_id in keys[:limit]], with_result)
+    if len(keys) > limit:
+        return rows, encode_cursor(_Key(*keys[limit - 1]))
     return rows, encode_cursor(_Key(*edge)) if edge is not None else None
 
 
+def _page_keys(conditions, order, limit):
+    """``[(created_at, id)]`` of the first ``limit + 1`` jobs meeting ``conditions`` in
+    ``order``: read from the list's index."""
+    return [tuple(r) for r in db.session.execute(
+        sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
+        .limit(limit + 1)).all()]
+
+
 def _window_page(plan, conditions, order, key, newest, size, limit, unfiltered, dense=False):
-    """``(ids, edge)``: the first ``limit + 1`` matches of ``plan`` among the next ``size``
-    jobs of the list (``conditions`` in ``order``; ``key`` is its position's columns) and the
-    window's last position (None: the rest of the list is shorter than a window); ``dense``
-    for the first few jobs of a window (see :func:`_window`)."""
+    """``(keys, edge)``: the positions ``(created_at, id)`` of the first ``limit + 1``
+    matches of ``plan`` among the next ``size`` jobs of the list (``conditions`` in
+    ``order``; ``key`` is its position's columns) and the window's last position (None: the
+    rest of the list is shorter than a window); ``dense`` for the first few jobs of a
+    window (see :func:`_window`)."""
     edge, narrow = _window(plan.index, conditions, order, size, dense)
     conditions = [*conditions, plan.condition(narrow)]
     if edge is not None:
@@ -637,9 +648,7 @@ def _window_page(plan, conditions, order, key, newest, size, limit, unfiltered, 
             # walks that filter's index, which the edge must then bound.)
             key = sa.tuple_(_unindexed(Job.created_at), _unindexed(Job.id))
         conditions.append(key >= sa.tuple_(*edge) if newest else key <= sa.tuple_(*edge))
-    ids = db.session.scalars(
-        sa.select(Job.id).where(*conditions).order_by(*order).limit(limit + 1)).all()
-    return ids, edge
+    return _page_keys(conditions, order, limit), edge
 
 
 def _unindexed(column):
@@ -658,17 +667,16 @@ def _window(index, conditions, order, size, dense=False):
     its last job, None when what is left of the list is shorter than a
     window. ``narrow``: a condition naming the index's candidates in the
     window (see :func:`_candidates_between`), or None: each row of the
-    window is tested. Those of a ``dense`` one (the first few jobs of a
-    window) are tested without asking the index, which would read its
-    candidates in the whole ledger to name those among them: on
-    PostgreSQL with the index's own test first (``_trigram_match``'s
-    ``scan``).
+    window is tested. On PostgreSQL those of a ``dense`` one (the first few
+    jobs of a window) are tested without asking the index, which would read
+    its candidates in the whole ledger to name those among them, with the
+    index's own test first (``_trigram_match``'s ``scan``).
     """
     # The window's last job: the list's index skipped through, no row read.
     edge = db.session.execute(
         sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
         .offset(size - 1).limit(1)).first()
-    if index is None or (dense and index.dialect == 'sqlite'):
+    if index is None:
         return edge, None
     if index.dialect != 'sqlite':
         return edge, (_trigram_match(index.needles, scan=True) if dense

@@ -614,3 +614,33 @@ def test_a_term_in_two_columns_of_many_jobs_is_found_in_every_one(ledger_ctx, mo
     db.session.add(job_row(params={'message': 'x' * 300}))
     db.session.commit()
     assert len(search_ids('x' * 300)) == 1 and search_ids('x' * 301) == []
+
+
+@pytest.mark.parametrize('search', [None, 'hello'])
+@pytest.mark.parametrize('sort', ['newest', 'oldest', 'runtime'])
+def test_a_job_deleted_while_its_page_is_read_neither_ends_nor_skips_the_list(
+        ledger_ctx, monkeypatch, sort, search):
+    rows = fill_search_ledger()
+    index_everything()
+    if search:  # a search read a window at a time, its first jobs tried alone first
+        monkeypatch.setattr(queries, 'CANDIDATES', 30)
+        monkeypatch.setattr(queries, 'SEARCH_WINDOW', 120)
+        monkeypatch.setattr(queries, 'DENSE_WINDOW', 60)
+    matching = {r.id for r in rows if not search or contains(r, search)}
+    real, deleted = queries._rows_of, []
+
+    def deleting(ids, with_result):
+        # Another session deletes the page's first job between the two reads.
+        if ids and not deleted:
+            deleted.append(ids[0])
+            with db.engine.begin() as conn:
+                conn.execute(sa.delete(Job).where(Job.id == ids[0]))
+        return real(ids, with_result)
+    monkeypatch.setattr(queries, '_rows_of', deleting)
+    if sort == 'runtime':  # every job finished, so that the run-time order lists them all
+        with db.engine.begin() as conn:
+            conn.execute(sa.update(Job).values(started_at=Job.created_at,
+                                               finished_at=Job.created_at))
+    listed = [i for page in search_pages(search, 5, sort) for i in page]
+    assert deleted and len(listed) == len(set(listed))
+    assert set(listed) == matching - set(deleted)
