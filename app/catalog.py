@@ -42,6 +42,13 @@ class ValidationError(Exception):
         self.errors = list(errors)
         super().__init__(f'{message}: {fields}')
 
+    @classmethod
+    def of_jobs(cls, errors):
+        """The error of many submissions: ``errors`` as :attr:`errors` holds them, each
+        field named ``jobs[i].field`` (``jobs[i]`` for the item itself) in :attr:`fields`."""
+        return cls({f'jobs[{e["index"]}]' + (f'.{e["field"]}' if e['field'] else ''):
+                    e['message'] for e in errors}, 'invalid jobs', errors)
+
 
 @dataclass(frozen=True)
 class Param:
@@ -578,8 +585,7 @@ def validate_many(items, config, limit, now=None):
             errors.extend({'index': index, 'field': field, 'message': message}
                           for field, message in exc.fields.items())
     if errors:
-        raise ValidationError({f'jobs[{e["index"]}]' + (f'.{e["field"]}' if e['field'] else ''):
-                               e['message'] for e in errors}, 'invalid jobs', errors)
+        raise ValidationError.of_jobs(errors)
     return subs
 
 

@@ -155,9 +155,7 @@ class Producer:
                   for i, item in enumerate(items) if isinstance(item, dict)
                   for field, message in text.problems(item).items()]
         if errors:
-            raise catalog.ValidationError(
-                {f'jobs[{e["index"]}].{e["field"]}': e['message'] for e in errors},
-                'invalid jobs', errors)
+            raise catalog.ValidationError.of_jobs(errors)
         subs = catalog.validate_many(items, config, jobs.MAX_BATCH)
         return [Job.of(row, created) for row, created in jobs.submit_many(subs, audit=_entry(subs))]
 
