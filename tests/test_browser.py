@@ -376,6 +376,11 @@ def test_each_role_sees_and_does_only_what_it_may(tmp_path, browser):
                     summary.locator('button[value=delete]').click()
                     wait_for(lambda: dep.api.get(f'/api/jobs/{failed}')[0] == 404, 15,
                              message='the job to be deleted')
+                    # The page goes on to the jobs list: close the context once it
+                    # is there and live. Closing it mid-navigation once held
+                    # Chromium's context disposal for the test's whole timeout.
+                    expect(page.locator('.flash-ok')).to_contain_text(f'Job {failed[:8]} deleted.')
+                    live(page)
             finally:
                 context.close()
         assert seen == {'viewer': [], 'operator': ['retry'], 'admin': ['delete', 'retry']}
