@@ -1,6 +1,7 @@
 """gunicorn settings: ``gunicorn -c gunicorn.conf.py wsgi:app``.
 
-gthread workers serve HTTP with ``WEB_THREADS`` threads each. A WebSocket
+gthread workers (``app.serving.ThreadWorker``: new connections taken by the
+workers in turn) serve HTTP with ``WEB_THREADS`` threads each. A WebSocket
 request holds one of them only for its handshake: the socket is then handed
 to the process's event-loop thread (app/sockets.py), so open pages never
 take threads from pages, the API or /healthz. The README ("Capacity") says
@@ -14,7 +15,7 @@ from app import config as qm_config
 _config = qm_config.load()
 
 bind = f"{_config['HOST']}:{_config['PORT']}"
-worker_class = 'gthread'
+worker_class = 'app.serving.ThreadWorker'
 threads = _config['WEB_THREADS']
 # HTTP connections (in flight and kept alive) per worker; live sockets are
 # not among them once handed over. app/live.py keeps file descriptors for
@@ -25,12 +26,11 @@ workers = 1 if _config['EMBEDDED'] else _config['WEB_CONCURRENCY']
 # Time for running requests (and, embedded, running jobs: GRACE_PERIOD) to
 # finish on stop, with a few seconds to write the ledger out after them.
 graceful_timeout = max(30, _config['GRACE_PERIOD'] + 5)
-# Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel
-# spreads new connections over them. On one shared socket the worker that
-# went idle last wins nearly every accept (epoll wakes waiters LIFO), so a
-# few keep-alive clients all land on one worker and one core while the
-# others idle: 7 of 8 connections, measured with bench/submit.py.
-reuse_port = workers > 1
+# The workers share one listening socket and take new connections in turn
+# (app/serving.py): with gthread's own epoll accept, a few keep-alive clients
+# all landed on one worker and one core while the other idled; a socket per
+# worker (SO_REUSEPORT) spreads them by a hash, 2 clients on one worker half
+# the time.
 accesslog = '-'
 # gunicorn would take X-Forwarded-Proto from any local peer (a proxy that
 # passes the client's header on, another program on the host) as the
@@ -45,26 +45,6 @@ loglevel = _config['LOG_LEVEL'].lower()
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if _hard != resource.RLIM_INFINITY and _soft < _hard:
     resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
-
-
-def on_starting(server):
-    # Sockets bound with SO_REUSEPORT also share a port with another server
-    # of the same user started by mistake: refuse a port already taken, as
-    # a plain bind would.
-    if reuse_port:
-        import socket
-        family = socket.AF_INET6 if ':' in _config['HOST'] else socket.AF_INET
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        # As gunicorn binds: the connections a stopped server left in
-        # TIME_WAIT do not hold the port; a listening socket does.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((_config['HOST'], _config['PORT']))
-        except OSError as exc:
-            raise SystemExit(f"{bind} is already in use ({exc.strerror}): is another "
-                             f"server running there?") from None
-        finally:
-            probe.close()
 
 
 def post_worker_init(worker):

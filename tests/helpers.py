@@ -1,5 +1,6 @@
 """Test helpers: waiting with deadlines, real processes, a tiny JSON client."""
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -295,6 +296,8 @@ def migrate(env, log_dir):
 
 
 def start_web(env, log_dir, name='web', workers=None):
+    """gunicorn on a free port, once every one of its workers takes connections:
+    ``(Process, Api)``."""
     port = free_port()
     env = dict(env, PORT=str(port), HOST='127.0.0.1')
     if workers is not None:
@@ -302,7 +305,81 @@ def start_web(env, log_dir, name='web', workers=None):
     proc = Process(name, [str(BIN / 'gunicorn'), '-c', 'gunicorn.conf.py', 'wsgi:app'], env, log_dir)
     api = Api(f'http://127.0.0.1:{port}')
     _started(proc, lambda: api.healthy())
+    try:
+        wait_workers_serving(proc.pid, port)
+    except AssertionError:
+        proc.stop()
+        raise
     return proc, api
+
+
+ESTABLISHED, LISTEN = '01', '0A'  # the state column of /proc/net/tcp
+
+
+def socket_inodes(port, state):
+    """Inodes of the IPv4 sockets on local ``port`` in ``state`` (``ESTABLISHED``, ``LISTEN``)."""
+    inodes = set()
+    for line in Path('/proc/net/tcp').read_text().splitlines()[1:]:
+        fields = line.split()
+        local, wanted, inode = fields[1], fields[3], fields[9]
+        if wanted == state and int(local.rsplit(':', 1)[1], 16) == port:
+            inodes.add(inode)
+    return inodes
+
+
+def sockets_of(pid):
+    """Socket inodes among the open files of process ``pid``."""
+    fd_dir = Path(f'/proc/{pid}/fd')
+    out = set()
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(fd_dir / fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith('socket:['):
+            out.add(target[len('socket:['):-1])
+    return out
+
+
+def worker_pids(master_pid):
+    """The pids of a gunicorn master's workers (its children)."""
+    return [int(pid) for pid in
+            Path(f'/proc/{master_pid}/task/{master_pid}/children').read_text().split()]
+
+
+def connections_by_worker(master_pid, port):
+    """``{worker pid: connections it holds on local port}`` for a gunicorn master's workers."""
+    accepted = socket_inodes(port, ESTABLISHED)
+    return {pid: len(sockets_of(pid) & accepted) for pid in worker_pids(master_pid)}
+
+
+def wait_workers_serving(master_pid, port, timeout=30):
+    """Wait until every worker of a gunicorn master takes new connections.
+
+    A worker's first answer comes a moment after its siblings' (each loads
+    the app after its fork), and until then the others take every new
+    connection: a test or benchmark that opens its keep-alive clients
+    earlier has them all on one worker. Opens connections one after
+    another (each asks ``/healthz``, any answer will do) and keeps them
+    until each worker holds one; then closes them.
+    """
+    opened = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            held = connections_by_worker(master_pid, port)
+            if held and all(held.values()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f'not every worker took a connection in {timeout} s: {held}')
+            conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+            conn.request('GET', '/healthz')
+            conn.getresponse().read()
+            opened.append(conn)
+            time.sleep(0.02)
+    finally:
+        for conn in opened:
+            conn.close()
 
 
 def _started(proc, ready, timeout=30):

@@ -15,7 +15,7 @@ LAYERS = (
                 'app.events', 'app.catalog', 'app.task_api', 'app.roles', 'app.masking',
                 'app.rules'}),
     ('adapters', {'app.message', 'app.storage', 'app.broker', 'app.ledger', 'app.leader',
-                  'app.controls', 'app.websocket', 'app.sockets'}),
+                  'app.controls', 'app.websocket', 'app.sockets', 'app.serving'}),
     ('services', {'app.jobs', 'app.queries', 'app.queues', 'app.periodic', 'app.reaper', 'app.reconcile',
                   'app.inputs', 'app.openapi', 'app.accounts', 'app.audit', 'app.alerts',
                   'app.metrics', 'app.charts'}),

@@ -1,0 +1,100 @@
+"""app.serving: gunicorn's workers take new connections in turn, and a worker that
+stops leaves no connection it took, or that waited for it, unanswered."""
+import http.client
+import signal
+import threading
+import time
+
+from helpers import (LISTEN, connections_by_worker, migrate, service_env, socket_inodes,
+                     start_web, wait_for, wait_workers_serving, worker_pids)
+
+
+def test_keep_alive_clients_are_spread_over_the_workers(redis_server, tmp_path):
+    env = service_env(tmp_path, redis_server.url)
+    migrate(env, tmp_path)
+    web, api = start_web(env, tmp_path, workers=2)  # returns once both take connections
+    port = int(api.base.rsplit(':', 1)[1])
+    clients = []
+    try:
+        assert len(worker_pids(web.pid)) == 2
+        assert len(socket_inodes(port, LISTEN)) == 1  # one socket, shared
+        for _ in range(16):
+            conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+            conn.request('GET', '/healthz')
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            clients.append(conn)  # kept open: a keep-alive client
+        held = connections_by_worker(web.pid, port)
+        assert sum(held.values()) == 16, held
+        # Taken in turn: 8 each, give or take the moment an acceptor's wait
+        # times out. gthread's own accept gave one worker 16 of 16; a socket
+        # per worker (SO_REUSEPORT) spreads them by a hash of the client's
+        # port, as unevenly as chance has it.
+        assert max(held.values()) - min(held.values()) <= 2, held
+    finally:
+        for conn in clients:
+            conn.close()
+        web.stop()
+
+
+def test_two_clients_opened_at_once_get_a_worker_each(redis_server, tmp_path):
+    env = service_env(tmp_path, redis_server.url)
+    migrate(env, tmp_path)
+    web, api = start_web(env, tmp_path, workers=2)
+    port = int(api.base.rsplit(':', 1)[1])
+    try:
+        for _ in range(5):
+            clients = [http.client.HTTPConnection('127.0.0.1', port, timeout=10) for _ in range(2)]
+            for conn in clients:  # both connect before either asks anything
+                conn.connect()
+            for conn in clients:
+                conn.request('GET', '/healthz')
+                conn.getresponse().read()
+            held = connections_by_worker(web.pid, port)
+            assert sorted(held.values()) == [1, 1], held
+            for conn in clients:
+                conn.close()
+            wait_for(lambda: sum(connections_by_worker(web.pid, port).values()) == 0, 10,
+                     message='the connections to close')
+    finally:
+        web.stop()
+
+
+def test_connections_opened_while_the_workers_restart_are_all_answered(redis_server, tmp_path):
+    env = service_env(tmp_path, redis_server.url)
+    migrate(env, tmp_path)
+    web, api = start_web(env, tmp_path, workers=2)
+    port = int(api.base.rsplit(':', 1)[1])
+    answers, failures, stop = [], [], threading.Event()
+
+    def client():  # a new connection for every request, as a health checker opens
+        while not stop.is_set():
+            try:
+                conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+                conn.request('GET', '/healthz')
+                answers.append(conn.getresponse().status)
+                conn.close()
+            except OSError as exc:
+                failures.append(repr(exc))
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+    try:
+        before = set(worker_pids(web.pid))
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(answers) > 20, 20, message='answers before the restart')
+        web.send_signal(signal.SIGHUP)  # gunicorn: new workers, the old ones stop gracefully
+        wait_for(lambda: (len(now := set(worker_pids(web.pid))) == 2 and not now & before),
+                 30, message='both workers to be replaced')
+        wait_workers_serving(web.pid, port)
+        served = len(answers)
+        wait_for(lambda: len(answers) > served + 20, 20, message='answers after the restart')
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(35)
+        web.stop()
+    assert failures == []
+    assert set(answers) == {200}, sorted(set(answers))
