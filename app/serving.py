@@ -18,17 +18,26 @@ Cloudflare's "Why does one NGINX worker take all the load?", 2017):
   time.
 - A thread blocked in ``accept()`` is woken one at a time, the one that
   has waited longest first: workers that each keep one such thread take
-  new connections in turn, and a worker too busy to get back to
-  ``accept()`` is passed over.
+  new connections in turn.
 
 So here each worker takes its connections with a thread blocked in
 ``accept()`` and hands them to gthread's loop, which serves them exactly as
 it serves its own; having taken one, it lets :data:`TURN` pass before it
-takes another, so a burst is shared too. The listening socket times its ``accept()`` out every
-:data:`ACCEPT_TIMEOUT` seconds (``SO_RCVTIMEO``), so a stopping worker leaves
-the queue of waiting acceptors, and serves what it took, before it drains.
+takes another, so a burst is shared too. The listening socket times its
+``accept()`` out every :data:`ACCEPT_TIMEOUT` seconds (``SO_RCVTIMEO``), so a
+stopping worker leaves the queue of waiting acceptors, and serves what it
+took, before it drains.
+
+Limits: a worker stopped at once (SIGQUIT, or SIGABRT when gunicorn's
+timeout kills it) may have taken one connection in its last
+:data:`ACCEPT_TIMEOUT` that nobody answers (the client sees a reset); a
+worker at ``worker_connections`` may take one or two more, taken before it
+paused. Whether a socket blocks is shared by every process that holds it:
+the master of a ``USR2`` re-exec makes it non-blocking again until its
+workers start, and meanwhile ``accept()`` here waits in ``select()``.
 """
 import errno
+import select
 import socket
 import struct
 import threading
@@ -37,11 +46,14 @@ import time
 from gunicorn.workers import gthread
 
 ACCEPT_TIMEOUT = 0.5  # seconds an accept() waits before it looks whether to stop
-# Seconds an acceptor lets pass after taking a connection, with other workers:
-# a connection that arrived meanwhile is theirs. (Without it, the worker woken
+# Seconds an acceptor lets pass after taking a connection: one that arrives
+# meanwhile goes to another worker's acceptor. (Without it, the worker woken
 # for the first of two connections opened at once took both, being quicker
 # back at accept() than the other was to wake.) Shorter than any request.
 TURN = 0.0005
+# An accepted socket inherits the listener's SO_RCVTIMEO; gthread reads
+# requests with blocking recv(), which must wait for a slow client.
+_NO_TIMEOUT = struct.pack('ll', 0, 0)
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECONNABORTED)
 
 
@@ -50,8 +62,9 @@ class ThreadWorker(gthread.ThreadWorker):
     other workers (see the module's docstring); each is then served by gthread.
 
     One acceptor thread per listening socket. A worker at its
-    ``worker_connections`` stops taking any; a stopping one stops, then
-    serves the connections its acceptors took before it drains.
+    ``worker_connections`` stops taking more (give or take the one or two
+    its acceptors were taking); a stopping one stops, then serves the
+    connections its acceptors took before it drains.
     """
 
     def __init__(self, *args, **kwargs):
@@ -96,18 +109,25 @@ class ThreadWorker(gthread.ThreadWorker):
         while self.alive:
             if not self._open.wait(ACCEPT_TIMEOUT):
                 continue
+            began = time.monotonic()
             try:
                 client, address = listener.accept()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
             except OSError as exc:
                 if exc.errno not in _RETRY:
                     # Out of file descriptors, say: the loop logs it, and
                     # this thread waits a moment instead of spinning.
                     self.method_queue.defer(self.log.warning, 'accept failed: %s', exc)
                     time.sleep(ACCEPT_TIMEOUT)
+                elif time.monotonic() - began < ACCEPT_TIMEOUT / 2:
+                    # Answered at once: another process made the socket
+                    # non-blocking (a USR2 re-exec's master). Wait for a
+                    # connection rather than spin.
+                    select.select([listener], [], [], ACCEPT_TIMEOUT)
                 continue
             self.method_queue.defer(self._accepted, client, address, listener)
-            if self.cfg.workers > 1:
-                time.sleep(TURN)
+            # Always: a worker started alone (or by TTIN) may have siblings.
+            time.sleep(TURN)
 
     def _accepted(self, client, address, listener):
         """Serve a connection an acceptor took (on the loop, as gthread's ``accept``)."""

@@ -2,6 +2,7 @@
 stops leaves no connection it took, or that waited for it, unanswered."""
 import http.client
 import signal
+import socket
 import threading
 import time
 
@@ -98,3 +99,24 @@ def test_connections_opened_while_the_workers_restart_are_all_answered(redis_ser
         web.stop()
     assert failures == []
     assert set(answers) == {200}, sorted(set(answers))
+
+
+def test_a_request_sent_in_pieces_is_answered(redis_server, tmp_path):
+    # An accepted socket inherits the listening socket's accept timeout
+    # (0.5 s): it must not cut off a client that pauses mid-request.
+    env = service_env(tmp_path, redis_server.url)
+    migrate(env, tmp_path)
+    web, api = start_web(env, tmp_path, workers=2)
+    port = int(api.base.rsplit(':', 1)[1])
+    try:
+        for _ in range(2):  # one connection to each worker
+            with socket.create_connection(('127.0.0.1', port), timeout=10) as conn:
+                conn.sendall(b'GET /healthz HTTP/1.1\r\nHost: x\r\n')
+                time.sleep(1.2)
+                conn.sendall(b'Connection: close\r\n\r\n')
+                answer = b''
+                while chunk := conn.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b'HTTP/1.1 200'), answer[:200]
+    finally:
+        web.stop()
