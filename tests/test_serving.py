@@ -6,15 +6,23 @@ import socket
 import threading
 import time
 
+import pytest
 from helpers import (LISTEN, connections_by_worker, migrate, service_env, socket_inodes,
                      start_web, wait_for, wait_workers_serving, worker_pids)
 
 
-def test_keep_alive_clients_are_spread_over_the_workers(redis_server, tmp_path):
+@pytest.fixture
+def served(redis_server, tmp_path):
+    """``(gunicorn Process, port)``: 2 workers, returned once both take connections."""
     env = service_env(tmp_path, redis_server.url)
     migrate(env, tmp_path)
-    web, api = start_web(env, tmp_path, workers=2)  # returns once both take connections
-    port = int(api.base.rsplit(':', 1)[1])
+    web, api = start_web(env, tmp_path, workers=2)
+    yield web, int(api.base.rsplit(':', 1)[1])
+    web.stop()
+
+
+def test_keep_alive_clients_are_spread_over_the_workers(served):
+    web, port = served
     clients = []
     try:
         assert len(worker_pids(web.pid)) == 2
@@ -36,37 +44,27 @@ def test_keep_alive_clients_are_spread_over_the_workers(redis_server, tmp_path):
     finally:
         for conn in clients:
             conn.close()
-        web.stop()
 
 
-def test_two_clients_opened_at_once_get_a_worker_each(redis_server, tmp_path):
-    env = service_env(tmp_path, redis_server.url)
-    migrate(env, tmp_path)
-    web, api = start_web(env, tmp_path, workers=2)
-    port = int(api.base.rsplit(':', 1)[1])
-    try:
-        for _ in range(5):
-            clients = [http.client.HTTPConnection('127.0.0.1', port, timeout=10) for _ in range(2)]
-            for conn in clients:  # both connect before either asks anything
-                conn.connect()
-            for conn in clients:
-                conn.request('GET', '/healthz')
-                conn.getresponse().read()
-            held = connections_by_worker(web.pid, port)
-            assert sorted(held.values()) == [1, 1], held
-            for conn in clients:
-                conn.close()
-            wait_for(lambda: sum(connections_by_worker(web.pid, port).values()) == 0, 10,
-                     message='the connections to close')
-    finally:
-        web.stop()
+def test_two_clients_opened_at_once_get_a_worker_each(served):
+    web, port = served
+    for _ in range(5):
+        clients = [http.client.HTTPConnection('127.0.0.1', port, timeout=10) for _ in range(2)]
+        for conn in clients:  # both connect before either asks anything
+            conn.connect()
+        for conn in clients:
+            conn.request('GET', '/healthz')
+            conn.getresponse().read()
+        held = connections_by_worker(web.pid, port)
+        for conn in clients:
+            conn.close()
+        assert sorted(held.values()) == [1, 1], held
+        wait_for(lambda: sum(connections_by_worker(web.pid, port).values()) == 0, 10,
+                 message='the connections to close')
 
 
-def test_connections_opened_while_the_workers_restart_are_all_answered(redis_server, tmp_path):
-    env = service_env(tmp_path, redis_server.url)
-    migrate(env, tmp_path)
-    web, api = start_web(env, tmp_path, workers=2)
-    port = int(api.base.rsplit(':', 1)[1])
+def test_connections_opened_while_the_workers_restart_are_all_answered(served):
+    web, port = served
     answers, failures, stop = [], [], threading.Event()
 
     def client():  # a new connection for every request, as a health checker opens
@@ -90,33 +88,26 @@ def test_connections_opened_while_the_workers_restart_are_all_answered(redis_ser
         wait_for(lambda: (len(now := set(worker_pids(web.pid))) == 2 and not now & before),
                  30, message='both workers to be replaced')
         wait_workers_serving(web.pid, port)
-        served = len(answers)
-        wait_for(lambda: len(answers) > served + 20, 20, message='answers after the restart')
+        answered = len(answers)
+        wait_for(lambda: len(answers) > answered + 20, 20, message='answers after the restart')
     finally:
         stop.set()
         for thread in threads:
             thread.join(35)
-        web.stop()
     assert failures == []
     assert set(answers) == {200}, sorted(set(answers))
 
 
-def test_a_request_sent_in_pieces_is_answered(redis_server, tmp_path):
+def test_a_request_sent_in_pieces_is_answered(served):
     # An accepted socket inherits the listening socket's accept timeout
     # (0.5 s): it must not cut off a client that pauses mid-request.
-    env = service_env(tmp_path, redis_server.url)
-    migrate(env, tmp_path)
-    web, api = start_web(env, tmp_path, workers=2)
-    port = int(api.base.rsplit(':', 1)[1])
-    try:
-        for _ in range(2):  # one connection to each worker
-            with socket.create_connection(('127.0.0.1', port), timeout=10) as conn:
-                conn.sendall(b'GET /healthz HTTP/1.1\r\nHost: x\r\n')
-                time.sleep(1.2)
-                conn.sendall(b'Connection: close\r\n\r\n')
-                answer = b''
-                while chunk := conn.recv(65536):
-                    answer += chunk
-            assert answer.startswith(b'HTTP/1.1 200'), answer[:200]
-    finally:
-        web.stop()
+    _web, port = served
+    for _ in range(2):  # one connection to each worker
+        with socket.create_connection(('127.0.0.1', port), timeout=10) as conn:
+            conn.sendall(b'GET /healthz HTTP/1.1\r\nHost: x\r\n')
+            time.sleep(1.2)
+            conn.sendall(b'Connection: close\r\n\r\n')
+            answer = b''
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b'HTTP/1.1 200'), answer[:200]
