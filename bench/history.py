@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 sys.path.insert(0, str(ROOT))
 from helpers import (BIN, CREDENTIALS, Process, Socket, add_user, auth_headers,  # noqa: E402
-                     free_port, wait_for)
+                     cpu_ticks, free_port, proc_stat_fields, wait_for)
 
 CACHE = Path(tempfile.gettempdir()) / 'qm-bench-history'
 NO_MATCH = 'zq-no-such-text-7f3a'
@@ -231,7 +231,7 @@ class Server:
         for entry in Path('/proc').iterdir():
             if entry.name.isdigit():
                 try:
-                    fields = _stat_fields(entry.name)
+                    fields = proc_stat_fields(entry.name)
                 except OSError:
                     continue
                 if int(fields[3]) == self.proc.pid:  # session id (field 6)
@@ -244,22 +244,15 @@ class Server:
         total = 0
         for pid in self.pids():
             try:
-                fields = _stat_fields(pid)
+                total += cpu_ticks(pid)
             except OSError:
                 continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
         return total / tick
 
     def stop(self):
         CREDENTIALS.pop(f'127.0.0.1:{self.port}', None)
         # SIGINT: running jobs go back to the queue at once (as Ctrl-C does).
         self.proc.stop(signal.SIGINT, timeout=30)
-
-
-def _stat_fields(pid):
-    """/proc/<pid>/stat after the command name: fields 3 onward (state, ppid, pgrp, session...)."""
-    raw = Path(f'/proc/{pid}/stat').read_text()
-    return raw[raw.rindex(')') + 2:].split()
 
 
 class Client:

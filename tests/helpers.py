@@ -341,6 +341,19 @@ def sockets_of(pid):
     return out
 
 
+def proc_stat_fields(pid):
+    """/proc/<pid>/stat after the command name: fields 3 onward (state, ppid, pgrp,
+    session, ...; ``[11]`` and ``[12]`` are utime and stime in clock ticks)."""
+    raw = Path(f'/proc/{pid}/stat').read_text()
+    return raw[raw.rindex(')') + 2:].split()
+
+
+def cpu_ticks(pid):
+    """CPU time process ``pid`` has used so far (user and system), in clock ticks."""
+    fields = proc_stat_fields(pid)
+    return int(fields[11]) + int(fields[12])
+
+
 def worker_pids(master_pid):
     """The pids of a gunicorn master's workers (its children)."""
     return [int(pid) for pid in

@@ -10,8 +10,8 @@ import threading
 import time
 
 import pytest
-from helpers import (LISTEN, connections_by_worker, migrate, service_env, socket_inodes,
-                     start_web, wait_for, wait_workers_serving, worker_pids)
+from helpers import (LISTEN, connections_by_worker, cpu_ticks, migrate, service_env,
+                     socket_inodes, start_web, wait_for, wait_workers_serving, worker_pids)
 
 
 @pytest.fixture
@@ -116,11 +116,6 @@ def test_a_request_sent_in_pieces_is_answered(served):
         assert answer.startswith(b'HTTP/1.1 200'), answer[:200]
 
 
-def _process_cpu_ticks(pid):
-    fields = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
 def _borrow_fd(pid, fd):
     """A copy, in this process, of file descriptor ``fd`` of process ``pid`` (Linux's
     pidfd_getfd, 5.6 and later; needs the right to trace ``pid``)."""
@@ -147,9 +142,9 @@ def test_a_socket_made_non_blocking_by_another_process_does_not_spin_the_accepto
     workers = worker_pids(web.pid)
     try:
         fcntl.fcntl(copy, fcntl.F_SETFL, fcntl.fcntl(copy, fcntl.F_GETFL) | os.O_NONBLOCK)
-        before = {pid: _process_cpu_ticks(pid) for pid in workers}
+        before = {pid: cpu_ticks(pid) for pid in workers}
         time.sleep(2)
-        spent = {pid: _process_cpu_ticks(pid) - before[pid] for pid in workers}
+        spent = {pid: cpu_ticks(pid) - before[pid] for pid in workers}
         # Spinning took 84 and 86 ticks of 2 s (about 40% of a core each); idle, about 0.
         assert all(ticks < 20 for ticks in spent.values()), spent
         conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
