@@ -154,6 +154,10 @@ def _escape_surrogates_in_json(text):
     return _SURROGATE.sub(lambda m: f'\\\\u{ord(m.group()):04x}', _pairs_joined(text))
 
 
+# What json.dumps(value, ensure_ascii=False, allow_nan=False) makes for each call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value):
     """``value`` as JSON text any ledger can store.
 
@@ -163,7 +167,7 @@ def dumps(value):
     ``{"repr": "..."}``. Never raises.
     """
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        text = _ENCODER.encode(value)
     except Exception:  # not JSON: sets, objects, NaN, ints past the digit limit, cycles
         text = json.dumps({'repr': storable(value, 64 * 1024)}, ensure_ascii=False)
     return _escape_surrogates_in_json(text)

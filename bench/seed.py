@@ -10,23 +10,30 @@ hours, and near "now" a few jobs queued, scheduled, running and waiting for a
 retry. Every attempt has its ``Attempt`` row; the consumers that ran them have
 their ``worker`` rows.
 
-Rows are written the way production writes them, so whatever the schema
-keeps in step with them (indexes, counters kept by triggers) is as a real
-deployment would have it: a job's row with the ledger's own insert
-(``app/ledger/sql.py``, the statement for a job it has not seen) or, for the
-columns only the API sets (a delay, a timeout, a periodic tick's idempotency
-key), with the columns ``jobs.submit`` writes; every attempt, log line,
-retry and heartbeat as :mod:`app.ledger.ops` records through
-:func:`app.ledger.apply.apply`, the consumers' writer; a job canceled while
-it waited with ``jobs.change``, as ``jobs.cancel`` does. 10,000 jobs per
-transaction, the search index brought up to date in each. Runs the
+Rows are written as production leaves them, so whatever the schema keeps
+in step with them (indexes, counters and rollups kept by triggers, the
+search index) is as a real deployment would have it. A job that has run its
+course (or was canceled while it waited) is written once, in its last
+state: the row the ledger's insert for a job it has not seen
+(``app/ledger/sql.py``) or ``jobs.submit`` wrote, as the writer's updates
+for each of its attempts (:func:`app.ledger.apply.apply`), or
+``jobs.change`` for a cancel, left it; its attempts and log lines with the
+writer's statements; what its attempts add to the metric history with
+:func:`app.ledger.history.tally` and ``write``, as the writer adds it.
+``tests/test_bench_seed.py`` checks that this makes, row for row, the
+ledger that writing every op through ``apply`` makes (``settled=False``),
+which the jobs still queued, running or retrying near "now" and the
+consumers' heartbeats always go through. Written op by op, a million jobs
+took 240 s here; written settled, 111 s: the updates after each insert,
+their index changes and their triggers were most of the time. 10,000 jobs
+per transaction, the search index brought up to date in each. Runs the
 migrations first. Refuses a ledger that already holds jobs unless
 ``--append`` is given (with another ``--seed``: the same seed makes the
 same job ids).
 
-The stories are made in a forked process while this one writes the
-previous chunk (two cores: generating takes about a fifth of the CPU time,
-writing the rest). An empty SQLite ledger is written with its journal in
+The stories and their rows are made in a forked process while this one
+writes (two cores: about half of the CPU time each), up to :data:`AHEAD`
+chunks ahead. An empty SQLite ledger is written with its journal in
 memory (``journal_mode=MEMORY``, ``synchronous=OFF``) and put back in WAL
 mode at the end: a seeding cut short leaves a file to delete, not to use.
 An ``--append`` keeps the ledger's write-ahead log.
@@ -42,8 +49,10 @@ import bisect
 import datetime as dt
 import itertools
 import math
+import queue
 import random
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,12 +64,15 @@ sys.path.insert(0, str(ROOT))
 import sqlalchemy as sa  # noqa: E402
 
 from app import states  # noqa: E402
-from app.ledger.apply import apply  # noqa: E402
+from app import message  # noqa: E402
+from app.ledger import history  # noqa: E402
+from app.ledger.apply import apply, job_end  # noqa: E402
 from app.ledger.ops import (Finish, Heartbeat, Log, Progress, Scheduled, Start,  # noqa: E402
                             Stopped)
 from app.ledger.sql import dialect  # noqa: E402
 
 CHUNK = 10_000  # jobs per transaction
+AHEAD = 16  # chunks made and not yet written, at most (about 7 MB each)
 
 # Share of the history each task type takes (the periodic ones run at their
 # hours, so their share is about what 180 days of them are at a million jobs).
@@ -643,41 +655,151 @@ class Generator:
 class Chunk(NamedTuple):
     """One transaction's worth of stories, in the form the writes take.
 
-    ``rows``: the ledger's job-insert rows, in its driver's values;
-    ``submitted``: the columns ``jobs.submit`` writes, by name; ``ops``
-    and ``later``: what :func:`apply` writes, in two passes; ``cancels``:
-    ``(job id, when)`` of jobs canceled while they waited; ``states``
-    (Counter), ``attempts`` and ``logs``: what it adds up to.
+    ``rows``: job rows for :data:`JOB_INSERT`, in the driver's values;
+    ``submitted``: rows of the jobs ``jobs.submit`` writes (the columns it
+    writes and :data:`JOB_COLUMNS`, by name); ``ops`` and ``later``: what :func:`apply` writes, in two
+    passes; ``attempts_rows``, ``log_rows`` and ``history``: what the
+    settled jobs' ops add (see :func:`settle`); ``cancels``: ``(job id,
+    when)`` of jobs canceled while they waited; ``states`` (Counter),
+    ``attempts`` and ``logs``: what it adds up to.
     """
     rows: list
     submitted: list
     ops: list
     later: list
+    attempt_rows: list
+    log_rows: list
+    history: dict
     cancels: list
     states: Counter
     attempts: int
     logs: int
 
 
-def chunk_of(stories, d):
-    """The :class:`Chunk` of ``stories``, with ``d`` (:func:`app.ledger.sql.dialect`)'s values."""
+# A job's row: the columns the ledger's insert for a job it has not seen
+# writes (``sql['job']``), and those its writer's updates set as attempts
+# start and end (``sql['ran']``).
+JOB_COLUMNS = ('id', 'task', 'queue', 'params', 'secret_params', 'priority', 'retries',
+               'retry_delay', 'created_at', 'state', 'attempts', 'started_at', 'finished_at',
+               'worker', 'result', 'error', 'error_type', 'progress', 'updated_at', 'version')
+JOB_INSERT = (f'INSERT INTO job ({", ".join(JOB_COLUMNS)}) '
+              f'VALUES ({", ".join("?" * len(JOB_COLUMNS))})')
+
+
+def _settled(story):
+    """True when ``story``'s ops take its job to the end (succeeded, failed or canceled
+    by its last attempt) with nothing after them, or it was canceled while it waited:
+    :func:`settle` writes its rows."""
+    if story.canceled_at is not None:
+        return not story.ops and not story.later
+    return bool(story.ops) and not story.later and story.state in states.FINISHED
+
+
+def settle(story, d, now, attempts, logs, ended, waited):
+    """The job row of a settled story (see :func:`_settled`) as :func:`apply` leaves it
+    after all its ops, as a dict of :data:`JOB_COLUMNS` (naive UTC datetimes, Python
+    values); its attempt and log rows are appended to ``attempts`` and ``logs`` (the
+    statements' values) and what the metric history learns to ``ended`` and ``waited``.
+
+    Written in one insert, a job's row moves the counters, rollups and
+    search index the database keeps once, to its last state, as the insert
+    and the updates through :func:`apply` move them in all.
+    ``tests/test_bench_seed.py`` checks that a ledger written so equals one
+    written through :func:`apply`, row for row.
+    ``now`` is the time of the writing (``updated_at``). A job canceled
+    while it waited is its row as submitted, changed once as ``jobs.cancel``
+    changes it (:func:`app.jobs.change`).
+    """
+    if story.canceled_at is not None:
+        return {**_waiting(story), 'state': states.CANCELED, 'finished_at': story.canceled_at,
+                'updated_at': now, 'version': 2}
+    ts = d.ts
+    # A job becomes due when submitted, or at its time (history.due_seconds).
+    due = story.scheduled_for
+    before = story.created  # its row's last change before the first attempt
+    start = finish = None
+    for op in story.ops:
+        if type(op) is Start:
+            start = op
+            seconds = history.due_seconds(op.at, due, before)
+            if seconds is not None:
+                waited.append((op.job_id, history.Waited(op.queue, message.task_name(op.task),
+                                                         op.at, seconds)))
+        elif type(op) is Finish:
+            finish = op
+            attempts.append((op.job_id, op.number, start.worker, op.outcome, ts(start.at),
+                             ts(op.at), op.duration, op.error_type, op.error_message,
+                             op.traceback))
+            ended.append(history.Ended(op.queue, message.task_name(op.task), op.outcome,
+                                       op.at, op.final, op.duration))
+            due, before = None, op.at  # a retry is due when this attempt ended
+        elif type(op) is Log:
+            logs.append((op.job_id, op.number, ts(op.at), op.level, op.message))
+    state, finished, result, error, progress = job_end(finish)
+    secret = story.secret or None
+    return dict(
+        id=story.id, task=story.task, queue=story.queue, params=story.params,
+        secret_params=None if state == states.SUCCEEDED else secret, priority=story.priority,
+        retries=story.retries, retry_delay=story.retry_delay, created_at=story.created,
+        state=state, attempts=finish.number, started_at=start.at, finished_at=finished,
+        worker=start.worker, result=result, error=error, error_type=finish.error_type,
+        progress=progress, updated_at=now, version=1 + finish.number)
+
+
+def _waiting(story):
+    """The row of a job as submitted (no attempt yet), as a dict of :data:`JOB_COLUMNS`."""
+    return dict(id=story.id, task=story.task, queue=story.queue, params=story.params,
+                secret_params=story.secret or None, priority=story.priority,
+                retries=story.retries, retry_delay=story.retry_delay, created_at=story.created,
+                state=story.initial, attempts=0, started_at=None, finished_at=None,
+                worker=None, result=None, error=None, error_type=None, progress=None,
+                updated_at=story.created, version=1)
+
+
+def chunk_of(stories, d, settled=True, now=None):
+    """The :class:`Chunk` of ``stories``, with ``d`` (:func:`app.ledger.sql.dialect`)'s values.
+
+    With ``settled``, jobs whose ops take them to the end are written in
+    their last state (:func:`settle`), the rest through :func:`apply`;
+    without, every op goes through :func:`apply`. ``now``: the time of the
+    writing (default: now).
+    """
+    from app.models import utcnow
+
     ts, json = d.ts, d.json
-    rows = [(s.id, s.task, s.queue, json(s.params), json(s.secret or None), s.priority, 0,
-             s.retries, s.retry_delay, created, created)
-            for s in stories if s.row == 'ledger' for created in (ts(s.created),)]
-    submitted = [dict(id=s.id, task=s.task, queue=s.queue, params=s.params,
-                      secret_params=s.secret or None, state=s.initial, priority=s.priority,
-                      retries=s.retries, retry_delay=s.retry_delay, attempts=0, attempt_base=0,
-                      timeout=s.timeout, idempotency_key=s.idempotency_key,
-                      created_at=s.created, updated_at=s.created,
-                      scheduled_for=s.scheduled_for, version=1)
-                 for s in stories if s.row == 'api']
-    ops = [op for s in stories for op in s.ops]
+    now = now or utcnow()
+    stamp = ts(now)
+    rows, submitted, attempts, logs, ended, waited, ops, cancels = [], [], [], [], [], [], [], []
+    for s in stories:
+        if settled and _settled(s):
+            job = settle(s, d, now, attempts, logs, ended, waited)
+        else:
+            job = _waiting(s)
+            ops.extend(s.ops)
+            if s.canceled_at is not None:
+                cancels.append((s.id, s.canceled_at))
+        if s.row == 'ledger':
+            rows.append((job['id'], job['task'], job['queue'], json(job['params']),
+                         json(job['secret_params']), job['priority'], job['retries'],
+                         job['retry_delay'], ts(job['created_at']), job['state'],
+                         job['attempts'], ts(job['started_at']), ts(job['finished_at']),
+                         job['worker'], json(job['result']), job['error'], job['error_type'],
+                         job['progress'],
+                         stamp if job['updated_at'] is now else ts(job['updated_at']),
+                         job['version']))
+        else:
+            job.update(attempt_base=0, timeout=s.timeout, idempotency_key=s.idempotency_key,
+                       scheduled_for=s.scheduled_for if job['attempts'] == 0 else None)
+            submitted.append(job)
+    # The writer reads the rows it waits for in the order of their ids.
+    waited.sort(key=lambda pair: pair[0])
     later = [op for s in stories for op in s.later]
     kinds = Counter(type(op) for op in itertools.chain(ops, later))
-    return Chunk(rows, submitted, ops, later,
-                 [(s.id, s.canceled_at) for s in stories if s.canceled_at is not None],
-                 Counter(s.state for s in stories), kinds[Start], kinds[Log])
+    return Chunk(rows, submitted, ops, later, attempts, logs,
+                 history.tally(d, ended, [w for _id, w in waited]),
+                 cancels,
+                 Counter(s.state for s in stories), kinds[Start] + len(attempts),
+                 kinds[Log] + len(logs))
 
 
 def write(session, chunk):
@@ -686,10 +808,18 @@ def write(session, chunk):
     from app.models import Job
 
     conn = session.connection()
+    d = dialect(conn)
     if chunk.rows:
-        conn.exec_driver_sql(dialect(conn).sql['job'], chunk.rows)
+        sql = JOB_INSERT if d.mark == '?' else JOB_INSERT.replace('?', '%s')
+        conn.exec_driver_sql(sql, chunk.rows)
     if chunk.submitted:
         conn.execute(sa.insert(Job.__table__), chunk.submitted)
+    if chunk.attempt_rows:
+        conn.exec_driver_sql(d.sql['attempt'], chunk.attempt_rows)
+    if chunk.log_rows:
+        conn.exec_driver_sql(d.sql['log'], chunk.log_rows)
+    if chunk.history:
+        history.write(conn, chunk.history)
     if chunk.ops:
         apply(conn, chunk.ops)
     for job_id, at in chunk.cancels:  # as jobs.cancel does for a job that waits
@@ -699,7 +829,7 @@ def write(session, chunk):
         apply(conn, chunk.later)
 
 
-def _produce(out, n, days, now, seed_, config, tasks, chunk, d):
+def _produce(out, n, days, now, seed_, config, tasks, chunk, d, settled=True):
     """The generating process: sends each :class:`Chunk` in order on ``out`` (a pipe's
     end), then the heartbeats.
 
@@ -709,7 +839,7 @@ def _produce(out, n, days, now, seed_, config, tasks, chunk, d):
     """
     import traceback
     try:
-        for kind, value in _made(n, days, now, seed_, config, tasks, chunk, d):
+        for kind, value in _made(n, days, now, seed_, config, tasks, chunk, d, settled):
             out.send((kind, tuple(value) if kind == 'chunk' else value))
     except BaseException:
         out.send(('error', traceback.format_exc()))
@@ -717,15 +847,16 @@ def _produce(out, n, days, now, seed_, config, tasks, chunk, d):
         out.close()
 
 
-def _made(n, days, now, seed_, config, tasks, chunk, d):
-    """Yield ``('chunk', Chunk)`` for each transaction, then ``('beats', ops)``, made here."""
+def _made(n, days, now, seed_, config, tasks, chunk, d, settled=True):
+    """Yield ``('chunk', Chunk)`` for each transaction, then ``('beats', ops)``, made here
+    (``settled``: see :func:`chunk_of`)."""
     gen = Generator(n, days, now, seed_, config, tasks)
     for stories in gen.stories(chunk):
-        yield 'chunk', chunk_of(stories, d)
+        yield 'chunk', chunk_of(stories, d, settled)
     yield 'beats', gen.heartbeats()
 
 
-def _chunks(app, n, days, now, seed_, chunk, d, fork):
+def _chunks(app, n, days, now, seed_, chunk, d, fork, settled=True):
     """Yield ``('chunk', Chunk)`` for each transaction, then ``('beats', ops)``.
 
     With ``fork``, the stories are made (and turned into writes) by
@@ -740,33 +871,57 @@ def _chunks(app, n, days, now, seed_, chunk, d, fork):
     from app import catalog
 
     if not fork:
-        yield from _made(n, days, now, seed_, app.config, catalog.TASKS, chunk, d)
+        yield from _made(n, days, now, seed_, app.config, catalog.TASKS, chunk, d, settled)
         return
     ctx = multiprocessing.get_context('fork')
     receiving, sending = ctx.Pipe(duplex=False)
-    # A pipe holds about one message: the generator works at most a chunk ahead.
     child = ctx.Process(target=_produce, args=(sending, n, days, now, seed_, dict(app.config),
-                                               catalog.TASKS, chunk, d), daemon=True)
+                                               catalog.TASKS, chunk, d, settled),
+                        daemon=True)
     child.start()
     sending.close()
+    # Chunks are received by a thread of this process, up to AHEAD at a
+    # time: a pipe holds about one, and the generator makes chunks at the
+    # same pace throughout while writing them slows as the ledger grows, so
+    # it works ahead while the ledger is small. (Receiving, mostly
+    # unpickling, overlaps SQLite's own work, which runs without the GIL.)
+    received, stop = queue.Queue(maxsize=AHEAD), threading.Event()
+
+    def pump():
+        while not stop.is_set():
+            try:
+                message = receiving.recv()
+            except (EOFError, OSError):
+                message = ('eof', None)
+            while not stop.is_set():
+                try:
+                    received.put(message, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if message[0] in ('eof', 'error', 'beats'):
+                return
+    pumping = threading.Thread(target=pump, name='seed-receiver', daemon=True)
+    pumping.start()
     try:
         while True:
-            try:
-                kind, value = receiving.recv()
-            except EOFError:
+            kind, value = received.get()
+            if kind == 'eof':
                 child.join()
                 raise RuntimeError(f'the generating process ended (exit code '
-                                   f'{child.exitcode}) before its last chunk') from None
+                                   f'{child.exitcode}) before its last chunk')
             if kind == 'error':
                 raise RuntimeError(f'generating the stories failed:\n{value}')
             yield kind, (Chunk(*value) if kind == 'chunk' else value)
             if kind == 'beats':
                 break
     finally:
-        receiving.close()
+        stop.set()
         if child.is_alive():
-            child.terminate()
+            child.terminate()  # its end of the pipe closes: recv() returns
         child.join()
+        pumping.join()
+        receiving.close()
 
 
 def _bulk_journal(conn):
@@ -789,7 +944,8 @@ def _bulk_journal(conn):
     return 'wal' if mode == 'memory' else None
 
 
-def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, fork=True):
+def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, fork=True,
+         settled=True):
     """Write ``n`` jobs of history into ``app``'s ledger (migrated); return a summary.
 
     ``now`` (naive UTC) is the end of the period (default: now); ``report(done,
@@ -820,7 +976,7 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, fork=True
             restore = _bulk_journal(conn)
         try:
             d = dialect(db.session.connection())
-            for kind, made in _chunks(app, n, days, now, seed, chunk, d, fork):
+            for kind, made in _chunks(app, n, days, now, seed, chunk, d, fork, settled):
                 if kind == 'beats':
                     apply(db.session.connection(), made)
                     db.session.commit()

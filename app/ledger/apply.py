@@ -63,7 +63,7 @@ def apply(conn, ops):
         else:
             attempts.append((job_id, n, worker, f.outcome, ts(at), ts(f.at), f.duration,
                              f.error_type, f.error_message, f.traceback))
-            state, finished, result, error, prog = _job_end(f)
+            state, finished, result, error, prog = job_end(f)
             ran_rows.append((state, n, ts(at), ts(finished), worker, d.json(result), error,
                              f.error_type, prog, now, job_id, n))
             changed[job_id] = (state, s.queue, s.task)
@@ -71,7 +71,7 @@ def apply(conn, ops):
     for f in finishes.values():
         ended.append((f.outcome, ts(f.at), f.duration, f.error_type, f.error_message,
                       f.traceback, f.job_id, f.number))
-        state, finished, result, error, prog = _job_end(f)
+        state, finished, result, error, prog = job_end(f)
         finish_rows.append((state, ts(finished), d.json(result), error, f.error_type, prog, now,
                             f.job_id, f.number))
         changed[f.job_id] = (state, f.queue, f.task)
@@ -204,8 +204,9 @@ def _executemany(conn, sql, rows):
     return conn.exec_driver_sql(sql, rows).rowcount
 
 
-def _job_end(f):
-    """``(state, finished_at, result, error, progress)`` after :class:`Finish` ``f``."""
+def job_end(f):
+    """``(state, finished_at, result, error, progress)`` of a job after :class:`Finish` ``f``
+    (an attempt that ended): the values its row takes."""
     outcome, at, etype, emsg, result, final = (f.outcome, f.at, f.error_type, f.error_message,
                                                f.result, f.final)
     if outcome == states.ATTEMPT_SUCCEEDED:

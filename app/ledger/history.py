@@ -97,12 +97,14 @@ def _sql(conn, name):
     return sql.replace('?', '%s') if conn.dialect.paramstyle != 'qmark' else sql
 
 
-def _add(into, key, first, second):
-    # Two values per key in every table (a count and a count or a sum of
-    # seconds); added without a generator, as this runs several times per
-    # attempt the writer records.
-    held = into.get(key)
-    into[key] = (first, second) if held is None else (held[0] + first, held[1] + second)
+def _time(timings, totals, minute, queue, task, timing, seconds):
+    """Count ``seconds`` (negative: 0) in its bucket of ``timings`` (per minute) and ``totals``."""
+    seconds = max(0.0, float(seconds))
+    k = bucket(seconds)
+    for into, key in ((timings, (minute, queue, task, timing, k)),
+                      (totals, (queue, task, timing, k))):
+        held = into.get(key)
+        into[key] = (1, seconds) if held is None else (held[0] + 1, held[1] + seconds)
 
 
 def add(conn, ended=(), waited=()):
@@ -110,30 +112,50 @@ def add(conn, ended=(), waited=()):
 
     Runs on ``conn`` (a SQLAlchemy connection) in the caller's transaction:
     one statement per table, with one row per key (minute, queue, task,
-    outcome or bucket) however many attempts share it, in key order.
-    Negative times count as 0. Raises what the driver raises.
+    outcome or bucket) however many attempts share it, in key order
+    (:func:`tally`, then :func:`write`). Negative times count as 0.
+    Raises what the driver raises.
     """
-    d = dialect(conn)
+    write(conn, tally(dialect(conn), ended, waited))
+
+
+def tally(d, ended=(), waited=()):
+    """The rows :func:`add` writes for ``ended`` and ``waited``: ``{table: [row]}``.
+
+    ``d`` is the connection's :class:`~app.ledger.sql.Dialect` (its time
+    format). Each row is a key (minute, queue, task, outcome or bucket)
+    and the two values added to it; tables with nothing to add are left
+    out. Needs no connection: rows can be made in another process.
+    """
     counts, totals, timings, timing_totals = {}, {}, {}, {}
+    # Dicts updated in place, few calls: the writer tallies every attempt it records.
     for e in ended:
-        minute = minute_of(e.at)
-        _add(counts, (minute, e.queue, e.task, e.outcome), 1, int(bool(e.finished)))
-        _add(totals, (e.queue, e.task, e.outcome), 1, int(bool(e.finished)))
+        minute, done = e.at.replace(second=0, microsecond=0), 1 if e.finished else 0
+        for into, key in ((totals, (e.queue, e.task, e.outcome)),
+                          (counts, (minute, e.queue, e.task, e.outcome))):
+            held = into.get(key)
+            into[key] = (1, done) if held is None else (held[0] + 1, held[1] + done)
         if e.duration is not None:
-            seconds = max(0.0, float(e.duration))
-            _add(timings, (minute, e.queue, e.task, RUN, bucket(seconds)), 1, seconds)
-            _add(timing_totals, (e.queue, e.task, RUN, bucket(seconds)), 1, seconds)
+            _time(timings, timing_totals, minute, e.queue, e.task, RUN, e.duration)
     for w in waited:
-        seconds = max(0.0, float(w.seconds))
-        _add(timings, (minute_of(w.at), w.queue, w.task, WAIT, bucket(seconds)), 1, seconds)
-        _add(timing_totals, (w.queue, w.task, WAIT, bucket(seconds)), 1, seconds)
+        _time(timings, timing_totals, w.at.replace(second=0, microsecond=0), w.queue, w.task,
+              WAIT, w.seconds)
+    tallied = {}
     for name, rows, timed in (('metric_minute', counts, True), ('metric_total', totals, False),
                               ('timing_minute', timings, True),
                               ('timing_total', timing_totals, False)):
         if rows:
-            conn.exec_driver_sql(_sql(conn, name), [
-                ((d.ts(key[0]), *key[1:]) if timed else key) + values
-                for key, values in sorted(rows.items())])
+            tallied[name] = [((d.ts(key[0]), *key[1:]) if timed else key) + values
+                             for key, values in sorted(rows.items())]
+    return tallied
+
+
+def write(conn, tallied):
+    """Add rows :func:`tally` made (``{table: [row]}``) to the history, on ``conn`` in
+    the caller's transaction: one statement per table. Raises what the driver raises."""
+    for name in ('metric_minute', 'metric_total', 'timing_minute', 'timing_total'):
+        if tallied.get(name):
+            conn.exec_driver_sql(_sql(conn, name), tallied[name])
 
 
 def sample_depth(conn, at, depths):
