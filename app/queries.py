@@ -559,7 +559,8 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     window's last job, so that every page costs about the same at any
     ledger size however many jobs match (the window's first
     :data:`DENSE_WINDOW` jobs are tried alone first: a common text fills
-    its page from them).
+    its page from them; then, when they held some matches, a window twice
+    the size their share needs for a page, if under the whole window's).
     ``next_cursor`` is None after the last page. ``finished_from`` and
     ``finished_to`` (ISO 8601, UTC) keep the jobs finished in that range
     (:func:`finished_between`). Raises :class:`BadQuery` for a bad filter,
@@ -611,7 +612,15 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
             keys, edge = _window_page(plan, conditions, order, key, newest, DENSE_WINDOW, limit,
                                       unfiltered, dense=True)
             if len(keys) <= limit and edge is not None:
-                keys = None  # no page among them
+                # No page among them: a window twice the size their share of
+                # matches needs for one is tried before the whole window.
+                grown = DENSE_WINDOW * (limit + 1) * 2 // len(keys) if keys else size
+                keys = None
+                if grown < size:
+                    keys, edge = _window_page(plan, conditions, order, key, newest, grown,
+                                              limit, unfiltered)
+                    if len(keys) <= limit and edge is not None:
+                        keys = None
         if keys is None:
             keys, edge = _window_page(plan, conditions, order, key, newest, size, limit,
                                       unfiltered)

@@ -538,6 +538,43 @@ def test_a_common_text_is_first_looked_for_among_the_first_jobs_of_a_window(
     assert len(tries) - len(dense) == sum(1 for _d, n, end in dense if n <= 5 and not end)
 
 
+@pytest.mark.parametrize('sort', ['newest', 'oldest'])
+def test_a_text_too_rare_for_the_first_jobs_is_looked_for_in_a_window_its_share_fills(
+        ledger_ctx, monkeypatch, sort):
+    rows = fill_search_ledger()
+    index_everything()
+    monkeypatch.setattr(queries, 'CANDIDATES', 30)
+    monkeypatch.setattr(queries, 'SEARCH_WINDOW', 200)
+    monkeypatch.setattr(queries, 'DENSE_WINDOW', 25)
+    tries = []  # (window size, matches found + 1 at most, window reached the list's end)
+    real = queries._window_page
+
+    def noted(plan, conditions, order, key, newest, size, limit, unfiltered, dense=False):
+        ids, edge = real(plan, conditions, order, key, newest, size, limit, unfiltered,
+                         dense=dense)
+        tries.append((size, len(ids), edge is None))
+        return ids, edge
+    monkeypatch.setattr(queries, '_window_page', noted)
+    # The pages are those of the windows of SEARCH_WINDOW jobs, whichever answered them.
+    assert search_pages('hello', 5, sort) == windowed_pages(
+        rows, lambda r: contains(r, 'hello'), 5, 200, sort == 'oldest')
+    # After the first 25 jobs held m < 6 matches, a window of 25 * 6 * 2 // m
+    # jobs (when under 200) and, only if that held no page either, all 200.
+    grown = 0
+    for i, (size, found, end) in enumerate(tries):
+        if size != 25 or found > 5 or end:
+            continue
+        following = tries[i + 1]
+        if found and 25 * 6 * 2 // found < 200:
+            assert following[0] == 25 * 6 * 2 // found
+            grown += 1
+            if following[1] <= 5 and not following[2]:
+                assert tries[i + 2][0] == 200
+        else:
+            assert following[0] == 200
+    assert grown > 0 and {size for size, _n, _e in tries} - {25, 200}
+
+
 def test_a_window_is_narrowed_to_the_candidates_the_index_holds_in_it(ledger_ctx, monkeypatch):
     rows = fill_search_ledger()
     index_everything()
