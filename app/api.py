@@ -27,6 +27,9 @@ FINISHED_TO = Query('finished_to', max_length=40,
 LIMIT = Query('limit', int, minimum=1, maximum='MAX_PAGE_SIZE',
               help='Jobs per page (default PAGE_SIZE)')
 CURSOR = Query('cursor', help='The `next` value of the previous page')
+SORT = Query('sort', choices=queries.SORTS,
+             help='newest (the default) or oldest first by creation, or runtime: finished '
+                  'jobs, the longest last attempt first; a cursor belongs to its order')
 # The jobs list's filters, in queries.FILTER_KEYS order (a KeyError here if a
 # key has no declaration): checked by these, picked by queries.parse_filters.
 FILTERS = tuple({q.name: q for q in (STATE, QUEUE, TASK, SEARCH, FINISHED_FROM, FINISHED_TO)}[k]
@@ -110,17 +113,19 @@ def submit_batch():
 
 
 @bp.get('/jobs')
-@declare(query=FILTERS + (LIMIT, CURSOR), responses={200: ('JobPage', 'Jobs newest first')})
+@declare(query=FILTERS + (SORT, LIMIT, CURSOR),
+         responses={200: ('JobPage', 'Jobs newest first, or in the order asked for')})
 def list_jobs():
-    """Jobs newest first, filtered; ``next`` is the cursor of the following page.
+    """Jobs newest first (or oldest first, or longest run first), filtered; ``next`` is the
+    cursor of the following page.
 
     A page may hold fewer than ``limit`` jobs and still have a ``next``
     (see :func:`app.queries.list_jobs`): follow ``next`` until it is null.
     """
-    args = _query(*FILTERS, LIMIT, CURSOR)
+    args = _query(*FILTERS, SORT, LIMIT, CURSOR)
     page, next_cursor = queries.list_jobs(
         **queries.parse_filters(args), limit=_limit(args['limit']), cursor=args['cursor'],
-        with_result=True)
+        sort=args['sort'], with_result=True)
     return {'jobs': [j.to_dict() for j in page], 'next': next_cursor}
 
 

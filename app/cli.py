@@ -313,11 +313,14 @@ def job_stats(as_json):
 @_filter_options
 @click.option('--limit', type=click.IntRange(min=1), default=None,
               help='Jobs per page (default PAGE_SIZE, at most MAX_PAGE_SIZE).')
+@click.option('--sort', type=click.Choice(queries.SORTS), default='newest', show_default=True,
+              help='newest or oldest first by creation, or runtime: finished jobs, the '
+                   'longest last attempt first (a cursor belongs to its order).')
 @click.option('--cursor', help='The "next" cursor of the previous page.')
 @click.option('--json', 'as_json', is_flag=True,
               help='Print what GET /api/jobs answers: {"jobs": [...], "next": cursor}.')
-def list_jobs(state, queue, task, q, limit, cursor, as_json):
-    """Jobs newest first, with the API's filters; a page at a time."""
+def list_jobs(state, queue, task, q, limit, sort, cursor, as_json):
+    """Jobs newest first (or as --sort says), with the API's filters; a page at a time."""
     config = current_app.config
     if limit is not None and limit > config['MAX_PAGE_SIZE']:
         raise click.BadParameter(f'at most {config["MAX_PAGE_SIZE"]} (MAX_PAGE_SIZE)',
@@ -325,7 +328,8 @@ def list_jobs(state, queue, task, q, limit, cursor, as_json):
     filters = _filters(state, queue, task, q)
     with _job_errors():
         page, next_cursor = queries.list_jobs(
-            **filters, limit=limit or config['PAGE_SIZE'], cursor=cursor, with_result=as_json)
+            **filters, limit=limit or config['PAGE_SIZE'], cursor=cursor, sort=sort,
+            with_result=as_json)
     if as_json:
         _json({'jobs': [j.to_dict() for j in page], 'next': next_cursor})
         return

@@ -165,6 +165,41 @@ def test_keyset_pages_cover_every_job_once_newest_first(client, app):
     assert keys == sorted(keys, reverse=True)
 
 
+def test_the_list_pages_oldest_first_and_by_run_time(client, app):
+    _insert_jobs(app, 7)
+    with app.app_context():
+        jobs_ = db.session.scalars(sa.select(Job).order_by(Job.created_at, Job.id)).all()
+        for i, job in enumerate(jobs_):  # run times 0, 3, 6, 2, 5, 1, 4 s; one never started
+            if i < 6:
+                job.started_at = dt.datetime(2026, 3, 1, 12)
+                job.finished_at = job.started_at + dt.timedelta(seconds=i * 3 % 7)
+        db.session.commit()
+        oldest = [j.id for j in jobs_]
+        longest = [j.id for j in sorted(jobs_[:6], key=lambda j: (
+            (j.finished_at - j.started_at).total_seconds(), j.id), reverse=True)]
+
+    def pages(sort):
+        seen, cursor = [], None
+        while True:
+            body = client.get(f'/api/jobs?sort={sort}&limit=2'
+                              + (f'&cursor={cursor}' if cursor else '')).get_json()
+            seen += [j['id'] for j in body['jobs']]
+            cursor = body['next']
+            if not cursor:
+                return seen
+    assert pages('oldest') == oldest
+    assert pages('newest') == list(reversed(oldest))
+    assert pages('runtime') == longest
+    # A cursor belongs to its order; an unknown order is refused.
+    newest_cursor = client.get('/api/jobs?limit=2').get_json()['next']
+    for query in (f'sort=runtime&cursor={newest_cursor}', 'sort=slowest'):
+        resp = client.get(f'/api/jobs?{query}')
+        assert resp.status_code == 400 and resp.get_json()['error'], query
+    sort = {p['name']: p for p in client.get('/api/openapi.json').get_json()
+            ['paths']['/api/jobs']['get']['parameters']}['sort']
+    assert [c for c in sort['schema']['enum'] if c] == ['newest', 'oldest', 'runtime']
+
+
 def test_filters_and_search(client, app):
     _insert_jobs(app, 4, state='failed', task='fail')
     _insert_jobs(app, 3, state='succeeded', task='noop')

@@ -164,6 +164,12 @@ def test_jobs_list_filters_and_pages_as_the_api_does(ledger_jobs):
     assert listed('-q', waiting[1][:8]) == [waiting[1]]
     assert listed('--queue', 'reports') == []
     assert run(app, 'jobs', 'list', '--queue', 'reports').stderr == 'no jobs match\n'
+    # The API's orders, cursor and all.
+    for sort in ('oldest', 'runtime'):
+        body = json.loads(run(app, 'jobs', 'list', '--json', '--sort', sort, '--limit', '2').output)
+        assert body == client.get(f'/api/jobs?sort={sort}&limit=2').get_json()
+    assert listed('--sort', 'oldest') == [failed, *waiting]
+    assert listed('--sort', 'runtime') == [failed]  # the one job that ran
 
 
 def test_jobs_list_refuses_bad_filters_cursors_and_limits(app):
@@ -171,6 +177,8 @@ def test_jobs_list_refuses_bad_filters_cursors_and_limits(app):
     assert out.exit_code == 2 and "'done' is not one of" in out.output
     out = run(app, 'jobs', 'list', '--cursor', 'not-a-cursor')
     assert out.exit_code == 1 and 'Error: cursor is not one this server handed out' in out.output
+    out = run(app, 'jobs', 'list', '--sort', 'slowest')
+    assert out.exit_code == 2 and "'slowest' is not one of" in out.output
     out = run(app, 'jobs', 'list', '--limit', '501')
     assert out.exit_code == 2 and 'at most 500 (MAX_PAGE_SIZE)' in out.output
     out = run(app, 'jobs', 'list', '--limit', '0')
