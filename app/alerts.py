@@ -295,3 +295,16 @@ def history(limit=50, before=None, state=None):
     if state is not None:
         stmt = stmt.where(Alert.state == state)
     return db.session.scalars(stmt).all()
+
+
+def prune(before, limit=10_000):
+    """Delete up to ``limit`` incidents resolved before ``before`` (naive UTC) whose
+    messages went out (or had nowhere to go), in the caller's transaction; return how many.
+    The leader calls it with ``ALERT_RETENTION`` (:mod:`app.reaper`); a firing
+    incident, or one whose resolving message is still due, is kept."""
+    gone = (sa.select(Alert.id).where(Alert.state == 'resolved', Alert.resolved_at < before,
+                                      Alert.delivery != 'pending')
+            .order_by(Alert.id).limit(limit))
+    return db.session.execute(
+        sa.delete(Alert).where(Alert.id.in_(gone.scalar_subquery()))
+        .execution_options(synchronize_session=False)).rowcount

@@ -40,6 +40,23 @@ def insert(written):
             {k: v for k, v in vars(e).items() if k in _COLUMNS} for e in written])
 
 
+# Entries deleted per pass of the leader, at most: a backlog (a retention
+# shortened, a long-stopped leader) is cleared over several passes, each
+# transaction short.
+PRUNE_BATCH = 10_000
+
+
+def prune(before, limit=PRUNE_BATCH):
+    """Delete up to ``limit`` entries older than ``before`` (naive UTC), oldest first, in
+    the caller's transaction; return how many. The leader calls it with
+    ``AUDIT_RETENTION`` (:mod:`app.reaper`); the ``at`` index finds them."""
+    oldest = (sa.select(AuditEntry.id).where(AuditEntry.at < before)
+              .order_by(AuditEntry.at).limit(limit))
+    return db.session.execute(
+        sa.delete(AuditEntry).where(AuditEntry.id.in_(oldest.scalar_subquery()))
+        .execution_options(synchronize_session=False)).rowcount
+
+
 def record(**fields):
     """Write one entry (the fields of :func:`entry`) and announce it to open audit pages;
     returns it."""

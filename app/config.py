@@ -120,6 +120,10 @@ DEFAULTS = {
     # Seconds of per-minute metric history kept (30 days); the leader deletes
     # older rollups. The totals /metrics exposes are kept for ever.
     'METRICS_RETENTION': 30 * 86400.0,
+    # Seconds audit entries are kept (a year), and resolved alerts (90 days);
+    # the leader deletes older ones. 0: kept for ever.
+    'AUDIT_RETENTION': 365 * 86400.0,
+    'ALERT_RETENTION': 90 * 86400.0,
     # A token a scraper (Prometheus) may send as "Authorization: Bearer <token>"
     # to read /metrics, and nothing else. Unset: /metrics asks for a viewer.
     'METRICS_TOKEN': None,
@@ -132,7 +136,7 @@ _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'LEDGER_FLUSH_INTERVAL', 'HEARTBEAT_INTERVAL', 'LOST_AFTER', 'REAP_INTERVAL',
           'RECONCILE_INTERVAL', 'RECONCILE_GRACE', 'PERIODIC_CATCH_UP', 'WORKER_RETENTION', 'GRACE_PERIOD',
           'SESSION_IDLE_TIMEOUT', 'ALERT_INTERVAL', 'ALERT_WEBHOOK_TIMEOUT',
-          'METRICS_RETENTION'}
+          'METRICS_RETENTION', 'AUDIT_RETENTION', 'ALERT_RETENTION'}
 
 
 class ConfigError(ValueError):
@@ -198,6 +202,9 @@ def load(test_config=None, environ=None):
     config['EMBEDDED'] = not config['REDIS_URL']
     if config['METRICS_RETENTION'] <= 0:
         raise ConfigError(f"METRICS_RETENTION={config['METRICS_RETENTION']!r}: seconds, more than 0")
+    for key in ('AUDIT_RETENTION', 'ALERT_RETENTION'):
+        if config[key] < 0:
+            raise ConfigError(f'{key}={config[key]!r}: seconds, 0 (kept for ever) or more')
     if config['AUTH'] not in ('auto', 'login'):
         raise ConfigError(f"AUTH={config['AUTH']!r}: use auto or login")
     try:

@@ -29,7 +29,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from . import broker, catalog, events, jobs, message, states
+from . import alerts, audit, broker, catalog, events, jobs, message, states
 from .extensions import db
 from .leader import leadership
 from .ledger import history, tallies
@@ -43,7 +43,8 @@ COMPACT_EVERY = 300  # seconds between foldings of the counters' session rows (P
 def reap(config, reconciler=None):
     """One pass: recover lost jobs, reconcile, forget long-gone consumers, sample the
     queues' depth; about every COMPACT_EVERY seconds, fold counters and prune the metric
-    history. Notes in the broker that the reaper ran (``reaper``).
+    history, the audit log and resolved alerts past their retention. Notes in the broker
+    that the reaper ran (``reaper``).
 
     Returns the ids of the jobs whose ledger row changed. Raises
     :class:`~app.broker.BrokerUnavailable` when the broker does not answer
@@ -67,6 +68,11 @@ def reap(config, reconciler=None):
         history.fold(db.session.connection())
         history.prune(db.session.connection(),
                       now - dt.timedelta(seconds=config['METRICS_RETENTION']))
+        # The audit log and resolved alerts past theirs (0: kept for ever).
+        if config['AUDIT_RETENTION']:
+            audit.prune(now - dt.timedelta(seconds=config['AUDIT_RETENTION']))
+        if config['ALERT_RETENTION']:
+            alerts.prune(now - dt.timedelta(seconds=config['ALERT_RETENTION']))
     db.session.commit()
     broker.mark_seen('reaper')
     if handled:

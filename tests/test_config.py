@@ -31,6 +31,8 @@ def test_lists_are_split_trimmed_and_deduplicated_and_default_is_always_there(tm
     ({'PREFERRED_URL_SCHEME': 'HTTPS'}, "PREFERRED_URL_SCHEME='HTTPS': http or https"),
     ({'METRICS_RETENTION': '0'}, 'METRICS_RETENTION=0.0: seconds, more than 0'),
     ({'METRICS_RETENTION': '30d'}, "METRICS_RETENTION='30d' is not a number"),
+    ({'AUDIT_RETENTION': '-1'}, r'AUDIT_RETENTION=-1.0: seconds, 0 \(kept for ever\) or more'),
+    ({'ALERT_RETENTION': '-86400'}, 'ALERT_RETENTION=-86400.0: seconds, 0'),
 ])
 def test_bad_values_are_refused_by_name(tmp_path, environ, message):
     with pytest.raises(config.ConfigError, match=message):

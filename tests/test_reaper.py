@@ -239,3 +239,47 @@ def test_a_lost_job_an_operator_asked_to_stop_ends_canceled(ctx):
     row = db.session.get(Job, job.id)
     assert row.state == 'canceled' and 'an operator had asked it to stop' in row.error
     assert broker.message_ids('default') == set()
+
+
+def test_the_audit_log_and_resolved_alerts_are_kept_for_their_retention(ctx, monkeypatch):
+    from app import alerts, audit
+    from app.models import Alert, AuditEntry
+    monkeypatch.setattr(reaper, 'COMPACT_EVERY', 1e-6)  # this pass prunes
+    now = utcnow()
+    year, quarter = ctx.config['AUDIT_RETENTION'], ctx.config['ALERT_RETENTION']
+    assert (year, quarter) == (365 * 86400.0, 90 * 86400.0)
+
+    def ago(seconds):
+        return now - dt.timedelta(seconds=seconds)
+    for i, at in enumerate((ago(year + 3600), ago(year + 60), ago(year - 3600), now)):
+        db.session.add(AuditEntry(at=at, user='ann', role='admin', via='session',
+                                  action='submit', target=f'job-{i}', outcome='done'))
+    incident = dict(rule='failing', kind='failure_rate', scope='queue', value=60.0,
+                    threshold=50.0, message='m', delivery='sent', delivery_attempts=1)
+    for subject, state, resolved, delivery in (
+            ('old', 'resolved', ago(quarter + 60), 'sent'),
+            ('old-off', 'resolved', ago(quarter + 60), 'off'),
+            ('old-unsent', 'resolved', ago(quarter + 60), 'pending'),  # its message is due
+            ('recent', 'resolved', ago(quarter - 3600), 'sent'),
+            ('firing', 'firing', None, 'sent')):
+        db.session.add(Alert(**dict(incident, subject=subject, state=state,
+                                    fired_at=ago(quarter + 7200), resolved_at=resolved,
+                                    delivery=delivery)))
+    db.session.commit()
+    reaper.reap(ctx.config)
+    db.session.expire_all()
+    assert sorted(db.session.scalars(sa.select(AuditEntry.target))) == ['job-2', 'job-3']
+    assert sorted(db.session.scalars(sa.select(Alert.subject))) == [
+        'firing', 'old-unsent', 'recent']
+    # A backlog goes a batch at a time, oldest first; 0 keeps everything.
+    for i in range(5):
+        db.session.add(AuditEntry(at=ago(year + 100 - i), user=None, role=None, via='local',
+                                  action='cancel', target=f'old-{i}', outcome='done'))
+    db.session.commit()
+    assert audit.prune(ago(year), limit=2) == 2
+    assert sorted(db.session.scalars(sa.select(AuditEntry.target)))[:3] == [
+        'job-2', 'job-3', 'old-2']
+    ctx.config.update(AUDIT_RETENTION=0.0, ALERT_RETENTION=0.0)
+    reaper.reap(ctx.config)
+    assert db.session.scalar(sa.select(sa.func.count()).select_from(AuditEntry)) == 5
+    assert alerts.prune(now) == 1  # "recent"; the firing and the unsent stay
