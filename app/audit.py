@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from . import events
 from .extensions import db
+from .ledger import sql as ledger_sql
 from .models import AuditEntry, utcnow
 
 MAX_TARGET = 500  # characters of a target kept (a long filter is cut)
@@ -26,18 +27,26 @@ def entry(*, user, role, via, action, target=None, count=None, address=None, out
                       outcome=outcome[:64])
 
 
-_COLUMNS = frozenset(c.key for c in sa.inspect(AuditEntry).column_attrs)
+# The columns an entry is written with ("user" quoted: a reserved word on PostgreSQL).
+_COLUMNS = ('at', 'user', 'role', 'via', 'action', 'target', 'count', 'address', 'outcome')
+_QUOTED = ', '.join(f'"{c}"' for c in _COLUMNS)
+_INSERT = f'INSERT INTO audit_entry ({_QUOTED}) VALUES ({", ".join("?" * len(_COLUMNS))})'
 
 
 def insert(written):
     """Add ``written`` (entries from :func:`entry`) to the current transaction; not committed.
 
     The caller commits them with its own change, then announces them
-    (``events.publish(audit=True)``).
+    (``events.publish(audit=True)``). The driver's own INSERT over plain
+    tuples: every API submission writes one, and SQLAlchemy's processing of
+    the values was a sixteenth of a submission's CPU time.
     """
     if written:
-        db.session.execute(AuditEntry.__table__.insert(), [
-            {k: v for k, v in vars(e).items() if k in _COLUMNS} for e in written])
+        conn = db.session.connection()
+        d = ledger_sql.dialect(conn)
+        conn.exec_driver_sql(_INSERT if d.mark == '?' else _INSERT.replace('?', '%s'), [
+            (d.ts(e.at), e.user, e.role, e.via, e.action, e.target, e.count, e.address,
+             e.outcome) for e in written])
 
 
 # Entries deleted per pass of the leader, at most: a backlog (a retention

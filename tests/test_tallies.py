@@ -575,6 +575,24 @@ def test_a_text_too_rare_for_the_first_jobs_is_looked_for_in_a_window_its_share_
     assert grown > 0 and {size for size, _n, _e in tries} - {25, 200}
 
 
+def test_a_request_plans_a_search_once_for_its_list_and_its_count(ledger_ctx, monkeypatch):
+    fill_search_ledger()
+    index_everything()
+    monkeypatch.setattr(queries, 'CANDIDATES', 30)
+    made = []
+    real = queries._search_plan
+    monkeypatch.setattr(queries, '_search_plan', lambda q: made.append(q) or real(q))
+    with ledger_ctx.test_request_context('/jobs?q=hello'):
+        page, _next = queries.list_jobs(q='hello', limit=5)
+        assert queries.count_jobs({'q': ' hello '}) == queries.Count(None, False)
+        queries.list_jobs(q='world', limit=5)
+    assert len(page) == 5 and made == ['hello', 'world']
+    # Outside a request (the CLI, a leader's pass) each call reads the index afresh.
+    queries.list_jobs(q='hello', limit=5)
+    queries.count_jobs({'q': 'hello'})
+    assert made == ['hello', 'world', 'hello', 'hello']
+
+
 def test_a_window_is_narrowed_to_the_candidates_the_index_holds_in_it(ledger_ctx, monkeypatch):
     rows = fill_search_ledger()
     index_everything()
