@@ -4,27 +4,32 @@ For each size (``--small`` and ``--large`` jobs) the script seeds a fresh
 ledger with ``bench/seed.py`` (the large SQLite file is kept between runs in
 ``$TMPDIR/qm-bench-history/``, keyed by its size, the migration head and the
 seeding code, and copied for each run; on PostgreSQL a seeded database is
-kept as a template, ``qm_hist_<key>``), starts the product as ``make run``
-does (``gunicorn -c gunicorn.conf.py wsgi:app``, embedded mode, no
-``REDIS_URL``; an admin token is made only if the server asks for a login),
-and measures:
+kept as a template, ``qm_hist_<key>``), starts the product on each as
+``make run`` does (``gunicorn -c gunicorn.conf.py wsgi:app``, embedded
+mode, no ``REDIS_URL``; an admin token is made only if the server asks for
+a login), both at once, and measures:
 
 1. every page, fragment and API read: the median of ``--samples`` requests
-   on one keep-alive connection (fewer when a read is slow: at most
-   ``--budget`` seconds each, and at least 5), after a warm-up pass;
+   on one keep-alive connection per server (fewer when a read is slow: at
+   most ``--budget`` seconds each, and at least 5), after a warm-up pass;
+   the two servers are asked in turn, request by request, so that whatever
+   else the shared machine does weighs on both sizes alike (measured one
+   size after the other, minutes apart, ratios of reads of a few
+   milliseconds moved by up to 2x between runs);
 2. the web process's CPU (gunicorn and everything it started, embedded
    consumers included: utime + stime from /proc, as % of one core) while
    ``--rate`` jobs a second are submitted through ``POST /api/jobs`` for
    ``--flow-seconds``: first with no page open, then with three live pages
    open as WebSocket clients the way the browser opens them (``/ws?view=``
    dashboard, queues, failures; with an ``Origin`` header); the difference is
-   what the open pages cost.
+   what the open pages cost. The flows take turns: the small ledger's, the
+   large one's, then the same with the pages open.
 
 It prints one table with both figures, the ratio large/small, and whether
 each read is under 50 ms at the large size and within 1.5x of the small.
 
 Usage: python bench/history.py [--database-url URL] [--small 1000] [--large 1000000]
-       [--samples 20] [--rate 60] [--flow-seconds 20] [--queues default,critical,bulk]
+       [--samples 20] [--rate 60] [--flow-seconds 60] [--queues default,critical,bulk]
 
 ``--database-url postgresql://user@host/db`` runs both ledgers on that
 PostgreSQL server (databases are created next to ``db`` and dropped after;
@@ -342,23 +347,37 @@ def reads(client):
     ]
 
 
-def time_reads(client, paths, samples, budget):
-    """``{label: median seconds}``; each read ``samples`` times (or as many as ``budget`` s allow)."""
-    for _label, path in paths:  # warm-up pass: caches, compiled statements, templates
-        status, body = client.request('GET', path)
-        assert status == 200, (path, status, body[:300])
-    out = {}
-    for label, path in paths:
-        times = []
+def time_reads(sides, samples, budget):
+    """``{side: {label: median seconds}}`` of each read on each side, interleaved.
+
+    ``sides`` is ``{side: (client, paths)}`` with the same labels on every
+    side. Each sample asks every side in turn (the order alternating from
+    one sample to the next), so that what else the shared machine does
+    meanwhile weighs on all sides alike; ``samples`` per read and side, or
+    as many as ``budget`` s allow (at least 5).
+    """
+    for client, paths in sides.values():  # warm-up pass: caches, compiled statements, templates
+        for _label, path in paths:
+            status, body = client.request('GET', path)
+            assert status == 200, (path, status, body[:300])
+    names = list(sides)
+    out = {name: {} for name in names}
+    for k, label in enumerate(label for label, _path in sides[names[0]][1]):
+        times = {name: [] for name in names}
         spent = 0.0
-        while len(times) < samples and (len(times) < 5 or spent < budget):
-            started = time.perf_counter()
-            status, _ = client.request('GET', path)
-            took = time.perf_counter() - started
-            assert status == 200, (path, status)
-            times.append(took)
-            spent += took
-        out[label] = statistics.median(times)
+        while len(times[names[0]]) < samples and (len(times[names[0]]) < 5 or spent < budget):
+            turn = names if len(times[names[0]]) % 2 == 0 else names[::-1]
+            for name in turn:
+                client, paths = sides[name]
+                path = paths[k][1]
+                started = time.perf_counter()
+                status, _ = client.request('GET', path)
+                took = time.perf_counter() - started
+                assert status == 200, (path, status)
+                times[name].append(took)
+                spent += took
+        for name in names:
+            out[name][label] = statistics.median(times[name])
     return out
 
 
@@ -440,10 +459,16 @@ class Page(Socket):
         super().on_message(msg)
 
 
-def live_cpu(server, client, rate, seconds):
-    """CPU % of one core under the job flow, without and with three live pages open."""
-    ids0, cpu0, wall0 = job_flow(server, rate, seconds)
-    drained(client, ids0)
+def flow_cpu(server, client, rate, seconds):
+    """CPU % of one core under the job flow, no page open: ``(jobs, percent)``."""
+    ids, cpu, wall = job_flow(server, rate, seconds)
+    drained(client, ids)
+    return len(ids), 100 * cpu / wall
+
+
+def pages_cpu(server, client, rate, seconds):
+    """CPU % of one core under the job flow with three live pages open:
+    ``(jobs, percent, messages per page, close codes of sockets that closed)``."""
     ws = server.base.replace('http://', 'ws://')
     # The Origin a browser sends names the page's host, as the Host header does;
     # simple-websocket's Host leaves the port out, so the Origin does too.
@@ -451,37 +476,67 @@ def live_cpu(server, client, rate, seconds):
     try:
         wait_for(lambda: all(p.messages for p in pages), 30, 0.1, 'every page\'s snapshot')
         before = [len(p.messages) for p in pages]
-        ids1, cpu1, wall1 = job_flow(server, rate, seconds)
+        ids, cpu, wall = job_flow(server, rate, seconds)
         messages = [len(p.messages) - b for p, b in zip(pages, before)]
         closed = [p.close_code for p in pages if p.closed.is_set()]
     finally:
         for p in pages:
             p.close()
-    drained(client, ids1)
-    return {'flow_jobs': len(ids0), 'flow_cpu': 100 * cpu0 / wall0, 'pages_jobs': len(ids1),
-            'pages_cpu': 100 * cpu1 / wall1, 'messages': messages, 'closed': closed,
-            'seconds': wall1}
+    drained(client, ids)
+    return len(ids), 100 * cpu / wall, messages, closed
 
 
-def measure(ledgers, n, args, work):
-    print(f'\n{n} jobs:', flush=True)
-    url, cleanup = ledgers.fresh(n, args.queues, args.seed)
-    run_dir = Path(tempfile.mkdtemp(prefix=f'web-{n}-', dir=work))
-    server = Server(url, args.queues, run_dir)
+class Side:
+    """One size's ledger and server, started; :meth:`close` stops both."""
+
+    def __init__(self, ledgers, n, args, work):
+        print(f'\n{n} jobs:', flush=True)
+        self.url, self.cleanup = ledgers.fresh(n, args.queues, args.seed)
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f'web-{n}-', dir=work))
+        self.server = self.client = None
+        try:
+            self.server = Server(self.url, args.queues, self.run_dir)
+            self.client = Client(self.server)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+        if self.server is not None:
+            self.server.stop()
+        self.cleanup()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def measure(ledgers, args, work):
+    """Both sizes' servers at once: their reads interleaved (:func:`time_reads`), then the
+    live CPU, the flows taking turns (small, large, small with pages, large with pages).
+    Returns ``(small, large)``, each ``(reads, live)``."""
+    sides = {}
     try:
-        client = Client(server)
-        time.sleep(2)  # the embedded consumers start; the reaper's first pass
-        paths = reads(client)
-        print(f'  timing {len(paths)} reads', flush=True)
-        timed = time_reads(client, paths, args.samples, args.budget)
-        print(f'  live pages under {args.rate} jobs/s for {args.flow_seconds:g} s', flush=True)
-        live = live_cpu(server, client, args.rate, args.flow_seconds)
-        client.close()
+        for n in (args.small, args.large):
+            sides[n] = Side(ledgers, n, args, work)
+        time.sleep(2)  # the embedded consumers start; the reapers' first passes
+        print(f'\ntiming {len(reads(sides[args.small].client))} reads on both, interleaved',
+              flush=True)
+        timed = time_reads({n: (side.client, reads(side.client)) for n, side in sides.items()},
+                           args.samples, args.budget)
+        print(f'live pages under {args.rate} jobs/s for {args.flow_seconds:g} s, '
+              f'the sizes taking turns', flush=True)
+        live = {n: {} for n in sides}
+        for n, side in sides.items():
+            live[n]['flow_jobs'], live[n]['flow_cpu'] = flow_cpu(
+                side.server, side.client, args.rate, args.flow_seconds)
+        for n, side in sides.items():
+            (live[n]['pages_jobs'], live[n]['pages_cpu'], live[n]['messages'],
+             live[n]['closed']) = pages_cpu(side.server, side.client, args.rate,
+                                            args.flow_seconds)
     finally:
-        server.stop()
-        cleanup()
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return timed, live
+        for side in sides.values():
+            side.close()
+    return tuple((timed[n], live[n]) for n in (args.small, args.large))
 
 
 def main():
@@ -493,7 +548,7 @@ def main():
     parser.add_argument('--budget', type=float, default=10.0,
                         help='seconds at most per read (5 requests at least)')
     parser.add_argument('--rate', type=float, default=60.0, help='jobs submitted per second')
-    parser.add_argument('--flow-seconds', type=float, default=20.0)
+    parser.add_argument('--flow-seconds', type=float, default=60.0)
     parser.add_argument('--queues', default='default,critical,bulk')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
@@ -505,8 +560,7 @@ def main():
     else:
         ledgers = SqliteLedgers(work)
     try:
-        small = measure(ledgers, args.small, args, work)
-        large = measure(ledgers, args.large, args, work)
+        small, large = measure(ledgers, args, work)
     finally:
         ledgers.close()
         shutil.rmtree(work, ignore_errors=True)
