@@ -43,8 +43,7 @@ def _template_globals(setup):
     # Globals, not a context processor: a template imported without
     # context (``_macros.html``) sees them too, and Jinja then renders it
     # once, instead of once per import (once per row of a jobs list).
-    env = setup.app.jinja_env.globals
-    env.update(states=states, allows=states.allows, now=utcnow)
+    setup.app.jinja_env.globals.update(states=states, allows=states.allows, now=utcnow)
 
 
 # The submit form's own fields besides the task and its parameters: the

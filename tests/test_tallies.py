@@ -509,6 +509,21 @@ def test_a_search_with_many_candidates_reads_them_a_window_at_a_time(ledger_ctx,
         rows, lambda r: contains(r, 'hello'), 5, 200, sort == 'oldest')
 
 
+def windows_read(monkeypatch):
+    """A list that fills with ``(window size, dense, matches found + 1 at most, whether the
+    window reached the list's end)`` for each window list_jobs reads from now on."""
+    tries = []
+    real = queries._window_page
+
+    def noted(plan, conditions, order, key, newest, size, limit, unfiltered, dense=False):
+        ids, edge = real(plan, conditions, order, key, newest, size, limit, unfiltered,
+                         dense=dense)
+        tries.append((size, dense, len(ids), edge is None))
+        return ids, edge
+    monkeypatch.setattr(queries, '_window_page', noted)
+    return tries
+
+
 @pytest.mark.parametrize('sort', ['newest', 'oldest'])
 def test_a_common_text_is_first_looked_for_among_the_first_jobs_of_a_window(
         ledger_ctx, monkeypatch, sort):
@@ -517,14 +532,7 @@ def test_a_common_text_is_first_looked_for_among_the_first_jobs_of_a_window(
     monkeypatch.setattr(queries, 'CANDIDATES', 30)
     monkeypatch.setattr(queries, 'SEARCH_WINDOW', 60)
     monkeypatch.setattr(queries, 'DENSE_WINDOW', 25)
-    tries = []  # (dense, matches found + 1 at most, window reached the list's end)
-    real = queries._window_page
-
-    def noted(*args, dense=False):
-        ids, edge = real(*args, dense=dense)
-        tries.append((dense, len(ids), edge is None))
-        return ids, edge
-    monkeypatch.setattr(queries, '_window_page', noted)
+    windows = windows_read(monkeypatch)
     # The pages are those of the windows of SEARCH_WINDOW jobs, whichever answered them.
     assert search_pages('hello', 5, sort) == windowed_pages(
         rows, lambda r: contains(r, 'hello'), 5, 60, sort == 'oldest')
@@ -532,6 +540,7 @@ def test_a_common_text_is_first_looked_for_among_the_first_jobs_of_a_window(
         [r for r in rows if r.state == 'failed'], lambda r: contains(r, 'hello'), 5, 60,
         sort == 'oldest')
     # Some pages came from the first 25 jobs alone; the others read the whole window.
+    tries = [(dense, found, end) for _size, dense, found, end in windows]
     dense = [t for t in tries if t[0]]
     assert any(n > 5 for _d, n, _end in dense)
     assert any(n <= 5 and not end for _d, n, end in dense)
@@ -546,20 +555,13 @@ def test_a_text_too_rare_for_the_first_jobs_is_looked_for_in_a_window_its_share_
     monkeypatch.setattr(queries, 'CANDIDATES', 30)
     monkeypatch.setattr(queries, 'SEARCH_WINDOW', 200)
     monkeypatch.setattr(queries, 'DENSE_WINDOW', 25)
-    tries = []  # (window size, matches found + 1 at most, window reached the list's end)
-    real = queries._window_page
-
-    def noted(plan, conditions, order, key, newest, size, limit, unfiltered, dense=False):
-        ids, edge = real(plan, conditions, order, key, newest, size, limit, unfiltered,
-                         dense=dense)
-        tries.append((size, len(ids), edge is None))
-        return ids, edge
-    monkeypatch.setattr(queries, '_window_page', noted)
+    tries = windows_read(monkeypatch)
     # The pages are those of the windows of SEARCH_WINDOW jobs, whichever answered them.
     assert search_pages('hello', 5, sort) == windowed_pages(
         rows, lambda r: contains(r, 'hello'), 5, 200, sort == 'oldest')
     # After the first 25 jobs held m < 6 matches, a window of 25 * 6 * 2 // m
     # jobs (when under 200) and, only if that held no page either, all 200.
+    tries = [(size, found, end) for size, _dense, found, end in tries]
     grown = 0
     for i, (size, found, end) in enumerate(tries):
         if size != 25 or found > 5 or end:

@@ -130,7 +130,7 @@ def tally(d, ended=(), waited=()):
     counts, totals, timings, timing_totals = {}, {}, {}, {}
     # Dicts updated in place, few calls: the writer tallies every attempt it records.
     for e in ended:
-        minute, done = e.at.replace(second=0, microsecond=0), 1 if e.finished else 0
+        minute, done = minute_of(e.at), 1 if e.finished else 0
         for into, key in ((totals, (e.queue, e.task, e.outcome)),
                           (counts, (minute, e.queue, e.task, e.outcome))):
             held = into.get(key)
@@ -138,8 +138,7 @@ def tally(d, ended=(), waited=()):
         if e.duration is not None:
             _time(timings, timing_totals, minute, e.queue, e.task, RUN, e.duration)
     for w in waited:
-        _time(timings, timing_totals, w.at.replace(second=0, microsecond=0), w.queue, w.task,
-              WAIT, w.seconds)
+        _time(timings, timing_totals, minute_of(w.at), w.queue, w.task, WAIT, w.seconds)
     tallied = {}
     for name, rows, timed in (('metric_minute', counts, True), ('metric_total', totals, False),
                               ('timing_minute', timings, True),
