@@ -24,8 +24,9 @@ writer's statements; what its attempts add to the metric history with
 ledger that writing every op through ``apply`` makes (``settled=False``),
 which the jobs still queued, running or retrying near "now" and the
 consumers' heartbeats always go through. Written op by op, a million jobs
-took 240 s here; written settled, 111 s: the updates after each insert,
-their index changes and their triggers were most of the time. 10,000 jobs
+took 240 s here (other work ran during its first minute); written settled,
+88 s: the updates after each insert, their index changes and their
+triggers were most of the time. 10,000 jobs
 per transaction, the search index brought up to date in each. Runs the
 migrations first. Refuses a ledger that already holds jobs unless
 ``--append`` is given (with another ``--seed``: the same seed makes the
@@ -657,11 +658,12 @@ class Chunk(NamedTuple):
 
     ``rows``: job rows for :data:`JOB_INSERT`, in the driver's values;
     ``submitted``: rows of the jobs ``jobs.submit`` writes (the columns it
-    writes and :data:`JOB_COLUMNS`, by name); ``ops`` and ``later``: what :func:`apply` writes, in two
-    passes; ``attempts_rows``, ``log_rows`` and ``history``: what the
-    settled jobs' ops add (see :func:`settle`); ``cancels``: ``(job id,
-    when)`` of jobs canceled while they waited; ``states`` (Counter),
-    ``attempts`` and ``logs``: what it adds up to.
+    writes and :data:`JOB_COLUMNS`, by name); ``ops`` and ``later``: what
+    :func:`apply` writes, in two passes; ``attempt_rows``, ``log_rows`` and
+    ``history``: what the settled jobs' ops add (see :func:`settle`);
+    ``cancels``: ``(job id, when)`` of the other jobs canceled while they
+    waited; ``states`` (Counter), ``attempts`` and ``logs``: what it adds
+    up to.
     """
     rows: list
     submitted: list
@@ -759,9 +761,10 @@ def _waiting(story):
 def chunk_of(stories, d, settled=True, now=None):
     """The :class:`Chunk` of ``stories``, with ``d`` (:func:`app.ledger.sql.dialect`)'s values.
 
-    With ``settled``, jobs whose ops take them to the end are written in
-    their last state (:func:`settle`), the rest through :func:`apply`;
-    without, every op goes through :func:`apply`. ``now``: the time of the
+    With ``settled``, jobs whose ops take them to the end, and those
+    canceled while they waited, are written in their last state
+    (:func:`settle`), the rest through :func:`apply`; without, every op
+    goes through :func:`apply` (and every cancel through ``jobs.change``). ``now``: the time of the
     writing (default: now).
     """
     from app.models import utcnow
@@ -952,8 +955,11 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, fork=True
     n)`` is called after each transaction. The summary has ``jobs``,
     ``states`` (Counter), ``attempts``, ``logs``, ``now`` and ``seconds``.
     With ``fork`` the stories are made in a forked process (see
-    :func:`_chunks`), the same ones as without. Raises RuntimeError if
-    making them fails, and what the database driver raises.
+    :func:`_chunks`), the same ones as without. With ``settled`` (the
+    default) the jobs that have run their course are written in their last
+    state, without it op by op (see :func:`chunk_of`): the same rows.
+    Raises RuntimeError if making them fails, and what the database driver
+    raises.
     """
     from app.extensions import db
     from app.ledger import tallies
