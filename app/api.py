@@ -116,11 +116,11 @@ def submit_batch():
 @declare(query=FILTERS + (SORT, LIMIT, CURSOR),
          responses={200: ('JobPage', 'Jobs newest first, or in the order asked for')})
 def list_jobs():
-    """Jobs newest first (or oldest first, or longest run first), filtered; ``next`` is the
-    cursor of the following page.
+    """Jobs newest first (or oldest first, or longest run first), filtered.
 
-    A page may hold fewer than ``limit`` jobs and still have a ``next``
-    (see :func:`app.queries.list_jobs`): follow ``next`` until it is null.
+    ``next`` is the cursor of the following page. A page may hold fewer
+    than ``limit`` jobs and still have a ``next`` (see
+    :func:`app.queries.list_jobs`): follow ``next`` until it is null.
     """
     args = _query(*FILTERS, SORT, LIMIT, CURSOR)
     page, next_cursor = queries.list_jobs(

@@ -139,6 +139,9 @@ _FLOAT = {'DEFAULT_RETRY_DELAY', 'RETRY_BACKOFF', 'RETRY_JITTER',
           'METRICS_RETENTION', 'AUDIT_RETENTION', 'ALERT_RETENTION'}
 
 
+MAX_RETENTION = 100 * 365 * 86400.0  # seconds: any retention longer is refused
+
+
 class ConfigError(ValueError):
     """A configuration value from the environment could not be used."""
 
@@ -200,11 +203,15 @@ def load(test_config=None, environ=None):
     if config['PREFERRED_URL_SCHEME'] not in ('http', 'https'):
         raise ConfigError(f"PREFERRED_URL_SCHEME={config['PREFERRED_URL_SCHEME']!r}: http or https")
     config['EMBEDDED'] = not config['REDIS_URL']
-    if config['METRICS_RETENTION'] <= 0:
-        raise ConfigError(f"METRICS_RETENTION={config['METRICS_RETENTION']!r}: seconds, more than 0")
+    # Retentions are subtracted from now: past a century (or inf, nan) the
+    # leader's date arithmetic fails on every pass.
+    if not 0 < config['METRICS_RETENTION'] <= MAX_RETENTION:
+        raise ConfigError(f"METRICS_RETENTION={config['METRICS_RETENTION']!r}: seconds, "
+                          f"more than 0 and at most {MAX_RETENTION:.0f} (a century)")
     for key in ('AUDIT_RETENTION', 'ALERT_RETENTION'):
-        if config[key] < 0:
-            raise ConfigError(f'{key}={config[key]!r}: seconds, 0 (kept for ever) or more')
+        if not 0 <= config[key] <= MAX_RETENTION:
+            raise ConfigError(f'{key}={config[key]!r}: seconds, 0 (kept for ever) or more, '
+                              f'at most {MAX_RETENTION:.0f} (a century)')
     if config['AUTH'] not in ('auto', 'login'):
         raise ConfigError(f"AUTH={config['AUTH']!r}: use auto or login")
     try:

@@ -10,7 +10,7 @@ import calendar
 import datetime as dt
 import decimal
 import json
-import math
+import re
 import string
 from typing import NamedTuple
 
@@ -82,11 +82,16 @@ def decode_cursor(cursor):
     """
     try:
         created, job_id = _unpack(cursor)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadQuery('cursor is not one this server handed out') from None
+    if created.startswith(_RUNTIME_CURSOR):
+        raise BadQuery('cursor belongs to the runtime order: give sort=runtime')
+    try:
         created = dt.datetime.fromisoformat(created)
         if created.tzinfo is not None:
             raise ValueError(cursor)
         return created, job_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except ValueError:
         raise BadQuery('cursor is not one this server handed out') from None
 
 
@@ -524,16 +529,35 @@ def encode_run_cursor(seconds, job_id):
                  else f'{_RUNTIME_CURSOR}{seconds}', job_id)
 
 
+# The run time a run-time cursor holds, as encode_run_cursor writes it: seconds
+# to the millisecond (a float's repr on SQLite, an exact numeric on PostgreSQL).
+_RUN_SECONDS = re.compile(r'-?\d{1,12}(\.\d{1,12})?')
+
+
 def decode_run_cursor(cursor):
-    """``(seconds as text, id)`` of a run-time cursor; raises :class:`BadQuery`."""
+    """``(seconds as text, id)`` of a run-time cursor; raises :class:`BadQuery` (saying so
+    when the cursor is one of the created orders')."""
     try:
         key, job_id = _unpack(cursor)
-        seconds = key[len(_RUNTIME_CURSOR):]
-        if not key.startswith(_RUNTIME_CURSOR) or not math.isfinite(float(seconds)):
-            raise ValueError(cursor)
-        return seconds, job_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise BadQuery('cursor is not one this server handed out') from None
+    seconds = key[len(_RUNTIME_CURSOR):]
+    if key.startswith(_RUNTIME_CURSOR) and _RUN_SECONDS.fullmatch(seconds):
+        return seconds, job_id
+    if not key.startswith(_RUNTIME_CURSOR):
+        _created_cursor_of_other_order(key)
+    raise BadQuery('cursor is not one this server handed out')
+
+
+def _created_cursor_of_other_order(key):
+    """Raise :class:`BadQuery` naming the orders a cursor holding ``key`` belongs to, when
+    it is a created-order position."""
+    try:
+        dt.datetime.fromisoformat(key)
+    except ValueError:
+        return
+    raise BadQuery('cursor belongs to the newest or oldest order, not runtime: '
+                   'give the sort it came with')
 
 
 def check_sort(sort):

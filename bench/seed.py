@@ -52,6 +52,7 @@ import itertools
 import math
 import queue
 import random
+import signal
 import sys
 import threading
 import time
@@ -832,7 +833,7 @@ def write(session, chunk):
         apply(conn, chunk.later)
 
 
-def _produce(out, n, days, now, seed_, config, tasks, chunk, d, settled=True):
+def _produce(out, n, days, now, seed_, config, tasks, chunk, d, settled=True, other_end=None):
     """The generating process: sends each :class:`Chunk` in order on ``out`` (a pipe's
     end), then the heartbeats.
 
@@ -841,9 +842,20 @@ def _produce(out, n, days, now, seed_, config, tasks, chunk, d, settled=True):
     be loaded under a name the receiving side cannot import by.
     """
     import traceback
+    # Ended by the writing process (SIGTERM, as it is by default), or by its
+    # pipe closing; Ctrl-C reaches the writing process, which ends this one.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if other_end is not None:
+        # This process's copy of the receiving end, closed: when the writing
+        # process dies, sending fails and this one ends (and with it the
+        # copies it holds of that process's database connections).
+        other_end.close()
     try:
         for kind, value in _made(n, days, now, seed_, config, tasks, chunk, d, settled):
             out.send((kind, tuple(value) if kind == 'chunk' else value))
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the writing process is gone: nothing to send to
     except BaseException:
         out.send(('error', traceback.format_exc()))
     finally:
@@ -879,7 +891,7 @@ def _chunks(app, n, days, now, seed_, chunk, d, fork, settled=True):
     ctx = multiprocessing.get_context('fork')
     receiving, sending = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_produce, args=(sending, n, days, now, seed_, dict(app.config),
-                                               catalog.TASKS, chunk, d, settled),
+                                               catalog.TASKS, chunk, d, settled, receiving),
                         daemon=True)
     child.start()
     sending.close()
@@ -1045,6 +1057,10 @@ def _url(value):
     return f'sqlite:///{Path(value).resolve()}'
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--jobs', type=int, required=True, help='jobs to write')
@@ -1082,10 +1098,14 @@ def main(argv=None):
     def report(done, total):
         if done % 100_000 < CHUNK or done == total:
             print(f'  {done} jobs', flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: the generating process is ended
     try:
         summary = seed(app, args.jobs, days=args.days, seed=args.seed, now=now, report=report)
     except sa.exc.IntegrityError:
         sys.exit('the ledger already holds jobs of this --seed: give --append another one')
+    except KeyboardInterrupt:
+        sys.exit(f'seeding interrupted: {url} holds part of a history (committed '
+                 f'transactions of 10,000 jobs); delete it, or drop the database, and seed again')
     by_state = ', '.join(f'{summary["states"][s]} {s}' for s in states.JOB_STATES)
     rate = summary['jobs'] / summary['seconds'] if summary['seconds'] else 0
     print(f'seeded {summary["jobs"]} jobs ({by_state}), {summary["attempts"]} attempts, '

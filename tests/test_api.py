@@ -1,4 +1,5 @@
 """The JSON API contract, in-process on the embedded broker (no consumer)."""
+import base64
 import datetime as dt
 import json
 import uuid
@@ -190,11 +191,18 @@ def test_the_list_pages_oldest_first_and_by_run_time(client, app):
     assert pages('oldest') == oldest
     assert pages('newest') == list(reversed(oldest))
     assert pages('runtime') == longest
-    # A cursor belongs to its order; an unknown order is refused.
+    # A cursor belongs to its order, and says so; an unknown order or a forged
+    # run time is refused.
     newest_cursor = client.get('/api/jobs?limit=2').get_json()['next']
-    for query in (f'sort=runtime&cursor={newest_cursor}', 'sort=slowest'):
+    runtime_cursor = client.get('/api/jobs?sort=runtime&limit=2').get_json()['next']
+    forged = base64.urlsafe_b64encode(f'~1e-16384|{oldest[0]}'.encode()).decode()
+    for query, error in ((f'sort=runtime&cursor={newest_cursor}', 'newest or oldest order'),
+                         (f'cursor={runtime_cursor}', 'runtime order'),
+                         (f'sort=oldest&cursor={runtime_cursor}', 'runtime order'),
+                         (f'sort=runtime&cursor={forged}', 'not one this server handed out'),
+                         ('sort=slowest', 'sort')):
         resp = client.get(f'/api/jobs?{query}')
-        assert resp.status_code == 400 and resp.get_json()['error'], query
+        assert resp.status_code == 400 and error in resp.get_json()['error'], (query, resp.data)
     sort = {p['name']: p for p in client.get('/api/openapi.json').get_json()
             ['paths']['/api/jobs']['get']['parameters']}['sort']
     assert [c for c in sort['schema']['enum'] if c] == ['newest', 'oldest', 'runtime']

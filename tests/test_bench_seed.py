@@ -295,3 +295,35 @@ def test_a_generator_that_fails_fails_the_seeding_and_leaves_wal_mode(tmp_path, 
     assert rows(app, 'SELECT count(*) FROM job')[0][0] == 10  # the first chunk, committed
     with app.app_context():
         db.engine.dispose()
+
+
+@pytest.mark.processes
+def test_a_seeding_stopped_by_sigterm_ends_its_generator_and_says_what_it_left(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import wait_for
+    target = tmp_path / 'stopped.db'
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'bench' / 'seed.py'), '--jobs', '2000000',
+                             '--database-url', str(target)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, 'INSTANCE_PATH': str(tmp_path)})
+    children = Path(f'/proc/{proc.pid}/task/{proc.pid}/children')
+    try:
+        # The generating process is forked once the ledger is migrated.
+        wait_for(lambda: children.read_text().split(), 60, 0.1, 'the generating process')
+        generator = int(children.read_text().split()[0])
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, (out, err)
+    assert f'seeding interrupted: sqlite:///{target} holds part of a history' in err
+    assert 'Traceback' not in err
+    # The generator is gone too, and holds no copy of the ledger or of the pipe.
+    wait_for(lambda: not Path(f'/proc/{generator}').exists()
+             or Path(f'/proc/{generator}/stat').read_text().split(') ')[1][0] == 'Z',
+             10, 0.1, 'the generating process to end')

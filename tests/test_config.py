@@ -33,6 +33,9 @@ def test_lists_are_split_trimmed_and_deduplicated_and_default_is_always_there(tm
     ({'METRICS_RETENTION': '30d'}, "METRICS_RETENTION='30d' is not a number"),
     ({'AUDIT_RETENTION': '-1'}, r'AUDIT_RETENTION=-1.0: seconds, 0 \(kept for ever\) or more'),
     ({'ALERT_RETENTION': '-86400'}, 'ALERT_RETENTION=-86400.0: seconds, 0'),
+    ({'AUDIT_RETENTION': 'inf'}, 'AUDIT_RETENTION=inf: seconds, 0 .* at most 3153600000'),
+    ({'ALERT_RETENTION': 'nan'}, 'ALERT_RETENTION=nan: seconds'),
+    ({'METRICS_RETENTION': '1e20'}, 'METRICS_RETENTION=1e[+]20: seconds, more than 0 and at most'),
 ])
 def test_bad_values_are_refused_by_name(tmp_path, environ, message):
     with pytest.raises(config.ConfigError, match=message):
