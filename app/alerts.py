@@ -297,10 +297,11 @@ def history(limit=50, before=None, state=None):
     return db.session.scalars(stmt).all()
 
 
-def prune(before, limit=10_000):
+def prune(before, limit):
     """Delete up to ``limit`` incidents resolved before ``before`` (naive UTC) whose
     messages went out (or had nowhere to go), in the caller's transaction; return how many.
-    The leader calls it with ``ALERT_RETENTION`` (:mod:`app.reaper`); a firing
+    The leader calls it with ``ALERT_RETENTION`` (:data:`app.reaper.PRUNE_BATCH` a
+    pass); a firing
     incident, or one whose resolving message is still due, is kept."""
     gone = (sa.select(Alert.id).where(Alert.state == 'resolved', Alert.resolved_at < before,
                                       Alert.delivery != 'pending')

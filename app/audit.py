@@ -49,16 +49,11 @@ def insert(written):
              e.outcome) for e in written])
 
 
-# Entries deleted per pass of the leader, at most: a backlog (a retention
-# shortened, a long-stopped leader) is cleared over several passes, each
-# transaction short.
-PRUNE_BATCH = 10_000
-
-
-def prune(before, limit=PRUNE_BATCH):
+def prune(before, limit):
     """Delete up to ``limit`` entries older than ``before`` (naive UTC), oldest first, in
     the caller's transaction; return how many. The leader calls it with
-    ``AUDIT_RETENTION`` (:mod:`app.reaper`); the ``at`` index finds them."""
+    ``AUDIT_RETENTION`` (:data:`app.reaper.PRUNE_BATCH` a pass); the ``at`` index
+    finds them."""
     oldest = (sa.select(AuditEntry.id).where(AuditEntry.at < before)
               .order_by(AuditEntry.at).limit(limit))
     return db.session.execute(

@@ -38,6 +38,10 @@ from .models import Attempt, Job, Worker, utcnow
 logger = logging.getLogger(__name__)
 
 COMPACT_EVERY = 300  # seconds between foldings of the counters' session rows (PostgreSQL)
+# Audit entries and resolved alerts deleted per pass, at most, each: a backlog
+# (a retention shortened, a long-stopped leader) is cleared over several
+# passes, each transaction short.
+PRUNE_BATCH = 10_000
 
 
 def reap(config, reconciler=None):
@@ -70,9 +74,9 @@ def reap(config, reconciler=None):
                       now - dt.timedelta(seconds=config['METRICS_RETENTION']))
         # The audit log and resolved alerts past theirs (0: kept for ever).
         if config['AUDIT_RETENTION']:
-            audit.prune(now - dt.timedelta(seconds=config['AUDIT_RETENTION']))
+            audit.prune(now - dt.timedelta(seconds=config['AUDIT_RETENTION']), PRUNE_BATCH)
         if config['ALERT_RETENTION']:
-            alerts.prune(now - dt.timedelta(seconds=config['ALERT_RETENTION']))
+            alerts.prune(now - dt.timedelta(seconds=config['ALERT_RETENTION']), PRUNE_BATCH)
     db.session.commit()
     broker.mark_seen('reaper')
     if handled:

@@ -153,6 +153,7 @@ class PostgresLedgers:
     def __init__(self, url):
         self.url = url.replace('postgresql+psycopg://', 'postgresql://', 1)
         self.base = self.url.rpartition('/')[0]
+        self.runs = 0
 
     def _admin(self, sql):
         import psycopg
@@ -175,7 +176,8 @@ class PostgresLedgers:
             except BaseException:
                 self._admin(f'DROP DATABASE IF EXISTS {template}_partial WITH (FORCE)')
                 raise
-        name = f'qm_hist_run_{os.getpid()}_{n}'
+        self.runs += 1  # two copies of one size may be open at once
+        name = f'qm_hist_run_{os.getpid()}_{n}_{self.runs}'
         self._admin(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
         self._admin(f'CREATE DATABASE {name} TEMPLATE {template}')
         return (f'{self.base}/{name}',
@@ -514,29 +516,29 @@ def measure(ledgers, args, work):
     """Both sizes' servers at once: their reads interleaved (:func:`time_reads`), then the
     live CPU, the flows taking turns (small, large, small with pages, large with pages).
     Returns ``(small, large)``, each ``(reads, live)``."""
-    sides = {}
+    sides = {}  # by 'small' and 'large' (the sizes may be equal: a check of the noise)
     try:
-        for n in (args.small, args.large):
-            sides[n] = Side(ledgers, n, args, work)
+        for name, n in (('small', args.small), ('large', args.large)):
+            sides[name] = Side(ledgers, n, args, work)
         time.sleep(2)  # the embedded consumers start; the reapers' first passes
-        print(f'\ntiming {len(reads(sides[args.small].client))} reads on both, interleaved',
-              flush=True)
-        timed = time_reads({n: (side.client, reads(side.client)) for n, side in sides.items()},
+        paths = {name: reads(side.client) for name, side in sides.items()}
+        print(f'\ntiming {len(paths["small"])} reads on both, interleaved', flush=True)
+        timed = time_reads({name: (side.client, paths[name]) for name, side in sides.items()},
                            args.samples, args.budget)
         print(f'live pages under {args.rate} jobs/s for {args.flow_seconds:g} s, '
               f'the sizes taking turns', flush=True)
-        live = {n: {} for n in sides}
-        for n, side in sides.items():
-            live[n]['flow_jobs'], live[n]['flow_cpu'] = flow_cpu(
+        live = {name: {} for name in sides}
+        for name, side in sides.items():
+            live[name]['flow_jobs'], live[name]['flow_cpu'] = flow_cpu(
                 side.server, side.client, args.rate, args.flow_seconds)
-        for n, side in sides.items():
-            (live[n]['pages_jobs'], live[n]['pages_cpu'], live[n]['messages'],
-             live[n]['closed']) = pages_cpu(side.server, side.client, args.rate,
-                                            args.flow_seconds)
+        for name, side in sides.items():
+            (live[name]['pages_jobs'], live[name]['pages_cpu'], live[name]['messages'],
+             live[name]['closed']) = pages_cpu(side.server, side.client, args.rate,
+                                               args.flow_seconds)
     finally:
         for side in sides.values():
             side.close()
-    return tuple((timed[n], live[n]) for n in (args.small, args.large))
+    return (timed['small'], live['small']), (timed['large'], live['large'])
 
 
 def main():

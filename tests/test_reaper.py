@@ -282,4 +282,4 @@ def test_the_audit_log_and_resolved_alerts_are_kept_for_their_retention(ctx, mon
     ctx.config.update(AUDIT_RETENTION=0.0, ALERT_RETENTION=0.0)
     reaper.reap(ctx.config)
     assert db.session.scalar(sa.select(sa.func.count()).select_from(AuditEntry)) == 5
-    assert alerts.prune(now) == 1  # "recent"; the firing and the unsent stay
+    assert alerts.prune(now, reaper.PRUNE_BATCH) == 1  # "recent"; the firing and the unsent stay

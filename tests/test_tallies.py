@@ -524,15 +524,21 @@ def windows_read(monkeypatch):
     return tries
 
 
-@pytest.mark.parametrize('sort', ['newest', 'oldest'])
-def test_a_common_text_is_first_looked_for_among_the_first_jobs_of_a_window(
-        ledger_ctx, monkeypatch, sort):
+def search_ledger_with_windows(monkeypatch, window):
+    """The search ledger, indexed, searched with windows of ``window`` jobs (their first 25
+    tried alone, 30 candidates at most named at once): ``(rows, windows_read list)``."""
     rows = fill_search_ledger()
     index_everything()
     monkeypatch.setattr(queries, 'CANDIDATES', 30)
-    monkeypatch.setattr(queries, 'SEARCH_WINDOW', 60)
+    monkeypatch.setattr(queries, 'SEARCH_WINDOW', window)
     monkeypatch.setattr(queries, 'DENSE_WINDOW', 25)
-    windows = windows_read(monkeypatch)
+    return rows, windows_read(monkeypatch)
+
+
+@pytest.mark.parametrize('sort', ['newest', 'oldest'])
+def test_a_common_text_is_first_looked_for_among_the_first_jobs_of_a_window(
+        ledger_ctx, monkeypatch, sort):
+    rows, windows = search_ledger_with_windows(monkeypatch, 60)
     # The pages are those of the windows of SEARCH_WINDOW jobs, whichever answered them.
     assert search_pages('hello', 5, sort) == windowed_pages(
         rows, lambda r: contains(r, 'hello'), 5, 60, sort == 'oldest')
@@ -550,12 +556,7 @@ def test_a_common_text_is_first_looked_for_among_the_first_jobs_of_a_window(
 @pytest.mark.parametrize('sort', ['newest', 'oldest'])
 def test_a_text_too_rare_for_the_first_jobs_is_looked_for_in_a_window_its_share_fills(
         ledger_ctx, monkeypatch, sort):
-    rows = fill_search_ledger()
-    index_everything()
-    monkeypatch.setattr(queries, 'CANDIDATES', 30)
-    monkeypatch.setattr(queries, 'SEARCH_WINDOW', 200)
-    monkeypatch.setattr(queries, 'DENSE_WINDOW', 25)
-    tries = windows_read(monkeypatch)
+    rows, tries = search_ledger_with_windows(monkeypatch, 200)
     # The pages are those of the windows of SEARCH_WINDOW jobs, whichever answered them.
     assert search_pages('hello', 5, sort) == windowed_pages(
         rows, lambda r: contains(r, 'hello'), 5, 200, sort == 'oldest')
