@@ -24,7 +24,7 @@ from flask import current_app
 from flask.cli import AppGroup
 from werkzeug.exceptions import NotFound
 
-from . import accounts, audit, broker, jobs, queries, roles, states
+from . import accounts, audit, broker, jobs, queries, roles, states, templating
 from .extensions import db
 from .ledger import tallies
 
@@ -335,9 +335,12 @@ def list_jobs(state, queue, task, q, limit, sort, cursor, as_json):
         return
     rows = [[j.id, j.state, j.queue, j.task, j.attempts,
              j.created_at.isoformat(timespec='seconds'),
-             j.finished_at.isoformat(timespec='seconds') if j.finished_at else '-']
+             j.finished_at.isoformat(timespec='seconds') if j.finished_at else '-',
+             templating.format_duration(templating.run_time(j)) or '-']
             for j in page]
-    for line in _table(['ID', 'STATE', 'QUEUE', 'TASK', 'ATTEMPTS', 'CREATED', 'FINISHED'], rows):
+    # RUN: the latest attempt's run time of a finished job (the run-time order's key).
+    for line in _table(['ID', 'STATE', 'QUEUE', 'TASK', 'ATTEMPTS', 'CREATED', 'FINISHED', 'RUN'],
+                       rows):
         click.echo(line)
     if not page:
         click.echo('no jobs on this page' if next_cursor else 'no jobs match', err=True)

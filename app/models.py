@@ -46,6 +46,7 @@ def isoformat(value):
 # same in the queries that use them (app.queries.oldest_waiting).
 WAITING = "state = 'queued'"
 DUE = "state IN ('scheduled', 'retrying')"
+RAN = 'finished_at IS NOT NULL AND run_seconds IS NOT NULL'
 
 
 class Job(db.Model):
@@ -84,6 +85,11 @@ class Job(db.Model):
     scheduled_for: Mapped[dt.datetime | None]
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
+    # Seconds the latest attempt that ended ran (its ``attempt.duration``),
+    # kept by the ledger's writer: the run-time order's key, which an index
+    # walks (a job canceled while it waited for a retry keeps its last
+    # attempt's, which ``finished_at - started_at`` would not give).
+    run_seconds: Mapped[float | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     worker: Mapped[str | None] = mapped_column(String(200))
     # Seconds an attempt may run before it is stopped as timed out.
@@ -125,6 +131,10 @@ class Job(db.Model):
                  sqlite_where=sa.text(WAITING), postgresql_where=sa.text(WAITING)),
         sa.Index('ix_job_due', 'queue', 'scheduled_for',
                  sqlite_where=sa.text(DUE), postgresql_where=sa.text(DUE)),
+        # The run-time order (longest last attempt first) of the finished
+        # jobs: partial, so it holds only those.
+        sa.Index('ix_job_run', 'run_seconds', 'id',
+                 sqlite_where=sa.text(RAN), postgresql_where=sa.text(RAN)),
     )
 
     @property
@@ -165,6 +175,7 @@ class Job(db.Model):
             'scheduled_for': isoformat(self.scheduled_for),
             'started_at': isoformat(self.started_at),
             'finished_at': isoformat(self.finished_at),
+            'run_seconds': self.run_seconds,
             'updated_at': isoformat(self.updated_at),
             'version': self.version,
         }

@@ -61,7 +61,10 @@ def _schemas(config):
         'attempt_count': _INT, 'worker': _null(_STR), 'timeout': _null(_NUM),
         'cancel_requested_at': _null(_TIME), 'idempotency_key': _null(_STR),
         'created_at': _TIME, 'scheduled_for': _null(_TIME), 'started_at': _null(_TIME),
-        'finished_at': _null(_TIME), 'updated_at': _TIME,
+        'finished_at': _null(_TIME),
+        'run_seconds': _null({**_NUM, 'description': 'seconds the latest attempt that ended '
+                                                     'ran (its duration)'}),
+        'updated_at': _TIME,
         'version': {**_INT, 'description': 'grows with every change'},
     }
     job = _object(job_properties)

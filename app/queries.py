@@ -8,7 +8,7 @@ import base64
 import binascii
 import calendar
 import datetime as dt
-import decimal
+import math
 import json
 import re
 import string
@@ -492,58 +492,28 @@ SORTS = ('newest', 'oldest', 'runtime')
 _RUNTIME_CURSOR = '~'  # marks a cursor of the run-time order
 
 
-class _run_seconds(sa.sql.functions.FunctionElement):
-    """Seconds from a job's ``started_at`` to its ``finished_at`` (its last attempt's run time),
-    to the millisecond (SQLite's day fractions are not exact below it: equal run times
-    would otherwise differ by their start).
-
-    A float on SQLite, an exact numeric on PostgreSQL: the same expression
-    is computed for every row and for a cursor's bound, so keyset paging
-    compares a value with itself exactly.
-    """
-    type = sa.types.NullType()  # the driver's own value: a float, or an exact Decimal
-    name = 'run_seconds'
-    inherit_cache = True
-
-
-@compiles(_run_seconds)
-def _run_seconds_julian(element, compiler, **kw):
-    started, finished = (compiler.process(c, **kw) for c in element.clauses)
-    return f'round((julianday({finished}) - julianday({started})) * 86400.0, 3)'
-
-
-@compiles(_run_seconds, 'postgresql')
-def _run_seconds_epoch(element, compiler, **kw):
-    started, finished = (compiler.process(c, **kw) for c in element.clauses)
-    return f'round(EXTRACT(EPOCH FROM ({finished} - {started})), 3)'
-
-
-def run_seconds():
-    """The SQL expression of a job's run time in seconds (see :class:`_run_seconds`)."""
-    return _run_seconds(Job.started_at, Job.finished_at)
-
-
 def encode_run_cursor(seconds, job_id):
-    """The cursor of a run-time ordered page that ends with a job that ran ``seconds``."""
-    return _pack(f'{_RUNTIME_CURSOR}{seconds!r}' if isinstance(seconds, float)
-                 else f'{_RUNTIME_CURSOR}{seconds}', job_id)
+    """The cursor of a run-time ordered page that ends with a job whose last attempt ran
+    ``seconds`` (a float, written as its shortest exact text)."""
+    return _pack(f'{_RUNTIME_CURSOR}{seconds!r}', job_id)
 
 
-# The run time a run-time cursor holds, as encode_run_cursor writes it: seconds
-# to the millisecond (a float's repr on SQLite, an exact numeric on PostgreSQL).
-_RUN_SECONDS = re.compile(r'-?\d{1,12}(\.\d{1,12})?')
+# The run time a run-time cursor holds, as encode_run_cursor writes it: a
+# float's repr (``2.5``, ``0.000125``, ``1.5e-05``).
+_RUN_SECONDS = re.compile(r'-?\d{1,20}(\.\d{1,20})?(e[-+]\d{1,3})?')
 
 
 def decode_run_cursor(cursor):
-    """``(seconds as text, id)`` of a run-time cursor; raises :class:`BadQuery` (saying so
-    when the cursor is one of the created orders')."""
+    """``(seconds, id)`` of a run-time cursor (seconds a finite float); raises
+    :class:`BadQuery` (saying so when the cursor is one of the created orders')."""
     try:
         key, job_id = _unpack(cursor)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise BadQuery('cursor is not one this server handed out') from None
     seconds = key[len(_RUNTIME_CURSOR):]
-    if key.startswith(_RUNTIME_CURSOR) and _RUN_SECONDS.fullmatch(seconds):
-        return seconds, job_id
+    if key.startswith(_RUNTIME_CURSOR) and _RUN_SECONDS.fullmatch(seconds) \
+            and math.isfinite(float(seconds)):
+        return float(seconds), job_id
     if not key.startswith(_RUNTIME_CURSOR):
         _created_cursor_of_other_order(key)
     raise BadQuery('cursor is not one this server handed out')
@@ -582,13 +552,15 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     """One page of jobs in ``sort`` order (:data:`SORTS`): ``(jobs, next_cursor)``.
 
     ``newest`` (the default) and ``oldest`` walk (created_at, id) down or
-    up; ``runtime`` lists finished jobs (those with a start and a finish)
-    by their last attempt's run time, longest first, then id. Keyset
+    up; ``runtime`` lists finished jobs by their latest attempt's run time
+    (``Job.run_seconds``; a job whose attempts never ran has none and is
+    left out), longest first, then id. Keyset
     pagination: a page continues strictly after the previous page's last
-    row, so a job is listed once whatever is added meanwhile; in the
-    created orders each page is an index range scan, as fast on page
-    10,000 as on page 1 (the run-time order sorts the matching finished
-    jobs). Results (up to 64 KiB each) are only loaded when asked for. A
+    row, so a job is listed once whatever is added meanwhile (in the
+    run-time order a job that runs again between two pages moves, and may
+    be listed again or missed, as in any order by a value that changes);
+    each page is an index range scan, as fast on page 10,000 as on page 1.
+    Results (up to 64 KiB each) are only loaded when asked for. A
     search whose candidates the index does not name all at once (see
     :func:`search_plan`) looks at a window of the list per page in the
     created orders (:data:`SEARCH_WINDOW` jobs, :data:`SCAN_WINDOW` for a
@@ -608,18 +580,18 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     conditions = query_filters(state, queue, task, finished_from=finished_from,
                                finished_to=finished_to)
     if sort == 'runtime':
-        key = (run_seconds(), Job.id)
-        conditions += [Job.started_at.is_not(None), Job.finished_at.is_not(None)]
-        order = (key[0].desc(), Job.id.desc())
+        # The finished jobs with a run time, through the run-time index
+        # (Job.run_seconds: the writer keeps it), longest first.
+        key = sa.tuple_(Job.run_seconds, Job.id)
+        conditions += [Job.finished_at.is_not(None), Job.run_seconds.is_not(None)]
         if cursor:
             seconds, job_id = decode_run_cursor(cursor)
-            bound = float(seconds) if db.session.get_bind().dialect.name == 'sqlite' \
-                else decimal.Decimal(seconds)
-            conditions.append(sa.tuple_(*key) < sa.tuple_(sa.literal(bound), job_id))
+            conditions.append(key < sa.tuple_(sa.literal(seconds, sa.Float), job_id))
         if q and q.strip():
             conditions.append(search_condition(q))
         rows = db.session.execute(
-            sa.select(Job.id, key[0]).where(*conditions).order_by(*order).limit(limit + 1)).all()
+            sa.select(Job.id, Job.run_seconds).where(*conditions)
+            .order_by(Job.run_seconds.desc(), Job.id.desc()).limit(limit + 1)).all()
         jobs = _rows_of([r[0] for r in rows[:limit]], with_result)
         if len(rows) > limit:
             last = rows[limit - 1]

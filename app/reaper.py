@@ -229,6 +229,7 @@ def recover(job_id, number, reason, queue=None, msg=None, worker=None, now=None)
         values = dict(state=states.FAILED, finished_at=now)
     moved = jobs.change(Job.id == job.id, Job.version == job.version,
                         attempts=number, error=error, error_type='WorkerLost',
+                        run_seconds=attempt.duration if attempt is not None else None,
                         scheduled_for=None, progress=None, progress_message=None, **values)
     if not moved:  # changed meanwhile (its consumer wrote an ending): look again next pass
         db.session.rollback()

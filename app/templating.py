@@ -97,16 +97,15 @@ def running_for(since, now=None):
 
 
 def run_time(job):
-    """Seconds the latest attempt of a finished ``job`` ran, or None.
+    """Seconds the latest attempt of a finished ``job`` ran (``job.run_seconds``), or None.
 
-    Only for a job that ended by running (succeeded or failed): a canceled
-    job may have been withdrawn before it ran, its times from an earlier
-    attempt. A running job's time is :func:`running_for` its ``started_at``.
+    None for a job not finished, or whose attempts never ran (canceled
+    while queued). A running job's time is :func:`running_for` its
+    ``started_at``. The jobs list's run-time order sorts by the same value.
     """
-    if job.state not in ('succeeded', 'failed') or job.started_at is None \
-            or job.finished_at is None or job.finished_at < job.started_at:
+    if job.finished_at is None:
         return None
-    return (job.finished_at - job.started_at).total_seconds()
+    return job.run_seconds
 
 
 def percent(fraction):

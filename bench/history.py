@@ -303,6 +303,7 @@ def reads(client):
     job = max(failed, key=lambda j: j['attempt_count'])['id'] if failed else \
         client.get_json('/api/jobs?limit=1')['jobs'][0]['id']
     page2 = client.get_json('/api/jobs?limit=50').get('next')
+    longest2 = client.get_json('/api/jobs?sort=runtime&limit=50').get('next')
     q = urllib.parse.quote
     return [
         ('page /', '/'),
@@ -314,6 +315,10 @@ def reads(client):
         ('page /jobs?queue=critical', '/jobs?queue=critical'),
         ('page /jobs?task=payment', '/jobs?task=payment'),
         ('page /jobs, page 2', f'/jobs?cursor={q(page2)}' if page2 else '/jobs'),
+        ('page /jobs?sort=oldest', '/jobs?sort=oldest'),
+        ('page /jobs?sort=runtime', '/jobs?sort=runtime'),
+        ('page /jobs?sort=runtime, page 2',
+         f'/jobs?sort=runtime&cursor={q(longest2)}' if longest2 else '/jobs?sort=runtime'),
         ('page /jobs/<id>', f'/jobs/{job}'),
         ('page /queues', '/queues'),
         ('page /failures', '/failures'),
@@ -336,6 +341,8 @@ def reads(client):
         (f'api /api/jobs?q={MATCH}', f'/api/jobs?q={MATCH}'),
         (f'api /api/jobs?q={COMMON}', f'/api/jobs?q={COMMON}'),
         ('api /api/jobs?state=failed', '/api/jobs?state=failed'),
+        ('api /api/jobs?sort=runtime', '/api/jobs?sort=runtime'),
+        ('api /api/jobs?sort=runtime&state=failed', '/api/jobs?sort=runtime&state=failed'),
         ('api /api/jobs/<id>', f'/api/jobs/{job}'),
         ('api /api/jobs/<id>/log', f'/api/jobs/{job}/log'),
         ('api /api/stats', '/api/stats'),

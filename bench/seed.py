@@ -681,10 +681,10 @@ class Chunk(NamedTuple):
 
 # A job's row: the columns the ledger's insert for a job it has not seen
 # writes (``sql['job']``), and those its writer's updates set as attempts
-# start and end (``sql['ran']``).
+# start and end (``sql['ran']``, ``sql['finish']``).
 JOB_COLUMNS = ('id', 'task', 'queue', 'params', 'secret_params', 'priority', 'retries',
                'retry_delay', 'created_at', 'state', 'attempts', 'started_at', 'finished_at',
-               'worker', 'result', 'error', 'error_type', 'progress', 'updated_at', 'version')
+               'run_seconds', 'worker', 'result', 'error', 'error_type', 'progress', 'updated_at', 'version')
 JOB_INSERT = (f'INSERT INTO job ({", ".join(JOB_COLUMNS)}) '
               f'VALUES ({", ".join("?" * len(JOB_COLUMNS))})')
 
@@ -745,7 +745,7 @@ def settle(story, d, now, attempts, logs, ended, waited):
         secret_params=None if state == states.SUCCEEDED else secret, priority=story.priority,
         retries=story.retries, retry_delay=story.retry_delay, created_at=story.created,
         state=state, attempts=finish.number, started_at=start.at, finished_at=finished,
-        worker=start.worker, result=result, error=error, error_type=finish.error_type,
+        run_seconds=finish.duration, worker=start.worker, result=result, error=error, error_type=finish.error_type,
         progress=progress, updated_at=now, version=1 + finish.number)
 
 
@@ -755,7 +755,7 @@ def _waiting(story):
                 secret_params=story.secret or None, priority=story.priority,
                 retries=story.retries, retry_delay=story.retry_delay, created_at=story.created,
                 state=story.initial, attempts=0, started_at=None, finished_at=None,
-                worker=None, result=None, error=None, error_type=None, progress=None,
+                run_seconds=None, worker=None, result=None, error=None, error_type=None, progress=None,
                 updated_at=story.created, version=1)
 
 
@@ -787,7 +787,7 @@ def chunk_of(stories, d, settled=True, now=None):
                          json(job['secret_params']), job['priority'], job['retries'],
                          job['retry_delay'], ts(job['created_at']), job['state'],
                          job['attempts'], ts(job['started_at']), ts(job['finished_at']),
-                         job['worker'], json(job['result']), job['error'], job['error_type'],
+                         job['run_seconds'], job['worker'], json(job['result']), job['error'], job['error_type'],
                          job['progress'],
                          stamp if job['updated_at'] is now else ts(job['updated_at']),
                          job['version']))

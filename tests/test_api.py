@@ -174,6 +174,7 @@ def test_the_list_pages_oldest_first_and_by_run_time(client, app):
             if i < 6:
                 job.started_at = dt.datetime(2026, 3, 1, 12)
                 job.finished_at = job.started_at + dt.timedelta(seconds=i * 3 % 7)
+                job.run_seconds = float(i * 3 % 7)  # as the ledger's writer keeps it
         db.session.commit()
         oldest = [j.id for j in jobs_]
         longest = [j.id for j in sorted(jobs_[:6], key=lambda j: (
@@ -196,7 +197,9 @@ def test_the_list_pages_oldest_first_and_by_run_time(client, app):
     newest_cursor = client.get('/api/jobs?limit=2').get_json()['next']
     runtime_cursor = client.get('/api/jobs?sort=runtime&limit=2').get_json()['next']
     forged = base64.urlsafe_b64encode(f'~1e-16384|{oldest[0]}'.encode()).decode()
+    infinite = base64.urlsafe_b64encode(f'~1e+999|{oldest[0]}'.encode()).decode()
     for query, error in ((f'sort=runtime&cursor={newest_cursor}', 'newest or oldest order'),
+                         (f'sort=runtime&cursor={infinite}', 'not one this server handed out'),
                          (f'cursor={runtime_cursor}', 'runtime order'),
                          (f'sort=oldest&cursor={runtime_cursor}', 'runtime order'),
                          (f'sort=runtime&cursor={forged}', 'not one this server handed out'),

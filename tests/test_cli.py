@@ -7,7 +7,7 @@ import pytest
 from conftest import flushed, recording_app, run_next
 from helpers import broker_locked
 
-from app import accounts, audit, broker
+from app import accounts, audit, broker, templating
 from app.extensions import db
 from app.models import Job, utcnow
 
@@ -140,7 +140,7 @@ def test_jobs_list_filters_and_pages_as_the_api_does(ledger_jobs):
     # The table: newest first, the next page's cursor on standard error.
     out = run(app, 'jobs', 'list', '--limit', '2')
     header, *rows = out.stdout.splitlines()
-    assert header.split() == ['ID', 'STATE', 'QUEUE', 'TASK', 'ATTEMPTS', 'CREATED', 'FINISHED']
+    assert header.split() == ['ID', 'STATE', 'QUEUE', 'TASK', 'ATTEMPTS', 'CREATED', 'FINISHED', 'RUN']
     assert [r.split()[:5] for r in rows] == [[waiting[3], 'queued', 'default', 'noop', '0'],
                                              [waiting[2], 'queued', 'default', 'noop', '0']]
     cursor = re.fullmatch(r'more: add --cursor (\S+)\n', out.stderr).group(1)
@@ -170,6 +170,12 @@ def test_jobs_list_filters_and_pages_as_the_api_does(ledger_jobs):
         assert body == client.get(f'/api/jobs?sort={sort}&limit=2').get_json()
     assert listed('--sort', 'oldest') == [failed, *waiting]
     assert listed('--sort', 'runtime') == [failed]  # the one job that ran
+    # Its run time in the last column (the run-time order's key); '-' for a job not finished.
+    table = run(app, 'jobs', 'list', '--sort', 'oldest').stdout.splitlines()
+    assert table[0].split()[-1] == 'RUN'
+    ran = db.session.get(Job, failed).run_seconds
+    assert table[1].split()[0] == failed and table[1].endswith(templating.format_duration(ran))
+    assert [line.split()[-1] for line in table[2:]] == ['-'] * len(waiting)
 
 
 def test_jobs_list_refuses_bad_filters_cursors_and_limits(app):

@@ -228,6 +228,49 @@ def test_interrupted_attempt_is_requeued_as_the_next_attempt(ledger_app):
         (1, 'interrupted'), (2, 'succeeded')]
 
 
+def test_the_job_keeps_its_latest_ended_attempts_run_time_for_the_run_time_order(ledger_app):
+    app, recorder = ledger_app
+    huey = broker.hueys['default']
+    runtime = lambda: [j.id for j in queries.list_jobs(sort='runtime')[0]]  # noqa: E731
+    # An attempt's start and end written apart (the writer's 'finish').
+    first = submit(app, 'noop')
+    task = huey.dequeue()
+    recorder.on_signal(huey, 'default', 'executing', task)
+    flushed(recorder)
+    assert db.session.get(Job, first.id).run_seconds is None  # nothing ended yet
+    recorder.on_signal(huey, 'default', 'interrupted', task)
+    flushed(recorder)
+    row = db.session.get(Job, first.id)
+    [interrupted] = attempts_of(first.id)
+    assert row.state == 'queued' and row.run_seconds == interrupted.duration is not None
+    assert first.id not in runtime()  # not finished
+    # Started and ended within one batch (the writer's 'ran').
+    run_next()
+    flushed(recorder)
+    row = db.session.get(Job, first.id)
+    assert row.state == 'succeeded' and row.run_seconds == attempts_of(first.id)[1].duration
+    # Canceled while it waits for a retry: the run time stays its failed
+    # attempt's, not the time from that attempt's start to the cancel.
+    waiting = submit(app, 'flaky', {'failures': 1}, retry_delay=3600)
+    run_next()
+    flushed(recorder)
+    [failed] = attempts_of(waiting.id)
+    assert db.session.get(Job, waiting.id).run_seconds == failed.duration
+    jobs.cancel(waiting.id)
+    db.session.expire_all()
+    row = db.session.get(Job, waiting.id)
+    assert row.state == 'canceled' and row.run_seconds == failed.duration
+    assert row.finished_at - row.started_at > dt.timedelta(seconds=failed.duration)
+    by_run = sorted([(row.run_seconds, row.id),
+                     (db.session.get(Job, first.id).run_seconds, first.id)], reverse=True)
+    assert runtime() == [i for _s, i in by_run]
+    # Canceled before any attempt ran: no run time, not in that order.
+    queued = submit(app, 'noop')
+    jobs.cancel(queued.id)
+    db.session.expire_all()
+    assert db.session.get(Job, queued.id).run_seconds is None and queued.id not in runtime()
+
+
 def test_a_failed_flush_keeps_every_change(ledger_app, tmp_path):
     app, recorder = ledger_app
     job = submit(app, 'noop')

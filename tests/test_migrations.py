@@ -7,6 +7,7 @@ from alembic.migration import MigrationContext
 from conftest import make_app
 from flask_migrate import downgrade, upgrade
 
+from app import queries
 from app.extensions import db
 from app.ledger import tallies
 
@@ -99,4 +100,49 @@ def test_secret_values_recorded_before_move_out_of_the_shown_params(tmp_path, le
             params = dict(conn.execute(sa.text('SELECT id, CAST(params AS TEXT) FROM job')).all())
         assert json.loads(params['job-0000'])['card'] == '4111 1111 1111 1234'
         assert json.loads(params['job-0600'])['card'] == '123'
+        db.engine.dispose()
+
+
+def test_run_times_are_filled_from_the_attempts_already_recorded(tmp_path, ledger_url):
+    app = make_app(tmp_path, DATABASE_URL=ledger_url)
+    with app.app_context():
+        downgrade(revision='0010')
+        params = 'CAST(:params AS json)' if db.engine.dialect.name == 'postgresql' else ':params'
+        # (job, state, attempts as (outcome, ended, duration)): a job that
+        # ran twice, one canceled while it waited for a retry, one whose
+        # second attempt still runs, one that never ran.
+        jobs_ = [('ran-twice', 'succeeded', [('failed', True, 4.0), ('succeeded', True, 0.5)]),
+                 ('canceled', 'canceled', [('failed', True, 1.25)]),
+                 ('running', 'running', [('failed', True, 2.0), ('running', False, None)]),
+                 ('never-ran', 'canceled', [])]
+        with db.engine.begin() as conn:
+            for job_id, state, attempts in jobs_:
+                conn.execute(sa.text(
+                    'INSERT INTO job (id, task, queue, params, state, priority, attempts, '
+                    'attempt_base, retries, retry_delay, created_at, started_at, finished_at, '
+                    f"updated_at, version) VALUES (:id, 'noop', 'default', {params}, :state, 0, "
+                    ":n, 0, 3, 0, '2026-01-01 00:00:00', :started, :finished, "
+                    "'2026-01-01 00:00:00', 1)"),
+                    {'id': job_id, 'params': '{}', 'state': state, 'n': len(attempts),
+                     'started': '2026-01-01 00:00:01' if attempts else None,
+                     'finished': None if state == 'running' else '2026-01-01 00:05:00'})
+                for number, (outcome, ended, duration) in enumerate(attempts, 1):
+                    conn.execute(sa.text(
+                        'INSERT INTO attempt (job_id, number, outcome, started_at, finished_at, '
+                        "duration) VALUES (:id, :n, :outcome, '2026-01-01 00:00:01', :end, :d)"),
+                        {'id': job_id, 'n': number, 'outcome': outcome, 'd': duration,
+                         'end': '2026-01-01 00:00:05' if ended else None})
+        upgrade()
+        with db.engine.connect() as conn:
+            run = dict(conn.execute(sa.text('SELECT id, run_seconds FROM job')).all())
+        assert run == {'ran-twice': 0.5, 'canceled': 1.25, 'running': 2.0, 'never-ran': None}
+        # The run-time order lists the finished ones by it, through its index.
+        with app.test_request_context():
+            listed = [j.id for j in queries.list_jobs(sort='runtime')[0]]
+            db.session.remove()  # its read ends before the schema changes
+        assert listed == ['canceled', 'ran-twice']
+        downgrade(revision='0010')
+        with db.engine.connect() as conn:
+            assert 'run_seconds' not in {c['name'] for c in db.inspect(conn).get_columns('job')}
+            assert conn.execute(sa.text('SELECT count(*) FROM job')).scalar() == 4
         db.engine.dispose()

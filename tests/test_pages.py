@@ -487,6 +487,7 @@ def _ended(app, job_id, state, error_type=None, message=None, outcome=None, trac
         finished = dt.datetime.utcnow().replace(microsecond=0) - dt.timedelta(minutes=3)
         started = finished - dt.timedelta(seconds=ran)
         row.state, row.attempts, row.started_at, row.finished_at = state, 1, started, finished
+        row.run_seconds = ran  # as the ledger's writer keeps it
         row.error_type = error_type
         row.error = (f'{error_type}: {message}' if message else error_type) if error_type else None
         for key, value in values.items():

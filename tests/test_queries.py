@@ -114,6 +114,7 @@ def _finished_jobs(app, spans):
         row.created_at = base + dt.timedelta(seconds=created)
         row.started_at = row.created_at + dt.timedelta(seconds=1)
         row.finished_at = row.started_at + dt.timedelta(seconds=ran)
+        row.run_seconds = ran  # as the ledger's writer keeps it
         row.state, row.attempts = 'succeeded', 1
         ids.append(job.id)
     db.session.commit()
@@ -133,14 +134,17 @@ def _walk(sort, limit, **filters):
 
 
 def test_each_sort_pages_through_every_job_once_in_its_order(tmp_path, ledger_url):
+    import sqlalchemy as sa
     from conftest import make_app
 
     from app.extensions import db
     from app.models import Job
     app = make_app(tmp_path, DATABASE_URL=ledger_url)
     with app.app_context():
-        # Run times with ties (2.5 s twice, 0.25 s three times) and fractions.
-        spans = [(0, 2.5), (1, 0.25), (2, 7.125), (3, 0.25), (4, 2.5), (5, 0.25), (6, 30.0)]
+        # Run times with ties (2.5 s twice, 0.25 s three times), fractions, and one whose
+        # float's text has an exponent (a cursor holds it).
+        spans = [(0, 2.5), (1, 0.25), (2, 7.125), (3, 0.25), (4, 2.5), (5, 0.25), (6, 30.0),
+                 (7, 1.5e-05)]
         ids = _finished_jobs(app, spans)
         waiting = submit(app).id  # never ran: no run time, left out of that order
         created = {i: n for n, i in enumerate(ids)}
@@ -153,6 +157,21 @@ def test_each_sort_pages_through_every_job_once_in_its_order(tmp_path, ledger_ur
         assert sorted(by_run) == sorted(ids) and pages == 4
         # Longest first, then the larger id among equal run times.
         assert by_run == sorted(ids, key=lambda i: (ran[i], i), reverse=True)
+        if db.engine.dialect.name == 'sqlite':
+            # A page of the run-time order walks its index: no sort of the finished jobs.
+            seen = []
+
+            def note(conn, cursor, statement, params, context, many):
+                seen.append((statement, params))
+            sa.event.listen(db.engine, 'before_cursor_execute', note)
+            try:
+                queries.list_jobs(limit=2, sort='runtime', cursor=queries.list_jobs(
+                    limit=2, sort='runtime')[1])
+            finally:
+                sa.event.remove(db.engine, 'before_cursor_execute', note)
+            plan = ' '.join(r[-1] for r in db.session.connection().exec_driver_sql(
+                'EXPLAIN QUERY PLAN ' + seen[0][0], seen[0][1]))
+            assert 'ix_job_run' in plan and 'TEMP B-TREE' not in plan, plan
         # A filter narrows each order the same way.
         db.session.get(Job, ids[2]).task = 'sleep'
         db.session.commit()

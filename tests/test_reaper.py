@@ -150,6 +150,7 @@ def test_a_lost_job_fails_saying_why_when_it_cannot_run_again(ctx, task, options
     row = db.session.get(Job, job.id)
     assert row.state == 'failed' and row.error.endswith(f'({why})')
     assert [a.outcome for a in row.attempt_rows] == ['lost']
+    assert row.run_seconds is None  # it never started as far as the ledger knows
     assert broker.message_ids('default') == set() and inflight_of('gone:1') == []
 
 
@@ -168,6 +169,8 @@ def test_a_running_job_of_a_stopped_consumer_fails_when_it_cannot_run_again(ctx,
     assert row.state == 'failed' and row.error.endswith(f'({why})')
     assert [a.outcome for a in row.attempt_rows] == ['lost']
     assert 'stopped at' in row.attempt_rows[0].error_message
+    # Its run time is the lost attempt's, from its start to when it was found lost.
+    assert row.run_seconds == row.attempt_rows[0].duration >= 1
 
 
 def test_jobs_of_live_consumers_are_left_alone(ctx):

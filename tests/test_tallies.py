@@ -698,7 +698,7 @@ def test_a_job_deleted_while_its_page_is_read_neither_ends_nor_skips_the_list(
     if sort == 'runtime':  # every job finished, so that the run-time order lists them all
         with db.engine.begin() as conn:
             conn.execute(sa.update(Job).values(started_at=Job.created_at,
-                                               finished_at=Job.created_at))
+                                               finished_at=Job.created_at, run_seconds=0.0))
     listed = [i for page in search_pages(search, 5, sort) for i in page]
     assert deleted and len(listed) == len(set(listed))
     assert set(listed) == matching - set(deleted)

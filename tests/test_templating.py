@@ -47,12 +47,13 @@ def test_a_running_clock_and_a_finished_run_time():
     assert templating.running_for(start, start + dt.timedelta(seconds=75)) == '1m 15s'
     assert templating.running_for(None) == ''
 
-    def job(state, started, finished):
-        return SimpleNamespace(state=state, started_at=started, finished_at=finished)
+    def job(state, finished, ran):
+        return SimpleNamespace(state=state, finished_at=finished, run_seconds=ran)
     end = start + dt.timedelta(seconds=2.5)
-    assert templating.run_time(job('succeeded', start, end)) == 2.5
-    assert templating.run_time(job('failed', start, end)) == 2.5
-    # withdrawn before it ran again: its times are an earlier attempt's
-    assert templating.run_time(job('canceled', start, end)) is None
-    assert templating.run_time(job('succeeded', None, end)) is None
-    assert templating.run_time(job('succeeded', end, start)) is None  # clocks of two hosts
+    # The latest attempt's run time, as the writer keeps it, once the job has ended.
+    assert templating.run_time(job('succeeded', end, 2.5)) == 2.5
+    assert templating.run_time(job('failed', end, 0.125)) == 0.125
+    # canceled while it waited for a retry: the attempt that ran before
+    assert templating.run_time(job('canceled', end, 1.5)) == 1.5
+    assert templating.run_time(job('canceled', end, None)) is None  # withdrawn before it ran
+    assert templating.run_time(job('retrying', None, 2.5)) is None  # not ended yet

@@ -64,16 +64,16 @@ def apply(conn, ops):
             attempts.append((job_id, n, worker, f.outcome, ts(at), ts(f.at), f.duration,
                              f.error_type, f.error_message, f.traceback))
             state, finished, result, error, prog = job_end(f)
-            ran_rows.append((state, n, ts(at), ts(finished), worker, d.json(result), error,
-                             f.error_type, prog, now, job_id, n))
+            ran_rows.append((state, n, ts(at), ts(finished), f.duration, worker, d.json(result),
+                             error, f.error_type, prog, now, job_id, n))
             changed[job_id] = (state, s.queue, s.task)
             done.append((job_id, _ended(f, s.queue)))
     for f in finishes.values():
         ended.append((f.outcome, ts(f.at), f.duration, f.error_type, f.error_message,
                       f.traceback, f.job_id, f.number))
         state, finished, result, error, prog = job_end(f)
-        finish_rows.append((state, ts(finished), d.json(result), error, f.error_type, prog, now,
-                            f.job_id, f.number))
+        finish_rows.append((state, ts(finished), f.duration, d.json(result), error, f.error_type,
+                            prog, now, f.job_id, f.number))
         changed[f.job_id] = (state, f.queue, f.task)
         done.append((f.job_id, _ended(f, f.queue)))
 

@@ -15,12 +15,14 @@ _SQL = {
              'version = version + 1, updated_at = ? WHERE id = ? AND attempts < ?',
     # attempt n started and ended within one batch (fast jobs)
     'ran': 'UPDATE job SET state = ?, attempts = ?, started_at = ?, finished_at = ?, '
-           'scheduled_for = NULL, worker = ?, result = ?, error = ?, error_type = ?, progress = ?, '
-           'progress_message = NULL, version = version + 1, updated_at = ? '
+           'run_seconds = ?, scheduled_for = NULL, worker = ?, result = ?, error = ?, '
+           'error_type = ?, progress = ?, progress_message = NULL, version = version + 1, '
+           'updated_at = ? '
            'WHERE id = ? AND attempts < ?',
     # attempt n ended; the job moves only if no later attempt started meanwhile
-    'finish': 'UPDATE job SET state = ?, finished_at = ?, result = ?, error = ?, error_type = ?, '
-              'progress = COALESCE(?, progress), version = version + 1, updated_at = ? '
+    'finish': 'UPDATE job SET state = ?, finished_at = ?, run_seconds = ?, result = ?, error = ?, '
+              'error_type = ?, progress = COALESCE(?, progress), version = version + 1, '
+              'updated_at = ? '
               'WHERE id = ? AND attempts = ? AND state = {running}',
     'progress': 'UPDATE job SET progress = ?, progress_message = ?, version = version + 1, '
                 'updated_at = ? WHERE id = ? AND attempts = ? AND state = {running}',
