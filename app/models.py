@@ -132,8 +132,15 @@ class Job(db.Model):
         sa.Index('ix_job_due', 'queue', 'scheduled_for',
                  sqlite_where=sa.text(DUE), postgresql_where=sa.text(DUE)),
         # The run-time order (longest last attempt first) of the finished
-        # jobs: partial, so it holds only those.
+        # jobs, alone or within one state, queue or task, as the created
+        # order's: partial, so they hold only those.
         sa.Index('ix_job_run', 'run_seconds', 'id',
+                 sqlite_where=sa.text(RAN), postgresql_where=sa.text(RAN)),
+        sa.Index('ix_job_state_run', 'state', 'run_seconds', 'id',
+                 sqlite_where=sa.text(RAN), postgresql_where=sa.text(RAN)),
+        sa.Index('ix_job_queue_run', 'queue', 'run_seconds', 'id',
+                 sqlite_where=sa.text(RAN), postgresql_where=sa.text(RAN)),
+        sa.Index('ix_job_task_run', 'task', 'run_seconds', 'id',
                  sqlite_where=sa.text(RAN), postgresql_where=sa.text(RAN)),
     )
 

@@ -2,8 +2,8 @@
 
 For each size (``--small`` and ``--large`` jobs) the script seeds a fresh
 ledger with ``bench/seed.py`` (the large SQLite file is kept between runs in
-``$TMPDIR/qm-bench-history/``, keyed by its size, the migration head and the
-seeding code, and copied for each run; on PostgreSQL a seeded database is
+``$TMPDIR/qm-bench-history/``, keyed by its size, the migrations and the
+seeding and writing code, and copied for each run; on PostgreSQL a seeded database is
 kept as a template, ``qm_hist_<key>``), starts the product on each as
 ``make run`` does (``gunicorn -c gunicorn.conf.py wsgi:app``, embedded
 mode, no ``REDIS_URL``; an admin token is made only if the server asks for
@@ -80,9 +80,13 @@ def migration_head():
 
 
 def cache_key(n, queues, seed):
-    """What a seeded ledger depends on: its size, the schema, the seeding code, queues, seed."""
-    code = hashlib.sha256((ROOT / 'bench' / 'seed.py').read_bytes()).hexdigest()[:10]
-    return f'{n}_{migration_head()}_{code}_{queues.replace(",", "-")}_s{seed}'
+    """What a seeded ledger depends on: its size, the schema (the migrations' head and
+    text), the seeding and writing code (``bench/seed.py``, ``app/ledger/``), queues, seed."""
+    code = hashlib.sha256()
+    for path in [ROOT / 'bench' / 'seed.py', *sorted((ROOT / 'migrations' / 'versions').glob('*.py')),
+                 *sorted((ROOT / 'app' / 'ledger').glob('*.py'))]:
+        code.update(path.read_bytes())
+    return f'{n}_{migration_head()}_{code.hexdigest()[:10]}_{queues.replace(",", "-")}_s{seed}'
 
 
 def run_seed(url, n, queues, seed, instance):

@@ -167,11 +167,18 @@ def test_each_sort_pages_through_every_job_once_in_its_order(tmp_path, ledger_ur
             try:
                 queries.list_jobs(limit=2, sort='runtime', cursor=queries.list_jobs(
                     limit=2, sort='runtime')[1])
+                for within in ({'state': 'failed'}, {'queue': 'default'}, {'task': 'noop'}):
+                    queries.list_jobs(limit=2, sort='runtime', **within)  # as the created order
             finally:
                 sa.event.remove(db.engine, 'before_cursor_execute', note)
-            plan = ' '.join(r[-1] for r in db.session.connection().exec_driver_sql(
-                'EXPLAIN QUERY PLAN ' + seen[0][0], seen[0][1]))
-            assert 'ix_job_run' in plan and 'TEMP B-TREE' not in plan, plan
+            pages = [(statement, params) for statement, params in seen
+                     if 'ORDER BY job.run_seconds' in statement]
+            for (statement, params), index in zip(pages, (
+                    'ix_job_run', 'ix_job_run', 'ix_job_state_run', 'ix_job_queue_run',
+                    'ix_job_task_run'), strict=True):
+                plan = ' '.join(r[-1] for r in db.session.connection().exec_driver_sql(
+                    'EXPLAIN QUERY PLAN ' + statement, params))
+                assert f'INDEX {index} ' in plan and 'TEMP B-TREE' not in plan, plan
         # A filter narrows each order the same way.
         db.session.get(Job, ids[2]).task = 'sleep'
         db.session.commit()

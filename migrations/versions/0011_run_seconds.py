@@ -3,8 +3,9 @@
 ``job.run_seconds`` is the ``duration`` of the job's latest attempt that
 ended; the ledger's writer keeps it from now on, and this migration fills
 it from the attempts already recorded. ``ix_job_run`` (partial: finished
-jobs with a run time) is walked by the run-time order of the jobs list,
-which before sorted every finished job by ``finished_at - started_at``.
+jobs with a run time), and its three companions within a state, queue or
+task, are walked by the run-time order of the jobs list, which before
+sorted every finished job by ``finished_at - started_at``.
 
 SQLite adds the column without copying the table, and its triggers (of
 migration 0008) watch other columns. On PostgreSQL the counters' row
@@ -26,6 +27,11 @@ branch_labels = None
 depends_on = None
 
 RAN = 'finished_at IS NOT NULL AND run_seconds IS NOT NULL'
+# The run-time order alone, and within one state, queue or task.
+RUN_INDEXES = {'ix_job_run': ['run_seconds', 'id'],
+               'ix_job_state_run': ['state', 'run_seconds', 'id'],
+               'ix_job_queue_run': ['queue', 'run_seconds', 'id'],
+               'ix_job_task_run': ['task', 'run_seconds', 'id']}
 # The duration of each job's latest attempt that ended (attempts are keyed
 # (job_id, number): one index probe a job).
 FILL = ('UPDATE job SET run_seconds = (SELECT a.duration FROM attempt a '
@@ -41,12 +47,14 @@ def upgrade():
     op.execute(FILL)
     if postgres:
         op.execute('ALTER TABLE job ENABLE TRIGGER job_tally')
-    op.create_index('ix_job_run', 'job', ['run_seconds', 'id'], unique=False,
-                    sqlite_where=sa.text(RAN), postgresql_where=sa.text(RAN))
+    for name, columns in RUN_INDEXES.items():
+        op.create_index(name, 'job', columns, unique=False,
+                        sqlite_where=sa.text(RAN), postgresql_where=sa.text(RAN))
 
 
 def downgrade():
-    op.drop_index('ix_job_run', table_name='job')
+    for name in RUN_INDEXES:
+        op.drop_index(name, table_name='job')
     # A plain DROP COLUMN (SQLite 3.35+): a batch would copy the table and
     # lose the triggers of migration 0008.
     op.drop_column('job', 'run_seconds')
