@@ -83,7 +83,8 @@ def cache_key(n, queues, seed):
     """What a seeded ledger depends on: its size, the schema (the migrations' head and
     text), the seeding and writing code (``bench/seed.py``, ``app/ledger/``), queues, seed."""
     code = hashlib.sha256()
-    for path in [ROOT / 'bench' / 'seed.py', *sorted((ROOT / 'migrations' / 'versions').glob('*.py')),
+    for path in [ROOT / 'bench' / 'seed.py',
+                 *sorted((ROOT / 'migrations' / 'versions').glob('*.py')),
                  *sorted((ROOT / 'app' / 'ledger').glob('*.py'))]:
         code.update(path.read_bytes())
     return f'{n}_{migration_head()}_{code.hexdigest()[:10]}_{queues.replace(",", "-")}_s{seed}'
