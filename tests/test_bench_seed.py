@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from app import catalog, states
 from app.extensions import db
+from app.models import Job
 
 from conftest import make_app
 
@@ -327,3 +328,63 @@ def test_a_seeding_stopped_by_sigterm_ends_its_generator_and_says_what_it_left(t
     wait_for(lambda: not Path(f'/proc/{generator}').exists()
              or Path(f'/proc/{generator}/stat').read_text().split(') ')[1][0] == 'Z',
              10, 0.1, 'the generating process to end')
+
+
+def job_indexes(app):
+    """The job table's indexes as the database describes them: ``{name: definition}``."""
+    with app.app_context():
+        try:
+            if db.engine.dialect.name == 'sqlite':
+                found = db.session.execute(sa.text(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+                    "AND tbl_name = 'job'")).all()
+            else:
+                found = db.session.execute(sa.text(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'job'")).all()
+            return dict(found)
+        finally:
+            db.session.remove()
+
+
+def test_an_empty_ledger_is_written_without_the_job_indexes_and_ends_with_them(
+        tmp_path, monkeypatch, ledger_url):
+    app = make_app(tmp_path, DATABASE_URL=ledger_url)
+    migrated = job_indexes(app)
+    deferred = {i.name for i in Job.__table__.indexes if not i.unique}
+    assert {'ix_job_created', 'ix_job_run', 'ix_job_task_run'} <= deferred <= set(migrated)
+    seen = []  # the indexes there while each transaction was written
+    real = seed.write
+
+    def write(session, chunk):
+        seen.append(set(job_indexes(app)))
+        return real(session, chunk)
+    monkeypatch.setattr(seed, 'write', write)
+    seed.seed(app, 30, days=DAYS, seed=1, now=NOW, chunk=10, fork=False)
+    assert seen == [set(migrated) - deferred] * 3
+    assert job_indexes(app) == migrated  # the same definitions, built once
+    # An append writes with them all.
+    seen.clear()
+    seed.seed(app, 10, days=DAYS, seed=2, now=NOW, chunk=10, fork=False)
+    assert seen == [set(migrated)] and job_indexes(app) == migrated
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_a_seeding_that_fails_still_builds_the_job_indexes(tmp_path, monkeypatch):
+    app = make_app(tmp_path)
+    migrated = job_indexes(app)
+    calls = []
+    real = seed.write
+
+    def failing(session, chunk):
+        calls.append(1)
+        if len(calls) == 2:
+            raise sa.exc.OperationalError('INSERT', {}, Exception('disk I/O error'))
+        return real(session, chunk)
+    monkeypatch.setattr(seed, 'write', failing)
+    with pytest.raises(sa.exc.OperationalError):
+        seed.seed(app, 30, days=DAYS, seed=1, now=NOW, chunk=10, fork=False)
+    assert job_indexes(app) == migrated
+    assert rows(app, 'SELECT count(*) FROM job')[0][0] == 10  # the first chunk, committed
+    with app.app_context():
+        db.engine.dispose()
