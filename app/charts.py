@@ -85,7 +85,7 @@ def window_of(value):
     if not value:
         return DEFAULT_WINDOW
     if value not in WINDOWS:
-        raise queries.BadQuery(f'window must be one of {", ".join(WINDOWS)}')
+        raise queries.BadQuery(f'window must be one of {", ".join(WINDOWS)}', 'window')
     return value
 
 

@@ -59,7 +59,13 @@ def register(app):
 
     @app.errorhandler(queries.BadQuery)
     def bad_query(exc):
-        return respond(400, str(exc), fields={})
+        # The parameter at fault under ``fields``, as the declared parameters'
+        # checks name theirs ({"limit": "must be at most 500"}); a page says
+        # it once, in its message.
+        message = str(exc)
+        fields = {exc.field: message.removeprefix(exc.field + ' ')} \
+            if exc.field and _wants_json() else {}
+        return respond(400, message, fields=fields)
 
     @app.errorhandler(states.StateConflict)
     def conflict(exc):

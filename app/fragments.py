@@ -258,7 +258,7 @@ def _named(key):
 def _alert_params(args):
     before = args.get('before') or None
     if before is not None and not (before.isdigit() and len(before) <= 18):
-        raise queries.BadQuery('before must be an alert id')
+        raise queries.BadQuery('before must be an alert id', 'before')
     return {'before': before}
 
 
@@ -297,8 +297,8 @@ def _pager(scope):
     sort = scope.params['sort']
     return {'filters': filters_of(scope.params), 'cursor': scope.params['cursor'],
             'next_cursor': next_cursor, 'sort': sort,
-            'searched_to': queries.decode_cursor(next_cursor)[0] if partial and sort != 'runtime'
-            else None}
+            'searched_to': queries.decode_cursor(next_cursor, sort)[0]
+            if partial and sort != 'runtime' else None}
 
 
 def _job_count(scope):

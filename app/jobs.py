@@ -517,11 +517,11 @@ def bulk(action, ids=None, filters=None, spare_tasks=()):
     Returns a summary.
     """
     if action not in ACTIONS:
-        raise BadQuery(f'action must be one of {", ".join(ACTIONS)}')
+        raise BadQuery(f'action must be one of {", ".join(ACTIONS)}', 'action')
     if ids is not None:
         targets = list(dict.fromkeys(ids))
         if len(targets) > MAX_BULK:
-            raise BadQuery(f'at most {MAX_BULK} ids at once')
+            raise BadQuery(f'at most {MAX_BULK} ids at once', 'ids')
     else:
         targets = db.session.scalars(
             sa.select(Job.id).where(*query_filters(**(filters or {})))

@@ -239,7 +239,7 @@ def bulk_jobs():
     form = request.form
     action = form.get('action')
     if action not in jobs.ACTIONS:
-        raise queries.BadQuery('choose retry, cancel or delete')
+        raise queries.BadQuery('choose retry, cancel or delete', 'action')
     filters = queries.parse_filters(form, prefix='f.')
     back = url_for('pages.job_list', **{k: v for k, v in filters.items() if v})
     if form.get('scope') == 'filter':

@@ -30,7 +30,12 @@ from .models import (DUE, RUN, TIMING_BUCKETS, WAIT, WAITING, Attempt, AttemptLo
 
 
 class BadQuery(ValueError):
-    """A list filter or cursor that cannot be used (HTTP 400)."""
+    """A list filter or cursor that cannot be used (HTTP 400); ``field`` names the query
+    parameter at fault, when one is (the API's 400 lists it under ``fields``)."""
+
+    def __init__(self, message, field=None):
+        super().__init__(message)
+        self.field = field
 
 
 def get(job_id):
@@ -69,13 +74,20 @@ def _unpack(cursor):
     return key, job_id
 
 
-def encode_cursor(job):
-    """The opaque ``next`` cursor of a list page that ends with ``job`` (see :func:`decode_cursor`)."""
-    return _pack(job.created_at.isoformat(), job.id)
+_OLDEST_CURSOR = '^'  # marks a cursor of the oldest-first order
 
 
-def decode_cursor(cursor):
-    """``(created_at, id)`` of the last job of the previous page; raises :class:`BadQuery`.
+def encode_cursor(job, sort='newest'):
+    """The opaque ``next`` cursor of a list page in ``sort`` order (``newest`` or
+    ``oldest``) that ends with ``job`` (see :func:`decode_cursor`)."""
+    mark = _OLDEST_CURSOR if sort == 'oldest' else ''
+    return _pack(mark + job.created_at.isoformat(), job.id)
+
+
+def decode_cursor(cursor, sort='newest'):
+    """``(created_at, id)`` of the last job of the previous page in ``sort`` order (``newest``
+    or ``oldest``); raises :class:`BadQuery`, saying so when the cursor belongs to another
+    order.
 
     A cursor is decoded from whatever the client sends, so what it holds is
     checked as any input would be before it reaches SQL.
@@ -83,16 +95,20 @@ def decode_cursor(cursor):
     try:
         created, job_id = _unpack(cursor)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise BadQuery('cursor is not one this server handed out') from None
+        raise BadQuery('cursor is not one this server handed out', 'cursor') from None
     if created.startswith(_RUNTIME_CURSOR):
-        raise BadQuery('cursor belongs to the runtime order: give sort=runtime')
+        raise BadQuery('cursor belongs to the runtime order: give sort=runtime', 'cursor')
+    oldest = created.startswith(_OLDEST_CURSOR)
+    if oldest != (sort == 'oldest'):
+        raise BadQuery(f'cursor belongs to the {"oldest" if oldest else "newest"} order: '
+                       f'give sort={"oldest" if oldest else "newest"}', 'cursor')
     try:
-        created = dt.datetime.fromisoformat(created)
+        created = dt.datetime.fromisoformat(created.removeprefix(_OLDEST_CURSOR))
         if created.tzinfo is not None:
             raise ValueError(cursor)
         return created, job_id
     except ValueError:
-        raise BadQuery('cursor is not one this server handed out') from None
+        raise BadQuery('cursor is not one this server handed out', 'cursor') from None
 
 
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
@@ -411,11 +427,11 @@ def check_filters(filters):
     """
     state = filters.get('state')
     if state and state not in states.JOB_STATES:
-        raise BadQuery(f'state must be one of {", ".join(states.JOB_STATES)}')
+        raise BadQuery(f'state must be one of {", ".join(states.JOB_STATES)}', 'state')
     for key in FILTER_KEYS:
         value = filters.get(key)
         if value is not None and len(value) > MAX_FILTER:
-            raise BadQuery(f'{key} must be at most {MAX_FILTER} characters')
+            raise BadQuery(f'{key} must be at most {MAX_FILTER} characters', key)
     for key in TIME_FILTERS:
         parse_time(filters.get(key), key)
 
@@ -434,7 +450,7 @@ def parse_time(value, name):
         return catalog.parse_eta(value)  # a submission's eta reads the same way
     except (ValueError, TypeError, AttributeError):
         raise BadQuery(f'{name} must be an ISO 8601 time in UTC, such as '
-                       f'2026-03-01T12:00:00Z') from None
+                       f'2026-03-01T12:00:00Z', name) from None
 
 
 def finished_between(finished_from=None, finished_to=None):
@@ -446,7 +462,7 @@ def finished_between(finished_from=None, finished_to=None):
     start = parse_time(finished_from, 'finished_from')
     end = parse_time(finished_to, 'finished_to')
     if start is not None and end is not None and end <= start:
-        raise BadQuery('finished_to must come after finished_from')
+        raise BadQuery('finished_to must come after finished_from', 'finished_to')
     return ([Job.finished_at >= start] if start is not None else []) + (
         [Job.finished_at < end] if end is not None else [])
 
@@ -509,25 +525,25 @@ def decode_run_cursor(cursor):
     try:
         key, job_id = _unpack(cursor)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise BadQuery('cursor is not one this server handed out') from None
+        raise BadQuery('cursor is not one this server handed out', 'cursor') from None
     seconds = key[len(_RUNTIME_CURSOR):]
     if key.startswith(_RUNTIME_CURSOR) and _RUN_SECONDS.fullmatch(seconds) \
             and math.isfinite(float(seconds)):
         return float(seconds), job_id
     if not key.startswith(_RUNTIME_CURSOR):
         _created_cursor_of_other_order(key)
-    raise BadQuery('cursor is not one this server handed out')
+    raise BadQuery('cursor is not one this server handed out', 'cursor')
 
 
 def _created_cursor_of_other_order(key):
     """Raise :class:`BadQuery` naming the orders a cursor holding ``key`` belongs to, when
     it is a created-order position."""
     try:
-        dt.datetime.fromisoformat(key)
+        dt.datetime.fromisoformat(key.removeprefix(_OLDEST_CURSOR))
     except ValueError:
         return
     raise BadQuery('cursor belongs to the newest or oldest order, not runtime: '
-                   'give the sort it came with')
+                   'give the sort it came with', 'cursor')
 
 
 def check_sort(sort):
@@ -535,7 +551,7 @@ def check_sort(sort):
     if sort in (None, ''):
         return 'newest'
     if sort not in SORTS:
-        raise BadQuery(f'sort must be one of {", ".join(SORTS)}')
+        raise BadQuery(f'sort must be one of {", ".join(SORTS)}', 'sort')
     return sort
 
 
@@ -544,7 +560,7 @@ def check_cursor(cursor, sort='newest'):
     if sort == 'runtime':
         decode_run_cursor(cursor)
     else:
-        decode_cursor(cursor)
+        decode_cursor(cursor, sort)
 
 
 def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
@@ -600,7 +616,7 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     newest = sort == 'newest'
     key = sa.tuple_(Job.created_at, Job.id)
     if cursor:
-        bound = sa.tuple_(*decode_cursor(cursor))
+        bound = sa.tuple_(*decode_cursor(cursor, sort))
         conditions.append(key < bound if newest else key > bound)
     order = (Job.created_at.desc(), Job.id.desc()) if newest else (Job.created_at, Job.id)
     plan = search_plan(q) if q and q.strip() else None
@@ -639,8 +655,8 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     # would skip the matches before it).
     rows = _rows_of([job_id for _created, job_id in keys[:limit]], with_result)
     if len(keys) > limit:
-        return rows, encode_cursor(_Key(*keys[limit - 1]))
-    return rows, encode_cursor(_Key(*edge)) if edge is not None else None
+        return rows, encode_cursor(_Key(*keys[limit - 1]), sort)
+    return rows, encode_cursor(_Key(*edge), sort) if edge is not None else None
 
 
 def _page_keys(conditions, order, limit):

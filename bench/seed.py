@@ -1096,6 +1096,20 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _shown_url(url):
+    """``--database-url`` as a message may show it: its password hidden."""
+    if not url:
+        return '(the configured one)'
+    try:
+        return sa.engine.make_url(_url(url)).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return '(the --database-url given)'
+
+
+MAX_DAYS = 36_500  # --days at most: a century
+EARLIEST, LATEST = dt.datetime(1970, 1, 1), dt.datetime(9000, 1, 1)  # a period's bounds
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--jobs', type=int, required=True, help='jobs to write')
@@ -1108,8 +1122,10 @@ def main(argv=None):
     parser.add_argument('--append', action='store_true',
                         help='write into a ledger that already holds jobs')
     args = parser.parse_args(argv)
-    if args.jobs < 0 or args.days <= 0:
-        parser.error('--jobs must be 0 or more and --days more than 0')
+    if args.jobs < 0:
+        parser.error('--jobs must be 0 or more')
+    if not (math.isfinite(args.days) and 0 < args.days <= MAX_DAYS):
+        parser.error(f'--days must be more than 0 and at most {MAX_DAYS:,} (a century)')
     now = None
     if args.now:
         from app.catalog import parse_eta
@@ -1117,12 +1133,22 @@ def main(argv=None):
             now = parse_eta(args.now)
         except ValueError as exc:
             parser.error(f'--now: {exc}')
+    # The period, and the retries and runs that go on past its end, stay
+    # within the years a datetime (and the databases) can hold.
+    end = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    if not EARLIEST + dt.timedelta(days=args.days) <= end <= LATEST:
+        parser.error(f'--now and --days: the period must start after {EARLIEST:%Y-%m-%d} '
+                     f'and end before {LATEST:%Y-%m-%d}')
     from app.config import ConfigError
     try:
         app = make_app(_url(args.database_url), args.queues)
+        existing = job_count(app)
     except ConfigError as exc:
         parser.error(str(exc))
-    existing = job_count(app)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, sa.exc.OperationalError) as exc:
+        # A URL that is no URL, a driver not installed, a database that cannot be opened.
+        sys.exit(f'cannot open the ledger {_shown_url(args.database_url)}: '
+                 f'{(str(getattr(exc, "orig", None) or exc).splitlines() or ["?"])[0]}')
     if existing and not args.append:
         sys.exit(f'the ledger already holds {existing} jobs: seed an empty one, or give '
                  f'--append (with another --seed)')

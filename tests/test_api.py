@@ -195,10 +195,14 @@ def test_the_list_pages_oldest_first_and_by_run_time(client, app):
     # A cursor belongs to its order, and says so; an unknown order or a forged
     # run time is refused.
     newest_cursor = client.get('/api/jobs?limit=2').get_json()['next']
+    oldest_cursor = client.get('/api/jobs?sort=oldest&limit=2').get_json()['next']
     runtime_cursor = client.get('/api/jobs?sort=runtime&limit=2').get_json()['next']
     forged = base64.urlsafe_b64encode(f'~1e-16384|{oldest[0]}'.encode()).decode()
     infinite = base64.urlsafe_b64encode(f'~1e+999|{oldest[0]}'.encode()).decode()
     for query, error in ((f'sort=runtime&cursor={newest_cursor}', 'newest or oldest order'),
+                         (f'sort=runtime&cursor={oldest_cursor}', 'newest or oldest order'),
+                         (f'sort=oldest&cursor={newest_cursor}', 'newest order: give sort=newest'),
+                         (f'cursor={oldest_cursor}', 'oldest order: give sort=oldest'),
                          (f'sort=runtime&cursor={infinite}', 'not one this server handed out'),
                          (f'cursor={runtime_cursor}', 'runtime order'),
                          (f'sort=oldest&cursor={runtime_cursor}', 'runtime order'),
@@ -238,13 +242,19 @@ def test_the_list_filters_by_the_time_jobs_finished(client, app):
     assert {'finished_from', 'finished_to'} <= names
 
 
-def test_bad_list_queries_are_400(client):
-    for query in ('state=exploded', 'limit=0', 'limit=100000', 'limit=ten', 'cursor=%%%',
-                  'finished_from=yesterday', 'finished_to=2026-02-30T00:00:00Z',
-                  'finished_from=2026-03-02T00:00:00Z&finished_to=2026-03-01T00:00:00Z'):
+def test_bad_list_queries_are_400_naming_the_parameter(client):
+    for query, field in (('state=exploded', 'state'), ('limit=0', 'limit'),
+                         ('limit=100000', 'limit'), ('limit=ten', 'limit'),
+                         ('cursor=%%%', 'cursor'), ('sort=slowest', 'sort'),
+                         ('finished_from=yesterday', 'finished_from'),
+                         ('finished_to=2026-02-30T00:00:00Z', 'finished_to'),
+                         ('finished_from=2026-03-02T00:00:00Z&finished_to=2026-03-01T00:00:00Z',
+                          'finished_to')):
         resp = client.get(f'/api/jobs?{query}')
         assert resp.status_code == 400, query
-        assert resp.get_json()['error']
+        body = resp.get_json()
+        assert body['error'] and list(body['fields']) == [field], (query, body)
+        assert not body['fields'][field].startswith(field), body  # named once, as the key
 
 
 def test_tasks_and_stats(client):

@@ -388,3 +388,36 @@ def test_a_seeding_that_fails_still_builds_the_job_indexes(tmp_path, monkeypatch
     assert rows(app, 'SELECT count(*) FROM job')[0][0] == 10  # the first chunk, committed
     with app.app_context():
         db.engine.dispose()
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--days', 'nan'], '--days must be more than 0 and at most 36,500'),
+    (['--days', 'inf'], '--days must be'),
+    (['--days', '1e6'], '--days must be'),
+    (['--days', '0'], '--days must be'),
+    (['--now', '0001-01-02T00:00:00Z'], 'the period must start after 1970-01-01'),
+    (['--now', '1971-01-01T00:00:00Z', '--days', '400'], 'the period must start after'),
+    (['--now', '9999-12-31T00:00:00Z'], 'and end before 9000-01-01'),
+    (['--now', 'soon'], '--now:'),
+    (['--jobs', '-1'], '--jobs must be 0 or more'),
+])
+def test_impossible_arguments_are_refused_before_the_ledger_is_made(tmp_path, capsys, args,
+                                                                    says):
+    path = tmp_path / 'ledger.db'
+    with pytest.raises(SystemExit) as exc:
+        seed.main(['--jobs', '10', '--database-url', str(path), *args])
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+    assert not path.exists()
+
+
+@pytest.mark.parametrize('url, says', [
+    ('sqlite:////no/such/directory/ledger.db', 'unable to open database file'),
+    ('postgresql://nobody:s3cret@127.0.0.1:1/ledger', 'connection'),
+])
+def test_a_ledger_that_cannot_be_opened_is_named_without_a_traceback(url, says):
+    with pytest.raises(SystemExit) as exc:
+        seed.main(['--jobs', '10', '--database-url', url])
+    message = str(exc.value.code)
+    shown = url.replace(':s3cret', ':***')  # a password is not shown
+    assert message.startswith(f'cannot open the ledger {shown}: ') and says in message, message
+    assert 's3cret' not in message
