@@ -294,9 +294,13 @@ def queue_page(name):
     return _page('queue', 'queue.html', params, queue=name)
 
 
-@bp.get('/tasks/<name>')
+@bp.get('/tasks/<path:name>')
 def task_page(name):
-    """One task type's charts: throughput, wait and run time."""
+    """One task type's charts: throughput, wait and run time.
+
+    ``path``: a task name may hold ``/`` (a job enqueued around the API
+    names its task as its producer does), and its page is still one URL.
+    """
     if not queries.known_task(name):
         raise NotFound(f'no task type named {name}')
     params = PAGES['task'].parse({**request.args.to_dict(), 'task': name})

@@ -185,6 +185,28 @@ def test_queue_and_task_names_are_escaped(tmp_path):
         db.engine.dispose()
 
 
+def test_a_task_named_with_a_slash_has_its_page_and_its_window_links(tmp_path):
+    app = make_app(tmp_path, QUEUES=['default'])
+    client = app.test_client()
+    name = 'billing/charge.v2'  # enqueued around the API by another producer
+    with app.app_context():
+        job_id = str(uuid.uuid4())
+        db.session.add(Job(id=job_id, task=name, queue='default', params={}, state='queued',
+                           retries=0, retry_delay=1.0, created_at=utcnow(), updated_at=utcnow()))
+        db.session.commit()
+    row = client.get(f'/jobs/{job_id}/row').get_data(as_text=True)
+    [page] = re.findall(r'href="(/tasks/[^"]+)"', row)
+    links = re.findall(r'href="(/tasks/[^"]+)"', client.get(
+        f'/charts?task={name}&window=24h').get_data(as_text=True))
+    assert links and all(link.startswith('/tasks/billing/charge.v2?window=') for link in links)
+    for url in (page, *links):
+        resp = client.get(url.replace('&amp;', '&'))
+        assert resp.status_code == 200 and f'{name}' in resp.get_data(as_text=True), url
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
 def without_csrf(html):
     """``html`` with its forms' CSRF tokens blanked: each request's token is signed with
     the second it was made in, so two requests a second boundary apart differ there."""
