@@ -1,4 +1,6 @@
 """Reading jobs: cursors and filters."""
+import contextlib
+
 import pytest
 
 from app import catalog, jobs, queries
@@ -6,6 +8,29 @@ from app import catalog, jobs, queries
 
 def submit(app, task='noop', params=None):
     return jobs.submit(catalog.validate({'task': task, 'params': params or {}}, app.config)).orm()
+
+
+@contextlib.contextmanager
+def sqlite_plans():
+    """Yield a function giving the query plans (SQLite's EXPLAIN QUERY PLAN, each as one
+    line) of the statements run since the block began that contain a text."""
+    import sqlalchemy as sa
+
+    from app.extensions import db
+    seen = []
+
+    def note(conn, cursor, statement, params, context, many):
+        seen.append((statement, params))
+
+    def plans(containing=''):
+        return [' '.join(r[-1] for r in db.session.connection().exec_driver_sql(
+            'EXPLAIN QUERY PLAN ' + statement, params))
+            for statement, params in list(seen) if containing in statement]
+    sa.event.listen(db.engine, 'before_cursor_execute', note)
+    try:
+        yield plans
+    finally:
+        sa.event.remove(db.engine, 'before_cursor_execute', note)
 
 
 def test_a_cursor_round_trips_and_a_forged_one_is_refused(ctx):
@@ -62,7 +87,6 @@ def test_a_filter_value_over_the_limit_is_refused_the_same_by_pages_and_api(ctx,
 def test_oldest_waiting_counts_queued_jobs_and_due_retries_from_the_partial_indexes(ctx):
     import datetime as dt
 
-    import sqlalchemy as sa
 
     from app.extensions import db
     from app.models import Job, utcnow
@@ -83,18 +107,9 @@ def test_oldest_waiting_counts_queued_jobs_and_due_retries_from_the_partial_inde
     assert queries.oldest_waiting(['default'], now + dt.timedelta(seconds=10)) == {'default': 0.0}
     if db.engine.dialect.name == 'sqlite':
         # The statement the query runs is answered from the two partial indexes.
-        seen = []
-
-        def note(conn, cursor, statement, params, context, many):
-            seen.append((statement, params))
-        sa.event.listen(db.engine, 'before_cursor_execute', note)
-        try:
+        with sqlite_plans() as plans:
             queries.oldest_waiting(['default'], now)
-        finally:
-            sa.event.remove(db.engine, 'before_cursor_execute', note)
-        [(statement, params)] = seen
-        plan = ' '.join(r[-1] for r in db.session.connection().exec_driver_sql(
-            'EXPLAIN QUERY PLAN ' + statement, params))
+            [plan] = plans()
         assert 'ix_job_waiting' in plan and 'ix_job_due' in plan, plan
 
 
@@ -134,7 +149,6 @@ def _walk(sort, limit, **filters):
 
 
 def test_each_sort_pages_through_every_job_once_in_its_order(tmp_path, ledger_url):
-    import sqlalchemy as sa
     from conftest import make_app
 
     from app.extensions import db
@@ -159,25 +173,14 @@ def test_each_sort_pages_through_every_job_once_in_its_order(tmp_path, ledger_ur
         assert by_run == sorted(ids, key=lambda i: (ran[i], i), reverse=True)
         if db.engine.dialect.name == 'sqlite':
             # A page of the run-time order walks its index: no sort of the finished jobs.
-            seen = []
-
-            def note(conn, cursor, statement, params, context, many):
-                seen.append((statement, params))
-            sa.event.listen(db.engine, 'before_cursor_execute', note)
-            try:
+            with sqlite_plans() as plans:
                 queries.list_jobs(limit=2, sort='runtime', cursor=queries.list_jobs(
                     limit=2, sort='runtime')[1])
                 for within in ({'state': 'failed'}, {'queue': 'default'}, {'task': 'noop'}):
                     queries.list_jobs(limit=2, sort='runtime', **within)  # as the created order
-            finally:
-                sa.event.remove(db.engine, 'before_cursor_execute', note)
-            pages = [(statement, params) for statement, params in seen
-                     if 'ORDER BY job.run_seconds' in statement]
-            for (statement, params), index in zip(pages, (
-                    'ix_job_run', 'ix_job_run', 'ix_job_state_run', 'ix_job_queue_run',
-                    'ix_job_task_run'), strict=True):
-                plan = ' '.join(r[-1] for r in db.session.connection().exec_driver_sql(
-                    'EXPLAIN QUERY PLAN ' + statement, params))
+                pages = plans('ORDER BY job.run_seconds')
+            for plan, index in zip(pages, ('ix_job_run', 'ix_job_run', 'ix_job_state_run',
+                                           'ix_job_queue_run', 'ix_job_task_run'), strict=True):
                 assert f'INDEX {index} ' in plan and 'TEMP B-TREE' not in plan, plan
         # A filter narrows each order the same way.
         db.session.get(Job, ids[2]).task = 'sleep'
