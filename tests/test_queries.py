@@ -87,7 +87,6 @@ def test_a_filter_value_over_the_limit_is_refused_the_same_by_pages_and_api(ctx,
 def test_oldest_waiting_counts_queued_jobs_and_due_retries_from_the_partial_indexes(ctx):
     import datetime as dt
 
-
     from app.extensions import db
     from app.models import Job, utcnow
     now = utcnow()
