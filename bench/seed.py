@@ -686,7 +686,8 @@ class Chunk(NamedTuple):
 # start and end (``sql['ran']``, ``sql['finish']``).
 JOB_COLUMNS = ('id', 'task', 'queue', 'params', 'secret_params', 'priority', 'retries',
                'retry_delay', 'created_at', 'state', 'attempts', 'started_at', 'finished_at',
-               'run_seconds', 'worker', 'result', 'error', 'error_type', 'progress', 'updated_at', 'version')
+               'run_seconds', 'worker', 'result', 'error', 'error_type', 'progress', 'updated_at',
+               'version')
 JOB_INSERT = (f'INSERT INTO job ({", ".join(JOB_COLUMNS)}) '
               f'VALUES ({", ".join("?" * len(JOB_COLUMNS))})')
 
@@ -747,8 +748,9 @@ def settle(story, d, now, attempts, logs, ended, waited):
         secret_params=None if state == states.SUCCEEDED else secret, priority=story.priority,
         retries=story.retries, retry_delay=story.retry_delay, created_at=story.created,
         state=state, attempts=finish.number, started_at=start.at, finished_at=finished,
-        run_seconds=finish.duration, worker=start.worker, result=result, error=error, error_type=finish.error_type,
-        progress=progress, updated_at=now, version=1 + finish.number)
+        run_seconds=finish.duration, worker=start.worker, result=result, error=error,
+        error_type=finish.error_type, progress=progress, updated_at=now,
+        version=1 + finish.number)
 
 
 def _waiting(story):
@@ -757,8 +759,8 @@ def _waiting(story):
                 secret_params=story.secret or None, priority=story.priority,
                 retries=story.retries, retry_delay=story.retry_delay, created_at=story.created,
                 state=story.initial, attempts=0, started_at=None, finished_at=None,
-                run_seconds=None, worker=None, result=None, error=None, error_type=None, progress=None,
-                updated_at=story.created, version=1)
+                run_seconds=None, worker=None, result=None, error=None, error_type=None,
+                progress=None, updated_at=story.created, version=1)
 
 
 def chunk_of(stories, d, settled=True, now=None):
@@ -789,8 +791,8 @@ def chunk_of(stories, d, settled=True, now=None):
                          json(job['secret_params']), job['priority'], job['retries'],
                          job['retry_delay'], ts(job['created_at']), job['state'],
                          job['attempts'], ts(job['started_at']), ts(job['finished_at']),
-                         job['run_seconds'], job['worker'], json(job['result']), job['error'], job['error_type'],
-                         job['progress'],
+                         job['run_seconds'], job['worker'], json(job['result']), job['error'],
+                         job['error_type'], job['progress'],
                          stamp if job['updated_at'] is now else ts(job['updated_at']),
                          job['version']))
         else:
