@@ -578,9 +578,10 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     each page is an index range scan, as fast on page 10,000 as on page 1.
     Results (up to 64 KiB each) are only loaded when asked for. A
     search whose candidates the index does not name all at once (see
-    :func:`search_plan`) looks at a window of the list per page in the
-    created orders (:data:`SEARCH_WINDOW` jobs, :data:`SCAN_WINDOW` for a
-    search too short for the index): the page holds the first ``limit``
+    :func:`search_plan`) looks at a window of the list per page
+    (:data:`SEARCH_WINDOW` jobs in the created orders, :data:`SCAN_WINDOW`
+    for a search too short for the index and in the run-time order, whose
+    window the index cannot narrow): the page holds the first ``limit``
     matches in it, or fewer (even none) with a cursor that goes on from the
     window's last job, so that every page costs about the same at any
     ledger size however many jobs match (the window's first
@@ -596,23 +597,36 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     conditions = query_filters(state, queue, task, finished_from=finished_from,
                                finished_to=finished_to)
     if sort == 'runtime':
-        # The finished jobs with a run time, through the run-time index
+        # The finished jobs with a run time, through the run-time indexes
         # (Job.run_seconds: the writer keeps it), longest first.
-        key = sa.tuple_(Job.run_seconds, Job.id)
         conditions += [Job.finished_at.is_not(None), Job.run_seconds.is_not(None)]
         if cursor:
             seconds, job_id = decode_run_cursor(cursor)
-            conditions.append(key < sa.tuple_(sa.literal(seconds, sa.Float), job_id))
-        if q and q.strip():
-            conditions.append(search_condition(q))
-        rows = db.session.execute(
-            sa.select(Job.id, Job.run_seconds).where(*conditions)
-            .order_by(Job.run_seconds.desc(), Job.id.desc()).limit(limit + 1)).all()
+            conditions.append(sa.tuple_(Job.run_seconds, Job.id)
+                              < sa.tuple_(sa.literal(seconds, sa.Float), job_id))
+        plan = search_plan(q) if q and q.strip() else None
+        edge = None
+        if plan is None or plan.whole:
+            if plan is not None:
+                conditions.append(plan.condition())
+            rows = _run_page(conditions, limit)
+        else:
+            # A search the index does not name every candidate of: a window
+            # of the list per page, as in the created orders, whose run-time
+            # order the index's rowid ranges cannot follow: each row of the
+            # window is tested (its first DENSE_WINDOW jobs first).
+            rows = None
+            if DENSE_WINDOW < SCAN_WINDOW:
+                rows, edge = _run_window_page(plan, conditions, DENSE_WINDOW, limit)
+                if len(rows) <= limit and edge is not None:
+                    rows = None
+            if rows is None:
+                rows, edge = _run_window_page(plan, conditions, SCAN_WINDOW, limit)
         jobs = _rows_of([r[0] for r in rows[:limit]], with_result)
         if len(rows) > limit:
             last = rows[limit - 1]
             return jobs, encode_run_cursor(last[1], last[0])
-        return jobs, None
+        return jobs, encode_run_cursor(edge[0], edge[1]) if edge is not None else None
     newest = sort == 'newest'
     key = sa.tuple_(Job.created_at, Job.id)
     if cursor:
@@ -657,6 +671,33 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     if len(keys) > limit:
         return rows, encode_cursor(_Key(*keys[limit - 1]), sort)
     return rows, encode_cursor(_Key(*edge), sort) if edge is not None else None
+
+
+_RUN_ORDER = (Job.run_seconds.desc(), Job.id.desc())
+
+
+def _run_page(conditions, limit):
+    """``[(id, run_seconds)]`` of the first ``limit + 1`` jobs meeting ``conditions`` in
+    the run-time order: read from its indexes."""
+    return db.session.execute(sa.select(Job.id, Job.run_seconds).where(*conditions)
+                              .order_by(*_RUN_ORDER).limit(limit + 1)).all()
+
+
+def _run_window_page(plan, conditions, size, limit):
+    """``(rows, edge)``: ``[(id, run_seconds)]`` of the first ``limit + 1`` matches of
+    ``plan`` among the next ``size`` jobs of the run-time order meeting ``conditions``,
+    and the window's last job as ``(run_seconds, id)`` (None: the rest of the list is
+    shorter than a window). On PostgreSQL the index's own test goes first on each row
+    (``_trigram_match``'s ``scan``)."""
+    edge = db.session.execute(
+        sa.select(Job.run_seconds, Job.id).where(*conditions).order_by(*_RUN_ORDER)
+        .offset(size - 1).limit(1)).first()
+    narrow = (_trigram_match(plan.index.needles, scan=True)
+              if plan.index is not None and plan.index.dialect != 'sqlite' else None)
+    conditions = [*conditions, plan.condition(narrow)]
+    if edge is not None:
+        conditions.append(sa.tuple_(Job.run_seconds, Job.id) >= sa.tuple_(*edge))
+    return _run_page(conditions, limit), edge
 
 
 def _page_keys(conditions, order, limit):

@@ -596,6 +596,32 @@ def test_a_request_plans_a_search_once_for_its_list_and_its_count(ledger_ctx, mo
     assert made == ['hello', 'world', 'hello', 'hello']
 
 
+def test_a_search_in_the_run_time_order_looks_at_one_window_per_page(ledger_ctx, monkeypatch):
+    rows = fill_search_ledger()
+    index_everything()
+    rnd = random.Random(3)
+    for r in rows:  # every job finished; run times with ties
+        r.finished_at = r.created_at
+        r.run_seconds = rnd.choice([0.5, 1.25, 7.5, rnd.randint(1, 10 ** 6) / 1000])
+    db.session.commit()
+    monkeypatch.setattr(queries, 'CANDIDATES', 30)
+    monkeypatch.setattr(queries, 'SCAN_WINDOW', 40)
+    monkeypatch.setattr(queries, 'DENSE_WINDOW', 15)
+    by_run = sorted(rows, key=lambda r: (r.run_seconds, r.id), reverse=True)
+    # 'hello' has more candidates than the index names at once, 'ab' is too
+    # short for it: each page holds the matches among the next 40 jobs of the
+    # run-time order (the first 15 tried alone first), on SQLite and PostgreSQL.
+    for q, state in (('hello', None), ('ab', None), ('hello', 'failed')):
+        assert not queries.search_plan(q).whole
+        listed = [r for r in by_run if state in (None, r.state)]
+        expected = windowed_pages(listed, lambda r: contains(r, q), 5, 40)
+        assert search_pages(q, 5, 'runtime', state=state) == expected, q
+        assert sorted(i for page in expected for i in page) == sorted(
+            r.id for r in listed if contains(r, q))
+        if q == 'ab':  # one job in fifteen: windows that hold no page, whose cursor goes on
+            assert any(len(page) < 5 for page in expected[:-1])
+
+
 def test_a_window_is_narrowed_to_the_candidates_the_index_holds_in_it(ledger_ctx, monkeypatch):
     rows = fill_search_ledger()
     index_everything()
