@@ -50,6 +50,7 @@ Usage: python bench/seed.py --jobs N [--database-url URL] [--days 180] [--seed 0
 import argparse
 import bisect
 import datetime as dt
+import gc
 import itertools
 import math
 import queue
@@ -1027,9 +1028,11 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, fork=True
             restore = _bulk_journal(conn)
         deferred = _defer_indexes(db.session.connection())
         db.session.commit()
+        chunks, cut_short = None, False
         try:
             d = dialect(db.session.connection())
-            for kind, made in _chunks(app, n, days, now, seed, chunk, d, fork, settled):
+            chunks = _chunks(app, n, days, now, seed, chunk, d, fork, settled)
+            for kind, made in chunks:
                 if kind == 'beats':
                     apply(db.session.connection(), made)
                     db.session.commit()
@@ -1046,13 +1049,25 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, fork=True
                 summary['logs'] += made.logs
                 if report:
                     report(summary['jobs'], n)
+        except KeyboardInterrupt:
+            # Cut short (Ctrl-C, SIGTERM), raised again once the ledger is
+            # whole. Not kept: the interrupt's traceback holds the statement
+            # it stopped, and SQLite closes that statement's connection, and
+            # lets go of its write lock, only once the statement is freed.
+            cut_short = True
         finally:
+            if chunks is not None:
+                chunks.close()  # the generating process ends now
+            if cut_short:
+                gc.collect()  # the interrupted statement and its connection
             # Built even for a seeding cut short: the ledger it leaves is whole.
             _build_indexes(db.session, deferred)
             if restore:
                 db.session.rollback()
                 db.session.connection().exec_driver_sql(f'PRAGMA journal_mode={restore}')
             db.session.remove()
+        if cut_short:
+            raise KeyboardInterrupt
         if db.engine.dialect.name == 'postgresql':
             # What autovacuum does in months of history: the counters' dead
             # row versions cleared, statistics for the planner.

@@ -300,8 +300,10 @@ def test_a_generator_that_fails_fails_the_seeding_and_leaves_wal_mode(tmp_path, 
 
 @pytest.mark.processes
 def test_a_seeding_stopped_by_sigterm_ends_its_generator_and_says_what_it_left(tmp_path):
+    import contextlib
     import os
     import signal
+    import sqlite3
     import subprocess
     import sys
 
@@ -316,6 +318,12 @@ def test_a_seeding_stopped_by_sigterm_ends_its_generator_and_says_what_it_left(t
         # The generating process is forked once the ledger is migrated.
         wait_for(lambda: children.read_text().split(), 60, 0.1, 'the generating process')
         generator = int(children.read_text().split()[0])
+
+        def written():
+            with contextlib.closing(sqlite3.connect(target, timeout=5)) as conn:
+                return conn.execute('SELECT count(*) FROM job').fetchone()[0]
+        # Stopped while it writes (a transaction takes about a second).
+        wait_for(lambda: written() >= 20_000, 120, 0.2, 'the first transactions')
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -324,6 +332,15 @@ def test_a_seeding_stopped_by_sigterm_ends_its_generator_and_says_what_it_left(t
     assert proc.returncode == 1, (out, err)
     assert f'seeding interrupted: sqlite:///{target} holds part of a history' in err
     assert 'Traceback' not in err
+    # The ledger it left is whole: its indexes built, its journal back in WAL mode.
+    stopped, fresh = make_app(tmp_path, DATABASE_URL=f'sqlite:///{target}'), \
+        make_app(tmp_path / 'fresh')
+    assert job_indexes(stopped) == job_indexes(fresh)
+    assert rows(stopped, 'PRAGMA integrity_check') == [('ok',)]
+    assert journal_mode(stopped) == 'wal' and rows(stopped, 'SELECT count(*) FROM job')[0][0]
+    for app in (stopped, fresh):
+        with app.app_context():
+            db.engine.dispose()
     # The generator is gone too, and holds no copy of the ledger or of the pipe.
     wait_for(lambda: not Path(f'/proc/{generator}').exists()
              or Path(f'/proc/{generator}/stat').read_text().split(') ')[1][0] == 'Z',
