@@ -294,12 +294,15 @@ def queue_page(name):
     return _page('queue', 'queue.html', params, queue=name)
 
 
-@bp.get('/tasks/<path:name>')
+@bp.get('/tasks/<path:name>', merge_slashes=False)
 def task_page(name):
     """One task type's charts: throughput, wait and run time.
 
     ``path``: a task name may hold ``/`` (a job enqueued around the API
-    names its task as its producer does), and its page is still one URL.
+    names its task as its producer does), and its page is still one URL;
+    slashes within it are kept as they are (``a//b``). A name that starts
+    with ``/``, or holds ``.`` or ``..`` segments (which a browser rewrites
+    before it asks), has no page.
     """
     if not queries.known_task(name):
         raise NotFound(f'no task type named {name}')

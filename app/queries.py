@@ -542,8 +542,9 @@ def _created_cursor_of_other_order(key):
         dt.datetime.fromisoformat(key.removeprefix(_OLDEST_CURSOR))
     except ValueError:
         return
-    raise BadQuery('cursor belongs to the newest or oldest order, not runtime: '
-                   'give the sort it came with', 'cursor')
+    order = 'oldest' if key.startswith(_OLDEST_CURSOR) else 'newest'
+    raise BadQuery(f'cursor belongs to the {order} order, not runtime: give sort={order}',
+                   'cursor')
 
 
 def check_sort(sort):

@@ -1114,13 +1114,17 @@ def _interrupt(signum, frame):
 
 
 def _shown_url(url):
-    """``--database-url`` as a message may show it: its password hidden."""
+    """A database URL as a message may show it: its password hidden, whether in its
+    user part or in its query (libpq's ``?password=``)."""
     if not url:
         return '(the configured one)'
     try:
-        return sa.engine.make_url(_url(url)).render_as_string(hide_password=True)
+        parsed = sa.engine.make_url(_url(url))
     except sa.exc.ArgumentError:
         return '(the --database-url given)'
+    if 'password' in parsed.query:
+        parsed = parsed.update_query_dict({'password': '***'})
+    return parsed.render_as_string(hide_password=True)
 
 
 MAX_DAYS = 36_500  # --days at most: a century
@@ -1162,14 +1166,16 @@ def main(argv=None):
         existing = job_count(app)
     except ConfigError as exc:
         parser.error(str(exc))
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, sa.exc.OperationalError) as exc:
-        # A URL that is no URL, a driver not installed, a database that cannot be opened.
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, sa.exc.DBAPIError,
+            ImportError) as exc:
+        # A URL that is no URL or whose options the driver refuses, a driver
+        # not installed, a database that cannot be opened (or a file that is none).
         sys.exit(f'cannot open the ledger {_shown_url(args.database_url)}: '
                  f'{(str(getattr(exc, "orig", None) or exc).splitlines() or ["?"])[0]}')
     if existing and not args.append:
         sys.exit(f'the ledger already holds {existing} jobs: seed an empty one, or give '
                  f'--append (with another --seed)')
-    url = sa.engine.make_url(app.config['DATABASE_URL']).render_as_string(hide_password=True)
+    url = _shown_url(app.config['DATABASE_URL'])
     print(f'seeding {args.jobs} jobs over {args.days:g} days into {url} '
           f'(queues: {", ".join(app.config["QUEUES"])})', flush=True)
 

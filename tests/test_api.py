@@ -199,8 +199,8 @@ def test_the_list_pages_oldest_first_and_by_run_time(client, app):
     runtime_cursor = client.get('/api/jobs?sort=runtime&limit=2').get_json()['next']
     forged = base64.urlsafe_b64encode(f'~1e-16384|{oldest[0]}'.encode()).decode()
     infinite = base64.urlsafe_b64encode(f'~1e+999|{oldest[0]}'.encode()).decode()
-    for query, error in ((f'sort=runtime&cursor={newest_cursor}', 'newest or oldest order'),
-                         (f'sort=runtime&cursor={oldest_cursor}', 'newest or oldest order'),
+    for query, error in ((f'sort=runtime&cursor={newest_cursor}', 'newest order, not runtime'),
+                         (f'sort=runtime&cursor={oldest_cursor}', 'oldest order, not runtime'),
                          (f'sort=oldest&cursor={newest_cursor}', 'newest order: give sort=newest'),
                          (f'cursor={oldest_cursor}', 'oldest order: give sort=oldest'),
                          (f'sort=runtime&cursor={infinite}', 'not one this server handed out'),

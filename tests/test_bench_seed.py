@@ -427,14 +427,27 @@ def test_impossible_arguments_are_refused_before_the_ledger_is_made(tmp_path, ca
     assert not path.exists()
 
 
-@pytest.mark.parametrize('url, says', [
-    ('sqlite:////no/such/directory/ledger.db', 'unable to open database file'),
-    ('postgresql://nobody:s3cret@127.0.0.1:1/ledger', 'connection'),
+@pytest.mark.parametrize('url, shown, says', [
+    ('sqlite:////no/such/directory/ledger.db', None, 'unable to open database file'),
+    ('postgresql://nobody:s3cret@127.0.0.1:1/ledger', 'postgresql://nobody:***@127.0.0.1:1/ledger',
+     'connection'),
+    ('postgresql://nobody@127.0.0.1:1/ledger?password=s3cret',
+     'postgresql://nobody@127.0.0.1:1/ledger?password=%2A%2A%2A', 'connection'),
+    ('postgresql://nobody@127.0.0.1:1/ledger?connect_timeout=abc', None, 'connect_timeout'),
+    ('mysql://nobody:s3cret@127.0.0.1/ledger', 'mysql://nobody:***@127.0.0.1/ledger',
+     "No module named 'MySQLdb'"),
+    ('not-a-database', None, 'file is not a database'),
 ])
-def test_a_ledger_that_cannot_be_opened_is_named_without_a_traceback(url, says):
+def test_a_ledger_that_cannot_be_opened_is_named_without_a_traceback(tmp_path, url, shown, says):
+    if url == 'not-a-database':  # a file that is something else, left as it was
+        url = str(tmp_path / 'notes.txt')
+        Path(url).write_text('not a ledger\n' * 100)
+        shown = f'sqlite:///{url}'
     with pytest.raises(SystemExit) as exc:
         seed.main(['--jobs', '10', '--database-url', url])
     message = str(exc.value.code)
-    shown = url.replace(':s3cret', ':***')  # a password is not shown
-    assert message.startswith(f'cannot open the ledger {shown}: ') and says in message, message
-    assert 's3cret' not in message
+    assert message.startswith(f'cannot open the ledger {shown or url}: ') and says in message, \
+        message
+    assert 's3cret' not in message  # a password is not shown
+    if shown and shown.startswith('sqlite:'):
+        assert Path(url).read_text() == 'not a ledger\n' * 100
