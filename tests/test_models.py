@@ -140,7 +140,8 @@ def test_job_to_dict_names_every_field_with_timestamps_in_iso_form():
     job = new_job(state='running', priority=5, progress=0.5, progress_message='half',
                   result=None, error='E: boom', error_type='E', attempts=2, attempt_base=1,
                   created_at=T0, scheduled_for=None, started_at=T0 + dt.timedelta(seconds=1),
-                  finished_at=None, updated_at=T0 + dt.timedelta(seconds=2), worker='h:1',
+                  finished_at=None, run_seconds=1.25,
+                  updated_at=T0 + dt.timedelta(seconds=2), worker='h:1',
                   timeout=30.0, cancel_requested_at=T0 + dt.timedelta(seconds=3),
                   idempotency_key='k', version=7)
     assert job.to_dict() == {
@@ -150,7 +151,7 @@ def test_job_to_dict_names_every_field_with_timestamps_in_iso_form():
         'attempt_count': 2, 'worker': 'h:1', 'error_type': 'E', 'timeout': 30.0,
         'cancel_requested_at': '2026-01-02T03:04:08.678Z', 'idempotency_key': 'k',
         'created_at': '2026-01-02T03:04:05.678Z', 'scheduled_for': None,
-        'started_at': '2026-01-02T03:04:06.678Z', 'finished_at': None,
+        'started_at': '2026-01-02T03:04:06.678Z', 'finished_at': None, 'run_seconds': 1.25,
         'updated_at': '2026-01-02T03:04:07.678Z', 'version': 7,
     }
 
