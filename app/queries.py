@@ -587,8 +587,9 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     window's last job, so that every page costs about the same at any
     ledger size however many jobs match (the window's first
     :data:`DENSE_WINDOW` jobs are tried alone first: a common text fills
-    its page from them; then, when they held some matches, a window twice
-    the size their share needs for a page, if under the whole window's).
+    its page from them; then, in the created orders, when they held some
+    matches, a window twice the size their share needs for a page, if under
+    the whole window's).
     ``next_cursor`` is None after the last page. ``finished_from`` and
     ``finished_to`` (ISO 8601, UTC) keep the jobs finished in that range
     (:func:`finished_between`). Raises :class:`BadQuery` for a bad filter,
