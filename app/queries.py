@@ -604,14 +604,14 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
         conditions += [Job.finished_at.is_not(None), Job.run_seconds.is_not(None)]
         if cursor:
             seconds, job_id = decode_run_cursor(cursor)
-            conditions.append(sa.tuple_(Job.run_seconds, Job.id)
-                              < sa.tuple_(sa.literal(seconds, sa.Float), job_id))
+            conditions.append(sa.tuple_(*_RUN_KEY) < sa.tuple_(sa.literal(seconds, sa.Float),
+                                                               job_id))
         plan = search_plan(q) if q and q.strip() else None
         edge = None
         if plan is None or plan.whole:
             if plan is not None:
                 conditions.append(plan.condition())
-            rows = _run_page(conditions, limit)
+            rows = _page_keys(conditions, _RUN_ORDER, limit, _RUN_KEY)
         else:
             # A search the index does not name every candidate of: a window
             # of the list per page, as in the created orders, whose run-time
@@ -624,13 +624,12 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
                     rows = None
             if rows is None:
                 rows, edge = _run_window_page(plan, conditions, SCAN_WINDOW, limit)
-        jobs = _rows_of([r[0] for r in rows[:limit]], with_result)
+        jobs = _rows_of([job_id for _seconds, job_id in rows[:limit]], with_result)
         if len(rows) > limit:
-            last = rows[limit - 1]
-            return jobs, encode_run_cursor(last[1], last[0])
-        return jobs, encode_run_cursor(edge[0], edge[1]) if edge is not None else None
+            return jobs, encode_run_cursor(*rows[limit - 1])
+        return jobs, encode_run_cursor(*edge) if edge is not None else None
     newest = sort == 'newest'
-    key = sa.tuple_(Job.created_at, Job.id)
+    key = sa.tuple_(*_CREATED_KEY)
     if cursor:
         bound = sa.tuple_(*decode_cursor(cursor, sort))
         conditions.append(key < bound if newest else key > bound)
@@ -675,39 +674,40 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     return rows, encode_cursor(_Key(*edge), sort) if edge is not None else None
 
 
+# The created orders' position of a job, and the run-time order's, with its order.
+_CREATED_KEY = (Job.created_at, Job.id)
+_RUN_KEY = (Job.run_seconds, Job.id)
 _RUN_ORDER = (Job.run_seconds.desc(), Job.id.desc())
 
 
-def _run_page(conditions, limit):
-    """``[(id, run_seconds)]`` of the first ``limit + 1`` jobs meeting ``conditions`` in
-    the run-time order: read from its indexes."""
-    return db.session.execute(sa.select(Job.id, Job.run_seconds).where(*conditions)
-                              .order_by(*_RUN_ORDER).limit(limit + 1)).all()
-
-
 def _run_window_page(plan, conditions, size, limit):
-    """``(rows, edge)``: ``[(id, run_seconds)]`` of the first ``limit + 1`` matches of
-    ``plan`` among the next ``size`` jobs of the run-time order meeting ``conditions``,
-    and the window's last job as ``(run_seconds, id)`` (None: the rest of the list is
-    shorter than a window). On PostgreSQL the index's own test goes first on each row
+    """``(keys, edge)``: the positions ``(run_seconds, id)`` of the first ``limit + 1``
+    matches of ``plan`` among the next ``size`` jobs of the run-time order meeting
+    ``conditions``, and the window's last position (None: the rest of the list is shorter
+    than a window). On PostgreSQL the index's own test goes first on each row
     (``_trigram_match``'s ``scan``)."""
-    edge = db.session.execute(
-        sa.select(Job.run_seconds, Job.id).where(*conditions).order_by(*_RUN_ORDER)
-        .offset(size - 1).limit(1)).first()
+    edge = _edge(conditions, _RUN_ORDER, size, _RUN_KEY)
     narrow = (_trigram_match(plan.index.needles, scan=True)
               if plan.index is not None and plan.index.dialect != 'sqlite' else None)
     conditions = [*conditions, plan.condition(narrow)]
     if edge is not None:
-        conditions.append(sa.tuple_(Job.run_seconds, Job.id) >= sa.tuple_(*edge))
-    return _run_page(conditions, limit), edge
+        conditions.append(sa.tuple_(*_RUN_KEY) >= sa.tuple_(*edge))
+    return _page_keys(conditions, _RUN_ORDER, limit, _RUN_KEY), edge
 
 
-def _page_keys(conditions, order, limit):
-    """``[(created_at, id)]`` of the first ``limit + 1`` jobs meeting ``conditions`` in
-    ``order``: read from the list's index."""
+def _page_keys(conditions, order, limit, key=_CREATED_KEY):
+    """The positions (``key``'s columns: ``(created_at, id)`` by default) of the first
+    ``limit + 1`` jobs meeting ``conditions`` in ``order``: read from the list's index."""
     return [tuple(r) for r in db.session.execute(
-        sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
-        .limit(limit + 1)).all()]
+        sa.select(*key).where(*conditions).order_by(*order).limit(limit + 1)).all()]
+
+
+def _edge(conditions, order, size, key=_CREATED_KEY):
+    """The position (``key``'s columns) of the ``size``-th job meeting ``conditions`` in
+    ``order``, the last of a window, or None when fewer are left: the list's index
+    skipped through, no row read."""
+    return db.session.execute(sa.select(*key).where(*conditions).order_by(*order)
+                              .offset(size - 1).limit(1)).first()
 
 
 def _window_page(plan, conditions, order, key, newest, size, limit, unfiltered, dense=False):
@@ -750,10 +750,7 @@ def _window(index, conditions, order, size, dense=False):
     its candidates in the whole ledger to name those among them, with the
     index's own test first (``_trigram_match``'s ``scan``).
     """
-    # The window's last job: the list's index skipped through, no row read.
-    edge = db.session.execute(
-        sa.select(Job.created_at, Job.id).where(*conditions).order_by(*order)
-        .offset(size - 1).limit(1)).first()
+    edge = _edge(conditions, order, size)
     if index is None:
         return edge, None
     if index.dialect != 'sqlite':

@@ -948,12 +948,11 @@ def _bulk_journal(conn):
     """Journal in memory while seeding an empty SQLite ledger; return the mode to restore.
 
     Returns ``'wal'`` when the mode was changed (the caller sets it back),
-    None when left as it was: a ledger that already holds jobs (``--append``)
-    keeps its write-ahead log, so a seeding cut short cannot damage it, and
-    another open connection keeps SQLite from leaving WAL mode.
+    None when left as it was (another open connection keeps SQLite from
+    leaving WAL mode). Not called for a ledger that already holds jobs
+    (``--append``): it keeps its write-ahead log, so a seeding cut short
+    cannot damage it.
     """
-    if conn.exec_driver_sql('SELECT EXISTS (SELECT 1 FROM job)').scalar():
-        return None
     # Every page a transaction changes is written once, to the file, instead
     # of to the log and then again by a checkpoint: a third less CPU time
     # per job (the log's writes and its index's look-ups). A seeding cut
@@ -966,7 +965,7 @@ def _bulk_journal(conn):
 
 def _defer_indexes(conn):
     """Drop the job table's indexes while an empty ledger is seeded; return them, to be
-    built again once it is written (:func:`_build_indexes`), or ``[]`` for a ledger that
+    built again once it is written (:func:`_build_indexes`). Not called for a ledger that
     already holds jobs (``--append``), whose indexes stay.
 
     The indexes the models declare, unique ones excepted (they check what is
@@ -977,8 +976,6 @@ def _defer_indexes(conn):
     """
     from app.models import Job
 
-    if conn.exec_driver_sql('SELECT EXISTS (SELECT 1 FROM job)').scalar():
-        return []
     indexes = sorted((i for i in Job.__table__.indexes if not i.unique), key=lambda i: i.name)
     for index in indexes:
         index.drop(conn)
@@ -1016,6 +1013,8 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, fork=True
     started = time.monotonic()
     with app.app_context():
         restore = None
+        empty = not db.session.connection().exec_driver_sql(
+            'SELECT EXISTS (SELECT 1 FROM job)').scalar()
         if db.engine.dialect.name == 'sqlite':
             # A bigger page cache for this connection (1 GiB): the indexes outgrow the
             # default 2 MiB.
@@ -1025,8 +1024,8 @@ def seed(app, n, days=180, seed=0, now=None, chunk=CHUNK, report=None, fork=True
             # seeding cut short is started again.
             conn.exec_driver_sql('PRAGMA wal_autocheckpoint=20000')
             conn.exec_driver_sql('PRAGMA synchronous=OFF')
-            restore = _bulk_journal(conn)
-        deferred = _defer_indexes(db.session.connection())
+            restore = _bulk_journal(conn) if empty else None
+        deferred = _defer_indexes(db.session.connection()) if empty else []
         db.session.commit()
         chunks, cut_short = None, False
         try:
