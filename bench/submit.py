@@ -14,16 +14,27 @@ and its message in the broker before the call that submitted it returns.
 - batch: ``POST /api/jobs/batch`` with 1,000 jobs a call, 2 client threads.
 - Python producer: ``noop.submit()`` one by one, then ``submit_many`` with
   1,000 jobs a call, in a process started with the deployment's environment.
+- baseline (``--baseline REV``): single POST as above, served by the
+  project as it was at commit ``REV`` (its files from ``git archive``, run
+  with this checkout's virtualenv and its own test helpers), so that a
+  speed-up is a ratio measured in one run on one machine, not a figure
+  from another day. ``ed7bcee`` is the last commit before the ledger kept
+  its counters and submissions were grouped: the single POST the target
+  (3x) is set against.
 
 Each side's figure is jobs/s over its whole run, the best of ``--repeat``
 runs (sides alternate, so load drifting on a shared machine favours none).
-Afterwards the ledger of the queue-manager sides is checked: every job
-answered has its row, and the broker holds as many messages.
+Single POST also reports the web workers' CPU time per request (from
+``/proc``, microseconds). Afterwards the ledger of the queue-manager sides is
+checked: every job answered has its row, and the broker holds as many
+messages.
 
 Usage: python bench/submit.py [--jobs 20000] [--repeat 3] [--only raw,single,batch,python]
+       [--baseline REV]
 """
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,8 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 sys.path.insert(0, str(ROOT))
-from helpers import (CREDENTIALS, RedisServer, grant_admin, migrate,  # noqa: E402
-                     service_env, start_web)
+import helpers  # noqa: E402
 
 SIDES = ('raw', 'single', 'batch', 'python')
 BATCH = 1000
@@ -80,7 +90,7 @@ print(json.dumps({'submit': one, 'submit_many': many}))
 
 
 def raw_rate(tmp, jobs):
-    redis = RedisServer(tmp / f'redis-raw-{time.monotonic_ns()}')
+    redis = helpers.RedisServer(tmp / f'redis-raw-{time.monotonic_ns()}')
     try:
         work = Path(tempfile.mkdtemp(dir=tmp))
         (work / 'raw_tasks.py').write_text(RAW)
@@ -93,20 +103,31 @@ def raw_rate(tmp, jobs):
 
 
 class Deployment:
-    """A private redis-server, a migrated SQLite ledger, an admin token; gunicorn on demand."""
+    """A private redis-server, a migrated SQLite ledger, an admin token; gunicorn on demand.
 
-    def __init__(self, tmp):
+    ``kit``: the test helpers of the checkout to deploy (this one's by
+    default; a baseline's own, which start its processes in its tree).
+    """
+
+    def __init__(self, tmp, kit=helpers):
+        self.kit = kit
         self.tmp = Path(tempfile.mkdtemp(dir=tmp))
-        self.redis = RedisServer(self.tmp / 'redis')
-        self.env = service_env(self.tmp, self.redis.url, LOG_LEVEL='WARNING', WEB_CONCURRENCY=2)
-        migrate(self.env, self.tmp)
-        self.token = grant_admin(self.env)
+        self.redis = kit.RedisServer(self.tmp / 'redis')
+        self.env = kit.service_env(self.tmp, self.redis.url, LOG_LEVEL='WARNING',
+                                   WEB_CONCURRENCY=2)
+        kit.migrate(self.env, self.tmp)
+        self.token = kit.grant_admin(self.env)
         self.web = None
 
     def start_web(self):
-        self.web, api = start_web(self.env, self.tmp, workers=2)
+        self.web, api = self.kit.start_web(self.env, self.tmp, workers=2)
         self.port = int(api.base.rsplit(':', 1)[1])
-        CREDENTIALS[f'127.0.0.1:{self.port}'] = self.token
+        self.kit.CREDENTIALS[f'127.0.0.1:{self.port}'] = self.token
+
+    def workers_cpu(self):
+        """Seconds of CPU the web workers have used so far (user and system)."""
+        ticks = sum(helpers.cpu_ticks(pid) for pid in helpers.worker_pids(self.web.pid))
+        return ticks / os.sysconf('SC_CLK_TCK')
 
     def rows(self):
         import sqlalchemy as sa
@@ -164,10 +185,31 @@ def post_all(port, token, path, bodies, threads):
 
 
 def single_rate(dep, jobs, threads=8):
+    """``(jobs/s, answers, workers' CPU microseconds per request)`` of single POSTs."""
     body = json.dumps({'task': 'noop'}).encode()
     post_all(dep.port, dep.token, '/api/jobs', [body] * 50, threads)  # warm both workers
+    cpu = dep.workers_cpu()
     took, answers = post_all(dep.port, dep.token, '/api/jobs', [body] * jobs, threads)
-    return jobs / took, len(answers)
+    return jobs / took, len(answers), (dep.workers_cpu() - cpu) / jobs * 1e6
+
+
+def baseline_kit(tmp, rev):
+    """The test helpers of the project at commit ``rev``, in a copy of its files under
+    ``tmp``; raises SystemExit when git cannot give that commit."""
+    tree = Path(tempfile.mkdtemp(dir=tmp, prefix='baseline-'))
+    archive = subprocess.run(['git', '-C', str(ROOT), 'archive', '--format=tar', rev],
+                             capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f'--baseline {rev}: {archive.stderr.decode(errors="replace").strip()}')
+    subprocess.run(['tar', '-x', '-C', str(tree)], input=archive.stdout, check=True)
+    spec = importlib.util.spec_from_file_location('baseline_helpers', tree / 'tests' / 'helpers.py')
+    kit = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(tree / 'tests'))  # for what its helpers import beside them
+    try:
+        spec.loader.exec_module(kit)
+    finally:
+        sys.path.remove(str(tree / 'tests'))
+    return kit
 
 
 def batch_rate(dep, jobs, threads=2):
@@ -193,6 +235,8 @@ def main():
     parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--only', default=','.join(SIDES),
                         help='comma-separated sides to run: ' + ', '.join(SIDES))
+    parser.add_argument('--baseline', metavar='REV',
+                        help='also single POST as served at this commit (e.g. ed7bcee)')
     args = parser.parse_args()
     sides = [s for s in args.only.split(',') if s]
     for side in sides:
@@ -200,8 +244,20 @@ def main():
             parser.error(f'unknown side {side!r}')
 
     tmp = Path(tempfile.mkdtemp(prefix='qm-bench-submit-'))
-    best = {}
+    kit = baseline_kit(tmp, args.baseline) if args.baseline else None
+    best, cpu = {}, {}
     for i in range(args.repeat):
+        if kit is not None:
+            dep = Deployment(tmp, kit)
+            try:
+                dep.start_web()
+                rate, _n, us = single_rate(dep, args.jobs)
+            finally:
+                dep.close()
+            best['baseline'] = max(best.get('baseline', 0), rate)
+            cpu.setdefault('baseline', []).append(us)
+            print(f'  run {i + 1}: single POST at {args.baseline:9} {rate:8.0f} jobs/s'
+                  f'  ({us:.0f} us of workers\' CPU a request)', flush=True)
         if 'raw' in sides:
             rate = raw_rate(tmp, args.jobs)
             best['raw'] = max(best.get('raw', 0), rate)
@@ -214,10 +270,12 @@ def main():
             if {'single', 'batch'} & set(sides):
                 dep.start_web()
             if 'single' in sides:
-                rate, n = single_rate(dep, args.jobs)
+                rate, n, us = single_rate(dep, args.jobs)
                 expected += n + 50
                 best['single'] = max(best.get('single', 0), rate)
-                print(f'  run {i + 1}: single POST            {rate:8.0f} jobs/s', flush=True)
+                cpu.setdefault('single', []).append(us)
+                print(f'  run {i + 1}: single POST            {rate:8.0f} jobs/s'
+                      f'  ({us:.0f} us of workers\' CPU a request)', flush=True)
             if 'batch' in sides:
                 rate, n = batch_rate(dep, args.jobs)
                 expected += n + 2 * BATCH
@@ -237,7 +295,9 @@ def main():
             dep.close()
 
     print(f'\nSubmission rate, noop jobs, {args.jobs} per side and run, best of {args.repeat}')
-    labels = {'raw': 'raw Huey, enqueue one by one', 'single': 'POST /api/jobs (8 clients)',
+    labels = {'raw': 'raw Huey, enqueue one by one',
+              'baseline': f'POST /api/jobs at {args.baseline} (8 clients)',
+              'single': 'POST /api/jobs (8 clients)',
               'batch': 'POST /api/jobs/batch (1,000 a call)',
               'submit': 'Python noop.submit() one by one',
               'submit_many': 'Python submit_many (1,000 a call)'}
@@ -247,10 +307,15 @@ def main():
         ratios = []
         if 'raw' in best and key != 'raw':
             ratios.append(f'{best[key] / best["raw"]:.2f}x raw')
-        if 'single' in best and key not in ('raw', 'single'):
+        if 'single' in best and key not in ('raw', 'single', 'baseline'):
             ratios.append(f'{best[key] / best["single"]:.1f}x single POST')
-        print(f'  {label:38} {best[key]:8.0f} jobs/s  {", ".join(ratios)}')
-    print('  targets: batch >= 2x raw Huey; single POST >= 1,000 jobs/s')
+        if key == 'single' and 'baseline' in best:
+            ratios.append(f'{best[key] / best["baseline"]:.2f}x at {args.baseline}')
+        if key in cpu:
+            ratios.append(f'workers\' CPU {min(cpu[key]):.0f} us a request at best')
+        print(f'  {label:44} {best[key]:8.0f} jobs/s  {", ".join(ratios)}')
+    print('  targets: batch >= 2x raw Huey; single POST >= 3x the single POST of ed7bcee '
+          '(about 333 jobs/s on the day it was set, so 1,000 jobs/s)')
 
 
 if __name__ == '__main__':
