@@ -292,13 +292,16 @@ def _jobs_page_rows(scope):
 def _pager(scope):
     page, next_cursor = _job_page(scope)
     # A search the index cannot narrow looks at a window of jobs per page:
-    # a short page with more to come says how far back it has looked.
+    # a short page with more to come says how far it has looked (back to a
+    # creation time, or down to a run time).
     partial = next_cursor is not None and len(page) < current_app.config['PAGE_SIZE']
     sort = scope.params['sort']
+    searched_to = None
+    if partial:
+        searched_to = (queries.decode_run_cursor(next_cursor) if sort == 'runtime'
+                       else queries.decode_cursor(next_cursor, sort))[0]
     return {'filters': filters_of(scope.params), 'cursor': scope.params['cursor'],
-            'next_cursor': next_cursor, 'sort': sort,
-            'searched_to': queries.decode_cursor(next_cursor, sort)[0]
-            if partial and sort != 'runtime' else None}
+            'next_cursor': next_cursor, 'sort': sort, 'searched_to': searched_to}
 
 
 def _job_count(scope):

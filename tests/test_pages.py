@@ -370,6 +370,33 @@ def test_a_search_with_many_candidates_pages_a_window_at_a_time_and_says_how_far
     assert 'Searched the jobs created' not in html
 
 
+
+def test_a_run_time_search_with_many_candidates_says_how_far_down_it_looked(
+        client, app, monkeypatch):
+    from app import queries
+    # Longest run first: a match, two other jobs, then three matches.
+    texts = ('needle a', 'hay', 'hay', 'needle d', 'needle e', 'needle f')
+    ids = []
+    with app.app_context():
+        for n, message in enumerate(texts):
+            row = _job(error=f'RuntimeError: {message}', run_seconds=9.0 - n)
+            _insert(app, 'job', row, json=('params', 'result'))
+            ids.append(row['id'])
+    monkeypatch.setattr(queries, 'CANDIDATES', 2)  # four candidates: too many to list at once
+    monkeypatch.setattr(queries, 'PENDING_CANDIDATES', 2)  # (SQLite: none indexed yet)
+    monkeypatch.setattr(queries, 'DENSE_WINDOW', 1)
+    monkeypatch.setattr(queries, 'SCAN_WINDOW', 3)
+    html = client.get('/jobs?q=needle&sort=runtime').get_data(as_text=True)
+    # The three longest runs hold one match; the page says how far down it looked.
+    assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == [ids[0]]
+    assert 'Searched the jobs whose latest run took 7.00 s or longer; shorter » searches ' \
+           'further.' in html
+    assert 'Searched the jobs created' not in html
+    nxt = re.search(r'rel="next" href="([^"]+)"', html).group(1).replace('&amp;', '&')
+    html = client.get(nxt).get_data(as_text=True)
+    assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == ids[3:]
+
+
 def test_attempts_read_as_they_are(app, client):
     with app.app_context():
         first = _job(state='succeeded', attempts=1, retries=2)
