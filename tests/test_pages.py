@@ -384,6 +384,7 @@ def test_a_run_time_search_with_many_candidates_says_how_far_down_it_looked(
             ids.append(row['id'])
     monkeypatch.setattr(queries, 'CANDIDATES', 2)  # four candidates: too many to list at once
     monkeypatch.setattr(queries, 'PENDING_CANDIDATES', 2)  # (SQLite: none indexed yet)
+    monkeypatch.setattr(queries, 'RUN_CANDIDATES', 2)
     monkeypatch.setattr(queries, 'DENSE_WINDOW', 1)
     monkeypatch.setattr(queries, 'SCAN_WINDOW', 3)
     html = client.get('/jobs?q=needle&sort=runtime').get_data(as_text=True)

@@ -596,15 +596,23 @@ def test_a_request_plans_a_search_once_for_its_list_and_its_count(ledger_ctx, mo
     assert made == ['hello', 'world', 'hello', 'hello']
 
 
-def test_a_search_in_the_run_time_order_looks_at_one_window_per_page(ledger_ctx, monkeypatch):
-    rows = fill_search_ledger()
-    index_everything()
+def finished_with_run_times(rows):
+    """Every job of ``rows`` finished, with run times (ties among them); by run time, longest
+    first."""
     rnd = random.Random(3)
-    for r in rows:  # every job finished; run times with ties
+    for r in rows:
         r.finished_at = r.created_at
         r.run_seconds = rnd.choice([0.5, 1.25, 7.5, rnd.randint(1, 10 ** 6) / 1000])
     db.session.commit()
+    return sorted(rows, key=lambda r: (r.run_seconds, r.id), reverse=True)
+
+
+def test_a_search_in_the_run_time_order_looks_at_one_window_per_page(ledger_ctx, monkeypatch):
+    rows = fill_search_ledger()
+    index_everything()
+    finished_with_run_times(rows)
     monkeypatch.setattr(queries, 'CANDIDATES', 30)
+    monkeypatch.setattr(queries, 'RUN_CANDIDATES', 30)  # SQLite: none read from the whole ledger
     monkeypatch.setattr(queries, 'SCAN_WINDOW', 40)
     monkeypatch.setattr(queries, 'DENSE_WINDOW', 15)
     by_run = sorted(rows, key=lambda r: (r.run_seconds, r.id), reverse=True)
@@ -620,6 +628,38 @@ def test_a_search_in_the_run_time_order_looks_at_one_window_per_page(ledger_ctx,
             r.id for r in listed if contains(r, q))
         if q == 'ab':  # one job in fifteen: windows that hold no page, whose cursor goes on
             assert any(len(page) < 5 for page in expected[:-1])
+
+
+def test_a_run_time_search_on_sqlite_reads_every_candidate_when_they_are_few_enough(
+        ledger_ctx, monkeypatch):
+    # On SQLite the run-time order's windows cannot be narrowed by the index:
+    # up to RUN_CANDIDATES candidates are read from the whole ledger instead,
+    # and every page but the last is full. PostgreSQL keeps the windows.
+    rows = fill_search_ledger()
+    index_everything()
+    by_run = finished_with_run_times(rows)
+    monkeypatch.setattr(queries, 'CANDIDATES', 30)
+    monkeypatch.setattr(queries, 'SCAN_WINDOW', 11)
+    monkeypatch.setattr(queries, 'DENSE_WINDOW', 6)
+    matching = [r.id for r in by_run if contains(r, 'hello')]
+    windowed = windowed_pages(by_run, lambda r: contains(r, 'hello'), 5, 11)
+    assert len(matching) > 30 and any(len(page) < 5 for page in windowed[:-1])
+    whole = [matching[i:i + 5] for i in range(0, len(matching), 5)]
+    sqlite = db.engine.dialect.name == 'sqlite'
+    assert search_pages('hello', 5, 'runtime') == (whole if sqlite else windowed)
+    failed = [r.id for r in by_run if r.state == 'failed' and contains(r, 'hello')]
+    assert sum(search_pages('hello', 5, 'runtime', state='failed'), []) == failed
+    # One candidate too many (each match is one index row here): windows again.
+    monkeypatch.setattr(queries, 'RUN_CANDIDATES', len(matching) - 1)
+    assert search_pages('hello', 5, 'runtime') == windowed
+    # A job written since the index was brought up to date is a candidate too.
+    if sqlite:
+        monkeypatch.setattr(queries, 'RUN_CANDIDATES', len(matching) + 10)
+        newest = job_row(state='succeeded', params={'message': 'hello again'},
+                         finished_at=utcnow(), run_seconds=10 ** 4)
+        db.session.add(newest)
+        db.session.commit()
+        assert search_pages('hello', 5, 'runtime')[0][0] == newest.id
 
 
 def test_a_window_is_narrowed_to_the_candidates_the_index_holds_in_it(ledger_ctx, monkeypatch):
