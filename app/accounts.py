@@ -184,7 +184,7 @@ def authenticate(name, password):
 def load_session_user(session_id):
     """The :class:`User` a session's id (``"<id>:<epoch>"``) names, if that session still holds."""
     user_id, _, epoch = str(session_id).partition(':')
-    if not user_id.isdigit() or not epoch.isdigit():
+    if not (user_id.isascii() and user_id.isdigit() and epoch.isascii() and epoch.isdigit()):
         return None
     user = db.session.get(User, int(user_id))
     return user if user is not None and user.session_epoch == int(epoch) else None

@@ -7,6 +7,7 @@ read that one declaration.
 """
 import datetime as dt
 import math
+import re
 from dataclasses import dataclass, field
 
 from . import masking, roles
@@ -48,6 +49,11 @@ class ValidationError(Exception):
         field named ``jobs[i].field`` (``jobs[i]`` for the item itself) in :attr:`fields`."""
         return cls({f'jobs[{e["index"]}]' + (f'.{e["field"]}' if e['field'] else ''):
                     e['message'] for e in errors}, 'invalid jobs', errors)
+
+
+# A whole number and a number as a form field may hold them (ASCII only).
+_FORM_INT = re.compile(r'[-+]?[0-9]+')
+_FORM_NUMBER = re.compile(r'[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?')
 
 
 @dataclass(frozen=True)
@@ -122,16 +128,19 @@ class Param:
             # A secret's field is never filled in again: left empty, it
             # takes its default.
             return None
+        # Written as a form or query string writes numbers: ASCII digits
+        # (Python's int() and float() also take '٣', '1_000' and 'infinity').
         if self.type is int:
+            if not _FORM_INT.fullmatch(raw.strip()):
+                raise ValueError('must be a whole number')
             try:
                 return int(raw.strip())
-            except ValueError:
+            except ValueError:  # more digits than Python converts
                 raise ValueError('must be a whole number') from None
         if self.type is float:
-            try:
-                return float(raw.strip())
-            except ValueError:
-                raise ValueError('must be a number') from None
+            if not _FORM_NUMBER.fullmatch(raw.strip()):
+                raise ValueError('must be a number')
+            return float(raw.strip())
         return raw
 
     def _coerce(self, raw):
@@ -442,6 +451,7 @@ def submission_schema(config):
     options = {name: spec.json_schema() for name, spec in _OPTIONS.items()}
     options['queue']['enum'] = list(config['QUEUES'])
     options['eta']['format'] = 'date-time'
+    options['idempotency_key']['minLength'] = 1
     variants = []
     for task in TASKS.values():
         params = {'type': ['object', 'null'],
@@ -518,6 +528,11 @@ def validate(data, config, from_form=False, now=None):
         except ValueError as exc:
             errors[key] = str(exc)
 
+    if not from_form and options.get('idempotency_key') == '':
+        # A program that sends a key means one (a variable left empty, say):
+        # read as no key, its retry after a lost answer would make a second job.
+        # (A form's empty field is no key.)
+        errors['idempotency_key'] = 'must not be empty: leave it out for no key'
     queue = options.get('queue') or 'default'
     if 'queue' not in errors and queue not in config['QUEUES']:
         errors['queue'] = 'unknown queue; one of ' + ', '.join(config['QUEUES'])

@@ -257,7 +257,8 @@ def _named(key):
 
 def _alert_params(args):
     before = args.get('before') or None
-    if before is not None and not (before.isdigit() and len(before) <= 18):
+    # ASCII digits only: str.isdigit() holds for '²', which int() refuses.
+    if before is not None and not (before.isascii() and before.isdigit() and len(before) <= 18):
         raise queries.BadQuery('before must be an alert id', 'before')
     return {'before': before}
 

@@ -34,7 +34,7 @@ def parse_name(name):
     """``(host, pid)`` of a :func:`process_name`; pid None if it has none."""
     host, _, rest = name.rpartition(':')
     pid = rest.split('-', 1)[0]
-    return host, int(pid) if pid.isdigit() else None
+    return host, int(pid) if pid.isascii() and pid.isdigit() else None
 
 # Renew only while still the holder (a lease that lapsed may be someone else's).
 _RENEW = """

@@ -368,6 +368,10 @@ def test_alerts_page_and_api_page_through_the_history(tmp_path):
     older = client.get(f'/alerts?before={ids[2]}').get_data(as_text=True)
     assert 'message 1' in older and 'message 3' not in older.split('id="alert-history"')[1]
     assert client.get('/alerts?before=abc').status_code == 400
+    # Digits Python calls digits but int() refuses (a superscript), or not ASCII: a 400 too.
+    for before in ('\u00b2', '\u0663', '1_0'):
+        assert client.get('/alerts', query_string={'before': before}).status_code == 400
+        assert client.get('/api/alerts', query_string={'before': before}).status_code == 400
 
 
 @pytest.fixture

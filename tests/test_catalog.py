@@ -104,6 +104,28 @@ def test_form_values_are_strings_and_converted():
     assert (sub.priority, sub.retries, sub.eta) == (0, 1, None)
     fields = fields_of({'task': 'sleep', 'params.seconds': 'soon', 'retries': 'x'}, from_form=True)
     assert fields == {'params.seconds': 'must be a number', 'retries': 'must be a whole number'}
+    # ASCII digits only, as a number field writes them; signs and exponents are fine.
+    sub = check({'task': 'sleep', 'params.seconds': ' +2.5e-1 ', 'params.steps': '+02',
+                 'retries': '+3'}, from_form=True)
+    assert (sub.params, sub.retries) == ({'seconds': 0.25, 'steps': 2}, 3)
+    for odd in ('\u0663', '\uff15', '1_000', '\u00b2', '1 0', '0x10', ''):
+        fields = fields_of({'task': 'sleep', 'params.steps': odd or '.', 'retries': odd or '.',
+                            'params.seconds': odd or 'e1'}, from_form=True)
+        assert fields == {'params.seconds': 'must be a number', 'params.steps':
+                          'must be a whole number', 'retries': 'must be a whole number'}, odd
+    for odd in ('nan', 'infinity', '1e999'):
+        assert 'params.seconds' in fields_of({'task': 'sleep', 'params.seconds': odd},
+                                             from_form=True), odd
+
+
+def test_an_empty_idempotency_key_is_refused_from_a_program_and_none_from_a_form():
+    assert fields_of({'task': 'noop', 'idempotency_key': ''}) == {
+        'idempotency_key': 'must not be empty: leave it out for no key'}
+    assert check({'task': 'noop'}).idempotency_key is None
+    assert check({'task': 'noop', 'idempotency_key': ' '}).idempotency_key == ' '
+    assert check({'task': 'noop', 'idempotency_key': ''}, from_form=True).idempotency_key is None
+    schema = catalog.submission_schema({'QUEUES': ['default']})
+    assert schema['properties']['idempotency_key']['minLength'] == 1
 
 
 def test_an_empty_form_field_falls_back_to_the_default():
