@@ -118,7 +118,7 @@ def _schemas(config):
         'JobPage': _object({'jobs': {'type': 'array', 'items': _ref('Job')},
                             'next': _null({**_STR, 'description': (
                                 'cursor of the next page; null after the last. A search '
-                                'shorter than 3 characters looks at 10,000 jobs a page, one '
+                                'shorter than 3 characters looks at 5,000 jobs a page, one '
                                 'matching more than 500 jobs at 20,000, so a page may hold '
                                 'fewer jobs than `limit` (even none) and still have a '
                                 '`next`')})}),

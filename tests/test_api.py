@@ -199,6 +199,7 @@ def test_the_list_pages_oldest_first_and_by_run_time(client, app):
     runtime_cursor = client.get('/api/jobs?sort=runtime&limit=2').get_json()['next']
     forged = base64.urlsafe_b64encode(f'~1e-16384|{oldest[0]}'.encode()).decode()
     infinite = base64.urlsafe_b64encode(f'~1e+999|{oldest[0]}'.encode()).decode()
+    arabic = base64.urlsafe_b64encode(f'~\u0661.5|{oldest[0]}'.encode()).decode()
     for query, error in ((f'sort=runtime&cursor={newest_cursor}', 'newest order, not runtime'),
                          (f'sort=runtime&cursor={oldest_cursor}', 'oldest order, not runtime'),
                          (f'sort=oldest&cursor={newest_cursor}', 'newest order: give sort=newest'),
@@ -207,6 +208,9 @@ def test_the_list_pages_oldest_first_and_by_run_time(client, app):
                          (f'cursor={runtime_cursor}', 'runtime order'),
                          (f'sort=oldest&cursor={runtime_cursor}', 'runtime order'),
                          (f'sort=runtime&cursor={forged}', 'not one this server handed out'),
+                         (f'sort=runtime&cursor={arabic}', 'not one this server handed out'),
+                         ('limit=%D9%A3', 'limit must be a whole number'),
+                         ('limit=1_0', 'limit must be a whole number'),
                          ('sort=slowest', 'sort')):
         resp = client.get(f'/api/jobs?{query}')
         assert resp.status_code == 400 and error in resp.get_json()['error'], (query, resp.data)
