@@ -521,6 +521,9 @@ def validate(data, config, from_form=False, now=None):
     options = {}
     for key, spec in _OPTIONS.items():
         raw = data.get(key)
+        if raw is None and not from_form:
+            options[key] = spec.default  # absent (or null): its default, nothing to check
+            continue
         if from_form and raw == '':
             raw = None
         try:
