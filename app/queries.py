@@ -356,11 +356,13 @@ class SearchPlan(NamedTuple):
 
     ``index``: the :class:`_Index`, or None for a search too short for it.
     :meth:`condition` is the exact condition, narrowed by the index where
-    it can.
+    it can. ``needles``: the folded texts looked for (as typed, as JSON
+    holds it), of any length.
     """
     prefix: object
     contains: object
     index: _Index | None
+    needles: tuple = ()
 
     @property
     def whole(self):
@@ -415,7 +417,8 @@ def _search_plan(q):
                       _contains(Job.error, (typed,)),
                       _contains(sa.cast(Job.result, sa.Text), (typed, in_json)))
     dialect = db.session.get_bind().dialect.name
-    return SearchPlan(_id_prefix(typed, dialect), contains, _indexed(typed, in_json, dialect))
+    return SearchPlan(_id_prefix(typed, dialect), contains, _indexed(typed, in_json, dialect),
+                      tuple(dict.fromkeys((typed, in_json))))
 
 
 def search_condition(q):
@@ -758,8 +761,7 @@ def _run_window_page(plan, conditions, size, limit):
     than a window). On PostgreSQL the index's own test goes first on each row
     (``_trigram_match``'s ``scan``)."""
     edge = _edge(conditions, _RUN_ORDER, size, _RUN_KEY)
-    narrow = (_trigram_match(plan.index.needles, scan=True)
-              if plan.index is not None and plan.index.dialect != 'sqlite' else None)
+    narrow = _scan_first(plan)
     conditions = [*conditions, plan.condition(narrow)]
     if edge is not None:
         conditions.append(sa.tuple_(*_RUN_KEY) >= sa.tuple_(*edge))
@@ -788,6 +790,8 @@ def _window_page(plan, conditions, order, key, newest, size, limit, unfiltered, 
     rest of the list is shorter than a window); ``dense`` for the first few jobs of a
     window (see :func:`_window`)."""
     edge, narrow = _window(plan.index, conditions, order, size, dense)
+    if plan.index is None:
+        narrow = _scan_first(plan)
     conditions = [*conditions, plan.condition(narrow)]
     if edge is not None:
         if narrow is not None and unfiltered and db.session.get_bind().dialect.name == 'sqlite':
@@ -798,6 +802,21 @@ def _window_page(plan, conditions, order, key, newest, size, limit, unfiltered, 
             key = sa.tuple_(_unindexed(Job.created_at), _unindexed(Job.id))
         conditions.append(key >= sa.tuple_(*edge) if newest else key <= sa.tuple_(*edge))
     return _page_keys(conditions, order, limit), edge
+
+
+def _scan_first(plan):
+    """PostgreSQL: the index's own test of a row (``_trigram_match``'s ``scan``), for the
+    rows of a window tested one by one, before the exact condition; None on SQLite.
+
+    So too for a search shorter than the index's trigrams: the ILIKE finds
+    any text, and spares the exact condition (its ASCII-only case folding,
+    ``translate``, is slow) all but the rows that hold it: a window of
+    5,000 jobs with no match took 78 ms at 30,000 jobs.
+    """
+    if db.session.get_bind().dialect.name == 'sqlite':
+        return None
+    return _trigram_match(plan.index.needles if plan.index is not None else plan.needles,
+                          scan=True)
 
 
 def _unindexed(column):

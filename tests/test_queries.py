@@ -196,6 +196,49 @@ def test_each_sort_pages_through_every_job_once_in_its_order(tmp_path, ledger_ur
         db.engine.dispose()
 
 
+def test_a_search_the_index_names_every_match_of_is_read_by_those_names_beside_filters(ctx):
+    from app.extensions import db
+    from app.models import Job
+    with ctx.app_context():
+        ids = [submit(ctx, 'fail', {'message': f'needle {n}'}).id for n in range(3)]
+        others = [submit(ctx).id for _ in range(4)]
+        prefixed = others[0]
+        rows = {i: db.session.get(Job, i) for i in ids + others}
+        for n, i in enumerate(ids + others):
+            rows[i].finished_at, rows[i].run_seconds = rows[i].created_at, float(n + 1)
+        db.session.commit()
+        # Each order, with filters and a cursor, on SQLite and PostgreSQL: the
+        # matches of the text, and the job whose id starts with the search.
+        for q, want in (('needle', ids), (prefixed[:8], [prefixed])):
+            for sort in ('newest', 'oldest', 'runtime'):
+                for within in ({}, {'queue': 'default'}, {'task': 'fail', 'queue': 'default'},
+                               {'finished_from': '2000-01-01T00:00:00Z'}):
+                    seen, cursor = [], None
+                    while True:
+                        page, cursor = queries.list_jobs(q=q, limit=1, sort=sort, cursor=cursor,
+                                                         **within)
+                        seen += [j.id for j in page]
+                        if cursor is None:
+                            break
+                    expected = [i for i in want if within.get('task') in (None, rows[i].task)]
+                    assert sorted(seen) == sorted(expected), (q, sort, within)
+                    assert len(seen) == len(set(seen))
+            assert queries.count_jobs({'q': q, 'queue': 'default'}) == (len(want), True)
+        if db.engine.dialect.name == 'sqlite':
+            # Read by the rowids the search names, not by walking a filter's
+            # index (or the list's) over the whole ledger.
+            with sqlite_plans() as plans:
+                queries.list_jobs(q='needle', queue='default', limit=1)
+                queries.list_jobs(q='needle', task='fail', state='failed', limit=1,
+                                  cursor=queries.list_jobs(q='needle', limit=1)[1])
+                queries.list_jobs(q='needle', queue='default', sort='runtime', limit=1)
+                queries.count_jobs({'q': 'needle', 'queue': 'default'})
+                listed = plans('json_each')
+            assert len(listed) == 5
+            for plan in listed:
+                assert 'INTEGER PRIMARY KEY' in plan and 'ix_job' not in plan, plan
+
+
 def test_counts_come_from_the_counters_and_a_search_is_counted_to_a_bound(ctx):
     from app.extensions import db
     from app.models import Job
