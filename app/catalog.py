@@ -51,7 +51,9 @@ class ValidationError(Exception):
                     e['message'] for e in errors}, 'invalid jobs', errors)
 
 
-# A whole number and a number as a form field may hold them (ASCII only).
+# A whole number and a number as a form field may hold them (ASCII only,
+# with ASCII spaces around: str.strip() also takes a no-break space).
+_ASCII_SPACE = ' \t\n\r\f\v'
 _FORM_INT = re.compile(r'[-+]?[0-9]+')
 _FORM_NUMBER = re.compile(r'[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?')
 
@@ -131,16 +133,16 @@ class Param:
         # Written as a form or query string writes numbers: ASCII digits
         # (Python's int() and float() also take '٣', '1_000' and 'infinity').
         if self.type is int:
-            if not _FORM_INT.fullmatch(raw.strip()):
+            if not _FORM_INT.fullmatch(raw.strip(_ASCII_SPACE)):
                 raise ValueError('must be a whole number')
             try:
-                return int(raw.strip())
+                return int(raw.strip(_ASCII_SPACE))
             except ValueError:  # more digits than Python converts
                 raise ValueError('must be a whole number') from None
         if self.type is float:
-            if not _FORM_NUMBER.fullmatch(raw.strip()):
+            if not _FORM_NUMBER.fullmatch(raw.strip(_ASCII_SPACE)):
                 raise ValueError('must be a number')
-            return float(raw.strip())
+            return float(raw.strip(_ASCII_SPACE))
         return raw
 
     def _coerce(self, raw):

@@ -31,14 +31,19 @@ def format_iso_ms(value):
     return isoformat(value) or ''
 
 
-def format_duration(seconds):
-    """Seconds as ``850 ms``, ``12.50 s``, ``3m 04s`` or ``1h 02m 03s`` ('' for None)."""
+def format_duration(seconds, precise=False):
+    """Seconds as ``850 ms``, ``12.50 s``, ``3m 04s`` or ``1h 02m 03s`` ('' for None).
+
+    ``precise``: under a second, three significant digits (``2.35 ms``,
+    ``0.0123 ms``), where whole milliseconds would read the same for
+    different times (how far a run-time search has looked).
+    """
     if seconds is None:
         return ''
     if not math.isfinite(seconds):
         return str(seconds)  # a row no application path writes: shown as it is
     if seconds < 1:
-        return f'{seconds * 1000:.0f} ms'
+        return f'{seconds * 1000:.3g} ms' if precise else f'{seconds * 1000:.0f} ms'
     if seconds < 120:
         return f'{seconds:.2f} s'
     minutes, secs = divmod(int(seconds), 60)

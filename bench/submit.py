@@ -37,6 +37,7 @@ import http.client
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,8 @@ def baseline_kit(tmp, rev):
     if archive.returncode:
         raise SystemExit(f'--baseline {rev}: {archive.stderr.decode(errors="replace").strip()}')
     subprocess.run(['tar', '-x', '-C', str(tree)], input=archive.stdout, check=True)
+    if not (tree / 'tests' / 'helpers.py').is_file():
+        raise SystemExit(f'--baseline {rev}: that commit has no tests/helpers.py to deploy it with')
     spec = importlib.util.spec_from_file_location('baseline_helpers', tree / 'tests' / 'helpers.py')
     kit = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(tree / 'tests'))  # for what its helpers import beside them
@@ -244,78 +247,81 @@ def main():
             parser.error(f'unknown side {side!r}')
 
     tmp = Path(tempfile.mkdtemp(prefix='qm-bench-submit-'))
-    kit = baseline_kit(tmp, args.baseline) if args.baseline else None
-    best, cpu = {}, {}
-    for i in range(args.repeat):
-        if kit is not None:
-            dep = Deployment(tmp, kit)
+    try:
+        kit = baseline_kit(tmp, args.baseline) if args.baseline else None
+        best, cpu = {}, {}
+        for i in range(args.repeat):
+            if kit is not None:
+                dep = Deployment(tmp, kit)
+                try:
+                    dep.start_web()
+                    rate, _n, us = single_rate(dep, args.jobs)
+                finally:
+                    dep.close()
+                best['baseline'] = max(best.get('baseline', 0), rate)
+                cpu.setdefault('baseline', []).append(us)
+                print(f'  run {i + 1}: single POST at {args.baseline:9} {rate:8.0f} jobs/s'
+                      f'  ({us:.0f} us of workers\' CPU a request)', flush=True)
+            if 'raw' in sides:
+                rate = raw_rate(tmp, args.jobs)
+                best['raw'] = max(best.get('raw', 0), rate)
+                print(f'  run {i + 1}: raw Huey enqueue        {rate:8.0f} jobs/s', flush=True)
+            if not set(sides) - {'raw'}:
+                continue
+            dep = Deployment(tmp)
+            expected = 0
             try:
-                dep.start_web()
-                rate, _n, us = single_rate(dep, args.jobs)
+                if {'single', 'batch'} & set(sides):
+                    dep.start_web()
+                if 'single' in sides:
+                    rate, n, us = single_rate(dep, args.jobs)
+                    expected += n + 50
+                    best['single'] = max(best.get('single', 0), rate)
+                    cpu.setdefault('single', []).append(us)
+                    print(f'  run {i + 1}: single POST            {rate:8.0f} jobs/s'
+                          f'  ({us:.0f} us of workers\' CPU a request)', flush=True)
+                if 'batch' in sides:
+                    rate, n = batch_rate(dep, args.jobs)
+                    expected += n + 2 * BATCH
+                    best['batch'] = max(best.get('batch', 0), rate)
+                    print(f'  run {i + 1}: batch POST (1,000)     {rate:8.0f} jobs/s', flush=True)
+                if 'python' in sides:
+                    rates = python_rates(dep, args.jobs)
+                    expected += args.jobs + 1 + args.jobs // BATCH * BATCH
+                    for kind, rate in rates.items():
+                        best[kind] = max(best.get(kind, 0), rate)
+                        print(f'  run {i + 1}: Python {kind:15} {rate:8.0f} jobs/s', flush=True)
+                rows, messages = dep.rows(), dep.messages()
+                if rows != expected or messages != expected:
+                    raise SystemExit(f'expected {expected} jobs recorded and queued; the ledger '
+                                     f'holds {rows} rows, the broker {messages} messages')
             finally:
                 dep.close()
-            best['baseline'] = max(best.get('baseline', 0), rate)
-            cpu.setdefault('baseline', []).append(us)
-            print(f'  run {i + 1}: single POST at {args.baseline:9} {rate:8.0f} jobs/s'
-                  f'  ({us:.0f} us of workers\' CPU a request)', flush=True)
-        if 'raw' in sides:
-            rate = raw_rate(tmp, args.jobs)
-            best['raw'] = max(best.get('raw', 0), rate)
-            print(f'  run {i + 1}: raw Huey enqueue        {rate:8.0f} jobs/s', flush=True)
-        if not set(sides) - {'raw'}:
-            continue
-        dep = Deployment(tmp)
-        expected = 0
-        try:
-            if {'single', 'batch'} & set(sides):
-                dep.start_web()
-            if 'single' in sides:
-                rate, n, us = single_rate(dep, args.jobs)
-                expected += n + 50
-                best['single'] = max(best.get('single', 0), rate)
-                cpu.setdefault('single', []).append(us)
-                print(f'  run {i + 1}: single POST            {rate:8.0f} jobs/s'
-                      f'  ({us:.0f} us of workers\' CPU a request)', flush=True)
-            if 'batch' in sides:
-                rate, n = batch_rate(dep, args.jobs)
-                expected += n + 2 * BATCH
-                best['batch'] = max(best.get('batch', 0), rate)
-                print(f'  run {i + 1}: batch POST (1,000)     {rate:8.0f} jobs/s', flush=True)
-            if 'python' in sides:
-                rates = python_rates(dep, args.jobs)
-                expected += args.jobs + 1 + args.jobs // BATCH * BATCH
-                for kind, rate in rates.items():
-                    best[kind] = max(best.get(kind, 0), rate)
-                    print(f'  run {i + 1}: Python {kind:15} {rate:8.0f} jobs/s', flush=True)
-            rows, messages = dep.rows(), dep.messages()
-            if rows != expected or messages != expected:
-                raise SystemExit(f'expected {expected} jobs recorded and queued; the ledger '
-                                 f'holds {rows} rows, the broker {messages} messages')
-        finally:
-            dep.close()
 
-    print(f'\nSubmission rate, noop jobs, {args.jobs} per side and run, best of {args.repeat}')
-    labels = {'raw': 'raw Huey, enqueue one by one',
-              'baseline': f'POST /api/jobs at {args.baseline} (8 clients)',
-              'single': 'POST /api/jobs (8 clients)',
-              'batch': 'POST /api/jobs/batch (1,000 a call)',
-              'submit': 'Python noop.submit() one by one',
-              'submit_many': 'Python submit_many (1,000 a call)'}
-    for key, label in labels.items():
-        if key not in best:
-            continue
-        ratios = []
-        if 'raw' in best and key != 'raw':
-            ratios.append(f'{best[key] / best["raw"]:.2f}x raw')
-        if 'single' in best and key not in ('raw', 'single', 'baseline'):
-            ratios.append(f'{best[key] / best["single"]:.1f}x single POST')
-        if key == 'single' and 'baseline' in best:
-            ratios.append(f'{best[key] / best["baseline"]:.2f}x at {args.baseline}')
-        if key in cpu:
-            ratios.append(f'workers\' CPU {min(cpu[key]):.0f} us a request at best')
-        print(f'  {label:44} {best[key]:8.0f} jobs/s  {", ".join(ratios)}')
-    print('  targets: batch >= 2x raw Huey; single POST >= 3x the single POST of ed7bcee '
-          '(about 333 jobs/s on the day it was set, so 1,000 jobs/s)')
+        print(f'\nSubmission rate, noop jobs, {args.jobs} per side and run, best of {args.repeat}')
+        labels = {'raw': 'raw Huey, enqueue one by one',
+                  'baseline': f'POST /api/jobs at {args.baseline} (8 clients)',
+                  'single': 'POST /api/jobs (8 clients)',
+                  'batch': 'POST /api/jobs/batch (1,000 a call)',
+                  'submit': 'Python noop.submit() one by one',
+                  'submit_many': 'Python submit_many (1,000 a call)'}
+        for key, label in labels.items():
+            if key not in best:
+                continue
+            ratios = []
+            if 'raw' in best and key not in ('raw', 'baseline'):
+                ratios.append(f'{best[key] / best["raw"]:.2f}x raw')
+            if 'single' in best and key not in ('raw', 'single', 'baseline'):
+                ratios.append(f'{best[key] / best["single"]:.1f}x single POST')
+            if key == 'single' and 'baseline' in best:
+                ratios.append(f'{best[key] / best["baseline"]:.2f}x at {args.baseline}')
+            if key in cpu:
+                ratios.append(f'workers\' CPU {min(cpu[key]):.0f} us a request at best')
+            print(f'  {label:44} {best[key]:8.0f} jobs/s  {", ".join(ratios)}')
+        print('  targets: batch >= 2x raw Huey; single POST >= 3x the single POST of ed7bcee '
+              '(about 333 jobs/s on the day it was set, so 1,000 jobs/s)')
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ledgers and Redis files of every run
 
 
 if __name__ == '__main__':

@@ -108,7 +108,7 @@ def test_form_values_are_strings_and_converted():
     sub = check({'task': 'sleep', 'params.seconds': ' +2.5e-1 ', 'params.steps': '+02',
                  'retries': '+3'}, from_form=True)
     assert (sub.params, sub.retries) == ({'seconds': 0.25, 'steps': 2}, 3)
-    for odd in ('\u0663', '\uff15', '1_000', '\u00b2', '1 0', '0x10', ''):
+    for odd in ('\u0663', '\uff15', '1_000', '\u00b2', '1 0', '0x10', '\u00a05', ''):
         fields = fields_of({'task': 'sleep', 'params.steps': odd or '.', 'retries': odd or '.',
                             'params.seconds': odd or 'e1'}, from_form=True)
         assert fields == {'params.seconds': 'must be a number', 'params.steps':

@@ -13,6 +13,8 @@ def test_times_and_durations_read_as_people_write_them():
     assert [templating.format_duration(s) for s in (None, 0.25, 12.5, 184, 3723)] == [
         '', '250 ms', '12.50 s', '3m 04s', '1h 02m 03s']
     assert templating.format_duration(float('inf')) == 'inf'
+    assert [templating.format_duration(s, precise=True) for s in (0.00235, 0.0024, 1.25e-5, 0.5, 12.5)] \
+        == ['2.35 ms', '2.4 ms', '0.0125 ms', '500 ms', '12.50 s']
 
 
 def test_percent_is_bounded_and_never_fails():
