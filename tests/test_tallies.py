@@ -515,8 +515,9 @@ def windows_read(monkeypatch):
     tries = []
     real = queries._window_page
 
-    def noted(plan, conditions, order, key, newest, size, limit, unfiltered, dense=False):
-        ids, edge = real(plan, conditions, order, key, newest, size, limit, unfiltered,
+    def noted(plan, conditions, walk, order, key, newest, size, limit, unfiltered,
+              dense=False):
+        ids, edge = real(plan, conditions, walk, order, key, newest, size, limit, unfiltered,
                          dense=dense)
         tries.append((size, dense, len(ids), edge is None))
         return ids, edge
@@ -628,6 +629,53 @@ def test_a_search_in_the_run_time_order_looks_at_one_window_per_page(ledger_ctx,
             r.id for r in listed if contains(r, q))
         if q == 'ab':  # one job in fifteen: windows that hold no page, whose cursor goes on
             assert any(len(page) < 5 for page in expected[:-1])
+
+
+def test_a_window_counts_the_jobs_of_one_indexed_filter_and_tests_the_others(ledger_ctx,
+                                                                              monkeypatch):
+    # A window is the next jobs of the order with at most one filter (the
+    # first of state, queue and task), found by a walk of that filter's index;
+    # a finish-time range or a second filter is tested on the window's jobs.
+    rows = fill_search_ledger()  # newest first
+    index_everything()
+    by_run = finished_with_run_times(rows)
+    for name, value in (('CANDIDATES', 30), ('RUN_CANDIDATES', 30), ('SEARCH_WINDOW', 40),
+                        ('SCAN_WINDOW', 40), ('DENSE_WINDOW', 15)):
+        monkeypatch.setattr(queries, name, value)
+    times = sorted(r.finished_at for r in rows)
+    lo, hi = times[60], times[240]
+    tasks = sorted({r.task for r in rows})
+    for sort, listed in (('newest', rows), ('oldest', rows[::-1]), ('runtime', by_run)):
+        for within, walked, kept in (
+                ({'finished_from': lo.isoformat(), 'finished_to': hi.isoformat()},
+                 lambda r: True, lambda r: lo <= r.finished_at < hi),
+                ({'state': 'failed', 'task': tasks[0]},
+                 lambda r: r.state == 'failed', lambda r: r.task == tasks[0])):
+            walk = [r for r in listed if walked(r)]
+            expected = windowed_pages(walk, lambda r: kept(r) and contains(r, 'hello'), 5, 40)
+            assert search_pages('hello', 5, sort, **within) == expected, (sort, within)
+            assert sorted(sum(expected, [])) == sorted(
+                r.id for r in listed if walked(r) and kept(r) and contains(r, 'hello'))
+    # Finding a window tests no other filter: on SQLite, a walk of an index alone.
+    seen = []
+
+    def note(conn, cursor, statement, params, context, many):
+        seen.append(statement)
+    sa.event.listen(db.engine, 'before_cursor_execute', note)
+    try:
+        queries.list_jobs(q='hello', limit=5, finished_from=lo.isoformat())
+        queries.list_jobs(q='hello', limit=5, sort='runtime', state='failed', task=tasks[0],
+                          finished_to=hi.isoformat())
+    finally:
+        sa.event.remove(db.engine, 'before_cursor_execute', note)
+    # A window's edge (and, on SQLite, its range of rowids): the statements
+    # that do not test the search.
+    edges = [s for s in seen if ('OFFSET' in s or 'min(' in s)
+             and not any(test in s for test in ('instr', 'strpos', 'ILIKE', 'ilike'))]
+    assert len(edges) >= 2, seen
+    for statement in edges:
+        assert 'finished_at >' not in statement and 'finished_at <' not in statement \
+            and 'job.task' not in statement, statement
 
 
 def test_a_run_time_search_on_sqlite_reads_every_candidate_when_they_are_few_enough(
