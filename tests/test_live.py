@@ -370,7 +370,9 @@ def test_a_fragment_that_fails_to_render_leaves_the_socket_and_other_pages_live(
         assert all(f'hx-target="#job-{job["id"]}-summary"' in m for _, m in page.messages)
         assert not any(f'hx-target="#job-{job["id"]}-attempts"' in m for _, m in page.messages)
         assert not page.closed.is_set()
-        assert dash.rows().get(job['id']) == 'succeeded'
+        # The dashboard's own update of the row may come a moment after the job page's.
+        wait_for(lambda: dash.rows().get(job['id']) == 'succeeded', 15,
+                 message='the dashboard to follow the job to success')
         assert f'rendering #job-{job["id"]}-attempts' in web.log()
         other = api.submit('noop')
         wait_for(lambda: dash.rows().get(other['id']) == 'succeeded', 15, message='the dashboard')
