@@ -133,16 +133,18 @@ class Param:
         # Written as a form or query string writes numbers: ASCII digits
         # (Python's int() and float() also take '٣', '1_000' and 'infinity').
         if self.type is int:
-            if not _FORM_INT.fullmatch(raw.strip(_ASCII_SPACE)):
+            number = raw.strip(_ASCII_SPACE)
+            if not _FORM_INT.fullmatch(number):
                 raise ValueError('must be a whole number')
             try:
-                return int(raw.strip(_ASCII_SPACE))
+                return int(number)
             except ValueError:  # more digits than Python converts
                 raise ValueError('must be a whole number') from None
         if self.type is float:
-            if not _FORM_NUMBER.fullmatch(raw.strip(_ASCII_SPACE)):
+            number = raw.strip(_ASCII_SPACE)
+            if not _FORM_NUMBER.fullmatch(number):
                 raise ValueError('must be a number')
-            return float(raw.strip(_ASCII_SPACE))
+            return float(number)
         return raw
 
     def _coerce(self, raw):

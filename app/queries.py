@@ -678,18 +678,18 @@ def list_jobs(state=None, queue=None, task=None, q=None, limit=50, cursor=None,
     # finish times, a second filter), which the page then tests on the
     # window's rows. (Walked with every filter, a narrow one took 0.2 to 0.8 s
     # a page at 100,000 to 200,000 jobs, growing with the ledger.)
-    walk = [next(c == v for c, v in ((Job.state, state), (Job.queue, queue), (Job.task, task))
-                 if v)] if state or queue or task else []
+    walk = [c == v for c, v in ((Job.state, state), (Job.queue, queue), (Job.task, task))
+            if v][:1]
     if sort == 'runtime':
         # The finished jobs with a run time, through the run-time indexes
         # (Job.run_seconds: the writer keeps it), longest first.
-        ran = [Job.finished_at.is_not(None), Job.run_seconds.is_not(None)]
-        conditions += [column(Job.finished_at).is_not(None), column(Job.run_seconds).is_not(None)]
-        walk += ran
+        ran = (Job.finished_at, Job.run_seconds)
+        conditions += [column(c).is_not(None) for c in ran]
+        walk += [c.is_not(None) for c in ran]
         if cursor:
             seconds, job_id = decode_run_cursor(cursor)
             bound = sa.tuple_(sa.literal(seconds, sa.Float), job_id)
-            conditions.append(sa.tuple_(column(Job.run_seconds), column(Job.id)) < bound)
+            conditions.append(sa.tuple_(*map(column, _RUN_KEY)) < bound)
             walk.append(sa.tuple_(*_RUN_KEY) < bound)
         edge = None
         if plan is None or plan.whole:
