@@ -152,7 +152,7 @@ def _record(subs, audits):
         with write_turn(db.engine):
             if rows:
                 try:
-                    conn.exec_driver_sql(d.sql['submitted'], rows)
+                    d.insert_rows(conn, 'job', ledger_sql.SUBMITTED, rows)
                 except sa.exc.IntegrityError:
                     # A key taken meanwhile by another submission: look again.
                     db.session.rollback()

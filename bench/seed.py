@@ -660,7 +660,7 @@ class Generator:
 class Chunk(NamedTuple):
     """One transaction's worth of stories, in the form the writes take.
 
-    ``rows``: job rows for :data:`JOB_INSERT`, in the driver's values;
+    ``rows``: job rows (the values of :data:`JOB_COLUMNS`, as the driver takes them);
     ``submitted``: rows of the jobs ``jobs.submit`` writes (the columns it
     writes and :data:`JOB_COLUMNS`, by name); ``ops`` and ``later``: what
     :func:`apply` writes, in two passes; ``attempt_rows``, ``log_rows`` and
@@ -689,8 +689,6 @@ JOB_COLUMNS = ('id', 'task', 'queue', 'params', 'secret_params', 'priority', 're
                'retry_delay', 'created_at', 'state', 'attempts', 'started_at', 'finished_at',
                'run_seconds', 'worker', 'result', 'error', 'error_type', 'progress', 'updated_at',
                'version')
-JOB_INSERT = (f'INSERT INTO job ({", ".join(JOB_COLUMNS)}) '
-              f'VALUES ({", ".join("?" * len(JOB_COLUMNS))})')
 
 
 def _settled(story):
@@ -819,8 +817,7 @@ def write(session, chunk):
     conn = session.connection()
     d = dialect(conn)
     if chunk.rows:
-        sql = JOB_INSERT if d.mark == '?' else JOB_INSERT.replace('?', '%s')
-        conn.exec_driver_sql(sql, chunk.rows)
+        d.insert_rows(conn, 'job', JOB_COLUMNS, chunk.rows)
     if chunk.submitted:
         conn.execute(sa.insert(Job.__table__), chunk.submitted)
     if chunk.attempt_rows:
