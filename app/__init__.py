@@ -84,7 +84,13 @@ def create_app(test_config=None, *, config=None):
 
 
 class _JSONProvider(DefaultJSONProvider):
-    """Flask's JSON, never with NaN or Infinity (not JSON): those are written as strings."""
+    """Flask's JSON, never with NaN or Infinity (not JSON): those are written as strings.
+
+    Keys keep the order the code gives them (a job's ``id`` first), where
+    Flask sorts them: sorting a thousand jobs' keys was a quarter of the
+    time spent writing a batch's answer.
+    """
+    sort_keys = False
 
     def dumps(self, obj, **kwargs):
         try:

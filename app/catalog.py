@@ -9,6 +9,7 @@ import datetime as dt
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from . import masking, roles
 
@@ -248,6 +249,11 @@ class TaskType:
                 return p
         return None
 
+    @cached_property
+    def secret_names(self):
+        """The names of the secret parameters, in declared order (a tuple)."""
+        return tuple(p.name for p in self.params if p.secret)
+
     def split(self, params):
         """``(shown, secret)``: ``params`` with each secret value masked, and the real secret
         values by name (``{}`` when the task has none).
@@ -257,8 +263,10 @@ class TaskType:
         into the message that runs the task.
         """
         params = dict(params or {})
-        secret = {p.name: params[p.name] for p in self.params
-                  if p.secret and isinstance(params.get(p.name), str)}
+        if not self.secret_names:
+            return params, {}
+        secret = {name: params[name] for name in self.secret_names
+                  if isinstance(params.get(name), str)}
         return {k: masking.mask(v) if k in secret else v for k, v in params.items()}, secret
 
     def job(self, **fields):
