@@ -201,10 +201,7 @@ def stats():
 
 
 AUDIT_LIMIT = Query('limit', int, minimum=1, maximum=1000, help='Entries per page (default 200)')
-# Row ids are 64-bit integers on both databases: a larger cursor is no page's.
-MAX_ROW_ID = 2**63 - 1
-AUDIT_BEFORE = Query('before', int, minimum=1, maximum=MAX_ROW_ID,
-                     help='The `next` value of the previous page')
+AUDIT_BEFORE = openapi.BEFORE
 
 
 @bp.get('/audit')
@@ -223,8 +220,7 @@ def audit_log():
 ALERT_STATE = Query('state', choices=(alerts.FIRING, alerts.RESOLVED),
                     help='Only alerts in this state')
 ALERT_LIMIT = Query('limit', int, minimum=1, maximum=1000, help='Alerts per page (default 50)')
-ALERT_BEFORE = Query('before', int, minimum=1, maximum=MAX_ROW_ID,
-                     help='The `next` value of the previous page')
+ALERT_BEFORE = openapi.BEFORE
 
 
 @bp.get('/alerts')

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 from flask import current_app, has_request_context, render_template, request
 from markupsafe import Markup
 
-from . import alerts, audit, catalog, charts, periodic, queries, queues, states
+from . import alerts, audit, catalog, charts, openapi, periodic, queries, queues, states
 
 RECENT = 20  # rows in the dashboard's newest jobs
 AUDIT_ROWS = 200  # entries on the audit page
@@ -256,10 +256,13 @@ def _named(key):
 
 
 def _alert_params(args):
-    before = args.get('before') or None
-    # ASCII digits only: str.isdigit() holds for '²', which int() refuses.
-    if before is not None and not (before.isascii() and before.isdigit() and len(before) <= 18):
-        raise queries.BadQuery('before must be an alert id', 'before')
+    # Read as GET /api/alerts reads it, so that the page and the API take
+    # the same cursors and refuse the same (its bounds are fixed: no
+    # configuration, and pages are read outside a request too).
+    try:
+        before = openapi.BEFORE.parse(args, {})
+    except catalog.ValidationError as exc:
+        raise queries.BadQuery(exc.message, 'before') from None
     return {'before': before}
 
 
@@ -371,7 +374,7 @@ def _alerts_firing(scope):
 
 def _alert_history(scope):
     before = scope.params['before']
-    rows = alerts.history(limit=ALERT_ROWS + 1, before=int(before) if before else None)
+    rows = alerts.history(limit=ALERT_ROWS + 1, before=before)
     return {'alerts': rows[:ALERT_ROWS], 'before': before,
             'next': rows[ALERT_ROWS - 1].id if len(rows) > ALERT_ROWS else None}
 

@@ -232,6 +232,13 @@ class Query:
                 'description': self.help, 'schema': schema}
 
 
+# Row ids are 64-bit integers on both databases: a larger cursor is no page's.
+MAX_ROW_ID = 2**63 - 1
+# The cursor of the pages of audit entries and alerts, on the API and the pages alike.
+BEFORE = Query('before', int, minimum=1, maximum=MAX_ROW_ID,
+               help='The `next` value of the previous page')
+
+
 def parse_query(params, args, config):
     """``{name: value or None}`` for the declared query ``params`` in ``args``."""
     return {p.name: p.parse(args, config) for p in params}

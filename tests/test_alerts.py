@@ -369,9 +369,13 @@ def test_alerts_page_and_api_page_through_the_history(tmp_path):
     assert 'message 1' in older and 'message 3' not in older.split('id="alert-history"')[1]
     assert client.get('/alerts?before=abc').status_code == 400
     # Digits Python calls digits but int() refuses (a superscript), or not ASCII: a 400 too.
-    for before in ('\u00b2', '\u0663', '1_0'):
+    # The page reads its cursor as the API does: the same refused, the same taken.
+    for before in ('\u00b2', '\u0663', '1_0', '0', '-3', str(2**63), '1.5', 'x' * 30):
         assert client.get('/alerts', query_string={'before': before}).status_code == 400
         assert client.get('/api/alerts', query_string={'before': before}).status_code == 400
+    for before in ('+5', str(2**63 - 1), f' {ids[2]} '):
+        assert client.get('/alerts', query_string={'before': before}).status_code == 200
+        assert client.get('/api/alerts', query_string={'before': before}).status_code == 200
 
 
 @pytest.fixture
