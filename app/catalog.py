@@ -59,6 +59,22 @@ _FORM_INT = re.compile(r'[-+]?[0-9]+')
 _FORM_NUMBER = re.compile(r'[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?')
 
 
+def whole_number(text):
+    """``text`` as an int, written as forms, query strings and command lines write one:
+    ASCII digits with an optional sign, ASCII spaces around them.
+
+    Raises ValueError ("must be a whole number") for anything else: Python's
+    ``int()`` also takes '٣', '1_000' and no-break spaces.
+    """
+    number = text.strip(_ASCII_SPACE)
+    if not _FORM_INT.fullmatch(number):
+        raise ValueError('must be a whole number')
+    try:
+        return int(number)
+    except ValueError:  # more digits than Python converts
+        raise ValueError('must be a whole number') from None
+
+
 @dataclass(frozen=True)
 class Param:
     """One declared parameter of a task type.
@@ -134,13 +150,7 @@ class Param:
         # Written as a form or query string writes numbers: ASCII digits
         # (Python's int() and float() also take '٣', '1_000' and 'infinity').
         if self.type is int:
-            number = raw.strip(_ASCII_SPACE)
-            if not _FORM_INT.fullmatch(number):
-                raise ValueError('must be a whole number')
-            try:
-                return int(number)
-            except ValueError:  # more digits than Python converts
-                raise ValueError('must be a whole number') from None
+            return whole_number(raw)
         if self.type is float:
             number = raw.strip(_ASCII_SPACE)
             if not _FORM_NUMBER.fullmatch(number):

@@ -24,7 +24,7 @@ from flask import current_app
 from flask.cli import AppGroup
 from werkzeug.exceptions import NotFound
 
-from . import accounts, audit, broker, jobs, queries, roles, states, templating
+from . import accounts, audit, broker, catalog, jobs, queries, roles, states, templating
 from .extensions import db
 from .ledger import tallies
 
@@ -32,6 +32,20 @@ users = AppGroup('users', help='Manage the users who log in to the dashboard.')
 tokens = AppGroup('tokens', help='Manage the API tokens of programs (Authorization: Bearer).')
 ledger = AppGroup('ledger', help='Maintain the ledger\'s counters, rollups and search index.')
 jobs_cli = AppGroup('jobs', help='See and act on jobs: stats, list, retry, cancel, delete, purge.')
+
+
+class _WholeNumber(click.IntRange):
+    """click's ``IntRange`` over ASCII digits only (see :func:`app.catalog.whole_number`):
+    ``int()`` alone takes '٣' and '1_000'."""
+    name = 'integer'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            try:
+                value = catalog.whole_number(value)
+            except ValueError:
+                self.fail(f'{value!r} is not a whole number (ASCII digits)', param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def register(app):
@@ -174,7 +188,7 @@ def list_tokens():
 
 
 @tokens.command('revoke')
-@click.argument('token_id', type=int)
+@click.argument('token_id', type=_WholeNumber())
 def revoke_token(token_id):
     """Revoke token ID: programs using it get 401 from now on."""
     try:
@@ -311,7 +325,7 @@ def job_stats(as_json):
 
 @jobs_cli.command('list')
 @_filter_options
-@click.option('--limit', type=click.IntRange(min=1), default=None,
+@click.option('--limit', type=_WholeNumber(min=1), default=None,
               help='Jobs per page (default PAGE_SIZE, at most MAX_PAGE_SIZE).')
 @click.option('--sort', type=click.Choice(queries.SORTS), default='newest', show_default=True,
               help='newest or oldest first by creation, or runtime: finished jobs, the '
@@ -441,7 +455,7 @@ delete_jobs = _action_command('delete', 'Delete finished jobs with their attempt
 
 
 @jobs_cli.command('purge')
-@click.option('--days', type=click.IntRange(1, 3650), required=True,
+@click.option('--days', type=_WholeNumber(1, 3650), required=True,
               help='Delete jobs that finished more than this many days ago.')
 @click.option('--yes', '-y', is_flag=True, help='Do not ask for confirmation (scripts, cron).')
 def purge_jobs(days, yes):

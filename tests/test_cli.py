@@ -73,6 +73,7 @@ def test_a_token_is_printed_once_works_and_is_revoked(app):
     listed = run(app, 'tokens', 'list').output
     assert token not in listed and '\tci\tbot\toperator\t' in listed and 'last used 20' in listed
     token_id = listed.split('\t', 1)[0]
+    assert run(app, 'tokens', 'revoke', '\u0661').exit_code == 2  # ASCII digits only
     assert run(app, 'tokens', 'revoke', token_id).output == f'revoked token {token_id} (ci)\n'
     resp = client.get('/api/stats', headers=auth)
     assert resp.status_code == 401 and 'unknown or revoked token' in resp.get_json()['error']
@@ -189,6 +190,11 @@ def test_jobs_list_refuses_bad_filters_cursors_and_limits(app):
     assert out.exit_code == 2 and 'at most 500 (MAX_PAGE_SIZE)' in out.output
     out = run(app, 'jobs', 'list', '--limit', '0')
     assert out.exit_code == 2
+    # Numbers as forms and query strings take them: ASCII digits (int() takes these).
+    for limit in ('\u0663', '1_0', '\uff15', '\u00a05'):
+        out = run(app, 'jobs', 'list', '--limit', limit)
+        assert out.exit_code == 2 and 'is not a whole number (ASCII digits)' in out.output, limit
+    assert run(app, 'jobs', 'list', '--limit', ' +2 ').exit_code == 0
     out = run(app, 'jobs', 'list', '--task', 'x' * 1001)
     assert out.exit_code == 1 and 'Error: task must be at most 1000 characters' in out.output
 
@@ -310,4 +316,7 @@ def test_purge_deletes_jobs_finished_long_ago_after_asking(tmp_path, ledger_url)
         out = run(app, 'jobs', 'purge', '--days', '30')
         assert out.output == 'no job finished more than 30 days ago; nothing to do\n'
         assert run(app, 'jobs', 'purge', '--days', '0', '--yes').exit_code == 2
+        for days in ('\u0663\u0660', '3_0'):
+            out = run(app, 'jobs', 'purge', '--days', days, '--yes')
+            assert out.exit_code == 2 and 'is not a whole number' in out.output
         assert run(app, 'jobs', 'purge').exit_code == 2  # --days is required
