@@ -792,10 +792,15 @@ def _page_keys(conditions, order, limit, key=_CREATED_KEY):
 
 def _edge(conditions, order, size, key=_CREATED_KEY):
     """The position (``key``'s columns) of the ``size``-th job meeting ``conditions`` in
-    ``order``, the last of a window, or None when fewer are left: the list's index
-    skipped through, no row read."""
-    return db.session.execute(sa.select(*key).where(*conditions).order_by(*order)
-                              .offset(size - 1).limit(1)).first()
+    ``order``, the last of a window, or None when no job is left after the window (the
+    window holds the rest of the list): the list's index skipped through, no row read.
+
+    A window ending on the list's last job has no edge: its page would
+    otherwise hand out a cursor to an empty page.
+    """
+    last, *after = db.session.execute(sa.select(*key).where(*conditions).order_by(*order)
+                                      .offset(size - 1).limit(2)).all() or [None]
+    return last if after else None
 
 
 def _window_page(plan, conditions, walk, order, key, newest, size, limit, unfiltered,

@@ -430,6 +430,20 @@ def test_a_search_the_index_cannot_narrow_looks_at_one_window_per_page(ledger_ct
     # 300 rows, 40 a window: 8 pages, each holding only its window's matches.
     assert len(pages) == 8
     assert all(len(page) < 40 for page in pages)
+    # A window ending on the list's last job is the last page: no cursor to an
+    # empty one (300 rows, 60 or 100 a window: 5 or 3 pages, in either order).
+    for window, count in ((60, 5), (100, 3)):
+        monkeypatch.setattr(queries, 'SCAN_WINDOW', window)
+        for sort in ('newest', 'oldest'):
+            pages, cursor = [], None
+            while True:
+                page, cursor = queries.list_jobs(q='ab', limit=50, cursor=cursor, sort=sort)
+                pages.append([j.id for j in page])
+                if cursor is None:
+                    break
+            assert len(pages) == count and pages[-1]
+            assert [i for page in pages for i in page] == (
+                expected if sort == 'newest' else expected[::-1])
     # The index narrows a longer search: one page, as many as match.
     monkeypatch.setattr(queries, 'SCAN_WINDOW', 1)
     assert len(queries.list_jobs(q='hello', limit=500)[0]) == len(search_ids('hello')) > 40
