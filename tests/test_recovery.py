@@ -61,6 +61,18 @@ def held_by(stack, proc):
     return ids
 
 
+def broker_state(stack, done):
+    """What the broker and ledger hold now, for a failure's message."""
+    client = stack.client
+    return {'succeeded': done(), 'queued': client.zcard('huey.redis.qm.default'),
+            'scheduled': client.zcard('huey.schedule.qm.default'),
+            'in flight': {key.decode(): client.zcard(key)
+                          for key in client.scan_iter(match='qm:inflight:*')},
+            'consumers': sorted(m.decode() for m in client.smembers('qm:consumers:qm.default')),
+            'runs by worker': dict(stack.sql("SELECT substr(worker, 1, instr(worker, '/') - 1), "
+                                             "count(*) FROM attempt GROUP BY 1"))}
+
+
 def kill_machine(proc, *children):
     """SIGKILL a consumer's process group and the given children: the host died."""
     os.killpg(proc.pid, signal.SIGKILL)
@@ -312,8 +324,6 @@ def test_soak_ten_thousand_jobs_two_consumers_one_killed_twice(tmp_path):
     # 10 ms jobs, so each kill finds work in flight.
     stack = Stack(tmp_path)
     try:
-        steady = stack.consumer()
-        flaky = stack.consumer()
         total = 10_000
         client = redis.Redis.from_url(stack.redis.url)
         # Submitted in bulk through the app's own service layer would take
@@ -342,13 +352,22 @@ with app.app_context():
         import sys
         subprocess.run([sys.executable, '-c', fill], env=stack.env, check=True,
                        cwd=str(__import__('helpers').ROOT), capture_output=True)
+        # The whole backlog waits before any consumer starts: filling can be
+        # slower than two consumers drain (a loaded machine), and then no
+        # kill would find work left.
+        assert client.zcard('huey.redis.qm.default') == total
+        steady = stack.consumer()
+        flaky = stack.consumer()
         done = lambda: stack.sql("SELECT count(*) FROM job WHERE state = 'succeeded'")[0][0]  # noqa: E731
         taken_back = set()
         for round_ in range(2):
             wait_for(lambda: done() >= total * (round_ + 1) // 3, 120, 0.05,
                      f'progress before kill {round_ + 1}')
             # Killed while it holds messages: its work in flight must come back.
-            held = wait_for(lambda: held_by(stack, flaky), 30, 0.005, 'jobs in flight')
+            try:
+                held = wait_for(lambda: held_by(stack, flaky), 30, 0.005, 'jobs in flight')
+            except AssertionError as exc:
+                raise AssertionError(f'{exc}; round {round_ + 1}; {broker_state(stack, done)}') from None
             flaky.send_signal(signal.SIGKILL)
             flaky.wait(10)
             taken_back |= held
