@@ -329,7 +329,7 @@ def fill_search_ledger():
         text_ = rnd.choice(TEXTS)
         where = rnd.choice(('params', 'error', 'result'))
         rows.append(job_row(
-            random.choice(TASKS), state='failed' if where == 'error' else 'succeeded',
+            rnd.choice(TASKS), state='failed' if where == 'error' else 'succeeded',
             params={'message': text_, 'n': n} if where == 'params' else {'n': n},
             error=text_ if where == 'error' else None,
             result={'out': text_} if where == 'result' else None,
