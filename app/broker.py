@@ -47,8 +47,11 @@ class BrokerUnavailable(Exception):
         self.done = frozenset(done)
 
 
-BROKER_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                 sqlite3.OperationalError)
+# What a broker call may raise when the broker, not our code, is at fault:
+# any Redis error (unreachable, timed out, out of memory under maxmemory, a
+# read-only replica, a reply that is not Redis's), and SQLite's (locked, disk
+# full) in the embedded mode.
+BROKER_ERRORS = (redis.exceptions.RedisError, sqlite3.OperationalError)
 
 
 @contextlib.contextmanager
@@ -60,7 +63,14 @@ def _reaching(done=()):
     try:
         yield
     except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker is unreachable: {exc}', done=done) from exc
+        raise BrokerUnavailable(f'{_failure(exc)}: {exc}', done=done) from exc
+
+
+def _failure(exc):
+    """What a broker error means, in words: unreachable, or refused."""
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return 'the broker is unreachable'
+    return 'the broker refused the request'
 
 
 # Seconds a message that cannot be read (a task type this consumer does not
@@ -639,7 +649,7 @@ def enqueue(job, base=0, retries=None):
         else:
             huey.enqueue(task)
     except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'the broker refused the job: {exc}') from exc
+        raise BrokerUnavailable(f'{_failure(exc)}: {exc}') from exc
 
 
 def prepare(job, base=0, retries=None):

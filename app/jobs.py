@@ -354,22 +354,24 @@ def _hand_over_new(messages):
     """Give the broker the ``messages`` of new jobs (see :func:`_messages`), one round trip
     per queue.
 
-    On a refusal the transaction is rolled back and what an earlier queue
-    took is withdrawn again (if that fails too, such a message runs as a job
-    enqueued around the API does: its consumer writes its row); raises
-    :class:`~app.broker.BrokerUnavailable`.
+    On a refusal the transaction is rolled back and what the broker took is
+    withdrawn again: every message of the queues handed over, the refused
+    queue's too (a refusal part way through a round trip, such as Redis's
+    maxmemory, may leave some of its messages in). If that fails too, such a
+    message runs as a job enqueued around the API does: its consumer writes
+    its row. Raises :class:`~app.broker.BrokerUnavailable`.
     """
-    done = []
+    handed = []
     try:
         for queue, queued in messages.items():
+            handed.append(queue)
             if len(queued) == 1:
                 broker.enqueue(queued[0][0])
             else:
                 broker.put_prepared(queue, [prepared for _job, prepared in queued])
-            done.append(queue)
     except broker.BrokerUnavailable:
         db.session.rollback()
-        for queue in done:
+        for queue in handed:
             try:
                 broker.remove_waiting(queue, [job.id for job, _prepared in messages[queue]])
             except broker.BrokerUnavailable:

@@ -24,6 +24,7 @@ RQ's intermediate queue and StartedJobRegistry, Dramatiq's per-worker ack
 sets and BullMQ's stalled-job checker. Message bytes carry the header of
 :mod:`app.message`; messages without one still work but are not indexed.
 """
+import os
 import string
 import struct
 import time
@@ -126,8 +127,29 @@ local function count(idx, data, by)
 end
 """
 
-# KEYS: queue, index, wake. ARGV: member (prefix .. data), score.
-_ENQUEUE = _LUA_INDEX + """
+# Milliseconds a call's once-key lives: far longer than the client's one quick
+# retry takes (see app.broker's connection pool).
+ONCE_TTL_MS = 60_000
+
+# A script that adds messages runs once per call. Its last key, a once-key
+# made for the call (see _once_key), is set first; a resend of the same call
+# (redis-py retries a command once when the connection fails, and the reply
+# may have been lost after Redis ran it) finds it set and changes nothing.
+# Without it the resent message would be added again after a worker took the
+# first one: the job would run twice. Under maxmemory the SET is refused
+# before anything is written.
+_LUA_ONCE = """
+if not redis.call('SET', KEYS[#KEYS], '', 'NX', 'PX', ONCE_TTL_MS) then return end
+""".replace('ONCE_TTL_MS', str(ONCE_TTL_MS))
+
+
+def _once_key():
+    """A new once-key for one call of a script that adds messages (see _LUA_ONCE)."""
+    return 'qm:once:' + os.urandom(12).hex()
+
+
+# KEYS: queue, index, wake, once-key. ARGV: member (prefix .. data), score.
+_ENQUEUE = _LUA_INDEX + _LUA_ONCE + """
 if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then
   count(KEYS[2], string.sub(ARGV[1], 9), 1)
 end
@@ -186,8 +208,8 @@ def _fetch_script(storage):
                    for name, value in constants.items()) + _FETCH
 
 
-# Many messages at once. KEYS: queue, index, wake. ARGV: member, score, member, score...
-_ENQUEUE_MANY = _LUA_INDEX + """
+# Many messages at once. KEYS: queue, index, wake, once-key. ARGV: member, score, member, score...
+_ENQUEUE_MANY = _LUA_INDEX + _LUA_ONCE + """
 local n = 0
 for i = 1, #ARGV, 2 do
   if redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) == 1 then
@@ -211,8 +233,8 @@ redis.call('LTRIM', KEYS[4], 0, LAST_TOKEN)
 return 1
 """
 
-# KEYS: schedule, index. ARGV: data, score.
-_SCHEDULE = _LUA_INDEX + """
+# KEYS: schedule, index, once-key. ARGV: data, score.
+_SCHEDULE = _LUA_INDEX + _LUA_ONCE + """
 if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then count(KEYS[2], ARGV[1], 1) end
 """
 
@@ -297,7 +319,9 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
     ``qm:index:qm.default`` (waiting messages per job id) and
     ``qm:wake:qm.default`` (a list idle workers block on, since a sorted set
     cannot be popped into another key while blocking). Liveness is
-    ``qm:alive:<consumer>``, with a time to live of ``lease`` seconds.
+    ``qm:alive:<consumer>``, with a time to live of ``lease`` seconds. Each
+    call that adds messages leaves ``qm:once:<random>`` for a minute, so a
+    resent call adds nothing twice (see ``_LUA_ONCE``).
     """
 
     def __init__(self, name='huey', lease=30.0, **kwargs):
@@ -327,7 +351,7 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
     # -- Huey's contract ----------------------------------------------------
 
     def enqueue(self, data, priority=None):
-        self._enqueue(keys=[self.queue_key, self.index_key, self.wake_key],
+        self._enqueue(keys=[self.queue_key, self.index_key, self.wake_key, _once_key()],
                       args=[_prefix() + bytes(data), 0 if priority is None else -priority])
 
     def flush_queue(self):
@@ -345,14 +369,15 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
             if eta is None:
                 due += (_prefix() + bytes(data), -(priority or 0))
             else:
-                calls.append((self._schedule, [self.schedule_key, self.index_key],
+                calls.append((self._schedule, [self.schedule_key, self.index_key, _once_key()],
                               [bytes(data), self.convert_ts(eta)]))
         # Messages due now in scripts of ENQUEUE_MANY (one call each, not one
         # per message): a batch of the API's largest is one call, so one
         # EVALSHA (see below).
         step = 2 * ENQUEUE_MANY  # two arguments a message
         for start in range(0, len(due), step):
-            calls.append((self._enqueue_many, [self.queue_key, self.index_key, self.wake_key],
+            calls.append((self._enqueue_many, [self.queue_key, self.index_key, self.wake_key,
+                                               _once_key()],
                           due[start:start + step]))
         if len(calls) == 1:
             # One script: called alone it is one EVALSHA, where a pipeline
@@ -366,7 +391,7 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         pipe.execute()
 
     def add_to_schedule(self, data, ts):
-        self._schedule(keys=[self.schedule_key, self.index_key],
+        self._schedule(keys=[self.schedule_key, self.index_key, _once_key()],
                        args=[bytes(data), self.convert_ts(ts)])
 
     def read_schedule(self, ts):

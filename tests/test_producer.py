@@ -175,3 +175,38 @@ def test_another_process_told_the_broker_is_away_writes_nothing(tmp_path):
     with ledger(env) as conn:
         assert conn.execute(sa.text('SELECT count(*) FROM job')).scalar() == 0
         assert conn.execute(sa.text('SELECT count(*) FROM audit_entry')).scalar() == 0
+
+
+@pytest.mark.processes
+def test_a_broker_out_of_memory_part_way_through_a_batch_leaves_no_row_and_no_message(tmp_path):
+    # Redis at its maxmemory (noeviction) refuses writes: not a lost
+    # connection, but the batch must be all or nothing all the same. Some of
+    # its messages went in before the refusal; they are taken out again.
+    import redis
+    from conftest import make_app
+    from helpers import RedisServer
+    server = RedisServer(tmp_path / 'redis')
+    try:
+        app = make_app(tmp_path, REDIS_URL=server.url)
+        client = redis.Redis.from_url(server.url)
+        waiting = ('huey.redis.qm.default', 'huey.schedule.qm.default')
+        with app.app_context():
+            jobs = [huey_tasks.fail.job(message=f'{n:04d} ' + 'x' * 480, delay=60 * (n % 2))
+                    for n in range(1000)]
+            client.config_set('maxmemory', client.info('memory')['used_memory'] + 200_000)
+            with pytest.raises(producer.BrokerUnavailable) as caught:
+                producer.submit_many(jobs)
+            assert "the broker refused the request" in str(caught.value)
+            assert "used memory > 'maxmemory'" in str(caught.value)
+            calls_run = len(client.keys('qm:once:*'))  # each call that went in leaves one
+            assert 0 < calls_run < 500, calls_run  # refused part way
+            assert [client.zcard(key) for key in waiting] == [0, 0]
+            assert client.hlen('qm:index:qm.default') <= 1  # '*' alone, at 0
+            with pytest.raises(producer.BrokerUnavailable):
+                huey_tasks.noop.submit()
+            assert db.session.query(Job).count() == 0
+            client.config_set('maxmemory', 0)
+            assert len(producer.submit_many(jobs[:10])) == 10
+            assert sum(client.zcard(key) for key in waiting) == 10
+    finally:
+        server.stop()

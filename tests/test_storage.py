@@ -277,3 +277,52 @@ def test_a_storage_name_of_any_characters_fetches_into_its_own_keys(redis_server
         assert s.inflight('host:1') == []
     finally:
         s.flush_all()
+
+
+def test_a_call_resent_after_its_reply_was_lost_adds_no_message_twice(redis_server, monkeypatch):
+    # The broker's pool retries a command once when the connection fails. A
+    # reply lost after Redis ran the call (a cut connection, a proxy
+    # restarting) makes it resend a call that already happened; if a worker
+    # took the message meanwhile, the resent one would run the job again.
+    import redis
+    from app.broker import _redis_pool_for
+    store = ReliableRedisStorage('qm.once', connection_pool=_redis_pool_for(redis_server.url),
+                                 clean_name=False)
+    store.flush_all()
+    worker = ReliableRedisStorage('qm.once', url=redis_server.url, clean_name=False,
+                                  blocking=False)
+    real = redis.connection.Connection.read_response
+    cuts = []
+
+    def reply_lost(self, *args, **kwargs):
+        if cuts:
+            cuts.pop()
+            # Redis ran the call; workers take what it added, then the reply is lost.
+            while worker.fetch('c:2'):
+                pass
+            worker.read_schedule(dt.datetime.now() + dt.timedelta(days=1))
+            self.disconnect()
+            raise redis.exceptions.ConnectionError('Connection closed by server.')
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(redis.connection.Connection, 'read_response', reply_lost)
+    later = dt.datetime.now() + dt.timedelta(hours=1)
+    try:
+        cuts.append(1)
+        store.enqueue(msg('one'))
+        cuts.append(1)
+        store.add_to_schedule(msg('later'), later)
+        cuts.append(1)  # a pipeline: two schedule calls and one for the queue
+        store.put_many([(msg('m1'), 0, None), (msg('m2'), 0, later), (msg('m3'), 0, later)])
+        cuts.append(1)  # one call alone: a batch of messages due now
+        store.put_many([(msg('n1'), 0, None), (msg('n2'), 0, None)])
+        assert not cuts  # each was cut, then resent by the pool
+        assert store.queue_size() == 0 and store.schedule_size() == 0
+        assert store.held(['one', 'later', 'm1', 'm2', 'm3', 'n1', 'n2']) == set()
+        assert len(store.inflight('c:2')) == 4  # each message due now taken once
+        assert store.index_ok()
+        # A call of its own is a new call: it adds its message.
+        store.enqueue(msg('one'))
+        assert store.held(['one']) == {'one'} and store.queue_size() == 1
+    finally:
+        monkeypatch.undo()
+        store.flush_all()
