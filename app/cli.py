@@ -211,8 +211,7 @@ def recount(check):
     """
     with db.engine.begin() as conn:
         if check:
-            if conn.dialect.name == 'postgresql':  # both sides from one snapshot
-                conn.exec_driver_sql('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ')
+            tallies.one_snapshot(conn)  # writers go on: both sides as of one moment
             wrong = tallies.differences(conn)
             for table, keys in sorted(wrong.items()):
                 for key, (kept, counted) in sorted(keys.items()):

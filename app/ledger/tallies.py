@@ -66,6 +66,22 @@ def _search_drift(conn):
     return {name: n for name, n in (('out of date', stale), ('missing', missing)) if n}
 
 
+def one_snapshot(conn):
+    """Make the rest of ``conn``'s transaction read the ledger as of one moment.
+
+    Call it first in a new transaction, before :func:`differences`, so the
+    rows and the counters are read as they stood together while writers go
+    on: PostgreSQL's REPEATABLE READ; on SQLite an explicit ``BEGIN`` (the
+    driver begins a transaction only before a write, so each SELECT would
+    otherwise see the file as of its own start; in WAL mode a read
+    transaction keeps one).
+    """
+    if conn.dialect.name == 'postgresql':
+        conn.exec_driver_sql('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ')
+    else:
+        conn.exec_driver_sql('BEGIN')
+
+
 def differences(conn):
     """Where the kept counters disagree with the rows: ``{table: {key: (kept, counted)}}``.
 
@@ -74,9 +90,8 @@ def differences(conn):
     rollup agrees with a count of the job rows as they are now. On SQLite
     the search index is checked too: ``'job_search'`` then maps
     ``('out of date',)`` and ``('missing',)`` to ``(rows, 0)`` (see
-    :func:`_search_drift`). Reads only; on PostgreSQL run it in a
-    REPEATABLE READ transaction (or with writers stopped) so both sides see
-    the same rows.
+    :func:`_search_drift`). Reads only; while writers run, call
+    :func:`one_snapshot` first so both sides see the same rows.
     """
     found = {}
     if conn.dialect.name == 'sqlite':
