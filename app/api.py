@@ -88,7 +88,10 @@ def submit_batch():
     """Submit many jobs at once: all of them, or none."""
     # Its own body limit: a thousand jobs are larger than one.
     request.max_content_length = current_app.config['MAX_BATCH_CONTENT_LENGTH']
-    data = inputs.json_object('invalid jobs')
+    try:
+        data = inputs.json_object('invalid jobs')
+    except catalog.ValidationError as exc:  # text that cannot be stored: by job, too
+        raise exc.by_job() from None
     items = data.get('jobs')
     unknown = {key: 'unknown field' for key in data if key != 'jobs'}
     if unknown:

@@ -51,6 +51,21 @@ class ValidationError(Exception):
         return cls({f'jobs[{e["index"]}]' + (f'.{e["field"]}' if e['field'] else ''):
                     e['message'] for e in errors}, 'invalid jobs', errors)
 
+    def by_job(self):
+        """This error for a body of many submissions (``{"jobs": [...]}``): its fields
+        named as :meth:`of_jobs` names them (``jobs[3].params.x``, as the check of a body's
+        text does) also listed by index in :attr:`errors`."""
+        errors = []
+        for name, message in self.fields.items():
+            match = _JOB_FIELD.fullmatch(name)
+            if match:
+                errors.append({'index': int(match[1]), 'field': match[2] or '',
+                               'message': message})
+        return ValidationError(self.fields, self.message, errors)
+
+
+_JOB_FIELD = re.compile(r'jobs\[([0-9]+)\](?:\.(.+))?', re.S)
+
 
 # A whole number and a number as a form field may hold them (ASCII only,
 # with ASCII spaces around: str.strip() also takes a no-break space).

@@ -427,6 +427,26 @@ def test_a_batch_is_validated_all_or_nothing_with_errors_by_index(client, app):
     assert broker.message_ids('default') == set()
 
 
+def test_a_batch_whose_text_cannot_be_stored_lists_the_errors_by_index(client, app):
+    # Checked on the body's text before the jobs are: the same answer's shape.
+    deep = 'x'
+    for _ in range(40):
+        deep = [deep]
+    body = ('{"jobs": [{"task": "noop"}, {"task": "fail", "params": {"message": "\\ud800"}}, '
+            '{"task": "sleep", "params": {"message": "nul \\u0000"}}, {"task": "noop", '
+            '"params": {"deep": ' + json.dumps(deep) + '}}]}')
+    resp = client.post('/api/jobs/batch', data=body, content_type='application/json')
+    assert resp.status_code == 400
+    answer = resp.get_json()
+    assert answer['error'] == 'invalid jobs'
+    assert [(e['index'], e['field'].split('[')[0]) for e in answer['errors']] == [
+        (1, 'params.message'), (2, 'params.message'), (3, 'params.deep')]
+    assert answer['errors'][0]['message'] == 'contains an unpaired surrogate (U+D800)'
+    assert answer['fields']['jobs[1].params.message'] == answer['errors'][0]['message']
+    with app.app_context():
+        assert db.session.query(Job).count() == 0
+
+
 def test_a_batch_body_must_be_a_list_of_jobs(client):
     for body in ({}, {'jobs': []}, {'jobs': {'task': 'noop'}}, {'jobs': [{'task': 'noop'}], 'x': 1}):
         resp = client.post('/api/jobs/batch', json=body)
