@@ -8,11 +8,13 @@ NUL characters are refused with a 400 that names the field, e.g.
 ``{"params.message": "contains an unpaired surrogate (U+D800)"}``; nothing
 downstream ever sees them.
 """
+import io
 import json
 from urllib.parse import unquote_to_bytes
 
 from flask import request
 from werkzeug.exceptions import UnsupportedMediaType
+from werkzeug.wsgi import get_content_length
 
 from . import catalog, text
 
@@ -74,6 +76,32 @@ def check_request():
         fields.update(text.problems(request.form))
     if fields:
         raise _invalid(dict(list(fields.items())[:text.MAX_FIELDS]))
+
+
+class SizedBody:
+    """WSGI middleware: a body sent without a length (chunked) gets one before the app reads it.
+
+    Werkzeug stops reading a body without ``Content-Length`` at the route's
+    limit and says nothing, so a chunked body over it reached the view cut
+    short (a 400 "not valid JSON" instead of a 413). Here such a body is read
+    up to ``limit`` + 1 bytes (``limit``: the largest a route takes, bytes)
+    and handed on with its length, so every route's limit applies to it as
+    to any other: over it, 413. A body over ``limit`` is not read further.
+    """
+
+    def __init__(self, wsgi_app, limit):
+        self.wsgi_app = wsgi_app
+        self.limit = limit
+
+    def __call__(self, environ, start_response):
+        if (environ.get('REQUEST_METHOD') in _BODY_METHODS
+                and environ.get('wsgi.input_terminated')
+                and get_content_length(environ) is None):  # chunked, or no length given
+            data = environ['wsgi.input'].read(self.limit + 1)
+            environ['wsgi.input'] = io.BytesIO(data)
+            environ['CONTENT_LENGTH'] = str(len(data))
+            environ.pop('HTTP_TRANSFER_ENCODING', None)  # read: now a body of that length
+        return self.wsgi_app(environ, start_response)
 
 
 def _refuse_constant(name):
