@@ -32,12 +32,14 @@ bad parameters or options, :class:`BrokerUnavailable` when the broker
 cannot be reached; both are :class:`SubmitError`.
 """
 import datetime as dt
+import os
 import threading
 from dataclasses import dataclass
 
 from flask import current_app, has_app_context
 
 from . import audit, broker, catalog, jobs, text
+from .extensions import db
 from .leader import process_name
 
 
@@ -104,6 +106,22 @@ class Producer:
         # Builds the app from the environment: create_app, which the app
         # package puts here (this module is below it and cannot import it).
         self.app_factory = None
+
+    def forked(self):
+        """In a child just forked (``os.fork``, multiprocessing's fork start): leave the
+        parent's database connections to it.
+
+        Pooled connections are sockets the child shares with the parent; two
+        processes talking over one corrupt each other's conversation (seen on
+        PostgreSQL as "server closed the connection unexpectedly"). As
+        SQLAlchemy's pooling guide says, the child drops them from its pool
+        without closing them (``dispose(close=False)``) and opens its own.
+        """
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        if self._app is not None:
+            self._app.extensions.pop('queue_manager.submit_group', None)
+            with self._app.app_context():
+                db.engine.dispose(close=False)
 
     def app(self):
         """The app to submit with: the current one, else this process's (built once)."""
@@ -176,6 +194,8 @@ def _entry(subs):
 
 
 producer = Producer()
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=producer.forked)
 
 
 def submit(item):

@@ -210,3 +210,38 @@ def test_a_broker_out_of_memory_part_way_through_a_batch_leaves_no_row_and_no_me
             assert sum(client.zcard(key) for key in waiting) == 10
     finally:
         server.stop()
+
+
+FORKED = '''
+import json, multiprocessing, sys
+import huey_tasks
+from app import producer
+
+def child(n):
+    try:
+        return producer.submit_many([huey_tasks.noop.job(), huey_tasks.noop.job()])[0].id
+    except Exception as exc:
+        return f'{type(exc).__name__}: {exc}'
+
+first = huey_tasks.noop.submit()  # the parent's pool now holds a connection
+with multiprocessing.get_context('fork').Pool(4) as pool:
+    got = pool.map(child, range(8))
+last = huey_tasks.noop.submit()  # and the parent's connection still works
+print(json.dumps({'first': first.id, 'children': got, 'last': last.id}))
+'''
+
+
+@pytest.mark.processes
+def test_children_forked_after_a_submission_submit_on_connections_of_their_own(
+        tmp_path, postgres_url):
+    # Children of a fork-based pool inherit the parent's pooled database
+    # connections: used by two processes, a connection breaks for both.
+    env = service_env(tmp_path, database_url=postgres_url)
+    migrate(env, tmp_path)
+    done = subprocess.run([sys.executable, '-c', FORKED], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert all(len(i) == 36 for i in out['children']), out['children']
+    with ledger(env) as conn:
+        assert conn.execute(sa.text('SELECT count(*) FROM job')).scalar() == 2 + 8 * 2
