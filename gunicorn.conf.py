@@ -32,6 +32,11 @@ graceful_timeout = max(30, _config['GRACE_PERIOD'] + 5)
 # worker (SO_REUSEPORT) spreads them by a hash, 2 clients on one worker half
 # the time.
 accesslog = '-'
+# The longest request line gunicorn takes (its maximum; 4094 by default): a
+# search or filter of MAX_FILTER (500) characters of any script, 12 bytes
+# each percent-encoded, fits with a cursor beside it, where the default
+# answered gunicorn's own 414 page before the app could check the value.
+limit_request_line = 8190
 # gunicorn would take X-Forwarded-Proto from any local peer (a proxy that
 # passes the client's header on, another program on the host) as the
 # request's scheme. The app trusts proxies only as PROXY_FIX says

@@ -444,7 +444,9 @@ def search_condition(q):
 # The jobs list's filters, in its query string.
 FILTER_KEYS = ('state', 'queue', 'task', 'q', 'finished_from', 'finished_to')
 TIME_FILTERS = ('finished_from', 'finished_to')  # ISO 8601 times (UTC) among them
-MAX_FILTER = 1000  # characters in a filter value, for pages and API alike
+# Characters in a filter value, for pages and API alike: 500 of any script
+# fit gunicorn's request line (gunicorn.conf.py's limit_request_line).
+MAX_FILTER = 500
 
 
 def parse_filters(args, prefix=''):

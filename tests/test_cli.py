@@ -196,7 +196,7 @@ def test_jobs_list_refuses_bad_filters_cursors_and_limits(app):
         assert out.exit_code == 2 and 'is not a whole number (ASCII digits)' in out.output, limit
     assert run(app, 'jobs', 'list', '--limit', ' +2 ').exit_code == 0
     out = run(app, 'jobs', 'list', '--task', 'x' * 1001)
-    assert out.exit_code == 1 and 'Error: task must be at most 1000 characters' in out.output
+    assert out.exit_code == 1 and 'Error: task must be at most 500 characters' in out.output
 
 
 def test_retry_by_filter_names_the_count_and_filter_and_acts_only_when_confirmed(ledger_jobs):

@@ -157,16 +157,45 @@ def test_a_socket_made_non_blocking_by_another_process_does_not_spin_the_accepto
         os.close(copy)
 
 
-def test_a_chunked_body_has_the_same_size_limits_as_one_with_a_length(redis_server, tmp_path):
-    # Werkzeug reads a body sent without Content-Length only up to the
-    # route's limit, silently: it reached the view cut short (a 400 "not
-    # valid JSON" where a 413 was due).
-    import json
+@pytest.fixture
+def served_admin(redis_server, tmp_path):
+    """``(port, token)``: gunicorn with one worker, and an admin's API token."""
     env = service_env(tmp_path, redis_server.url)
     migrate(env, tmp_path)
     token = grant_admin(env)
     web, api = start_web(env, tmp_path, workers=1)
-    port = int(api.base.rsplit(':', 1)[1])
+    yield int(api.base.rsplit(':', 1)[1]), token
+    web.stop()
+
+
+def test_a_filter_of_the_longest_length_in_any_script_reaches_the_app(served_admin):
+    # gunicorn's default request line (4,094 bytes) answered its own 414
+    # page to a search the app takes (500 characters, 12 bytes each
+    # percent-encoded when 4-byte UTF-8).
+    import json
+    import urllib.parse
+    port, token = served_admin
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+    try:
+        for q, status in (('\U0001F389' * 500, 200), ('\u6771' * 500, 200), ('x' * 501, 400)):
+            conn.request('GET', f'/api/jobs?q={urllib.parse.quote(q)}&state=failed',
+                         headers={'Authorization': f'Bearer {token}'})
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == status, body[:300]
+            assert resp.getheader('Content-Type') == 'application/json'
+            if status == 400:
+                assert json.loads(body)['fields'] == {'q': 'must be at most 500 characters'}
+    finally:
+        conn.close()
+
+
+def test_a_chunked_body_has_the_same_size_limits_as_one_with_a_length(served_admin):
+    # Werkzeug reads a body sent without Content-Length only up to the
+    # route's limit, silently: it reached the view cut short (a 400 "not
+    # valid JSON" where a 413 was due).
+    import json
+    port, token = served_admin
 
     def chunked(path, body):
         conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
@@ -179,22 +208,20 @@ def test_a_chunked_body_has_the_same_size_limits_as_one_with_a_length(redis_serv
             return resp.status, json.loads(resp.read())
         finally:
             conn.close()
-    try:
-        big = json.dumps({'task': 'fail', 'params': {'message': 'x' * 100_000}}).encode()
-        assert chunked('/api/jobs', big) == (413, {'error': 'request body larger than 65536 bytes'})
-        small = json.dumps({'task': 'fail', 'params': {'message': 'x' * 400}}).encode()
-        status, job = chunked('/api/jobs', small)
-        assert status == 201 and job['params']['message'] == 'x' * 400, job
-        # The batch route's own limit (4 MiB): 100 KB is read whole, 5 MB is too large.
-        jobs = [{'task': 'fail', 'params': {'message': f'{n} ' + 'y' * 450}} for n in range(200)]
-        body = json.dumps({'jobs': jobs}).encode()
-        assert len(body) > 65536
-        status, made = chunked('/api/jobs/batch', body)
-        assert status == 201 and len(made['jobs']) == 200, made
-        assert made['jobs'][199]['params']['message'] == jobs[199]['params']['message']
-        huge = json.dumps({'jobs': [{'task': 'noop', 'params': {}, 'idempotency_key': 'k' * 200}]
-                                   * 1000 + [{'task': 'noop', 'x': 'z' * 5_000_000}]}).encode()
-        status, answer = chunked('/api/jobs/batch', huge)
-        assert status == 413 and answer['error'] == f'request body larger than {4 * 1024 * 1024} bytes'
-    finally:
-        web.stop()
+
+    big = json.dumps({'task': 'fail', 'params': {'message': 'x' * 100_000}}).encode()
+    assert chunked('/api/jobs', big) == (413, {'error': 'request body larger than 65536 bytes'})
+    small = json.dumps({'task': 'fail', 'params': {'message': 'x' * 400}}).encode()
+    status, job = chunked('/api/jobs', small)
+    assert status == 201 and job['params']['message'] == 'x' * 400, job
+    # The batch route's own limit (4 MiB): 100 KB is read whole, 5 MB is too large.
+    jobs = [{'task': 'fail', 'params': {'message': f'{n} ' + 'y' * 450}} for n in range(200)]
+    body = json.dumps({'jobs': jobs}).encode()
+    assert len(body) > 65536
+    status, made = chunked('/api/jobs/batch', body)
+    assert status == 201 and len(made['jobs']) == 200, made
+    assert made['jobs'][199]['params']['message'] == jobs[199]['params']['message']
+    huge = json.dumps({'jobs': [{'task': 'noop', 'params': {}, 'idempotency_key': 'k' * 200}]
+                               * 1000 + [{'task': 'noop', 'x': 'z' * 5_000_000}]}).encode()
+    status, answer = chunked('/api/jobs/batch', huge)
+    assert status == 413 and answer['error'] == f'request body larger than {4 * 1024 * 1024} bytes'
