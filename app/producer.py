@@ -138,7 +138,12 @@ class Producer:
 
     def submit_many(self, items):
         """:func:`submit_many`."""
-        return self._run(lambda config: self._many(list(items), config))
+        if isinstance(items, (list, tuple)):
+            items = list(items)
+        elif not isinstance(items, (str, bytes, dict)) and hasattr(items, '__iter__'):
+            items = list(items)  # a generator, say
+        # Anything else is no list of jobs: validate_many says so (InvalidJob).
+        return self._run(lambda config: self._many(items, config))
 
     def _run(self, work):
         app = self.app()
@@ -168,6 +173,8 @@ class Producer:
 
     @staticmethod
     def _many(items, config):
+        if not isinstance(items, list):
+            catalog.validate_many(items, config, jobs.MAX_BATCH)  # raises: not a list of jobs
         items = [_as_sent(item) for item in items]
         errors = [{'index': i, 'field': field, 'message': message}
                   for i, item in enumerate(items) if isinstance(item, dict)

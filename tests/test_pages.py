@@ -327,6 +327,8 @@ def test_the_jobs_list_counts_its_filter_and_sorts_with_cursors(client, app):
     html = client.get('/jobs?task=noop').get_data(as_text=True)
     assert re.search(r'id="job-count"[^>]*data-count="3"', html)
     assert '<strong>3</strong> jobs match these filters' in html
+    html = client.get('/jobs?task=fail').get_data(as_text=True)
+    assert '<strong>1</strong> job matches these filters' in html
     app.config['PAGE_SIZE'] = 2
     html = client.get('/jobs?task=noop&sort=oldest').get_data(as_text=True)
     assert re.findall(r'<tr id="job-([0-9a-f-]{36})"', html) == ids[:2]

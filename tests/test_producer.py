@@ -63,7 +63,14 @@ def test_bad_parameters_raise_invalid_job_and_write_nothing(ctx):
                                     'message': 'must be at least 1'}]
     with pytest.raises(producer.InvalidJob):
         producer.submit_many([huey_tasks.noop.job()] * 1001)
+    for not_a_list in (None, 3, 'noop', {'task': 'noop'}, b'x'):
+        with pytest.raises(producer.InvalidJob) as caught:
+            producer.submit_many(not_a_list)
+        assert caught.value.fields == {'jobs': 'must be a non-empty list of jobs'}
     assert db.session.query(Job).count() == 0 and audit.entries() == []
+    # Any iterable of jobs is a list of them.
+    assert [j.task for j in producer.submit_many(huey_tasks.noop.job() for _ in range(2))] == [
+        'noop', 'noop']
 
 
 @pytest.mark.parametrize('bad', ['\ud800', 'a\x00b'], ids=['surrogate', 'nul'])
