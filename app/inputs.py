@@ -84,20 +84,23 @@ class SizedBody:
     Werkzeug stops reading a body without ``Content-Length`` at the route's
     limit and says nothing, so a chunked body over it reached the view cut
     short (a 400 "not valid JSON" instead of a 413). Here such a body is read
-    up to ``limit`` + 1 bytes (``limit``: the largest a route takes, bytes)
-    and handed on with its length, so every route's limit applies to it as
-    to any other: over it, 413. A body over ``limit`` is not read further.
+    up to its path's limit + 1 bytes (``limits``: bytes by path, else
+    ``limit``) and handed on with its length, so the route's limit applies
+    to it as to any other: over it, 413. A body over the limit is not read
+    further, so no more than that is held before the request is checked.
     """
 
-    def __init__(self, wsgi_app, limit):
+    def __init__(self, wsgi_app, limit, limits=None):
         self.wsgi_app = wsgi_app
         self.limit = limit
+        self.limits = dict(limits or {})
 
     def __call__(self, environ, start_response):
         if (environ.get('REQUEST_METHOD') in _BODY_METHODS
                 and environ.get('wsgi.input_terminated')
                 and get_content_length(environ) is None):  # chunked, or no length given
-            data = environ['wsgi.input'].read(self.limit + 1)
+            limit = self.limits.get(environ.get('PATH_INFO'), self.limit)
+            data = environ['wsgi.input'].read(limit + 1)
             environ['wsgi.input'] = io.BytesIO(data)
             environ['CONTENT_LENGTH'] = str(len(data))
             environ.pop('HTTP_TRANSFER_ENCODING', None)  # read: now a body of that length
