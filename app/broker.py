@@ -643,13 +643,11 @@ def enqueue(job, base=0, retries=None):
     """
     huey = hueys[job.queue]
     task = build(job, base, retries)
-    try:
+    with _reaching():
         if task.eta is not None and task.eta > huey._get_timestamp():
             huey.add_schedule(task)
         else:
             huey.enqueue(task)
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f'{_failure(exc)}: {exc}') from exc
 
 
 def prepare(job, base=0, retries=None):

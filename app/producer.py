@@ -138,10 +138,8 @@ class Producer:
 
     def submit_many(self, items):
         """:func:`submit_many`."""
-        if isinstance(items, (list, tuple)):
-            items = list(items)
-        elif not isinstance(items, (str, bytes, dict)) and hasattr(items, '__iter__'):
-            items = list(items)  # a generator, say
+        if not isinstance(items, (str, bytes, dict)) and hasattr(items, '__iter__'):
+            items = list(items)  # a tuple or a generator as a list
         # Anything else is no list of jobs: validate_many says so (InvalidJob).
         return self._run(lambda config: self._many(items, config))
 
