@@ -38,8 +38,25 @@ def utcnow():
 
 
 def isoformat(value):
-    """A ledger timestamp as ISO 8601 with an explicit UTC offset."""
-    return None if value is None else value.isoformat(timespec='milliseconds') + 'Z'
+    """A ledger timestamp as ISO 8601 with an explicit UTC offset (``None`` for None)."""
+    if value is None:
+        return None
+    # The jobs of one batch share their times (one datetime object): a
+    # thousand of them written out once, not a thousand times.
+    last = _last_isoformat
+    if last[0] is value:
+        return last[1]
+    text = value.isoformat(timespec='milliseconds') + 'Z'
+    _remember_isoformat(value, text)
+    return text
+
+
+_last_isoformat = (None, None)  # (datetime, its text): replaced whole, so safe across threads
+
+
+def _remember_isoformat(value, text):
+    global _last_isoformat
+    _last_isoformat = (value, text)
 
 
 # The conditions of the partial indexes of jobs waiting to run, written the

@@ -195,3 +195,20 @@ def test_a_batch_is_inserted_a_hundred_rows_a_statement_on_sqlite_and_every_coun
         assert tallies.differences(conn) == {}
         db.session.remove()
         db.engine.dispose()
+
+
+def test_new_ids_are_distinct_version_4_uuids_written_as_uuid_writes_them():
+    import uuid
+    ids = jobs.new_ids(20_000)
+    assert len(set(ids)) == 20_000
+    for job_id in ids:
+        parsed = uuid.UUID(job_id)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert str(parsed) == job_id
+    # Every bit not fixed by the version and variant varies across the ids.
+    ors, ands = 0, ~0
+    for job_id in ids:
+        value = uuid.UUID(job_id).int
+        ors, ands = ors | value, ands & value
+    assert bin(ors ^ ands).count('1') == 122
+    assert jobs.new_ids(0) == []

@@ -61,6 +61,11 @@ def test_isoformat_is_milliseconds_with_a_z_and_reads_back_as_utc():
     assert isoformat(T0) == '2026-01-02T03:04:05.678Z'
     assert isoformat(dt.datetime(2026, 1, 2)) == '2026-01-02T00:00:00.000Z'
     assert isoformat(None) is None
+    # The same object twice, then another: each gets its own text.
+    later = T0 + dt.timedelta(seconds=1)
+    assert [isoformat(t) for t in (T0, T0, later, T0)] == [
+        '2026-01-02T03:04:05.678Z', '2026-01-02T03:04:05.678Z', '2026-01-02T03:04:06.678Z',
+        '2026-01-02T03:04:05.678Z']
     back = dt.datetime.fromisoformat(isoformat(T0))
     assert back.utcoffset() == dt.timedelta(0)
     assert back.replace(tzinfo=None) == T0.replace(microsecond=678000)
