@@ -48,15 +48,18 @@ Usage: python bench/seed.py --jobs N [--database-url URL] [--days 180] [--seed 0
                             [--now 2026-01-31T12:00:00] [--queues a,b,c] [--append]
 """
 import argparse
+import atexit
 import bisect
 import datetime as dt
 import gc
 import itertools
 import math
+import os
 import queue
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -1083,13 +1086,23 @@ def job_count(app):
 
 
 def make_app(database_url=None, queues=None):
-    """The app on ``database_url`` (default: the configured ledger), migrated to the head."""
+    """The app on ``database_url`` (default: the configured ledger), migrated to the head.
+
+    With a ``database_url`` and no ``INSTANCE_PATH`` in the environment, the
+    app's instance folder is a temporary one, removed at exit: seeding a
+    ledger elsewhere leaves nothing (a secret key, ``instance/``) in the
+    checkout.
+    """
     from flask_migrate import upgrade
 
     from app import create_app
     overrides = {'PERIODIC': 0, 'LOG_LEVEL': 'WARNING'}
     if database_url:
         overrides['DATABASE_URL'] = database_url
+        if not os.environ.get('INSTANCE_PATH'):
+            instance = tempfile.TemporaryDirectory(prefix='qm-seed-')
+            atexit.register(instance.cleanup)
+            overrides['INSTANCE_PATH'] = instance.name
     if queues:
         overrides['QUEUES'] = queues
     app = create_app(overrides)
@@ -1127,13 +1140,22 @@ MAX_DAYS = 36_500  # --days at most: a century
 EARLIEST, LATEST = dt.datetime(1970, 1, 1), dt.datetime(9000, 1, 1)  # a period's bounds
 
 
+def _whole_number(text):
+    """An argument's whole number, in ASCII digits (``int()`` also takes '1_000' and '٣')."""
+    from app.catalog import whole_number
+    try:
+        return whole_number(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f'{text!r}: {exc} (ASCII digits)') from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--jobs', type=int, required=True, help='jobs to write')
+    parser.add_argument('--jobs', type=_whole_number, required=True, help='jobs to write')
     parser.add_argument('--database-url', help='the ledger (a URL or a SQLite file); default: '
                         "the app's configured one")
     parser.add_argument('--days', type=float, default=180, help='history spans this many days')
-    parser.add_argument('--seed', type=int, default=0, help='the same seed, the same ledger')
+    parser.add_argument('--seed', type=_whole_number, default=0, help='the same seed, the same ledger')
     parser.add_argument('--now', help='the end of the period (ISO 8601, UTC); default: now')
     parser.add_argument('--queues', help='queues to spread jobs over (default: QUEUES)')
     parser.add_argument('--append', action='store_true',

@@ -417,6 +417,9 @@ def test_a_seeding_that_fails_still_builds_the_job_indexes(tmp_path, monkeypatch
     (['--now', '9999-12-31T00:00:00Z'], 'and end before 9000-01-01'),
     (['--now', 'soon'], '--now:'),
     (['--jobs', '-1'], '--jobs must be 0 or more'),
+    (['--jobs', '1_000'], "argument --jobs: '1_000': must be a whole number (ASCII digits)"),
+    (['--jobs', '\u0663'], 'argument --jobs:'),
+    (['--seed', '1e3'], "argument --seed: '1e3': must be a whole number"),
 ])
 def test_impossible_arguments_are_refused_before_the_ledger_is_made(tmp_path, capsys, args,
                                                                     says):
@@ -451,3 +454,15 @@ def test_a_ledger_that_cannot_be_opened_is_named_without_a_traceback(tmp_path, u
     assert 's3cret' not in message  # a password is not shown
     if shown and shown.startswith('sqlite:'):
         assert Path(url).read_text() == 'not a ledger\n' * 100
+
+
+def test_a_ledger_seeded_elsewhere_leaves_no_instance_folder_in_the_checkout(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.delenv('INSTANCE_PATH', raising=False)
+    monkeypatch.delenv('SECRET_KEY', raising=False)
+    app = seed.make_app(f'sqlite:///{tmp_path}/ledger.db')
+    instance = Path(app.instance_path)
+    assert ROOT not in instance.parents and instance.name.startswith('qm-seed-')
+    assert (instance / 'secret_key').is_file()  # the app's key went there, not to instance/
+    with app.app_context():
+        db.engine.dispose()
