@@ -74,8 +74,8 @@ def create_app(test_config=None, *, config=None):
     # as they came); then who is asking, and whether they may.
     app.before_request(inputs.check_request)
     # A chunked body is given its length, so the size limits apply to it.
-    app.wsgi_app = inputs.SizedBody(app.wsgi_app, app.config['MAX_CONTENT_LENGTH'], {
-        '/api/jobs/batch': app.config['MAX_BATCH_CONTENT_LENGTH']})
+    app.wsgi_app = inputs.SizedBody(app.wsgi_app, app.config['MAX_CONTENT_LENGTH'],
+                                    inputs.route_limits(app))
     auth.register(app)
     cli.register(app)
     from .reconcile import loss_notice

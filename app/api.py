@@ -79,6 +79,7 @@ def batch_schema(config):
 
 
 @bp.post('/jobs/batch')
+@inputs.body_limit('MAX_BATCH_CONTENT_LENGTH')  # a thousand jobs are larger than one
 @auth.action('submit')
 @declare(body=batch_schema,
          responses={201: ('JobBatch', 'The jobs in order, queued or scheduled'),
@@ -86,8 +87,6 @@ def batch_schema(config):
                     403: 'Error', 503: 'Error'})
 def submit_batch():
     """Submit many jobs at once: all of them, or none."""
-    # Its own body limit: a thousand jobs are larger than one.
-    request.max_content_length = current_app.config['MAX_BATCH_CONTENT_LENGTH']
     try:
         data = inputs.json_object('invalid jobs')
     except catalog.ValidationError as exc:  # text that cannot be stored: by job, too

@@ -8,11 +8,12 @@ NUL characters are refused with a 400 that names the field, e.g.
 ``{"params.message": "contains an unpaired surrogate (U+D800)"}``; nothing
 downstream ever sees them.
 """
+import functools
 import io
 import json
 from urllib.parse import unquote_to_bytes
 
-from flask import request
+from flask import current_app, request
 from werkzeug.exceptions import UnsupportedMediaType
 from werkzeug.wsgi import get_content_length
 
@@ -105,6 +106,41 @@ class SizedBody:
             environ['CONTENT_LENGTH'] = str(len(data))
             environ.pop('HTTP_TRANSFER_ENCODING', None)  # read: now a body of that length
         return self.wsgi_app(environ, start_response)
+
+
+def body_limit(config_key):
+    """View decorator: the route takes bodies of up to ``app.config[config_key]`` bytes
+    instead of ``MAX_CONTENT_LENGTH`` (over it, 413).
+
+    :func:`route_limits` reads it too, so that :class:`SizedBody` reads a
+    chunked body of that route up to the same limit: the route's limit is
+    named here alone.
+    """
+    def decorate(view):
+        @functools.wraps(view)
+        def limited(*args, **kwargs):
+            request.max_content_length = current_app.config[config_key]
+            return view(*args, **kwargs)
+        limited.body_limit = config_key
+        return limited
+    return decorate
+
+
+def route_limits(app):
+    """``{path: bytes}``: the routes of ``app`` with a :func:`body_limit`, for :class:`SizedBody`.
+
+    Raises ValueError for such a route with a variable part (SizedBody
+    knows paths, not patterns).
+    """
+    limits = {}
+    for rule in app.url_map.iter_rules():
+        key = getattr(app.view_functions.get(rule.endpoint), 'body_limit', None)
+        if key is None:
+            continue
+        if rule.arguments:
+            raise ValueError(f'{rule.rule}: a body limit is for a route without variables')
+        limits[rule.rule] = app.config[key]
+    return limits
 
 
 def _refuse_constant(name):

@@ -282,3 +282,19 @@ def test_fuzz_every_query_path_and_form_field(ledger_client):
                        content_type='application/x-www-form-urlencoded')
     for path in ('/', '/jobs', '/api/jobs', '/failures', '/scheduled'):
         assert client.get(path).status_code == 200, path
+
+
+def test_a_route_with_its_own_body_limit_names_it_once_for_the_view_and_for_chunked_bodies(app):
+    from flask import Flask
+
+    from app import inputs
+    # The batch route's limit reaches SizedBody from its decorator alone.
+    assert inputs.route_limits(app) == {'/api/jobs/batch': app.config['MAX_BATCH_CONTENT_LENGTH']}
+    assert app.wsgi_app.limits == inputs.route_limits(app)
+    assert app.wsgi_app.limit == app.config['MAX_CONTENT_LENGTH']
+    other = Flask('other')
+    other.config['BIG'] = 10
+    other.add_url_rule('/things/<name>', 'thing', inputs.body_limit('BIG')(lambda name: name),
+                       methods=['POST'])
+    with pytest.raises(ValueError, match='without variables'):
+        inputs.route_limits(other)
