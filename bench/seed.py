@@ -1155,7 +1155,8 @@ def main(argv=None):
     parser.add_argument('--database-url', help='the ledger (a URL or a SQLite file); default: '
                         "the app's configured one")
     parser.add_argument('--days', type=float, default=180, help='history spans this many days')
-    parser.add_argument('--seed', type=_whole_number, default=0, help='the same seed, the same ledger')
+    parser.add_argument('--seed', type=_whole_number, default=0,
+                        help='the same seed, the same ledger')
     parser.add_argument('--now', help='the end of the period (ISO 8601, UTC); default: now')
     parser.add_argument('--queues', help='queues to spread jobs over (default: QUEUES)')
     parser.add_argument('--append', action='store_true',
