@@ -134,37 +134,48 @@ def _record(subs, audits):
     What needs no lock (planning the rows, building the messages) is done
     before the write turn; the turn covers the writing, from the INSERT to
     the commit, when SQLite holds its one writer's lock.
+
+    Idempotency keys: a key taken by another submission between the
+    planning and the INSERT fails the INSERT, and the submission is planned
+    again inside the write turn, where on SQLite no other submission can
+    take one first. On PostgreSQL, which has no write turn, a submission
+    with keys first takes a lock per key for its transaction
+    (:func:`_lock_keys`) and plans after it: submissions sharing keys then
+    go one after the other, each seeing the jobs the one before committed.
     """
-    for attempt in range(3):
-        slots, new = _plan(subs)
-        # The driver's own INSERT over plain tuples (the ORM's unit of work,
-        # and even Core's per-value processing, cost more than the rows),
-        # in the order of the idempotency keys: two submissions sharing
-        # keys then wait for each other on PostgreSQL instead of each
-        # holding a key the other needs (a deadlock).
-        conn = db.session.connection()
-        d = ledger_sql.dialect(conn)
-        rows = [d.submitted(j) for j in sorted(
-            new, key=lambda j: (j.idempotency_key is None, j.idempotency_key or ''))]
-        messages = _messages(new)
+    keys = sorted({s.idempotency_key for s in subs if s.idempotency_key})
+    conn = db.session.connection()
+    d = ledger_sql.dialect(conn)
+    locked = bool(keys) and not d.sqlite
+    replan = False
+    for attempt in range(_RECORD_ATTEMPTS):
+        if not (replan or locked):
+            slots, new, rows, messages = _prepared(subs, d)
         # On SQLite, the web processes take turns (app.ledger.turns) rather
         # than poll for the database's lock.
         with write_turn(db.engine):
+            if locked:
+                _lock_keys(keys)
+            if replan or locked:
+                slots, new, rows, messages = _prepared(subs, d)
             if rows:
                 try:
-                    d.insert_rows(conn, 'job', ledger_sql.SUBMITTED, rows)
+                    d.insert_rows(db.session.connection(), 'job', ledger_sql.SUBMITTED, rows)
                 except sa.exc.IntegrityError:
-                    # A key taken meanwhile by another submission: look again.
+                    # A key taken meanwhile by another submission: plan again.
                     db.session.rollback()
-                    if attempt == 2:
+                    if attempt == _RECORD_ATTEMPTS - 1:
                         raise
+                    replan = True
                     continue
                 except sa.exc.OperationalError as exc:
                     # PostgreSQL chose this transaction to end a deadlock (a
                     # submission of rows by another path): once more, from the start.
                     db.session.rollback()
-                    if attempt == 2 or getattr(exc.orig, 'sqlstate', None) != '40P01':
+                    if attempt == _RECORD_ATTEMPTS - 1 or \
+                            getattr(exc.orig, 'sqlstate', None) != '40P01':
                         raise
+                    replan = True
                     continue
             audit_log.insert(audits)
             _hand_over_new(messages)
@@ -173,6 +184,39 @@ def _record(subs, audits):
     if new or audits:
         announce(*new, audit=bool(audits))
     return slots
+
+
+_RECORD_ATTEMPTS = 3
+
+
+def _prepared(subs, d):
+    """``(slots, new jobs, their rows, their messages)`` for ``subs`` (see :func:`_plan`).
+
+    The driver's own INSERT over plain tuples (the ORM's unit of work, and
+    even Core's per-value processing, cost more than the rows), in the
+    order of the idempotency keys: two submissions sharing keys then wait
+    for each other on PostgreSQL instead of each holding a key the other
+    needs (a deadlock).
+    """
+    slots, new = _plan(subs)
+    rows = [d.submitted(j) for j in sorted(
+        new, key=lambda j: (j.idempotency_key is None, j.idempotency_key or ''))]
+    return slots, new, rows, _messages(new)
+
+
+def _lock_keys(keys):
+    """PostgreSQL: lock each of the idempotency ``keys`` until the transaction ends.
+
+    Transaction-level advisory locks, in the two-number key space (a
+    namespace for idempotency keys, then the key's hash), taken in the
+    order of their numbers so that two submissions sharing keys cannot
+    each hold one the other waits for. Two keys of one hash share a lock:
+    their submissions only wait for each other.
+    """
+    db.session.execute(sa.text(
+        "SELECT pg_advisory_xact_lock(hashtext('job.idempotency_key'), h) "
+        'FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(:keys AS text[])) AS k '
+        'ORDER BY h) AS locks'), {'keys': keys})
 
 
 class _Waiting:
