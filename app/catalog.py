@@ -304,9 +304,14 @@ class TaskType:
         """
         if 'task' in fields:
             raise TypeError('task is the task type itself; it is not a field')
-        params = dict(fields.pop('params', None) or {})
-        params.update((k, fields.pop(k)) for k in list(fields) if k not in OPTION_NAMES)
-        return {'task': self.name, 'params': params, **fields}
+        params = fields.pop('params', None)
+        named = {k: fields.pop(k) for k in list(fields) if k not in OPTION_NAMES}
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            # Passed on as given: submitting refuses it by its field, as the API does.
+            return {'task': self.name, 'params': params, **fields}
+        return {'task': self.name, 'params': {**params, **named}, **fields}
 
     def submit(self, **fields):
         """Submit a job of this task type from Python (see :mod:`app.producer`); the job.

@@ -67,6 +67,10 @@ def test_bad_parameters_raise_invalid_job_and_write_nothing(ctx):
         with pytest.raises(producer.InvalidJob) as caught:
             producer.submit_many(not_a_list)
         assert caught.value.fields == {'jobs': 'must be a non-empty list of jobs'}
+    for not_an_object in ([1, 2], 'ab', 0, False):
+        with pytest.raises(producer.InvalidJob) as caught:
+            huey_tasks.sleep.submit(params=not_an_object, seconds=1)
+        assert list(caught.value.fields) == ['params'], caught.value.fields
     assert db.session.query(Job).count() == 0 and audit.entries() == []
     # Any iterable of jobs is a list of them.
     assert [j.task for j in producer.submit_many(huey_tasks.noop.job() for _ in range(2))] == [
