@@ -1112,10 +1112,21 @@ def make_app(database_url=None, queues=None):
 
 
 def _url(value):
-    """A path is a SQLite file; anything with ``://`` is a database URL."""
+    """A path is a SQLite file; anything with ``://`` is a database URL (``:memory:`` too)."""
     if value is None or '://' in value:
         return value
+    if value == ':memory:':
+        return 'sqlite:///:memory:'
     return f'sqlite:///{Path(value).resolve()}'
+
+
+def _in_memory(url):
+    """True for a SQLite URL of an in-memory database (gone when the seeding ends)."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return False
+    return parsed.get_backend_name() == 'sqlite' and parsed.database in (None, '', ':memory:')
 
 
 def _interrupt(signum, frame):
@@ -1179,6 +1190,9 @@ def main(argv=None):
     if not EARLIEST + dt.timedelta(days=args.days) <= end <= LATEST:
         parser.error(f'--now and --days: the period must start after {EARLIEST:%Y-%m-%d} '
                      f'and end before {LATEST:%Y-%m-%d}')
+    if args.database_url and _in_memory(_url(args.database_url)):
+        parser.error('--database-url: an in-memory ledger is gone when seeding ends; '
+                     'give a file or a database URL')
     from app.config import ConfigError
     try:
         app = make_app(_url(args.database_url), args.queues)

@@ -430,6 +430,15 @@ def test_impossible_arguments_are_refused_before_the_ledger_is_made(tmp_path, ca
     assert not path.exists()
 
 
+@pytest.mark.parametrize('url', [':memory:', 'sqlite://', 'sqlite:///:memory:'])
+def test_an_in_memory_ledger_is_refused_and_no_file_is_made(tmp_path, capsys, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        seed.main(['--jobs', '10', '--database-url', url])
+    assert exc.value.code == 2 and 'an in-memory ledger is gone' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize('url, shown, says', [
     ('sqlite:////no/such/directory/ledger.db', None, 'unable to open database file'),
     ('postgresql://nobody:s3cret@127.0.0.1:1/ledger', 'postgresql://nobody:***@127.0.0.1:1/ledger',
