@@ -558,9 +558,21 @@ def _storage_args(spec, lease):
 def configure(config):
     """Point every queue's Huey at the configured broker, with its settings (idempotent).
 
-    ``config`` is a loaded configuration (:func:`app.config.load`).
+    ``config`` is a loaded configuration (:func:`app.config.load`). Raises
+    :class:`BrokerUnavailable` when the embedded queue's SQLite file cannot
+    be opened (not a database, a folder, a path through a file).
     """
     spec = (*_storage_spec(config), config['LOST_AFTER'])
+    if spec[0] != 'sqlite':
+        return _configure(config, spec)
+    try:
+        return _configure(config, spec)
+    except (sqlite3.Error, OSError) as exc:
+        raise BrokerUnavailable(f'the embedded queue {spec[1]} cannot be opened: {exc} '
+                                f'(HUEY_SQLITE_PATH)') from exc
+
+
+def _configure(config, spec):
     storage_class, storage_kwargs = _storage_args(spec[:2], spec[2])
     for name in config['QUEUES']:
         huey = hueys.get(name)

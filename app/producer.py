@@ -144,7 +144,10 @@ class Producer:
         return self._run(lambda config: self._many(items, config))
 
     def _run(self, work):
-        app = self.app()
+        try:
+            app = self.app()
+        except broker.BrokerUnavailable as exc:  # the embedded queue cannot be opened
+            raise BrokerUnavailable(str(exc)) from exc
         if has_app_context():
             return self._errors(work, app.config)
         with app.app_context():

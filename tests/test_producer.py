@@ -256,3 +256,18 @@ def test_children_forked_after_a_submission_submit_on_connections_of_their_own(
     assert all(len(i) == 36 for i in out['children']), out['children']
     with ledger(env) as conn:
         assert conn.execute(sa.text('SELECT count(*) FROM job')).scalar() == 2 + 8 * 2
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize('where', ['not-a-database', 'a-folder', 'under-a-file'])
+def test_an_embedded_queue_that_cannot_be_opened_is_broker_unavailable(tmp_path, where):
+    path = {'not-a-database': tmp_path / 'bad.db', 'a-folder': tmp_path,
+            'under-a-file': tmp_path / 'notes.txt' / 'huey.db'}[where]
+    (tmp_path / 'bad.db').write_bytes(b'not a database, ' * 400)
+    (tmp_path / 'notes.txt').write_text('a file\n')
+    env = service_env(tmp_path)
+    migrate(env, tmp_path)
+    env['HUEY_SQLITE_PATH'] = str(path)
+    assert _run(env, 'refused') == {'refused': ['BrokerUnavailable', 'BrokerUnavailable']}
+    with ledger(env) as conn:
+        assert conn.execute(sa.text('SELECT count(*) FROM job')).scalar() == 0
