@@ -233,11 +233,9 @@ redis.call('LTRIM', KEYS[4], 0, LAST_TOKEN)
 return 1
 """
 
-# KEYS: schedule, index, once-key. ARGV: data, score (of one message or of many).
+# KEYS: schedule, index, once-key. ARGV: data, score.
 _SCHEDULE = _LUA_INDEX + _LUA_ONCE + """
-for i = 1, #ARGV, 2 do
-  if redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) == 1 then count(KEYS[2], ARGV[i], 1) end
-end
+if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then count(KEYS[2], ARGV[1], 1) end
 """
 
 # Huey's read_schedule: pop what is due and hand it over. KEYS: schedule, index. ARGV: ts.
@@ -366,20 +364,17 @@ class ReliableRedisStorage(_ByJobId, PriorityRedisStorage):
         A message with an ``eta`` (naive, Huey's clock) goes to the schedule,
         one without to the queue, as ``add_to_schedule`` and ``enqueue`` do.
         """
-        calls, due, later = [], [], []
+        calls, due = [], []
         for data, priority, eta in entries:
             if eta is None:
                 due += (_prefix() + bytes(data), -(priority or 0))
             else:
-                later += (bytes(data), self.convert_ts(eta))
-        # Messages in scripts of ENQUEUE_MANY (one call each, with one
-        # once-key, not one per message): a batch of the API's largest is
-        # one call for those due now and one for those due later, so one
-        # EVALSHA when all are due now, or all later (see below).
+                calls.append((self._schedule, [self.schedule_key, self.index_key, _once_key()],
+                              [bytes(data), self.convert_ts(eta)]))
+        # Messages due now in scripts of ENQUEUE_MANY (one call each, not one
+        # per message): a batch of the API's largest is one call, so one
+        # EVALSHA (see below).
         step = 2 * ENQUEUE_MANY  # two arguments a message
-        for start in range(0, len(later), step):
-            calls.append((self._schedule, [self.schedule_key, self.index_key, _once_key()],
-                          later[start:start + step]))
         for start in range(0, len(due), step):
             calls.append((self._enqueue_many, [self.queue_key, self.index_key, self.wake_key,
                                                _once_key()],

@@ -326,21 +326,3 @@ def test_a_call_resent_after_its_reply_was_lost_adds_no_message_twice(redis_serv
     finally:
         monkeypatch.undo()
         store.flush_all()
-
-
-@pytest.mark.processes
-def test_a_batch_put_at_once_takes_one_once_key_a_call_for_its_scheduled_messages_too(
-        redis_server):
-    store = ReliableRedisStorage(f'qm.t{uuid.uuid4().hex[:8]}', url=redis_server.url,
-                                 clean_name=False)
-    later = dt.datetime.now() + dt.timedelta(hours=1)
-    before = set(store.conn.scan_iter(match='qm:once:*', count=1000))
-    store.put_many([(msg(f'd{n}'), 0, None) for n in range(1200)]
-                   + [(msg(f's{n}'), 0, later + dt.timedelta(seconds=n)) for n in range(1200)])
-    made = set(store.conn.scan_iter(match='qm:once:*', count=1000)) - before
-    # 1,200 of each: two calls for those due now, two for those due later.
-    assert len(made) == 4
-    assert store.queue_size() == 1200 and store.schedule_size() == 1200
-    assert store.held(['d0', 'd1199', 's0', 's1199']) == {'d0', 'd1199', 's0', 's1199'}
-    assert store.index_ok()
-    store.flush_all()
