@@ -51,7 +51,12 @@ def test_keep_alive_clients_are_spread_over_the_workers(served):
 
 
 def test_two_clients_opened_at_once_get_a_worker_each(served):
+    # Four rounds in five at least: a worker whose acceptor was out of the
+    # kernel's queue at that instant (its accept() timing out to look up, or
+    # the process not scheduled on a loaded machine) misses its turn. Taken
+    # with gthread's own epoll accept, one worker took both nearly always.
     web, port = served
+    rounds = []
     for _ in range(5):
         clients = [http.client.HTTPConnection('127.0.0.1', port, timeout=10) for _ in range(2)]
         for conn in clients:  # both connect before either asks anything
@@ -62,9 +67,11 @@ def test_two_clients_opened_at_once_get_a_worker_each(served):
         held = connections_by_worker(web.pid, port)
         for conn in clients:
             conn.close()
-        assert sorted(held.values()) == [1, 1], held
+        assert sum(held.values()) == 2 and len(held) == 2, held
+        rounds.append(sorted(held.values()))
         wait_for(lambda: sum(connections_by_worker(web.pid, port).values()) == 0, 10,
                  message='the connections to close')
+    assert rounds.count([1, 1]) >= 4, rounds
 
 
 def test_connections_opened_while_the_workers_restart_are_all_answered(served):
