@@ -51,13 +51,16 @@ def test_keep_alive_clients_are_spread_over_the_workers(served):
 
 
 def test_two_clients_opened_at_once_get_a_worker_each(served):
-    # Four rounds in five at least: a worker whose acceptor was out of the
-    # kernel's queue at that instant (its accept() timing out to look up, or
-    # the process not scheduled on a loaded machine) misses its turn. Taken
-    # with gthread's own epoll accept, one worker took both nearly always.
+    # Seventeen rounds in twenty at least: a worker whose acceptor was out of
+    # the kernel's queue at that instant (its accept() timing out to look up,
+    # or the process not scheduled on a loaded machine) misses its turn; one
+    # CI run saw one round in five go to one worker. Taken with gthread's own
+    # epoll accept (GUNICORN_CMD_ARGS="--worker-class gthread"), 11 rounds in
+    # 20 split in one run, and 17 or more in another: this catches that
+    # accept most of the time, not always.
     web, port = served
     rounds = []
-    for _ in range(5):
+    for _ in range(20):
         clients = [http.client.HTTPConnection('127.0.0.1', port, timeout=10) for _ in range(2)]
         for conn in clients:  # both connect before either asks anything
             conn.connect()
@@ -71,7 +74,7 @@ def test_two_clients_opened_at_once_get_a_worker_each(served):
         rounds.append(sorted(held.values()))
         wait_for(lambda: sum(connections_by_worker(web.pid, port).values()) == 0, 10,
                  message='the connections to close')
-    assert rounds.count([1, 1]) >= 4, rounds
+    assert rounds.count([1, 1]) >= 17, rounds
 
 
 def test_connections_opened_while_the_workers_restart_are_all_answered(served):
