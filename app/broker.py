@@ -563,11 +563,11 @@ def configure(config):
     be opened (not a database, a folder, a path through a file).
     """
     spec = (*_storage_spec(config), config['LOST_AFTER'])
-    if spec[0] != 'sqlite':
-        return _configure(config, spec)
     try:
-        return _configure(config, spec)
+        _configure(config, spec)
     except (sqlite3.Error, OSError) as exc:
+        if spec[0] != 'sqlite':
+            raise
         raise BrokerUnavailable(f'the embedded queue {spec[1]} cannot be opened: {exc} '
                                 f'(HUEY_SQLITE_PATH)') from exc
 

@@ -144,8 +144,7 @@ def _record(subs, audits):
     go one after the other, each seeing the jobs the one before committed.
     """
     keys = sorted({s.idempotency_key for s in subs if s.idempotency_key})
-    conn = db.session.connection()
-    d = ledger_sql.dialect(conn)
+    d = ledger_sql.dialect(db.session.connection())
     locked = bool(keys) and not d.sqlite
     replan = False
     for attempt in range(_RECORD_ATTEMPTS):

@@ -37,8 +37,12 @@ def utcnow():
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+_last_isoformat = (None, None)  # (datetime, its text): replaced whole, so safe across threads
+
+
 def isoformat(value):
     """A ledger timestamp as ISO 8601 with an explicit UTC offset (``None`` for None)."""
+    global _last_isoformat
     if value is None:
         return None
     # The jobs of one batch share their times (one datetime object): a
@@ -47,16 +51,8 @@ def isoformat(value):
     if last[0] is value:
         return last[1]
     text = value.isoformat(timespec='milliseconds') + 'Z'
-    _remember_isoformat(value, text)
-    return text
-
-
-_last_isoformat = (None, None)  # (datetime, its text): replaced whole, so safe across threads
-
-
-def _remember_isoformat(value, text):
-    global _last_isoformat
     _last_isoformat = (value, text)
+    return text
 
 
 # The conditions of the partial indexes of jobs waiting to run, written the

@@ -144,19 +144,14 @@ class Producer:
         return self._run(lambda config: self._many(items, config))
 
     def _run(self, work):
+        # Building the app counts too: an embedded queue that cannot be
+        # opened is BrokerUnavailable there.
         try:
             app = self.app()
-        except broker.BrokerUnavailable as exc:  # the embedded queue cannot be opened
-            raise BrokerUnavailable(str(exc)) from exc
-        if has_app_context():
-            return self._errors(work, app.config)
-        with app.app_context():
-            return self._errors(work, app.config)
-
-    @staticmethod
-    def _errors(work, config):
-        try:
-            return work(config)
+            if has_app_context():
+                return work(app.config)
+            with app.app_context():
+                return work(app.config)
         except catalog.ValidationError as exc:
             raise InvalidJob(exc.message, exc.fields, exc.errors) from None
         except broker.BrokerUnavailable as exc:

@@ -1190,12 +1190,13 @@ def main(argv=None):
     if not EARLIEST + dt.timedelta(days=args.days) <= end <= LATEST:
         parser.error(f'--now and --days: the period must start after {EARLIEST:%Y-%m-%d} '
                      f'and end before {LATEST:%Y-%m-%d}')
-    if args.database_url and _in_memory(_url(args.database_url)):
+    ledger_url = _url(args.database_url)
+    if ledger_url and _in_memory(ledger_url):
         parser.error('--database-url: an in-memory ledger is gone when seeding ends; '
                      'give a file or a database URL')
     from app.config import ConfigError
     try:
-        app = make_app(_url(args.database_url), args.queues)
+        app = make_app(ledger_url, args.queues)
         existing = job_count(app)
     except ConfigError as exc:
         parser.error(str(exc))
