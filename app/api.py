@@ -114,6 +114,11 @@ def submit_batch():
     return body, 201 if any(body['created']) else 200
 
 
+# Every 400 of this route carries "errors" (app.errors), empty when the body
+# as a whole is at fault, even one raised before the view runs.
+submit_batch.errors_by_index = True
+
+
 @bp.get('/jobs')
 @declare(query=FILTERS + (SORT, LIMIT, CURSOR),
          responses={200: ('JobPage', 'Jobs newest first, or in the order asked for')})

@@ -53,7 +53,11 @@ def ledger_busy(exc):
 def register(app):
     @app.errorhandler(catalog.ValidationError)
     def invalid(exc):
-        if exc.errors:  # many submissions at once: also each bad field by index
+        # Many submissions at once: also each bad field by index, and the
+        # list is there (empty) when what is wrong is the body as a whole
+        # (a missing "jobs", a bad query string), so a client reads one shape.
+        if exc.errors or getattr(app.view_functions.get(request.endpoint), 'errors_by_index',
+                                 False):
             return respond(400, exc.message, fields=exc.fields, errors=exc.errors)
         return respond(400, exc.message, fields=exc.fields)
 

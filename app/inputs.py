@@ -147,12 +147,31 @@ def _refuse_constant(name):
     raise ValueError(f'{name} is not a JSON value')
 
 
+class _RepeatedName(ValueError):
+    """An object of a JSON body names one member twice."""
+
+
+def _unique_names(pairs):
+    # RFC 8259 (section 4): names within an object should be unique; where
+    # they are not, parsers disagree on which value counts. Python's keeps
+    # the last, a proxy or another client may read the first, so the body
+    # is refused instead of read one of those ways.
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        seen = set()
+        for name, _value in pairs:
+            if name in seen:
+                raise _RepeatedName(name)
+            seen.add(name)
+    return members
+
+
 def json_object(message='invalid request'):
     """The request's JSON body, a dict whose text can all be stored.
 
     The body must be UTF-8 JSON (RFC 8259) holding an object, nested at most
-    :data:`~app.text.MAX_DEPTH` levels; ``NaN`` and ``Infinity`` are not
-    JSON. Raises :class:`~app.catalog.ValidationError` (a 400): ``"invalid
+    :data:`~app.text.MAX_DEPTH` levels, with no object naming a member
+    twice; ``NaN`` and ``Infinity`` are not JSON. Raises :class:`~app.catalog.ValidationError` (a 400): ``"invalid
     request"`` with a ``body`` field for a body that is none of that, or
     ``message`` naming each field whose text cannot be stored
     (``params.message``, ``ids[3]``).
@@ -165,9 +184,13 @@ def json_object(message='invalid request'):
     except UnicodeDecodeError as exc:
         raise _invalid({'body': f'{NOT_UTF8} (byte {exc.start})'}) from None
     try:
-        value = json.loads(body, parse_constant=_refuse_constant)
+        value = json.loads(body, parse_constant=_refuse_constant, object_pairs_hook=_unique_names)
     except RecursionError:
         raise _invalid({'body': f'is nested more than {text.MAX_DEPTH} levels deep'}) from None
+    except _RepeatedName as exc:
+        name = text.storable(exc.args[0], 100)
+        raise _invalid({'body': f'names {json.dumps(name, ensure_ascii=False)} twice in one '
+                                f'object: each name may appear once'}) from None
     except ValueError as exc:
         raise _invalid({'body': f'is not valid JSON: {exc}'}) from None
     if not isinstance(value, dict):

@@ -108,7 +108,9 @@ def _schemas(config):
         'fields': {'type': 'object', 'additionalProperties': _STR,
                    'description': 'field (e.g. params.seconds) -> what is wrong with it'},
         'errors': {'type': 'array', 'description': 'a batch: each bad field by the index of '
-                                                   'its job ("field" empty: the whole job)',
+                                                   'its job ("field" empty: the whole job); '
+                                                   'empty when the body as a whole is at '
+                                                   'fault (see "fields")',
                    'items': _object({'index': _INT, 'field': _STR, 'message': _STR})},
         'state': {**_STR, 'description': 'the state a 409 found the job in'},
         'detail': {**_STR, 'description': 'why the broker refused (503)'}},

@@ -448,10 +448,23 @@ def test_a_batch_whose_text_cannot_be_stored_lists_the_errors_by_index(client, a
 
 
 def test_a_batch_body_must_be_a_list_of_jobs(client):
-    for body in ({}, {'jobs': []}, {'jobs': {'task': 'noop'}}, {'jobs': [{'task': 'noop'}], 'x': 1}):
+    # The body as a whole at fault: named in "fields", and "errors" (by job) is
+    # there, empty, as in every 400 of the route, so a client reads one shape.
+    for body, fields in (({}, {'jobs': 'must be a non-empty list of jobs'}),
+                         ({'jobs': []}, {'jobs': 'must be a non-empty list of jobs'}),
+                         ({'jobs': {'task': 'noop'}}, {'jobs': 'must be a non-empty list of jobs'}),
+                         ({'jobs': [{'task': 'noop'}], 'x': 1}, {'x': 'unknown field'}),
+                         ([{'task': 'noop'}], {'body': 'must be a JSON object'})):
         resp = client.post('/api/jobs/batch', json=body)
         assert resp.status_code == 400, body
-        assert resp.get_json()['fields'], body
+        assert {k: v for k, v in resp.get_json().items() if k != 'error'} == \
+            {'fields': fields, 'errors': []}, body
+    # So too when the request is refused before the view reads it (its query string).
+    resp = client.post('/api/jobs/batch?x=%ff', json={'jobs': [{'task': 'noop'}]})
+    assert resp.get_json() == {'error': 'invalid request', 'fields': {'x': 'is not valid UTF-8'},
+                               'errors': []}
+    # One job's endpoint has no "errors".
+    assert 'errors' not in client.post('/api/jobs', json={}).get_json()
 
 
 def test_a_batch_holds_at_most_1000_jobs(client, app):
