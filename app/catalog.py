@@ -316,8 +316,9 @@ class TaskType:
     def submit(self, **fields):
         """Submit a job of this task type from Python (see :mod:`app.producer`); the job.
 
-        ``fields`` as for :meth:`job`. Raises ``app.producer.InvalidJob`` or
-        ``app.producer.BrokerUnavailable``, writing nothing.
+        ``fields`` as for :meth:`job`. Raises ``app.producer.InvalidJob``,
+        ``app.producer.BrokerUnavailable`` or ``app.producer.LedgerUnavailable``,
+        writing nothing.
         """
         if not on_submit:
             raise RuntimeError('no producer: import the app package (app.producer) first')

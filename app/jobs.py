@@ -86,8 +86,12 @@ def submit(sub, audit=None):
     """
     group = current_app.extensions.setdefault('queue_manager.submit_group', SubmitGroup())
     job, created = group.submit(sub, audit)
-    if not created and job not in db.session:  # found by another thread's session: read it in ours
-        job = db.session.get(Job, sa.inspect(job).identity[0])
+    if not created and (isinstance(job, Written) or job not in db.session):
+        # Another call's job: the new one a call of the same group wrote (its
+        # Written, which that call answers with), or one found by another
+        # thread's session. Read in ours, as an object of this call's own.
+        job = db.session.get(Job, job.id if isinstance(job, Written)
+                             else sa.inspect(job).identity[0])  # no refresh of a detached job
     job.created = created
     return job
 

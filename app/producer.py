@@ -29,7 +29,8 @@ refused as the API refuses it at its edge.
 
 Errors leave nothing written: :class:`InvalidJob` (a ``ValueError``) for
 bad parameters or options, :class:`BrokerUnavailable` when the broker
-cannot be reached; both are :class:`SubmitError`.
+cannot be reached, :class:`LedgerUnavailable` when the ledger database
+cannot be (or holds no ledger yet); all are :class:`SubmitError`.
 """
 import datetime as dt
 import os
@@ -37,6 +38,7 @@ import threading
 from dataclasses import dataclass
 
 from flask import current_app, has_app_context
+from sqlalchemy import exc as sa_exc
 
 from . import audit, broker, catalog, jobs, text
 from .extensions import db
@@ -65,6 +67,17 @@ class InvalidJob(SubmitError, ValueError):
 
 class BrokerUnavailable(SubmitError):
     """The broker (Redis, or the embedded SQLite queue) could not be reached; nothing was written."""
+
+
+class LedgerUnavailable(SubmitError):
+    """The ledger database could not be reached, was busy past its timeout, or has no
+    ledger in it yet (not migrated: ``flask --app wsgi db upgrade``); nothing was written.
+    What the API answers with a 503."""
+
+
+# PostgreSQL's SQLSTATE for a table that does not exist (its manual, Appendix A):
+# a database the migrations never ran on. SQLite says so as an OperationalError.
+_UNDEFINED_TABLE = '42P01'
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,13 @@ class Producer:
             raise InvalidJob(exc.message, exc.fields, exc.errors) from None
         except broker.BrokerUnavailable as exc:
             raise BrokerUnavailable(str(exc)) from exc
+        except (sa_exc.OperationalError, sa_exc.DisconnectionError, sa_exc.ProgrammingError) as exc:
+            if isinstance(exc, sa_exc.ProgrammingError) and \
+                    getattr(getattr(exc, 'orig', None), 'sqlstate', None) != _UNDEFINED_TABLE:
+                raise  # a bad statement: a bug, not the database away
+            _rollback()
+            first = (str(getattr(exc, 'orig', None) or exc).splitlines() or ['?'])[0][:300]
+            raise LedgerUnavailable(f'the ledger database could not be used: {first}') from exc
 
     @staticmethod
     def _one(item, config):
@@ -181,12 +201,49 @@ class Producer:
         return [Job.of(row, created) for row, created in jobs.submit_many(subs, audit=_entry(subs))]
 
 
+def _rollback():
+    try:
+        if has_app_context():
+            db.session.rollback()
+    except Exception:  # the connection is gone: nothing of this call is left to undo
+        pass
+
+
 def _as_sent(item):
     # A submission as the API would receive it: an ``eta`` given as a
-    # datetime becomes its ISO text (naive: UTC).
+    # datetime becomes its ISO text (naive: UTC), and values of JSON's types
+    # are of those types exactly (see _plain).
     if isinstance(item, dict) and isinstance(item.get('eta'), dt.datetime):
-        return {**item, 'eta': item['eta'].isoformat()}
-    return item
+        item = {**item, 'eta': item['eta'].isoformat()}
+    return _plain(item)
+
+
+def _plain(value, depth=0):
+    """``value`` with JSON's types exact: a subclass of int, float or str (an ``IntEnum``,
+    a ``StrEnum``) as its plain value, a tuple as a list; anything else as it is, for the
+    checks to refuse by field.
+
+    The row keeps the parameters as JSON, but the broker's message is a
+    pickle of what was given: an enum there is its class, which a consumer
+    that cannot import its module cannot read, so the job would wait in the
+    queue for ever.
+    """
+    kind = type(value)
+    if kind in (str, int, float, bool) or value is None:
+        return value
+    if isinstance(value, int):  # bool has no subclasses: this is no bool
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if depth > text.MAX_DEPTH:
+        return value  # nested too deep: the checks say so
+    if isinstance(value, dict):
+        return {_plain(k, depth + 1): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    return value
 
 
 def _entry(subs):
@@ -205,8 +262,8 @@ def submit(item):
     """Submit one job: ``item`` is what ``POST /api/jobs`` takes (``sleep.job(seconds=1)``
     makes one); returns its :class:`Job` once its row is committed and its message queued.
 
-    Raises :class:`InvalidJob` or :class:`BrokerUnavailable`, writing nothing.
-    ``sleep.submit(seconds=1)`` is ``submit(sleep.job(seconds=1))``.
+    Raises :class:`InvalidJob`, :class:`BrokerUnavailable` or :class:`LedgerUnavailable`,
+    writing nothing. ``sleep.submit(seconds=1)`` is ``submit(sleep.job(seconds=1))``.
     """
     return producer.submit(item)
 
@@ -219,8 +276,8 @@ def submit_many(items):
     returns their :class:`Job` objects in order. An idempotency key already
     used gives that job (``created`` False); one used twice in ``items``
     gives one job. Raises :class:`InvalidJob` (every bad field, by index in
-    ``errors``; also for more than 1,000 items) or :class:`BrokerUnavailable`,
-    writing nothing.
+    ``errors``; also for more than 1,000 items), :class:`BrokerUnavailable` or
+    :class:`LedgerUnavailable`, writing nothing.
     """
     return producer.submit_many(items)
 

@@ -199,6 +199,56 @@ def test_many_batches_at_once_with_overlapping_keys_all_go_in_one_job_a_key(tmp_
         db.engine.dispose()
 
 
+def test_single_submissions_at_once_sharing_keys_each_get_the_one_job(tmp_path, ledger_url):
+    """Two at a time sharing a new key: concurrent calls share a transaction (SubmitGroup),
+    and the later one of a pair gets the job the earlier one wrote, read in its own
+    session, as its own object: once it was the other call's new job as written
+    (``Written``, not mapped), which failed it with a 500, and marking that shared object
+    not created could turn the other call's 201 into a 200."""
+    from conftest import make_app
+    app = make_app(tmp_path, DATABASE_URL=ledger_url)
+    calls = 32
+    start, errors, answers = threading.Barrier(calls), [], []
+
+    def send(n):
+        with app.app_context():
+            try:
+                sub = catalog.validate({'task': 'noop', 'idempotency_key': f'pair-{n // 2}'},
+                                       app.config)
+                start.wait(30)
+                job = jobs.submit(sub)
+                answers.append((n // 2, job.id, job.created, isinstance(job, Job)))
+            except Exception as exc:  # reported below
+                errors.append(exc)
+            finally:
+                db.session.remove()
+
+    for _round in range(3):
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(calls)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == [] and len(answers) == calls
+        by_pair = {}
+        for pair, job_id, created, _orm in answers:
+            by_pair.setdefault(pair, []).append((job_id, created))
+        for pair, got in by_pair.items():
+            assert len({job_id for job_id, _created in got}) == 1, got
+            assert sorted(created for _job_id, created in got) == [False, True], got
+        # The one not created is the Job read in the caller's own session.
+        assert all(orm for _pair, _job_id, created, orm in answers if not created)
+        with app.app_context():
+            keys = {j.idempotency_key for j in db.session.query(Job)}
+            assert keys == {f'pair-{n}' for n in range(calls // 2)}
+            db.session.query(Job).delete()
+            db.session.commit()
+            db.session.remove()
+        answers.clear()
+    with app.app_context():
+        db.engine.dispose()
+
+
 def test_a_batch_is_inserted_a_hundred_rows_a_statement_on_sqlite_and_every_counter_agrees(
         tmp_path, ledger_url):
     """Inside a transaction SQLite copies every page a statement with triggers changes

@@ -1,4 +1,5 @@
 """Submitting from Python: sleep.submit(...) and submit_many, in-process and from another process."""
+import enum
 import json
 import subprocess
 import sys
@@ -94,6 +95,33 @@ def test_text_no_ledger_can_store_is_refused_as_the_api_refuses_it(ctx, bad):
     assert db.session.query(Job).count() == 0 and broker.message_ids('default') == set()
 
 
+class Steps(enum.IntEnum):
+    FEW = 3
+
+
+class Colour(str, enum.Enum):
+    RED = 'red'
+
+
+def test_values_of_subclasses_of_json_types_are_sent_as_their_plain_values(ctx):
+    """An enum given as a value used to reach the broker as itself, pickled: a consumer
+    that cannot import its module could not read the message, and the job waited in
+    the queue for ever (its row, JSON, showed a plain 3)."""
+    Odd = type('Odd', (int,), {})  # a class pickle cannot even find
+    jobs = [huey_tasks.sleep.submit(seconds=Odd(0), steps=Steps.FEW, priority=Steps.FEW),
+            *producer.submit_many([huey_tasks.fail.job(message=Colour.RED),
+                                   {'task': 'noop', 'params': {}, 'retries': Odd(2)}])]
+    assert [j.created for j in jobs] == [True, True, True]
+    assert jobs[0].params == {'seconds': 0.0, 'steps': 3} and jobs[0].priority == 3
+    for _job_id, data, _remove in broker.hueys['default'].storage.waiting_messages():
+        assert b'test_producer' not in data  # no class of this module in the pickle
+        message = broker.read('default', data)
+        values = [*message.kwargs['params'].values(), message.retries]
+        assert all(type(v) in (int, float, str, bool, type(None)) for v in values), values
+    by_task = {j.task: db.session.get(Job, j.id) for j in jobs}
+    assert by_task['fail'].params['message'] == 'red' and by_task['noop'].retries == 2
+
+
 def test_an_eta_may_be_a_datetime(ctx):
     import datetime as dt
     at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(hours=1)
@@ -138,8 +166,8 @@ else:
                  lambda: producer.submit_many([huey_tasks.noop.job()] * 3)):
         try:
             call()
-        except producer.BrokerUnavailable as exc:
-            out.setdefault('refused', []).append(type(exc).__name__)
+        except (producer.BrokerUnavailable, producer.LedgerUnavailable) as exc:
+            out.setdefault('refused', []).append([type(exc).__name__, str(exc)])
 print(json.dumps(out))
 '''
 
@@ -182,10 +210,30 @@ def test_another_process_submits_with_nothing_set_up(redis_server, tmp_path):
 def test_another_process_told_the_broker_is_away_writes_nothing(tmp_path):
     env = service_env(tmp_path, f'redis://127.0.0.1:{free_port()}/0')
     migrate(env, tmp_path)
-    assert _run(env, 'refused') == {'refused': ['BrokerUnavailable', 'BrokerUnavailable']}
+    assert [kind for kind, _message in _run(env, 'refused')['refused']] == [
+        'BrokerUnavailable', 'BrokerUnavailable']
     with ledger(env) as conn:
         assert conn.execute(sa.text('SELECT count(*) FROM job')).scalar() == 0
         assert conn.execute(sa.text('SELECT count(*) FROM audit_entry')).scalar() == 0
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize('where', ['away', 'not migrated'])
+def test_a_ledger_away_or_not_migrated_is_ledger_unavailable(redis_server, tmp_path, where):
+    # Once a raw SQLAlchemy OperationalError, which no caller catching
+    # SubmitError (as the README says to) caught.
+    import redis
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()  # the suite's own redis-server
+    env = service_env(tmp_path, redis_server.url)
+    if where == 'away':
+        env['DATABASE_URL'] = f'postgresql://postgres@127.0.0.1:{free_port()}/none'
+    refused = _run(env, 'refused')['refused']
+    assert [kind for kind, _message in refused] == ['LedgerUnavailable'] * 2
+    assert all(m.startswith('the ledger database could not be used: ') for _k, m in refused)
+    if where == 'not migrated':
+        assert 'no such table' in refused[0][1]
+    assert [client.zcard(f'huey.{kind}.qm.default') for kind in ('redis', 'schedule')] == [0, 0]
 
 
 @pytest.mark.processes
@@ -268,6 +316,8 @@ def test_an_embedded_queue_that_cannot_be_opened_is_broker_unavailable(tmp_path,
     env = service_env(tmp_path)
     migrate(env, tmp_path)
     env['HUEY_SQLITE_PATH'] = str(path)
-    assert _run(env, 'refused') == {'refused': ['BrokerUnavailable', 'BrokerUnavailable']}
+    refused = _run(env, 'refused')['refused']
+    assert [kind for kind, _message in refused] == ['BrokerUnavailable'] * 2
+    assert all(message.endswith('(HUEY_SQLITE_PATH)') for _kind, message in refused)
     with ledger(env) as conn:
         assert conn.execute(sa.text('SELECT count(*) FROM job')).scalar() == 0
