@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 from flask import current_app
+from werkzeug.exceptions import NotFound
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -626,6 +627,9 @@ def _bulk_retry(rows, summary):
             done += 1
         except states.StateConflict as exc:
             _skip(summary, exc.state)
+        except NotFound:  # deleted since the rows were read (a bulk delete meanwhile)
+            db.session.rollback()
+            _skip(summary, 'missing')
     return done
 
 
@@ -648,6 +652,9 @@ def _bulk_cancel(rows, summary):
                 done += 1
             except states.StateConflict as exc:
                 _skip(summary, exc.state)
+            except NotFound:  # deleted since the rows were read
+                db.session.rollback()
+                _skip(summary, 'missing')
     if not waiting:
         return done
     now = utcnow()

@@ -47,6 +47,26 @@ def test_a_cancel_the_broker_does_not_hear_leaves_the_job_waiting(ctx, monkeypat
     assert row.version == version + 2  # canceled, then put back: two changes
 
 
+def test_a_bulk_retry_counts_a_job_deleted_meanwhile_as_missing(ctx, monkeypatch):
+    """A bulk delete between the bulk retry's read of the rows and its retry of one of
+    them: once a 404 naming a job the caller never gave, the rest not retried."""
+    first, second = (submit(ctx, delay=3600) for _ in range(2))
+    jobs.bulk('cancel', ids=[first.id, second.id])
+    real = jobs.retry
+
+    def deleted_first(job_id):
+        if job_id == first.id:
+            jobs.bulk('delete', ids=[first.id])
+        return real(job_id)
+    monkeypatch.setattr(jobs, 'retry', deleted_first)
+    summary = jobs.bulk('retry', filters={'state': 'canceled'})
+    assert (summary['matched'], summary['done'], summary['skipped']) == (2, 1, {'missing': 1})
+    db.session.expire_all()
+    assert db.session.get(Job, first.id) is None
+    assert db.session.get(Job, second.id).state == states.QUEUED
+    assert broker.message_ids('default') == {second.id}
+
+
 def test_submissions_arriving_together_share_one_transaction(app, monkeypatch):
     """While one submission is being written, those arriving meanwhile wait and go together."""
     writing, release, calls = threading.Event(), threading.Event(), []
