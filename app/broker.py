@@ -40,11 +40,17 @@ class BrokerUnavailable(Exception):
     """Huey's storage (Redis, or SQLite when embedded) refused a request.
 
     ``done`` names the jobs a call for many had dealt with before the refusal.
+    ``unconfirmed``: for a submission, the ids of its new jobs whose messages
+    the broker may hold although the call failed (handed over before the
+    refusal, and the broker unreachable to take them back): each such job
+    runs if the broker kept its message, its row written by its consumer
+    then. Empty when nothing can be left.
     """
 
-    def __init__(self, message, done=()):
+    def __init__(self, message, done=(), unconfirmed=()):
         super().__init__(message)
         self.done = frozenset(done)
+        self.unconfirmed = list(unconfirmed)
 
 
 # What a broker call may raise when the broker, not our code, is at fault:

@@ -116,7 +116,8 @@ def submit_many(subs, audit=None):
     queue; the rows commit only once the broker holds every message. If it
     refuses (:class:`~app.broker.BrokerUnavailable`) nothing is committed and
     the messages it took are withdrawn again: no row claims a job the broker
-    does not hold. A submission whose idempotency key names a job already
+    does not hold. When the broker cannot be reached to withdraw them, the
+    error's ``unconfirmed`` lists the jobs (ids, in order) it may still hold. A submission whose idempotency key names a job already
     recorded gets that job (``created`` False); a key used twice in one call
     makes one job, the later slot getting the earlier one, as if submitted
     one after the other. ``audit`` (an unsaved
@@ -129,7 +130,11 @@ def submit_many(subs, audit=None):
     subs = list(subs)
     if len(subs) > MAX_BATCH:
         raise ValueError(f'at most {MAX_BATCH} submissions at once')
-    return _record(subs, [audit] if audit is not None else [])
+    try:
+        return _record(subs, [audit] if audit is not None else [])
+    except broker.BrokerUnavailable as exc:
+        exc.unconfirmed = [job_id for job_id in dict.fromkeys(exc.unconfirmed) if job_id]
+        raise
 
 
 def _record(subs, audits):
@@ -182,7 +187,13 @@ def _record(subs, audits):
                     replan = True
                     continue
             audit_log.insert(audits)
-            _hand_over_new(messages)
+            try:
+                _hand_over_new(messages)
+            except broker.BrokerUnavailable as exc:
+                # In the order of subs, so a group hands each caller its own.
+                exc.unconfirmed = [slot.job.id if slot.created and slot.job.id in exc.unconfirmed
+                                   else None for slot in slots]
+                raise
             db.session.commit()
         break
     if new or audits:
@@ -293,8 +304,11 @@ class SubmitGroup:
         try:
             slots = _record([w.sub for w in batch], [w.audit for w in batch if w.audit])
         except broker.BrokerUnavailable as exc:
-            for waiting in batch:
-                waiting.error = exc
+            # Each caller told of its own job only, if the broker may hold it.
+            unconfirmed = exc.unconfirmed or [None] * len(batch)
+            for waiting, job_id in zip(batch, unconfirmed):
+                waiting.error = broker.BrokerUnavailable(
+                    str(exc), exc.done, [job_id] if job_id else ())
             return
         except Exception as exc:
             if len(batch) == 1:
@@ -424,7 +438,8 @@ def _hand_over_new(messages):
     queue's too (a refusal part way through a round trip, such as Redis's
     maxmemory, may leave some of its messages in). If that fails too, such a
     message runs as a job enqueued around the API does: its consumer writes
-    its row. Raises :class:`~app.broker.BrokerUnavailable`.
+    its row. Raises :class:`~app.broker.BrokerUnavailable`, whose
+    ``unconfirmed`` then names those jobs (a set of ids).
     """
     handed = []
     try:
@@ -434,13 +449,15 @@ def _hand_over_new(messages):
                 broker.enqueue(queued[0][0])
             else:
                 broker.put_prepared(queue, [prepared for _job, prepared in queued])
-    except broker.BrokerUnavailable:
+    except broker.BrokerUnavailable as exc:
         db.session.rollback()
+        unconfirmed = set()
         for queue in handed:
             try:
                 broker.remove_waiting(queue, [job.id for job, _prepared in messages[queue]])
             except broker.BrokerUnavailable:
-                pass
+                unconfirmed.update(job.id for job, _prepared in messages[queue])
+        exc.unconfirmed = unconfirmed
         raise
 
 

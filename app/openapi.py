@@ -113,7 +113,11 @@ def _schemas(config):
                                                    'fault (see "fields")',
                    'items': _object({'index': _INT, 'field': _STR, 'message': _STR})},
         'state': {**_STR, 'description': 'the state a 409 found the job in'},
-        'detail': {**_STR, 'description': 'why the broker refused (503)'}},
+        'detail': {**_STR, 'description': 'why the broker refused (503)'},
+        'unconfirmed': {'type': 'array', 'items': _STR, 'description': (
+            'a 503 of a submission: ids of jobs the broker may still hold although no row '
+            'was written (it failed after taking them, and could not be reached to give '
+            'them back); each runs if it did, its row written then')}},
         required=['error'])
     return {
         'Job': job, 'JobWithAttempts': job_with_attempts, 'Attempt': attempt,

@@ -66,7 +66,16 @@ class InvalidJob(SubmitError, ValueError):
 
 
 class BrokerUnavailable(SubmitError):
-    """The broker (Redis, or the embedded SQLite queue) could not be reached; nothing was written."""
+    """The broker (Redis, or the embedded SQLite queue) could not be reached; no row was written.
+
+    ``unconfirmed``: ids of jobs whose messages the broker may still hold
+    (handed over before it failed, and not taken back): such a job runs if
+    it kept the message, and its row is written then. Usually empty.
+    """
+
+    def __init__(self, message, unconfirmed=()):
+        super().__init__(message)
+        self.unconfirmed = list(unconfirmed)
 
 
 class LedgerUnavailable(SubmitError):
@@ -168,7 +177,7 @@ class Producer:
         except catalog.ValidationError as exc:
             raise InvalidJob(exc.message, exc.fields, exc.errors) from None
         except broker.BrokerUnavailable as exc:
-            raise BrokerUnavailable(str(exc)) from exc
+            raise BrokerUnavailable(str(exc), exc.unconfirmed) from exc
         except (sa_exc.OperationalError, sa_exc.DisconnectionError, sa_exc.ProgrammingError) as exc:
             if isinstance(exc, sa_exc.ProgrammingError) and \
                     getattr(getattr(exc, 'orig', None), 'sqlstate', None) != _UNDEFINED_TABLE:

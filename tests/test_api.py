@@ -547,6 +547,49 @@ def test_a_batch_the_broker_refuses_part_way_takes_back_what_it_took(tmp_path, m
     assert broker.message_ids('default') == set() and broker.message_ids('mail') == set()
 
 
+def test_a_refused_submission_names_the_jobs_the_broker_may_still_hold(tmp_path, monkeypatch):
+    """Refused part way, and the broker unreachable to take back what it took (a Redis
+    that died after keeping the first round trip): the 503 no longer says "nothing was
+    changed", and names the jobs that run if it kept them; the refused queue's too (a
+    round trip may be refused part way)."""
+    from conftest import make_app
+
+    from app import broker
+    app = make_app(tmp_path, QUEUES='default,mail')
+    client = app.test_client()
+    real = broker.put_prepared
+
+    def second_refused(queue, entries):
+        if queue == 'mail':
+            raise broker.BrokerUnavailable('the broker refused: down')
+        return real(queue, entries)
+
+    def unreachable(queue, job_ids):
+        raise broker.BrokerUnavailable('unreachable')
+    monkeypatch.setattr(broker, 'put_prepared', second_refused)
+    monkeypatch.setattr(broker, 'remove_waiting', unreachable)
+    resp = batch(client, [{'task': 'noop'}, {'task': 'noop', 'idempotency_key': 'k'},
+                          {'task': 'noop', 'queue': 'mail'}, {'task': 'noop', 'queue': 'mail'},
+                          {'task': 'noop', 'idempotency_key': 'k'}])
+    assert resp.status_code == 503
+    body = resp.get_json()
+    assert 'nothing was changed' not in body['error'] and 'unconfirmed' in body['error']
+    assert len(body['unconfirmed']) == 4 == len(set(body['unconfirmed']))  # the key's one job once
+    assert broker.message_ids('default') <= set(body['unconfirmed'])
+    assert len(broker.message_ids('default')) == 2
+    with app.app_context():
+        assert db.session.query(Job).count() == 0
+    # One job alone, its broker call failing: the job named, as the broker may have run it.
+    monkeypatch.setattr(broker, 'enqueue', lambda job, **kw: second_refused('mail', []))
+    resp = client.post('/api/jobs', json={'task': 'noop'})
+    assert resp.status_code == 503 and len(resp.get_json()['unconfirmed']) == 1
+    # The broker refusing with nothing handed over: nothing to name.
+    monkeypatch.setattr(broker, 'remove_waiting', lambda queue, job_ids: set())
+    resp = client.post('/api/jobs', json={'task': 'noop'})
+    assert resp.status_code == 503 and 'unconfirmed' not in resp.get_json()
+    assert 'nothing was changed' in resp.get_json()['error']
+
+
 @pytest.mark.parametrize('path', ['/api/alerts', '/api/audit'])
 @pytest.mark.parametrize('before', ['99999999999999999999999', str(2**63), '0', '-1', 'x'])
 def test_a_page_cursor_out_of_a_row_ids_range_is_a_400_not_a_500(client, path, before):

@@ -138,10 +138,17 @@ def test_a_broker_that_refuses_raises_and_leaves_no_row(ctx, monkeypatch):
         raise broker.BrokerUnavailable('the broker refused the job: down')
     monkeypatch.setattr(broker, 'enqueue', down)
     monkeypatch.setattr(broker, 'put_prepared', down)
-    with pytest.raises(producer.BrokerUnavailable):
+    with pytest.raises(producer.BrokerUnavailable) as caught:
         huey_tasks.noop.submit()
+    assert caught.value.unconfirmed == []  # taken back: nothing left
     with pytest.raises(producer.BrokerUnavailable):
         producer.submit_many([huey_tasks.noop.job(), huey_tasks.noop.job()])
+    assert db.session.query(Job).count() == 0 and audit.entries() == []
+    # Unreachable to take back what it may have taken: those jobs are named.
+    monkeypatch.setattr(broker, 'remove_waiting', down)
+    with pytest.raises(producer.BrokerUnavailable) as caught:
+        producer.submit_many([huey_tasks.noop.job(), huey_tasks.noop.job(delay=60)])
+    assert len(set(caught.value.unconfirmed)) == 2
     assert db.session.query(Job).count() == 0 and audit.entries() == []
 
 
