@@ -1112,21 +1112,46 @@ def make_app(database_url=None, queues=None):
 
 
 def _url(value):
-    """A path is a SQLite file; anything with ``://`` is a database URL (``:memory:`` too)."""
-    if value is None or '://' in value:
+    """A path is a SQLite file; anything with ``://`` is a database URL (``:memory:`` too).
+
+    A SQLite file named by a relative path, as a path or in a URL, is taken
+    from the current folder (the app would take it from its instance folder,
+    a temporary one here, removed at exit with the ledger in it).
+    """
+    if value is None:
         return value
-    if value == ':memory:':
-        return 'sqlite:///:memory:'
-    return f'sqlite:///{Path(value).resolve()}'
+    if '://' not in value:
+        if value == ':memory:':
+            return 'sqlite:///:memory:'
+        return f'sqlite:///{Path(value).resolve()}'
+    try:
+        parsed = sa.engine.make_url(value)
+    except sa.exc.ArgumentError:
+        return value  # said when the app is made
+    database = parsed.database or ''
+    if parsed.get_backend_name() != 'sqlite' or _in_memory(value) or not database:
+        return value
+    uri = database.startswith('file:')
+    path = database[len('file:'):] if uri else database
+    if Path(path).is_absolute():
+        return value
+    absolute = str(Path(path).resolve())
+    return parsed.set(database=f'file:{absolute}' if uri else absolute).render_as_string(
+        hide_password=False)
 
 
 def _in_memory(url):
-    """True for a SQLite URL of an in-memory database (gone when the seeding ends)."""
+    """True for a SQLite URL of an in-memory database (gone when the seeding ends):
+    ``sqlite://``, ``:memory:``, or a URI one (``file::memory:``, ``?mode=memory``)."""
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         return False
-    return parsed.get_backend_name() == 'sqlite' and parsed.database in (None, '', ':memory:')
+    if parsed.get_backend_name() != 'sqlite':
+        return False
+    database = parsed.database or ''
+    return (database in ('', ':memory:') or parsed.query.get('mode') == 'memory'
+            or database.startswith('file::memory:') or 'mode=memory' in database)
 
 
 def _interrupt(signum, frame):
@@ -1190,6 +1215,9 @@ def main(argv=None):
     if not EARLIEST + dt.timedelta(days=args.days) <= end <= LATEST:
         parser.error(f'--now and --days: the period must start after {EARLIEST:%Y-%m-%d} '
                      f'and end before {LATEST:%Y-%m-%d}')
+    if args.database_url is not None and not args.database_url.strip():
+        parser.error('--database-url: empty; give a file or a database URL, or leave it out '
+                     "for the app's configured ledger")
     ledger_url = _url(args.database_url)
     if ledger_url and _in_memory(ledger_url):
         parser.error('--database-url: an in-memory ledger is gone when seeding ends; '

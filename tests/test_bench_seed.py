@@ -1,6 +1,7 @@
 """bench/seed.py: a small seeded ledger has the mix it promises, written as production writes it."""
 import datetime as dt
 import importlib.util
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -430,13 +431,36 @@ def test_impossible_arguments_are_refused_before_the_ledger_is_made(tmp_path, ca
     assert not path.exists()
 
 
-@pytest.mark.parametrize('url', [':memory:', 'sqlite://', 'sqlite:///:memory:'])
+@pytest.mark.parametrize('url', [':memory:', 'sqlite://', 'sqlite:///:memory:',
+                                 'sqlite:///file:memx?mode=memory&cache=shared&uri=true',
+                                 'sqlite:///file::memory:?uri=true'])
 def test_an_in_memory_ledger_is_refused_and_no_file_is_made(tmp_path, capsys, monkeypatch, url):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         seed.main(['--jobs', '10', '--database-url', url])
     assert exc.value.code == 2 and 'an in-memory ledger is gone' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_database_url_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        seed.main(['--jobs', '10', '--database-url', ''])
+    assert exc.value.code == 2 and '--database-url: empty' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('url', ['sqlite:///rel.db', 'sqlite:///file:rel.db?uri=true', 'rel.db'])
+def test_a_relative_sqlite_path_is_taken_from_the_current_folder(tmp_path, monkeypatch, url):
+    # Once taken from the app's temporary instance folder: "seeded" with exit 0, and
+    # the ledger removed with the folder at exit.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('INSTANCE_PATH', raising=False)
+    assert seed._url(url).endswith(str(tmp_path / 'rel.db') + ('?uri=true' if 'uri' in url else ''))
+    seed.main(['--jobs', '5', '--seed', '3', '--database-url', url])
+    ledger = sqlite3.connect(tmp_path / 'rel.db')
+    assert ledger.execute('SELECT count(*) FROM job').fetchone() == (5,)
+    ledger.close()
 
 
 @pytest.mark.parametrize('url, shown, says', [
