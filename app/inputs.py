@@ -171,7 +171,8 @@ def json_object(message='invalid request'):
 
     The body must be UTF-8 JSON (RFC 8259) holding an object, nested at most
     :data:`~app.text.MAX_DEPTH` levels, with no object naming a member
-    twice; ``NaN`` and ``Infinity`` are not JSON. Raises :class:`~app.catalog.ValidationError` (a 400): ``"invalid
+    twice; ``NaN`` and ``Infinity`` are not JSON. Raises
+    :class:`~app.catalog.ValidationError` (a 400): ``"invalid
     request"`` with a ``body`` field for a body that is none of that, or
     ``message`` naming each field whose text cannot be stored
     (``params.message``, ``ids[3]``).

@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 from flask import current_app
-from werkzeug.exceptions import NotFound
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
+from werkzeug.exceptions import NotFound
 
 from . import audit as audit_log, broker, events, states
 from .extensions import db
@@ -117,7 +117,8 @@ def submit_many(subs, audit=None):
     refuses (:class:`~app.broker.BrokerUnavailable`) nothing is committed and
     the messages it took are withdrawn again: no row claims a job the broker
     does not hold. When the broker cannot be reached to withdraw them, the
-    error's ``unconfirmed`` lists the jobs (ids, in order) it may still hold. A submission whose idempotency key names a job already
+    error's ``unconfirmed`` lists the jobs (ids, in order) it may still
+    hold. A submission whose idempotency key names a job already
     recorded gets that job (``created`` False); a key used twice in one call
     makes one job, the later slot getting the earlier one, as if submitted
     one after the other. ``audit`` (an unsaved
