@@ -525,20 +525,28 @@ def test_a_batch_the_broker_refuses_is_503_and_leaves_no_row(client, app):
     assert batch(client, [{'task': 'noop'}]).status_code == 201
 
 
-def test_a_batch_the_broker_refuses_part_way_takes_back_what_it_took(tmp_path, monkeypatch):
-    """Two queues, two round trips: the second refused, the first queue's messages withdrawn."""
+@pytest.fixture
+def mail_refused(tmp_path, monkeypatch):
+    """``(app, client, refuse)``: queues default and mail, the broker refusing every call for
+    mail (``refuse(queue, entries)`` is what it then does)."""
     from conftest import make_app
 
     from app import broker
     app = make_app(tmp_path, QUEUES='default,mail')
-    client = app.test_client()
     real = broker.put_prepared
 
-    def second_refused(queue, entries):
+    def refuse(queue, entries):
         if queue == 'mail':
             raise broker.BrokerUnavailable('the broker refused: down')
         return real(queue, entries)
-    monkeypatch.setattr(broker, 'put_prepared', second_refused)
+    monkeypatch.setattr(broker, 'put_prepared', refuse)
+    return app, app.test_client(), refuse
+
+
+def test_a_batch_the_broker_refuses_part_way_takes_back_what_it_took(mail_refused):
+    """Two queues, two round trips: the second refused, the first queue's messages withdrawn."""
+    from app import broker
+    app, client, _refuse = mail_refused
     resp = batch(client, [{'task': 'noop'}, {'task': 'noop'},
                           {'task': 'noop', 'queue': 'mail'}, {'task': 'noop', 'queue': 'mail'}])
     assert resp.status_code == 503
@@ -547,26 +555,17 @@ def test_a_batch_the_broker_refuses_part_way_takes_back_what_it_took(tmp_path, m
     assert broker.message_ids('default') == set() and broker.message_ids('mail') == set()
 
 
-def test_a_refused_submission_names_the_jobs_the_broker_may_still_hold(tmp_path, monkeypatch):
+def test_a_refused_submission_names_the_jobs_the_broker_may_still_hold(mail_refused,
+                                                                        monkeypatch):
     """Refused part way, and the broker unreachable to take back what it took (a Redis
     that died after keeping the first round trip): the 503 no longer says "nothing was
     changed", and names the jobs that run if it kept them; the refused queue's too (a
     round trip may be refused part way)."""
-    from conftest import make_app
-
     from app import broker
-    app = make_app(tmp_path, QUEUES='default,mail')
-    client = app.test_client()
-    real = broker.put_prepared
-
-    def second_refused(queue, entries):
-        if queue == 'mail':
-            raise broker.BrokerUnavailable('the broker refused: down')
-        return real(queue, entries)
+    app, client, refuse = mail_refused
 
     def unreachable(queue, job_ids):
         raise broker.BrokerUnavailable('unreachable')
-    monkeypatch.setattr(broker, 'put_prepared', second_refused)
     monkeypatch.setattr(broker, 'remove_waiting', unreachable)
     resp = batch(client, [{'task': 'noop'}, {'task': 'noop', 'idempotency_key': 'k'},
                           {'task': 'noop', 'queue': 'mail'}, {'task': 'noop', 'queue': 'mail'},
@@ -580,7 +579,7 @@ def test_a_refused_submission_names_the_jobs_the_broker_may_still_hold(tmp_path,
     with app.app_context():
         assert db.session.query(Job).count() == 0
     # One job alone, its broker call failing: the job named, as the broker may have run it.
-    monkeypatch.setattr(broker, 'enqueue', lambda job, **kw: second_refused('mail', []))
+    monkeypatch.setattr(broker, 'enqueue', lambda job, **kw: refuse('mail', []))
     resp = client.post('/api/jobs', json={'task': 'noop'})
     assert resp.status_code == 503 and len(resp.get_json()['unconfirmed']) == 1
     # The broker refusing with nothing handed over: nothing to name.
