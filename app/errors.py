@@ -85,10 +85,10 @@ def register(app):
             # the broker kept them. Said, and named, rather than "nothing".
             logger.warning('broker unavailable: %d message(s) may remain: %s',
                            len(exc.unconfirmed), ', '.join(exc.unconfirmed[:20]))
-            return respond(503, 'the job broker is unreachable; no job was recorded, but the '
-                                'broker may hold the messages of the jobs in "unconfirmed", '
-                                'which then run when it is back: look them up before you '
-                                'submit them again', detail=str(exc), unconfirmed=exc.unconfirmed)
+            return respond(503, 'the job broker is unreachable; no job was recorded, but if it '
+                                'took the messages of the jobs in "unconfirmed" before it '
+                                'failed, they run when it is back', detail=str(exc),
+                           unconfirmed=exc.unconfirmed)
         return respond(503, 'the job broker is unreachable; nothing was changed, '
                              'try again shortly', detail=str(exc))
 
