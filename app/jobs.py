@@ -637,18 +637,27 @@ def _skip(summary, reason, n=1):
         summary['skipped'][reason] = summary['skipped'].get(reason, 0) + n
 
 
-def _bulk_retry(rows, summary):
+def _one_at_a_time(rows, act, summary):
+    """``act(job_id)`` for each row, as the single action does; how many it moved.
+
+    A job that changed since the rows were read is skipped by the state it
+    is in now; one deleted since (a bulk delete meanwhile) as ``missing``.
+    """
     done = 0
     for r in rows:
         try:
-            retry(r.id)
+            act(r.id)
             done += 1
         except states.StateConflict as exc:
             _skip(summary, exc.state)
-        except NotFound:  # deleted since the rows were read (a bulk delete meanwhile)
+        except NotFound:
             db.session.rollback()
             _skip(summary, 'missing')
     return done
+
+
+def _bulk_retry(rows, summary):
+    return _one_at_a_time(rows, retry, summary)
 
 
 def _bulk_delete(rows, summary):
@@ -661,18 +670,8 @@ def _bulk_delete(rows, summary):
 
 
 def _bulk_cancel(rows, summary):
-    done = 0
     waiting = [r for r in rows if r.state != states.RUNNING]
-    for r in rows:
-        if r.state == states.RUNNING:
-            try:
-                cancel(r.id)
-                done += 1
-            except states.StateConflict as exc:
-                _skip(summary, exc.state)
-            except NotFound:  # deleted since the rows were read
-                db.session.rollback()
-                _skip(summary, 'missing')
+    done = _one_at_a_time([r for r in rows if r.state == states.RUNNING], cancel, summary)
     if not waiting:
         return done
     now = utcnow()
