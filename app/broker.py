@@ -44,13 +44,17 @@ class BrokerUnavailable(Exception):
     the broker may hold although the call failed (handed over before the
     refusal, and the broker unreachable to take them back): each such job
     runs if the broker kept its message, its row written by its consumer
-    then. Empty when nothing can be left.
+    then. Empty when nothing can be left. ``recorded``: those of them
+    submitted with an idempotency key, whose rows were kept: each runs
+    once, and a retry with its key returns it (see
+    :func:`app.jobs._record_unconfirmed`).
     """
 
-    def __init__(self, message, done=(), unconfirmed=()):
+    def __init__(self, message, done=(), unconfirmed=(), recorded=()):
         super().__init__(message)
         self.done = frozenset(done)
         self.unconfirmed = list(unconfirmed)
+        self.recorded = list(recorded)
 
 
 # What a broker call may raise when the broker, not our code, is at fault:

@@ -80,6 +80,19 @@ def register(app):
     def unavailable(exc):
         db.session.rollback()
         logger.warning('broker unavailable: %s', exc)
+        if exc.recorded:
+            # Jobs with idempotency keys whose messages the broker may hold:
+            # their rows were kept, so each runs once and a retry finds it.
+            logger.warning('broker unavailable: %d job(s) recorded unconfirmed: %s',
+                           len(exc.recorded), ', '.join(exc.recorded[:20]))
+            others = len(exc.unconfirmed) > len(exc.recorded)
+            return respond(503, 'the job broker is unreachable; the jobs in "recorded" '
+                                '(submitted with idempotency keys) were recorded and run once '
+                                'when it is back: submitting again with their keys returns '
+                                'them' + ('; no other job was recorded, but if it took the '
+                                          'messages of the other jobs in "unconfirmed" before '
+                                          'it failed, they run when it is back' if others else ''),
+                           detail=str(exc), unconfirmed=exc.unconfirmed, recorded=exc.recorded)
         if exc.unconfirmed:
             # Handed over before the refusal, and not taken back: they run if
             # the broker kept them. Said, and named, rather than "nothing".

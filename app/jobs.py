@@ -5,6 +5,7 @@ The write side of the jobs service, shared by the pages and the JSON API;
 announced with :func:`announce`.
 """
 import datetime as dt
+import logging
 import os
 import threading
 from typing import NamedTuple
@@ -19,8 +20,10 @@ from . import audit as audit_log, broker, events, states
 from .extensions import db
 from .ledger import sql as ledger_sql
 from .ledger.turns import write_turn
-from .models import Job, utcnow
+from .models import Job, JobEvent, utcnow
 from .queries import BadQuery, get, query_filters
+
+logger = logging.getLogger(__name__)
 
 
 def announce(*jobs, deleted=(), audit=False):
@@ -135,6 +138,7 @@ def submit_many(subs, audit=None):
         return _record(subs, [audit] if audit is not None else [])
     except broker.BrokerUnavailable as exc:
         exc.unconfirmed = [job_id for job_id in dict.fromkeys(exc.unconfirmed) if job_id]
+        exc.recorded = [job_id for job_id in exc.unconfirmed if job_id in exc.recorded]
         raise
 
 
@@ -191,6 +195,7 @@ def _record(subs, audits):
             try:
                 _hand_over_new(messages)
             except broker.BrokerUnavailable as exc:
+                exc.recorded = _record_unconfirmed(new, exc.unconfirmed, d)
                 # In the order of subs, so a group hands each caller its own.
                 exc.unconfirmed = [slot.job.id if slot.created and slot.job.id in exc.unconfirmed
                                    else None for slot in slots]
@@ -203,6 +208,52 @@ def _record(subs, audits):
 
 
 _RECORD_ATTEMPTS = 3
+
+UNCONFIRMED = ('submitted while the broker was unreachable: recorded for its idempotency key, '
+               'it runs once (its message if the broker kept it, else re-enqueued by the '
+               'reconciler)')
+
+
+def _record_unconfirmed(new, unconfirmed, d):
+    """Commit the rows of the ``new`` jobs in ``unconfirmed`` that carry an idempotency key;
+    the set of their ids (empty when none, or when the ledger refuses them too).
+
+    Called once a submission's transaction is rolled back because the
+    broker failed, and could not be reached to take back the messages it
+    may have taken (``unconfirmed``, ids). A job with a key is one its
+    caller retries with that key; without a row the retry would make a
+    second job, and both would run if the broker kept the first message.
+    With the row (waiting, as submitted, and an event saying why) the job
+    runs once either way: from its message if the broker kept it, else
+    re-enqueued by the reconciler (:mod:`app.reconcile`), which restores
+    a waiting job the broker does not hold; and the retry gets it back. A
+    job without a key keeps no row: its caller's retry makes a new job
+    anyway, and a plain outage (the broker took nothing) then runs nothing
+    twice. Runs in the caller's write turn (SQLite); on PostgreSQL takes
+    the keys' locks again, since the rollback let them go.
+    """
+    kept = [job for job in new if job.idempotency_key and job.id in unconfirmed]
+    if not kept:
+        return set()
+    try:
+        if not d.sqlite:
+            _lock_keys(sorted({job.idempotency_key for job in kept}))
+        d.insert_rows(db.session.connection(), 'job', ledger_sql.SUBMITTED,
+                      [d.submitted(job) for job in kept])
+        db.session.execute(sa.insert(JobEvent), [
+            {'job_id': job.id, 'at': job.created_at, 'kind': 'unconfirmed',
+             'message': UNCONFIRMED} for job in kept])
+        db.session.commit()
+    except sa.exc.SQLAlchemyError as exc:
+        # A key taken meanwhile by another submission (PostgreSQL: between
+        # the rollback and the lock), or the ledger failing too: nothing
+        # kept, and the caller is told so.
+        db.session.rollback()
+        logger.warning('submission: %d job(s) with keys not recorded after the broker failed: %s',
+                       len(kept), exc)
+        return set()
+    announce(*kept)
+    return {job.id for job in kept}
 
 
 def _prepared(subs, d):
@@ -309,7 +360,8 @@ class SubmitGroup:
             unconfirmed = exc.unconfirmed or [None] * len(batch)
             for waiting, job_id in zip(batch, unconfirmed):
                 waiting.error = broker.BrokerUnavailable(
-                    str(exc), exc.done, [job_id] if job_id else ())
+                    str(exc), exc.done, [job_id] if job_id else (),
+                    [job_id] if job_id in exc.recorded else ())
             return
         except Exception as exc:
             if len(batch) == 1:

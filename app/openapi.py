@@ -117,7 +117,11 @@ def _schemas(config):
         'unconfirmed': {'type': 'array', 'items': _STR, 'description': (
             'a 503 of a submission: ids of jobs the broker may still hold although no row '
             'was written (it failed after taking them, and could not be reached to give '
-            'them back); each runs if it did, its row written then')}},
+            'them back); each runs if it did, its row written then')},
+        'recorded': {'type': 'array', 'items': _STR, 'description': (
+            'a 503 of a submission: those of "unconfirmed" submitted with an idempotency key, '
+            'whose rows were kept: each runs once when the broker is back, and submitting '
+            'again with its key returns it')}},
         required=['error'])
     return {
         'Job': job, 'JobWithAttempts': job_with_attempts, 'Attempt': attempt,

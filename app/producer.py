@@ -66,16 +66,22 @@ class InvalidJob(SubmitError, ValueError):
 
 
 class BrokerUnavailable(SubmitError):
-    """The broker (Redis, or the embedded SQLite queue) could not be reached; no row was written.
+    """The broker (Redis, or the embedded SQLite queue) could not be reached.
 
+    No row was written, except those named in ``recorded``.
     ``unconfirmed``: ids of jobs whose messages the broker may still hold
     (handed over before it failed, and not taken back): such a job runs if
     it kept the message, and its row is written then. Usually empty.
+    ``recorded``: those of them submitted with an idempotency key, whose
+    rows were kept: each runs once when the broker is back (its message,
+    or the reconciler's re-enqueue), and submitting again with its key
+    returns it.
     """
 
-    def __init__(self, message, unconfirmed=()):
+    def __init__(self, message, unconfirmed=(), recorded=()):
         super().__init__(message)
         self.unconfirmed = list(unconfirmed)
+        self.recorded = list(recorded)
 
 
 class LedgerUnavailable(SubmitError):
@@ -177,7 +183,7 @@ class Producer:
         except catalog.ValidationError as exc:
             raise InvalidJob(exc.message, exc.fields, exc.errors) from None
         except broker.BrokerUnavailable as exc:
-            raise BrokerUnavailable(str(exc), exc.unconfirmed) from exc
+            raise BrokerUnavailable(str(exc), exc.unconfirmed, exc.recorded) from exc
         except (sa_exc.OperationalError, sa_exc.DisconnectionError, sa_exc.ProgrammingError) as exc:
             if isinstance(exc, sa_exc.ProgrammingError) and \
                     getattr(getattr(exc, 'orig', None), 'sqlstate', None) != _UNDEFINED_TABLE:

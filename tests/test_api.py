@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from helpers import broker_locked
+from helpers import broker_locked, wait_for
 
 from app.extensions import db
 from app.models import Attempt, AttemptLog, Job, utcnow
@@ -529,10 +529,14 @@ def test_a_batch_the_broker_refuses_is_503_and_leaves_no_row(client, app):
 def mail_refused(tmp_path, monkeypatch):
     """``(app, client, refuse)``: queues default and mail, the broker refusing every call for
     mail (``refuse(queue, entries)`` is what it then does)."""
+    return _mail_refused(tmp_path, monkeypatch)
+
+
+def _mail_refused(tmp_path, monkeypatch, **config):
     from conftest import make_app
 
     from app import broker
-    app = make_app(tmp_path, QUEUES='default,mail')
+    app = make_app(tmp_path, QUEUES='default,mail', **config)
     real = broker.put_prepared
 
     def refuse(queue, entries):
@@ -567,13 +571,15 @@ def test_a_refused_submission_names_the_jobs_the_broker_may_still_hold(mail_refu
     def unreachable(queue, job_ids):
         raise broker.BrokerUnavailable('unreachable')
     monkeypatch.setattr(broker, 'remove_waiting', unreachable)
-    resp = batch(client, [{'task': 'noop'}, {'task': 'noop', 'idempotency_key': 'k'},
-                          {'task': 'noop', 'queue': 'mail'}, {'task': 'noop', 'queue': 'mail'},
-                          {'task': 'noop', 'idempotency_key': 'k'}])
+    resp = batch(client, [{'task': 'noop'}, {'task': 'noop'},
+                          {'task': 'noop', 'queue': 'mail'}, {'task': 'noop', 'queue': 'mail'}])
     assert resp.status_code == 503
     body = resp.get_json()
-    assert 'nothing was changed' not in body['error'] and 'unconfirmed' in body['error']
-    assert len(body['unconfirmed']) == 4 == len(set(body['unconfirmed']))  # the key's one job once
+    assert body['error'] == ('the job broker is unreachable; no job was recorded, but if it took '
+                             'the messages of the jobs in "unconfirmed" before it failed, they '
+                             'run when it is back')
+    assert len(body['unconfirmed']) == 4 == len(set(body['unconfirmed']))
+    assert 'recorded' not in body
     assert broker.message_ids('default') <= set(body['unconfirmed'])
     assert len(broker.message_ids('default')) == 2
     with app.app_context():
@@ -587,6 +593,59 @@ def test_a_refused_submission_names_the_jobs_the_broker_may_still_hold(mail_refu
     resp = client.post('/api/jobs', json={'task': 'noop'})
     assert resp.status_code == 503 and 'unconfirmed' not in resp.get_json()
     assert 'nothing was changed' in resp.get_json()['error']
+
+
+def test_a_keyed_job_the_broker_may_hold_is_recorded_and_runs_once(tmp_path, ledger_url,
+                                                                    monkeypatch):
+    """Refused part way with the withdrawal unreachable: the jobs with idempotency keys keep
+    their rows (a key used twice in the batch, one job), so a retry with the key returns the
+    job instead of making a second one beside a message the broker kept; the reconciler
+    enqueues the one the broker does not hold and leaves the one it holds; a job without a
+    key keeps no row."""
+    from app import broker, jobs, reconcile
+    from app.models import JobEvent
+    app, client, _refuse = _mail_refused(tmp_path, monkeypatch, DATABASE_URL=ledger_url)
+
+    def unreachable(queue, job_ids):
+        raise broker.BrokerUnavailable('unreachable')
+    monkeypatch.setattr(broker, 'remove_waiting', unreachable)
+    resp = batch(client, [{'task': 'noop', 'idempotency_key': 'held'}, {'task': 'noop'},
+                          {'task': 'noop', 'queue': 'mail', 'idempotency_key': 'lost'},
+                          {'task': 'noop', 'queue': 'mail'},
+                          {'task': 'noop', 'idempotency_key': 'held'}])
+    assert resp.status_code == 503
+    body = resp.get_json()
+    assert body['error'] == (
+        'the job broker is unreachable; the jobs in "recorded" (submitted with idempotency '
+        'keys) were recorded and run once when it is back: submitting again with their keys '
+        'returns them; no other job was recorded, but if it took the messages of the other '
+        'jobs in "unconfirmed" before it failed, they run when it is back')
+    held, plain, lost, _mail = body['unconfirmed']
+    assert body['recorded'] == [held, lost]
+    assert broker.message_ids('default') == {held, plain} and broker.message_ids('mail') == set()
+    with app.app_context():
+        rows = {j.id: (j.state, j.queue, j.idempotency_key, j.attempts)
+                for j in db.session.query(Job)}
+        assert rows == {held: ('queued', 'default', 'held', 0), lost: ('queued', 'mail', 'lost', 0)}
+        events = {(e.job_id, e.kind, e.message) for e in db.session.query(JobEvent)}
+        assert events == {(held, 'unconfirmed', jobs.UNCONFIRMED),
+                          (lost, 'unconfirmed', jobs.UNCONFIRMED)}
+    # The retry with a key gets the job, even with the broker still refusing.
+    resp = client.post('/api/jobs', json={'task': 'noop', 'queue': 'mail',
+                                          'idempotency_key': 'lost'})
+    assert resp.status_code == 200 and resp.get_json()['id'] == lost
+    # The broker back: the reconciler puts back what it does not hold, once.
+    monkeypatch.undo()
+    app.config.update(RECONCILE_GRACE=0.1, RECONCILE_INTERVAL=0)
+    with app.app_context():
+        r = reconcile.Reconciler()
+        restored = []
+        wait_for(lambda: restored.extend(r.run(app.config)) or
+                 broker.message_ids('mail') == {lost}, timeout=20, message='restored')
+        assert restored == [lost]
+        assert broker.message_ids('default') == {held, plain}
+        assert broker.hueys['default'].pending_count() == 2  # held's message not doubled
+        assert [r.run(app.config) for _ in range(3)] == [[], [], []]
 
 
 @pytest.mark.parametrize('path', ['/api/alerts', '/api/audit'])

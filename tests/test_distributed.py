@@ -37,8 +37,16 @@ def test_redis_stopped_gives_503_and_no_phantom_row(stack):
     assert body['error'].startswith('the job broker is unreachable; no job was recorded, but if '
                                     'it took the messages of the jobs in "unconfirmed"')
     [unconfirmed] = body['unconfirmed']
+    assert 'recorded' not in body
     status, page = api.get('/api/jobs')
     assert status == 200 and [j['id'] for j in page['jobs']] == [before['id']]
+    # With an idempotency key the job is recorded (the broker may hold it, and
+    # the caller's retry must not make a second one), and the retry gets it.
+    status, body = api.post('/api/jobs', {'task': 'noop', 'idempotency_key': 'outage'})
+    assert status == 503 and body['unconfirmed'] == body['recorded']
+    [keyed] = body['recorded']
+    status, again = api.post('/api/jobs', {'task': 'noop', 'idempotency_key': 'outage'})
+    assert status == 200 and (again['id'], again['state']) == (keyed, 'queued')
     status, health = api.get('/healthz')
     assert status == 503 and health['broker'].startswith('unreachable') and health['database'] == 'ok'
 
@@ -48,6 +56,12 @@ def test_redis_stopped_gives_503_and_no_phantom_row(stack):
     assert [a['state'] for a in job['attempts']] == ['failed', 'succeeded']
     assert api.get('/healthz')[0] == 200
     assert api.get(f'/api/jobs/{unconfirmed}')[0] == 404  # Redis had taken nothing
+    # Redis had taken nothing: the reconciler enqueues the keyed job, which runs once.
+    ran = api.wait_state(keyed, 'succeeded', 60)
+    assert len(ran['attempts']) == 1
+    assert [e['kind'] for e in ran['events']] == ['unconfirmed', 'restored']
+    status, again = api.post('/api/jobs', {'task': 'noop', 'idempotency_key': 'outage'})
+    assert status == 200 and again['id'] == keyed
 
 
 def test_cancel_while_redis_is_down_changes_nothing(stack):

@@ -148,8 +148,17 @@ def test_a_broker_that_refuses_raises_and_leaves_no_row(ctx, monkeypatch):
     monkeypatch.setattr(broker, 'remove_waiting', down)
     with pytest.raises(producer.BrokerUnavailable) as caught:
         producer.submit_many([huey_tasks.noop.job(), huey_tasks.noop.job(delay=60)])
-    assert len(set(caught.value.unconfirmed)) == 2
+    assert len(set(caught.value.unconfirmed)) == 2 and caught.value.recorded == []
     assert db.session.query(Job).count() == 0 and audit.entries() == []
+    # A job with an idempotency key keeps its row (it runs once either way),
+    # and submitting it again with the key returns it.
+    with pytest.raises(producer.BrokerUnavailable) as caught:
+        producer.submit_many([huey_tasks.noop.job(), huey_tasks.noop.job(idempotency_key='k')])
+    plain, keyed = caught.value.unconfirmed
+    assert caught.value.recorded == [keyed]
+    assert [j.id for j in db.session.query(Job)] == [keyed] and audit.entries() == []
+    again = huey_tasks.noop.submit(idempotency_key='k')
+    assert (again.id, again.created, again.state) == (keyed, False, 'queued')
 
 
 SCRIPT = '''
